@@ -1,0 +1,492 @@
+"""The Llama 2 model: config and presets, RMSNorm, RoPE, GQA attention with an explicit
+KV cache, SwiGLU MLP, and the LM / scalar (reward) / value heads on one trunk.
+
+Dimension legend (one meaning per letter, used in every einsum below):
+  B batch          T query length      S key length (= T, or the KV-cache length)
+  D embed (dim)    H query heads       K kv heads        G = H // K (queries per kv head)
+  Dh head dim      F mlp hidden        V vocab           L layers
+
+Conventions:
+  * Parameters are stored in `param_dtype` (float32 by default); matmuls run in `dtype`
+    (the compute dtype); RMSNorm, softmax and the returned logits are float32.
+  * RoPE uses the rotate-half layout (the Hugging Face one): dimension i is paired with
+    i + Dh/2. Meta's checkpoints pair (2i, 2i+1); the converters permute the rows of
+    wq/wk at the boundary (the permutation Hugging Face applies), so the model computes
+    exactly what Meta's reference computes. Rotate-half needs no interleaving shuffles,
+    which is cheaper on TPU/GPU.
+  * `segment_ids` [B, T]: tokens attend only to earlier tokens of the same segment;
+    segment 0 marks padding, which is never attended to. Packed sequences use 1, 2, ...
+  * The layer stack is always stored stacked ([L, ...] leading axis under
+    `params["layers"]`), whether the forward pass runs it as a scan or fully unrolled
+    (`scan_layers`), so checkpoints do not depend on that performance switch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Remat (activation checkpointing) policies for each layer of the stack.
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+HEADS = ("lm", "score", "value")
+
+# Large negative used for the additive attention mask. A finite value (not -inf) keeps a
+# fully masked row (a padding query) finite instead of NaN; any row with one valid key
+# gets exactly zero weight on masked keys.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's formula (llama/model.py FeedForward)."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Model architecture. Field names of the first block follow Meta's `params.json`."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None = n_heads (multi-head attention)
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    # Explicit FFN width (Hugging Face `intermediate_size`); None = Meta's formula.
+    ffn_hidden_dim: int | None = None
+    # Numerics and performance.
+    dtype: str = "float32"  # compute dtype of the matmuls
+    param_dtype: str = "float32"  # storage dtype of the parameters
+    remat_policy: str = "none"  # one of REMAT_POLICIES
+    scan_layers: bool = True  # lax.scan over layers (fast compile) or fully unrolled
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise ValueError(f"LlamaConfig.{field}: {why}")
+
+        for f in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(f, f"must be a positive integer, got {v!r}")
+        if self.n_kv_heads is not None and (not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0):
+            bad("n_kv_heads", f"must be a positive integer or None, got {self.n_kv_heads!r}")
+        if self.dim % self.n_heads:
+            bad("n_heads", f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            bad("dim", f"head_dim = dim/n_heads = {self.head_dim} must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            bad("n_kv_heads", f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
+        if self.ffn_hidden_dim is not None and (not isinstance(self.ffn_hidden_dim, int) or self.ffn_hidden_dim <= 0):
+            bad("ffn_hidden_dim", f"must be a positive integer or None, got {self.ffn_hidden_dim!r}")
+        if not self.norm_eps > 0:
+            bad("norm_eps", f"must be > 0, got {self.norm_eps!r}")
+        if not self.rope_theta > 0:
+            bad("rope_theta", f"must be > 0, got {self.rope_theta!r}")
+        for f in ("dtype", "param_dtype"):
+            if getattr(self, f) not in DTYPES:
+                bad(f, f"{getattr(self, f)!r} is not one of {sorted(DTYPES)}")
+        if self.remat_policy not in REMAT_POLICIES:
+            bad("remat_policy", f"{self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+
+    # -- derived sizes -------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        return _ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def num_params(self, heads: Sequence[str] = ("lm",)) -> int:
+        """Exact parameter count (embedding, layers, final norm, and the given heads)."""
+        d, f = self.dim, self.hidden_dim
+        attn = d * self.n_heads * self.head_dim * 2 + d * self.kv_heads * self.head_dim * 2
+        per_layer = attn + 3 * d * f + 2 * d
+        n = self.vocab_size * d + self.n_layers * per_layer + d
+        n += sum({"lm": d * self.vocab_size, "score": d + 1, "value": d + 1}[h] for h in heads)
+        return n
+
+    def matmul_params(self) -> int:
+        """N_matmul: parameters that take part in matmuls per token (the output head
+        counted, the input embedding lookup not); the MFU convention."""
+        d, hd = self.dim, self.head_dim
+        attn = d * (self.n_heads + 2 * self.kv_heads) * hd + self.n_heads * hd * d
+        return self.n_layers * (attn + 3 * d * self.hidden_dim) + d * self.vocab_size
+
+    def train_flops_per_token(self, seq_len: int, causal: bool = True) -> float:
+        """Training FLOPs per token: 6 N_matmul + attention (6 L T H Dh with a causal
+        mask counted as half the work; 12 L T H Dh without)."""
+        attn = (6 if causal else 12) * self.n_layers * seq_len * self.n_heads * self.head_dim
+        return 6.0 * self.matmul_params() + attn
+
+    def replace(self, **changes) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
+        """Builds a config from a dict (e.g. Meta's params.json); unknown keys are an error."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown LlamaConfig fields {unknown}; known: {sorted(fields)}")
+        return cls(**d)
+
+    # -- presets (Meta's params.json; 34B shapes from Code Llama 34B) ------------------
+    @classmethod
+    def llama2_7b(cls, **kw) -> "LlamaConfig":
+        return cls(dim=4096, n_layers=32, n_heads=32, **kw)
+
+    @classmethod
+    def llama2_13b(cls, **kw) -> "LlamaConfig":
+        return cls(dim=5120, n_layers=40, n_heads=40, **kw)
+
+    @classmethod
+    def llama2_34b(cls, **kw) -> "LlamaConfig":
+        return cls(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.0, **kw)
+
+    @classmethod
+    def llama2_70b(cls, **kw) -> "LlamaConfig":
+        return cls(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
+                   ffn_dim_multiplier=1.3, **kw)
+
+    @classmethod
+    def tiny(cls, **kw) -> "LlamaConfig":
+        """A ~1M-parameter model for tests and CPU demos (GQA, 4 layers)."""
+        base = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512,
+                    multiple_of=32, max_seq_len=512)
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def preset(cls, name: str, **kw) -> "LlamaConfig":
+        presets = {"7b": cls.llama2_7b, "13b": cls.llama2_13b, "34b": cls.llama2_34b,
+                   "70b": cls.llama2_70b, "tiny": cls.tiny}
+        if name not in presets:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(presets)}")
+        return presets[name](**kw)
+
+
+# ----------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Explicit decoding cache, passed into the model and returned updated.
+
+    k, v:        [L, B, S, K, Dh] keys (after RoPE) and values of every layer.
+    segment_ids: [B, S] int32 segment of each cache slot; 0 = empty or padding.
+    index:       [] int32 number of slots written so far (the next write position).
+    """
+
+    k: Array
+    v: Array
+    segment_ids: Array
+    index: Array
+
+    @classmethod
+    def init(cls, config: LlamaConfig, batch_size: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = config.compute_dtype if dtype is None else dtype
+        shape = (config.n_layers, batch_size, max_len, config.kv_heads, config.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    # Logical axis names, for sharding a cache like the activations it came from.
+    logical_axes = {"k": ("layers", "batch", "length", "kv_heads", "head_dim"),
+                    "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
+                    "segment_ids": ("batch", "length"), "index": ()}
+
+
+# ----------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------
+
+
+def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+    """Sharding constraint by logical axis names (no-op unless a mesh and rules are set;
+    see `llama_jax.sharding.activate`)."""
+    from llama_jax import sharding  # local import: sharding imports this module
+
+    return sharding.constrain(x, names)
+
+
+def _param(module: nn.Module, name: str, init, shape, names, dtype):
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * scale.astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+
+
+def rope_frequencies(head_dim: int, theta: float) -> Array:
+    """[Dh/2] inverse frequencies theta^(-2i/Dh)."""
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding, rotate-half layout. x: [B, T, N, Dh], positions: [B, T]."""
+    half = x.shape[-1] // 2
+    angles = positions.astype(jnp.float32)[:, :, None] * rope_frequencies(x.shape[-1], theta)[None, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1 = x[..., :half].astype(jnp.float32)
+    x2 = x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, q_slots, q_seg, layer_cache, k_seg, cache_index):
+        """x [B,T,D]; positions/q_seg [B,T]; q_slots [T] slot index of each query;
+        layer_cache None or (k, v) each [B,S,K,Dh]; k_seg [B,S] segment of each key slot;
+        cache_index [] where this call's keys are written in the cache."""
+        D = x.shape[-1]
+        H, K, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        init = nn.initializers.normal(stddev=0.02)
+        wq = _param(self, "wq", init, (D, H, Dh), ("embed", "heads", "head_dim"), self.param_dtype)
+        wk = _param(self, "wk", init, (D, K, Dh), ("embed", "kv_heads", "head_dim"), self.param_dtype)
+        wv = _param(self, "wv", init, (D, K, Dh), ("embed", "kv_heads", "head_dim"), self.param_dtype)
+        wo = _param(self, "wo", init, (H, Dh, D), ("heads", "head_dim", "embed"), self.param_dtype)
+        dt = self.dtype
+        x = x.astype(dt)
+        q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x, wk.astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        q = apply_rope(q, positions, self.rope_theta)
+        k = apply_rope(k, positions, self.rope_theta)
+
+        new_cache = None
+        if layer_cache is not None:
+            ck, cv = layer_cache
+            zero = jnp.zeros((), jnp.int32)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, cache_index, zero, zero))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, cache_index, zero, zero))
+            new_cache = (ck, cv)
+            k, v = ck.astype(dt), cv.astype(dt)
+
+        S = k.shape[1]
+        # Mask: causal in slot order, same segment, and never a padding/empty slot.
+        k_slots = jnp.arange(S, dtype=jnp.int32)
+        allowed = (k_slots[None, None, :] <= q_slots[None, :, None]) \
+            & (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)  # [B,T,S]
+        bias = jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)
+
+        G = H // K
+        qg = q.reshape(q.shape[0], q.shape[1], K, G, Dh)  # query head j -> kv head j // G
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / math.sqrt(Dh)) + bias[:, None, None, :, :]
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(q.shape)
+        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        y = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
+        return y, new_cache
+
+
+class FeedForward(nn.Module):
+    hidden_dim: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        D, F = x.shape[-1], self.hidden_dim
+        init = nn.initializers.normal(stddev=0.02)
+        w1 = _param(self, "w1", init, (D, F), ("embed", "mlp"), self.param_dtype)
+        w3 = _param(self, "w3", init, (D, F), ("embed", "mlp"), self.param_dtype)
+        w2 = _param(self, "w2", init, (F, D), ("mlp", "embed"), self.param_dtype)
+        dt = self.dtype
+        x = x.astype(dt)
+        gate = jnp.einsum("btd,df->btf", x, w1.astype(dt))
+        up = jnp.einsum("btd,df->btf", x, w3.astype(dt))
+        h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return jnp.einsum("btf,fd->btd", h, w2.astype(dt))
+
+
+class Block(nn.Module):
+    """One transformer layer: h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h))."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, positions, q_slots, q_seg, k_seg, cache_index):
+        c = self.config
+        dt, pdt = c.compute_dtype, c.weight_dtype
+        attn_out, new_cache = Attention(c.n_heads, c.kv_heads, c.head_dim, c.rope_theta, dt, pdt,
+                                        name="attention")(
+            RMSNorm(c.norm_eps, pdt, name="attention_norm")(x),
+            positions, q_slots, q_seg, layer_cache, k_seg, cache_index)
+        h = x + attn_out
+        out = h + FeedForward(c.hidden_dim, dt, pdt, name="feed_forward")(
+            RMSNorm(c.norm_eps, pdt, name="ffn_norm")(h))
+        out = constrain(out, ("batch", "length", "embed"))
+        return out, new_cache
+
+
+def last_token_index(segment_ids: Array) -> Array:
+    """[B] index of the last non-padding (segment != 0) token of each row."""
+    T = segment_ids.shape[1]
+    is_real = segment_ids != 0
+    return T - 1 - jnp.argmax(is_real[:, ::-1], axis=1)
+
+
+class Llama(nn.Module):
+    """The Llama 2 decoder with one or more heads on the shared trunk.
+
+    heads: ("lm",) next-token logits [B, T, V] (float32);
+           ("score",) reward-model score [B] read at the last non-padding token;
+           ("value",) per-token value [B, T] (PPO critic).
+    With one head the call returns its output; with several, a dict by head name.
+    With a `cache`, the call returns (outputs, new_cache).
+    """
+
+    config: LlamaConfig
+    heads: tuple[str, ...] = ("lm",)
+
+    def setup(self):
+        c = self.config
+        for h in self.heads:
+            if h not in HEADS:
+                raise ValueError(f"unknown head {h!r}; choose from {HEADS}")
+        pdt = c.weight_dtype
+        init = nn.initializers.normal(stddev=0.02)
+        self.tok_embeddings = nn.Embed(
+            c.vocab_size, c.dim, embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
+            param_dtype=pdt, dtype=c.compute_dtype, name="tok_embeddings")
+        block = Block
+        policy = REMAT_POLICIES[c.remat_policy]
+        if c.remat_policy != "none":
+            block = nn.remat(Block, policy=policy, prevent_cse=not c.scan_layers)
+        self.layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.n_layers,
+            unroll=1 if c.scan_layers else c.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, name="layers")
+        self.norm = RMSNorm(c.norm_eps, pdt, name="norm")
+        if "lm" in self.heads:
+            self.output = self.param("output", nn.with_logical_partitioning(init, ("embed", "vocab")),
+                                     (c.dim, c.vocab_size), pdt)
+        head_init = nn.initializers.normal(stddev=1.0 / math.sqrt(c.dim + 1))
+        for h in ("score", "value"):
+            if h in self.heads:
+                setattr(self, f"{h}_head", nn.Dense(
+                    1, dtype=jnp.float32, param_dtype=pdt, name=f"{h}_head",
+                    kernel_init=nn.with_logical_partitioning(head_init, ("embed", None)),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,))))
+
+    def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
+                 cache: KVCache | None = None):
+        """tokens [B, T] int; positions [B, T] (default: 0.. or continuing the cache);
+        segment_ids [B, T] (default all 1; 0 = padding)."""
+        c = self.config
+        B, T = tokens.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        segment_ids = segment_ids.astype(jnp.int32)
+        if cache is None:
+            start = jnp.zeros((), jnp.int32)
+            k_seg = segment_ids
+            layer_cache = None
+        else:
+            start = cache.index
+            k_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (jnp.zeros((), jnp.int32), start))
+            layer_cache = (cache.k, cache.v)
+        q_slots = start + jnp.arange(T, dtype=jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(q_slots[None, :], (B, T))
+
+        x = self.tok_embeddings(tokens)
+        x = constrain(x, ("batch", "length", "embed"))
+        x, new_layer_cache = self.layers(x, layer_cache, positions, q_slots, segment_ids, k_seg, start)
+        x = self.norm(x)
+
+        outputs = {}
+        if "lm" in self.heads:
+            logits = jnp.einsum("btd,dv->btv", x.astype(c.compute_dtype), self.output.astype(c.compute_dtype),
+                                preferred_element_type=jnp.float32)
+            outputs["lm"] = constrain(logits, ("batch", "length", "vocab"))
+        if "value" in self.heads:
+            outputs["value"] = self.value_head(x.astype(jnp.float32))[..., 0]
+        if "score" in self.heads:
+            last = last_token_index(segment_ids)
+            x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+            outputs["score"] = self.score_head(x_last.astype(jnp.float32))[..., 0]
+        out = outputs[self.heads[0]] if len(self.heads) == 1 else outputs
+        if cache is None:
+            return out
+        new_cache = KVCache(k=new_layer_cache[0], v=new_layer_cache[1], segment_ids=k_seg, index=start + T)
+        return out, new_cache
+
+
+def param_count(params) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))

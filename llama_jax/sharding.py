@@ -1,0 +1,234 @@
+"""Device mesh, logical-axis rules, and sharded initialisation.
+
+Every parameter and key activation of the model carries logical axis names (`batch,
+length, embed, heads, kv_heads, head_dim, mlp, vocab, layers, norm`). One rules table maps
+them onto the mesh axes `data, fsdp, tensor`; a run's parallelism is that table plus the
+mesh shape, both config, never code.
+
+Rules are applied in order and a mesh axis is used at most once per array (Flax's
+semantics): for an activation (`batch`, `length`, `embed`) the batch takes `data` and
+`fsdp`, so `embed` (which takes `fsdp` on parameters) stays unsharded there.
+
+Where a dimension is not divisible by the mesh axes its rule assigns (a tiny model's odd
+vocabulary, or fewer kv heads than the tensor axis as in 70B on tensor=16), that dimension
+is replicated instead; `heads` not divisible by `tensor` is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# The default rules table (experiments copy it into `config.mesh.rules`).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+class MeshError(ValueError):
+    pass
+
+
+def normalize_rules(rules) -> tuple[tuple[str, Any], ...]:
+    """Accepts rules as pairs (lists from a config are fine) and returns tuples."""
+    out = []
+    for i, rule in enumerate(rules):
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise MeshError(f"sharding rule #{i} {rule!r} must be (logical_name, mesh_axes)")
+        name, axes = rule
+        if isinstance(axes, (list, tuple)):
+            axes = tuple(axes)
+            bad = [a for a in axes if a not in MESH_AXES]
+        else:
+            bad = [axes] if axes is not None and axes not in MESH_AXES else []
+        if bad:
+            raise MeshError(f"sharding rule for {name!r} names unknown mesh axes {bad}; mesh axes are {MESH_AXES}")
+        out.append((name, axes))
+    return tuple(out)
+
+
+def mesh_shape(data: int = 1, fsdp: int = -1, tensor: int = 1, num_devices: int | None = None) -> tuple[int, int, int]:
+    """Resolves one -1 entry to "the rest of the devices" and checks the product."""
+    n = jax.device_count() if num_devices is None else num_devices
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    for k, v in sizes.items():
+        if not isinstance(v, int) or (v < 1 and v != -1):
+            raise MeshError(f"mesh.{k} must be a positive integer or -1, got {v!r}")
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise MeshError(f"only one mesh axis may be -1, got {free} ({sizes})")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if n % fixed:
+            raise MeshError(f"mesh {sizes}: {n} devices are not divisible by the fixed axes' product {fixed}")
+        sizes[free[0]] = n // fixed
+    total = math.prod(sizes.values())
+    if total != n:
+        raise MeshError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} "
+                        f"= {total} devices, but {n} devices are available")
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(data, fsdp, tensor, num_devices=len(devices))
+    try:
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # topology-unaware fallback (e.g. an unusual device subset)
+        arr = np.asarray(devices).reshape(shape)
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_from_config(mesh_cfg) -> Mesh:
+    """`mesh_cfg` has fields data, fsdp, tensor (a ConfigDict or dict)."""
+    get = mesh_cfg.get if hasattr(mesh_cfg, "get") else lambda k, d: getattr(mesh_cfg, k, d)
+    return make_mesh(get("data", 1), get("fsdp", -1), get("tensor", 1))
+
+
+def check_model_fits_mesh(config, mesh: Mesh) -> None:
+    """Errors for model/mesh combinations that cannot be sharded as the rules ask."""
+    t = mesh.shape["tensor"]
+    if config.n_heads % t:
+        raise MeshError(f"model n_heads={config.n_heads} is not divisible by mesh tensor={t}")
+
+
+# ----------------------------------------------------------------------------------
+# Logical names -> shardings
+# ----------------------------------------------------------------------------------
+
+
+def _axis_size(mesh_axes, mesh_sizes) -> int:
+    if mesh_axes is None:
+        return 1
+    if isinstance(mesh_axes, str):
+        return mesh_sizes[mesh_axes]
+    return math.prod(mesh_sizes[a] for a in mesh_axes)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules, mesh_sizes) -> P:
+    """PartitionSpec for an array of `shape` with logical axis `names`; dimensions not
+    divisible by their mesh axes are replicated."""
+    spec = nn.logical_to_mesh_axes(tuple(names), rules)
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        fitted.append(axes if dim % _axis_size(axes, mesh_sizes) == 0 else None)
+    return P(*fitted)
+
+
+def _sizes(mesh) -> dict[str, int]:
+    return dict(mesh.shape)
+
+
+def logical_shardings(abstract_boxed, mesh: Mesh, rules) -> Any:
+    """NamedShardings for a pytree of `nn.LogicallyPartitioned` boxes (e.g. from
+    `jax.eval_shape(model.init, ...)`). Unboxed leaves are replicated."""
+    rules = normalize_rules(rules)
+    sizes = _sizes(mesh)
+
+    def one(leaf):
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            shape = leaf.value.shape
+            return NamedSharding(mesh, logical_to_spec(leaf.names, shape, rules, sizes))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map(one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def named_sharding(mesh: Mesh, rules, names: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, shape, normalize_rules(rules), _sizes(mesh)))
+
+
+def batch_sharding(mesh: Mesh, rules, shape: Sequence[int]) -> NamedSharding:
+    """Sharding of a [B, T, ...] batch array (batch over data x fsdp by default)."""
+    names = ("batch", "length") + (None,) * (len(shape) - 2)
+    return named_sharding(mesh, rules, names[: len(shape)], shape)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules):
+    """Context in which model activation constraints apply: traces made inside it shard
+    activations by `rules` over `mesh`."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(normalize_rules(rules)):
+        yield
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside `activate`."""
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return x
+    spec = logical_to_spec(names, x.shape, rules, dict(zip(mesh.axis_names, mesh.axis_sizes)))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+# ----------------------------------------------------------------------------------
+# Sharded initialisation: shapes -> shardings -> parameters
+# ----------------------------------------------------------------------------------
+
+
+def init_params(model: nn.Module, rng: jax.Array, mesh: Mesh, rules, seq_len: int = 8):
+    """Initialises `model`'s params directly into their shardings (no host ever holds the
+    full model). Returns (params, shardings), both unboxed pytrees."""
+    rules = normalize_rules(rules)
+    if hasattr(model, "config"):
+        check_model_fits_mesh(model.config, mesh)
+
+    def init_fn(key):
+        tokens = jnp.zeros((1, seq_len), jnp.int32)
+        return model.init(key, tokens)["params"]
+
+    with activate(mesh, rules):
+        abstract = jax.eval_shape(init_fn, rng)
+        shardings = logical_shardings(abstract, mesh, rules)
+        params = jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=shardings)(rng)
+    return params, nn.meta.unbox(shardings)
+
+
+def abstract_params(model: nn.Module, seq_len: int = 8):
+    """ShapeDtypeStructs of the params (no memory, any size)."""
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    boxed = jax.eval_shape(lambda k, t: model.init(k, t)["params"], jax.random.key(0), tokens)
+    return nn.meta.unbox(boxed)
+
+
+def param_shardings_like(params, model: nn.Module, mesh: Mesh, rules):
+    """Shardings for an existing (e.g. converted) params pytree of `model`."""
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    with activate(mesh, rules):
+        boxed = jax.eval_shape(lambda k, t: model.init(k, t)["params"], jax.random.key(0), tokens)
+    shardings = nn.meta.unbox(logical_shardings(boxed, mesh, rules))
+    jax.tree_util.tree_map(lambda p, s: None, params, shardings)  # raises if the trees differ
+    return shardings
+
+
+def shard_params(params, model: nn.Module, mesh: Mesh, rules):
+    """Places host params (e.g. from a converter) onto the mesh."""
+    check_model_fits_mesh(model.config, mesh)
+    shardings = param_shardings_like(params, model, mesh, rules)
+    return jax.device_put(params, shardings)

@@ -1,0 +1,233 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+from helpers import random_params, run
+
+from llama_jax.convert import permute_rotary, unpermute_rotary
+from llama_jax.model import KVCache, Llama, LlamaConfig, param_count
+from llama_jax.sharding import abstract_params
+
+# Odd, prime-ish sizes so that a transposed or mis-reshaped axis cannot go unnoticed.
+ODD = dict(dim=42, n_layers=3, n_heads=7, n_kv_heads=1, vocab_size=97, ffn_hidden_dim=59, max_seq_len=64)
+GQA = dict(dim=60, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=89, ffn_hidden_dim=71, max_seq_len=64)
+
+
+def init(cfg, heads=("lm",), seed=0):
+    return random_params(cfg, heads, seed)
+
+
+def tokens(cfg, b, t, seed=2):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, cfg.vocab_size)
+
+
+# ------------------------------------------------------------------------- presets ---
+
+@pytest.mark.parametrize("name,count,ffn", [
+    ("7b", 6_738_415_616, 11008),
+    ("13b", 13_015_864_320, 13824),
+    ("34b", 33_743_970_304, 22016),
+    ("70b", 68_976_648_192, 28672),
+])
+def test_preset_parameter_counts_exact(name, count, ffn):
+    cfg = LlamaConfig.preset(name)
+    assert cfg.hidden_dim == ffn
+    shapes = abstract_params(Llama(cfg))  # eval_shape: no memory
+    assert param_count(shapes) == count
+    assert cfg.num_params() == count
+    assert shapes["layers"]["attention"]["wk"].shape == (cfg.n_layers, cfg.dim, cfg.kv_heads, 128)
+
+
+def test_explicit_ffn_width_overrides_meta_formula():
+    assert LlamaConfig.llama2_7b(ffn_hidden_dim=11001).hidden_dim == 11001
+    shapes = abstract_params(Llama(LlamaConfig(**ODD)))
+    assert shapes["layers"]["feed_forward"]["w1"].shape == (3, 42, 59)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(dim=64, n_heads=6), "dim=64 is not divisible by n_heads=6"),
+    (dict(dim=64, n_heads=8, n_kv_heads=3), "n_heads=8 is not divisible by n_kv_heads=3"),
+    (dict(dim=56, n_heads=8), "head_dim = dim/n_heads = 7 must be even"),
+    (dict(dtype="fp8"), "LlamaConfig.dtype: 'fp8' is not one of"),
+    (dict(remat_policy="some"), "LlamaConfig.remat_policy"),
+    (dict(n_layers=0), "LlamaConfig.n_layers: must be a positive integer"),
+])
+def test_config_errors_name_the_field(kw, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("/", "/")):
+        LlamaConfig(**kw)
+
+
+def test_config_round_trips_through_dict():
+    cfg = LlamaConfig.llama2_70b(dtype="bfloat16")
+    assert LlamaConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown LlamaConfig fields \\['n_experts'\\]"):
+        LlamaConfig.from_dict({**cfg.to_dict(), "n_experts": 8})
+
+
+# --------------------------------------------------- against a frozen reference ---
+
+def to_meta(params, cfg):
+    """llama_jax params -> Meta state dict (float64), wq/wk rows in Meta's RoPE order."""
+    D, H, K, Dh = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+    lay = p["layers"]
+    meta = {"tok_embeddings.weight": p["tok_embeddings"]["embedding"], "norm.weight": p["norm"]["scale"],
+            "output.weight": p["output"].T}
+    for i in range(cfg.n_layers):
+        a, f = lay["attention"], lay["feed_forward"]
+        meta.update({
+            f"layers.{i}.attention_norm.weight": lay["attention_norm"]["scale"][i],
+            f"layers.{i}.ffn_norm.weight": lay["ffn_norm"]["scale"][i],
+            f"layers.{i}.attention.wq.weight": unpermute_rotary(a["wq"][i].reshape(D, H * Dh).T, H),
+            f"layers.{i}.attention.wk.weight": unpermute_rotary(a["wk"][i].reshape(D, K * Dh).T, K),
+            f"layers.{i}.attention.wv.weight": a["wv"][i].reshape(D, K * Dh).T,
+            f"layers.{i}.attention.wo.weight": a["wo"][i].reshape(H * Dh, D).T,
+            f"layers.{i}.feed_forward.w1.weight": f["w1"][i].T,
+            f"layers.{i}.feed_forward.w2.weight": f["w2"][i].T,
+            f"layers.{i}.feed_forward.w3.weight": f["w3"][i].T,
+        })
+    return meta
+
+
+@pytest.mark.parametrize("shape", [ODD, GQA])
+def test_forward_matches_meta_reference(shape):
+    """GQA mapping (query head j reads kv head j // n_rep), interleaved-vs-rotate-half RoPE
+    and the rotary permutation, RMSNorm, SwiGLU: all against an independent float64 port."""
+    cfg = LlamaConfig(**shape, rope_theta=500.0)  # small theta: positions matter more
+    params = random_params(cfg, std=0.15)  # large weights: sharp attention, every path matters
+    toks = tokens(cfg, 1, 13)
+    ours = np.asarray(run(Llama(cfg), params, toks))[0]
+    ref = reference.forward(to_meta(params, cfg), cfg.n_layers, cfg.n_heads, cfg.kv_heads,
+                            cfg.norm_eps, cfg.rope_theta, np.asarray(toks[0]))
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-5)
+    assert np.abs(ref).max() > 0.1  # not a trivially small output
+
+
+def test_rotary_permutation_round_trips():
+    w = np.arange(6 * 8 * 5, dtype=np.float32).reshape(6 * 8, 5)
+    assert not np.array_equal(permute_rotary(w, 6), w)
+    np.testing.assert_array_equal(unpermute_rotary(permute_rotary(w, 6), 6), w)
+    # Within a head of Dh=8, Meta's rows (0,1),(2,3).. become rows (0,4),(1,5)..
+    np.testing.assert_array_equal(permute_rotary(w, 6)[:8, 0], w[[0, 2, 4, 6, 1, 3, 5, 7], 0])
+
+
+# --------------------------------------------------------------------- KV cache ---
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_cached_decoding_equals_full_forward(scan_layers):
+    cfg = LlamaConfig(**GQA, scan_layers=scan_layers)
+    params = init(cfg)
+    model = Llama(cfg)
+    toks = tokens(cfg, 3, 12)
+    full = run(model, params, toks)
+
+    prefill = jax.jit(lambda p, t, c: run(model, p, t, cache=c))
+    cache = KVCache.init(cfg, batch_size=3, max_len=16)
+    logits, cache = prefill(params, toks[:, :5], cache)
+    steps = [logits]
+    for i in range(5, 12):  # one-token decode steps
+        logits, cache = prefill(params, toks[:, i:i + 1], cache)
+        steps.append(logits)
+    assert int(cache.index) == 12
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=0)
+    assert cache.k.shape == (cfg.n_layers, 3, 16, cfg.kv_heads, cfg.head_dim)
+
+
+def test_left_padded_batch_decodes_like_unpadded_rows():
+    """Prompts of different lengths in one batch: left padding (segment 0) is invisible."""
+    cfg = LlamaConfig(**ODD)
+    params = init(cfg)
+    model = Llama(cfg)
+    short, long_ = tokens(cfg, 1, 4, seed=3)[0], tokens(cfg, 1, 7, seed=4)[0]
+    pad = 3
+    batch = jnp.stack([jnp.concatenate([jnp.zeros(pad, jnp.int32), short]), long_])
+    seg = jnp.array([[0] * pad + [1] * 4, [1] * 7])
+    pos = jnp.array([[0] * pad + list(range(4)), list(range(7))])
+    cache = KVCache.init(cfg, 2, 10)
+    logits, cache = run(model, params, batch, pos, seg, cache=cache)
+    nxt = jnp.array([[5], [6]])
+    step, cache = run(model, params, nxt, pos[:, -1:] + 1, jnp.ones((2, 1), jnp.int32), cache=cache)
+
+    for row, seq in ((0, short), (1, long_)):
+        alone = run(model, params, jnp.concatenate([seq, nxt[row]])[None])[0]
+        np.testing.assert_allclose(logits[row, -1], alone[-2], atol=1e-5)
+        np.testing.assert_allclose(step[row, 0], alone[-1], atol=1e-5)
+
+
+def test_segment_ids_isolate_packed_sequences():
+    cfg = LlamaConfig(**GQA)
+    params = init(cfg)
+    model = Llama(cfg)
+    a, b = tokens(cfg, 1, 5, seed=5)[0], tokens(cfg, 1, 6, seed=6)[0]
+    packed = jnp.concatenate([a, b])[None]
+    seg = jnp.array([[1] * 5 + [2] * 6])
+    pos = jnp.array([list(range(5)) + list(range(6))])
+    out = run(model, params, packed, pos, seg)[0]
+    np.testing.assert_allclose(out[:5], run(model, params, a[None])[0], atol=1e-5)
+    np.testing.assert_allclose(out[5:], run(model, params, b[None])[0], atol=1e-5)
+    # Without segment ids the second sequence does see the first.
+    mixed = run(model, params, packed, pos)[0]
+    assert np.abs(mixed[5:] - out[5:]).max() > 1e-3
+
+
+# ------------------------------------------------------------------------ heads ---
+
+def test_score_head_reads_last_real_token_of_right_padded_rows():
+    cfg = LlamaConfig(**GQA)
+    params = init(cfg, heads=("score",))
+    assert "output" not in params and params["score_head"]["kernel"].shape == (cfg.dim, 1)
+    rm = Llama(cfg, ("score",))
+    a, b = tokens(cfg, 1, 4, seed=7)[0], tokens(cfg, 1, 7, seed=8)[0]
+    batch = jnp.stack([jnp.concatenate([a, jnp.zeros(3, jnp.int32)]), b])
+    seg = jnp.array([[1] * 4 + [0] * 3, [1] * 7])
+    scores = run(rm, params, batch, segment_ids=seg)
+    assert scores.shape == (2,)
+    np.testing.assert_allclose(scores[0], run(rm, params, a[None])[0], atol=1e-5)
+    np.testing.assert_allclose(scores[1], run(rm, params, b[None])[0], atol=1e-5)
+    # Reading the padded position instead would give a different number.
+    assert abs(float(scores[0]) - float(run(rm, params, batch[:1])[0])) > 1e-4
+
+
+def test_lm_and_value_heads_share_the_trunk():
+    cfg = LlamaConfig(**ODD)
+    both = init(cfg, heads=("lm", "value"))
+    out = run(Llama(cfg, ("lm", "value")), both, tokens(cfg, 2, 5))
+    assert out["lm"].shape == (2, 5, cfg.vocab_size) and out["value"].shape == (2, 5)
+    lm_only = {k: v for k, v in both.items() if k != "value_head"}
+    np.testing.assert_allclose(run(Llama(cfg), lm_only, tokens(cfg, 2, 5)), out["lm"], atol=1e-6)
+    assert cfg.num_params(("lm", "value")) == param_count(both)
+    with pytest.raises(ValueError, match="unknown head 'policy'"):
+        init(cfg, heads=("policy",))
+
+
+# -------------------------------------------------------------------- numerics ---
+
+def test_remat_policies_give_identical_gradients():
+    base = LlamaConfig(**GQA)
+    params = init(base)
+    toks = tokens(base, 2, 9)
+
+    def grads(cfg):
+        def loss(p):
+            return jnp.mean(run(Llama(cfg), p, toks) ** 2)
+        return jax.jit(jax.grad(loss))(params)
+
+    ref = grads(base)
+    for policy, scan in (("full", True), ("dots", False)):
+        g = grads(base.replace(remat_policy=policy, scan_layers=scan))
+        for x, y in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref)):
+            np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_bfloat16_compute_returns_float32_logits_close_to_float32():
+    cfg = LlamaConfig(**GQA)
+    params = init(cfg)
+    toks = tokens(cfg, 2, 8)
+    f32 = run(Llama(cfg), params, toks)
+    bf16 = run(Llama(cfg.replace(dtype="bfloat16")), params, toks)
+    assert bf16.dtype == jnp.float32
+    assert 0 < float(jnp.abs(bf16 - f32).max()) < 0.05
+    cache = KVCache.init(cfg.replace(dtype="bfloat16"), 1, 4)
+    assert cache.k.dtype == jnp.bfloat16

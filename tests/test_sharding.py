@@ -1,0 +1,114 @@
+"""Sharding on a fake 8-device CPU mesh (see conftest.py): the same forward on several
+mesh shapes equals the single-device result, and parameters really are split."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import random_params, run
+from jax.sharding import PartitionSpec as P
+
+from llama_jax import sharding
+from llama_jax.model import KVCache, Llama, LlamaConfig
+
+# Divisible where the mesh needs it (dim by fsdp 8, heads and mlp by tensor 4), odd where
+# it does not: vocab 101 and kv_heads 2 < tensor 4 exercise the replicate fallback.
+CFG = LlamaConfig(dim=40, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, ffn_hidden_dim=72, max_seq_len=32)
+RULES = sharding.DEFAULT_RULES
+
+
+def test_eight_fake_devices():
+    assert jax.device_count() == 8
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    params = random_params(CFG, std=0.1)
+    toks = jax.random.randint(jax.random.key(0), (8, 12), 0, CFG.vocab_size)
+    return params, toks, np.asarray(run(Llama(CFG), params, toks))
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
+def test_sharded_forward_equals_single_device(shape, single_device):
+    params, toks, expected = single_device
+    mesh = sharding.make_mesh(*shape)
+    model = Llama(CFG)
+    sharded = sharding.shard_params(params, model, mesh, RULES)
+    data, fsdp, tensor = shape
+
+    # Parameters really are split the way the rules say.
+    wq = sharded["layers"]["attention"]["wq"]  # [L, D, H, Dh]: embed->fsdp, heads->tensor
+    assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert wq.addressable_shards[0].data.shape == (2, 40 // fsdp, 4 // tensor, 10)
+    w1 = sharded["layers"]["feed_forward"]["w1"]
+    assert w1.addressable_shards[0].data.shape == (2, 40 // fsdp, 72 // tensor)
+    emb = sharded["tok_embeddings"]["embedding"]  # vocab 101 is indivisible: replicated
+    assert emb.addressable_shards[0].data.shape == (101, 40 // fsdp)
+    wk = sharded["layers"]["attention"]["wk"]  # 2 kv heads over tensor 4: replicated
+    assert wk.addressable_shards[0].data.shape[2] == (2 // tensor if 2 % tensor == 0 else 2)
+    if fsdp * tensor > 1:  # model-parallel meshes hold a fraction of the model per device
+        total = sum(x.addressable_shards[0].data.size for x in jax.tree_util.tree_leaves(sharded))
+        assert total < sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1.9
+
+    batch_sh = sharding.batch_sharding(mesh, RULES, toks.shape)
+    assert batch_sh.spec == P(("data", "fsdp"), None)
+    fwd = jax.jit(lambda p, t: model.apply({"params": p}, t))
+    with sharding.activate(mesh, RULES):
+        logits = fwd(sharded, jax.device_put(toks, batch_sh))
+    assert logits.addressable_shards[0].data.shape[0] == 8 // (data * fsdp)  # batch stays split
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, rtol=0)
+
+
+def test_sharded_init_puts_params_on_their_shardings():
+    mesh = sharding.make_mesh(1, 2, 4)
+    params, shardings = sharding.init_params(Llama(CFG), jax.random.key(0), mesh, RULES)
+    for p, s in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(shardings)):
+        assert p.sharding == s
+    assert params["output"].sharding.spec == P("fsdp", None)  # [embed, vocab=101]
+    assert shardings["layers"]["feed_forward"]["w2"].spec == P(None, "tensor", "fsdp")
+    assert float(jnp.std(params["layers"]["attention"]["wq"])) == pytest.approx(0.02, rel=0.1)
+
+
+def test_sharded_cached_decoding_matches_forward(single_device):
+    params, toks, expected = single_device
+    mesh = sharding.make_mesh(2, 1, 4)
+    model = Llama(CFG)
+    sharded = sharding.shard_params(params, model, mesh, RULES)
+    step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c), donate_argnums=2)
+    with sharding.activate(mesh, RULES):
+        cache = KVCache.init(CFG, 8, 16)
+        out, cache = step(sharded, toks[:, :9], cache)
+        outs = [out]
+        for i in range(9, 12):
+            out, cache = step(sharded, toks[:, i:i + 1], cache)
+            outs.append(out)
+    np.testing.assert_allclose(np.concatenate([np.asarray(o) for o in outs], 1), expected, atol=1e-5)
+
+
+def test_mesh_minus_one_takes_the_rest():
+    assert sharding.mesh_shape(2, -1, 2) == (2, 2, 2)
+    assert sharding.make_mesh(data=-1, fsdp=1, tensor=4).shape == {"data": 2, "fsdp": 1, "tensor": 4}
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(data=2, fsdp=2, tensor=4), "mesh data=2 x fsdp=2 x tensor=4 = 16 devices, but 8 devices are available"),
+    (dict(data=-1, fsdp=-1, tensor=1), "only one mesh axis may be -1"),
+    (dict(data=3, fsdp=-1, tensor=1), "8 devices are not divisible by the fixed axes' product 3"),
+    (dict(data=0, fsdp=8, tensor=1), "mesh.data must be a positive integer or -1"),
+])
+def test_mesh_errors_name_the_numbers(kw, needle):
+    with pytest.raises(sharding.MeshError) as e:
+        sharding.make_mesh(**kw)
+    assert needle in str(e.value)
+
+
+def test_heads_not_divisible_by_tensor_is_an_error():
+    cfg = LlamaConfig(dim=48, n_layers=1, n_heads=6, n_kv_heads=2, vocab_size=64)
+    with pytest.raises(sharding.MeshError, match="n_heads=6 is not divisible by mesh tensor=4"):
+        sharding.init_params(Llama(cfg), jax.random.key(0), sharding.make_mesh(2, 1, 4), RULES)
+
+
+def test_bad_rules_are_an_error():
+    with pytest.raises(sharding.MeshError, match="names unknown mesh axes \\['model'\\]"):
+        sharding.normalize_rules([("heads", "model")])
+    assert sharding.normalize_rules([["batch", ["data", "fsdp"]]]) == (("batch", ("data", "fsdp")),)

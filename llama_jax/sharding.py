@@ -217,14 +217,40 @@ def abstract_params(model: nn.Module, seq_len: int = 8):
     return nn.meta.unbox(boxed)
 
 
+def _paths(tree) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(np.shape(x)) for p, x in leaves}
+
+
+def check_params_match(params, expected, what: str = "params") -> None:
+    """Raises a ValueError naming missing, unexpected and mis-shaped leaves."""
+    got, want = _paths(params), _paths(expected)
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    shapes = [f"{k} {got[k]} (expected {want[k]})" for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+    problems = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else []) + (
+        [f"wrong shapes: {', '.join(shapes)}"] if shapes else [])
+    if problems:
+        raise ValueError(f"{what} do not match the model: " + "; ".join(problems))
+
+
 def param_shardings_like(params, model: nn.Module, mesh: Mesh, rules):
-    """Shardings for an existing (e.g. converted) params pytree of `model`."""
+    """Shardings for an existing (e.g. converted) params pytree of `model`; the tree must
+    match the model's exactly."""
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     with activate(mesh, rules):
         boxed = jax.eval_shape(lambda k, t: model.init(k, t)["params"], jax.random.key(0), tokens)
-    shardings = nn.meta.unbox(logical_shardings(boxed, mesh, rules))
-    jax.tree_util.tree_map(lambda p, s: None, params, shardings)  # raises if the trees differ
-    return shardings
+    check_params_match(params, nn.meta.unbox(boxed))
+    return nn.meta.unbox(logical_shardings(boxed, mesh, rules))
+
+
+def cache_shardings(cache, mesh: Mesh, rules):
+    """Shardings for a `KVCache` by its logical axes (batch over data x fsdp, kv heads
+    over tensor), so decoding keeps the cache split like the activations."""
+    rules = normalize_rules(rules)
+    sizes = _sizes(mesh)
+    return type(cache)(**{name: NamedSharding(mesh, logical_to_spec(axes, getattr(cache, name).shape, rules, sizes))
+                          for name, axes in cache.logical_axes.items()})
 
 
 def shard_params(params, model: nn.Module, mesh: Mesh, rules):

@@ -77,12 +77,32 @@ def test_sharded_cached_decoding_matches_forward(single_device):
     step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c), donate_argnums=2)
     with sharding.activate(mesh, RULES):
         cache = KVCache.init(CFG, 8, 16)
+        cache = jax.device_put(cache, sharding.cache_shardings(cache, mesh, RULES))
+        assert cache.k.addressable_shards[0].data.shape == (2, 8 // 2, 16, 2, 10)  # batch over data=2
         out, cache = step(sharded, toks[:, :9], cache)
         outs = [out]
         for i in range(9, 12):
             out, cache = step(sharded, toks[:, i:i + 1], cache)
             outs.append(out)
     np.testing.assert_allclose(np.concatenate([np.asarray(o) for o in outs], 1), expected, atol=1e-5)
+
+
+def test_params_of_another_shape_are_a_clear_error():
+    mesh = sharding.make_mesh(8, 1, 1)
+    other = random_params(CFG.replace(ffn_hidden_dim=64))
+    del other["norm"]
+    with pytest.raises(ValueError) as e:
+        sharding.shard_params(other, Llama(CFG), mesh, RULES)
+    msg = str(e.value)
+    assert "missing ['norm/scale']" in msg
+    assert "layers/feed_forward/w1 (2, 40, 64) (expected (2, 40, 72))" in msg
+
+
+def test_mesh_from_config_dict():
+    import ml_collections
+
+    mesh = sharding.mesh_from_config(ml_collections.ConfigDict({"data": 2, "fsdp": -1, "tensor": 2}))
+    assert mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
 
 
 def test_mesh_minus_one_takes_the_rest():

@@ -44,3 +44,19 @@ def forward(meta: dict, n_layers, n_heads, n_kv_heads, eps, theta, tokens):
         gate = h @ p("feed_forward.w1.weight").T
         x = x + (gate / (1 + np.exp(-gate)) * (h @ p("feed_forward.w3.weight").T)) @ p("feed_forward.w2.weight").T
     return rmsnorm(x, meta["norm.weight"], eps) @ meta["output.weight"].T
+
+
+# Meta's llama/generation.py chat_completion, transcribed (B_INST etc. are plain text).
+def meta_chat_tokens(encode, dialog):
+    """encode(text, bos, eos) -> ids. Returns the prompt tokens Meta builds for `dialog`."""
+    B_INST, E_INST = "[INST]", "[/INST]"
+    B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+    if dialog[0]["role"] == "system":
+        dialog = [{"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
+                  ] + dialog[2:]
+    assert all(m["role"] == "user" for m in dialog[::2]) and all(m["role"] == "assistant" for m in dialog[1::2])
+    tokens = sum([encode(f"{B_INST} {(p['content']).strip()} {E_INST} {(a['content']).strip()} ", True, True)
+                  for p, a in zip(dialog[::2], dialog[1::2])], [])
+    if dialog[-1]["role"] == "user":
+        tokens += encode(f"{B_INST} {(dialog[-1]['content']).strip()} {E_INST}", True, False)
+    return tokens

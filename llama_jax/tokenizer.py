@@ -1,0 +1,249 @@
+"""SentencePiece tokenizer with Llama 2's trainer settings, and the Llama 2-Chat format.
+
+    python -m llama_jax.tokenizer train --input='corpus/*.txt' --vocab_size=8000 --output=tok.model
+    python -m llama_jax.tokenizer encode --model=tok.model --text='Hello world'
+
+Special ids follow Llama 2: unk=0 `<unk>`, BOS=1 `<s>`, EOS=2 `</s>`, and no pad token
+(pad_id=-1): padding is explicit, with masks / segment ids.
+
+The chat format is exactly Meta's `llama/generation.py` `chat_completion`:
+
+    <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user_1} [/INST] {answer_1} </s><s>[INST] {user_2} [/INST]
+
+Each completed (user, answer) pair is encoded on its own as
+`encode(f"[INST] {user.strip()} [/INST] {answer.strip()} ", bos=True, eos=True)`, the open
+final user turn as `encode(f"[INST] {user.strip()} [/INST]", bos=True, eos=False)`; the
+tags are plain text, not special ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import os
+import sys
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+ROLES = ("system", "user", "assistant")
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, -1
+
+# Llama 2's SentencePiece trainer settings (the fields of Meta's tokenizer.model proto).
+LLAMA2_TRAINER_SETTINGS = dict(
+    model_type="bpe",
+    character_coverage=0.99995,
+    split_digits=True,
+    byte_fallback=True,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=True,
+    max_sentencepiece_length=16,
+    allow_whitespace_only_pieces=True,
+    split_by_unicode_script=True,
+    split_by_whitespace=True,
+    split_by_number=True,
+    treat_whitespace_as_suffix=False,
+    max_sentence_length=4192,
+    shrinking_factor=0.75,
+    num_sub_iterations=2,
+    seed_sentencepiece_size=1_000_000,
+    vocabulary_output_piece_score=True,
+    hard_vocab_limit=True,
+    use_all_vocab=False,
+    unk_id=UNK_ID,
+    bos_id=BOS_ID,
+    eos_id=EOS_ID,
+    pad_id=PAD_ID,
+)
+
+
+class DialogError(ValueError):
+    """A dialog that the Llama 2-Chat format cannot encode; the message says why."""
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be loaded or trained; the message names the file."""
+
+
+class Tokenizer:
+    """A loaded SentencePiece model (a real Llama 2 `tokenizer.model` or one trained by
+    `train`)."""
+
+    def __init__(self, model_path: str):
+        if not os.path.isfile(model_path):
+            raise TokenizerError(f"{model_path}: tokenizer model not found")
+        self.path = model_path
+        with open(model_path, "rb") as f:
+            self._blob = f.read()
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(self._blob)
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError variants
+            raise TokenizerError(f"{model_path}: not a SentencePiece model ({e})") from None
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id, self.eos_id, self.unk_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id(), -1
+        if (self.unk_id, self.bos_id, self.eos_id) != (UNK_ID, BOS_ID, EOS_ID):
+            raise TokenizerError(f"{model_path}: special ids unk/bos/eos = {self.unk_id}/{self.bos_id}/"
+                                 f"{self.eos_id}, Llama 2 needs {UNK_ID}/{BOS_ID}/{EOS_ID}")
+
+    # -- identity (stored with every checkpoint) --------------------------------------
+    def identity(self) -> dict:
+        return {"sha256": hashlib.sha256(self._blob).hexdigest(), "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+    def check_fits(self, model_vocab_size: int, source: str = "model") -> None:
+        if self.vocab_size > model_vocab_size:
+            raise TokenizerError(f"{self.path}: tokenizer vocabulary {self.vocab_size} is larger than the "
+                                 f"{source} vocab_size {model_vocab_size}")
+
+    # -- plain text --------------------------------------------------------------------
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
+        head, tail = ([self.bos_id] if bos else []), ([self.eos_id] if eos else [])
+        return [head + ids + tail for ids in self.sp.encode(list(texts))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+    def _pieces(self, text: str):
+        """Pieces with their UTF-8 byte offsets (`id`, `begin`, `end`)."""
+        try:
+            return self.sp.encode(text, return_type="proto").pieces  # sentencepiece >= 0.2.1
+        except TypeError:
+            return self.sp.encode(text, out_type="immutable_proto").pieces
+
+    # -- Llama 2-Chat --------------------------------------------------------------------
+    def encode_dialog(self, messages: Sequence[dict]) -> list[int]:
+        """Prompt tokens for generation: the dialog must end with a user message."""
+        turns = _turns(messages, last="user")
+        tokens: list[int] = []
+        for user, answer in turns[:-1]:
+            tokens += self.encode(f"{B_INST} {user.strip()} {E_INST} {answer.strip()} ", bos=True, eos=True)
+        tokens += self.encode(f"{B_INST} {turns[-1][0].strip()} {E_INST}", bos=True, eos=False)
+        return tokens
+
+    def encode_dialog_for_training(self, messages: Sequence[dict], last_turn_only: bool = False
+                                   ) -> tuple[list[int], list[bool]]:
+        """(tokens, loss_mask) of a dialog ending with an assistant message. Tokens equal
+        Meta's encoding of the completed turns; the mask is True exactly on the answer
+        tokens (with the trailing-space piece) and each turn's EOS. `last_turn_only`
+        (Ghost Attention) trains only the final answer."""
+        turns = _turns(messages, last="assistant")
+        tokens: list[int] = []
+        mask: list[bool] = []
+        for i, (user, answer) in enumerate(turns):
+            prompt = f"{B_INST} {user.strip()} {E_INST}"
+            text = f"{prompt} {answer.strip()} "
+            pieces = self._pieces(text)
+            trained = not last_turn_only or i == len(turns) - 1
+            # A piece belongs to the answer if it starts after the prompt (the space that
+            # opens the answer is SentencePiece's "▁" on the answer's first piece).
+            # Offsets are in UTF-8 bytes.
+            answer_start = len(prompt.encode("utf-8"))
+            tokens += [self.bos_id] + [p.id for p in pieces] + [self.eos_id]
+            mask += [False] + [trained and p.begin >= answer_start for p in pieces] + [trained]
+        return tokens, mask
+
+
+def _turns(messages: Sequence[dict], last: str) -> list[tuple[str, str | None]]:
+    """Validates a dialog and folds the system message into the first user turn.
+    Returns [(user, answer), ...]; the last answer is None when `last == "user"`."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise DialogError("empty dialog: need at least one user message")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DialogError(f"message {i}: must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise DialogError(f"message {i}: unknown role {m['role']!r}; roles are {ROLES}")
+        if not isinstance(m["content"], str):
+            raise DialogError(f"message {i}: content must be a string, got {type(m['content']).__name__}")
+        for tag in SPECIAL_TAGS:
+            if tag in m["content"]:
+                raise DialogError(f"message {i}: special tag {tag!r} is not allowed inside a message")
+    msgs = list(messages)
+    if msgs[0]["role"] == "system":
+        if len(msgs) < 2:
+            raise DialogError("a system message must be followed by a user message")
+        msgs = [{"role": "user", "content": B_SYS + msgs[0]["content"] + E_SYS + msgs[1]["content"]}] + msgs[2:]
+        offset = 1
+    else:
+        offset = 0
+    for j, m in enumerate(msgs):
+        want = "user" if j % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise DialogError(f"message {j + offset}: expected role {want!r} (roles must alternate user/assistant"
+                              f" after an optional first system message), got {m['role']!r}")
+    if msgs[-1]["role"] != last:
+        raise DialogError(f"the last message must be from the {last}, got {msgs[-1]['role']!r}")
+    users = [m["content"] for m in msgs[0::2]]
+    answers = [m["content"] for m in msgs[1::2]]
+    return list(zip(users, answers + [None] * (len(users) - len(answers))))
+
+
+# ----------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------
+
+
+def train(inputs: Sequence[str], vocab_size: int, output: str, *, input_sentence_size: int = 2_000_000,
+          num_threads: int | None = None) -> Tokenizer:
+    """Trains a BPE model with Llama 2's settings on text files; writes `output` (a
+    `.model` path) and returns it loaded."""
+    files = sorted({f for pattern in inputs for f in glob.glob(pattern, recursive=True) if os.path.isfile(f)})
+    if not files:
+        raise TokenizerError(f"no input files match {list(inputs)}")
+    if not output.endswith(".model"):
+        raise TokenizerError(f"{output}: the output path must end in .model")
+    min_vocab = 3 + 256 + 1  # specials + byte-fallback pieces + at least one merge
+    if vocab_size < min_vocab:
+        raise TokenizerError(f"vocab_size {vocab_size} is too small: byte fallback alone needs {min_vocab}")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    prefix = output[: -len(".model")]
+    try:
+        spm.SentencePieceTrainer.train(
+            input=files, model_prefix=prefix, vocab_size=vocab_size, input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True, num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2, **LLAMA2_TRAINER_SETTINGS)
+    except RuntimeError as e:
+        raise TokenizerError(f"training on {len(files)} file(s) failed: {e}") from None
+    return Tokenizer(output)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llama_jax.tokenizer")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a BPE tokenizer with Llama 2's settings")
+    t.add_argument("--input", action="append", required=True, help="file glob (repeatable)")
+    t.add_argument("--vocab_size", type=int, required=True)
+    t.add_argument("--output", required=True, help="PATH.model")
+    t.add_argument("--input_sentence_size", type=int, default=2_000_000)
+    e = sub.add_parser("encode", help="print the ids and pieces of a text")
+    e.add_argument("--model", required=True)
+    e.add_argument("--text", required=True)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "train":
+            tok = train(args.input, args.vocab_size, args.output, input_sentence_size=args.input_sentence_size)
+            print(f"wrote {args.output}: vocab {tok.vocab_size}, sha256 {tok.identity()['sha256'][:16]}")
+        else:
+            tok = Tokenizer(args.model)
+            ids = tok.encode(args.text, bos=True)
+            print(ids)
+            print([tok.sp.id_to_piece(i) for i in ids])
+    except (TokenizerError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

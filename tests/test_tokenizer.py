@@ -1,0 +1,144 @@
+import os
+import random
+
+import pytest
+from reference import meta_chat_tokens
+from sentencepiece import sentencepiece_model_pb2
+
+from llama_jax import tokenizer as tk
+
+WORDS = ["the", "cat", "sat", "on", "mat", "42", "1999", "réponse", "naïve", "日本", "code", "x=3;", "  ", "\n",
+         "Hello", "WORLD", "don't", "snake_case", "ünïcödé", "(a+b)", "—", "🙂"]
+
+
+def corpus_text(n_lines, seed):
+    rng = random.Random(seed)
+    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n_lines))
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    for i in range(2):
+        (d / f"part{i}.txt").write_text(corpus_text(400, i))
+    assert tk.main(["train", f"--input={d}/*.txt", "--vocab_size=400", f"--output={d}/tok.model"]) == 0
+    return tk.Tokenizer(str(d / "tok.model"))
+
+
+def test_trained_model_has_llama2_trainer_settings(tok):
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(open(tok.path, "rb").read())
+    t, n = proto.trainer_spec, proto.normalizer_spec
+    assert t.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
+    assert t.vocab_size == 400 == tok.vocab_size
+    assert (t.split_digits, t.byte_fallback, t.allow_whitespace_only_pieces) == (True, True, True)
+    assert t.max_sentencepiece_length == 16
+    assert t.character_coverage == pytest.approx(0.99995)
+    assert (t.unk_id, t.bos_id, t.eos_id, t.pad_id) == (0, 1, 2, -1)
+    assert n.name == "identity" and n.add_dummy_prefix and not n.remove_extra_whitespaces
+    assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (1, 2, 0, -1)
+
+
+def test_digits_split_bytes_fall_back_and_text_round_trips(tok):
+    ids = tok.encode("year 1999 🙂 ☃", bos=True, eos=True)
+    pieces = [tok.sp.id_to_piece(i) for i in ids]
+    assert ids[0] == 1 and ids[-1] == 2
+    assert "1" in pieces and "9" in pieces and not any(len(p) > 1 and p.isdigit() for p in pieces)
+    assert "<0xE2>" in pieces  # the snowman is not in the vocabulary: byte fallback, not <unk>
+    assert 0 not in ids
+    text = "  two  spaces\tand tab  "
+    assert tok.decode(tok.encode(text)) == text  # identity normalisation keeps white space
+
+
+def random_dialog(rng, n_turns, system, last):
+    def text():
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8)))
+
+    msgs = [{"role": "system", "content": text()}] if system else []
+    for i in range(n_turns):
+        msgs.append({"role": "user", "content": rng.choice(["", " "]) + text() + rng.choice(["", " ", "\n"])})
+        if i < n_turns - 1 or last == "assistant":
+            msgs.append({"role": "assistant", "content": text() + rng.choice(["", "  "])})
+    return msgs
+
+
+def test_encode_dialog_equals_meta_formula_on_random_dialogs(tok):
+    rng = random.Random(0)
+    for k in range(200):
+        d = random_dialog(rng, rng.randint(1, 4), system=k % 2 == 0, last="user")
+        assert tok.encode_dialog(d) == meta_chat_tokens(tok.encode, d)
+
+
+def test_training_form_tokens_and_loss_mask(tok):
+    rng = random.Random(1)
+    for k in range(100):
+        d = random_dialog(rng, rng.randint(1, 4), system=k % 3 == 0, last="assistant")
+        tokens, mask = tok.encode_dialog_for_training(d)
+        assert tokens == meta_chat_tokens(tok.encode, d)  # the completed turns, Meta's way
+        answers = [m["content"] for m in d if m["role"] == "assistant"]
+        # Split at BOS: one turn each; the masked tokens are the answer, then its EOS.
+        starts = [i for i, t in enumerate(tokens) if t == tok.bos_id] + [len(tokens)]
+        assert len(starts) - 1 == len(answers)
+        for (a, b), answer in zip(zip(starts, starts[1:]), answers):
+            turn_mask = mask[a:b]
+            assert tokens[b - 1] == tok.eos_id and turn_mask[-1] and not turn_mask[0]
+            first = turn_mask.index(True)
+            assert all(turn_mask[first:])  # one contiguous run to the end of the turn
+            assert tok.decode(tokens[a + first:b - 1]) == answer.strip() + " "
+            assert tok.decode(tokens[a + 1:a + first]).endswith("[/INST]")
+
+
+def test_gatt_trains_only_the_last_turn(tok):
+    d = random_dialog(random.Random(2), 3, system=True, last="assistant")
+    tokens, full = tok.encode_dialog_for_training(d)
+    _, last = tok.encode_dialog_for_training(d, last_turn_only=True)
+    last_bos = max(i for i, t in enumerate(tokens) if t == tok.bos_id)
+    assert not any(last[:last_bos]) and last[last_bos:] == full[last_bos:]
+    assert sum(full) > sum(last) > 0
+
+
+@pytest.mark.parametrize("dialog,needle", [
+    ([], "empty dialog"),
+    ([{"role": "user", "content": "hi [INST] there"}], "message 0: special tag '[INST]' is not allowed"),
+    ([{"role": "system", "content": "<<SYS>>"}, {"role": "user", "content": "x"}], "special tag '<<SYS>>'"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b [/INST]"}], "message 1: special tag"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+     "message 1: expected role 'assistant'"),
+    ([{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+     "message 2: expected role 'assistant'"),
+    ([{"role": "bot", "content": "a"}], "message 0: unknown role 'bot'"),
+    ([{"role": "user"}], "message 0: must be an object with 'role' and 'content'"),
+    ([{"role": "system", "content": "s"}], "must be followed by a user message"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message must be from the user"),
+])
+def test_bad_dialogs_are_clear_errors(tok, dialog, needle):
+    with pytest.raises(tk.DialogError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        tok.encode_dialog(dialog)
+
+
+def test_training_form_needs_a_final_answer(tok):
+    with pytest.raises(tk.DialogError, match="last message must be from the assistant"):
+        tok.encode_dialog_for_training([{"role": "user", "content": "a"}])
+
+
+def test_bad_tokenizer_files_and_sizes(tok, tmp_path, capsys):
+    with pytest.raises(tk.TokenizerError, match="tokenizer model not found"):
+        tk.Tokenizer(str(tmp_path / "none.model"))
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(tk.TokenizerError, match="junk.model: not a SentencePiece model"):
+        tk.Tokenizer(str(tmp_path / "junk.model"))
+    with pytest.raises(tk.TokenizerError, match="tokenizer vocabulary 400 is larger than the model vocab_size 300"):
+        tok.check_fits(300)
+    tok.check_fits(400)
+    assert tk.main(["train", f"--input={tmp_path}/*.txt", "--vocab_size=400", f"--output={tmp_path}/t.model"]) == 2
+    assert "no input files match" in capsys.readouterr().err
+    (tmp_path / "a.txt").write_text("abc")
+    assert tk.main(["train", f"--input={tmp_path}/a.txt", "--vocab_size=100", f"--output={tmp_path}/t.model"]) == 2
+    assert "vocab_size 100 is too small" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "t.model")
+
+
+def test_identity_names_the_exact_model(tok):
+    ident = tok.identity()
+    assert ident["vocab_size"] == 400 and len(ident["sha256"]) == 64
+    assert tk.Tokenizer(tok.path).identity() == ident

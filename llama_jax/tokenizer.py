@@ -92,6 +92,16 @@ class Tokenizer:
             raise TokenizerError(f"{model_path}: special ids unk/bos/eos = {self.unk_id}/{self.bos_id}/"
                                  f"{self.eos_id}, Llama 2 needs {UNK_ID}/{BOS_ID}/{EOS_ID}")
 
+    def __getstate__(self):  # picklable, for multi-process input pipelines
+        return {"path": self.path, "blob": self._blob}
+
+    def __setstate__(self, state):
+        self.path, self._blob = state["path"], state["blob"]
+        self.sp = spm.SentencePieceProcessor()
+        self.sp.LoadFromSerializedProto(self._blob)
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id, self.eos_id, self.unk_id, self.pad_id = BOS_ID, EOS_ID, UNK_ID, PAD_ID
+
     # -- identity (stored with every checkpoint) --------------------------------------
     def identity(self) -> dict:
         return {"sha256": hashlib.sha256(self._blob).hexdigest(), "vocab_size": self.vocab_size,

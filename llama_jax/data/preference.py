@@ -1,0 +1,109 @@
+"""Preference pairs for reward models and DPO.
+
+JSONL, one pair per line:
+  {"prompt": [messages ending with a user turn], "chosen": str, "rejected": str,
+   "rating": "significantly_better" | "better" | "slightly_better" | "negligibly_better",  (optional)
+   "is_safety_prompt": bool, "chosen_safe": bool, "rejected_safe": bool}                   (optional)
+
+Pairs whose chosen answer is unsafe while the rejected one is safe are dropped, as in the
+paper (section 3.2.1). The margin m(rating) of the ranking loss comes from the paper's
+Table 27: `small` (1, 2/3, 1/3, 0), `large` (3, 2, 1, 0), or `none`.
+
+A batch holds both sides in the next-token layout, prefixed `chosen_` and `rejected_`
+([B, T] each; one right-padded example per row, so the reward head reads the last real
+token), plus per pair: `margin` float32, `rating` int32 (index into RATINGS, -1 if
+unrated), `is_safety_prompt`, `chosen_safe`, `rejected_safe` int32 (1, 0, or -1 unknown).
+A pair longer than seq_len keeps its last seq_len tokens (the end is what the reward head
+reads).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llama_jax.data import pipeline, sources
+from llama_jax.data.chat import validate_messages
+from llama_jax.data.sources import DataError
+
+RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+MARGINS = {"none": (0.0, 0.0, 0.0, 0.0), "small": (1.0, 2 / 3, 1 / 3, 0.0), "large": (3.0, 2.0, 1.0, 0.0)}
+SAFETY_FIELDS = ("is_safety_prompt", "chosen_safe", "rejected_safe")
+
+
+def margin(rating: str | None, table: str) -> float:
+    if table not in MARGINS:
+        raise DataError(f"unknown margin table {table!r}; choose one of {sorted(MARGINS)}")
+    return 0.0 if rating is None else MARGINS[table][RATINGS.index(rating)]
+
+
+def validate_pair(record: dict, where: str) -> None:
+    prompt = sources.require(record, where, "prompt", list)
+    validate_messages({"messages": prompt}, where, last="user")
+    for f in ("chosen", "rejected"):
+        sources.require(record, where, f, str)
+    rating = record.get("rating")
+    if rating is not None and rating not in RATINGS:
+        raise DataError(f"{where}: rating {rating!r} is not one of {RATINGS}")
+    for f in SAFETY_FIELDS:
+        if f in record and record[f] is not None and not isinstance(record[f], bool):
+            raise DataError(f"{where}: field {f!r} must be true/false, got {record[f]!r}")
+
+
+def is_dropped(record: dict) -> bool:
+    """Chosen unsafe and rejected safe: dropped, as in the paper."""
+    return record.get("chosen_safe") is False and record.get("rejected_safe") is True
+
+
+class PreferencePairs:
+    """Validated pairs (a random-access source), with the paper's filter applied."""
+
+    def __init__(self, patterns):
+        self.jsonl = sources.Jsonl(patterns, validate=validate_pair)
+        self.kept = [i for i in range(len(self.jsonl)) if not is_dropped(self.jsonl.record(i))]
+        self.dropped = len(self.jsonl) - len(self.kept)
+        if not self.kept:
+            raise DataError(f"{','.join(self.jsonl.files)}: no usable preference pairs "
+                            f"({self.dropped} dropped as chosen-unsafe/rejected-safe)")
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.jsonl.record(self.kept[i])
+
+
+def _flag(value) -> int:
+    return -1 if value is None else int(bool(value))
+
+
+class _EncodePair:
+    def __init__(self, tokenizer, seq_len: int, margin_table: str):
+        margin(None, margin_table)  # validates the table name
+        self.tokenizer, self.seq_len, self.margin_table = tokenizer, seq_len, margin_table
+
+    def side(self, prompt, answer) -> dict[str, np.ndarray]:
+        tokens, mask = self.tokenizer.encode_dialog_for_training(prompt + [{"role": "assistant", "content": answer}])
+        tokens, mask = np.asarray(tokens[-self.seq_len:], np.int32), np.asarray(mask[-self.seq_len:], bool)
+        return pipeline.pad_row(tokens, mask, self.seq_len)
+
+    def __call__(self, rec: dict) -> dict[str, np.ndarray]:
+        out = {}
+        for side in ("chosen", "rejected"):
+            out.update({f"{side}_{k}": v for k, v in self.side(rec["prompt"], rec[side]).items()})
+        rating = rec.get("rating")
+        out["margin"] = np.float32(margin(rating, self.margin_table))
+        out["rating"] = np.int32(-1 if rating is None else RATINGS.index(rating))
+        for f in SAFETY_FIELDS:
+            out[f] = np.int32(_flag(rec.get(f)))
+        return out
+
+
+def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int = 0, *, margin_table: str = "small",
+                 shard: tuple[int, int] | None = None, num_epochs: int | None = None, shuffle: bool = True,
+                 prefetch: int = 2) -> pipeline.Batches:
+    pairs = PreferencePairs(patterns)
+    ds = pipeline.sharded_shuffled(pairs, seed, shard, num_epochs, shuffle=shuffle)
+    ds = ds.map(_EncodePair(tokenizer, seq_len, margin_table)).to_iter_dataset()
+    return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch),
+                            {"source": ",".join(pairs.jsonl.files), "pairs": len(pairs), "dropped": pairs.dropped,
+                             "margin": margin_table})

@@ -1,0 +1,80 @@
+"""Pre-tokenize a corpus into ArrayRecord shards for pod-scale pretraining.
+
+    python -m llama_jax.data.prepare --source='jsonl:/data/*.jsonl' --tokenizer=tok.model \\
+        --output=/data/shards --num_shards=64
+
+Each record is one document's token ids (little-endian int32, BOS and EOS included);
+`metadata.json` lists the shards, the document and token counts and the tokenizer's
+identity, which the pipeline checks against the run's tokenizer. Read them back with
+`--config.data.source=shards:/data/shards`. Shards are written to temporary names and
+renamed when complete, metadata last, so an interrupted run never leaves a directory
+that looks finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def prepare(source: str, tokenizer, output: str, num_shards: int = 8) -> dict:
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from llama_jax.data.pretrain import open_documents
+
+    docs = open_documents(source)
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    os.makedirs(output, exist_ok=True)
+    if os.path.exists(os.path.join(output, "metadata.json")):
+        raise FileExistsError(f"{output}: already holds prepared shards (metadata.json); choose another --output")
+    names = [f"tokens-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
+    writers = [ArrayRecordWriter(os.path.join(output, n + ".tmp"), "group_size:1") for n in names]
+    n_tokens, t0 = 0, time.time()
+    for i in range(len(docs)):
+        tokens = np.asarray(tokenizer.encode(docs[i], bos=True, eos=True), "<i4")
+        writers[i % num_shards].write(tokens.tobytes())
+        n_tokens += len(tokens)
+        if (i + 1) % 1000 == 0 or i + 1 == len(docs):
+            rate = n_tokens / max(time.time() - t0, 1e-9)
+            print(f"\r{i + 1}/{len(docs)} documents, {n_tokens:,} tokens ({rate:,.0f} tokens/s)", end="",
+                  file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    for w, n in zip(writers, names):
+        w.close()
+        os.replace(os.path.join(output, n + ".tmp"), os.path.join(output, n))
+    meta = {"source": source, "documents": len(docs), "tokens": n_tokens, "shards": names,
+            "tokenizer": tokenizer.identity()}
+    with open(os.path.join(output, "metadata.json.tmp"), "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(os.path.join(output, "metadata.json.tmp"), os.path.join(output, "metadata.json"))
+    return meta
+
+
+def main(argv=None) -> int:
+    from llama_jax.data.sources import DataError
+    from llama_jax.tokenizer import Tokenizer, TokenizerError
+
+    ap = argparse.ArgumentParser(prog="python -m llama_jax.data.prepare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--source", required=True, help="stdlib | text:GLOB | jsonl:GLOB")
+    ap.add_argument("--tokenizer", required=True, help="SentencePiece .model")
+    ap.add_argument("--output", required=True, help="directory for the shards")
+    ap.add_argument("--num_shards", type=int, default=8)
+    args = ap.parse_args(argv)
+    try:
+        meta = prepare(args.source, Tokenizer(args.tokenizer), args.output, args.num_shards)
+    except (DataError, TokenizerError, FileExistsError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {meta['documents']} documents, {meta['tokens']:,} tokens in {len(meta['shards'])} shards "
+          f"to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Random-access document sources for Grain: text files, JSONL, pre-tokenized ArrayRecord
+shards, and the embedded default corpus (the running interpreter's standard library).
+
+Every source validates its input when it is opened, so a malformed line is one
+`DataError` naming the file and line before training starts, not a crash mid-run.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and line) and the problem."""
+
+
+def expand_globs(patterns: str | Sequence[str], what: str = "input") -> list[str]:
+    """Sorted files matching one or more globs (comma-separated in a string)."""
+    if isinstance(patterns, str):
+        patterns = [p for p in patterns.split(",") if p.strip()]
+    files = sorted({f for p in patterns for f in glob.glob(os.path.expanduser(p.strip()), recursive=True)
+                    if os.path.isfile(f)})
+    if not files:
+        raise DataError(f"no {what} files match {list(patterns)}")
+    return files
+
+
+class TextFiles:
+    """Each file is one document (its whole text)."""
+
+    def __init__(self, patterns: str | Sequence[str]):
+        self.files = expand_globs(patterns, "text")
+        for f in self.files:
+            if os.path.getsize(f) == 0:
+                raise DataError(f"{f}: empty file")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> str:
+        with open(self.files[i], encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+
+class Jsonl:
+    """One JSON object per line, random access by line. `validate(record, where)`
+    checks each record when the file is opened (and may raise DataError); `convert`
+    turns a record into the element the pipeline consumes."""
+
+    def __init__(self, patterns: str | Sequence[str], validate: Callable[[dict, str], None] | None = None,
+                 convert: Callable[[dict], Any] | None = None):
+        self.files = expand_globs(patterns, "JSONL")
+        self.convert = convert
+        self.index: list[tuple[int, int, int]] = []  # (file number, byte offset, line number)
+        for fi, path in enumerate(self.files):
+            start = len(self.index)
+            with open(path, "rb") as fh:
+                offset = 0
+                for lineno, raw in enumerate(fh, 1):
+                    if raw.strip():
+                        record = self._parse(raw, path, lineno)
+                        if validate is not None:
+                            validate(record, f"{path}:{lineno}")
+                        self.index.append((fi, offset, lineno))
+                    offset += len(raw)
+            if len(self.index) == start:
+                raise DataError(f"{path}: empty file (no JSON lines)")
+
+    @staticmethod
+    def _parse(raw: bytes, path: str, lineno: int) -> dict:
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        return record
+
+    def where(self, i: int) -> str:
+        fi, _, lineno = self.index[i]
+        return f"{self.files[fi]}:{lineno}"
+
+    def record(self, i: int) -> dict:
+        fi, offset, lineno = self.index[i]
+        with open(self.files[fi], "rb") as fh:
+            fh.seek(offset)
+            return self._parse(fh.readline(), self.files[fi], lineno)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        rec = self.record(i)
+        return rec if self.convert is None else self.convert(rec)
+
+
+def require(record: dict, where: str, field: str, kind: type | tuple[type, ...]) -> Any:
+    if field not in record:
+        raise DataError(f"{where}: missing field {field!r}")
+    value = record[field]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise DataError(f"{where}: field {field!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def text_jsonl(patterns) -> Jsonl:
+    """JSONL with a `text` field per line."""
+    return Jsonl(patterns, validate=lambda r, w: require(r, w, "text", str), convert=lambda r: r["text"])
+
+
+class TokenShards:
+    """Pre-tokenized documents in ArrayRecord shards written by `llama_jax.data.prepare`
+    (each record: little-endian int32 token ids, BOS/EOS included)."""
+
+    def __init__(self, directory: str):
+        meta_path = os.path.join(directory, "metadata.json")
+        if not os.path.exists(meta_path):
+            raise DataError(f"{meta_path}: missing (write shards with python -m llama_jax.data.prepare)")
+        with open(meta_path) as f:
+            self.metadata = json.load(f)
+        from grain.sources import ArrayRecordDataSource
+
+        paths = [os.path.join(directory, s) for s in self.metadata["shards"]]
+        for p in paths:
+            if not os.path.exists(p):
+                raise DataError(f"{p}: shard listed in {meta_path} is missing")
+        self.source = ArrayRecordDataSource(paths)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.frombuffer(self.source[i], dtype="<i4").astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------
+# The embedded default corpus
+# ----------------------------------------------------------------------------------
+
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+
+
+def _held_out(name: str, eval_percent: int) -> bool:
+    return int(hashlib.sha1(name.encode()).hexdigest(), 16) % 100 < eval_percent
+
+
+class StdlibCorpus:
+    """The running interpreter's standard library: its `.py` sources (tests excluded)
+    and the `pydoc_data` help topics. Sorted, so the same interpreter always gives the
+    same documents; a fixed 2% of them (by a hash of their name) is the held-out split."""
+
+    def __init__(self, split: str = "train", eval_percent: int = 2):
+        if split not in ("train", "eval"):
+            raise DataError(f"stdlib corpus split must be 'train' or 'eval', got {split!r}")
+        root = sysconfig.get_paths()["stdlib"]
+        docs: list[tuple[str, str]] = []  # (name, kind: file path or "topic")
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+            for fn in sorted(filenames):
+                if fn.endswith(".py"):
+                    path = os.path.join(dirpath, fn)
+                    docs.append((os.path.relpath(path, root), path))
+        from pydoc_data.topics import topics
+
+        docs += [(f"pydoc:{k}", "topic") for k in sorted(topics)]
+        self.docs = [d for d in docs if _held_out(d[0], eval_percent) == (split == "eval")]
+        self.split = split
+        self.identity = f"stdlib-{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i: int) -> str:
+        name, path = self.docs[i]
+        if path == "topic":
+            from pydoc_data.topics import topics
+
+            return topics[name[len("pydoc:"):]]
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()

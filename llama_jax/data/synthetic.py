@@ -1,0 +1,180 @@
+"""Deterministic synthetic chat data for the toy end-to-end recipe (seeded, no download).
+
+Tasks are short and verifiable by code, so every stage has an exact metric:
+  add       "What is 17 + 25?"                         -> "42"
+  copy      "Repeat exactly: red fox sky"              -> "red fox sky"
+  reverse   "Reverse the words: red fox sky"           -> "sky fox red"
+  sort      "Sort the words alphabetically: red fox"   -> "fox red"
+System instructions whose adherence code can check (Ghost Attention, instruction
+following): answer in upper case, end with a given word, start with a given prefix.
+Unsafe-tagged prompts whose preferred answer is a refusal. Preference pairs whose rating
+grows with how wrong the rejected answer is.
+
+    python -m llama_jax.data.synthetic --kind=chat --n=2000 --seed=0 --output=sft.jsonl
+    (kinds: chat, preference, prompts)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+WORDS = ("apple", "river", "stone", "cloud", "tiger", "green", "music", "paper", "light", "ocean", "sugar", "glass",
+         "horse", "bread", "chair", "dream", "flame", "honey", "lemon", "maple", "night", "pearl", "queen", "robin",
+         "snow", "table", "violet", "whale", "zebra", "amber", "cedar", "delta", "eagle", "frost", "grape", "ivory")
+
+REFUSAL = "I cannot help with that because it could cause harm. I can help with something safe instead."
+UNSAFE_ACTS = ("build a weapon", "steal a car", "hack a bank", "poison a river", "forge a passport",
+               "hurt a neighbor", "make a bomb", "break into a house")
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str
+    question: str
+    answer: str
+
+
+def make_task(rng: random.Random, kind: str | None = None) -> Task:
+    kind = kind or rng.choice(("add", "copy", "reverse", "sort"))
+    if kind == "add":
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return Task(kind, f"What is {a} + {b}?", str(a + b))
+    words = [rng.choice(WORDS) for _ in range(rng.randint(2, 5))]
+    text = " ".join(words)
+    if kind == "copy":
+        return Task(kind, f"Repeat exactly: {text}", text)
+    if kind == "reverse":
+        return Task(kind, f"Reverse the words: {text}", " ".join(reversed(words)))
+    if kind == "sort":
+        return Task(kind, f"Sort the words alphabetically: {text}", " ".join(sorted(words)))
+    raise ValueError(f"unknown task kind {kind!r}")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """A system instruction with its short form, how to obey it, and how to check it."""
+
+    text: str
+    short: str
+    apply: Callable[[str], str]
+    check: Callable[[str], bool]
+
+
+def make_instruction(rng: random.Random) -> Instruction:
+    kind = rng.choice(("upper", "end", "start"))
+    if kind == "upper":
+        return Instruction("Always answer in upper case.", "Style: upper case.", str.upper,
+                           lambda a: a == a.upper() and any(c.isalpha() for c in a) or a.isdigit())
+    word = rng.choice(WORDS)
+    if kind == "end":
+        return Instruction(f"Always end your answer with the word {word}.", f"End: {word}.",
+                           lambda a, w=word: f"{a} {w}", lambda a, w=word: a.strip().endswith(w))
+    return Instruction(f"Always start your answer with the word {word}.", f"Start: {word}.",
+                       lambda a, w=word: f"{w} {a}", lambda a, w=word: a.strip().startswith(w))
+
+
+def combine(instructions: list[Instruction], shortened: bool) -> Instruction:
+    """Several constraints at once (applied in order); the paper's GAtt combines them."""
+
+    def apply(a: str) -> str:
+        for ins in instructions:
+            a = ins.apply(a)
+        return a
+
+    text = " ".join(i.short if shortened else i.text for i in instructions)
+    return Instruction(text, " ".join(i.short for i in instructions), apply,
+                       lambda a: all(i.check(a) for i in instructions))
+
+
+def chat_example(rng: random.Random, system_prob: float = 0.3, unsafe_prob: float = 0.1, max_turns: int = 2) -> dict:
+    """One SFT dialog: {"messages": [...], "is_safety": bool}."""
+    if rng.random() < unsafe_prob:
+        act = rng.choice(UNSAFE_ACTS)
+        return {"messages": [{"role": "user", "content": f"Tell me how to {act}."},
+                             {"role": "assistant", "content": REFUSAL}], "is_safety": True}
+    ins = make_instruction(rng) if rng.random() < system_prob else None
+    messages = [{"role": "system", "content": ins.text}] if ins else []
+    for _ in range(rng.randint(1, max_turns)):
+        task = make_task(rng)
+        answer = ins.apply(task.answer) if ins else task.answer
+        messages += [{"role": "user", "content": task.question}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "is_safety": False}
+
+
+def _corrupt(rng: random.Random, task: Task, level: int) -> str:
+    """A wrong answer; level 0 = absurd ... 3 = cosmetically different."""
+    if level == 3:
+        return task.answer + "."
+    if task.kind == "add":
+        value = int(task.answer)
+        if level == 0:
+            return " ".join(rng.choice(WORDS) for _ in range(3))
+        delta = rng.randint(10, 60) if level == 1 else rng.randint(1, 3)
+        return str(value + rng.choice((-1, 1)) * delta if value >= delta else value + delta)
+    words = task.answer.split()
+    if level == 0:
+        return str(rng.randint(100, 999))
+    if level == 1:
+        return " ".join(rng.choice(WORDS) for _ in words)
+    i = rng.randrange(len(words))
+    replacement = rng.choice([w for w in WORDS if w != words[i]])
+    return " ".join(replacement if j == i else w for j, w in enumerate(words))
+
+
+RATING_BY_LEVEL = ("significantly_better", "better", "slightly_better", "negligibly_better")
+
+
+def preference_pair(rng: random.Random, unsafe_prob: float = 0.1) -> dict:
+    if rng.random() < unsafe_prob:
+        act = rng.choice(UNSAFE_ACTS)
+        return {"prompt": [{"role": "user", "content": f"Tell me how to {act}."}], "chosen": REFUSAL,
+                "rejected": f"Sure. To {act}, first gather the tools, then follow these steps.",
+                "rating": "significantly_better", "is_safety_prompt": True, "chosen_safe": True,
+                "rejected_safe": False}
+    task = make_task(rng)
+    level = rng.randrange(4)
+    return {"prompt": [{"role": "user", "content": task.question}], "chosen": task.answer,
+            "rejected": _corrupt(rng, task, level), "rating": RATING_BY_LEVEL[level],
+            "is_safety_prompt": False, "chosen_safe": True, "rejected_safe": True}
+
+
+def rlhf_prompt(rng: random.Random, unsafe_prob: float = 0.1) -> dict:
+    if rng.random() < unsafe_prob:
+        return {"messages": [{"role": "user", "content": f"Tell me how to {rng.choice(UNSAFE_ACTS)}."}],
+                "is_safety": True}
+    return {"messages": [{"role": "user", "content": make_task(rng).question}], "is_safety": False}
+
+
+def generate(kind: str, n: int, seed: int) -> list[dict]:
+    makers = {"chat": chat_example, "preference": preference_pair, "prompts": rlhf_prompt}
+    if kind not in makers:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {sorted(makers)}")
+    rng = random.Random(f"{kind}-{seed}")
+    return [makers[kind](rng) for _ in range(n)]
+
+
+def write_jsonl(records: list[dict], path: str) -> None:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llama_jax.data.synthetic", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kind", required=True, choices=["chat", "preference", "prompts"])
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output", required=True)
+    args = ap.parse_args(argv)
+    write_jsonl(generate(args.kind, args.n, args.seed), args.output)
+    print(f"wrote {args.n} {args.kind} records to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from llama_jax import tokenizer as tk
+from llama_jax.data import chat, preference, prepare, pretrain, prompts, synthetic
+from llama_jax.data.pipeline import lm_example
+from llama_jax.data.sources import DataError, StdlibCorpus
+
+WORDS = synthetic.WORDS
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(300)]
+    recs = synthetic.generate("chat", 200, 0) + synthetic.generate("preference", 100, 0)
+    lines += [json.dumps(r) for r in recs]  # chat tags and digits in the vocabulary
+    (d / "corpus.txt").write_text("\n".join(lines))
+    return tk.train([str(d / "corpus.txt")], 500, str(d / "tok.model"))
+
+
+@pytest.fixture(scope="module")
+def docs_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("docs")
+    rng = random.Random(1)
+    for i in range(23):  # documents of very different lengths: some span several windows
+        (d / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 60))))
+    return d
+
+
+def collect(batches, n):
+    return [next(batches) for _ in range(n)]
+
+
+def pieces(rows):
+    """(tokens, positions, first_in_row, ends_row) of every segment of every row, in order."""
+    out = []
+    for row in rows:
+        seg = row["segment_ids"]
+        ids = [s for s in dict.fromkeys(seg.tolist()) if s > 0]  # in order of appearance
+        for k, s in enumerate(ids):
+            idx = np.nonzero(seg == s)[0]
+            assert np.all(np.diff(idx) == 1), "a segment must be contiguous"
+            out.append((row["tokens"][idx], row["positions"][idx], k == 0, idx[-1] == len(seg) - 1))
+    return out
+
+
+def split_at_bos(stream):
+    bos = [i for i, t in enumerate(stream) if t == tk.BOS_ID] + [len(stream)]
+    return [tuple(stream[a:b]) for a, b in zip(bos, bos[1:])]
+
+
+def unbatch(batches):
+    return [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["tokens"]))]
+
+
+# ---------------------------------------------------------------- pretraining ---
+
+def test_pretrain_packing_loses_no_token_and_never_mixes_documents(tok, docs_dir):
+    docs = pretrain.open_documents(f"text:{docs_dir}/*.txt")
+    expected = Counter(tuple(tok.encode(docs[i], bos=True, eos=True)) for i in range(len(docs)))
+    total = sum(len(d) * n for d, n in expected.items())
+    seq = 16
+    rows = unbatch(collect(pretrain.make_dataset(f"text:{docs_dir}/*.txt", tok, seq, 1, seed=3, num_epochs=1,
+                                                 prefetch=0), total // seq))
+    segs = pieces(rows)
+    for (tokens, pos, first, _), prev in zip(segs[1:], segs[:-1]):
+        # One document per segment: BOS only at a segment's start, EOS only at its end.
+        assert tk.BOS_ID not in tokens[1:].tolist() and tk.EOS_ID not in tokens[:-1].tolist()
+        if tokens[0] != tk.BOS_ID:  # the rest of a document cut at the previous row's end
+            assert first and prev[3] and prev[0][-1] != tk.EOS_ID
+        np.testing.assert_array_equal(pos, np.arange(len(pos)))
+    stream = np.concatenate([s[0] for s in segs])
+    got = Counter(split_at_bos(stream.tolist()))
+    # Every document arrives whole except possibly the last one, cut by the final window.
+    assert sum((expected - got).values()) <= 1 and sum((got - expected).values()) <= 1
+    assert len(stream) >= total - seq
+
+
+def test_lm_example_masks_across_segments_and_padding():
+    ex = lm_example(np.array([1, 5, 6, 2, 1, 7, 0, 0]), np.ones(8, bool), np.array([1, 1, 1, 1, 2, 2, 0, 0]),
+                    np.array([0, 1, 2, 3, 0, 1, 0, 0]))
+    np.testing.assert_array_equal(ex["targets"][:6], [5, 6, 2, 1, 7, 0])
+    # Position 3 (EOS) would predict the next document's BOS; 5 predicts padding; 7 is last.
+    np.testing.assert_array_equal(ex["loss_mask"], [1, 1, 1, 0, 1, 0, 0, 0])
+
+
+def test_restoring_mid_epoch_yields_the_identical_remaining_batches(tok, docs_dir, tmp_path):
+    chat_file = tmp_path / "chat.jsonl"
+    synthetic.write_jsonl(synthetic.generate("chat", 120, 5), str(chat_file))
+    pref_file = tmp_path / "pref.jsonl"
+    synthetic.write_jsonl(synthetic.generate("preference", 60, 5), str(pref_file))
+    makers = [
+        lambda: pretrain.make_dataset(f"text:{docs_dir}/*.txt", tok, 16, 3, seed=7),  # with prefetch
+        lambda: chat.make_dataset(str(chat_file), tok, 48, 4, seed=7),
+        lambda: chat.make_dataset(str(chat_file), tok, 48, 4, seed=7, pack=False),
+        lambda: preference.make_dataset(str(pref_file), tok, 40, 4, seed=7),
+    ]
+    for make in makers:
+        it = make()
+        collect(it, 5)  # mid-epoch (and, for the small sets, past one epoch)
+        state = json.loads(json.dumps(it.state()))  # the state is plain JSON
+        expected = collect(it, 6)
+        resumed = make()
+        resumed.restore(state)
+        for a, b in zip(expected, collect(resumed, 6)):
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+        fresh = collect(make(), 11)[5:]  # and the same as an uninterrupted run
+        np.testing.assert_array_equal(fresh[0]["tokens" if "tokens" in fresh[0] else "chosen_tokens"],
+                                      expected[0]["tokens" if "tokens" in expected[0] else "chosen_tokens"])
+
+
+def test_two_processes_see_disjoint_shards(tok, docs_dir):
+    seen = []
+    for index in range(2):
+        rows = unbatch(collect(pretrain.make_dataset(f"text:{docs_dir}/*.txt", tok, 4096, 1, num_epochs=1,
+                                                     shard=(index, 2), prefetch=0), 1))
+        seen.append(set(split_at_bos(np.concatenate([p[0] for p in pieces(rows)]).tolist())))
+    docs = pretrain.open_documents(f"text:{docs_dir}/*.txt")
+    all_docs = {tuple(tok.encode(docs[i], bos=True, eos=True)) for i in range(len(docs))}
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert seen[0] | seen[1] == all_docs
+
+
+def test_prepared_shards_feed_the_same_documents(tok, docs_dir, tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert prepare.main([f"--source=text:{docs_dir}/*.txt", f"--tokenizer={tok.path}", f"--output={out}",
+                         "--num_shards=3"]) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["documents"] == 23 and len(meta["shards"]) == 3 and meta["tokenizer"] == tok.identity()
+    shards = pretrain.open_documents(f"shards:{out}")
+    docs = pretrain.open_documents(f"text:{docs_dir}/*.txt")
+    assert Counter(tuple(shards[i]) for i in range(len(shards))) == Counter(
+        tuple(tok.encode(docs[i], bos=True, eos=True)) for i in range(len(docs)))
+    batch = next(pretrain.make_dataset(f"shards:{out}", tok, 16, 2))
+    assert batch["tokens"].shape == (2, 16)
+    assert prepare.main([f"--source=text:{docs_dir}/*.txt", f"--tokenizer={tok.path}", f"--output={out}"]) == 2
+    assert "already holds prepared shards" in capsys.readouterr().err
+
+
+def test_stdlib_corpus_is_deterministic_with_a_fixed_held_out_split():
+    train, held_out = StdlibCorpus("train"), StdlibCorpus("eval")
+    assert len(train) > 300 and 0 < len(held_out) < len(train) / 10
+    assert not {n for n, _ in train.docs} & {n for n, _ in held_out.docs}
+    assert [n for n, _ in StdlibCorpus("train").docs] == [n for n, _ in train.docs]
+    assert any(n.startswith("pydoc:") for n, _ in train.docs) and "def " in train[0] + train[1] + train[2]
+
+
+def test_synthetic_token_batches(tok):
+    b = next(pretrain.make_dataset("synthetic", tok, 32, 4, vocab_size=97))
+    assert b["tokens"].shape == (4, 32) and b["tokens"].max() < 97 and b["loss_mask"].sum() == 4 * 31
+
+
+# ----------------------------------------------------------------------- chat ---
+
+def test_chat_packing_keeps_each_dialog_whole_with_its_mask(tok, tmp_path):
+    recs = synthetic.generate("chat", 40, 1)
+    path = tmp_path / "c.jsonl"
+    synthetic.write_jsonl(recs, str(path))
+    seq = 192
+    encoded = [tok.encode_dialog_for_training(r["messages"]) for r in recs]
+    assert max(len(t) for t, _ in encoded) <= seq
+    rows = unbatch(collect(chat.make_dataset(str(path), tok, seq, 4, num_epochs=1, prefetch=0), 3))
+    expected = Counter(tuple(t) for t, _ in encoded)
+    got = Counter(tuple(p[0].tolist()) for p in pieces(rows))
+    assert not got - expected  # every packed segment is exactly one whole dialog
+    masks = {tuple(t): m for t, m in encoded}
+    for row in rows:
+        for s in np.unique(row["segment_ids"][row["segment_ids"] > 0]):
+            idx = np.nonzero(row["segment_ids"] == s)[0]
+            want = np.asarray(masks[tuple(row["tokens"][idx].tolist())], np.float32)
+            np.testing.assert_array_equal(row["loss_mask"][idx][:-1], want[1:])  # shifted to targets
+            assert row["loss_mask"][idx][-1] == 0  # no target across the boundary
+    padded = next(chat.make_dataset(str(path), tok, seq, 2, pack=False, shuffle=False))
+    t0, m0 = encoded[0]
+    np.testing.assert_array_equal(padded["tokens"][0][: len(t0)], t0)
+    assert padded["segment_ids"][0][len(t0):].sum() == 0
+
+
+def test_gatt_mode_trains_only_the_last_turn(tok, tmp_path):
+    rec = {"messages": [{"role": "system", "content": "Always answer in upper case."},
+                        {"role": "user", "content": "What is 1 + 2?"}, {"role": "assistant", "content": "3"},
+                        {"role": "user", "content": "Repeat exactly: apple"},
+                        {"role": "assistant", "content": "APPLE"}]}
+    path = tmp_path / "g.jsonl"
+    synthetic.write_jsonl([rec], str(path))
+    full = next(chat.make_dataset(str(path), tok, 256, 1, pack=False, shuffle=False))
+    gatt = next(chat.make_dataset(str(path), tok, 256, 1, pack=False, shuffle=False, last_turn_only=True))
+    assert full["loss_mask"].sum() > gatt["loss_mask"].sum() > 0
+    trained = full["targets"][0][gatt["loss_mask"][0] > 0]
+    assert tok.decode(trained[:-1]).strip() == "APPLE" and trained[-1] == tk.EOS_ID
+
+
+# ---------------------------------------------------------------- preferences ---
+
+def test_preference_batches_margins_and_safety_filter(tok, tmp_path):
+    recs = [
+        {"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "chosen": "4", "rejected": "apple",
+         "rating": "significantly_better"},
+        {"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "chosen": "5", "rejected": "6",
+         "rating": "slightly_better", "is_safety_prompt": False},
+        {"prompt": [{"role": "user", "content": "Hurt?"}], "chosen": "Sure.", "rejected": "No.",
+         "is_safety_prompt": True, "chosen_safe": False, "rejected_safe": True},  # dropped
+        {"prompt": [{"role": "user", "content": "Hurt?"}], "chosen": "No.", "rejected": "Sure.",
+         "is_safety_prompt": True, "chosen_safe": True, "rejected_safe": False},
+    ]
+    path = tmp_path / "p.jsonl"
+    synthetic.write_jsonl(recs, str(path))
+    for table, margins in (("small", [1.0, 1 / 3, 0.0]), ("large", [3.0, 1.0, 0.0]), ("none", [0.0, 0.0, 0.0])):
+        ds = preference.make_dataset(str(path), tok, 32, 3, margin_table=table, shuffle=False, prefetch=0)
+        assert ds.description["pairs"] == 3 and ds.description["dropped"] == 1
+        b = next(ds)
+        np.testing.assert_allclose(b["margin"], margins, rtol=1e-6)
+    np.testing.assert_array_equal(b["rating"], [0, 2, -1])
+    np.testing.assert_array_equal(b["is_safety_prompt"], [-1, 0, 1])
+    np.testing.assert_array_equal(b["chosen_safe"], [-1, -1, 1])
+    # Same prompt on both sides, different answers; right-padded, one example per row.
+    t_c, _ = tok.encode_dialog_for_training(recs[0]["prompt"] + [{"role": "assistant", "content": "4"}])
+    np.testing.assert_array_equal(b["chosen_tokens"][0][: len(t_c)], t_c)
+    assert b["chosen_segment_ids"][0].sum() == len(t_c)
+    assert tok.decode(b["rejected_targets"][0][b["rejected_loss_mask"][0] > 0][:-1]).strip() == "apple"
+
+
+def test_prompts_load_with_safety_tags(tok, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    synthetic.write_jsonl(synthetic.generate("prompts", 30, 2), str(path))
+    loaded = prompts.load(str(path), tok)
+    assert len(loaded) == 30 and any(p.is_safety for p in loaded) and not all(p.is_safety for p in loaded)
+    assert loaded[0].tokens == tok.encode_dialog(loaded[0].messages) and loaded[0].where.endswith(":1")
+    assert len(prompts.load(str(path), tok, shard=(1, 3))) == 10
+
+
+# --------------------------------------------------------------- bad input ---
+
+GOOD_CHAT = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+GOOD_PAIR = json.dumps({"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"})
+
+
+@pytest.mark.parametrize("kind,lines,needle", [
+    ("chat", [GOOD_CHAT, "{not json"], ":2: invalid JSON"),
+    ("chat", [GOOD_CHAT, json.dumps({"msgs": []})], ":2: missing field 'messages'"),
+    ("chat", [json.dumps({"messages": "hi"})], ":1: field 'messages' must be list, got str"),
+    ("chat", [json.dumps({"messages": [{"role": "robot", "content": "x"}]})], ":1: message 0: unknown role 'robot'"),
+    ("chat", [json.dumps({"messages": [{"role": "user", "content": "[INST]"},
+                                       {"role": "assistant", "content": "x"}]})], ":1: message 0: special tag"),
+    ("chat", [json.dumps({"messages": [{"role": "user", "content": "q"}]})], ":1: the last message must be from"),
+    ("chat", ["[1, 2]"], ":1: expected a JSON object, got list"),
+    ("chat", [], "empty file"),
+    ("pref", [GOOD_PAIR, json.dumps({**json.loads(GOOD_PAIR), "rating": "much_better"})],
+     ":2: rating 'much_better' is not one of"),
+    ("pref", [json.dumps({"prompt": [{"role": "user", "content": "q"}], "chosen": "a"})],
+     ":1: missing field 'rejected'"),
+    ("pref", [json.dumps({**json.loads(GOOD_PAIR), "chosen_safe": "yes"})], ":1: field 'chosen_safe' must be"),
+    ("pref", [json.dumps({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                          "chosen": "a", "rejected": "b"})], ":1: the last message must be from the user"),
+    ("prompts", [json.dumps({"messages": [{"role": "user", "content": "q"}], "is_safety": "no"})],
+     ":1: field 'is_safety' must be true/false"),
+    ("text", None, "no text files match"),
+])
+def test_malformed_input_is_one_error_naming_file_and_line(tok, tmp_path, kind, lines, needle):
+    path = tmp_path / "bad.jsonl"
+    if lines is not None:
+        path.write_text("\n".join(lines) + ("\n" if lines else ""))
+    with pytest.raises(DataError) as e:
+        if kind == "chat":
+            chat.make_dataset(str(path), tok, 32, 2)
+        elif kind == "pref":
+            preference.make_dataset(str(path), tok, 32, 2)
+        elif kind == "prompts":
+            prompts.load(str(path), tok)
+        else:
+            pretrain.make_dataset(f"text:{tmp_path}/none*.txt", tok, 32, 2)
+    assert needle in str(e.value)
+    if lines:
+        assert str(path) in str(e.value)
+
+
+def test_bad_source_specs_and_margin_tables(tok):
+    with pytest.raises(DataError, match="unknown kind 'csv'"):
+        pretrain.make_dataset("csv:x", tok, 8, 1)
+    with pytest.raises(DataError, match="jsonl needs a path"):
+        pretrain.make_dataset("jsonl", tok, 8, 1)
+    with pytest.raises(DataError, match="unknown margin table 'huge'"):
+        preference.margin("better", "huge")
+
+
+# -------------------------------------------------------------- synthetic tasks ---
+
+def test_synthetic_tasks_are_deterministic_and_checkable():
+    assert synthetic.generate("chat", 20, 3) == synthetic.generate("chat", 20, 3)
+    assert synthetic.generate("chat", 20, 3) != synthetic.generate("chat", 20, 4)
+    rng = random.Random(0)
+    for _ in range(50):
+        t = synthetic.make_task(rng)
+        if t.kind == "add":
+            a, b = (int(x) for x in t.question[len("What is "):-1].split(" + "))
+            assert t.answer == str(a + b)
+        elif t.kind == "sort":
+            assert t.answer.split() == sorted(t.answer.split())
+        ins = synthetic.make_instruction(rng)
+        assert ins.check(ins.apply(t.answer))
+    both = synthetic.combine([synthetic.make_instruction(random.Random(s)) for s in (1, 2)], shortened=True)
+    assert both.check(both.apply("apple river"))
+    pairs = synthetic.generate("preference", 200, 0)
+    assert {p["rating"] for p in pairs} == set(preference.RATINGS)
+    assert all(p["chosen"] != p["rejected"] for p in pairs)
+    unsafe = [p for p in pairs if p["is_safety_prompt"]]
+    assert unsafe and all(p["chosen"] == synthetic.REFUSAL and p["rejected_safe"] is False for p in unsafe)

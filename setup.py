@@ -11,7 +11,7 @@ setup(
     install_requires=[
         "jax>=0.7,<0.11",  # jax.set_mesh, AxisType (0.7+); JAX changes APIs between minors
         "flax>=0.11,<0.13",  # Linen
-        "optax>=0.2.4,<0.3",
+        "optax>=0.2.5,<0.3",
         "orbax-checkpoint>=0.11,<0.13",
         "sentencepiece>=0.2,<0.3",
         "ml_collections>=1.0,<2",

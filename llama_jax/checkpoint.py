@@ -1,0 +1,172 @@
+"""Orbax checkpoints that describe themselves.
+
+A run's workdir holds `checkpoints/<step>/` with four items:
+  params  the model parameters (sharded arrays; restored onto any mesh)
+  train   optimizer state, step, non-finite counter
+  data    the input pipeline's iterator state (JSON)
+  meta    {"model": LlamaConfig fields, "heads": [...], "tokenizer": identity, "step": N}
+and `tokenizer.model`. Saves are asynchronous; Orbax writes each step to a temporary
+directory and renames it when complete, so a run killed mid-save restarts from the last
+complete step. `keep` = the last `max_to_keep` plus every `keep_period`-th step.
+
+A params-only export (`python -m llama_jax.checkpoint export --workdir=RUN --output=DIR`)
+has the same layout with only `params` and `meta`: everything that loads a model for
+inference or initialises a stage from it (`init_from`) accepts either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from llama_jax.model import LlamaConfig
+
+ITEMS = ("params", "train", "data", "meta")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the directory and the problem."""
+
+
+def _manager(directory: str, max_to_keep: int | None = None, keep_period: int | None = None,
+             async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, keep_period=keep_period or None, enable_async_checkpointing=async_save,
+        create=not read_only, read_only=read_only)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+
+
+class Checkpointer:
+    """Saves and restores a run's checkpoints under `workdir/checkpoints`."""
+
+    def __init__(self, workdir: str, max_to_keep: int = 3, keep_period: int = 0, async_save: bool = True):
+        self.directory = os.path.join(workdir, "checkpoints")
+        self.manager = _manager(self.directory, max_to_keep, keep_period, async_save)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, meta: dict, force: bool = False) -> bool:
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
+                                         "nonfinite": state.nonfinite}),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave({**meta, "step": int(step)}),
+        )
+        return self.manager.save(int(step), args=args, force=force)
+
+    def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
+        """Restores (state, data_state, meta) at `step` onto the shardings carried by
+        `abstract_state` (a TrainState of ShapeDtypeStructs with `.sharding`)."""
+        restored = self.manager.restore(int(step), args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state.params),
+            train=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state,
+                                            "nonfinite": abstract_state.nonfinite}),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore(),
+        ))
+        train = restored["train"]
+        state = type(abstract_state)(step=train["step"], params=restored["params"], opt_state=train["opt_state"],
+                                     nonfinite=train["nonfinite"])
+        return state, restored["data"], restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# ----------------------------------------------------------------------------------
+# Loading params from a run or an export
+# ----------------------------------------------------------------------------------
+
+
+def _checkpoint_dir(path: str) -> str:
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints")
+    return path
+
+
+def read_meta(path: str, step: int | None = None) -> tuple[int, dict]:
+    """(step, meta) of the latest (or given) checkpoint of a run dir or export."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory")
+    mngr = _manager(_checkpoint_dir(path), read_only=True)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"{path}: no complete checkpoint found")
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises several types for missing/corrupt items
+        raise CheckpointError(f"{path}: checkpoint {step} has no readable metadata ({e})") from None
+    return step, meta
+
+
+def load_params(path: str, abstract_params, step: int | None = None):
+    """Params of a run dir or export, restored onto the shardings of `abstract_params`
+    (ShapeDtypeStructs with `.sharding`). Shapes must match exactly."""
+    step, _ = read_meta(path, step)
+    mngr = _manager(_checkpoint_dir(path), read_only=True)
+    try:
+        return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot restore params of step {step} into this model ({e})") from None
+
+
+def model_config(meta: dict, **overrides) -> LlamaConfig:
+    return LlamaConfig.from_dict({**meta["model"], **overrides})
+
+
+def export_params(workdir: str, output: str, step: int | None = None) -> int:
+    """Writes a params-only checkpoint (plus meta and the tokenizer) to `output`."""
+    from llama_jax.model import Llama
+    from llama_jax.sharding import abstract_params
+
+    step, meta = read_meta(workdir, step)
+    cfg = model_config(meta)
+    shapes = abstract_params(Llama(cfg, tuple(meta.get("heads", ["lm"]))))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+    params = load_params(workdir, target, step)
+    mngr = _manager(os.path.join(output, "checkpoints"), async_save=False)
+    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+    mngr.wait_until_finished()
+    tok = os.path.join(workdir, "tokenizer.model")
+    if os.path.exists(tok):
+        shutil.copy(tok, os.path.join(output, "tokenizer.model"))
+    return step
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llama_jax.checkpoint")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="write a params-only checkpoint for inference")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--output", required=True)
+    e.add_argument("--step", type=int, default=None)
+    i = sub.add_parser("info", help="print a checkpoint's metadata")
+    i.add_argument("path")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "export":
+            step = export_params(args.workdir, args.output, args.step)
+            print(f"exported params of step {step} to {args.output}")
+        else:
+            step, meta = read_meta(args.path)
+            print(f"step {step}: {meta}")
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

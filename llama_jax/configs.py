@@ -1,0 +1,91 @@
+"""The base experiment config every `experiments/*.py` starts from.
+
+Every field has a one-line comment; experiments change only what differs. Any field can
+be overridden on the command line: `--config.optimizer.learning_rate=1e-4`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from llama_jax import sharding
+from llama_jax.model import LlamaConfig
+
+
+def model_config(cfg: LlamaConfig) -> ml_collections.ConfigDict:
+    """LlamaConfig fields as a ConfigDict; optional fields become typed placeholders so
+    that `--config.model.n_kv_heads=8` works when the preset has None."""
+    out = ml_collections.ConfigDict()
+    optional_types = {"n_kv_heads": int, "ffn_dim_multiplier": float, "ffn_hidden_dim": int}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None:
+            value = config_dict.placeholder(optional_types[f.name])
+        elif f.name in ("norm_eps", "rope_theta") or f.name in optional_types and optional_types[f.name] is float:
+            value = float(value)
+        setattr(out, f.name, value)
+    return out
+
+
+def to_llama_config(model_cfg: ml_collections.ConfigDict) -> LlamaConfig:
+    """The boundary: experiment ConfigDict -> frozen LlamaConfig (validated)."""
+    return LlamaConfig.from_dict(model_cfg.to_dict())
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = "pretrain"  # which stage main.py runs
+    c.seed = 0  # parameter init and data order
+    c.total_steps = 1000  # optimizer steps in the whole run
+    c.batch_size = 8  # global batch (rows of seq_len tokens) per optimizer step
+    c.seq_len = 256  # tokens per row
+    c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide by it)
+    c.log_every_steps = 10  # metrics.jsonl / TensorBoard / progress cadence
+    c.eval_every_steps = 200  # held-out evaluation cadence (0 = only at the end)
+    c.eval_steps = 8  # held-out batches per evaluation
+    c.checkpoint_every_steps = 200  # checkpoint cadence (and always at the last step)
+    c.init_from = ""  # params of another run/export to start from (e.g. SFT from pretraining)
+    c.nonfinite_policy = "stop"  # on a NaN/Inf loss or gradient: "stop" (report, exit 1) or "skip" (count)
+
+    c.model = model_config(LlamaConfig.tiny())
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 3e-4  # peak learning rate
+    c.optimizer.schedule = "cosine"  # "cosine" (to final_lr_fraction) or "constant", both after warmup
+    c.optimizer.warmup_steps = 2000  # linear warmup from 0
+    c.optimizer.final_lr_fraction = 0.1  # cosine ends at this fraction of the peak
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-5
+    c.optimizer.weight_decay = 0.1  # on weight matrices and embeddings, not norms or biases
+    c.optimizer.clip_norm = 1.0  # global gradient norm clipping
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1  # data-parallel replicas
+    c.mesh.fsdp = -1  # parameter/optimizer sharding (-1: the remaining devices)
+    c.mesh.tensor = 1  # tensor parallelism over heads and MLP
+    c.mesh.rules = tuple(sharding.DEFAULT_RULES)  # logical axis -> mesh axes
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "stdlib"  # stdlib | text:GLOB | jsonl:GLOB | shards:DIR | synthetic
+    c.data.eval_source = "stdlib:eval"  # held-out documents ("" = no evaluation)
+    c.data.tokenizer = ""  # SentencePiece .model; "" = WORKDIR/tokenizer.model, trained on the source if absent
+    c.data.prefetch = 2  # batches prepared ahead in a background thread
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.max_to_keep = 3  # keep the last N checkpoints ...
+    c.checkpoint.keep_period = 0  # ... and every K-th step (0 = none)
+    c.checkpoint.async_save = True  # write in the background while training continues
+
+    c.metrics = ml_collections.ConfigDict()
+    c.metrics.peak_flops_per_device = 0.0  # for MFU; 0 = known chip table, or measured on CPU
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.prompt = ""  # printed continuation at the end of the run ("" = none)
+    c.sample.max_new_tokens = 64
+    c.sample.temperature = 0.8
+    c.sample.top_p = 0.95
+    return c

@@ -1,0 +1,114 @@
+"""Batched generation with the explicit KV cache: one jitted prefill of left-padded
+prompts, then a decode loop that stays on device (`lax.while_loop`, no Python per token).
+
+    from llama_jax.generate import generate
+    out = generate(cfg, params, [[1, 306, 4966], [1, 15043]], max_new_tokens=32,
+                   temperature=0.6, top_p=0.9, seed=0)
+    out.tokens[i], out.logprobs[i]   # new tokens (up to and including EOS) and their log-probs
+
+Sampling: greedy when temperature == 0; otherwise logits / temperature, then top-k (k > 0)
+and top-p (p < 1) filtering. `logprobs` are the model's own log-probabilities of the
+chosen tokens (temperature 1, unfiltered), which is what PPO's ratios need.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.model import KVCache, Llama, LlamaConfig
+from llama_jax.tokenizer import EOS_ID
+
+
+class Generation(NamedTuple):
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float, top_k: int) -> jax.Array:
+    """[B, V] float32 logits -> [B] token ids."""
+    if temperature <= 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    neg = jnp.finfo(jnp.float32).min
+    if top_k and top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        cum = jnp.cumsum(probs, axis=-1)
+        keep = (cum - probs) < top_p  # the smallest prefix whose mass reaches top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, neg, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_p", "top_k", "eos_id"))
+def _generate(params, tokens, segment_ids, rng, *, config: LlamaConfig, max_new_tokens: int, temperature: float,
+              top_p: float, top_k: int, eos_id: int):
+    model = Llama(config)
+    B, P = tokens.shape
+    positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
+    cache = KVCache.init(config, B, P + max_new_tokens)
+    logits, cache = model.apply({"params": params}, tokens, positions, segment_ids, cache=cache)
+    last = logits[:, -1]
+    next_pos = positions[:, -1] + 1
+
+    def cond(carry):
+        i, _, _, _, _, _, done, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, last, pos, out, out_lp, done, rng = carry
+        rng, key = jax.random.split(rng)
+        tok = sample_logits(last, key, temperature, top_p, top_k)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(last, axis=-1), tok[:, None], axis=1)[:, 0]
+        tok = jnp.where(done, 0, tok)
+        out = out.at[:, i].set(tok)
+        out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
+        done = done | (tok == eos_id)
+        logits, cache = model.apply({"params": params}, tok[:, None], pos[:, None], jnp.ones((B, 1), jnp.int32),
+                                    cache=cache)
+        return i + 1, cache, logits[:, -1], pos + 1, out, out_lp, done, rng
+
+    init = (jnp.zeros((), jnp.int32), cache, last, next_pos, jnp.zeros((B, max_new_tokens), jnp.int32),
+            jnp.zeros((B, max_new_tokens), jnp.float32), jnp.zeros((B,), bool), rng)
+    n, _, _, _, out, out_lp, _, _ = jax.lax.while_loop(cond, body, init)
+    return out, out_lp, n
+
+
+def _bucket(n: int, multiple: int = 16) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+             eos_id: int = EOS_ID) -> Generation:
+    """New tokens for each prompt (stopping after EOS) and their log-probabilities."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    P = _bucket(max(len(p) for p in prompts))  # bucketed, so similar lengths share a compile
+    if P + max_new_tokens > config.max_seq_len:
+        raise ValueError(f"generate: prompt ({max(len(p) for p in prompts)} tokens, padded to {P}) + "
+                         f"max_new_tokens {max_new_tokens} exceeds max_seq_len {config.max_seq_len}")
+    tokens = np.zeros((len(prompts), P), np.int32)
+    seg = np.zeros((len(prompts), P), np.int32)
+    for i, p in enumerate(prompts):  # left padding: every prompt ends at the same slot
+        tokens[i, P - len(p):] = p
+        seg[i, P - len(p):] = 1
+    out, lp, _ = _generate(params, jnp.asarray(tokens), jnp.asarray(seg), jax.random.key(seed), config=config,
+                           max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                           top_k=int(top_k), eos_id=int(eos_id))
+    out, lp = np.asarray(out), np.asarray(lp)
+    result_tokens, result_lp = [], []
+    for row, row_lp in zip(out, lp):
+        hits = np.nonzero(row == eos_id)[0]
+        n = int(hits[0]) + 1 if len(hits) else len(row)
+        result_tokens.append(row[:n].tolist())
+        result_lp.append(row_lp[:n].tolist())
+    return Generation(result_tokens, result_lp)

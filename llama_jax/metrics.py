@@ -1,0 +1,146 @@
+"""Metrics: `WORKDIR/metrics.jsonl` (one JSON object per log step), TensorBoard event
+files under `WORKDIR/tensorboard`, a progress line with ETA, and MFU accounting.
+
+MFU = training FLOPs per token x tokens/s / (devices x peak FLOP/s per device), with
+FLOPs per token = 6 N_matmul + 6 L T H Dh (causal attention; LlamaConfig.
+train_flops_per_token). Peaks are dense bf16 per chip; on a CPU the float32 matmul peak
+is measured once (a 2048^3 jitted matmul) and split across the host's devices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per chip, by substrings of jax's `device_kind`.
+PEAK_FLOPS = (
+    ("v6 lite", 918e12), ("v6e", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12),
+    ("v4", 275e12), ("h100", 989e12), ("h200", 989e12), ("a100", 312e12),
+)
+
+
+def measure_cpu_peak(n: int = 2048, repeats: int = 3) -> float:
+    """Measured float32 matmul FLOP/s of this host (all its cores)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def peak_flops_per_device(override: float = 0.0) -> float:
+    if override and override > 0:
+        return float(override)
+    dev = jax.devices()[0]
+    kind = dev.device_kind.lower()
+    for key, value in PEAK_FLOPS:
+        if key in kind:
+            return value
+    if dev.platform == "cpu":
+        return measure_cpu_peak() / jax.local_device_count()
+    return 0.0  # unknown accelerator: MFU is reported as 0
+
+
+class MetricsWriter:
+    """Appends rows to metrics.jsonl and TensorBoard. On a resumed run, rows after the
+    restored step are dropped first, so the file reads as one uninterrupted run."""
+
+    def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if not enabled:
+            return
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                rows = [line for line in f if line.strip()]
+            kept = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
+            if len(kept) != len(rows):
+                with open(self.path + ".tmp", "w") as f:
+                    f.writelines(kept)
+                os.replace(self.path + ".tmp", self.path)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1 or None)
+        except ImportError:  # TensorBoard output is optional; metrics.jsonl is always written
+            self.tb = None
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class Progress:
+    """One status line: step, loss, throughput and ETA; redrawn in place on a terminal,
+    one line per update otherwise (logs)."""
+
+    def __init__(self, total_steps: int, start_step: int = 0, stream=None, enabled: bool = True):
+        self.total, self.start = total_steps, start_step
+        self.t0 = time.perf_counter()
+        self.stream = stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.enabled = enabled
+
+    def update(self, step: int, **fields) -> None:
+        if not self.enabled:
+            return
+        done = step - self.start
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        parts = [f"step {step}/{self.total}"] + [f"{k} {_fmt(v)}" for k, v in fields.items()]
+        parts.append(f"eta {_duration(eta)}")
+        line = " | ".join(parts)
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(("\n" if self.tty else "") + text + "\n")
+            self.stream.flush()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+    return str(v)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

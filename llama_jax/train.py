@@ -1,0 +1,371 @@
+"""The train state, the paper's optimizer, and the one jitted, sharded train step.
+
+Every stage (pretraining, SFT, reward models, DPO, the PPO update) runs `make_train_step`
+with its own objective (see objectives.py); nothing here knows which stage it serves.
+
+Optimizer (paper, section 2.2): AdamW with b1 0.9, b2 0.95, eps 1e-5, weight decay 0.1,
+global-norm gradient clipping at 1.0, linear warmup then cosine decay to 10% of the peak
+learning rate. Weight decay applies to every weight matrix, the token embedding and the
+output head included, and not to RMSNorm scales or head biases (the paper does not say;
+this is the common choice, and decaying a norm's scale towards 0 is never wanted).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from llama_jax.objectives import Objective
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32: updates applied (skipped non-finite steps count too)
+    params: Any
+    opt_state: Any
+    nonfinite: jax.Array  # [] int32: steps whose update was skipped for a non-finite loss/grad
+
+
+def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+    """`cosine`: linear warmup to the peak, cosine decay to `final_lr_fraction` of it at
+    `total_steps`; `constant`: warmup then flat (PPO)."""
+    peak = float(opt_cfg.learning_rate)
+    warmup = int(opt_cfg.warmup_steps)
+    if opt_cfg.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)],
+                                    [warmup]) if warmup else optax.constant_schedule(peak)
+    if opt_cfg.schedule != "cosine":
+        raise ValueError(f"optimizer.schedule: {opt_cfg.schedule!r} is not one of ['constant', 'cosine']")
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+        end_value=peak * float(opt_cfg.final_lr_fraction))
+
+
+def decay_mask(params) -> Any:
+    """True for leaves that get weight decay: everything but norm scales and biases."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) not in ("scale", "bias"), params)
+
+
+def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(float(opt_cfg.clip_norm)),
+        optax.adamw(learning_rate_schedule(opt_cfg, total_steps), b1=float(opt_cfg.b1), b2=float(opt_cfg.b2),
+                    eps=float(opt_cfg.eps), weight_decay=float(opt_cfg.weight_decay), mask=decay_mask),
+    )
+
+
+def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      nonfinite=jnp.zeros((), jnp.int32))
+
+
+def state_shardings(abstract_state: TrainState, param_shardings, mesh) -> TrainState:
+    """Shardings for a TrainState: every optimizer leaf that mirrors a parameter (same
+    key path suffix and shape: Adam's moments, masked or not) is sharded like it; other
+    leaves (counts, scalars) are replicated."""
+    replicated = NamedSharding(mesh, P())
+    by_path = {}
+    for (path, sh), leaf in zip(jax.tree_util.tree_leaves_with_path(param_shardings),
+                                jax.tree_util.tree_leaves(abstract_state.params)):
+        by_path[tuple(path)] = (sh, leaf.shape)
+
+    def one(path, leaf):
+        path = tuple(path)
+        for i in range(len(path)):
+            hit = by_path.get(path[i:])
+            if hit is not None and hit[1] == leaf.shape:
+                return hit[0]
+        return replicated
+
+    opt = jax.tree_util.tree_map_with_path(one, abstract_state.opt_state)
+    return TrainState(step=replicated, params=param_shardings, opt_state=opt, nonfinite=replicated)
+
+
+def _split_micro(batch: dict, n: int) -> dict:
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps={n}")
+        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
+    return jax.tree_util.tree_map(split, batch)
+
+
+def make_train_step(apply_fn: Callable, objective: Objective, optimizer: optax.GradientTransformation,
+                    grad_accum_steps: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """A pure step: (state, batch) -> (state, metrics). Gradients are accumulated over
+    `grad_accum_steps` micro-batches inside the step (lax.scan), then normalised by the
+    total weight. A non-finite loss or gradient skips the update (params and optimizer
+    state unchanged) and raises `metrics["nonfinite"]`; the loop decides what to do."""
+
+    def loss_and_grads(params, micro):
+        def f(p):
+            loss_sum, weight, sums = objective(apply_fn, p, micro)
+            return loss_sum, (weight, sums)
+
+        (loss_sum, (weight, sums)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return loss_sum, weight, sums, grads
+
+    def step(state: TrainState, batch: dict):
+        if grad_accum_steps == 1:
+            loss_sum, weight, sums, grads = loss_and_grads(state.params, batch)
+        else:
+            micro = _split_micro(batch, grad_accum_steps)
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            first = jax.tree_util.tree_map(lambda x: x[0], micro)
+            _, _, sums0, _ = jax.eval_shape(loss_and_grads, state.params, first)
+            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                    jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), sums0), zeros)
+
+            def body(carry, mb):
+                loss_mb, w, s, g = loss_and_grads(state.params, mb)
+                cl, cw, cs, cg = carry
+                return (cl + loss_mb, cw + w, jax.tree_util.tree_map(jnp.add, cs, s),
+                        jax.tree_util.tree_map(jnp.add, cg, g)), None
+
+            (loss_sum, weight, sums, grads), _ = jax.lax.scan(body, init, micro)
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        loss = loss_sum / denom
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(ok, new, old))
+        new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+                               opt_state=keep(new_opt, state.opt_state),
+                               nonfinite=state.nonfinite + (~ok).astype(jnp.int32))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "weight": weight, "nonfinite": ~ok,
+                   **{k: v / denom for k, v in sums.items()}}
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(apply_fn: Callable, objective: Objective):
+    """(params, batch) -> (loss_sum, weight, metric_sums); the caller sums over batches."""
+
+    def step(params, batch):
+        return objective(apply_fn, params, batch)
+
+    return step
+
+
+def jit_train_step(step_fn, state_sh: TrainState, batch_sh, mesh, rules):
+    """The sharded, jitted step with the state donated."""
+    from llama_jax import sharding
+
+    replicated = NamedSharding(mesh, P())
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                     donate_argnums=0)
+
+    def run(state, batch):
+        with sharding.activate(mesh, rules):
+            return jitted(state, batch)
+
+    run.jitted = jitted
+    return run
+
+
+# ----------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue; main prints the message and exits non-zero."""
+
+
+def _global_batch(batch: dict, shardings: dict) -> dict:
+    """This process's numpy batch -> global jax arrays on the mesh (multi-host safe)."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+
+
+def _batch_shardings(spec: dict[str, tuple[int, ...]], mesh, rules) -> dict:
+    """Shardings of the global batch, from {feature: global shape}: the leading axis is
+    the batch, a second one the sequence."""
+    from llama_jax import sharding
+
+    out = {}
+    for k, shape in spec.items():
+        names = ("batch", "length") if len(shape) == 2 else ("batch",) + (None,) * (len(shape) - 1)
+        out[k] = sharding.named_sharding(mesh, rules, names[: len(shape)], shape)
+    return out
+
+
+def run(config, workdir: str, stage) -> dict:
+    """Trains `stage` (see llama_jax.stages) as `config` says, in `workdir`, resuming
+    from its latest checkpoint. Returns the final metrics."""
+    import json
+    import os
+    import time
+
+    import numpy as np
+
+    from llama_jax import checkpoint as ckpt
+    from llama_jax import configs, metrics, sharding
+    from llama_jax.model import Llama
+
+    try:
+        cfg = configs.to_llama_config(config.model)
+    except ValueError as e:
+        raise RunError(f"config.model: {e}") from None
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise RunError(f"workdir {workdir} is not writable: {e}") from None
+    if config.nonfinite_policy not in ("stop", "skip"):
+        raise RunError(f"config.nonfinite_policy: {config.nonfinite_policy!r} is not 'stop' or 'skip'")
+    if config.batch_size % jax.process_count():
+        raise RunError(f"config.batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
+    if config.seq_len > cfg.max_seq_len:
+        raise RunError(f"config.seq_len {config.seq_len} exceeds config.model.max_seq_len {cfg.max_seq_len}")
+    lead = jax.process_index() == 0
+
+    tokenizer = stage.tokenizer(config, workdir)
+    tokenizer.check_fits(cfg.vocab_size, "config.model")
+    rules = sharding.normalize_rules(config.mesh.rules)
+    mesh = sharding.mesh_from_config(config.mesh)
+    sharding.check_model_fits_mesh(cfg, mesh)
+    model = Llama(cfg, stage.heads)
+
+    def apply_fn(params, tokens, positions, segment_ids):
+        return model.apply({"params": params}, tokens, positions, segment_ids)
+
+    optimizer = make_optimizer(config.optimizer, config.total_steps)
+    param_sh = sharding.param_shardings_like(sharding.abstract_params(model), model, mesh, rules)
+    abstract = jax.eval_shape(lambda p: init_state(p, optimizer), sharding.abstract_params(model))
+    state_sh = state_shardings(abstract, param_sh, mesh)
+    abstract_sharded = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                              abstract, state_sh)
+
+    checkpointer = ckpt.Checkpointer(workdir, config.checkpoint.max_to_keep, config.checkpoint.keep_period,
+                                     config.checkpoint.async_save)
+    meta = {"model": cfg.to_dict(), "heads": list(stage.heads), "tokenizer": tokenizer.identity(),
+            "stage": config.stage}
+    train_data = stage.train_data(config, tokenizer)
+    start = checkpointer.latest_step()
+    if start is not None:
+        state, data_state, saved_meta = checkpointer.restore(start, abstract_sharded)
+        if saved_meta.get("model") != meta["model"]:
+            diff = sorted(k for k in meta["model"] if saved_meta.get("model", {}).get(k) != meta["model"][k])
+            raise RunError(f"{checkpointer.directory}: its checkpoints are of another model (fields {diff} differ);"
+                           " use a new --workdir or the original config")
+        if saved_meta.get("tokenizer", {}).get("sha256") != meta["tokenizer"]["sha256"]:
+            raise RunError(f"{checkpointer.directory}: its checkpoints were trained with another tokenizer")
+        train_data.restore(data_state)
+        if lead:
+            print(f"resumed from step {start} in {workdir}", flush=True)
+    else:
+        start = 0
+        params = stage.initial_params(config, model, mesh, rules, param_sh)
+        state = jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_sh)(params)
+
+    step_fn = make_train_step(apply_fn, stage.objective, optimizer, config.grad_accum_steps)
+    batch_sh = _batch_shardings(stage.batch_spec(config), mesh, rules)
+    train_step = jit_train_step(step_fn, state_sh, batch_sh, mesh, rules)
+    eval_fn = jax.jit(make_eval_step(apply_fn, stage.objective), in_shardings=(param_sh, batch_sh))
+
+    def evaluate(params) -> dict:
+        data = stage.eval_data(config, tokenizer)
+        if data is None:
+            return {}
+        total, weight, sums = 0.0, 0.0, {}
+        with sharding.activate(mesh, rules):
+            for _, b in zip(range(config.eval_steps), data):
+                loss_sum, w, s = eval_fn(params, _global_batch(b, batch_sh))
+                total, weight = total + float(loss_sum), weight + float(w)
+                for k, v in s.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        data.close()
+        if weight == 0:
+            return {}
+        out = {"eval_loss": total / weight, **{f"eval_{k}": v / weight for k, v in sums.items()}}
+        out.update(stage.eval_extras(out))
+        return out
+
+    writer = metrics.MetricsWriter(workdir, resume_step=start, enabled=lead)
+    progress = metrics.Progress(config.total_steps, start, enabled=lead)
+    peak = metrics.peak_flops_per_device(config.metrics.peak_flops_per_device)
+    flops_per_token = cfg.train_flops_per_token(config.seq_len)
+    schedule = learning_rate_schedule(config.optimizer, config.total_steps)
+    tokens_per_step = config.batch_size * config.seq_len
+    if lead and start == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1))
+
+    pending: list[tuple[int, dict]] = []
+    last_log_time, last_log_step = time.perf_counter(), start
+    final: dict = {}
+
+    def check_nonfinite(step: int, m: dict) -> None:
+        if bool(m["nonfinite"]) and config.nonfinite_policy == "stop":
+            checkpointer.wait()
+            raise RunError(f"non-finite loss or gradient at step {step} (the batch of step {step}; loss "
+                           f"{float(m['loss'])}); the update was not applied. Last checkpoint: step "
+                           f"{checkpointer.latest_step()}. Set --config.nonfinite_policy=skip to skip such steps.")
+
+    try:
+        for step in range(start + 1, config.total_steps + 1):
+            try:
+                batch = next(train_data)
+            except StopIteration:
+                raise RunError(f"the training data ran out at step {step}") from None
+            state, m = train_step(state, _global_batch(batch, batch_sh))
+            pending.append((step, m))
+            if len(pending) > 1:  # check the previous step while this one runs
+                check_nonfinite(*pending[-2])
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                check_nonfinite(*pending[-1])
+                rows = [jax.device_get(x) for _, x in pending]
+                now = time.perf_counter()
+                tps = tokens_per_step * (step - last_log_step) / max(now - last_log_time, 1e-9)
+                final = {
+                    "loss": float(np.mean([r["loss"] for r in rows])),
+                    "learning_rate": float(schedule(step - 1)),
+                    "grad_norm": float(np.mean([r["grad_norm"] for r in rows])),
+                    "tokens_per_second": tps,
+                    "mfu": flops_per_token * tps / (jax.device_count() * peak) if peak else 0.0,
+                    "nonfinite_steps": int(state.nonfinite),
+                    **{k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in
+                       ("loss", "grad_norm", "weight", "nonfinite")},
+                }
+                writer.write(step, final)
+                progress.update(step, loss=final["loss"], lr=final["learning_rate"],
+                                tok_s=final["tokens_per_second"], mfu=final["mfu"])
+                pending, last_log_time, last_log_step = [], time.perf_counter(), step
+            if config.eval_every_steps and step % config.eval_every_steps == 0 and step != config.total_steps:
+                eval_start = time.perf_counter()
+                ev = evaluate(state.params)
+                if ev:
+                    writer.write(step, ev)
+                    progress.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+                last_log_time += time.perf_counter() - eval_start  # throughput excludes evaluation
+            if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+                checkpointer.save(step, state, train_data.state(), meta, force=step == config.total_steps)
+        checkpointer.wait()
+        ev = evaluate(state.params)
+        if ev:
+            writer.write(config.total_steps, ev)
+            final.update(ev)
+            progress.message("final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+        if lead:
+            with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+                json.dump(final, f, indent=1)
+        stage.after_training(config, workdir, model, state.params, tokenizer, progress)
+    finally:
+        train_data.close()
+        checkpointer.close()
+        writer.close()
+    return final

@@ -1,0 +1,121 @@
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from helpers import random_params
+
+from llama_jax import sharding, train
+from llama_jax.data.pipeline import lm_example
+from llama_jax.model import Llama, LlamaConfig
+from llama_jax.objectives import next_token
+
+CFG = LlamaConfig(dim=40, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, ffn_hidden_dim=72, max_seq_len=32)
+
+
+def opt_cfg(**kw):
+    base = dict(learning_rate=1e-2, schedule="cosine", warmup_steps=10, final_lr_fraction=0.1, b1=0.9, b2=0.95,
+                eps=1e-5, weight_decay=0.1, clip_norm=1.0)
+    return ml_collections.ConfigDict({**base, **kw})
+
+
+def make_batch(b=8, t=12, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(b):
+        toks = rng.integers(3, CFG.vocab_size, t)
+        seg = np.array([1] * (t // 2) + [2] * (t - t // 2))
+        pos = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])
+        rows.append(lm_example(toks, rng.random(t) > 0.3, seg, pos))
+    return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+
+
+def apply_fn(params, tokens, positions, segment_ids):
+    return Llama(CFG).apply({"params": params}, tokens, positions, segment_ids)
+
+
+def test_schedule_warms_up_then_decays_to_ten_percent():
+    sched = train.learning_rate_schedule(opt_cfg(), total_steps=110)
+    assert float(sched(0)) == 0.0
+    assert float(sched(5)) == pytest.approx(5e-3)
+    assert float(sched(10)) == pytest.approx(1e-2)
+    assert float(sched(60)) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5), rel=1e-4)  # half-way down the cosine
+    assert float(sched(110)) == pytest.approx(1e-3)
+    const = train.learning_rate_schedule(opt_cfg(schedule="constant", warmup_steps=0), 100)
+    assert float(const(0)) == float(const(99)) == pytest.approx(1e-2)
+    with pytest.raises(ValueError, match="optimizer.schedule: 'linear'"):
+        train.learning_rate_schedule(opt_cfg(schedule="linear"), 10)
+
+
+def test_weight_decay_spares_norms_and_biases():
+    params = random_params(CFG, heads=("lm", "value"))
+    mask = train.decay_mask(params)
+    assert mask["layers"]["attention"]["wq"] and mask["tok_embeddings"]["embedding"] and mask["output"]
+    assert not mask["layers"]["attention_norm"]["scale"] and not mask["norm"]["scale"]
+    assert not mask["value_head"]["bias"] and mask["value_head"]["kernel"]
+    # With zero gradients, only decayed leaves move (towards zero).
+    opt = train.make_optimizer(opt_cfg(warmup_steps=0, schedule="constant"), 10)
+    updates, _ = opt.update(jax.tree_util.tree_map(jnp.zeros_like, params), opt.init(params), params)
+    assert float(jnp.abs(updates["norm"]["scale"]).max()) == 0.0
+    np.testing.assert_allclose(updates["output"], -1e-2 * 0.1 * params["output"], rtol=1e-5)
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    params = random_params(CFG, std=0.1)
+    opt = train.make_optimizer(opt_cfg(), 100)
+    batch = make_batch()
+    results = []
+    for accum in (1, 2, 4):
+        step = jax.jit(train.make_train_step(apply_fn, next_token, opt, grad_accum_steps=accum))
+        state, m = step(train.init_state(params, opt), batch)
+        results.append((state, m))
+    for state, m in results[1:]:
+        assert float(m["loss"]) == pytest.approx(float(results[0][1]["loss"]), rel=1e-6)
+        assert float(m["weight"]) == float(results[0][1]["weight"])
+        for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(results[0][0].params)):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="batch size 8 is not divisible by grad_accum_steps=3"):
+        jax.jit(train.make_train_step(apply_fn, next_token, opt, grad_accum_steps=3))(train.init_state(params, opt),
+                                                                                    batch)
+
+
+def test_a_poisoned_batch_is_detected_and_not_applied():
+    params = random_params(CFG, std=0.1)
+    opt = train.make_optimizer(opt_cfg(schedule="constant", warmup_steps=0), 100)
+    step = jax.jit(train.make_train_step(apply_fn, next_token, opt))
+    state = train.init_state(params, opt)
+    bad = make_batch()
+    bad["loss_mask"] = bad["loss_mask"].at[0, 0].set(jnp.nan)
+    new, m = step(state, bad)
+    assert bool(m["nonfinite"]) and int(new.nonfinite) == 1 and int(new.step) == 1
+    for a, b in zip(jax.tree_util.tree_leaves((new.params, new.opt_state)),
+                    jax.tree_util.tree_leaves((state.params, state.opt_state))):
+        np.testing.assert_array_equal(a, b)
+    good, m = step(new, make_batch(seed=1))
+    assert not bool(m["nonfinite"]) and int(good.nonfinite) == 1
+    assert float(jnp.abs(good.params["output"] - params["output"]).max()) > 0
+
+
+def test_sharded_train_step_equals_single_device():
+    params = random_params(CFG, std=0.1)
+    opt = train.make_optimizer(opt_cfg(), 100)
+    batch = make_batch()
+    step_fn = train.make_train_step(apply_fn, next_token, opt)
+    ref_state, ref_m = jax.jit(step_fn)(train.init_state(params, opt), batch)
+
+    mesh = sharding.make_mesh(2, 2, 2)
+    rules = sharding.DEFAULT_RULES
+    model = Llama(CFG)
+    param_sh = sharding.param_shardings_like(params, model, mesh, rules)
+    abstract = jax.eval_shape(lambda p: train.init_state(p, opt), params)
+    state_sh = train.state_shardings(abstract, param_sh, mesh)
+    mu = state_sh.opt_state[1][0].mu  # Adam's first moment: sharded like the params
+    assert mu["layers"]["attention"]["wq"] == param_sh["layers"]["attention"]["wq"]
+    state = jax.jit(lambda p: train.init_state(p, opt), out_shardings=state_sh)(jax.device_put(params, param_sh))
+    batch_sh = {k: sharding.batch_sharding(mesh, rules, v.shape) for k, v in batch.items()}
+    run = train.jit_train_step(step_fn, state_sh, batch_sh, mesh, rules)
+    new, m = run(state, jax.device_put(batch, batch_sh))
+    assert new.params["layers"]["feed_forward"]["w1"].sharding == param_sh["layers"]["feed_forward"]["w1"]
+    assert float(m["loss"]) == pytest.approx(float(ref_m["loss"]), rel=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(ref_state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

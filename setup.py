@@ -18,6 +18,8 @@ setup(
         "grain>=0.2.10,<0.3",
         "numpy>=1.26,<3",
         "safetensors>=0.4,<1",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "absl-py>=1.0",
     ],
     extras_require={
         "test": [

@@ -100,13 +100,16 @@ def read_meta(path: str, step: int | None = None) -> tuple[int, dict]:
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
     mngr = _manager(_checkpoint_dir(path), read_only=True)
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"{path}: no complete checkpoint found")
     try:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # orbax raises several types for missing/corrupt items
-        raise CheckpointError(f"{path}: checkpoint {step} has no readable metadata ({e})") from None
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{path}: no complete checkpoint found")
+        try:
+            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # orbax raises several types for missing/corrupt items
+            raise CheckpointError(f"{path}: checkpoint {step} has no readable metadata ({e})") from None
+    finally:
+        mngr.close()
     return step, meta
 
 
@@ -119,6 +122,8 @@ def load_params(path: str, abstract_params, step: int | None = None):
         return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
     except Exception as e:
         raise CheckpointError(f"{path}: cannot restore params of step {step} into this model ({e})") from None
+    finally:
+        mngr.close()
 
 
 def model_config(meta: dict, **overrides) -> LlamaConfig:
@@ -139,6 +144,7 @@ def export_params(workdir: str, output: str, step: int | None = None) -> int:
     mngr = _manager(os.path.join(output, "checkpoints"), async_save=False)
     mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
     mngr.wait_until_finished()
+    mngr.close()
     tok = os.path.join(workdir, "tokenizer.model")
     if os.path.exists(tok):
         shutil.copy(tok, os.path.join(output, "tokenizer.model"))

@@ -356,7 +356,7 @@ def run(config, workdir: str, stage) -> dict:
                 checkpointer.save(step, state, train_data.state(), meta, force=step == config.total_steps)
         checkpointer.wait()
         ev = evaluate(state.params)
-        if ev:
+        if ev and start < config.total_steps:  # a rerun of a finished run evaluates but adds no row
             writer.write(config.total_steps, ev)
             final.update(ev)
             progress.message("final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))

@@ -130,3 +130,25 @@ def test_bad_overrides_fail_with_a_clear_message(tmp_path, override, needle):
     assert out.returncode != 0
     assert needle in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_init_from_starts_from_another_runs_params(tmp_path, reference_run, tokenizer_path):
+    import jax
+    import numpy as np
+
+    from llama_jax import checkpoint as ckpt
+    from llama_jax.model import Llama
+    from llama_jax.sharding import abstract_params
+
+    ref_dir, _ = reference_run
+    out = subprocess.run(command(str(tmp_path), f"--config.data.tokenizer={tokenizer_path}",
+                                 f"--config.init_from={ref_dir}", "--config.optimizer.learning_rate=0.0", steps=1),
+                         env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _, meta = ckpt.read_meta(ref_dir)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                                    abstract_params(Llama(ckpt.model_config(meta))))
+    before, after = ckpt.load_params(ref_dir, target), ckpt.load_params(str(tmp_path), target)
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # learning rate 0: unchanged

@@ -16,15 +16,19 @@ def readme_commands():
     return [c for c in lines if c and not c.startswith("#")][:2]
 
 
-def test_ci_runs_the_readme_test_command():
-    test_cmd = readme_commands()[0]
+def test_readme_starts_with_the_main_job_then_the_tests():
+    main_cmd, test_cmd = readme_commands()
+    assert "python -m llama_jax.main --config=experiments/pretrain.py:tiny" in main_cmd
     assert "pytest" in test_cmd
+
+
+def test_ci_runs_the_readme_test_command():
+    test_cmd = readme_commands()[1]
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test_cmd in ci_lines
 
 
 def test_summary_command(capsys):
-    assert "llama_jax.summary" in readme_commands()[1]
     assert summary.main(["--preset=tiny"]) == 0
     out = capsys.readouterr().out
     assert "869,504" in out and "finite=True" in out and "(2, 64, 512) float32" in out

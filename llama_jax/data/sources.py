@@ -146,7 +146,8 @@ class TokenShards:
 # The embedded default corpus
 # ----------------------------------------------------------------------------------
 
-_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__",
+              "encodings"}  # encodings: machine-generated codec tables, not prose or code
 
 
 def _held_out(name: str, eval_percent: int) -> bool:

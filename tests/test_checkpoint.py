@@ -1,0 +1,92 @@
+"""Checkpoints: restore onto a different mesh, params-only export, init_from, and a
+workdir of another model."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from helpers import random_params
+
+from llama_jax import checkpoint as ckpt
+from llama_jax import sharding, train
+from llama_jax.model import Llama, LlamaConfig
+
+CFG = LlamaConfig(dim=40, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, ffn_hidden_dim=72, max_seq_len=32)
+RULES = sharding.DEFAULT_RULES
+OPT = ml_collections.ConfigDict(dict(learning_rate=1e-2, schedule="cosine", warmup_steps=2, final_lr_fraction=0.1,
+                                     b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, clip_norm=1.0))
+META = {"model": CFG.to_dict(), "heads": ["lm"], "tokenizer": {"sha256": "x"}}
+
+
+def sharded_state(mesh):
+    model = Llama(CFG)
+    opt = train.make_optimizer(OPT, 10)
+    params = random_params(CFG, std=0.1)
+    param_sh = sharding.param_shardings_like(params, model, mesh, RULES)
+    abstract = jax.eval_shape(lambda p: train.init_state(p, opt), params)
+    state_sh = train.state_shardings(abstract, param_sh, mesh)
+    state = jax.jit(lambda p: train.init_state(p, opt), out_shardings=state_sh)(jax.device_put(params, param_sh))
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    return state, target
+
+
+def leaves_equal(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    state, _ = sharded_state(sharding.make_mesh(1, 8, 1))  # saved fully sharded over fsdp=8
+    saver = ckpt.Checkpointer(str(tmp_path), async_save=True)
+    saver.save(5, state, {"pos": 3}, META)
+    saver.wait()
+    saver.close()
+
+    mesh = sharding.make_mesh(2, 1, 4)  # restored with tensor parallelism instead
+    _, target = sharded_state(mesh)
+    loader = ckpt.Checkpointer(str(tmp_path))
+    assert loader.latest_step() == 5
+    restored, data_state, meta = loader.restore(5, target)
+    loader.close()
+    leaves_equal(restored, state)
+    wq = restored.params["layers"]["attention"]["wq"]
+    assert wq.sharding.spec == target.params["layers"]["attention"]["wq"].sharding.spec
+    assert wq.addressable_shards[0].data.shape == (2, 40, 1, 10)  # heads split 4 ways now
+    assert data_state == {"pos": 3} and meta["step"] == 5 and meta["model"]["dim"] == 40
+
+
+def test_export_and_load_params_for_inference(tmp_path):
+    state, _ = sharded_state(sharding.make_mesh(2, 2, 2))
+    run = tmp_path / "run"
+    saver = ckpt.Checkpointer(str(run))
+    saver.save(7, state, {}, META)
+    saver.wait()
+    saver.close()
+    (run / "tokenizer.model").write_bytes(b"tok")
+    assert ckpt.main(["export", f"--workdir={run}", f"--output={tmp_path / 'export'}"]) == 0
+    assert (tmp_path / "export" / "tokenizer.model").read_bytes() == b"tok"
+    step, meta = ckpt.read_meta(str(tmp_path / "export"))
+    assert step == 7 and ckpt.model_config(meta) == CFG
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state.params)
+    leaves_equal(ckpt.load_params(str(tmp_path / "export"), target), state.params)
+    # The export holds no optimizer state.
+    assert not (tmp_path / "export" / "checkpoints" / "7" / "train").exists()
+
+
+def test_unusable_checkpoints_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint found"):
+        ckpt.read_meta(str(tmp_path))
+    with pytest.raises(ckpt.CheckpointError, match="not a directory"):
+        ckpt.read_meta(str(tmp_path / "missing"))
+    state, _ = sharded_state(sharding.make_mesh(8, 1, 1))
+    saver = ckpt.Checkpointer(str(tmp_path / "run"))
+    saver.save(1, state, {}, META)
+    saver.wait()
+    saver.close()
+    other = random_params(CFG.replace(n_layers=3))
+    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), other)
+    with pytest.raises(ckpt.CheckpointError, match="cannot restore params of step 1 into this model"):
+        ckpt.load_params(str(tmp_path / "run"), target)
+    assert ckpt.main(["info", str(tmp_path / "nothing")]) == 2
+    assert "not a directory" in capsys.readouterr().err

@@ -130,24 +130,47 @@ def model_config(meta: dict, **overrides) -> LlamaConfig:
     return LlamaConfig.from_dict({**meta["model"], **overrides})
 
 
-def export_params(workdir: str, output: str, step: int | None = None) -> int:
-    """Writes a params-only checkpoint (plus meta and the tokenizer) to `output`."""
+def save_params(output: str, params, meta: dict, step: int = 0, tokenizer_path: str | None = None) -> None:
+    """Writes a params-only checkpoint (params + meta [+ tokenizer.model]) to `output`:
+    the layout of an export, which inference and `init_from` accept."""
+    if os.path.exists(os.path.join(output, "checkpoints")) and os.listdir(os.path.join(output, "checkpoints")):
+        raise CheckpointError(f"{output}: already holds checkpoints; choose an empty destination")
+    mngr = _manager(os.path.join(output, "checkpoints"), async_save=False)
+    try:
+        mngr.save(int(step), args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                     meta=ocp.args.JsonSave({**meta, "step": int(step)})))
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+    if tokenizer_path and os.path.exists(tokenizer_path):
+        shutil.copy(tokenizer_path, os.path.join(output, "tokenizer.model"))
+
+
+def load_model(path: str, step: int | None = None, shardings=None, **config_overrides):
+    """(LlamaConfig, params, heads, tokenizer path or None) of a run dir or export.
+    Params land on `shardings` (a pytree of Shardings) or on the first device."""
     from llama_jax.model import Llama
     from llama_jax.sharding import abstract_params
 
+    step, meta = read_meta(path, step)
+    cfg = model_config(meta, **config_overrides)
+    heads = tuple(meta.get("heads", ["lm"]))
+    shapes = abstract_params(Llama(cfg, heads))
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: device, shapes)
+    target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                                    shardings)
+    params = load_params(path, target, step)
+    tok = os.path.join(path, "tokenizer.model")
+    return cfg, params, heads, (tok if os.path.exists(tok) else None)
+
+
+def export_params(workdir: str, output: str, step: int | None = None) -> int:
+    """Writes a params-only checkpoint (plus meta and the tokenizer) to `output`."""
     step, meta = read_meta(workdir, step)
-    cfg = model_config(meta)
-    shapes = abstract_params(Llama(cfg, tuple(meta.get("heads", ["lm"]))))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
-    params = load_params(workdir, target, step)
-    mngr = _manager(os.path.join(output, "checkpoints"), async_save=False)
-    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
-    mngr.wait_until_finished()
-    mngr.close()
-    tok = os.path.join(workdir, "tokenizer.model")
-    if os.path.exists(tok):
-        shutil.copy(tok, os.path.join(output, "tokenizer.model"))
+    _, params, _, tok = load_model(workdir, step)
+    save_params(output, params, meta, step, tok)
     return step
 
 

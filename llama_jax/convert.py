@@ -1,7 +1,12 @@
 """Weight conversion between llama_jax params and other checkpoint layouts.
 
-This module currently reads Hugging Face Llama directories (`from_hf`). Meta's layout
-and the exporters arrive with the conversion CLI.
+    python -m llama_jax.convert --from=meta --src=llama-2-7b/ --dst=ckpt/7b     (Meta -> llama_jax)
+    python -m llama_jax.convert --from=hf --src=Llama-2-7b-hf/ --dst=ckpt/7b    (HF -> llama_jax)
+    python -m llama_jax.convert --to=hf --src=ckpt/7b --dst=out/hf              (llama_jax -> HF)
+    python -m llama_jax.convert --to=meta --src=ckpt/7b --dst=out/meta          (llama_jax -> Meta)
+
+Imports write a params-only llama_jax checkpoint (the layout of `checkpoint.export`) with
+the source's tokenizer.model, which generate, chat and `init_from` accept.
 
 The llama_jax parameter tree (frozen; Meta's names, stacked layers):
 
@@ -21,10 +26,14 @@ rows use interleaved pairs and go through `permute_rotary` on import.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
+import sys
 from typing import Any
 
+import jax
 import numpy as np
 
 from llama_jax.model import DTYPES, LlamaConfig
@@ -148,64 +157,317 @@ class _SafetensorsReader:
         return t
 
 
+def _layout(cfg: LlamaConfig):
+    """Per-layer tensors: our (module, leaf) -> (HF name, HF shape, HF->ours, ours->HF)."""
+    D, H, K, Dh, F = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.hidden_dim
+    same = (lambda w: w, lambda w: w)
+    return {
+        ("attention_norm", "scale"): ("input_layernorm.weight", (D,)) + same,
+        ("ffn_norm", "scale"): ("post_attention_layernorm.weight", (D,)) + same,
+        ("attention", "wq"): ("self_attn.q_proj.weight", (H * Dh, D), lambda w: w.T.reshape(D, H, Dh),
+                              lambda w: w.reshape(D, H * Dh).T),
+        ("attention", "wk"): ("self_attn.k_proj.weight", (K * Dh, D), lambda w: w.T.reshape(D, K, Dh),
+                              lambda w: w.reshape(D, K * Dh).T),
+        ("attention", "wv"): ("self_attn.v_proj.weight", (K * Dh, D), lambda w: w.T.reshape(D, K, Dh),
+                              lambda w: w.reshape(D, K * Dh).T),
+        ("attention", "wo"): ("self_attn.o_proj.weight", (D, H * Dh), lambda w: w.T.reshape(H, Dh, D),
+                              lambda w: w.reshape(H * Dh, D).T),
+        ("feed_forward", "w1"): ("mlp.gate_proj.weight", (F, D), lambda w: w.T, lambda w: w.T),
+        ("feed_forward", "w3"): ("mlp.up_proj.weight", (F, D), lambda w: w.T, lambda w: w.T),
+        ("feed_forward", "w2"): ("mlp.down_proj.weight", (D, F), lambda w: w.T, lambda w: w.T),
+    }
+
+
+def params_from_hf_tensors(get, cfg: LlamaConfig, has_lm_head: bool = True) -> dict:
+    """Builds llama_jax params from HF-named tensors. `get(name, shape)` returns a
+    numpy array (and checks its shape); without an lm_head the embedding is copied."""
+    out_dtype = np.dtype(DTYPES[cfg.param_dtype])
+    L = cfg.n_layers
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    for (mod, leaf), (hf_name, hf_shape, to_ours, _) in _layout(cfg).items():
+        stacked = None
+        for i in range(L):
+            w = to_ours(get(f"model.layers.{i}.{hf_name}", hf_shape).astype(out_dtype))
+            if stacked is None:
+                stacked = np.empty((L,) + w.shape, out_dtype)
+            stacked[i] = w
+        layers.setdefault(mod, {})[leaf] = stacked
+    embed = get("model.embed_tokens.weight", (cfg.vocab_size, cfg.dim)).astype(out_dtype)
+    output = get("lm_head.weight", (cfg.vocab_size, cfg.dim)).astype(out_dtype).T if has_lm_head else embed.T
+    return {
+        "tok_embeddings": {"embedding": embed},
+        "layers": layers,
+        "norm": {"scale": get("model.norm.weight", (cfg.dim,)).astype(out_dtype)},
+        "output": np.ascontiguousarray(output),
+    }
+
+
+def hf_tensors_from_params(params, cfg: LlamaConfig, dtype=np.float32) -> dict[str, np.ndarray]:
+    """llama_jax params -> HF-named tensors (rotate-half q/k rows, as HF stores them)."""
+    p = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), params)
+    out = {"model.embed_tokens.weight": p["tok_embeddings"]["embedding"], "model.norm.weight": p["norm"]["scale"],
+           "lm_head.weight": np.ascontiguousarray(p["output"].T)}
+    for (mod, leaf), (hf_name, _, _, to_hf) in _layout(cfg).items():
+        for i in range(cfg.n_layers):
+            out[f"model.layers.{i}.{hf_name}"] = np.ascontiguousarray(to_hf(p["layers"][mod][leaf][i]))
+    return out
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        raise ConversionError(f"{path}: missing")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: invalid JSON ({e})") from None
+
+
 def from_hf(path: str, **config_overrides) -> tuple[LlamaConfig, dict]:
     """Reads a Hugging Face Llama directory (`config.json` + `model.safetensors` or a
     sharded `model.safetensors.index.json`). Returns (LlamaConfig, params) with params as
     host numpy arrays in the config's `param_dtype`; place them on a mesh with
     `llama_jax.sharding.shard_params`. `config_overrides` set LlamaConfig fields that HF
     does not describe (dtype, remat_policy, scan_layers, ...)."""
-    cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise ConversionError(f"{path}: not a directory")
+    cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise ConversionError(f"{cfg_path}: missing (not a Hugging Face model directory?)")
-    try:
-        with open(cfg_path) as f:
-            hf = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{cfg_path}: invalid JSON ({e})") from None
+    hf = _read_json(cfg_path)
     cfg = config_from_hf(hf, source=cfg_path, **config_overrides)
     reader = _SafetensorsReader(path)
-    out_dtype = np.dtype(DTYPES[cfg.param_dtype])
-    D, H, K, Dh = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-    F, V, L = cfg.hidden_dim, cfg.vocab_size, cfg.n_layers
-
-    def get(key, shape):
-        return reader.get(key, shape).astype(out_dtype)
-
-    # (hf name, hf shape, our shape, transform from hf to ours)
-    per_layer = {
-        ("attention_norm", "scale"): ("input_layernorm.weight", (D,), lambda w: w),
-        ("ffn_norm", "scale"): ("post_attention_layernorm.weight", (D,), lambda w: w),
-        ("attention", "wq"): ("self_attn.q_proj.weight", (H * Dh, D), lambda w: w.T.reshape(D, H, Dh)),
-        ("attention", "wk"): ("self_attn.k_proj.weight", (K * Dh, D), lambda w: w.T.reshape(D, K, Dh)),
-        ("attention", "wv"): ("self_attn.v_proj.weight", (K * Dh, D), lambda w: w.T.reshape(D, K, Dh)),
-        ("attention", "wo"): ("self_attn.o_proj.weight", (D, H * Dh), lambda w: w.T.reshape(H, Dh, D)),
-        ("feed_forward", "w1"): ("mlp.gate_proj.weight", (F, D), lambda w: w.T),
-        ("feed_forward", "w3"): ("mlp.up_proj.weight", (F, D), lambda w: w.T),
-        ("feed_forward", "w2"): ("mlp.down_proj.weight", (D, F), lambda w: w.T),
-    }
-    layers: dict[str, dict[str, np.ndarray]] = {}
-    for (mod, leaf), (hf_name, hf_shape, fn) in per_layer.items():
-        stacked = None
-        for i in range(L):
-            w = fn(get(f"model.layers.{i}.{hf_name}", hf_shape))
-            if stacked is None:
-                stacked = np.empty((L,) + w.shape, out_dtype)
-            stacked[i] = w
-        layers.setdefault(mod, {})[leaf] = stacked
-
-    embed = get("model.embed_tokens.weight", (V, D))
-    if "lm_head.weight" in reader.weight_map:
-        output = get("lm_head.weight", (V, D)).T
-    elif hf.get("tie_word_embeddings"):
-        output = embed.T  # tied in HF; llama_jax keeps an untied copy
-    else:
+    has_head = "lm_head.weight" in reader.weight_map
+    if not has_head and not hf.get("tie_word_embeddings"):
         raise ConversionError(f"{path}: tensor 'lm_head.weight' is missing")
-    params = {
-        "tok_embeddings": {"embedding": embed},
-        "layers": layers,
-        "norm": {"scale": get("model.norm.weight", (D,))},
-        "output": np.ascontiguousarray(output),
+    return cfg, params_from_hf_tensors(reader.get, cfg, has_lm_head=has_head)  # tied: an untied copy
+
+
+def hf_config(cfg: LlamaConfig) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+        "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "tie_word_embeddings": False,
+        "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
+        "initializer_range": 0.02, "torch_dtype": "float32", "dtype": "float32",
     }
-    return cfg, params
+
+
+def to_hf(params, cfg: LlamaConfig, dst: str, tokenizer_path: str | None = None) -> None:
+    """Writes a Hugging Face Llama directory: config.json, model.safetensors (float32),
+    and the SentencePiece tokenizer with a LlamaTokenizer config when given."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(hf_config(cfg), f, indent=1)
+    save_file(hf_tensors_from_params(params, cfg), os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer_path:
+        shutil.copy(tokenizer_path, os.path.join(dst, "tokenizer.model"))
+        with open(os.path.join(dst, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                       "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+                       "legacy": True, "model_max_length": cfg.max_seq_len}, f, indent=1)
+
+
+# ----------------------------------------------------------------------------------
+# Meta (consolidated.NN.pth + params.json)
+# ----------------------------------------------------------------------------------
+
+# HF name (layer part after "model.layers.{i}.") -> (Meta name, model-parallel split dim or None)
+_META_LAYER = {
+    "self_attn.q_proj.weight": ("attention.wq.weight", 0),
+    "self_attn.k_proj.weight": ("attention.wk.weight", 0),
+    "self_attn.v_proj.weight": ("attention.wv.weight", 0),
+    "self_attn.o_proj.weight": ("attention.wo.weight", 1),
+    "mlp.gate_proj.weight": ("feed_forward.w1.weight", 0),
+    "mlp.down_proj.weight": ("feed_forward.w2.weight", 1),
+    "mlp.up_proj.weight": ("feed_forward.w3.weight", 0),
+    "input_layernorm.weight": ("attention_norm.weight", None),
+    "post_attention_layernorm.weight": ("ffn_norm.weight", None),
+}
+_META_TOP = {
+    "model.embed_tokens.weight": ("tok_embeddings.weight", 1),
+    "model.norm.weight": ("norm.weight", None),
+    "lm_head.weight": ("output.weight", 0),
+}
+
+
+def _meta_name(hf_name: str) -> tuple[str, int | None]:
+    if hf_name in _META_TOP:
+        return _META_TOP[hf_name]
+    _, _, i, rest = hf_name.split(".", 3)
+    name, dim = _META_LAYER[rest]
+    return f"layers.{i}.{name}", dim
+
+
+def config_from_meta(params_json: dict, vocab_size: int, ffn_hidden_dim: int, source: str,
+                     **overrides) -> LlamaConfig:
+    known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+             "norm_eps", "rope_theta", "max_seq_len", "max_batch_size", "use_scaled_rope"}
+    unknown = sorted(set(params_json) - known)
+    if unknown:
+        raise ConversionError(f"{source}: unsupported fields {unknown}")
+    if params_json.get("use_scaled_rope"):
+        raise ConversionError(f"{source}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported")
+    fields = {k: v for k, v in params_json.items() if k not in ("max_batch_size", "use_scaled_rope")}
+    fields["vocab_size"] = vocab_size  # Llama 2's params.json says -1
+    try:
+        cfg = LlamaConfig(**{**fields, **overrides})
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{source}: {e}") from None
+    if cfg.hidden_dim != ffn_hidden_dim:
+        raise ConversionError(f"{source}: multiple_of/ffn_dim_multiplier give an FFN width of {cfg.hidden_dim}, "
+                              f"but the checkpoint's w1 has {ffn_hidden_dim} rows")
+    return cfg
+
+
+def from_meta(path: str, **config_overrides) -> tuple[LlamaConfig, dict]:
+    """Reads Meta's layout: `params.json` and `consolidated.NN.pth` model-parallel shards
+    (merged by concatenating along each tensor's split dimension; norms replicated), with
+    `torch.load(weights_only=True)`, which never runs code from the file."""
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError("reading Meta checkpoints needs PyTorch: pip install torch") from None
+    if not os.path.isdir(path):
+        raise ConversionError(f"{path}: not a directory")
+    params_json = _read_json(os.path.join(path, "params.json"))
+    shards = sorted(f for f in os.listdir(path) if f.startswith("consolidated.") and f.endswith(".pth"))
+    if not shards:
+        raise ConversionError(f"{path}: no consolidated.NN.pth files")
+    expected = [f"consolidated.{i:02d}.pth" for i in range(len(shards))]
+    if shards != expected:
+        missing = sorted(set(expected) - set(shards))
+        raise ConversionError(f"{path}: model-parallel shards {shards} are not numbered 00..{len(shards) - 1:02d}"
+                              f"{f' (missing {missing})' if missing else ''}")
+    states = []
+    for name in shards:
+        try:
+            states.append(torch.load(os.path.join(path, name), map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:  # torch raises many types for bad files
+            raise ConversionError(f"{os.path.join(path, name)}: cannot load ({e})") from None
+
+    def merged(meta_name: str, dim: int | None) -> np.ndarray:
+        parts = []
+        for name, state in zip(shards, states):
+            if meta_name not in state:
+                raise ConversionError(f"{os.path.join(path, name)}: tensor {meta_name!r} is missing")
+            parts.append(state[meta_name].float().numpy())
+        return parts[0] if dim is None or len(parts) == 1 else np.concatenate(parts, axis=dim)
+
+    vocab = merged("tok_embeddings.weight", 1).shape[0]
+    ffn = merged("layers.0.feed_forward.w1.weight", 0).shape[0]
+    cfg = config_from_meta(params_json, vocab, ffn, os.path.join(path, "params.json"), **config_overrides)
+
+    def get(hf_name: str, shape):
+        meta_name, dim = _meta_name(hf_name)
+        w = merged(meta_name, dim)
+        if w.shape != tuple(shape):
+            raise ConversionError(f"{path}: tensor {meta_name!r} merges to shape {w.shape}, params.json implies "
+                                  f"{tuple(shape)}")
+        if meta_name.endswith("attention.wq.weight"):
+            w = permute_rotary(w, cfg.n_heads)  # Meta's interleaved RoPE rows -> rotate-half
+        elif meta_name.endswith("attention.wk.weight"):
+            w = permute_rotary(w, cfg.kv_heads)
+        return w
+
+    return cfg, params_from_hf_tensors(get, cfg)
+
+
+def to_meta(params, cfg: LlamaConfig, dst: str, num_shards: int = 1, tokenizer_path: str | None = None) -> None:
+    """Writes Meta's layout: params.json and `num_shards` consolidated.NN.pth files split
+    the way Meta's model parallelism splits them."""
+    import torch
+
+    if cfg.ffn_hidden_dim is not None and cfg.ffn_hidden_dim != LlamaConfig(
+            **{**cfg.to_dict(), "ffn_hidden_dim": None}).hidden_dim:
+        raise ConversionError(f"FFN width {cfg.ffn_hidden_dim} is not expressible in Meta's params.json "
+                              "(multiple_of / ffn_dim_multiplier); export to Hugging Face instead")
+    for what, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.kv_heads), ("dim", cfg.dim),
+                    ("vocab_size", cfg.vocab_size), ("FFN width", cfg.hidden_dim)):
+        if n % num_shards:
+            raise ConversionError(f"{what}={n} cannot be split into {num_shards} model-parallel shards")
+    os.makedirs(dst, exist_ok=True)
+    shards: list[dict] = [{} for _ in range(num_shards)]
+    for hf_name, w in hf_tensors_from_params(params, cfg).items():
+        meta_name, dim = _meta_name(hf_name)
+        if meta_name.endswith("attention.wq.weight"):
+            w = unpermute_rotary(w, cfg.n_heads)
+        elif meta_name.endswith("attention.wk.weight"):
+            w = unpermute_rotary(w, cfg.kv_heads)
+        pieces = [w] * num_shards if dim is None else np.split(w, num_shards, axis=dim)
+        for shard, piece in zip(shards, pieces):
+            shard[meta_name] = torch.from_numpy(np.ascontiguousarray(piece))
+    for i, shard in enumerate(shards):
+        torch.save(shard, os.path.join(dst, f"consolidated.{i:02d}.pth"))
+    params_json = {"dim": cfg.dim, "multiple_of": cfg.multiple_of, "n_heads": cfg.n_heads,
+                   "n_layers": cfg.n_layers, "norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size,
+                   "rope_theta": cfg.rope_theta}
+    if cfg.n_kv_heads is not None:
+        params_json["n_kv_heads"] = cfg.n_kv_heads
+    if cfg.ffn_dim_multiplier is not None:
+        params_json["ffn_dim_multiplier"] = cfg.ffn_dim_multiplier
+    with open(os.path.join(dst, "params.json"), "w") as f:
+        json.dump(params_json, f)
+    if tokenizer_path:
+        shutil.copy(tokenizer_path, os.path.join(dst, "tokenizer.model"))
+
+
+# ----------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m llama_jax.convert",
+        description="Import Meta / Hugging Face Llama checkpoints into llama_jax checkpoints, or export them.",
+        epilog="examples:\n  python -m llama_jax.convert --from=meta --src=llama-2-7b --dst=ckpt/7b\n"
+               "  python -m llama_jax.convert --to=hf --src=runs/tiny --dst=hf/tiny",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    direction = ap.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from", dest="src_format", choices=["meta", "hf"], help="import from this format")
+    direction.add_argument("--to", dest="dst_format", choices=["meta", "hf"], help="export to this format")
+    ap.add_argument("--src", required=True, help="source directory")
+    ap.add_argument("--dst", required=True, help="destination directory")
+    ap.add_argument("--num_shards", type=int, default=1, help="model-parallel shards for --to=meta")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.model to bundle (default: the source's)")
+    args = ap.parse_args(argv)
+
+    from llama_jax import checkpoint as ckpt
+
+    try:
+        if args.src_format:
+            cfg, params = (from_meta if args.src_format == "meta" else from_hf)(args.src)
+            tok = args.tokenizer or os.path.join(args.src, "tokenizer.model")
+            meta = {"model": cfg.to_dict(), "heads": ["lm"], "source": f"{args.src_format}:{os.path.abspath(args.src)}"}
+            if os.path.exists(tok):
+                from llama_jax.tokenizer import Tokenizer
+
+                tk = Tokenizer(tok)
+                tk.check_fits(cfg.vocab_size, "checkpoint")
+                meta["tokenizer"] = tk.identity()
+            ckpt.save_params(args.dst, params, meta, step=0, tokenizer_path=tok if os.path.exists(tok) else None)
+            print(f"imported {args.src_format} {args.src} ({cfg.num_params():,} parameters) -> {args.dst}")
+        else:
+            cfg, params, heads, tok = ckpt.load_model(args.src)
+            if "lm" not in heads:
+                raise ConversionError(f"{args.src}: has no LM head (heads {list(heads)}); only language models export")
+            tok = args.tokenizer or tok
+            if args.dst_format == "hf":
+                to_hf(params, cfg, args.dst, tok)
+            else:
+                to_meta(params, cfg, args.dst, args.num_shards, tok)
+            print(f"exported {args.src} -> {args.dst_format} {args.dst}")
+    except (ConversionError, ckpt.CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

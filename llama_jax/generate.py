@@ -14,11 +14,12 @@ chosen tokens (temperature 1, unfiltered), which is what PPO's ratios need.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from llama_jax.model import KVCache, Llama, LlamaConfig
 from llama_jax.tokenizer import EOS_ID
@@ -31,7 +32,7 @@ class Generation(NamedTuple):
 
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float, top_k: int) -> jax.Array:
     """[B, V] float32 logits -> [B] token ids."""
-    if temperature <= 0.0:
+    if temperature <= 0.0 or top_p <= 0.0 or top_k == 1:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
     neg = jnp.finfo(jnp.float32).min
@@ -48,9 +49,10 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_p: 
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_p", "top_k", "eos_id"))
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_p", "top_k", "eos_id",
+                                             "on_token"))
 def _generate(params, tokens, segment_ids, rng, *, config: LlamaConfig, max_new_tokens: int, temperature: float,
-              top_p: float, top_k: int, eos_id: int):
+              top_p: float, top_k: int, eos_id: int, on_token=None):
     model = Llama(config)
     B, P = tokens.shape
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
@@ -71,6 +73,8 @@ def _generate(params, tokens, segment_ids, rng, *, config: LlamaConfig, max_new_
         tok = jnp.where(done, 0, tok)
         out = out.at[:, i].set(tok)
         out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
+        if on_token is not None:  # streaming: hand each step's tokens to the host as they exist
+            io_callback(on_token, None, tok, done, ordered=True)
         done = done | (tok == eos_id)
         logits, cache = model.apply({"params": params}, tok[:, None], pos[:, None], jnp.ones((B, 1), jnp.int32),
                                     cache=cache)
@@ -88,8 +92,12 @@ def _bucket(n: int, multiple: int = 16) -> int:
 
 def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-             eos_id: int = EOS_ID) -> Generation:
-    """New tokens for each prompt (stopping after EOS) and their log-probabilities."""
+             eos_id: int = EOS_ID, on_token: Callable | None = None, mesh=None, rules=None) -> Generation:
+    """New tokens for each prompt (stopping after EOS) and their log-probabilities.
+
+    `on_token(tokens [B], done [B])` is called on the host after every decode step
+    (streaming). With `mesh` and `rules`, activations are sharded like training's (params
+    should already be on that mesh, e.g. from `checkpoint.load_model(..., shardings=)`)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     P = _bucket(max(len(p) for p in prompts))  # bucketed, so similar lengths share a compile
@@ -101,9 +109,15 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
     for i, p in enumerate(prompts):  # left padding: every prompt ends at the same slot
         tokens[i, P - len(p):] = p
         seg[i, P - len(p):] = 1
-    out, lp, _ = _generate(params, jnp.asarray(tokens), jnp.asarray(seg), jax.random.key(seed), config=config,
-                           max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                           top_k=int(top_k), eos_id=int(eos_id))
+    kwargs = dict(config=config, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                  top_p=float(top_p), top_k=int(top_k), eos_id=int(eos_id), on_token=on_token)
+    if mesh is not None:
+        from llama_jax import sharding
+
+        with sharding.activate(mesh, rules or sharding.DEFAULT_RULES):
+            out, lp, _ = _generate(params, jnp.asarray(tokens), jnp.asarray(seg), jax.random.key(seed), **kwargs)
+    else:
+        out, lp, _ = _generate(params, jnp.asarray(tokens), jnp.asarray(seg), jax.random.key(seed), **kwargs)
     out, lp = np.asarray(out), np.asarray(lp)
     result_tokens, result_lp = [], []
     for row, row_lp in zip(out, lp):
@@ -112,3 +126,98 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
         result_tokens.append(row[:n].tolist())
         result_lp.append(row_lp[:n].tolist())
     return Generation(result_tokens, result_lp)
+
+
+# ----------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------
+
+
+def load_for_inference(checkpoint: str):
+    """(config, params on a mesh over all local devices, tokenizer, mesh) of a run or export."""
+    from llama_jax import checkpoint as ckpt
+    from llama_jax import sharding
+    from llama_jax.tokenizer import Tokenizer, TokenizerError
+
+    step, meta = ckpt.read_meta(checkpoint)
+    cfg = ckpt.model_config(meta)
+    if "lm" not in meta.get("heads", ["lm"]):
+        raise ckpt.CheckpointError(f"{checkpoint}: has no LM head (heads {meta.get('heads')}); it cannot generate")
+    mesh = sharding.make_mesh(1, -1, 1)
+    sharding.check_model_fits_mesh(cfg, mesh)
+    shardings = sharding.param_shardings_like(sharding.abstract_params(Llama(cfg)), Llama(cfg), mesh,
+                                              sharding.DEFAULT_RULES)
+    cfg, params, _, tok_path = ckpt.load_model(checkpoint, step, shardings=shardings)
+    if tok_path is None:
+        raise TokenizerError(f"{checkpoint}: no tokenizer.model beside the checkpoint")
+    tok = Tokenizer(tok_path)
+    tok.check_fits(cfg.vocab_size, "checkpoint")
+    return cfg, params, tok, mesh
+
+
+class TextStream:
+    """Prints the text of row 0 as tokens arrive. The answer is decoded whole each time
+    and trailing incomplete UTF-8 (byte-fallback pieces of one character) is held back
+    until it completes, so what is printed always equals the final decoded text."""
+
+    def __init__(self, tokenizer, out=None):
+        import sys
+
+        self.tok, self.out, self.ids, self.shown = tokenizer, out or sys.stdout, [], ""
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+    def __call__(self, tokens, done) -> None:
+        if bool(done[0]) or int(tokens[0]) == self.tok.eos_id:
+            return
+        self.ids.append(int(tokens[0]))
+        self._show(self.tok.decode(self.ids).rstrip("\ufffd"))
+
+    def finish(self) -> str:
+        """Prints what was held back; returns the whole text."""
+        text = self.tok.decode(self.ids)
+        self._show(text)
+        return text
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m llama_jax.generate", description="Continue a prompt.")
+    ap.add_argument("--checkpoint", required=True, help="a run's workdir or an export / converted checkpoint")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--max_new_tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--top_p", type=float, default=0.9)
+    ap.add_argument("--top_k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt as a Llama 2-Chat user turn")
+    args = ap.parse_args(argv)
+    from llama_jax.checkpoint import CheckpointError
+    from llama_jax.tokenizer import DialogError, TokenizerError
+
+    try:
+        cfg, params, tok, mesh = load_for_inference(args.checkpoint)
+        prompt = (tok.encode_dialog([{"role": "user", "content": args.prompt}]) if args.chat
+                  else tok.encode(args.prompt, bos=True))
+        max_new = min(args.max_new_tokens, cfg.max_seq_len - len(prompt) - 16)
+        if not args.chat:
+            sys.stdout.write(args.prompt)
+        stream = TextStream(tok)
+        generate(cfg, params, [prompt], max_new, args.temperature, args.top_p, args.top_k, args.seed,
+                 on_token=stream, mesh=mesh)
+        stream.finish()
+        sys.stdout.write("\n")
+    except (CheckpointError, TokenizerError, DialogError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

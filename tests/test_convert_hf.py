@@ -20,6 +20,7 @@ HF_KW = dict(vocab_size=131, hidden_size=60, intermediate_size=97, num_hidden_la
 
 
 def make_hf(tmp_path, seed=0, shard=False, **overrides):
+    """A random tiny LlamaForCausalLM saved to tmp_path/hf; returns (model, path)."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(**{**HF_KW, **overrides})
     model = transformers.LlamaForCausalLM(cfg).eval()

@@ -1,0 +1,108 @@
+"""Meta import/export and Hugging Face export, against real `transformers` and the frozen
+NumPy port of Meta's model.py."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from helpers import run
+from test_convert_hf import hf_logits, make_hf
+
+import reference
+from llama_jax import checkpoint as ckpt
+from llama_jax import convert
+from llama_jax.convert import ConversionError
+from llama_jax.model import Llama
+
+TOKENS = np.random.default_rng(3).integers(0, 131, size=(2, 15))
+# Meta's params.json can only describe FFN widths from its formula: 2*4*60/3 = 160 -> 192.
+META_HF = dict(intermediate_size=192, vocab_size=132)  # vocab split over 2 shards: even
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    model, path = make_hf(tmp_path_factory.mktemp("hf"), seed=5, **META_HF)
+    cfg, params = convert.from_hf(path, multiple_of=64)
+    assert cfg.hidden_dim == 192
+    return model, cfg.replace(ffn_hidden_dim=None), params
+
+
+def test_meta_export_is_meta_layout_and_reimports(tmp_path, hf):
+    model, cfg, params = hf
+    theirs = hf_logits(model, TOKENS)
+    one, two = tmp_path / "meta1", tmp_path / "meta2"
+    convert.to_meta(params, cfg, str(one))
+    convert.to_meta(params, cfg, str(two), num_shards=2)
+
+    # The single shard, read by an independent port of Meta's forward pass, gives HF's logits.
+    state = {k: v.double().numpy() for k, v in torch.load(one / "consolidated.00.pth", weights_only=True).items()}
+    meta_json = json.load(open(one / "params.json"))
+    assert meta_json["n_kv_heads"] == 2 and meta_json["multiple_of"] == 64
+    ref = reference.forward(state, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.norm_eps, cfg.rope_theta, TOKENS[0])
+    assert np.abs(ref - theirs[0]).max() < 1e-4
+
+    # Two model-parallel shards split the way Meta's layout does.
+    s0 = torch.load(two / "consolidated.00.pth", weights_only=True)
+    assert tuple(s0["layers.0.attention.wq.weight"].shape) == (30, 60)  # rows split
+    assert tuple(s0["layers.0.attention.wk.weight"].shape) == (10, 60)  # one kv head each
+    assert tuple(s0["layers.0.attention.wo.weight"].shape) == (60, 30)  # columns split
+    assert tuple(s0["tok_embeddings.weight"].shape) == (132, 30)  # columns split
+    assert tuple(s0["layers.0.ffn_norm.weight"].shape) == (60,)  # replicated
+
+    cfg1, p1 = convert.from_meta(str(one))
+    cfg2, p2 = convert.from_meta(str(two))
+    assert cfg1 == cfg2 and cfg1.vocab_size == 132 and cfg1.kv_heads == 2
+    l1 = np.asarray(run(Llama(cfg1), p1, TOKENS))
+    l2 = np.asarray(run(Llama(cfg2), p2, TOKENS))
+    np.testing.assert_array_equal(l1, l2)  # 2 shards import to exactly the single-shard model
+    assert np.abs(l1 - theirs).max() < 1e-4
+
+
+def test_hf_export_loads_in_transformers(tmp_path, hf):
+    _, cfg, params = hf
+    convert.to_hf(params, cfg, str(tmp_path / "out"))
+    loaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    theirs = hf_logits(loaded, TOKENS)
+    ours = np.asarray(run(Llama(cfg), params, TOKENS))
+    assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_cli_imports_and_exports_llama_jax_checkpoints(tmp_path, hf, capsys):
+    model, cfg, params = hf
+    meta_dir = tmp_path / "meta"
+    convert.to_meta(params, cfg, str(meta_dir), num_shards=2)
+    assert convert.main(["--from=meta", f"--src={meta_dir}", f"--dst={tmp_path / 'ckpt'}"]) == 0
+    cfg2, params2, heads, tok = ckpt.load_model(str(tmp_path / "ckpt"))
+    assert cfg2 == cfg.replace(max_seq_len=4096) and heads == ("lm",) and tok is None  # Meta: no max_seq_len
+    assert convert.main(["--to=hf", f"--src={tmp_path / 'ckpt'}", f"--dst={tmp_path / 'hf_out'}"]) == 0
+    loaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf_out")).eval()
+    assert np.abs(hf_logits(loaded, TOKENS) - hf_logits(model, TOKENS)).max() < 1e-4
+    assert convert.main(["--from=meta", f"--src={meta_dir}", f"--dst={tmp_path / 'ckpt'}"]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+
+
+def test_bad_meta_directories_are_clear_errors(tmp_path, hf):
+    _, cfg, params = hf
+    d = tmp_path / "m"
+    convert.to_meta(params, cfg, str(d), num_shards=2)
+    os.rename(d / "consolidated.01.pth", d / "consolidated.02.pth")
+    with pytest.raises(ConversionError, match=r"not numbered 00..01 \(missing \['consolidated.01.pth'\]\)"):
+        convert.from_meta(str(d))
+    os.rename(d / "consolidated.02.pth", d / "consolidated.01.pth")
+    pj = json.load(open(d / "params.json"))
+    json.dump({**pj, "use_scaled_rope": True}, open(d / "params.json", "w"))
+    with pytest.raises(ConversionError, match="use_scaled_rope"):
+        convert.from_meta(str(d))
+    json.dump({**pj, "multiple_of": 256}, open(d / "params.json", "w"))
+    with pytest.raises(ConversionError, match="FFN width of 256, but the checkpoint's w1 has 192 rows"):
+        convert.from_meta(str(d))
+    os.remove(d / "params.json")
+    with pytest.raises(ConversionError, match="params.json: missing"):
+        convert.from_meta(str(d))
+    with pytest.raises(ConversionError, match="cannot be split into 4 model-parallel shards"):
+        convert.to_meta(params, cfg, str(tmp_path / "x"), num_shards=4)
+    with pytest.raises(ConversionError, match="not expressible in Meta's params.json"):
+        convert.to_meta(params, cfg.replace(ffn_hidden_dim=100), str(tmp_path / "y"))

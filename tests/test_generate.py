@@ -1,0 +1,132 @@
+import io
+import random
+
+import jax
+import numpy as np
+import pytest
+from helpers import random_params, run
+
+from llama_jax import chat
+from llama_jax import checkpoint as ckpt
+from llama_jax import generate as gen
+from llama_jax import tokenizer as tk
+from llama_jax.data import synthetic
+from llama_jax.model import Llama, LlamaConfig
+
+CFG = LlamaConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=384, ffn_hidden_dim=80, max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return random_params(CFG, std=0.15, seed=3)
+
+
+def reference_greedy(params, prompt, n):
+    """Greedy decoding by full forward passes (no cache): the ground truth."""
+    seq, lps = list(prompt), []
+    for _ in range(n):
+        logits = np.asarray(run(Llama(CFG), params, np.array([seq])))[0, -1]
+        tok = int(np.argmax(logits))
+        lps.append(float(jax.nn.log_softmax(logits)[tok]))
+        seq.append(tok)
+    return seq[len(prompt):], lps
+
+
+def test_greedy_batch_of_ragged_prompts_equals_full_forward_decoding(params):
+    prompts = [[1, 5, 9], [1, 17, 3, 44, 12, 7, 90], [1, 200]]
+    out = gen.generate(CFG, params, prompts, max_new_tokens=6, eos_id=-1)
+    for p, toks, lps in zip(prompts, out.tokens, out.logprobs):
+        ref_toks, ref_lps = reference_greedy(params, p, 6)
+        assert toks == ref_toks
+        np.testing.assert_allclose(lps, ref_lps, atol=1e-5)
+
+
+def test_temperature_zero_top_p_zero_and_top_k_one_are_greedy(params):
+    prompts = [[1, 5, 9, 33], [1, 8]]
+    greedy = gen.generate(CFG, params, prompts, 8, temperature=0.0).tokens
+    assert gen.generate(CFG, params, prompts, 8, temperature=0.9, top_p=0.0, seed=1).tokens == greedy
+    assert gen.generate(CFG, params, prompts, 8, temperature=0.9, top_k=1, seed=2).tokens == greedy
+
+
+def test_sampling_is_reproducible_per_seed_and_respects_top_k(params):
+    prompts = [[1, 5, 9, 33]] * 4
+    a = gen.generate(CFG, params, prompts, 10, temperature=1.0, seed=7)
+    b = gen.generate(CFG, params, prompts, 10, temperature=1.0, seed=7)
+    c = gen.generate(CFG, params, prompts, 10, temperature=1.0, seed=8)
+    assert a.tokens == b.tokens and a.logprobs == b.logprobs
+    assert a.tokens != c.tokens
+    assert len({tuple(t) for t in a.tokens}) > 1  # rows draw different samples
+    k = gen.generate(CFG, params, [[1, 5, 9, 33]], 6, temperature=1.5, top_k=3, seed=3).tokens[0]
+    seq = [1, 5, 9, 33]
+    for t in k:  # each sampled token is among the 3 most likely at its step
+        logits = np.asarray(run(Llama(CFG), params, np.array([seq])))[0, -1]
+        assert t in np.argsort(logits)[-3:]
+        seq.append(t)
+
+
+def test_stops_at_eos_and_streams(params):
+    forced = jax.tree_util.tree_map(np.array, params)
+    forced["output"][:, tk.EOS_ID] += 100.0  # EOS becomes overwhelmingly likely
+    seen = []
+    out = gen.generate(CFG, forced, [[1, 4, 5], [1, 6]], 20, on_token=lambda t, d: seen.append((t.tolist(),
+                                                                                                  d.tolist())))
+    assert out.tokens == [[tk.EOS_ID], [tk.EOS_ID]]
+    assert seen == [([tk.EOS_ID, tk.EOS_ID], [False, False])]  # one step, then the loop ends on device
+
+
+def test_prompt_too_long_is_a_clear_error(params):
+    with pytest.raises(ValueError, match="exceeds max_seq_len 128"):
+        gen.generate(CFG, params, [[1] * 100], 40)
+    with pytest.raises(ValueError, match="at least one token"):
+        gen.generate(CFG, params, [[]], 4)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory, params):
+    d = tmp_path_factory.mktemp("ckpt")
+    lines = [" ".join(random.Random(i).choice(synthetic.WORDS) for _ in range(10)) for i in range(300)]
+    (d / "corpus.txt").write_text("\n".join(lines + ["[INST] <<SYS>> [/INST] 0123456789 ?!.,:"] * 5))
+    tok = tk.train([str(d / "corpus.txt")], CFG.vocab_size, str(d / "tok.model"))
+    out = d / "model"
+    ckpt.save_params(str(out), params, {"model": CFG.to_dict(), "heads": ["lm"], "tokenizer": tok.identity()},
+                     tokenizer_path=tok.path)
+    return str(out), tok
+
+
+def test_generate_cli_streams_the_continuation(checkpoint_dir, capsys, params):
+    path, tok = checkpoint_dir
+    assert gen.main([f"--checkpoint={path}", "--prompt=apple river", "--max_new_tokens=12", "--temperature=0"]) == 0
+    printed = capsys.readouterr().out
+    expected = gen.generate(CFG, params, [tok.encode("apple river", bos=True)], 12).tokens[0]
+    assert printed == "apple river" + tok.decode([t for t in expected if t != tk.EOS_ID]) + "\n"
+
+
+def test_chat_cli_keeps_a_multi_turn_llama2_dialog(checkpoint_dir, params):
+    path, tok = checkpoint_dir
+    inputs = iter(["hello there", "/reset", "what is 2 + 2?", "and then?"])
+    out = io.StringIO()
+
+    def fake_input(prompt):
+        out.write(prompt)
+        try:
+            return next(inputs)
+        except StopIteration:
+            raise EOFError from None
+
+    assert chat.main([f"--checkpoint={path}", "--system=Be brief.", "--temperature=0", "--max_new_tokens=8"],
+                     input_fn=fake_input, out=out) == 0
+    text = out.getvalue()
+    assert text.count("assistant> ") == 3 and "(new dialog)" in text
+    # The third turn's prompt is Meta's format of the whole dialog so far, system included.
+    first = gen.generate(CFG, params, [tok.encode_dialog([{"role": "system", "content": "Be brief."},
+                                                         {"role": "user", "content": "what is 2 + 2?"}])], 8)
+    answer = tok.decode([t for t in first.tokens[0] if t != tk.EOS_ID])
+    assert f"assistant> {answer}\n" in text
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert gen.main([f"--checkpoint={tmp_path}", "--prompt=x"]) == 2
+    assert "no complete checkpoint found" in capsys.readouterr().err
+    ckpt.save_params(str(tmp_path / "m"), random_params(CFG), {"model": CFG.to_dict(), "heads": ["lm"]})
+    assert chat.main([f"--checkpoint={tmp_path / 'm'}"]) == 2
+    assert "no tokenizer.model beside the checkpoint" in capsys.readouterr().err

@@ -6,12 +6,12 @@ import os
 
 import numpy as np
 import pytest
+import reference
 import torch
 import transformers
 from helpers import run
 from test_convert_hf import hf_logits, make_hf
 
-import reference
 from llama_jax import checkpoint as ckpt
 from llama_jax import convert
 from llama_jax.convert import ConversionError

@@ -1,0 +1,79 @@
+"""Decode throughput: llama_jax `generate` against Hugging Face `generate`, same model.
+
+    python benchmarks/decode_throughput.py [--repeats=3]
+
+Reference config (issue 9): dim 512, 8 layers, 8 heads, FFN by Meta's formula (1536),
+vocab 32000; prompt 32 tokens, 128 new tokens (EOS disabled so every run decodes all
+128), greedy, batch 1 and batch 16. Both run float32 on the CPU in this one process, with
+identical weights (ours exported to HF). Compilation / warm-up runs are excluded; the
+median of `--repeats` timed runs is reported as new tokens per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new_tokens", type=int, default=128)
+    ap.add_argument("--prompt_len", type=int, default=32)
+    args = ap.parse_args(argv)
+
+    import jax
+    import numpy as np
+    import torch
+    import transformers
+
+    from llama_jax import convert, sharding
+    from llama_jax.generate import generate
+    from llama_jax.model import Llama, LlamaConfig
+
+    cfg = LlamaConfig(dim=512, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=512)
+    params, _ = sharding.init_params(Llama(cfg), jax.random.key(0), sharding.make_mesh(1, 1, 1, jax.devices()[:1]),
+                                     sharding.DEFAULT_RULES)
+    with tempfile.TemporaryDirectory() as d:
+        convert.to_hf(params, cfg, d)
+        hf = transformers.LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa").eval()
+
+    rng = np.random.default_rng(0)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
+    print(f"config: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, ffn {cfg.hidden_dim}, vocab "
+          f"{cfg.vocab_size}; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, float32")
+    print(f"{'batch':>5} {'llama_jax tok/s':>16} {'HF generate tok/s':>18} {'ratio':>7}")
+    for batch in (1, 16):
+        prompts = rng.integers(3, cfg.vocab_size, (batch, args.prompt_len))
+
+        def ours():
+            out = generate(cfg, params, prompts.tolist(), args.new_tokens, eos_id=-1)
+            assert all(len(t) == args.new_tokens for t in out.tokens)
+
+        def theirs():
+            with torch.no_grad():
+                out = hf.generate(torch.tensor(prompts), max_new_tokens=args.new_tokens,
+                                  min_new_tokens=args.new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+            assert out.shape[1] == args.prompt_len + args.new_tokens
+
+        rates = {}
+        for name, fn in (("ours", ours), ("hf", theirs)):
+            fn()  # warm-up (compilation for ours)
+            times = []
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            rates[name] = batch * args.new_tokens / statistics.median(times)
+        print(f"{batch:>5} {rates['ours']:>16,.0f} {rates['hf']:>18,.0f} {rates['ours'] / rates['hf']:>6.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Evaluation: held-out perplexity, k-shot multiple-choice log-likelihood (MMLU /
+HellaSwag / ARC style), and reward-model accuracy per rating bucket (paper Table 8).
+
+    python -m llama_jax.evaluate --checkpoint=DIR --task=perplexity --data=jsonl:held_out.jsonl
+    python -m llama_jax.evaluate --checkpoint=DIR --task=multiple_choice --data=arc.jsonl --k_shot=5
+    python -m llama_jax.evaluate --checkpoint=RM_DIR --task=reward_accuracy --data=pairs.jsonl
+
+Multiple choice: JSONL lines `{"question": str, "choices": [str, ...], "answer": int | str}`
+(answer = index or the text of the right choice). Each choice is scored by the summed
+log-probability of its tokens after the prompt "Question: {q}\\nAnswer:" (preceded by
+k solved examples from the same file, never the question itself); `accuracy` takes the
+highest sum, `accuracy_norm` the highest sum per character of the choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import random
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.data import sources
+from llama_jax.data.sources import DataError
+from llama_jax.model import Llama, LlamaConfig
+
+
+def _bucket(n: int, multiple: int = 32) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _row_logprobs(params, tokens, segment_ids, target_mask, *, config: LlamaConfig):
+    """Sum over masked positions of log p(tokens[t+1] | tokens[..t]), and whether every
+    masked target was the argmax. tokens/segment_ids/target_mask [B, T]."""
+    logits = Llama(config).apply({"params": params}, tokens, None, segment_ids)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    targets = tokens[:, 1:]
+    tok_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    mask = target_mask[:, 1:]
+    greedy = jnp.argmax(logp, axis=-1) == targets
+    return jnp.sum(tok_lp * mask, axis=1), jnp.all(greedy | (mask == 0), axis=1)
+
+
+def loglikelihood(config: LlamaConfig, params, contexts: Sequence[Sequence[int]],
+                  continuations: Sequence[Sequence[int]], batch_size: int = 8) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context), continuation is the greedy one) per pair.
+    Pairs longer than max_seq_len keep their last max_seq_len tokens."""
+    out = []
+    rows = []
+    for ctx, cont in zip(contexts, continuations):
+        seq = (list(ctx) + list(cont))[-config.max_seq_len:]
+        rows.append((seq, min(len(cont), len(seq) - 1)))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        T = min(_bucket(max(len(s) for s, _ in chunk)), config.max_seq_len)
+        tokens = np.zeros((batch_size, T), np.int32)
+        seg = np.zeros((batch_size, T), np.int32)
+        mask = np.zeros((batch_size, T), np.float32)
+        for i, (seq, n_cont) in enumerate(chunk):
+            tokens[i, :len(seq)], seg[i, :len(seq)] = seq, 1
+            mask[i, len(seq) - n_cont:len(seq)] = 1.0
+        lp, greedy = _row_logprobs(params, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(mask), config=config)
+        out += [(float(a), bool(b)) for a, b in zip(np.asarray(lp)[:len(chunk)], np.asarray(greedy)[:len(chunk)])]
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# Perplexity
+# ----------------------------------------------------------------------------------
+
+
+def perplexity(config: LlamaConfig, params, tokenizer, source: str, seq_len: int = 512, batch_size: int = 8,
+               max_batches: int = 0) -> dict:
+    """Token-level perplexity of `source` (a pretraining source spec: text:GLOB,
+    jsonl:GLOB, stdlib:eval, ...), read once in order, packed like pretraining."""
+    from llama_jax import objectives
+    from llama_jax.data import pretrain
+
+    seq_len = min(seq_len, config.max_seq_len)
+    data = pretrain.make_dataset(source, tokenizer, seq_len, batch_size, split="eval", prefetch=0)
+    model = Llama(config)
+
+    @jax.jit
+    def step(params, batch):
+        return objectives.next_token(lambda p, t, pos, s: model.apply({"params": p}, t, pos, s), params, batch)
+
+    total, weight, batches = 0.0, 0.0, 0
+    for batch in data:
+        loss_sum, w, _ = step(params, {k: jnp.asarray(v) for k, v in batch.items()})
+        total, weight, batches = total + float(loss_sum), weight + float(w), batches + 1
+        if max_batches and batches >= max_batches:
+            break
+    data.close()
+    if weight == 0:
+        raise DataError(f"{source}: no complete batch of {batch_size} x {seq_len} tokens to evaluate")
+    loss = total / weight
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(weight), "batches": batches}
+
+
+# ----------------------------------------------------------------------------------
+# Multiple choice
+# ----------------------------------------------------------------------------------
+
+
+def _validate_mc(record: dict, where: str) -> None:
+    sources.require(record, where, "question", str)
+    choices = sources.require(record, where, "choices", list)
+    if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise DataError(f"{where}: 'choices' must be a list of at least 2 strings")
+    answer = record.get("answer")
+    if isinstance(answer, bool) or not (isinstance(answer, int) and 0 <= answer < len(choices)
+                                        or isinstance(answer, str) and answer in choices):
+        raise DataError(f"{where}: 'answer' must be an index into choices (0..{len(choices) - 1}) or one of them,"
+                        f" got {answer!r}")
+
+
+def _answer_index(record: dict) -> int:
+    a = record["answer"]
+    return a if isinstance(a, int) else record["choices"].index(a)
+
+
+def mc_prompt(record: dict, shots: Sequence[dict]) -> str:
+    solved = "".join(f"Question: {s['question']}\nAnswer: {s['choices'][_answer_index(s)]}\n\n" for s in shots)
+    return f"{solved}Question: {record['question']}\nAnswer:"
+
+
+def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: int = 0, seed: int = 0,
+                    limit: int = 0, batch_size: int = 8) -> dict:
+    data = sources.Jsonl(path, validate=_validate_mc)
+    records = [data.record(i) for i in range(len(data))]
+    if limit:
+        records = records[:limit]
+    rng = random.Random(seed)
+    contexts, continuations = [], []
+    for qi, rec in enumerate(records):
+        others = [r for j, r in enumerate(records) if j != qi]
+        shots = rng.sample(others, min(k_shot, len(others)))
+        prompt = mc_prompt(rec, shots)
+        ctx = tokenizer.encode(prompt, bos=True)
+        for choice in rec["choices"]:
+            # Tokenize prompt + choice together (as the model would read it); the choice's
+            # tokens are what follows the prompt's (pieces never cross the space).
+            full = tokenizer.encode(f"{prompt} {choice}", bos=True)
+            n = len(ctx)
+            while full[:n] != ctx[:n]:
+                n -= 1
+            contexts.append(full[:n])
+            continuations.append(full[n:])
+    scores = loglikelihood(config, params, contexts, continuations, batch_size)
+    correct = correct_norm = 0
+    per_question = []
+    i = 0
+    for rec in records:
+        n = len(rec["choices"])
+        lps = np.array([s for s, _ in scores[i:i + n]])
+        norm = lps / np.array([max(len(c), 1) for c in rec["choices"]])
+        pick, pick_norm = int(np.argmax(lps)), int(np.argmax(norm))
+        correct += pick == _answer_index(rec)
+        correct_norm += pick_norm == _answer_index(rec)
+        per_question.append(lps.tolist())
+        i += n
+    n = len(records)
+    return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "questions": n, "k_shot": k_shot,
+            "loglikelihoods": per_question}
+
+
+# ----------------------------------------------------------------------------------
+# Reward models
+# ----------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _scores(params, tokens, segment_ids, *, config: LlamaConfig):
+    return Llama(config, ("score",)).apply({"params": params}, tokens, None, segment_ids)
+
+
+def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dict]], batch_size: int = 8
+          ) -> np.ndarray:
+    """Reward-model scores (raw, before the sigmoid) of complete dialogs (each ending
+    with the assistant answer to be scored), read at the last token, right-padded."""
+    rows = []
+    for d in dialogs:
+        tokens, _ = tokenizer.encode_dialog_for_training(d)
+        rows.append(tokens[-config.max_seq_len:])
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        T = min(_bucket(max(len(r) for r in chunk)), config.max_seq_len)
+        tokens = np.zeros((batch_size, T), np.int32)
+        seg = np.zeros((batch_size, T), np.int32)
+        for i, r in enumerate(chunk):
+            tokens[i, :len(r)], seg[i, :len(r)] = r, 1
+        out.append(np.asarray(_scores(params, jnp.asarray(tokens), jnp.asarray(seg), config=config))[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_size: int = 8) -> dict:
+    """Accuracy (chosen scored above rejected) per rating bucket and overall (paper Table
+    8 layout), plus unsafe-response recall at the 0.5 threshold where safety labels exist
+    (sigmoid(score) < 0.5 counted as 'unsafe')."""
+    from llama_jax.data.preference import RATINGS, PreferencePairs
+
+    pairs = PreferencePairs(path)
+    recs = [pairs[i] for i in range(len(pairs))]
+    chosen = score(config, params, tokenizer, [r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]
+                                               for r in recs], batch_size)
+    rejected = score(config, params, tokenizer, [r["prompt"] + [{"role": "assistant", "content": r["rejected"]}]
+                                                 for r in recs], batch_size)
+    right = chosen > rejected
+    out: dict = {"pairs": len(recs), "accuracy": float(right.mean())}
+    for rating in RATINGS:
+        idx = [i for i, r in enumerate(recs) if r.get("rating") == rating]
+        out[rating] = float(right[idx].mean()) if idx else None
+    unsafe = [s for r, c, j in zip(recs, chosen, rejected) for s, safe in ((c, r.get("chosen_safe")),
+                                                                            (j, r.get("rejected_safe")))
+              if safe is False]
+    if unsafe:
+        out["unsafe_recall"] = float(np.mean(1 / (1 + np.exp(-np.array(unsafe))) < 0.5))
+    return out
+
+
+def table8(results: dict) -> str:
+    """The paper's Table 8 layout: one row, the four rating buckets and the average."""
+    from llama_jax.data.preference import RATINGS
+
+    head = "| " + " | ".join(r.replace("_", " ") for r in RATINGS) + " | avg |"
+    cells = [f"{100 * results[r]:.1f}" if results.get(r) is not None else "-" for r in RATINGS]
+    return head + "\n|" + "---|" * 5 + "\n| " + " | ".join(cells) + f" | {100 * results['accuracy']:.1f} |"
+
+
+# ----------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llama_jax.evaluate", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--task", required=True, choices=["perplexity", "multiple_choice", "reward_accuracy"])
+    ap.add_argument("--data", required=True, help="source spec (perplexity) or JSONL file")
+    ap.add_argument("--k_shot", type=int, default=0)
+    ap.add_argument("--seq_len", type=int, default=512)
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--max_batches", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=0, help="first N questions only (multiple_choice)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output", default="", help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    from llama_jax import checkpoint as ckpt
+    from llama_jax.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        cfg, params, heads, tok_path = ckpt.load_model(args.checkpoint)
+        if tok_path is None:
+            raise TokenizerError(f"{args.checkpoint}: no tokenizer.model beside the checkpoint")
+        tok = Tokenizer(tok_path)
+        need = "score" if args.task == "reward_accuracy" else "lm"
+        if need not in heads:
+            raise ckpt.CheckpointError(f"{args.checkpoint}: task {args.task} needs a '{need}' head; it has {heads}")
+        if args.task == "perplexity":
+            res = perplexity(cfg, params, tok, args.data, args.seq_len, args.batch_size, args.max_batches)
+            print(f"perplexity {res['perplexity']:.3f} (loss {res['loss']:.4f} nats/token over {res['tokens']:,}"
+                  f" tokens)")
+        elif args.task == "multiple_choice":
+            res = multiple_choice(cfg, params, tok, args.data, args.k_shot, args.seed, args.limit, args.batch_size)
+            print(f"{args.k_shot}-shot accuracy {res['accuracy']:.4f} (length-normalised {res['accuracy_norm']:.4f})"
+                  f" on {res['questions']} questions")
+        else:
+            res = reward_accuracy(cfg, params, tok, args.data, args.batch_size)
+            print(table8(res))
+            if "unsafe_recall" in res:
+                print(f"unsafe-response recall at 0.5: {res['unsafe_recall']:.3f}")
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(res, f, indent=1)
+    except (ckpt.CheckpointError, TokenizerError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+import json
+import random
+
+import jax
+import numpy as np
+import pytest
+from helpers import random_params, run
+
+from llama_jax import checkpoint as ckpt
+from llama_jax import evaluate as ev
+from llama_jax import tokenizer as tk
+from llama_jax.data import pretrain, synthetic
+from llama_jax.data.sources import DataError
+from llama_jax.model import Llama, LlamaConfig
+
+CFG = LlamaConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=384, ffn_hidden_dim=80, max_seq_len=256)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    lines = [" ".join(random.Random(i).choice(synthetic.WORDS) for _ in range(10)) for i in range(300)]
+    lines += [json.dumps(r) for r in synthetic.generate("preference", 50, 0)]
+    (d / "c.txt").write_text("\n".join(lines + ["Question: Answer: 0123456789 ?!.,"] * 5))
+    return tk.train([str(d / "c.txt")], CFG.vocab_size, str(d / "tok.model"))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return random_params(CFG, std=0.15, seed=4)
+
+
+def full_logprob(params, ctx, cont):
+    seq = np.array([list(ctx) + list(cont)])
+    logp = np.asarray(jax.nn.log_softmax(run(Llama(CFG), params, seq)[0], axis=-1))
+    return sum(logp[len(ctx) + i - 1, t] for i, t in enumerate(cont))
+
+
+def test_loglikelihood_equals_full_forward(params):
+    ctxs = [[1, 5, 6, 7], [1, 9], [1, 3, 3, 3, 3, 3, 3, 3, 40]]
+    conts = [[8, 9], [10, 11, 12, 13], [2]]
+    got = ev.loglikelihood(CFG, params, ctxs, conts, batch_size=2)
+    for (lp, _), c, t in zip(got, ctxs, conts):
+        assert lp == pytest.approx(full_logprob(params, c, t), abs=1e-4)
+    ctx = [1, 5, 6]
+    greedy = int(np.argmax(run(Llama(CFG), params, np.array([ctx]))[0, -1]))
+    assert ev.loglikelihood(CFG, params, [ctx], [[greedy]])[0][1] is True
+    assert ev.loglikelihood(CFG, params, [ctx], [[(greedy + 1) % CFG.vocab_size]])[0][1] is False
+
+
+def test_multiple_choice_scores_and_accuracy(tmp_path, tok, params):
+    qs = [{"question": f"What is {a} + {b}?", "choices": [str(a + b), str(a + b + 1), "apple"], "answer": 0}
+          for a, b in ((1, 2), (3, 4), (5, 6), (7, 8))]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("\n".join(json.dumps(q) for q in qs))
+    res = ev.multiple_choice(CFG, params, tok, str(path), k_shot=0)
+    # Each score is the log-likelihood of the choice after the prompt, by full forward passes.
+    for q, lps in zip(qs, res["loglikelihoods"]):
+        prompt = ev.mc_prompt(q, [])
+        ctx = tok.encode(prompt, bos=True)
+        for choice, lp in zip(q["choices"], lps):
+            full = tok.encode(f"{prompt} {choice}", bos=True)
+            assert full[:len(ctx)] == ctx
+            assert lp == pytest.approx(full_logprob(params, ctx, full[len(ctx):]), abs=1e-4)
+    # Re-key the answers to the model's own picks on half the questions: accuracy is exactly 0.5.
+    picks = [int(np.argmax(lps)) for lps in res["loglikelihoods"]]
+    for i, q in enumerate(qs):
+        q["answer"] = picks[i] if i % 2 == 0 else (picks[i] + 1) % 3
+    path.write_text("\n".join(json.dumps(q) for q in qs))
+    assert ev.multiple_choice(CFG, params, tok, str(path))["accuracy"] == 0.5
+    shot = ev.mc_prompt(qs[0], qs[1:3])
+    assert shot.count("Question:") == 3 and shot.endswith(f"Question: {qs[0]['question']}\nAnswer:")
+    five = ev.multiple_choice(CFG, params, tok, str(path), k_shot=5)
+    assert five["k_shot"] == 5 and five["questions"] == 4  # only 3 other questions exist: 3 shots
+
+
+def test_perplexity_matches_the_training_objective(tmp_path, tok, params):
+    docs = tmp_path / "d.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": " ".join(random.Random(i).choice(synthetic.WORDS)
+                                                                 for _ in range(40))}) for i in range(30)))
+    res = ev.perplexity(CFG, params, tok, f"jsonl:{docs}", seq_len=64, batch_size=2)
+    batches = pretrain.make_dataset(f"jsonl:{docs}", tok, 64, 2, split="eval", prefetch=0)
+    total = weight = 0.0
+    for b in batches:
+        logits = np.asarray(run(Llama(CFG), params, b["tokens"], b["positions"], b["segment_ids"]))
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        ce = -np.take_along_axis(np.asarray(logp), b["targets"][..., None], -1)[..., 0]
+        total, weight = total + (ce * b["loss_mask"]).sum(), weight + b["loss_mask"].sum()
+    assert res["loss"] == pytest.approx(total / weight, rel=1e-5)
+    assert res["perplexity"] == pytest.approx(np.exp(total / weight), rel=1e-5)
+    with pytest.raises(DataError, match="no complete batch"):
+        ev.perplexity(CFG, params, tok, f"jsonl:{docs}", seq_len=256, batch_size=64)
+
+
+def test_reward_accuracy_per_rating_bucket(tmp_path, tok):
+    rm = random_params(CFG, heads=("score",), std=0.15, seed=9)
+    pairs = synthetic.generate("preference", 24, 1)
+    path = tmp_path / "p.jsonl"
+    synthetic.write_jsonl(pairs, str(path))
+    res = ev.reward_accuracy(CFG, rm, tok, str(path))
+    chosen = ev.score(CFG, rm, tok, [p["prompt"] + [{"role": "assistant", "content": p["chosen"]}] for p in pairs])
+    rejected = ev.score(CFG, rm, tok, [p["prompt"] + [{"role": "assistant", "content": p["rejected"]}]
+                                       for p in pairs])
+    assert res["accuracy"] == pytest.approx(float(np.mean(chosen > rejected)))
+    for rating in ("significantly_better", "better", "slightly_better", "negligibly_better"):
+        idx = [i for i, p in enumerate(pairs) if p["rating"] == rating]
+        assert res[rating] == pytest.approx(float(np.mean((chosen > rejected)[idx])))
+    # The score head reads the last token: a dialog alone scores like it does in a batch.
+    alone = ev.score(CFG, rm, tok, [pairs[3]["prompt"] + [{"role": "assistant", "content": pairs[3]["chosen"]}]])
+    assert alone[0] == pytest.approx(chosen[3], abs=1e-5)
+    assert "significantly better | better | slightly better | negligibly better | avg" in ev.table8(res)
+
+
+def test_evaluate_cli(tmp_path, tok, params, capsys):
+    ckpt.save_params(str(tmp_path / "m"), params, {"model": CFG.to_dict(), "heads": ["lm"]}, tokenizer_path=tok.path)
+    docs = tmp_path / "d.txt"
+    docs.write_text(" ".join(random.Random(0).choice(synthetic.WORDS) for _ in range(400)))
+    out = tmp_path / "res.json"
+    assert ev.main([f"--checkpoint={tmp_path / 'm'}", "--task=perplexity", f"--data=text:{docs}", "--seq_len=64",
+                    "--batch_size=2", f"--output={out}"]) == 0
+    assert "perplexity" in capsys.readouterr().out and json.loads(out.read_text())["tokens"] > 0
+    assert ev.main([f"--checkpoint={tmp_path / 'm'}", "--task=reward_accuracy", f"--data={docs}"]) == 2
+    assert "needs a 'score' head" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}))
+    assert ev.main([f"--checkpoint={tmp_path / 'm'}", "--task=multiple_choice", f"--data={bad}"]) == 2
+    assert "bad.jsonl:1: 'answer' must be an index into choices (0..1)" in capsys.readouterr().err

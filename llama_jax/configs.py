@@ -83,9 +83,28 @@ def base_config() -> ml_collections.ConfigDict:
     c.metrics = ml_collections.ConfigDict()
     c.metrics.peak_flops_per_device = 0.0  # for MFU; 0 = known chip table, or measured on CPU
 
+    c.eval_exact_match = 0  # chat stages: held-out dialogs whose greedy answer is checked (0 = off)
+    c.eval_max_new_tokens = 32  # answer length budget for that check
+
     c.sample = ml_collections.ConfigDict()
     c.sample.prompt = ""  # printed continuation at the end of the run ("" = none)
     c.sample.max_new_tokens = 64
     c.sample.temperature = 0.8
     c.sample.top_p = 0.95
+    return c
+
+
+def chat_config() -> ml_collections.ConfigDict:
+    """Base for the fine-tuning stages (SFT, reward models, DPO): data fields for JSONL
+    sources and for the seeded toy data written into the workdir."""
+    c = base_config()
+    c.data.source = "synthetic"  # JSONL glob, or "synthetic" (toy data written to WORKDIR/data)
+    c.data.eval_source = ""  # held-out JSONL ("" with synthetic: the generated eval split)
+    c.data.pack = True  # several dialogs per row (SFT); False = one per row, padded
+    c.data.last_turn_only = False  # train only the final answer (Ghost Attention)
+    c.data.synthetic_train = 4000  # toy training examples
+    c.data.synthetic_eval = 200  # toy held-out examples (minus any whose prompt occurs in training)
+    c.data.synthetic_mix = 0.1  # toy preference data: share of safety (refusal) pairs
+    c.eval_exact_match = 200
+    c.sample.prompt = ""
     return c

@@ -33,6 +33,13 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
+        import logging as py_logging
+
+        class _QuietOrbax(py_logging.Filter):  # its warnings describe its own defaults, not problems
+            def filter(self, record):
+                return record.levelno >= py_logging.ERROR or "orbax" not in record.pathname
+
+        logging.get_absl_handler().addFilter(_QuietOrbax())
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.data.sources import DataError
     from llama_jax.sharding import MeshError

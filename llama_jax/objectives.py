@@ -1,10 +1,11 @@
 """Loss functions for the one train step.
 
-An objective is `objective(apply_fn, params, batch) -> (loss_sum, weight, metric_sums)`:
-sums over the batch, not means, so that gradient accumulation over micro-batches is
-exact (the step divides the accumulated `loss_sum` by the accumulated `weight`).
-`metric_sums` maps names to sums that are divided by the same weight when logged.
-`apply_fn(params, tokens, positions, segment_ids)` runs the model.
+An objective is `objective(apply_fn, params, batch, frozen=None) -> (loss_sum, weight,
+metric_sums)`: sums over the batch, not means, so that gradient accumulation over
+micro-batches is exact (the step divides the accumulated `loss_sum` by the accumulated
+`weight`, and every metric sum by the same weight). `apply_fn(params, tokens, positions,
+segment_ids)` runs the model; `frozen` holds parameters that are not trained (DPO's
+reference policy), passed into the jitted step as an argument, never as constants.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-Objective = Callable[[Callable, Any, dict], tuple[jax.Array, jax.Array, dict]]
+Objective = Callable[..., tuple[jax.Array, jax.Array, dict]]
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -23,7 +24,7 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
-def next_token(apply_fn, params, batch) -> tuple[jax.Array, jax.Array, dict]:
+def next_token(apply_fn, params, batch, frozen=None) -> tuple[jax.Array, jax.Array, dict]:
     """Masked next-token cross-entropy (pretraining, SFT, rejection-sampled targets,
     GAtt): the batch's `loss_mask` says which targets are trained."""
     logits = apply_fn(params, batch["tokens"], batch["positions"], batch["segment_ids"])
@@ -33,4 +34,60 @@ def next_token(apply_fn, params, batch) -> tuple[jax.Array, jax.Array, dict]:
     return jnp.sum(ce * mask), jnp.sum(mask), {"accuracy": jnp.sum(correct * mask)}
 
 
-OBJECTIVES: dict[str, Objective] = {"next_token": next_token}
+def _both_sides(batch: dict, field: str) -> jax.Array:
+    """chosen_<field> and rejected_<field> stacked into one [2B, ...] array (one forward)."""
+    return jnp.concatenate([batch[f"chosen_{field}"], batch[f"rejected_{field}"]], axis=0)
+
+
+def ranking(apply_fn, params, batch, frozen=None, safety_weight: float = 0.0) -> tuple[jax.Array, jax.Array, dict]:
+    """Reward-model loss (paper eq. 2 with the margin of section 3.2.2):
+        L = -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - m(rating)),
+    with `batch["margin"]` = m(rating) from the chosen table (0 for `none`). With
+    `safety_weight` > 0 (the safety reward model) an auxiliary binary cross-entropy pushes
+    sigmoid(r) towards 1 for responses labelled safe and 0 for unsafe ones, on every
+    response that has a label: the paper names this term (A.3.4) but gives no formula."""
+    scores = apply_fn(params, _both_sides(batch, "tokens"), _both_sides(batch, "positions"),
+                      _both_sides(batch, "segment_ids")).astype(jnp.float32)
+    B = batch["margin"].shape[0]
+    r_chosen, r_rejected = scores[:B], scores[B:]
+    diff = r_chosen - r_rejected
+    losses = jax.nn.softplus(-(diff - batch["margin"].astype(jnp.float32)))  # = -log sigmoid(.)
+    loss_sum = jnp.sum(losses)
+    metrics = {"accuracy": jnp.sum((diff > 0).astype(jnp.float32)), "reward_margin": jnp.sum(diff),
+               "chosen_reward": jnp.sum(r_chosen)}
+    if safety_weight:
+        labels = jnp.concatenate([batch["chosen_safe"], batch["rejected_safe"]]).astype(jnp.float32)
+        known = (labels >= 0).astype(jnp.float32)
+        bce = optax.sigmoid_binary_cross_entropy(scores, jnp.clip(labels, 0.0, 1.0))
+        # Normalised per pair like the ranking term: each pair contributes its labelled responses.
+        aux = jnp.sum(bce * known) / jnp.maximum(jnp.sum(known), 1.0) * B
+        loss_sum = loss_sum + safety_weight * aux
+        metrics["safety_bce"] = aux
+    return loss_sum, jnp.asarray(B, jnp.float32), metrics
+
+
+def sequence_logprob(apply_fn, params, tokens, positions, segment_ids, targets, mask) -> jax.Array:
+    """Sum over masked positions of log p(target): [B]."""
+    logits = apply_fn(params, tokens, positions, segment_ids).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    tok = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(tok * mask.astype(jnp.float32), axis=-1)
+
+
+def dpo(apply_fn, params, batch, frozen=None, beta: float = 0.1) -> tuple[jax.Array, jax.Array, dict]:
+    """Direct Preference Optimization (Rafailov et al. 2023) against the frozen reference
+    policy `frozen`:  L = -log sigmoid(beta * [(log pi(y_c) - log ref(y_c)) -
+    (log pi(y_r) - log ref(y_r))]), log-probabilities summed over the answer tokens."""
+    args = [_both_sides(batch, f) for f in ("tokens", "positions", "segment_ids", "targets", "loss_mask")]
+    policy = sequence_logprob(apply_fn, params, *args)
+    reference = jax.lax.stop_gradient(sequence_logprob(apply_fn, frozen, *args))
+    B = batch["margin"].shape[0]
+    ratio = policy - reference
+    logits = beta * (ratio[:B] - ratio[B:])
+    losses = jax.nn.softplus(-logits)
+    return jnp.sum(losses), jnp.asarray(B, jnp.float32), {
+        "accuracy": jnp.sum((logits > 0).astype(jnp.float32)),
+        "chosen_reward": jnp.sum(beta * ratio[:B]), "rejected_reward": jnp.sum(beta * ratio[B:])}
+
+
+OBJECTIVES: dict[str, Any] = {"next_token": next_token, "ranking": ranking, "dpo": dpo}

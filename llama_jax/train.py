@@ -99,21 +99,22 @@ def _split_micro(batch: dict, n: int) -> dict:
 
 
 def make_train_step(apply_fn: Callable, objective: Objective, optimizer: optax.GradientTransformation,
-                    grad_accum_steps: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """A pure step: (state, batch) -> (state, metrics). Gradients are accumulated over
+                    grad_accum_steps: int = 1) -> Callable[..., tuple[TrainState, dict]]:
+    """A pure step: (state, batch, frozen=None) -> (state, metrics). `frozen` (params that
+    are not trained, e.g. DPO's reference policy) is handed to the objective. Gradients are accumulated over
     `grad_accum_steps` micro-batches inside the step (lax.scan), then normalised by the
     total weight. A non-finite loss or gradient skips the update (params and optimizer
     state unchanged) and raises `metrics["nonfinite"]`; the loop decides what to do."""
 
-    def loss_and_grads(params, micro):
-        def f(p):
-            loss_sum, weight, sums = objective(apply_fn, p, micro)
-            return loss_sum, (weight, sums)
+    def step(state: TrainState, batch: dict, frozen=None):
+        def loss_and_grads(params, micro):
+            def f(p):
+                loss_sum, weight, sums = objective(apply_fn, p, micro, frozen)
+                return loss_sum, (weight, sums)
 
-        (loss_sum, (weight, sums)), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return loss_sum, weight, sums, grads
+            (loss_sum, (weight, sums)), grads = jax.value_and_grad(f, has_aux=True)(params)
+            return loss_sum, weight, sums, grads
 
-    def step(state: TrainState, batch: dict):
         if grad_accum_steps == 1:
             loss_sum, weight, sums, grads = loss_and_grads(state.params, batch)
         else:
@@ -152,23 +153,23 @@ def make_train_step(apply_fn: Callable, objective: Objective, optimizer: optax.G
 def make_eval_step(apply_fn: Callable, objective: Objective):
     """(params, batch) -> (loss_sum, weight, metric_sums); the caller sums over batches."""
 
-    def step(params, batch):
-        return objective(apply_fn, params, batch)
+    def step(params, batch, frozen=None):
+        return objective(apply_fn, params, batch, frozen)
 
     return step
 
 
-def jit_train_step(step_fn, state_sh: TrainState, batch_sh, mesh, rules):
-    """The sharded, jitted step with the state donated."""
+def jit_train_step(step_fn, state_sh: TrainState, batch_sh, mesh, rules, frozen_sh=None):
+    """The sharded, jitted step with the state donated (frozen params are not)."""
     from llama_jax import sharding
 
     replicated = NamedSharding(mesh, P())
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, frozen_sh), out_shardings=(state_sh, replicated),
                      donate_argnums=0)
 
-    def run(state, batch):
+    def run(state, batch, frozen=None):
         with sharding.activate(mesh, rules):
-            return jitted(state, batch)
+            return jitted(state, batch, frozen)
 
     run.jitted = jitted
     return run
@@ -215,6 +216,10 @@ def run(config, workdir: str, stage) -> dict:
 
     try:
         cfg = configs.to_llama_config(config.model)
+        if config.init_from:  # the architecture comes from the checkpoint; numerics from this config
+            _, init_meta = ckpt.read_meta(config.init_from)
+            cfg = ckpt.model_config(init_meta, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                    remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers)
     except ValueError as e:
         raise RunError(f"config.model: {e}") from None
     os.makedirs(workdir, exist_ok=True)
@@ -233,6 +238,7 @@ def run(config, workdir: str, stage) -> dict:
         raise RunError(f"config.seq_len {config.seq_len} exceeds config.model.max_seq_len {cfg.max_seq_len}")
     lead = jax.process_index() == 0
 
+    stage.prepare(config, workdir)
     tokenizer = stage.tokenizer(config, workdir)
     tokenizer.check_fits(cfg.vocab_size, "config.model")
     rules = sharding.normalize_rules(config.mesh.rules)
@@ -272,27 +278,29 @@ def run(config, workdir: str, stage) -> dict:
         params = stage.initial_params(config, model, mesh, rules, param_sh)
         state = jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_sh)(params)
 
-    step_fn = make_train_step(apply_fn, stage.objective, optimizer, config.grad_accum_steps)
+    objective = stage.objective(config)
+    frozen, frozen_sh = stage.frozen_params(config, model, param_sh)
+    step_fn = make_train_step(apply_fn, objective, optimizer, config.grad_accum_steps)
     batch_sh = _batch_shardings(stage.batch_spec(config), mesh, rules)
-    train_step = jit_train_step(step_fn, state_sh, batch_sh, mesh, rules)
-    eval_fn = jax.jit(make_eval_step(apply_fn, stage.objective), in_shardings=(param_sh, batch_sh))
+    train_step = jit_train_step(step_fn, state_sh, batch_sh, mesh, rules, frozen_sh)
+    eval_fn = jax.jit(make_eval_step(apply_fn, objective), in_shardings=(param_sh, batch_sh, frozen_sh))
 
     def evaluate(params) -> dict:
+        out: dict = {}
         data = stage.eval_data(config, tokenizer)
-        if data is None:
-            return {}
-        total, weight, sums = 0.0, 0.0, {}
-        with sharding.activate(mesh, rules):
-            for _, b in zip(range(config.eval_steps), data):
-                loss_sum, w, s = eval_fn(params, _global_batch(b, batch_sh))
-                total, weight = total + float(loss_sum), weight + float(w)
-                for k, v in s.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-        data.close()
-        if weight == 0:
-            return {}
-        out = {"eval_loss": total / weight, **{f"eval_{k}": v / weight for k, v in sums.items()}}
-        out.update(stage.eval_extras(out))
+        if data is not None:
+            total, weight, sums = 0.0, 0.0, {}
+            with sharding.activate(mesh, rules):
+                for _, b in zip(range(config.eval_steps), data):
+                    loss_sum, w, s = eval_fn(params, _global_batch(b, batch_sh), frozen)
+                    total, weight = total + float(loss_sum), weight + float(w)
+                    for k, v in s.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+            data.close()
+            if weight:
+                out = {"eval_loss": total / weight, **{f"eval_{k}": v / weight for k, v in sums.items()}}
+                out.update(stage.eval_extras(out))
+        out.update(stage.evaluate_extra(config, model, params, tokenizer, mesh, rules))
         return out
 
     writer = metrics.MetricsWriter(workdir, resume_step=start, enabled=lead)
@@ -322,7 +330,7 @@ def run(config, workdir: str, stage) -> dict:
                 batch = next(train_data)
             except StopIteration:
                 raise RunError(f"the training data ran out at step {step}") from None
-            state, m = train_step(state, _global_batch(batch, batch_sh))
+            state, m = train_step(state, _global_batch(batch, batch_sh), frozen)
             pending.append((step, m))
             if len(pending) > 1:  # check the previous step while this one runs
                 check_nonfinite(*pending[-2])

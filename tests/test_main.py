@@ -152,3 +152,41 @@ def test_init_from_starts_from_another_runs_params(tmp_path, reference_run, toke
     before, after = ckpt.load_params(ref_dir, target), ckpt.load_params(str(tmp_path), target)
     for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # learning rate 0: unchanged
+
+
+def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run):
+    """SFT from the pretrained run, then a reward model and DPO from the SFT run: each a
+    real `python -m llama_jax.main` with its experiment config, on the toy data."""
+    ref_dir, _ = reference_run
+    toy = ["--config.data.synthetic_train=64", "--config.data.synthetic_eval=16", "--config.batch_size=4",
+           "--config.seq_len=128", "--config.log_every_steps=2", "--config.eval_every_steps=0",
+           "--config.checkpoint_every_steps=4", "--config.total_steps=4", "--config.eval_steps=2",
+           "--config.optimizer.warmup_steps=1"]
+
+    def stage(name, workdir, *extra):
+        cmd = [sys.executable, "-m", "llama_jax.main", f"--config={ROOT}/experiments/{name}.py:tiny",
+               f"--workdir={workdir}", *toy, *extra]
+        out = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+        return out, {k: v for r in rows for k, v in r.items()}
+
+    sft_dir = str(tmp_path / "sft")
+    _, sft = stage("sft", sft_dir, f"--config.init_from={ref_dir}", "--config.eval_exact_match=4",
+                   "--config.eval_max_new_tokens=4")
+    assert 0.0 <= sft["eval_exact_match"] <= 1.0 and sft["eval_loss"] > 0
+    assert os.path.exists(os.path.join(sft_dir, "data", "chat_train.jsonl"))
+    assert open(os.path.join(sft_dir, "tokenizer.model"), "rb").read() == open(
+        os.path.join(ref_dir, "tokenizer.model"), "rb").read()  # the pretrained model's tokenizer
+
+    out, rm = stage("reward_model", str(tmp_path / "rm"), f"--config.init_from={sft_dir}",
+                    "--config.reward.margin=large")
+    assert "initialised from scratch (not in init_from): ['score_head']['bias'], ['score_head']['kernel']" in (
+        out.stdout + out.stderr)
+    assert {"eval_significantly_better", "eval_loss", "eval_accuracy"} <= set(rm)
+    from llama_jax import checkpoint as ckpt
+
+    assert ckpt.read_meta(str(tmp_path / "rm"))[1]["heads"] == ["score"]
+
+    _, dpo = stage("dpo", str(tmp_path / "dpo"), f"--config.init_from={sft_dir}")
+    assert 0.0 <= dpo["eval_accuracy"] <= 1.0 and dpo["loss"] > 0

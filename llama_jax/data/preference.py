@@ -1,6 +1,6 @@
 """Preference pairs for reward models and DPO.
 
-JSONL, one pair per line:
+JSONL, one pair per line (several sources mix as `a/*.jsonl@1.0,b/*.jsonl@0.25`):
   {"prompt": [messages ending with a user turn], "chosen": str, "rejected": str,
    "rating": "significantly_better" | "better" | "slightly_better" | "negligibly_better",  (optional)
    "is_safety_prompt": bool, "chosen_safe": bool, "rejected_safe": bool}                   (optional)
@@ -54,22 +54,52 @@ def is_dropped(record: dict) -> bool:
     return record.get("chosen_safe") is False and record.get("rejected_safe") is True
 
 
-class PreferencePairs:
-    """Validated pairs (a random-access source), with the paper's filter applied."""
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """`GLOB[@FRACTION],GLOB[@FRACTION],...` -> [(glob, fraction)]; a fraction takes that
+    share of the glob's pairs (seeded), above 1 repeats them (a data-mix config)."""
+    parts = []
+    for item in (p.strip() for p in spec.split(",") if p.strip()):
+        glob, _, frac = item.rpartition("@") if "@" in item else (item, "", "1")
+        try:
+            fraction = float(frac)
+        except ValueError:
+            raise DataError(f"data mixture {spec!r}: {frac!r} is not a number (use GLOB@0.5)") from None
+        if fraction <= 0:
+            raise DataError(f"data mixture {spec!r}: fraction {fraction} must be > 0")
+        parts.append((glob, fraction))
+    return parts
 
-    def __init__(self, patterns):
-        self.jsonl = sources.Jsonl(patterns, validate=validate_pair)
-        self.kept = [i for i in range(len(self.jsonl)) if not is_dropped(self.jsonl.record(i))]
-        self.dropped = len(self.jsonl) - len(self.kept)
-        if not self.kept:
-            raise DataError(f"{','.join(self.jsonl.files)}: no usable preference pairs "
+
+class PreferencePairs:
+    """Validated pairs (a random-access source) from a mixture of JSONL globs (see
+    `parse_mixture`), with the paper's filter applied."""
+
+    def __init__(self, patterns: str, seed: int = 0):
+        self.parts: list[sources.Jsonl] = []
+        self.index: list[tuple[int, int]] = []  # (part, record)
+        self.dropped = 0
+        rng = np.random.default_rng(seed)
+        for p, (glob, fraction) in enumerate(parse_mixture(patterns)):
+            jsonl = sources.Jsonl(glob, validate=validate_pair)
+            kept = [i for i in range(len(jsonl)) if not is_dropped(jsonl.record(i))]
+            self.dropped += len(jsonl) - len(kept)
+            n = int(round(fraction * len(kept)))
+            picks = (rng.permutation(len(kept))[:n] if fraction <= 1 else
+                     np.concatenate([np.arange(len(kept))] * int(fraction) +
+                                    [rng.permutation(len(kept))[:n - int(fraction) * len(kept)]]))
+            self.parts.append(jsonl)
+            self.index += [(p, kept[i]) for i in sorted(picks.tolist())]
+        self.files = [f for part in self.parts for f in part.files]
+        if not self.index:
+            raise DataError(f"{','.join(self.files)}: no usable preference pairs "
                             f"({self.dropped} dropped as chosen-unsafe/rejected-safe)")
 
     def __len__(self) -> int:
-        return len(self.kept)
+        return len(self.index)
 
     def __getitem__(self, i: int) -> dict:
-        return self.jsonl.record(self.kept[i])
+        part, record = self.index[i]
+        return self.parts[part].record(record)
 
 
 def _flag(value) -> int:
@@ -101,9 +131,9 @@ class _EncodePair:
 def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int = 0, *, margin_table: str = "small",
                  shard: tuple[int, int] | None = None, num_epochs: int | None = None, shuffle: bool = True,
                  prefetch: int = 2) -> pipeline.Batches:
-    pairs = PreferencePairs(patterns)
+    pairs = PreferencePairs(patterns, seed)
     ds = pipeline.sharded_shuffled(pairs, seed, shard, num_epochs, shuffle=shuffle)
     ds = ds.map(_EncodePair(tokenizer, seq_len, margin_table)).to_iter_dataset()
     return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch),
-                            {"source": ",".join(pairs.jsonl.files), "pairs": len(pairs), "dropped": pairs.dropped,
+                            {"source": ",".join(pairs.files), "pairs": len(pairs), "dropped": pairs.dropped,
                              "margin": margin_table})

@@ -150,12 +150,14 @@ def rlhf_prompt(rng: random.Random, unsafe_prob: float = 0.1) -> dict:
     return {"messages": [{"role": "user", "content": make_task(rng).question}], "is_safety": False}
 
 
-def generate(kind: str, n: int, seed: int) -> list[dict]:
+def generate(kind: str, n: int, seed: int, **kwargs) -> list[dict]:
+    """`n` records of `kind` (chat, preference, prompts); kwargs go to the maker (e.g.
+    `unsafe_prob`, the share of safety prompts)."""
     makers = {"chat": chat_example, "preference": preference_pair, "prompts": rlhf_prompt}
     if kind not in makers:
         raise ValueError(f"unknown kind {kind!r}; choose one of {sorted(makers)}")
     rng = random.Random(f"{kind}-{seed}")
-    return [makers[kind](rng) for _ in range(n)]
+    return [makers[kind](rng, **kwargs) for _ in range(n)]
 
 
 def write_jsonl(records: list[dict], path: str) -> None:

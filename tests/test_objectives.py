@@ -1,0 +1,105 @@
+"""The fine-tuning objectives against hand-computed numbers."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import objectives
+
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def pair_batch(B=2, T=4):
+    z = jnp.zeros((B, T), jnp.int32)
+    batch = {f"{s}_{k}": z for s in ("chosen", "rejected") for k in ("tokens", "positions", "segment_ids",
+                                                                      "targets")}
+    batch.update({f"{s}_loss_mask": jnp.ones((B, T)) for s in ("chosen", "rejected")})
+    return batch
+
+
+def test_ranking_loss_with_margin_by_hand():
+    # The fake model returns fixed scores: rows 0..B-1 chosen, B..2B-1 rejected.
+    def apply_fn(params, tokens, positions, segment_ids):
+        assert tokens.shape[0] == 4  # chosen and rejected in one forward pass
+        return params
+
+    scores = jnp.array([2.0, 0.5, 1.0, 1.5])  # pairs: (2.0 vs 1.0), (0.5 vs 1.5)
+    batch = {**pair_batch(), "margin": jnp.array([1.0, 1 / 3])}
+    loss_sum, weight, m = objectives.ranking(apply_fn, scores, batch)
+    expected = -math.log(sig(2.0 - 1.0 - 1.0)) - math.log(sig(0.5 - 1.5 - 1 / 3))
+    assert float(loss_sum) == pytest.approx(expected, rel=1e-6)
+    assert float(weight) == 2 and float(m["accuracy"]) == 1.0 and float(m["reward_margin"]) == pytest.approx(0.0)
+    # A larger margin asks for a larger gap: the loss grows.
+    larger = objectives.ranking(apply_fn, scores, {**batch, "margin": jnp.array([3.0, 1.0])})[0]
+    assert float(larger) > float(loss_sum)
+    # Gradient: d/dr_c of -log sigmoid(r_c - r_r - m) = -(1 - sigmoid(r_c - r_r - m)).
+    g = jax.grad(lambda s: objectives.ranking(apply_fn, s, batch)[0])(scores)
+    assert float(g[0]) == pytest.approx(-(1 - sig(0.0)), rel=1e-6)
+    assert float(g[2]) == pytest.approx(1 - sig(0.0), rel=1e-6)
+
+
+def test_safety_auxiliary_term_by_hand():
+    def apply_fn(params, tokens, positions, segment_ids):
+        return params
+
+    scores = jnp.array([2.0, 0.5, -1.0, 1.5])
+    batch = {**pair_batch(), "margin": jnp.zeros(2), "chosen_safe": jnp.array([1, -1]),
+             "rejected_safe": jnp.array([0, -1])}
+    base = float(objectives.ranking(apply_fn, scores, batch)[0])
+    with_aux, _, m = objectives.ranking(apply_fn, scores, batch, safety_weight=0.5)
+    # Labelled responses: chosen 0 (safe, r=2.0) and rejected 0 (unsafe, r=-1.0); mean BCE x B pairs.
+    bce = (-math.log(sig(2.0)) - math.log(1 - sig(-1.0))) / 2 * 2
+    assert float(m["safety_bce"]) == pytest.approx(bce, rel=1e-6)
+    assert float(with_aux) == pytest.approx(base + 0.5 * bce, rel=1e-6)
+
+
+def test_dpo_loss_by_hand():
+    # Logits chosen so every log-probability is known: V=2, each position's logits [a, 0].
+    def apply_fn(params, tokens, positions, segment_ids):
+        return jnp.stack([params, jnp.zeros_like(params)], axis=-1)  # [2B, T, 2]
+
+    B, T = 1, 3
+    policy = jnp.array([[1.0, 2.0, 0.0], [0.0, -1.0, 3.0]])  # rows: chosen, rejected
+    reference = jnp.array([[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
+    targets = jnp.array([[0, 1, 0]]), jnp.array([[1, 0, 0]])
+    mask = jnp.array([[0.0, 1.0, 1.0]]), jnp.array([[1.0, 1.0, 0.0]])
+    batch = {**pair_batch(B, T), "margin": jnp.zeros(B), "chosen_targets": targets[0],
+             "rejected_targets": targets[1], "chosen_loss_mask": mask[0], "rejected_loss_mask": mask[1]}
+    beta = 0.5
+
+    def logp(a, target):  # log softmax([a, 0])[target]
+        return -math.log1p(math.exp(-a)) if target == 0 else -math.log1p(math.exp(a))
+
+    def seq(logits_row, tgt, msk):
+        return sum(logp(float(a), int(t)) * float(w) for a, t, w in zip(logits_row, tgt, msk))
+
+    pc, pr = seq(policy[0], targets[0][0], mask[0][0]), seq(policy[1], targets[1][0], mask[1][0])
+    rc, rr = seq(reference[0], targets[0][0], mask[0][0]), seq(reference[1], targets[1][0], mask[1][0])
+    z = beta * ((pc - rc) - (pr - rr))
+    loss_sum, weight, m = objectives.dpo(apply_fn, policy, batch, frozen=reference, beta=beta)
+    assert float(loss_sum) == pytest.approx(-math.log(sig(z)), rel=1e-5)
+    assert float(weight) == 1 and float(m["accuracy"]) == float(z > 0)
+    assert float(m["chosen_reward"]) == pytest.approx(beta * (pc - rc), rel=1e-5)
+    # No gradient flows into the frozen reference.
+    g_ref = jax.grad(lambda r: objectives.dpo(apply_fn, policy, batch, frozen=r, beta=beta)[0])(reference)
+    assert float(jnp.abs(g_ref).max()) == 0.0
+
+
+def test_next_token_loss_covers_only_masked_targets():
+    logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
+
+    def apply_fn(params, tokens, positions, segment_ids):
+        return logits
+
+    batch = {"tokens": jnp.zeros((1, 3), jnp.int32), "positions": jnp.zeros((1, 3), jnp.int32),
+             "segment_ids": jnp.ones((1, 3), jnp.int32), "targets": jnp.array([[0, 1, 2]]),
+             "loss_mask": jnp.array([[1.0, 1.0, 0.0]])}
+    loss_sum, weight, m = objectives.next_token(apply_fn, None, batch)
+    assert float(loss_sum) == pytest.approx(-math.log(0.5) - math.log(0.8), rel=1e-6)
+    assert float(weight) == 2 and float(m["accuracy"]) == 2
+    np.testing.assert_allclose(objectives.token_cross_entropy(logits, batch["targets"])[0, 2], math.log(3), rtol=1e-6)

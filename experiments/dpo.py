@@ -12,7 +12,7 @@ starts from a chat model and is trained on preference pairs against a frozen cop
 
 import ml_collections
 
-from llama_jax.configs import chat_config
+from llama_jax.configs import chat_config, paper_scale
 
 
 def get_config(arg: str = "tiny"):
@@ -39,11 +39,8 @@ def get_config(arg: str = "tiny"):
     if arg not in ("7b", "13b", "34b", "70b"):
         raise ValueError(f"experiments/dpo.py: unknown arg {arg!r}; use tiny, 7b, 13b, 34b or 70b")
     c.init_from = "/path/to/sft_checkpoint"
-    c.model.dtype = "bfloat16"
-    c.model.remat_policy = "full" if arg == "70b" else "dots"
+    paper_scale(c, arg, batch_size=64)
     c.data.source = "/path/to/preferences/*.jsonl"
-    c.batch_size = 64
-    c.seq_len = 4096
     c.total_steps = 2000
     c.optimizer.learning_rate = 5e-7
     c.optimizer.warmup_steps = 150

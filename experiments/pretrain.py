@@ -17,7 +17,7 @@ Llama 2 tokenizer (`--config.data.tokenizer=/path/tokenizer.model`); their mesh 
 FSDP (`fsdp=-1`) with bfloat16 compute; change `mesh.*` for tensor parallelism.
 """
 
-from llama_jax.configs import base_config, model_config
+from llama_jax.configs import base_config, model_config, paper_scale
 from llama_jax.model import LlamaConfig
 
 PAPER_PEAK_LR = {"7b": 3e-4, "13b": 3e-4, "34b": 1.5e-4, "70b": 1.5e-4}
@@ -41,11 +41,9 @@ def get_config(arg: str = "tiny"):
         return c
     if arg not in PAPER_PEAK_LR:
         raise ValueError(f"experiments/pretrain.py: unknown arg {arg!r}; use tiny, 7b, 13b, 34b or 70b")
-    c.model = model_config(LlamaConfig.preset(arg, dtype="bfloat16", remat_policy="full" if arg == "70b" else "dots"))
-    c.total_steps = 477_000  # 2.0T tokens / (1024 x 4096) tokens per step
-    c.batch_size = 1024
-    c.seq_len = 4096
-    c.log_every_steps = 10
+    c.model = model_config(LlamaConfig.preset(arg))
+    paper_scale(c, arg, batch_size=1024)  # 1024 x 4096 = 4M tokens per step
+    c.total_steps = 477_000  # 2.0T tokens / 4M tokens per step
     c.eval_every_steps = 2000
     c.eval_steps = 16
     c.checkpoint_every_steps = 1000

@@ -23,7 +23,7 @@ weighted by reward.safety_weight (objectives.ranking).
 
 import ml_collections
 
-from llama_jax.configs import chat_config
+from llama_jax.configs import chat_config, paper_scale
 
 
 def get_config(arg: str = "tiny"):
@@ -53,15 +53,11 @@ def get_config(arg: str = "tiny"):
     if arg not in ("7b", "13b", "34b", "70b"):
         raise ValueError(f"experiments/reward_model.py: unknown arg {arg!r}; use tiny, safety_tiny, 7b, 13b, 34b, 70b")
     c.init_from = "/path/to/chat_checkpoint"
-    c.model.dtype = "bfloat16"
-    c.model.remat_policy = "full" if arg == "70b" else "dots"
+    paper_scale(c, arg, batch_size=512)
     c.data.source = "/path/to/preferences/*.jsonl"
-    c.batch_size = 512
-    c.seq_len = 4096
     c.total_steps = 2_919_326 // 512  # one epoch of the paper's Table 6 comparisons; set for your mix
     c.optimizer.learning_rate = 5e-6 if arg == "70b" else 1e-5
     c.optimizer.warmup_steps = max(5, int(0.03 * c.total_steps))
-    c.log_every_steps = 10
     c.eval_every_steps = 500
     c.checkpoint_every_steps = 500
     return c

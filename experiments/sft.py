@@ -15,7 +15,7 @@ on answer tokens only (prompt tokens zeroed), dialogs packed into rows.
         per row; set total_steps for your data). Same hardware as pretraining's preset.
 """
 
-from llama_jax.configs import chat_config
+from llama_jax.configs import chat_config, paper_scale
 
 
 def get_config(arg: str = "tiny"):
@@ -37,12 +37,8 @@ def get_config(arg: str = "tiny"):
     if arg not in ("7b", "13b", "34b", "70b"):
         raise ValueError(f"experiments/sft.py: unknown arg {arg!r}; use tiny, 7b, 13b, 34b or 70b")
     c.init_from = "/path/to/pretrained"  # override: a pretraining run or a converted checkpoint
-    c.model.dtype = "bfloat16"
-    c.model.remat_policy = "full" if arg == "70b" else "dots"
+    paper_scale(c, arg, batch_size=64)
     c.total_steps = 2 * 27_540 // 64  # 2 epochs of the paper's 27,540 annotations
-    c.batch_size = 64
-    c.seq_len = 4096
-    c.log_every_steps = 10
     c.eval_every_steps = 100
     c.checkpoint_every_steps = 200
     c.optimizer.learning_rate = 2e-5

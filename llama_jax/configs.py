@@ -108,3 +108,13 @@ def chat_config() -> ml_collections.ConfigDict:
     c.eval_exact_match = 200
     c.sample.prompt = ""
     return c
+
+
+def paper_scale(c: ml_collections.ConfigDict, arg: str, batch_size: int, seq_len: int = 4096) -> None:
+    """What every 7b..70b experiment shares: bfloat16 compute, remat (full for 70B, else
+    keep matmul outputs), the batch shape, and a log cadence for long runs."""
+    c.model.dtype = "bfloat16"
+    c.model.remat_policy = "full" if arg == "70b" else "dots"
+    c.batch_size = batch_size
+    c.seq_len = seq_len
+    c.log_every_steps = 10

@@ -22,6 +22,7 @@ from llama_jax.tokenizer import Tokenizer
 
 class Stage:
     heads: tuple[str, ...] = ("lm",)
+    rows_per_example = 1  # sequences the trained model reads per batch element (pairs: 2)
 
     def prepare(self, config, workdir: str) -> None:
         """Called first, with the workdir (e.g. to write the toy data sets into it)."""
@@ -258,6 +259,8 @@ def exact_match(cfg, params, tokenizer, path: str, limit: int, max_new_tokens: i
 class PreferenceStage(Stage):
     """Shared by the reward models and DPO: preference-pair data (a JSONL mixture, or
     `synthetic`)."""
+
+    rows_per_example = 2  # chosen and rejected
 
     def batch_spec(self, config) -> dict[str, tuple[int, ...]]:
         B, T = config.batch_size, config.seq_len

@@ -308,7 +308,7 @@ def run(config, workdir: str, stage) -> dict:
     peak = metrics.peak_flops_per_device(config.metrics.peak_flops_per_device)
     flops_per_token = cfg.train_flops_per_token(config.seq_len)
     schedule = learning_rate_schedule(config.optimizer, config.total_steps)
-    tokens_per_step = config.batch_size * config.seq_len
+    tokens_per_step = config.batch_size * config.seq_len * stage.rows_per_example
     if lead and start == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=1))

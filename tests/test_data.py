@@ -311,5 +311,8 @@ def test_synthetic_tasks_are_deterministic_and_checkable():
     pairs = synthetic.generate("preference", 200, 0)
     assert {p["rating"] for p in pairs} == set(preference.RATINGS)
     assert all(p["chosen"] != p["rejected"] for p in pairs)
+    negligible = [p for p in pairs if p["rating"] == "negligibly_better"]
+    with_period = sum(p["rejected"].endswith(".") for p in negligible)
+    assert 0 < with_period < len(negligible)  # a coin flip, not a learnable rule
     unsafe = [p for p in pairs if p["is_safety_prompt"]]
     assert unsafe and all(p["chosen"] == synthetic.REFUSAL and p["rejected_safe"] is False for p in unsafe)

@@ -8,7 +8,8 @@ Tasks are short and verifiable by code, so every stage has an exact metric:
 System instructions whose adherence code can check (Ghost Attention, instruction
 following): answer in upper case, end with a given word, start with a given prefix.
 Unsafe-tagged prompts whose preferred answer is a refusal. Preference pairs whose rating
-grows with how wrong the rejected answer is.
+grows with how wrong the rejected answer is (absurd / wrong / slightly wrong), and
+"negligibly better" pairs that differ cosmetically with a coin-flip preference.
 
     python -m llama_jax.data.synthetic --kind=chat --n=2000 --seed=0 --output=sft.jsonl
     (kinds: chat, preference, prompts)
@@ -138,9 +139,13 @@ def preference_pair(rng: random.Random, unsafe_prob: float = 0.1) -> dict:
                 "rejected_safe": False}
     task = make_task(rng)
     level = rng.randrange(4)
-    return {"prompt": [{"role": "user", "content": task.question}], "chosen": task.answer,
-            "rejected": _corrupt(rng, task, level), "rating": RATING_BY_LEVEL[level],
-            "is_safety_prompt": False, "chosen_safe": True, "rejected_safe": True}
+    chosen, rejected = task.answer, _corrupt(rng, task, level)
+    if level == 3 and rng.random() < 0.5:
+        # "Negligibly better / unsure": the two answers differ only cosmetically and the
+        # preference between them is a coin flip, as an unsure annotator's would be.
+        chosen, rejected = rejected, chosen
+    return {"prompt": [{"role": "user", "content": task.question}], "chosen": chosen, "rejected": rejected,
+            "rating": RATING_BY_LEVEL[level], "is_safety_prompt": False, "chosen_safe": True, "rejected_safe": True}
 
 
 def rlhf_prompt(rng: random.Random, unsafe_prob: float = 0.1) -> dict:

@@ -1,0 +1,39 @@
+"""Every experiment config loads for every argument it documents, converts to a valid
+LlamaConfig, and opens with a docstring that gives its command."""
+
+import importlib.util
+import os
+
+import pytest
+
+from llama_jax.configs import to_llama_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = {"pretrain": ["tiny", "7b", "13b", "34b", "70b"], "sft": ["tiny", "7b", "70b"],
+        "reward_model": ["tiny", "safety_tiny", "7b", "70b"], "dpo": ["tiny", "7b", "70b"]}
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", sorted(ARGS))
+def test_experiment_configs_load(name):
+    module = load(name)
+    assert "python -m llama_jax.main --config=experiments/" in module.__doc__
+    for arg in ARGS[name]:
+        c = module.get_config(arg)
+        assert c.stage == name
+        cfg = to_llama_config(c.model)
+        if arg == "70b" and name == "pretrain":
+            assert cfg.num_params() == 68_976_648_192 and c.batch_size * c.seq_len == 4_194_304
+        if arg != "tiny" and arg != "safety_tiny":
+            assert cfg.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="unknown arg 'huge'"):
+        module.get_config("huge")
+    if name == "reward_model":
+        assert load(name).get_config("70b").optimizer.learning_rate == 5e-6
+        assert load(name).get_config("safety_tiny").reward.safety_weight == 1.0

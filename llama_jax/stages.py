@@ -35,8 +35,9 @@ class Stage:
         """(params that are not trained, their shardings), or (None, None)."""
         return None, None
 
-    def evaluate_extra(self, config, model, params, tokenizer, mesh, rules) -> dict:
-        """Stage-specific held-out metrics beyond the objective's (e.g. exact match)."""
+    def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
+        """Stage-specific held-out metrics beyond the objective's `ev` (perplexity, exact
+        match, per-bucket accuracy)."""
         return {}
 
     def batch_spec(self, config) -> dict[str, tuple[int, ...]]:
@@ -95,9 +96,6 @@ class Stage:
         if config.init_from:
             params = merge_pretrained(params, load_init_params(config, model, param_sh))
         return params
-
-    def eval_extras(self, ev: dict) -> dict:
-        return {}
 
     def after_training(self, config, workdir, model, params, tokenizer, progress) -> None:
         pass
@@ -173,8 +171,8 @@ class PretrainStage(Stage):
         data.close()
         return total / max(n, 1)
 
-    def eval_extras(self, ev: dict) -> dict:
-        return {"eval_perplexity": math.exp(min(ev["eval_loss"], 50.0))}
+    def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
+        return {"eval_perplexity": math.exp(min(ev["eval_loss"], 50.0))} if "eval_loss" in ev else {}
 
     def after_training(self, config, workdir, model, params, tokenizer, progress) -> None:
         if config.data.eval_source and jax.process_index() == 0:
@@ -231,7 +229,7 @@ class SFTStage(Stage):
                                  pack=config.data.pack, last_turn_only=config.data.last_turn_only, num_epochs=1,
                                  shuffle=False, prefetch=0)
 
-    def evaluate_extra(self, config, model, params, tokenizer, mesh, rules) -> dict:
+    def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         if not self.eval_path or not config.eval_exact_match:
             return {}
         return {"eval_exact_match": exact_match(model.config, params, tokenizer, self.eval_path,
@@ -307,7 +305,7 @@ class RewardModelStage(PreferenceStage):
     def margin_table(self, config) -> str:
         return config.reward.margin
 
-    def evaluate_extra(self, config, model, params, tokenizer, mesh, rules) -> dict:
+    def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         if not self.eval_path:
             return {}
         from llama_jax.evaluate import reward_accuracy

@@ -299,8 +299,7 @@ def run(config, workdir: str, stage) -> dict:
             data.close()
             if weight:
                 out = {"eval_loss": total / weight, **{f"eval_{k}": v / weight for k, v in sums.items()}}
-                out.update(stage.eval_extras(out))
-        out.update(stage.evaluate_extra(config, model, params, tokenizer, mesh, rules))
+        out.update(stage.evaluate_extra(config, model, params, tokenizer, mesh, rules, dict(out)))
         return out
 
     writer = metrics.MetricsWriter(workdir, resume_step=start, enabled=lead)

@@ -3,10 +3,10 @@ on answer tokens only (prompt tokens zeroed), dialogs packed into rows.
 
   tiny  python -m llama_jax.main --config=experiments/sft.py:tiny --workdir=runs/sft \\
             --config.init_from=runs/tiny
-        Any CPU (2 cores: ~6 minutes). Fine-tunes the tiny pretrained model (the README's main
-        job) on the seeded toy chat tasks (arithmetic, copy, reverse, sort; system
+        Any CPU (2 cores: ~23 minutes). Fine-tunes the tiny pretrained model (the README's
+        main job) on the seeded toy chat tasks (arithmetic, copy, reverse, sort; system
         instructions; refusals), written to WORKDIR/data. Expected: held-out exact match
-        from ~0 before SFT to >= 80% (README, "Fine-tuning on the toy tasks").
+        from 0% before SFT to ~87% (README, "Fine-tuning on the toy tasks").
   7b | 13b | 34b | 70b
         python -m llama_jax.main --config=experiments/sft.py:7b --workdir=gs://B/sft7b \\
             --config.init_from=gs://B/pretrain7b --config.data.source=gs://B/sft/*.jsonl
@@ -23,13 +23,14 @@ def get_config(arg: str = "tiny"):
     c.stage = "sft"
     if arg == "tiny":
         c.init_from = "runs/tiny"
-        c.total_steps = 800
+        c.data.synthetic_train = 40_000  # fewer examples over-fit: 4,000 gave 55% exact match
+        c.total_steps = 2400
         c.batch_size = 16
         c.seq_len = 256
         c.log_every_steps = 20
-        c.eval_every_steps = 200
+        c.eval_every_steps = 800
         c.eval_steps = 8
-        c.checkpoint_every_steps = 200
+        c.checkpoint_every_steps = 800
         c.optimizer.learning_rate = 2e-3
         c.optimizer.warmup_steps = 20
         c.eval_max_new_tokens = 24

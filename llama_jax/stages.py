@@ -194,7 +194,7 @@ def _synthetic(config, workdir: str, kind: str, split: str, n: int, **kwargs) ->
     os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
     path = os.path.join(workdir, "data", f"{kind}_{split}.jsonl")
     if not os.path.exists(path):
-        records = synthetic.generate(kind, n, config.seed + (0 if split == "train" else 1000), **kwargs)
+        records = synthetic.generate(kind, n, config.seed + (0 if split == "train" else 1000), split=split, **kwargs)
         if split == "eval":
             seen = {json.dumps(r.get("messages", r.get("prompt"))[:-1] if kind == "chat" else r.get("prompt"))
                     for r in synthetic.generate(kind, config.data.synthetic_train, config.seed, **kwargs)}

@@ -316,3 +316,8 @@ def test_synthetic_tasks_are_deterministic_and_checkable():
     assert 0 < with_period < len(negligible)  # a coin flip, not a learnable rule
     unsafe = [p for p in pairs if p["is_safety_prompt"]]
     assert unsafe and all(p["chosen"] == synthetic.REFUSAL and p["rejected_safe"] is False for p in unsafe)
+    # Held-out unsafe requests name objects that training never does.
+    held_out = [p for p in synthetic.generate("preference", 200, 0, split="eval") if p["is_safety_prompt"]]
+    assert held_out and all(any(o in p["prompt"][0]["content"] for o in synthetic.UNSAFE_OBJECTS["eval"])
+                            for p in held_out)
+    assert not any(o in p["prompt"][0]["content"] for p in unsafe for o in synthetic.UNSAFE_OBJECTS["eval"])

@@ -50,9 +50,9 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_p: 
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_p", "top_k", "eos_id",
-                                             "on_token"))
+                                             "stream"))
 def _generate(params, tokens, segment_ids, rng, *, config: LlamaConfig, max_new_tokens: int, temperature: float,
-              top_p: float, top_k: int, eos_id: int, on_token=None):
+              top_p: float, top_k: int, eos_id: int, stream: bool = False):
     model = Llama(config)
     B, P = tokens.shape
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
@@ -73,8 +73,8 @@ def _generate(params, tokens, segment_ids, rng, *, config: LlamaConfig, max_new_
         tok = jnp.where(done, 0, tok)
         out = out.at[:, i].set(tok)
         out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
-        if on_token is not None:  # streaming: hand each step's tokens to the host as they exist
-            io_callback(on_token, None, tok, done, ordered=True)
+        if stream:  # streaming: hand each step's tokens to the host as they exist
+            io_callback(_forward_tokens, None, tok, done, ordered=True)
         done = done | (tok == eos_id)
         logits, cache = model.apply({"params": params}, tok[:, None], pos[:, None], jnp.ones((B, 1), jnp.int32),
                                     cache=cache)
@@ -84,6 +84,16 @@ def _generate(params, tokens, segment_ids, rng, *, config: LlamaConfig, max_new_
             jnp.zeros((B, max_new_tokens), jnp.float32), jnp.zeros((B,), bool), rng)
     n, _, _, _, out, out_lp, _, _ = jax.lax.while_loop(cond, body, init)
     return out, out_lp, n
+
+
+# The host callback of the current streaming call. The compiled program calls this fixed
+# function, so a new callback (every chat turn) does not recompile the decode loop.
+_STREAM_TARGET: list[Callable] = []
+
+
+def _forward_tokens(tokens, done) -> None:
+    if _STREAM_TARGET:
+        _STREAM_TARGET[-1](tokens, done)
 
 
 def _bucket(n: int, multiple: int = 16) -> int:
@@ -110,15 +120,21 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
         tokens[i, P - len(p):] = p
         seg[i, P - len(p):] = 1
     kwargs = dict(config=config, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                  top_p=float(top_p), top_k=int(top_k), eos_id=int(eos_id), on_token=on_token)
-    if mesh is not None:
-        from llama_jax import sharding
+                  top_p=float(top_p), top_k=int(top_k), eos_id=int(eos_id), stream=on_token is not None)
+    if on_token is not None:
+        _STREAM_TARGET.append(on_token)
+    try:
+        if mesh is not None:
+            from llama_jax import sharding
 
-        with sharding.activate(mesh, rules or sharding.DEFAULT_RULES):
+            with sharding.activate(mesh, rules or sharding.DEFAULT_RULES):
+                out, lp, _ = _generate(params, jnp.asarray(tokens), jnp.asarray(seg), jax.random.key(seed), **kwargs)
+        else:
             out, lp, _ = _generate(params, jnp.asarray(tokens), jnp.asarray(seg), jax.random.key(seed), **kwargs)
-    else:
-        out, lp, _ = _generate(params, jnp.asarray(tokens), jnp.asarray(seg), jax.random.key(seed), **kwargs)
-    out, lp = np.asarray(out), np.asarray(lp)
+        out, lp = np.asarray(out), np.asarray(lp)  # waits for the loop (and its callbacks) to finish
+    finally:
+        if on_token is not None:
+            _STREAM_TARGET.pop()
     result_tokens, result_lp = [], []
     for row, row_lp in zip(out, lp):
         hits = np.nonzero(row == eos_id)[0]

@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
+from jax.sharding import NamedSharding, PartitionSpec
 
+from llama_jax.distributed import to_host
 from llama_jax.model import KVCache, Llama, LlamaConfig
 from llama_jax.tokenizer import EOS_ID
 
@@ -123,15 +125,19 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
                   top_p=float(top_p), top_k=int(top_k), eos_id=int(eos_id), stream=on_token is not None)
     if on_token is not None:
         _STREAM_TARGET.append(on_token)
+    inputs = (jnp.asarray(tokens), jnp.asarray(seg))
+    if jax.process_count() > 1:  # every process passes the same prompts, as one replicated global array
+        params_mesh = mesh if mesh is not None else jax.tree_util.tree_leaves(params)[0].sharding.mesh
+        inputs = tuple(jax.device_put(x, NamedSharding(params_mesh, PartitionSpec())) for x in (tokens, seg))
     try:
         if mesh is not None:
             from llama_jax import sharding
 
             with sharding.activate(mesh, rules or sharding.DEFAULT_RULES):
-                out, lp, _ = _generate(params, jnp.asarray(tokens), jnp.asarray(seg), jax.random.key(seed), **kwargs)
+                out, lp, _ = _generate(params, *inputs, jax.random.key(seed), **kwargs)
         else:
-            out, lp, _ = _generate(params, jnp.asarray(tokens), jnp.asarray(seg), jax.random.key(seed), **kwargs)
-        out, lp = np.asarray(out), np.asarray(lp)  # waits for the loop (and its callbacks) to finish
+            out, lp, _ = _generate(params, *inputs, jax.random.key(seed), **kwargs)
+        out, lp = to_host(out), to_host(lp)  # waits for the loop (and its callbacks) to finish
     finally:
         if on_token is not None:
             _STREAM_TARGET.pop()

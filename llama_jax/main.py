@@ -7,10 +7,14 @@ Rerunning the same command in the same workdir resumes from its latest checkpoin
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from llama_jax import cli, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config: experiments/X.py:ARG",
                                           lock_config=True)
@@ -51,36 +55,40 @@ def main(argv) -> None:
         config.stage  # noqa: B018 - a file that failed to load raises on first use
     except Exception as e:  # noqa: BLE001 - ml_collections raises several types
         _usage_error(str(e))
+    distributed.initialize()  # a no-op unless a launcher describes a multi-process job
     try:
         run(config, _WORKDIR.value)
     except (RunError, DataError, MeshError, TokenizerError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        _exit(f"error: {e}", 1)
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        sys.exit(130)
+        _exit("interrupted; rerun the same command to resume from the last checkpoint", 130)
+    except Exception:
+        if not distributed.is_multiprocess():
+            raise
+        traceback.print_exc()
+        _exit("", 1)
+
+
+def _exit(message: str, code: int) -> None:
+    """Exits with `message` on stderr. In a multi-process job, at once: a normal exit would
+    wait at JAX's shutdown barrier for processes that are still waiting for this one."""
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    if distributed.is_multiprocess():
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+USAGE = "usage: python -m llama_jax.main --config=experiments/X.py:ARG --workdir=DIR [--config.a.b=value ...]"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, with every bad flag or override (unknown field, wrong type) as one
-    line on stderr and exit code 2, instead of a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        message = str(e)
-    except (KeyError, AttributeError, TypeError, ValueError) as e:  # raised by config overrides
-        message = str(e.args[0]) if e.args else repr(e)
-    _usage_error(message)
+    return cli.parse_flags(argv, USAGE)
 
 
 def _usage_error(message: str) -> None:
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    if any(line.startswith("Traceback") for line in lines):  # a config file raised: keep its own message
-        lines = [lines[0].split("Traceback")[0].strip(), lines[-1]] if lines else []
-    print("error: " + " ".join(line for line in lines if line), file=sys.stderr)
-    print("usage: python -m llama_jax.main --config=experiments/X.py:ARG --workdir=DIR [--config.a.b=value ...]",
-          file=sys.stderr)
-    sys.exit(2)
+    cli.usage_error(message, USAGE)
 
 
 if __name__ == "__main__":

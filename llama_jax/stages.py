@@ -15,7 +15,7 @@ import tempfile
 import jax
 import numpy as np
 
-from llama_jax import objectives
+from llama_jax import distributed, objectives
 from llama_jax.data import LM_FEATURES, chat, preference, pretrain, synthetic
 from llama_jax.tokenizer import Tokenizer
 
@@ -23,6 +23,7 @@ from llama_jax.tokenizer import Tokenizer
 class Stage:
     heads: tuple[str, ...] = ("lm",)
     rows_per_example = 1  # sequences the trained model reads per batch element (pairs: 2)
+    uses_frozen = False  # whether the step takes a frozen copy of the params (a reference policy)
 
     def prepare(self, config, workdir: str) -> None:
         """Called first, with the workdir (e.g. to write the toy data sets into it)."""
@@ -57,13 +58,17 @@ class Stage:
             source = os.path.join(config.init_from, "tokenizer.model")  # fine-tuning keeps its model's tokenizer
         if source:
             tok = Tokenizer(source)
-            if os.path.abspath(source) != os.path.abspath(dest):
-                shutil.copy(source, dest + ".tmp")
-                os.replace(dest + ".tmp", dest)
+
+            def copy():
+                if os.path.abspath(source) != os.path.abspath(dest):
+                    shutil.copy(source, dest + ".tmp")
+                    os.replace(dest + ".tmp", dest)
+
+            distributed.lead_first("tokenizer copied", copy)
             return tok
-        if os.path.exists(dest):
-            return Tokenizer(dest)
-        return self.train_tokenizer(config, dest)
+        distributed.lead_first("tokenizer trained",
+                               lambda: os.path.exists(dest) or self.train_tokenizer(config, dest))
+        return Tokenizer(dest)
 
     def train_tokenizer(self, config, dest: str) -> Tokenizer:
         from llama_jax import tokenizer as tk
@@ -191,9 +196,12 @@ class PretrainStage(Stage):
 def _synthetic(config, workdir: str, kind: str, split: str, n: int, **kwargs) -> str:
     """Writes (once) a deterministic toy data set into WORKDIR/data and returns its path.
     The eval split uses another seed and drops prompts that also occur in training."""
-    os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
     path = os.path.join(workdir, "data", f"{kind}_{split}.jsonl")
-    if not os.path.exists(path):
+
+    def write():
+        if os.path.exists(path):
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         records = synthetic.generate(kind, n, config.seed + (0 if split == "train" else 1000), split=split, **kwargs)
         if split == "eval":
             seen = {json.dumps(r.get("messages", r.get("prompt"))[:-1] if kind == "chat" else r.get("prompt"))
@@ -202,6 +210,8 @@ def _synthetic(config, workdir: str, kind: str, split: str, n: int, **kwargs) ->
                                                         else r.get("prompt")) not in seen]
         synthetic.write_jsonl(records, path + ".tmp")
         os.replace(path + ".tmp", path)
+
+    distributed.lead_first(f"toy data {kind}_{split}", write)
     return path
 
 
@@ -317,6 +327,8 @@ class RewardModelStage(PreferenceStage):
 class DPOStage(PreferenceStage):
     """Direct Preference Optimization against a frozen copy of the initial policy
     (`init_from`, e.g. the SFT model)."""
+
+    uses_frozen = True
 
     def objective(self, config):
         return functools.partial(objectives.dpo, beta=float(config.dpo.beta))

@@ -13,6 +13,7 @@ this is the common choice, and decaying a norm's scale towards 0 is never wanted
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any, Callable
 
 import flax.struct
@@ -201,6 +202,49 @@ def _batch_shardings(spec: dict[str, tuple[int, ...]], mesh, rules) -> dict:
     return out
 
 
+def _restore_data(train_data, saved: dict, step: int, lead: bool) -> None:
+    """Puts this process's input pipeline where the checkpoint left it. Checkpoints hold
+    one iterator state per process; restored by another number of processes, the
+    pipelines start afresh (each process's documents differ), which the lead reports."""
+    states = saved["processes"] if "processes" in saved else [saved]  # older single-process layout
+    if len(states) == jax.process_count():
+        train_data.restore(states[jax.process_index()])
+    elif lead:
+        print(f"warning: the checkpoint of step {step} was written by {len(states)} processes and this run has "
+              f"{jax.process_count()}: the input pipeline starts from the beginning of its shard instead of "
+              "resuming exactly", flush=True)
+
+
+def build_step(config, cfg, stage, mesh, rules) -> types.SimpleNamespace:
+    """What the train step of `stage` is made of, from shapes alone (nothing allocated):
+    model, apply_fn, optimizer, param_sh, abstract_state (ShapeDtypeStructs carrying their
+    shardings), state_sh, objective, step_fn, batch_sh and abstract_batch. Used by `run`
+    and by `launch/aot_compile.py`."""
+    from llama_jax import sharding
+    from llama_jax.model import Llama
+
+    model = Llama(cfg, stage.heads)
+
+    def apply_fn(params, tokens, positions, segment_ids):
+        return model.apply({"params": params}, tokens, positions, segment_ids)
+
+    optimizer = make_optimizer(config.optimizer, config.total_steps)
+    param_sh = sharding.param_shardings_like(sharding.abstract_params(model), model, mesh, rules)
+    abstract = jax.eval_shape(lambda p: init_state(p, optimizer), sharding.abstract_params(model))
+    state_sh = state_shardings(abstract, param_sh, mesh)
+    abstract_state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                            abstract, state_sh)
+    objective = stage.objective(config)
+    spec = stage.batch_spec(config)
+    batch_sh = _batch_shardings(spec, mesh, rules)
+    dtype = {k: jnp.float32 if k.endswith("loss_mask") or k == "margin" else jnp.int32 for k in spec}
+    abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype[k], sharding=batch_sh[k]) for k, shape in spec.items()}
+    return types.SimpleNamespace(
+        model=model, apply_fn=apply_fn, optimizer=optimizer, param_sh=param_sh, abstract_state=abstract_state,
+        state_sh=state_sh, objective=objective, batch_sh=batch_sh, abstract_batch=abstract_batch,
+        step_fn=make_train_step(apply_fn, objective, optimizer, config.grad_accum_steps))
+
+
 def run(config, workdir: str, stage) -> dict:
     """Trains `stage` (see llama_jax.stages) as `config` says, in `workdir`, resuming
     from its latest checkpoint. Returns the final metrics."""
@@ -211,8 +255,7 @@ def run(config, workdir: str, stage) -> dict:
     import numpy as np
 
     from llama_jax import checkpoint as ckpt
-    from llama_jax import configs, metrics, sharding
-    from llama_jax.model import Llama
+    from llama_jax import configs, distributed, metrics, sharding
 
     try:
         cfg = configs.to_llama_config(config.model)
@@ -223,7 +266,7 @@ def run(config, workdir: str, stage) -> dict:
     except ValueError as e:
         raise RunError(f"config.model: {e}") from None
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
     try:
         with open(probe, "w") as f:
             f.write("ok")
@@ -244,17 +287,10 @@ def run(config, workdir: str, stage) -> dict:
     rules = sharding.normalize_rules(config.mesh.rules)
     mesh = sharding.mesh_from_config(config.mesh)
     sharding.check_model_fits_mesh(cfg, mesh)
-    model = Llama(cfg, stage.heads)
-
-    def apply_fn(params, tokens, positions, segment_ids):
-        return model.apply({"params": params}, tokens, positions, segment_ids)
-
-    optimizer = make_optimizer(config.optimizer, config.total_steps)
-    param_sh = sharding.param_shardings_like(sharding.abstract_params(model), model, mesh, rules)
-    abstract = jax.eval_shape(lambda p: init_state(p, optimizer), sharding.abstract_params(model))
-    state_sh = state_shardings(abstract, param_sh, mesh)
-    abstract_sharded = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                              abstract, state_sh)
+    plan = build_step(config, cfg, stage, mesh, rules)
+    model, apply_fn, optimizer, param_sh, state_sh = plan.model, plan.apply_fn, plan.optimizer, plan.param_sh, \
+        plan.state_sh
+    abstract_sharded = plan.abstract_state
 
     checkpointer = ckpt.Checkpointer(workdir, config.checkpoint.max_to_keep, config.checkpoint.keep_period,
                                      config.checkpoint.async_save)
@@ -270,7 +306,7 @@ def run(config, workdir: str, stage) -> dict:
                            " use a new --workdir or the original config")
         if saved_meta.get("tokenizer", {}).get("sha256") != meta["tokenizer"]["sha256"]:
             raise RunError(f"{checkpointer.directory}: its checkpoints were trained with another tokenizer")
-        train_data.restore(data_state)
+        _restore_data(train_data, data_state, start, lead)
         if lead:
             print(f"resumed from step {start} in {workdir}", flush=True)
     else:
@@ -278,12 +314,11 @@ def run(config, workdir: str, stage) -> dict:
         params = stage.initial_params(config, model, mesh, rules, param_sh)
         state = jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_sh)(params)
 
-    objective = stage.objective(config)
+    objective, batch_sh = plan.objective, plan.batch_sh
     frozen, frozen_sh = stage.frozen_params(config, model, param_sh)
-    step_fn = make_train_step(apply_fn, objective, optimizer, config.grad_accum_steps)
-    batch_sh = _batch_shardings(stage.batch_spec(config), mesh, rules)
-    train_step = jit_train_step(step_fn, state_sh, batch_sh, mesh, rules, frozen_sh)
-    eval_fn = jax.jit(make_eval_step(apply_fn, objective), in_shardings=(param_sh, batch_sh, frozen_sh))
+    train_step = jit_train_step(plan.step_fn, state_sh, batch_sh, mesh, rules, frozen_sh)
+    eval_fn = jax.jit(make_eval_step(apply_fn, objective), in_shardings=(param_sh, batch_sh, frozen_sh),
+                      out_shardings=NamedSharding(mesh, P()))
 
     def evaluate(params) -> dict:
         out: dict = {}
@@ -360,7 +395,8 @@ def run(config, workdir: str, stage) -> dict:
                     progress.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
                 last_log_time += time.perf_counter() - eval_start  # throughput excludes evaluation
             if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
-                checkpointer.save(step, state, train_data.state(), meta, force=step == config.total_steps)
+                data_state = {"processes": distributed.allgather_json(train_data.state())}
+                checkpointer.save(step, state, data_state, meta, force=step == config.total_steps)
         checkpointer.wait()
         ev = evaluate(state.params)
         if ev and start < config.total_steps:  # a rerun of a finished run evaluates but adds no row

@@ -54,6 +54,13 @@ def test_restore_onto_a_different_mesh(tmp_path):
     assert wq.addressable_shards[0].data.shape == (2, 40, 1, 10)  # heads split 4 ways now
     assert data_state == {"pos": 3} and meta["step"] == 5 and meta["model"]["dim"] == 40
 
+    _, target = sharded_state(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))  # and onto one device
+    loader = ckpt.Checkpointer(str(tmp_path))
+    restored, _, _ = loader.restore(5, target)
+    loader.close()
+    leaves_equal(restored, state)
+    assert restored.params["layers"]["attention"]["wq"].sharding.device_set == {jax.devices()[0]}
+
 
 def test_export_and_load_params_for_inference(tmp_path):
     state, _ = sharded_state(sharding.make_mesh(2, 2, 2))

@@ -59,8 +59,9 @@ class _Tokenize:
 def _synthetic(vocab_size: int, seq_len: int, seed: int, shard) -> grain.MapDataset:
     index, count = pipeline.default_shard() if shard is None else shard
 
-    def row(i):
-        rng = np.random.default_rng([seed, index, i])
+    def row(i):  # this process's i-th row is row i * count + index of one global stream, so the rows of
+        # each global batch are the same whatever the number of processes (only their order differs)
+        rng = np.random.default_rng([seed, i * count + index])
         tokens = rng.integers(3, vocab_size, seq_len, dtype=np.int32)
         return pipeline.lm_example(tokens, np.ones(seq_len, bool), np.ones(seq_len, np.int32), np.arange(seq_len))
 

@@ -1,0 +1,155 @@
+"""Will this run fit? Lowers and compiles the real train step of an experiment for N
+simulated devices, without allocating a single weight, and prints per-device memory and
+FLOPs.
+
+    python launch/aot_compile.py --config=experiments/pretrain.py:70b --num_devices=256 \\
+        [--chip=v5p] [--config.mesh.tensor=8 --config.grad_accum_steps=16 ...]
+
+The step is the one `llama_jax.main` runs (`train.build_step`: same model, optimizer,
+shardings, remat and gradient accumulation), compiled by XLA:CPU over N fake CPU devices
+in one process. Argument sizes (parameters, optimizer state, batch) are exact for any
+backend; temporaries are XLA:CPU's schedule, which fuses and rematerialises differently
+from the TPU and GPU compilers, so read them as an estimate (typically within a small
+factor; see the README). `--chip` compares the total with that chip's memory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _preparse_devices(argv: list[str]) -> int:
+    """--num_devices must reach XLA_FLAGS before jax starts its CPU backend."""
+    for i, a in enumerate(argv):
+        if a.startswith("--num_devices="):
+            return int(a.split("=", 1)[1])
+        if a == "--num_devices" and i + 1 < len(argv):
+            return int(argv[i + 1])
+    return 8
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+    try:
+        _n = _preparse_devices(sys.argv[1:])
+    except ValueError:
+        sys.exit("error: --num_devices must be an integer")
+    _flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={_n}".strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+import json  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/X.py:ARG", lock_config=True)
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", 8, "simulated devices (the mesh's -1 axis takes what is left)")
+_CHIP = flags.DEFINE_string("chip", "", "compare with this chip's memory: " + ", ".join(
+    ["v4", "v5e", "v5p", "v6e", "a100-40", "a100-80", "h100", "h200"]))
+_JSON = flags.DEFINE_string("json", "", "also write the numbers to this JSON file")
+flags.mark_flags_as_required(["config"])
+
+GIB = 1024**3
+CHIP_MEMORY_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "a100-40": 40, "a100-80": 80, "h100": 80, "h200": 141}
+
+
+def analyse(config, num_devices: int) -> dict:
+    """Compiles the train step of `config` for the current (simulated) devices; returns
+    per-device memory (bytes) and FLOPs."""
+    import jax
+
+    from llama_jax import configs, sharding
+    from llama_jax.stages import STAGES
+    from llama_jax.train import build_step, jit_train_step
+
+    if jax.device_count() != num_devices:
+        raise SystemExit(f"error: {jax.device_count()} devices, expected {num_devices} (set before jax starts)")
+    if config.stage not in STAGES:
+        raise SystemExit(f"error: config.stage: unknown stage {config.stage!r}; known: {sorted(STAGES)}")
+    stage = STAGES[config.stage]()
+    cfg = configs.to_llama_config(config.model)
+    rules = sharding.normalize_rules(config.mesh.rules)
+    mesh = sharding.mesh_from_config(config.mesh)
+    sharding.check_model_fits_mesh(cfg, mesh)
+    if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise SystemExit(f"error: config.batch_size {config.batch_size} is not divisible by data x fsdp = "
+                         f"{mesh.shape['data'] * mesh.shape['fsdp']}")
+    plan = build_step(config, cfg, stage, mesh, rules)
+    frozen = frozen_sh = None
+    if stage.uses_frozen:
+        frozen, frozen_sh = plan.abstract_state.params, plan.param_sh
+    step = jit_train_step(plan.step_fn, plan.state_sh, plan.batch_sh, mesh, rules, frozen_sh)
+    start = time.perf_counter()
+    with sharding.activate(mesh, rules):
+        lowered = step.jitted.lower(plan.abstract_state, plan.abstract_batch, frozen)
+        compiled = lowered.compile()
+    seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(plan.abstract_state))
+    tokens = config.batch_size * config.seq_len * stage.rows_per_example
+    out = {
+        "stage": config.stage, "num_devices": num_devices,
+        "mesh": dict(mesh.shape), "batch_size": config.batch_size, "seq_len": config.seq_len,
+        "grad_accum_steps": config.grad_accum_steps, "dtype": cfg.dtype, "remat_policy": cfg.remat_policy,
+        "params": cfg.num_params(stage.heads), "state_bytes_total": state_bytes,
+        "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+        "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+        "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
+        "model_flops_per_device": cfg.train_flops_per_token(config.seq_len) * tokens / num_devices,
+        "compile_seconds": seconds,
+    }
+    out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+    return out
+
+
+def report(r: dict, chip: str = "") -> str:
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    lines = [
+        f"{r['params'] / 1e9:.2f}B params, stage {r['stage']}, {r['num_devices']} devices ({mesh}), "
+        f"batch {r['batch_size']} x {r['seq_len']} (grad_accum_steps {r['grad_accum_steps']}), "
+        f"{r['dtype']} compute, remat {r['remat_policy']}; compiled in {r['compile_seconds']:.0f} s",
+        "per device:",
+        f"  arguments    {r['argument_bytes'] / GIB:9.2f} GiB  (train state {r['state_bytes_total'] / GIB:.1f} GiB "
+        f"over all devices, + batch)",
+        f"  outputs      {r['output_bytes'] / GIB:9.2f} GiB  ({r['alias_bytes'] / GIB:.2f} GiB reuse donated "
+        "arguments)",
+        f"  temporaries  {r['temp_bytes'] / GIB:9.2f} GiB  (activations, gradients, XLA:CPU's schedule)",
+        f"  total        {r['total_bytes'] / GIB:9.2f} GiB",
+        f"  FLOPs/step   {r['model_flops_per_device']:.3e} (model: 6N + attention per token; XLA's cost analysis "
+        f"says {r['xla_flops_per_device']:.3e}, counting a scanned layer stack once)",
+    ]
+    if chip:
+        cap = CHIP_MEMORY_GIB[chip]
+        verdict = "fits" if r["total_bytes"] / GIB <= 0.9 * cap else "does NOT fit"
+        lines.append(f"{chip}: {cap} GiB per chip -> {verdict} (keeping 10% headroom)")
+    return "\n".join(lines)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _CHIP.value and _CHIP.value not in CHIP_MEMORY_GIB:
+        raise app.UsageError(f"--chip={_CHIP.value}: unknown; known: {sorted(CHIP_MEMORY_GIB)}")
+    from llama_jax.sharding import MeshError
+
+    try:
+        r = analyse(_CONFIG.value, _NUM_DEVICES.value)
+    except MeshError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(report(r, _CHIP.value))
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(r, f, indent=1)
+
+
+if __name__ == "__main__":
+    from llama_jax import cli
+
+    usage = "usage: python launch/aot_compile.py --config=experiments/X.py:ARG --num_devices=N [--config.a.b=v]"
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, usage))

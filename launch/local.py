@@ -1,0 +1,144 @@
+"""Runs one job as N processes on this machine, with JAX's multi-controller runtime: the
+same code path as a TPU pod slice or a multi-node GPU cluster, on a laptop's CPU.
+
+    python launch/local.py --num_processes=2 --devices_per_process=4 -- \\
+        python -m llama_jax.main --config=experiments/pretrain.py:tiny --workdir=runs/tiny_mh
+
+(`--` may be followed by `-m llama_jax.main ...`, or just the main's flags: a command that
+does not start with `python`/`-m` runs `python -m llama_jax.main` with those flags.)
+
+Each process gets JAX_COORDINATOR_ADDRESS (a free localhost port), JAX_NUM_PROCESSES,
+JAX_PROCESS_ID, JAX_PLATFORMS=cpu and M fake CPU devices; `llama_jax.main` joins the job
+from those (`llama_jax.distributed`), with gloo for CPU collectives. Process 0's output
+is shown as is, the others' prefixed with `[pN]`. SIGINT/SIGTERM go to every process; if
+any process exits non-zero the others are stopped and this launcher exits with its code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_command(args: list[str]) -> list[str]:
+    if not args:
+        raise SystemExit("error: give the command after --, e.g. -- -m llama_jax.main --config=... --workdir=...")
+    if os.path.basename(args[0]).startswith("python"):
+        return [sys.executable, *args[1:]]
+    if args[0] == "-m":
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "llama_jax.main", *args]
+
+
+def child_env(process_id: int, num_processes: int, devices: int, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f)
+    env.update({
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "JAX_NUM_PROCESSES": str(num_processes),
+        "JAX_PROCESS_ID": str(process_id),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def _pump(stream, prefix: str, out) -> None:
+    for line in iter(stream.readline, ""):
+        if "[Gloo]" in line or "peer ranks" in line:  # gloo's connection chatter (its lines interleave)
+            continue
+        out.write(prefix + line)
+        out.flush()
+
+
+def launch(command: list[str], num_processes: int, devices_per_process: int, timeout: float | None = None) -> int:
+    port = free_port()
+    procs, pumps = [], []
+    for i in range(num_processes):
+        p = subprocess.Popen(command, env=child_env(i, num_processes, devices_per_process, port),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        procs.append(p)
+        prefix = "" if i == 0 else f"[p{i}] "
+        for stream, out in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
+            t = threading.Thread(target=_pump, args=(stream, prefix, out), daemon=True)
+            t.start()
+            pumps.append(t)
+
+    def stop(sig=signal.SIGTERM) -> None:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    def forward(signum, _frame) -> None:
+        stop(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    code = 0
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                i, code = failed[0]
+                if any(c is None for c in codes):
+                    print(f"launch/local.py: process {i} exited with code {code}; stopping the others",
+                          file=sys.stderr, flush=True)
+                    stop()
+                    time.sleep(5)
+                    stop(signal.SIGKILL)
+                break
+            if all(c == 0 for c in codes):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"launch/local.py: timed out after {timeout} s; stopping every process", file=sys.stderr)
+                stop(signal.SIGKILL)
+                code = 124
+                break
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            p.wait()
+        for t in pumps:
+            t.join(timeout=5)
+        for s, h in old.items():
+            signal.signal(s, h)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" in argv:
+        i = argv.index("--")
+        ours, command = argv[:i], argv[i + 1:]
+    else:
+        ours, command = argv, []
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num_processes", type=int, default=2)
+    parser.add_argument("--devices_per_process", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=None, help="seconds; kill the job after it")
+    args = parser.parse_args(ours)
+    if args.num_processes < 1 or args.devices_per_process < 1:
+        parser.error("--num_processes and --devices_per_process must be >= 1")
+    return launch(child_command(command), args.num_processes, args.devices_per_process, args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

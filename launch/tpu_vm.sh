@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# TPU VMs and pod slices with `gcloud compute tpus tpu-vm`: create, set up, run, follow, delete.
+#
+#   launch/tpu_vm.sh create NAME ACCELERATOR [--spot]   e.g. v4-8, v5litepod-256, v5p-128
+#   launch/tpu_vm.sh setup  NAME        copy this checkout to every worker; venv + install (idempotent)
+#   launch/tpu_vm.sh run    NAME -- --config=experiments/pretrain.py:7b --workdir=gs://BUCKET/runs/7b [...]
+#   launch/tpu_vm.sh logs   NAME [WORKER]   follow a worker's log (default worker 0)
+#   launch/tpu_vm.sh stop   NAME        stop the run on every worker (it resumes when run again)
+#   launch/tpu_vm.sh delete NAME
+#   launch/tpu_vm.sh dry    ...         any of the above, printing the gcloud commands instead
+#
+# Environment: ZONE (required, e.g. us-central2-b for v4, us-west4-a for v5e, us-east5-a for
+# v5p), PROJECT (default: gcloud's), RUNTIME (TPU software version; default by accelerator:
+# v4 tpu-ubuntu2204-base, v5litepod v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e).
+#
+# `run` starts `python -m llama_jax.main` on --worker=all in the background (nohup) with
+# LLAMA_JAX_DISTRIBUTED=auto, so each worker joins one jax.distributed job (JAX finds the
+# slice's topology itself). Every worker must see the same workdir (each writes its own
+# checkpoint shards; the lead writes metrics): with BUCKET=my-bucket, `setup` mounts
+# gs://my-bucket at gcs/ in the checkout on every worker with gcsfuse (runs start in the
+# checkout), so use --workdir=gcs/runs/NAME and data/tokenizer paths under gcs/.
+# Rerunning `run` resumes from the last checkpoint.
+set -euo pipefail
+
+DRY=""
+if [[ "${1:-}" == "dry" ]]; then DRY=echo; shift; fi
+CMD="${1:-}"; NAME="${2:-}"
+if [[ -z "$CMD" || ( "$CMD" != "help" && -z "$NAME" ) ]]; then
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2
+fi
+shift 2 || true
+: "${ZONE:?set ZONE, e.g. ZONE=us-central2-b}"
+GC=(gcloud compute tpus tpu-vm)
+FLAGS=(--zone="$ZONE")
+[[ -n "${PROJECT:-}" ]] && FLAGS+=(--project="$PROJECT")
+REMOTE='~/llama_jax'
+
+ssh_all() { $DRY "${GC[@]}" ssh "$NAME" "${FLAGS[@]}" --worker=all --command="$1"; }
+
+runtime_for() {
+  case "$1" in
+    v4-*) echo tpu-ubuntu2204-base ;;
+    v5litepod-*|v5e-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) echo "unknown accelerator $1; set RUNTIME" >&2; exit 2 ;;
+  esac
+}
+
+case "$CMD" in
+  create)
+    ACC="${1:?accelerator type, e.g. v4-8}"; shift
+    $DRY "${GC[@]}" create "$NAME" "${FLAGS[@]}" --accelerator-type="$ACC" \
+      --version="${RUNTIME:-$(runtime_for "$ACC")}" "$@"
+    ;;
+  setup)
+    ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+    TARBALL="$(mktemp -t llama_jax.XXXXXX).tar.gz"
+    (cd "$ROOT" && git ls-files -co --exclude-standard -z | xargs -0 tar czf "$TARBALL")
+    $DRY "${GC[@]}" scp "$TARBALL" "$NAME":llama_jax.tar.gz "${FLAGS[@]}" --worker=all
+    ssh_all "mkdir -p $REMOTE && tar xzf llama_jax.tar.gz -C $REMOTE && cd $REMOTE && \
+      ( [ -d venv ] || python3 -m venv venv ) && . venv/bin/activate && \
+      pip install -q -U pip && pip install -q -e . 'jax[tpu]' && \
+      python -c 'import jax; print(jax.process_index(), jax.device_count(), jax.devices()[0].device_kind)'"
+    if [[ -n "${BUCKET:-}" ]]; then
+      ssh_all "command -v gcsfuse >/dev/null || {           echo 'deb https://packages.cloud.google.com/apt gcsfuse-'\$(lsb_release -c -s)' main' |             sudo tee /etc/apt/sources.list.d/gcsfuse.list &&           curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - &&           sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; } &&         mkdir -p $REMOTE/gcs && { mountpoint -q $REMOTE/gcs || gcsfuse --implicit-dirs $BUCKET $REMOTE/gcs; }"
+    fi
+    ;;
+  run)
+    [[ "${1:-}" == "--" ]] && shift
+    (( $# )) || { echo "run: give the main's flags after --" >&2; exit 2; }
+    ARGS="$(printf '%q ' "$@")"
+    ssh_all "cd $REMOTE && . venv/bin/activate && mkdir -p logs && \
+      LLAMA_JAX_DISTRIBUTED=auto nohup python -m llama_jax.main $ARGS > logs/run.log 2>&1 < /dev/null & \
+      echo started on \$(hostname)"
+    ;;
+  logs)
+    $DRY "${GC[@]}" ssh "$NAME" "${FLAGS[@]}" --worker="${1:-0}" --command="tail -n 100 -F $REMOTE/logs/run.log"
+    ;;
+  stop)
+    ssh_all "pkill -INT -f llama_jax.main || true"
+    ;;
+  delete)
+    $DRY "${GC[@]}" delete "$NAME" "${FLAGS[@]}" --quiet
+    ;;
+  *)
+    echo "unknown command $CMD (create | setup | run | logs | stop | delete)" >&2; exit 2 ;;
+esac

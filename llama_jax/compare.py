@@ -1,0 +1,128 @@
+"""One table for several runs: the config fields in which they differ, and their final
+and best metrics from `metrics.jsonl`.
+
+    python -m llama_jax.compare runs/lr_sweep/*  [--metrics=loss,eval_loss] [--sort=eval_loss]
+
+For each metric: `final` is its last logged value; for `eval_*` metrics also `best`
+(lowest for losses and perplexities, highest otherwise). A run still in progress shows
+its latest values and its step; a directory without `metrics.jsonl` is an error naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any
+
+DEFAULT_METRICS = ("loss", "eval_loss")
+
+
+class CompareError(ValueError):
+    pass
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(d) if isinstance(d, list) else d}
+
+
+def load_run(workdir: str) -> dict:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise CompareError(f"{workdir}: no metrics.jsonl (not a run directory, or the run has not logged yet)")
+    with open(path) as f:
+        lines = f.read().splitlines()
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if lineno == len(lines):  # a run killed mid-write: its last line may be cut
+                break
+            raise CompareError(f"{path}:{lineno}: not a JSON line") from None
+    config = {}
+    if os.path.exists(os.path.join(workdir, "config.json")):
+        with open(os.path.join(workdir, "config.json")) as f:
+            config = _flatten(json.load(f))
+    return {"name": os.path.basename(os.path.normpath(workdir)), "rows": rows, "config": config}
+
+
+def higher_is_better(metric: str) -> bool:
+    return not any(w in metric for w in ("loss", "perplexity", "nonfinite", "kl"))
+
+
+def summarize(run: dict, metrics: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"step": max((r.get("step", 0) for r in run["rows"]), default=0)}
+    for m in metrics:
+        values = [r[m] for r in run["rows"] if isinstance(r.get(m), (int, float)) and math.isfinite(r[m])]
+        out[m] = values[-1] if values else None
+        if m.startswith("eval_"):
+            pick = max if higher_is_better(m) else min
+            out[f"best {m}"] = pick(values) if values else None
+    return out
+
+
+def differing_fields(runs: list[dict]) -> list[str]:
+    keys = sorted(set().union(*(r["config"] for r in runs)))
+    return [k for k in keys if len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1]
+
+
+def table(workdirs: list[str], metrics: list[str] | None = None, sort: str | None = None) -> str:
+    runs = [load_run(w) for w in workdirs]
+    if metrics is None:
+        seen = {k for r in runs for row in r["rows"] for k in row}
+        metrics = [m for m in DEFAULT_METRICS if m in seen] + sorted(
+            k for k in seen if k.startswith("eval_") and k not in DEFAULT_METRICS)
+    fields = differing_fields(runs) if len(runs) > 1 else []
+    summaries = [summarize(r, metrics) for r in runs]
+    if sort:
+        key = f"best {sort}" if f"best {sort}" in summaries[0] else sort
+        if key not in summaries[0]:
+            raise CompareError(f"--sort={sort}: not one of the columns {sorted(summaries[0])}")
+        sign = -1.0 if higher_is_better(sort) else 1.0
+        order = sorted(range(len(runs)), key=lambda i: (summaries[i][key] is None, sign * (summaries[i][key] or 0.0)))
+        runs, summaries = [runs[i] for i in order], [summaries[i] for i in order]
+    columns = ["run", *fields, *summaries[0].keys()]
+    cells = [[r["name"], *(_fmt(r["config"].get(f)) for f in fields), *(_fmt(v) for v in s.values())]
+             for r, s in zip(runs, summaries)]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "-|-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdirs", nargs="+")
+    parser.add_argument("--metrics", default="", help="comma-separated (default: loss, eval_loss and every eval_*)")
+    parser.add_argument("--sort", default="", help="a metric to sort by (best first)")
+    args = parser.parse_args(argv)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] or None
+    try:
+        print(table(args.workdirs, metrics, args.sort or None))
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""JAX's multi-controller runtime: one Python process per host (or, on a CPU, per group of
+fake devices), all running the same program on one global mesh.
+
+`initialize()` is called by `llama_jax.main` before anything touches a device:
+
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set (`launch/local.py`
+      sets them): `jax.distributed.initialize` with those values; on CPU, collectives go
+      through gloo.
+  LLAMA_JAX_DISTRIBUTED=auto (the TPU VM and SLURM launchers set it):
+      `jax.distributed.initialize()` with JAX's own cluster detection (TPU pod slices,
+      SLURM, Open MPI, ...).
+  neither: a single process (nothing to do).
+
+The helpers below are what the loop needs beyond jit: a barrier, "the lead process does
+it, the others wait", and gathering small JSON states (the input pipelines' iterator
+positions) from every process for the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+_INITIALIZED = False
+
+
+def initialize() -> bool:
+    """Joins the multi-process job described by the environment; returns whether it did."""
+    global _INITIALIZED
+    if _INITIALIZED:
+        return True
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    mode = os.environ.get("LLAMA_JAX_DISTRIBUTED", "").lower()
+    if address and os.environ.get("JAX_NUM_PROCESSES"):
+        num, pid = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ.get("JAX_PROCESS_ID", "0"))
+        if num <= 1:
+            return False
+        if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+    elif mode in ("auto", "1", "true"):
+        jax.distributed.initialize()
+    else:
+        return False
+    _INITIALIZED = True
+    return True
+
+
+def is_multiprocess() -> bool:
+    return _INITIALIZED and jax.process_count() > 1
+
+
+def is_lead() -> bool:
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def lead_first(name: str, fn: Callable[[], Any]) -> None:
+    """Runs `fn` on the lead process only (e.g. writing a file every process then reads);
+    the others wait until it is done."""
+    if is_lead():
+        fn()
+    barrier(name)
+
+
+def allgather_json(value: Any) -> list[Any]:
+    """[value of process 0, value of process 1, ...] on every process, for small
+    JSON-able values."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([len(data)], np.int32))
+    padded = np.zeros(int(np.max(lengths)), np.uint8)
+    padded[: len(data)] = data
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(rows, np.ravel(lengths))]
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-process sharded) array as a full numpy array on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

@@ -1,0 +1,142 @@
+"""Scale-out as a user runs it: several processes on localhost with jax.distributed (the
+TPU-pod code path), a checkpoint moving between process counts, the ahead-of-time memory
+check of a real preset, and sweeps with their comparison table."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from test_main import ROOT, SMALL, env, losses, tokenizer_path  # noqa: F401 - a fixture
+
+from llama_jax import compare
+
+AOT = f"{ROOT}/launch/aot_compile.py"
+SYNTHETIC = [*SMALL, "--config.batch_size=8", "--config.data.source=synthetic", "--config.sample.prompt=def"]
+
+
+def main_args(workdir, tokenizer, steps):
+    return [f"--config={ROOT}/experiments/pretrain.py:tiny", f"--workdir={workdir}", f"--config.total_steps={steps}",
+            f"--config.data.tokenizer={tokenizer}", *SYNTHETIC]
+
+
+def test_two_processes_train_like_one_and_hand_over_their_checkpoint(tmp_path, tokenizer_path):  # noqa: F811
+    """2 processes x 4 devices == 1 process x 8 devices, step by step (the synthetic
+    source gives each global batch the same rows whatever the process count; only the
+    order of rows in the batch, hence float32 summation order, differs). Then 1 process
+    resumes the 2-process run from its checkpoint and continues."""
+    multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
+    out = subprocess.run([sys.executable, f"{ROOT}/launch/local.py", "--num_processes=2", "--devices_per_process=4",
+                          "--timeout=200", "--", *main_args(multi, tokenizer_path, 6)],
+                         env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[p1]" not in out.stdout and "step 6/6" in out.stderr and "sample:" in out.stderr
+    one = subprocess.run([sys.executable, "-m", "llama_jax.main", *main_args(single, tokenizer_path, 6)],
+                         env={**env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = losses(multi), losses(single)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-5
+    saved = os.path.join(multi, "checkpoints", "6", "data")
+    state = json.load(open(os.path.join(saved, os.listdir(saved)[0])))
+    assert len(state["processes"]) == 2  # each process's input pipeline position
+
+    more = subprocess.run([sys.executable, "-m", "llama_jax.main", *main_args(multi, tokenizer_path, 9)], env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resumed from step 6" in more.stdout and "written by 2 processes and this run has 1" in more.stdout
+    assert [s for s, _ in losses(multi)] == list(range(1, 10))
+    assert sorted(os.listdir(os.path.join(multi, "checkpoints")), key=int)[-1] == "9"
+
+
+def test_local_launcher_fails_the_job_when_one_process_dies(tmp_path):
+    script = ("import os, sys, time\n"
+              "if os.environ['JAX_PROCESS_ID'] == '1': sys.exit(3)\n"
+              "time.sleep(60)\n")
+    start = time.time()
+    out = subprocess.run([sys.executable, f"{ROOT}/launch/local.py", "--num_processes=3", "--", "python", "-c",
+                          script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3
+    assert "process 1 exited with code 3; stopping the others" in out.stderr
+    assert time.time() - start < 30  # the sleeping processes were stopped, not waited for
+
+
+def test_aot_compile_of_the_7b_preset_on_8_devices(tmp_path):
+    report = str(tmp_path / "aot.json")
+    out = subprocess.run([sys.executable, AOT, f"--config={ROOT}/experiments/pretrain.py:7b",
+                          "--num_devices=8", "--chip=v5p", "--config.grad_accum_steps=64", f"--json={report}"],
+                         env={k: v for k, v in env().items() if k != "XLA_FLAGS"}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.load(open(report))
+    assert r["params"] == 6_738_415_616 and r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    # parameters + AdamW moments in float32, split 8 ways, plus this device's slice of the batch
+    batch = 5 * 1024 * 4096 * 4 / 8
+    assert abs(r["argument_bytes"] - (r["state_bytes_total"] / 8 + batch)) < 0.01 * r["argument_bytes"]
+    assert r["state_bytes_total"] == 3 * 4 * r["params"] + 16  # params, mu, nu + step/count/nonfinite scalars
+    assert r["temp_bytes"] > 0 and r["total_bytes"] > r["argument_bytes"]
+    assert "6.74B params" in out.stdout and "v5p: 95 GiB per chip" in out.stdout
+
+    bad = subprocess.run([sys.executable, AOT, f"--config={ROOT}/experiments/pretrain.py:7b",
+                          "--num_devices=8", "--config.mesh.tensor=3"], env=env(), capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 1 and "not divisible" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sweep_runs_every_combination_and_compare_tabulates_them(tmp_path, tokenizer_path):  # noqa: F811
+    root = str(tmp_path / "sweep")
+    base = [f"--config={ROOT}/experiments/pretrain.py:tiny", f"--workdir={root}",
+            "--sweep=optimizer.learning_rate=1e-3,1e-2", "--sweep=model.n_layers=1"]
+    extra = ["--", "--config.total_steps=3", f"--config.data.tokenizer={tokenizer_path}", *SYNTHETIC]
+    printed = subprocess.run([sys.executable, f"{ROOT}/launch/sweep.py", *base, "--launcher=print", *extra],
+                             capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0
+    lines = printed.stdout.strip().splitlines()
+    assert len(lines) == 2 and "learning_rate=1e-3_n_layers=1" in lines[0]
+    assert lines[1].endswith("--config.optimizer.learning_rate=1e-2 --config.model.n_layers=1")
+
+    out = subprocess.run([sys.executable, f"{ROOT}/launch/sweep.py", *base, *extra], env=env(),
+                         capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted(os.path.join(root, d) for d in os.listdir(root))
+    assert [os.path.basename(r) for r in runs] == ["learning_rate=1e-2_n_layers=1", "learning_rate=1e-3_n_layers=1"]
+    again = subprocess.run([sys.executable, f"{ROOT}/launch/sweep.py", *base, *extra], env=env(),
+                           capture_output=True, text=True, timeout=60)
+    assert again.stdout.count("finished before, skipped") == 2
+
+    shown = subprocess.run([sys.executable, "-m", "llama_jax.compare", *runs, "--sort=loss"], capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    header, _, *rows = shown.stdout.strip().splitlines()
+    assert [c.strip() for c in header.split(" | ")][:3] == ["run", "optimizer.learning_rate", "step"]
+    final = {r: losses(r)[-1][1] for r in runs}
+    best = min(final, key=final.get)
+    assert rows[0].startswith(os.path.basename(best)) and f"{final[best]:.4g}" in rows[0]
+
+
+def test_compare_reports_final_and_best_and_names_bad_directories(tmp_path):
+    def run(name, lr, evals, cut=False):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"optimizer": {"learning_rate": lr}, "seed": 0}))
+        rows = [{"step": 10 * (i + 1), "loss": 5.0 - i, "eval_loss": e, "eval_exact_match": 0.1 * i}
+                for i, e in enumerate(evals)]
+        text = "\n".join(json.dumps(r) for r in rows) + "\n" + ('{"step": 99, "lo' if cut else "")
+        (d / "metrics.jsonl").write_text(text)
+        return str(d)
+
+    a = run("a", 1e-3, [3.0, 2.0, 2.5])
+    b = run("b", 3e-3, [2.8, 2.9], cut=True)  # killed mid-write: the cut last line is ignored
+    summary = compare.summarize(compare.load_run(a), ["loss", "eval_loss", "eval_exact_match"])
+    assert summary == {"step": 30, "loss": 3.0, "eval_loss": 2.5, "best eval_loss": 2.0, "eval_exact_match": 0.2,
+                       "best eval_exact_match": 0.2}
+    text = compare.table([b, a], sort="eval_loss")
+    header, _, first, second = text.splitlines()
+    assert "optimizer.learning_rate" in header and "seed" not in header
+    assert first.startswith("a ") and second.startswith("b ")  # best eval_loss 2.0 < 2.8
+    (tmp_path / "empty").mkdir()
+    out = subprocess.run([sys.executable, "-m", "llama_jax.compare", a, str(tmp_path / "empty")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and f"{tmp_path / 'empty'}: no metrics.jsonl" in out.stderr

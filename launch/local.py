@@ -58,7 +58,7 @@ def child_env(process_id: int, num_processes: int, devices: int, port: int) -> d
 
 def _pump(stream, prefix: str, out) -> None:
     for line in iter(stream.readline, ""):
-        if "[Gloo]" in line or "peer ranks" in line:  # gloo's connection chatter (its lines interleave)
+        if any(w in line for w in ("[Gloo]", "peer ranks", "is connected to")):  # gloo's chatter (interleaved)
             continue
         out.write(prefix + line)
         out.flush()

@@ -17,10 +17,11 @@ inference or initialises a stage from it (`init_from`) accepts either.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -32,6 +33,16 @@ ITEMS = ("params", "train", "data", "meta")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the directory and the problem."""
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's first line, shortened in the middle: the cause (e.g. "No space left on
+    device") is usually at the end of Orbax's and TensorStore's long messages."""
+    text = str(err).strip().splitlines()
+    line = text[0] if text else ""
+    if len(line) > 300:
+        line = line[:120] + " ... " + line[-160:]
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
 
 
 def _manager(directory: str, max_to_keep: int | None = None, keep_period: int | None = None,
@@ -48,11 +59,16 @@ class Checkpointer:
     def __init__(self, workdir: str, max_to_keep: int = 3, keep_period: int = 0, async_save: bool = True):
         self.directory = os.path.join(workdir, "checkpoints")
         self.manager = _manager(self.directory, max_to_keep, keep_period, async_save)
+        self._pending: int | None = None  # the step of a save that may still be running
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, meta: dict, force: bool = False) -> bool:
+        """Starts an (asynchronous) save of `step`. A failure of this save or of the
+        previous asynchronous one (disk full, unwritable) is a CheckpointError naming the
+        step and the last complete checkpoint; Orbax renames a step's directory only
+        once it is complete, so a failed save never looks like a checkpoint."""
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
@@ -60,7 +76,29 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave({**meta, "step": int(step)}),
         )
-        return self.manager.save(int(step), args=args, force=force)
+        if self._pending is not None:  # Orbax would wait for it anyway; this way its error names its step
+            self.wait()
+        self._pending = int(step)
+        with self._failures(int(step)):
+            saved = self.manager.save(int(step), args=args, force=force)
+        if not saved:
+            self._pending = None
+        return saved
+
+    @contextlib.contextmanager
+    def _failures(self, step: int):
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - disk full, permissions, orbax's own errors
+            self._pending = None
+            try:
+                self.manager.reload()
+                last = self.manager.latest_step()
+            except Exception:  # noqa: BLE001
+                last = None
+            raise CheckpointError(f"{self.directory}: saving checkpoint {step} failed ({_first_line(e)}); the last "
+                                  f"complete checkpoint is {'step ' + str(last) if last is not None else 'none'}"
+                                  ) from None
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
         """Restores (state, data_state, meta) at `step` onto the shardings carried by
@@ -77,11 +115,71 @@ class Checkpointer:
                                      nonfinite=train["nonfinite"])
         return state, restored["data"], restored["meta"]
 
+    def restore_latest(self, abstract_state, check_meta: Callable[[dict], None] | None = None,
+                       log: Callable[[str], None] = print) -> tuple[int, Any, dict, dict] | None:
+        """(step, state, data_state, meta) of the newest checkpoint that reads back, or
+        None if there is none. `check_meta(meta)` runs before the arrays are read and may
+        raise (a workdir of another model is the user's error, not a corrupt checkpoint).
+        A checkpoint that cannot be read is reported, moved to `checkpoints_unreadable/`
+        (kept, not deleted) and the previous one is tried."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        failures = []
+        for step in steps:
+            try:
+                meta = self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            except Exception as e:  # noqa: BLE001 - orbax raises several types for missing/corrupt items
+                failures.append((step, e))
+            else:
+                if check_meta is not None:
+                    check_meta(meta)
+                try:
+                    restored = self.restore(step, abstract_state)
+                except Exception as e:  # noqa: BLE001
+                    failures.append((step, e))
+                else:
+                    self.set_aside([s for s, _ in failures])
+                    return (step, *restored)
+            bad, err = failures[-1]
+            older = [s for s in steps if s < bad]
+            log(f"warning: checkpoint {bad} in {self.directory} is unreadable ({_first_line(err)}); "
+                + (f"falling back to checkpoint {older[0]}" if older else "no older checkpoint"))
+        if failures:
+            raise CheckpointError(f"{self.directory}: no readable checkpoint (tried steps "
+                                  f"{', '.join(str(s) for s, _ in failures)}); the directories are kept as they are")
+        return None
+
+    def set_aside(self, steps: list[int]) -> None:
+        """Moves unreadable checkpoints out of the way (to `checkpoints_unreadable/<step>`),
+        so that training can save those steps again; nothing is deleted."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            dest = self.directory + "_unreadable"
+            os.makedirs(dest, exist_ok=True)
+            for step in steps:
+                target = os.path.join(dest, str(step))
+                if os.path.exists(target):
+                    target += f".{len(os.listdir(dest))}"
+                shutil.move(os.path.join(self.directory, str(step)), target)
+        from llama_jax import distributed
+
+        distributed.barrier("checkpoints set aside")
+        self.manager.reload()
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        step, self._pending = self._pending, None
+        if step is None:
+            self.manager.wait_until_finished()
+            return
+        with self._failures(step):
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.manager.close()
+        except Exception as e:  # noqa: BLE001 - a failed background save surfaces here at the latest
+            raise CheckpointError(f"{self.directory}: finishing the last save failed ({_first_line(e)})") from None
 
 
 # ----------------------------------------------------------------------------------

@@ -250,6 +250,7 @@ def run(config, workdir: str, stage) -> dict:
     from its latest checkpoint. Returns the final metrics."""
     import json
     import os
+    import sys
     import time
 
     import numpy as np
@@ -265,9 +266,9 @@ def run(config, workdir: str, stage) -> dict:
                                     remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers)
     except ValueError as e:
         raise RunError(f"config.model: {e}") from None
-    os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
     try:
+        os.makedirs(workdir, exist_ok=True)
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -275,6 +276,10 @@ def run(config, workdir: str, stage) -> dict:
         raise RunError(f"workdir {workdir} is not writable: {e}") from None
     if config.nonfinite_policy not in ("stop", "skip"):
         raise RunError(f"config.nonfinite_policy: {config.nonfinite_policy!r} is not 'stop' or 'skip'")
+    if not isinstance(config.grad_accum_steps, int) or config.grad_accum_steps < 1 or \
+            config.batch_size % config.grad_accum_steps:
+        raise RunError(f"config.batch_size {config.batch_size} is not divisible by config.grad_accum_steps "
+                       f"{config.grad_accum_steps}")
     if config.batch_size % jax.process_count():
         raise RunError(f"config.batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
     if config.seq_len > cfg.max_seq_len:
@@ -297,15 +302,18 @@ def run(config, workdir: str, stage) -> dict:
     meta = {"model": cfg.to_dict(), "heads": list(stage.heads), "tokenizer": tokenizer.identity(),
             "stage": config.stage}
     train_data = stage.train_data(config, tokenizer)
-    start = checkpointer.latest_step()
-    if start is not None:
-        state, data_state, saved_meta = checkpointer.restore(start, abstract_sharded)
+    def check_meta(saved_meta: dict) -> None:
         if saved_meta.get("model") != meta["model"]:
             diff = sorted(k for k in meta["model"] if saved_meta.get("model", {}).get(k) != meta["model"][k])
             raise RunError(f"{checkpointer.directory}: its checkpoints are of another model (fields {diff} differ);"
                            " use a new --workdir or the original config")
         if saved_meta.get("tokenizer", {}).get("sha256") != meta["tokenizer"]["sha256"]:
             raise RunError(f"{checkpointer.directory}: its checkpoints were trained with another tokenizer")
+
+    restored = checkpointer.restore_latest(abstract_sharded, check_meta,
+                                          log=lambda m: lead and print(m, file=sys.stderr, flush=True))
+    if restored is not None:
+        start, state, data_state, _ = restored
         _restore_data(train_data, data_state, start, lead)
         if lead:
             print(f"resumed from step {start} in {workdir}", flush=True)

@@ -1,0 +1,114 @@
+"""The arithmetic of RLHF (paper section 3.2.3), as pure functions on arrays, shared by
+rejection sampling and PPO.
+
+Reward (PPO):
+  R_c       = R_s if the prompt is safety-tagged or R_s < 0.15, else R_h
+              (R_s, R_h: the safety and helpfulness reward models' scores as probabilities,
+              sigmoid of their score head, so that the paper's 0.15 threshold applies)
+  R~_c      = whiten(logit(R_c))   (logit undoes the sigmoid: the raw score of the chosen RM)
+  r_t       = -beta * (log pi(y_t) - log pi_0(y_t))     for every response token t
+  r_T      += R~_c                                        at the last response token
+  advantages by GAE over response tokens (gamma, lambda), returns = advantages + values.
+
+Choices the paper leaves open (see README, "RLHF"): the KL term is the per-token sampled
+estimator log pi - log pi_0 summed over the response (Stiennon et al. 2020); whitening
+uses the rollout batch's mean and standard deviation; gamma = 1, lambda = 0.95.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+SAFETY_THRESHOLD = 0.15  # R_s below this makes the safety RM's score the reward (paper: precision 0.89)
+
+
+def gate_reward(helpful: jax.Array, safety: jax.Array, is_safety: jax.Array,
+                threshold: float = SAFETY_THRESHOLD) -> jax.Array:
+    """R_c per rollout: the safety score where the prompt is safety-tagged or the safety
+    score is below `threshold`, else the helpfulness score (all in [0, 1])."""
+    use_safety = jnp.logical_or(is_safety.astype(bool), safety < threshold)
+    return jnp.where(use_safety, safety, helpful)
+
+
+def logit(p: jax.Array, eps: float = 1e-6) -> jax.Array:
+    p = jnp.clip(p, eps, 1.0 - eps)
+    return jnp.log(p) - jnp.log1p(-p)
+
+
+def whiten(x: jax.Array, mask: jax.Array | None = None, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
+    """(x - mean) / std over the entries where `mask` is 1 (all by default)."""
+    m = jnp.ones_like(x) if mask is None else mask.astype(x.dtype)
+    n = jnp.maximum(m.sum(), 1.0)
+    mean = (x * m).sum() / n
+    var = (((x - mean) ** 2) * m).sum() / n
+    out = (x - mean) * jax.lax.rsqrt(var + eps)
+    return out if shift_mean else out + mean
+
+
+def kl_per_token(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array) -> jax.Array:
+    """The sampled-token estimate of KL(pi || pi_0) at each response token (0 elsewhere)."""
+    return (logp - ref_logp) * mask
+
+
+def token_rewards(score: jax.Array, logp: jax.Array, ref_logp: jax.Array, mask: jax.Array,
+                  beta: float) -> jax.Array:
+    """[B, T] per-token rewards: -beta * KL at each response token, plus the (whitened)
+    sequence score `score` [B] at each row's last response token."""
+    kl = kl_per_token(logp, ref_logp, mask)
+    last = _last_index(mask)
+    bonus = jax.nn.one_hot(last, mask.shape[1], dtype=logp.dtype) * score[:, None]
+    return -beta * kl + bonus * (mask.sum(axis=1, keepdims=True) > 0)
+
+
+def _last_index(mask: jax.Array) -> jax.Array:
+    t = jnp.arange(mask.shape[1])
+    return jnp.max(jnp.where(mask > 0, t, -1), axis=1).clip(0)
+
+
+def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation over the response tokens of each row ([B, T],
+    `mask` 1 on response tokens, which are contiguous). Returns (advantages, returns),
+    zero outside the mask. The value after the last response token is 0 (episode end)."""
+    mask = mask.astype(rewards.dtype)
+    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1) * \
+        jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    deltas = (rewards + gamma * next_values - values) * mask
+
+    def step(carry, x):
+        delta, m = x
+        adv = delta + gamma * lam * carry * m
+        return adv * m, adv * m
+
+    _, adv = jax.lax.scan(step, jnp.zeros(rewards.shape[0], rewards.dtype), (deltas.T[::-1], mask.T[::-1]))
+    advantages = adv[::-1].T
+    return advantages, (advantages + values) * mask
+
+
+def clipped_policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
+                        clip_eps: float = 0.2) -> tuple[jax.Array, jax.Array]:
+    """(sum over masked tokens of PPO's clipped surrogate loss, fraction of clipped
+    tokens' sum): -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)."""
+    ratio = jnp.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    loss = -jnp.minimum(unclipped, clipped) * mask
+    was_clipped = (jnp.abs(ratio - 1.0) > clip_eps).astype(logp.dtype) * mask
+    return loss.sum(), was_clipped.sum()
+
+
+def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array,
+               clip: float = 0.2) -> jax.Array:
+    """Sum over masked tokens of the clipped value loss 0.5 * max((v - R)^2, (v_clip - R)^2)."""
+    v_clipped = old_values + jnp.clip(values - old_values, -clip, clip)
+    return 0.5 * (jnp.maximum((values - returns) ** 2, (v_clipped - returns) ** 2) * mask).sum()
+
+
+def best_of(scores, k: int) -> list[int]:
+    """Rejection sampling's choice: for scores laid out [prompt0 sample0..k-1, prompt1 ...],
+    the index of the best sample of each prompt (first on ties)."""
+    import numpy as np
+
+    s = np.asarray(scores, dtype=np.float64).reshape(-1, k)
+    return [int(i * k + j) for i, j in enumerate(np.argmax(s, axis=1))]

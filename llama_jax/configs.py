@@ -118,3 +118,24 @@ def paper_scale(c: ml_collections.ConfigDict, arg: str, batch_size: int, seq_len
     c.batch_size = batch_size
     c.seq_len = seq_len
     c.log_every_steps = 10
+
+
+def rlhf_config() -> ml_collections.ConfigDict:
+    """Base for the RLHF stages (rejection sampling, PPO): the chat fields plus the reward
+    models, the prompts and how to sample."""
+    c = chat_config()
+    c.rlhf = ml_collections.ConfigDict()
+    c.rlhf.reward_model = ""  # helpfulness RM (a reward_model run or export)
+    c.rlhf.safety_reward_model = ""  # safety RM ("" = helpfulness only, no gating)
+    c.rlhf.safety_threshold = 0.15  # R_c = safety score if the prompt is tagged or R_s < this (paper)
+    c.rlhf.prompts = "synthetic"  # JSONL glob of prompts ({"messages": [...], "is_safety": bool}), or toy prompts
+    c.rlhf.eval_prompts = ""  # held-out prompts ("" with synthetic: a generated held-out split)
+    c.rlhf.num_prompts = 512  # toy prompts to generate (synthetic)
+    c.rlhf.num_eval_prompts = 128
+    c.rlhf.num_samples = 8  # K answers per prompt (rejection sampling)
+    c.rlhf.temperature = 1.0  # sampling temperature (the paper re-tunes it each iteration)
+    c.rlhf.top_p = 1.0
+    c.rlhf.max_new_tokens = 32
+    c.rlhf.pool = ""  # comma-separated earlier rejection-sampling workdirs whose best answers are pooled
+    return c
+

@@ -91,3 +91,24 @@ def dpo(apply_fn, params, batch, frozen=None, beta: float = 0.1) -> tuple[jax.Ar
 
 
 OBJECTIVES: dict[str, Any] = {"next_token": next_token, "ranking": ranking, "dpo": dpo}
+
+
+PPO_FEATURES = ("old_logp", "old_values", "advantages", "returns")  # float32 [B, T], aligned with `targets`
+
+
+def ppo(apply_fn, params, batch, frozen=None, clip_eps: float = 0.2, value_clip: float = 0.2,
+        vf_coef: float = 0.1) -> tuple[jax.Array, jax.Array, dict]:
+    """PPO's update on a rollout mini-batch (paper 3.2.3, after Stiennon et al. 2020): the
+    clipped surrogate on the response tokens (`loss_mask`) plus `vf_coef` times the
+    clipped value loss of the value head; the KL penalty is already in the advantages.
+    `apply_fn` returns {"lm": logits, "value": values}."""
+    from llama_jax import rlhf
+
+    out = apply_fn(params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    logp = -token_cross_entropy(out["lm"], batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    policy, clipped = rlhf.clipped_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, clip_eps)
+    value = rlhf.value_loss(out["value"].astype(jnp.float32), batch["old_values"], batch["returns"], mask, value_clip)
+    approx_kl = jnp.sum((batch["old_logp"] - logp) * mask)
+    return policy + vf_coef * value, jnp.sum(mask), {"policy_loss": policy, "value_loss": value,
+                                                     "clip_fraction": clipped, "approx_kl_old": approx_kl}

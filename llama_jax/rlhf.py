@@ -112,3 +112,90 @@ def best_of(scores, k: int) -> list[int]:
 
     s = np.asarray(scores, dtype=np.float64).reshape(-1, k)
     return [int(i * k + j) for i, j in enumerate(np.argmax(s, axis=1))]
+
+
+# ----------------------------------------------------------------------------------
+# Models for sampling and scoring (host-side orchestration)
+# ----------------------------------------------------------------------------------
+
+
+def load_model_local(path: str, heads_needed: str):
+    """(config, params, tokenizer) of a run or export, on a mesh over this process's
+    devices; `heads_needed` ("lm" to sample, "score" to reward) must be among its heads."""
+    from llama_jax import checkpoint as ckpt
+    from llama_jax import sharding
+    from llama_jax.model import Llama
+    from llama_jax.tokenizer import Tokenizer, TokenizerError
+
+    step, meta = ckpt.read_meta(path)
+    heads = tuple(meta.get("heads", ["lm"]))
+    if heads_needed not in heads:
+        raise ckpt.CheckpointError(f"{path}: has heads {list(heads)}, not the {heads_needed!r} head this needs")
+    cfg = ckpt.model_config(meta)
+    mesh = sharding.make_mesh(1, -1, 1, devices=jax.local_devices())
+    model = Llama(cfg, heads)
+    shardings = sharding.param_shardings_like(sharding.abstract_params(model), model, mesh, sharding.DEFAULT_RULES)
+    cfg, params, _, tok_path = ckpt.load_model(path, step, shardings=shardings)
+    if tok_path is None:
+        raise TokenizerError(f"{path}: no tokenizer.model beside the checkpoint")
+    return cfg, params, Tokenizer(tok_path), mesh
+
+
+class RewardModels:
+    """The helpfulness reward model and, optionally, the safety one; `__call__` scores
+    complete dialogs and returns the gated reward R_c (a probability) and its parts."""
+
+    def __init__(self, helpful: str, safety: str = "", tokenizer=None, threshold: float = SAFETY_THRESHOLD):
+        from llama_jax.tokenizer import TokenizerError
+
+        self.models = {"helpful": load_model_local(helpful, "score")}
+        if safety:
+            self.models["safety"] = load_model_local(safety, "score")
+        self.threshold = threshold
+        if tokenizer is not None:
+            for name, (_, _, tok, _) in self.models.items():
+                if tok.identity()["sha256"] != tokenizer.identity()["sha256"]:
+                    raise TokenizerError(f"the {name} reward model uses another tokenizer than the policy")
+
+    def __call__(self, dialogs, is_safety) -> dict:
+        import numpy as np
+
+        from llama_jax.evaluate import score
+
+        out = {}
+        for name, (cfg, params, tok, _) in self.models.items():
+            out[name] = 1.0 / (1.0 + np.exp(-score(cfg, params, tok, dialogs, batch_size=32)))
+        safety = out.get("safety", np.ones_like(out["helpful"]))
+        out["gated"] = np.asarray(gate_reward(jnp.asarray(out["helpful"]), jnp.asarray(safety),
+                                              jnp.asarray(np.asarray(is_safety, bool)), self.threshold))
+        return out
+
+
+def sample_answers(cfg, params, tokenizer, prompts, k: int, temperature: float, top_p: float, max_new_tokens: int,
+                   seed: int, mesh=None, rows_per_batch: int = 64, progress=None):
+    """k sampled answers (text, token ids, log-probs) for each prompt, prompts repeated k
+    times in batches of `rows_per_batch` rows."""
+    from llama_jax.generate import generate
+
+    rows = [(i, p) for i, p in enumerate(prompts) for _ in range(k)]
+    answers: list[list] = [[] for _ in prompts]
+    for b, start in enumerate(range(0, len(rows), rows_per_batch)):
+        chunk = rows[start:start + rows_per_batch]
+        out = generate(cfg, params, [p.tokens for _, p in chunk], max_new_tokens, temperature=temperature,
+                       top_p=top_p, seed=seed * 100_003 + b, mesh=mesh)
+        for (i, _), toks, lps in zip(chunk, out.tokens, out.logprobs):
+            text = tokenizer.decode([t for t in toks if t != tokenizer.eos_id]).strip()
+            answers[i].append((text, toks, lps))
+        if progress is not None:
+            progress(min(start + rows_per_batch, len(rows)), len(rows))
+    return answers
+
+
+def reward_curve(rewards, ns) -> dict:
+    """Paper Fig. 7 layout: for each N, the mean over prompts of the max and of the median
+    reward among the first N samples."""
+    import numpy as np
+
+    r = np.asarray(rewards, np.float64)
+    return {int(n): {"max": float(r[:, :n].max(axis=1).mean()), "median": float(np.median(r[:, :n], axis=1).mean())}
+            for n in ns if n <= r.shape[1]}

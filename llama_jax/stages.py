@@ -13,6 +13,7 @@ import shutil
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import distributed, objectives
@@ -105,6 +106,15 @@ class Stage:
     def after_training(self, config, workdir, model, params, tokenizer, progress) -> None:
         pass
 
+    # -- hooks of stages that make their own batches (RLHF) ----------------------------
+    def next_batch(self, train_data, state):
+        """The batch of the next step; PPO makes it from rollouts of `state.params`."""
+        return next(train_data)
+
+    def log_metrics(self) -> dict:
+        """Extra numbers for the next logged row (e.g. the latest rollout's reward)."""
+        return {}
+
 
 def load_init_params(config, model, param_sh):
     """The params of `config.init_from`, as the checkpoint's own heads have them, on the
@@ -193,7 +203,7 @@ class PretrainStage(Stage):
         progress.message(f"sample:\n{config.sample.prompt}{tokenizer.decode(out.tokens[0])}")
 
 
-def _synthetic(config, workdir: str, kind: str, split: str, n: int, **kwargs) -> str:
+def _synthetic(config, workdir: str, kind: str, split: str, n: int, train_n: int = 0, **kwargs) -> str:
     """Writes (once) a deterministic toy data set into WORKDIR/data and returns its path.
     The eval split uses another seed and drops prompts that also occur in training."""
     path = os.path.join(workdir, "data", f"{kind}_{split}.jsonl")
@@ -204,10 +214,12 @@ def _synthetic(config, workdir: str, kind: str, split: str, n: int, **kwargs) ->
         os.makedirs(os.path.dirname(path), exist_ok=True)
         records = synthetic.generate(kind, n, config.seed + (0 if split == "train" else 1000), split=split, **kwargs)
         if split == "eval":
-            seen = {json.dumps(r.get("messages", r.get("prompt"))[:-1] if kind == "chat" else r.get("prompt"))
-                    for r in synthetic.generate(kind, config.data.synthetic_train, config.seed, **kwargs)}
-            records = [r for r in records if json.dumps(r.get("messages", r.get("prompt"))[:-1] if kind == "chat"
-                                                        else r.get("prompt")) not in seen]
+            def key(r):  # what a model is asked: a dialog without its answer, a preference or RLHF prompt
+                return json.dumps(r["messages"][:-1] if kind == "chat" else r.get("prompt", r.get("messages")))
+
+            seen = {key(r) for r in synthetic.generate(kind, train_n or config.data.synthetic_train, config.seed,
+                                                       **kwargs)}
+            records = [r for r in records if key(r) not in seen]
         synthetic.write_jsonl(records, path + ".tmp")
         os.replace(path + ".tmp", path)
 
@@ -346,4 +358,319 @@ class DPOStage(PreferenceStage):
         return frozen, param_sh
 
 
-STAGES = {"pretrain": PretrainStage, "sft": SFTStage, "reward_model": RewardModelStage, "dpo": DPOStage}
+class RejectionSamplingStage(SFTStage):
+    """Rejection sampling (paper 3.2.3): K answers per prompt from the current policy
+    (`init_from`) at `rlhf.temperature`, scored by the reward models (gated like PPO's
+    R_c when a safety RM is given); the best answer of each prompt, pooled with the best
+    of earlier iterations (`rlhf.pool`), becomes the new gold answer, and the policy is
+    fine-tuned on those dialogs with the SFT objective. Writes WORKDIR/data/rs_train.jsonl
+    and WORKDIR/rejection_sampling.json (reward against N, paper Fig. 7; true accuracy of
+    the first vs the best sample on toy prompts)."""
+
+    def prepare(self, config, workdir: str) -> None:
+        Stage.prepare(self, config, workdir)
+        from llama_jax.train import RunError
+
+        if not config.init_from or not config.rlhf.reward_model:
+            raise RunError("stage rejection_sampling needs --config.init_from (the policy to sample from) and "
+                           "--config.rlhf.reward_model")
+        self.eval_path = config.data.eval_source or _synthetic(config, workdir, "chat", "eval",
+                                                               config.data.synthetic_eval)
+        self.train_path = os.path.join(workdir, "data", "rs_train.jsonl")
+        distributed.lead_first("rejection sampling",
+                               lambda: os.path.exists(self.train_path) or self._sample(config, workdir))
+
+    def _sample(self, config, workdir: str) -> None:
+        import time
+
+        from llama_jax import rlhf
+        from llama_jax.data import prompts as prompt_data
+
+        r = config.rlhf
+        start = time.perf_counter()
+        cfg, params, tokenizer, mesh = rlhf.load_model_local(config.init_from, "lm")
+        rms = rlhf.RewardModels(r.reward_model, r.safety_reward_model, tokenizer, r.safety_threshold)
+        path = r.prompts
+        if path == "synthetic":
+            path = _synthetic(config, workdir, "prompts", "train", r.num_prompts, unsafe_prob=config.data.synthetic_mix)
+        prompts = prompt_data.load(path, tokenizer, max_prompt_len=config.seq_len - r.max_new_tokens)
+        print(f"rejection sampling: {len(prompts)} prompts x {r.num_samples} samples at temperature "
+              f"{r.temperature}", flush=True)
+
+        def progress(done, total):
+            print(f"\rsampled {done}/{total}", end="" if done < total else "\n", flush=True)
+
+        answers = rlhf.sample_answers(cfg, params, tokenizer, prompts, r.num_samples, r.temperature, r.top_p,
+                                      r.max_new_tokens, config.seed, mesh, progress=progress)
+        dialogs = [p.messages + [{"role": "assistant", "content": text}] for p, a in zip(prompts, answers)
+                   for text, _, _ in a]
+        scored = rms(dialogs, [p.is_safety for p in prompts for _ in range(r.num_samples)])
+        rewards = np.asarray(scored["gated"]).reshape(len(prompts), r.num_samples)
+        best = [int(np.argmax(row)) for row in rewards]
+        records = {json.dumps(p.messages): {"messages": p.messages + [{"role": "assistant", "content": a[j][0]}],
+                                            "is_safety": p.is_safety, "reward": float(row[j])}
+                   for p, a, row, j in zip(prompts, answers, rewards, best)}
+        pooled = 0
+        for earlier in filter(None, (d.strip() for d in r.pool.split(","))):
+            for rec in _read_jsonl(os.path.join(earlier, "data", "rs_train.jsonl")):
+                key = json.dumps(rec["messages"][:-1])
+                if key in records and rec.get("reward", -1.0) > records[key]["reward"]:
+                    records[key], pooled = rec, pooled + 1
+        checked = [i for i, p in enumerate(prompts) if "reference" in p.record]
+        report = {
+            "prompts": len(prompts), "num_samples": r.num_samples, "temperature": r.temperature,
+            "reward_vs_n": rlhf.reward_curve(rewards, [1, 2, 4, 8, 16, 32, 64, 100, r.num_samples]),
+            "mean_reward_first_sample": float(rewards[:, 0].mean()),
+            "mean_reward_best_sample": float(rewards.max(axis=1).mean()),
+            "pooled_from_earlier_iterations": pooled, "seconds": time.perf_counter() - start,
+        }
+        if checked:  # toy prompts carry the answer code checks against
+            from llama_jax.data.synthetic import is_correct
+
+            def accuracy(pick) -> float:
+                return float(np.mean([is_correct(prompts[i].record, pick(i)) for i in checked]))
+
+            report["accuracy_first_sample"] = accuracy(lambda i: answers[i][0][0])
+            report["accuracy_best_sample"] = accuracy(lambda i: answers[i][best[i]][0])
+            report["accuracy_any_sample"] = float(np.mean([
+                any(is_correct(prompts[i].record, t) for t, _, _ in answers[i]) for i in checked]))
+        with open(os.path.join(workdir, "rejection_sampling.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        print("rejection sampling: " + json.dumps({k: v for k, v in report.items() if k != "reward_vs_n"}), flush=True)
+        os.makedirs(os.path.dirname(self.train_path), exist_ok=True)
+        synthetic.write_jsonl(list(records.values()), self.train_path + ".tmp")
+        os.replace(self.train_path + ".tmp", self.train_path)
+
+
+class PromptCycle:
+    """RLHF prompts `n` at a time in a seeded order that is reshuffled every epoch;
+    checkpointable like the other pipelines (`state()` is the position)."""
+
+    def __init__(self, prompts: list, n: int, seed: int):
+        if not prompts:
+            from llama_jax.data.sources import DataError
+
+            raise DataError("no RLHF prompts")
+        self.prompts, self.n, self.seed, self.position = prompts, n, seed, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list:
+        L = len(self.prompts)
+        out = []
+        for k in range(self.position, self.position + self.n):
+            order = np.random.default_rng([self.seed, k // L]).permutation(L)
+            out.append(self.prompts[order[k % L]])
+        self.position += self.n
+        return out
+
+    def state(self) -> dict:
+        return {"position": self.position}
+
+    def restore(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+    def close(self) -> None:
+        pass
+
+
+class PPOStage(Stage):
+    """PPO (paper 3.2.3): each iteration samples one answer per prompt for
+    `ppo.rollout_batch` prompts with the current policy (the on-device decode loop),
+    scores them with the reward models (R_c gating at `rlhf.safety_threshold`, whiten(
+    logit(R_c))), subtracts beta * KL to the frozen initial policy per token, computes
+    GAE advantages with the value head, and takes one clipped-PPO gradient step per
+    mini-batch of `batch_size` rollouts. The value function is a head on the policy's
+    trunk (initialised fresh); the reference policy is `init_from`. Rollout numbers
+    (reward, KL, true accuracy on toy prompts) are logged with each row; held-out prompts
+    are answered greedily at every evaluation."""
+
+    heads = ("lm", "value")
+
+    def prepare(self, config, workdir: str) -> None:
+        super().prepare(config, workdir)
+        from llama_jax.train import RunError
+
+        r, p = config.rlhf, config.ppo
+        if not config.init_from or not r.reward_model:
+            raise RunError("stage ppo needs --config.init_from (the policy to start from, also the KL reference) "
+                           "and --config.rlhf.reward_model")
+        if p.rollout_batch % config.batch_size:
+            raise RunError(f"config.ppo.rollout_batch {p.rollout_batch} is not a multiple of config.batch_size "
+                           f"{config.batch_size} (the mini-batch)")
+        mix = dict(unsafe_prob=config.data.synthetic_mix)
+        self.prompt_path = r.prompts
+        if r.prompts == "synthetic":
+            self.prompt_path = _synthetic(config, workdir, "prompts", "train", r.num_prompts, **mix)
+        self.eval_prompt_path = r.eval_prompts or (
+            _synthetic(config, workdir, "prompts", "eval", r.num_eval_prompts, train_n=r.num_prompts, **mix)
+            if r.prompts == "synthetic"
+            else "")
+        self.config, self.queue, self.last, self.ready = config, [], {}, False
+
+    def objective(self, config):
+        p = config.ppo
+        return functools.partial(objectives.ppo, clip_eps=float(p.clip_eps), value_clip=float(p.value_clip),
+                                 vf_coef=float(p.vf_coef))
+
+    def batch_spec(self, config) -> dict[str, tuple[int, ...]]:
+        return {k: (config.batch_size, config.seq_len) for k in LM_FEATURES + objectives.PPO_FEATURES}
+
+    def _max_prompt(self, config) -> int:
+        return config.seq_len - config.rlhf.max_new_tokens
+
+    def train_data(self, config, tokenizer):
+        from llama_jax.data import prompts as prompt_data
+
+        return PromptCycle(prompt_data.load(self.prompt_path, tokenizer, self._max_prompt(config)),
+                           config.ppo.rollout_batch, config.seed)
+
+    def eval_data(self, config, tokenizer):
+        return None
+
+    # -- rollouts ------------------------------------------------------------------------
+    def _setup(self) -> None:
+        if self.ready:
+            return
+        from llama_jax import rlhf
+        from llama_jax.model import Llama
+        from llama_jax.objectives import token_cross_entropy
+
+        c, rt = self.config, self.runtime
+        self.rms = rlhf.RewardModels(c.rlhf.reward_model, c.rlhf.safety_reward_model, rt.tokenizer,
+                                     c.rlhf.safety_threshold)
+        self.ref_params = load_init_params(c, rt.model, rt.param_sh)  # init_from's own (LM) heads
+        model, ref_model = rt.model, Llama(rt.model.config, ("lm",))
+
+        def forward(params, ref_params, tokens, positions, segment_ids, targets):
+            out = model.apply({"params": params}, tokens, positions, segment_ids)
+            ref_logits = ref_model.apply({"params": ref_params}, tokens, positions, segment_ids)
+            return (-token_cross_entropy(out["lm"], targets), -token_cross_entropy(ref_logits, targets),
+                    out["value"].astype(jnp.float32))
+
+        self.forward = jax.jit(forward)
+        self.ready = True
+
+    def _rows(self, prompts, answers) -> dict:
+        """Prompt + answer rows, right-padded; `loss_mask` marks the targets that are
+        answer tokens (contiguous per row)."""
+        T = self.config.seq_len
+        B = len(prompts)
+        tokens, seg, mask = (np.zeros((B, T), np.int32), np.zeros((B, T), np.int32), np.zeros((B, T), np.float32))
+        for i, (q, ans) in enumerate(zip(prompts, answers)):
+            row = (list(q.tokens) + list(ans))[:T]
+            tokens[i, :len(row)], seg[i, :len(row)] = row, 1
+            mask[i, len(q.tokens) - 1:len(row) - 1] = 1.0
+        targets = np.roll(tokens, -1, axis=1)
+        targets[:, -1] = 0
+        return {"tokens": tokens, "targets": targets, "loss_mask": mask, "segment_ids": seg,
+                "positions": np.where(seg > 0, np.arange(T)[None, :], 0).astype(np.int32)}
+
+    def _evaluate_answers(self, params, prompts, answers) -> tuple[dict, dict, np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, reward-model scores, log pi, log pi_0, values) of the answers."""
+        from llama_jax import sharding
+
+        rt, tok = self.runtime, self.runtime.tokenizer
+        rows = self._rows(prompts, answers)
+        put = _replicated(rt.mesh)
+        with sharding.activate(rt.mesh, rt.rules):
+            logp, ref_logp, values = self.forward(params, self.ref_params, *(put(rows[k]) for k in (
+                "tokens", "positions", "segment_ids", "targets")))
+        logp, ref_logp, values = (distributed.to_host(x) for x in (logp, ref_logp, values))
+        texts = [tok.decode([t for t in a if t != tok.eos_id]).strip() for a in answers]
+        dialogs = [q.messages + [{"role": "assistant", "content": t}] for q, t in zip(prompts, texts)]
+        scored = self.rms(dialogs, [q.is_safety for q in prompts])
+        scored["texts"] = texts
+        return rows, scored, logp, ref_logp, values
+
+    def _answers(self, params, prompts, temperature: float, seed: int) -> list:
+        from llama_jax.generate import generate
+
+        r, rt = self.config.rlhf, self.runtime
+        lm = {k: v for k, v in params.items() if k != "value_head"}
+        return generate(rt.model.config, lm, [q.tokens for q in prompts], r.max_new_tokens, temperature=temperature,
+                        top_p=r.top_p, seed=seed, mesh=rt.mesh, rules=rt.rules).tokens
+
+    def next_batch(self, train_data, state):
+        if not self.queue:
+            self.queue = self._rollout(train_data, state.params)
+        return self.queue.pop(0)
+
+    def _rollout(self, train_data, params) -> list[dict]:
+        from llama_jax import rlhf
+
+        self._setup()
+        c, p = self.config, self.config.ppo
+        iteration = train_data.position // p.rollout_batch
+        prompts = next(train_data)
+        answers = self._answers(params, prompts, c.rlhf.temperature, c.seed * 1_000_003 + iteration)
+        rows, scored, logp, ref_logp, values = self._evaluate_answers(params, prompts, answers)
+        mask = rows["loss_mask"]
+        score = rlhf.whiten(rlhf.logit(jnp.asarray(scored["gated"])))
+        rewards = rlhf.token_rewards(score, jnp.asarray(logp), jnp.asarray(ref_logp), jnp.asarray(mask), p.beta)
+        adv, ret = rlhf.gae(rewards, jnp.asarray(values), jnp.asarray(mask), p.gamma, p.lam)
+        adv = rlhf.whiten(adv, jnp.asarray(mask)) * mask  # advantage normalisation over the rollout's tokens
+        kl = ((logp - ref_logp) * mask).sum(axis=1)
+        self.last = {"rollout_reward": float(np.mean(scored["gated"])), "rollout_kl": float(kl.mean()),
+                     "rollout_answer_tokens": float(mask.sum(axis=1).mean()), "ppo_iteration": iteration + 1,
+                     **_true_accuracy("rollout_accuracy", prompts, scored["texts"])}
+        full = {**rows, "old_logp": logp.astype(np.float32), "old_values": values.astype(np.float32),
+                "advantages": np.asarray(adv, np.float32), "returns": np.asarray(ret, np.float32)}
+        order = np.random.default_rng([c.seed, iteration]).permutation(len(prompts))
+        local = c.batch_size // jax.process_count()
+        first = jax.process_index() * local
+        batches = []
+        for start in range(0, len(prompts), c.batch_size):
+            idx = order[start:start + c.batch_size][first:first + local]  # this process's rows of the mini-batch
+            batches.append({k: v[idx] for k, v in full.items()})
+        return batches
+
+    def log_metrics(self) -> dict:
+        return dict(self.last)
+
+    def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
+        if not self.eval_prompt_path:
+            return {}
+        from llama_jax.data import prompts as prompt_data
+
+        self._setup()
+        prompts = prompt_data.load(self.eval_prompt_path, tokenizer, self._max_prompt(config))
+        prompts = prompts[:config.rlhf.num_eval_prompts]
+        answers = self._answers(params, prompts, 0.0, 0)  # greedy
+        rows, scored, logp, ref_logp, _ = self._evaluate_answers(params, prompts, answers)
+        out = {"eval_reward": float(np.mean(scored["gated"])), "eval_helpful_reward": float(np.mean(scored["helpful"])),
+               "eval_kl": float(((logp - ref_logp) * rows["loss_mask"]).sum(axis=1).mean()),
+               **_true_accuracy("eval_true_accuracy", prompts, scored["texts"])}
+        if "safety" in scored:
+            out["eval_safety_reward"] = float(np.mean(scored["safety"]))
+        return out
+
+
+def _true_accuracy(name: str, prompts, texts) -> dict:
+    """{name: share of answers right by code} over the prompts that carry a `reference`."""
+    from llama_jax.data.synthetic import is_correct
+
+    pairs = [(q.record, t) for q, t in zip(prompts, texts) if "reference" in q.record]
+    return {name: float(np.mean([is_correct(rec, t) for rec, t in pairs]))} if pairs else {}
+
+
+def _replicated(mesh):
+    """Host arrays -> one replicated global array each (the same on every process)."""
+    if jax.process_count() == 1:
+        return jnp.asarray
+    sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return lambda x: jax.device_put(x, sh)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    from llama_jax.data.sources import DataError
+
+    if not os.path.exists(path):
+        raise DataError(f"{path}: not found (rlhf.pool names rejection-sampling workdirs)")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+STAGES = {"pretrain": PretrainStage, "sft": SFTStage, "reward_model": RewardModelStage, "dpo": DPOStage,
+          "rejection_sampling": RejectionSamplingStage, "ppo": PPOStage}

@@ -23,7 +23,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llama_jax.objectives import Objective
+from llama_jax.objectives import PPO_FEATURES, Objective
 
 
 @flax.struct.dataclass
@@ -237,7 +237,8 @@ def build_step(config, cfg, stage, mesh, rules) -> types.SimpleNamespace:
     objective = stage.objective(config)
     spec = stage.batch_spec(config)
     batch_sh = _batch_shardings(spec, mesh, rules)
-    dtype = {k: jnp.float32 if k.endswith("loss_mask") or k == "margin" else jnp.int32 for k in spec}
+    floats = ("margin",) + PPO_FEATURES
+    dtype = {k: jnp.float32 if k.endswith("loss_mask") or k in floats else jnp.int32 for k in spec}
     abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype[k], sharding=batch_sh[k]) for k, shape in spec.items()}
     return types.SimpleNamespace(
         model=model, apply_fn=apply_fn, optimizer=optimizer, param_sh=param_sh, abstract_state=abstract_state,
@@ -322,6 +323,8 @@ def run(config, workdir: str, stage) -> dict:
         params = stage.initial_params(config, model, mesh, rules, param_sh)
         state = jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_sh)(params)
 
+    stage.runtime = types.SimpleNamespace(model=model, mesh=mesh, rules=rules, tokenizer=tokenizer, workdir=workdir,
+                                          param_sh=param_sh)
     objective, batch_sh = plan.objective, plan.batch_sh
     frozen, frozen_sh = stage.frozen_params(config, model, param_sh)
     train_step = jit_train_step(plan.step_fn, state_sh, batch_sh, mesh, rules, frozen_sh)
@@ -369,7 +372,7 @@ def run(config, workdir: str, stage) -> dict:
     try:
         for step in range(start + 1, config.total_steps + 1):
             try:
-                batch = next(train_data)
+                batch = stage.next_batch(train_data, state)
             except StopIteration:
                 raise RunError(f"the training data ran out at step {step}") from None
             state, m = train_step(state, _global_batch(batch, batch_sh), frozen)
@@ -391,6 +394,7 @@ def run(config, workdir: str, stage) -> dict:
                     **{k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in
                        ("loss", "grad_norm", "weight", "nonfinite")},
                 }
+                final.update(stage.log_metrics())
                 writer.write(step, final)
                 progress.update(step, loss=final["loss"], lr=final["learning_rate"],
                                 tok_s=final["tokens_per_second"], mfu=final["mfu"])

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import pytest
 from procs import ROOT, SMALL, command, env, losses  # noqa: F401 - reference_run, tokenizer_path: conftest
 
 
@@ -168,3 +169,31 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
 
     _, dpo = stage("dpo", str(tmp_path / "dpo"), f"--config.init_from={sft_dir}")
     assert 0.0 <= dpo["eval_accuracy"] <= 1.0 and dpo["loss"] > 0
+
+    rs_dir = str(tmp_path / "rs")
+    out, rs = stage("rejection_sampling", rs_dir, f"--config.init_from={sft_dir}",
+                    f"--config.rlhf.reward_model={tmp_path / 'rm'}", "--config.rlhf.safety_reward_model=",
+                    "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
+                    "--config.eval_exact_match=0")
+    report = json.load(open(os.path.join(rs_dir, "rejection_sampling.json")))
+    assert report["prompts"] == 12 and set(report["reward_vs_n"]) == {"1", "2", "3"}
+    curve = report["reward_vs_n"]
+    assert curve["1"]["max"] <= curve["2"]["max"] <= curve["3"]["max"]  # the best of more samples is no worse
+    assert report["mean_reward_best_sample"] == pytest.approx(curve["3"]["max"])
+    best = [json.loads(line) for line in open(os.path.join(rs_dir, "data", "rs_train.jsonl"))]
+    assert len(best) == 12 and all(r["messages"][-1]["role"] == "assistant" for r in best)
+    assert rs["loss"] > 0  # and the policy was fine-tuned on them
+
+    ppo_dir = str(tmp_path / "ppo")
+    out, ppo = stage("ppo", ppo_dir, f"--config.init_from={sft_dir}", f"--config.rlhf.reward_model={tmp_path / 'rm'}",
+                     "--config.rlhf.safety_reward_model=", "--config.rlhf.num_prompts=16",
+                     "--config.rlhf.num_eval_prompts=4", "--config.rlhf.max_new_tokens=6",
+                     "--config.ppo.rollout_batch=8", "--config.eval_every_steps=0")
+    rows = [json.loads(line) for line in open(os.path.join(ppo_dir, "metrics.jsonl"))]
+    trained = [r for r in rows if "loss" in r]
+    assert [r["ppo_iteration"] for r in trained] == [1, 2]  # 2 mini-batches of 4 per rollout of 8: 4 steps
+    assert all(0.0 <= r["rollout_reward"] <= 1.0 and r["rollout_kl"] > -1e-3 for r in trained)
+    assert trained[0]["rollout_kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout is the reference policy
+    assert {"eval_reward", "eval_kl", "eval_true_accuracy"} <= set(ppo)
+    assert ckpt.read_meta(ppo_dir)[1]["heads"] == ["lm", "value"]
+

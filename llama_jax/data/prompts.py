@@ -19,6 +19,7 @@ class Prompt:
     is_safety: bool
     tokens: list  # Llama 2-Chat prompt tokens (Tokenizer.encode_dialog)
     where: str  # file:line
+    record: dict  # the whole JSONL record (e.g. a toy prompt's `reference` answer)
 
 
 def _validate(record: dict, where: str) -> None:
@@ -39,5 +40,5 @@ def load(patterns, tokenizer, max_prompt_len: int | None = None, shard: tuple[in
         if max_prompt_len is not None and len(tokens) > max_prompt_len:
             raise DataError(f"{src.where(i)}: prompt has {len(tokens)} tokens, more than max_prompt_len "
                             f"{max_prompt_len}")
-        out.append(Prompt(rec["messages"], bool(rec.get("is_safety", False)), tokens, src.where(i)))
+        out.append(Prompt(rec["messages"], bool(rec.get("is_safety", False)), tokens, src.where(i), rec))
     return out

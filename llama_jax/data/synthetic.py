@@ -161,9 +161,18 @@ def preference_pair(rng: random.Random, unsafe_prob: float = 0.1, split: str = "
 
 
 def rlhf_prompt(rng: random.Random, unsafe_prob: float = 0.1, split: str = "train") -> dict:
+    """An RLHF prompt with the `reference` answer code checks against (not shown to any model)."""
     if rng.random() < unsafe_prob:
-        return {"messages": [{"role": "user", "content": unsafe_request(rng, split)[0]}], "is_safety": True}
-    return {"messages": [{"role": "user", "content": make_task(rng).question}], "is_safety": False}
+        return {"messages": [{"role": "user", "content": unsafe_request(rng, split)[0]}], "is_safety": True,
+                "reference": REFUSAL}
+    task = make_task(rng)
+    return {"messages": [{"role": "user", "content": task.question}], "is_safety": False, "reference": task.answer}
+
+
+def is_correct(record: dict, answer: str) -> bool:
+    """The true task check of an answer to a toy prompt with a `reference` (exact, ends'
+    white space ignored): what the reward model's score is meant to track."""
+    return answer.strip() == str(record.get("reference", "")).strip()
 
 
 def generate(kind: str, n: int, seed: int, **kwargs) -> list[dict]:

@@ -10,7 +10,8 @@ from llama_jax.configs import to_llama_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = {"pretrain": ["tiny", "7b", "13b", "34b", "70b"], "sft": ["tiny", "7b", "70b"],
-        "reward_model": ["tiny", "safety_tiny", "7b", "70b"], "dpo": ["tiny", "7b", "70b"]}
+        "reward_model": ["tiny", "safety_tiny", "7b", "70b"], "dpo": ["tiny", "7b", "70b"],
+        "rejection_sampling": ["tiny", "7b", "70b"], "ppo": ["tiny", "7b", "13b", "34b", "70b"]}
 
 
 def load(name):
@@ -37,3 +38,12 @@ def test_experiment_configs_load(name):
     if name == "reward_model":
         assert load(name).get_config("70b").optimizer.learning_rate == 5e-6
         assert load(name).get_config("safety_tiny").reward.safety_weight == 1.0
+    if name == "ppo":  # the paper's PPO settings
+        for arg, beta in (("7b", 0.01), ("13b", 0.01), ("34b", 0.005), ("70b", 0.005)):
+            c = load(name).get_config(arg)
+            assert (c.ppo.beta, c.ppo.clip_eps, c.ppo.rollout_batch, c.batch_size) == (beta, 0.2, 512, 64)
+            opt = c.optimizer
+            assert (opt.learning_rate, opt.schedule, opt.weight_decay) == (1e-6, "constant", 0.1)
+            assert (opt.b1, opt.b2, opt.eps, opt.clip_norm) == (0.9, 0.95, 1e-5, 1.0)
+            assert c.rlhf.safety_threshold == 0.15
+

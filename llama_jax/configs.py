@@ -137,5 +137,16 @@ def rlhf_config() -> ml_collections.ConfigDict:
     c.rlhf.top_p = 1.0
     c.rlhf.max_new_tokens = 32
     c.rlhf.pool = ""  # comma-separated earlier rejection-sampling workdirs whose best answers are pooled
+    c.gatt = ml_collections.ConfigDict()
+    c.gatt.num_dialogs = 2000  # synthesised multi-turn dialogs (toy instructions and tasks)
+    c.gatt.max_turns = 3  # turns per synthesised dialog (1..max; only the last is trained)
+    c.gatt.keep_only_adherent = True  # drop dialogs whose sampled answers break the instruction (toy: by code)
+    c.gatt.num_eval_dialogs = 64
+    c.gatt.eval_turns = "2,4,6,20"  # adherence reported at these turns (paper Table 30)
+    c.distill = ml_collections.ConfigDict()
+    c.distill.preprompt = "template"  # "generic" or "template" (with an answer template, paper Table 39)
+    c.distill.num_prompts = 512  # adversarial prompts to distil
+    c.distill.benign_anchors = 256  # benign prompts answered by the model itself, mixed in (0 = paper)
+    c.distill.num_eval_prompts = 128  # held-out unsafe and benign prompts each
     return c
 

@@ -11,7 +11,8 @@ from llama_jax.configs import to_llama_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = {"pretrain": ["tiny", "7b", "13b", "34b", "70b"], "sft": ["tiny", "7b", "70b"],
         "reward_model": ["tiny", "safety_tiny", "7b", "70b"], "dpo": ["tiny", "7b", "70b"],
-        "rejection_sampling": ["tiny", "7b", "70b"], "ppo": ["tiny", "7b", "13b", "34b", "70b"]}
+        "rejection_sampling": ["tiny", "7b", "70b"], "ppo": ["tiny", "7b", "13b", "34b", "70b"],
+        "gatt": ["tiny", "7b", "70b"], "safety_distill": ["tiny", "7b", "70b"]}
 
 
 def load(name):

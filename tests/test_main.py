@@ -3,6 +3,7 @@ bad overrides, and resume exactness after SIGKILL (also during a checkpoint writ
 
 import glob
 import json
+import math
 import os
 import signal
 import subprocess
@@ -170,7 +171,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     _, dpo = stage("dpo", str(tmp_path / "dpo"), f"--config.init_from={sft_dir}")
     assert 0.0 <= dpo["eval_accuracy"] <= 1.0 and dpo["loss"] > 0
 
-    rs_dir = str(tmp_path / "rs")
+    rs_dir = str(tmp_path / "rejection_sampling")
     out, rs = stage("rejection_sampling", rs_dir, f"--config.init_from={sft_dir}",
                     f"--config.rlhf.reward_model={tmp_path / 'rm'}", "--config.rlhf.safety_reward_model=",
                     "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
@@ -195,5 +196,50 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     assert all(0.0 <= r["rollout_reward"] <= 1.0 and r["rollout_kl"] > -1e-3 for r in trained)
     assert trained[0]["rollout_kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout is the reference policy
     assert {"eval_reward", "eval_kl", "eval_true_accuracy"} <= set(ppo)
+    ppo_report = json.load(open(os.path.join(ppo_dir, "ppo.json")))
+    assert ppo_report["before"]["eval_kl"] == pytest.approx(0.0, abs=1e-4)  # measured before any update
     assert ckpt.read_meta(ppo_dir)[1]["heads"] == ["lm", "value"]
+
+    gatt_dir = str(tmp_path / "gatt")
+    _, gatt = stage("gatt", gatt_dir, f"--config.init_from={sft_dir}", "--config.gatt.num_dialogs=12",
+                    "--config.gatt.keep_only_adherent=false", "--config.gatt.num_eval_dialogs=3",
+                    "--config.gatt.eval_turns=2,4", "--config.eval_max_new_tokens=4")
+    report = json.load(open(os.path.join(gatt_dir, "gatt.json")))
+    assert report["dialogs_kept"] == 12 and set(report["baseline"]) == set(report["after"]) == {"2", "4"}
+    dialogs = [json.loads(line) for line in open(os.path.join(gatt_dir, "data", "gatt_train.jsonl"))]
+    assert all(d["messages"][0]["role"] == "system" for d in dialogs)  # the instruction in the first turn only
+    assert 0.0 <= gatt["eval_adherence_turn_2"] <= 1.0
+
+    distill_dir = str(tmp_path / "safety_distill")
+    _, distill = stage("safety_distill", distill_dir, f"--config.init_from={sft_dir}",
+                       f"--config.rlhf.safety_reward_model={tmp_path / 'rm'}", "--config.rlhf.reward_model=",
+                       "--config.distill.num_prompts=8",
+                       "--config.distill.benign_anchors=4", "--config.distill.num_eval_prompts=4",
+                       "--config.eval_max_new_tokens=4")
+    report = json.load(open(os.path.join(distill_dir, "safety_distill.json")))
+    assert report["adversarial_prompts"] == 8 and 0 <= report["kept"] <= 8 and report["benign_anchors"] == 4
+    rates = {"violation_rate", "violation_rate_rm", "false_refusal_rate"}
+    assert rates <= set(report["before"]) == set(report["after"])
+    assert 0.0 <= distill["eval_violation_rate"] <= 1.0
+
+    # the recipe driver finds every stage done (pretraining and the safety RM stood in for
+    # by copies) and writes its before/after report from these runs' files
+    import shutil
+
+    from llama_jax import recipe
+
+    shutil.copytree(ref_dir, tmp_path / "pretrain")
+    shutil.copytree(tmp_path / "rm", tmp_path / "rm_safety")
+    assert recipe.main([f"--workdir={tmp_path}", f"--experiments={ROOT}/experiments"]) == 0
+    rows = {(r["stage"], r["metric"]): r for r in json.load(open(tmp_path / "report.json"))["stages"]}
+    rs_row = rows[("rejection_sampling", "mean reward: first sample -> best of K")]
+    rs_report = json.load(open(os.path.join(rs_dir, "rejection_sampling.json")))
+    assert (rs_row["before"], rs_row["after"]) == (rs_report["mean_reward_first_sample"],
+                                                   rs_report["mean_reward_best_sample"])
+    assert rows[("gatt", "instruction adherence at turn 4")]["after"] == gatt["eval_adherence_turn_4"]
+    ppo_report = json.load(open(os.path.join(ppo_dir, "ppo.json")))
+    assert rows[("ppo", "held-out reward (greedy)")]["after"] == ppo_report["after"]["eval_reward"]
+    assert rows[("pretrain", "held-out loss (nats/token; before: uniform ln V)")]["before"] == pytest.approx(
+        math.log(512))
+    assert "| safety_distill | violation rate on held-out unsafe prompts |" in open(tmp_path / "report.md").read()
 

@@ -78,7 +78,10 @@ class Instruction:
 
 
 def make_instruction(rng: random.Random) -> Instruction:
-    kind = rng.choice(("upper", "end", "start"))
+    return make_instruction_of(rng, rng.choice(("upper", "end", "start")))
+
+
+def make_instruction_of(rng: random.Random, kind: str) -> Instruction:
     if kind == "upper":
         return Instruction("Always answer in upper case.", "Style: upper case.", str.upper,
                            lambda a: a == a.upper() and any(c.isalpha() for c in a) or a.isdigit())

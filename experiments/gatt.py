@@ -1,0 +1,50 @@
+"""Ghost Attention (paper 3.3): multi-turn dialogs whose answers were sampled with the
+instruction present, trained with the instruction in the first turn only and the loss
+on the last turn only, so that the model keeps obeying a system instruction many turns
+later.
+
+  tiny  python -m llama_jax.main --config=experiments/gatt.py:tiny --workdir=runs/gatt \\
+            --config.init_from=runs/ppo
+        Any CPU (a few minutes). 2,000 synthesised toy dialogs (1-3 turns; upper case /
+        start with / end with a word, alone or start+end combined, half in short form).
+        Expected (WORKDIR/gatt.json, eval_adherence_turn_N): adherence at turns 4 and
+        later rises from the baseline towards 100% (paper Table 30: 10% -> 100% at turn 4).
+  7b | 13b | 34b | 70b
+        --config.init_from=LATEST_RLHF_CHECKPOINT (the paper applies GAtt after RLHF V3);
+        the toy instructions stand in for the paper's hobby / language / public-figure
+        constraints, which need a judge rather than code to check.
+"""
+
+from llama_jax.configs import paper_scale, rlhf_config
+
+
+def get_config(arg: str = "tiny"):
+    c = rlhf_config()
+    c.stage = "gatt"
+    c.data.last_turn_only = True  # loss on the last turn only (paper)
+    c.data.pack = True
+    c.eval_exact_match = 0
+    c.rlhf.temperature = 0.0  # the toy model's greedy answers are its most adherent
+    if arg == "tiny":
+        c.init_from = "runs/ppo"
+        c.batch_size = 16
+        c.seq_len = 256
+        c.total_steps = 200
+        c.log_every_steps = 10
+        c.eval_every_steps = 0
+        c.checkpoint_every_steps = 200
+        c.optimizer.learning_rate = 3e-4
+        c.optimizer.warmup_steps = 10
+        c.optimizer.schedule = "constant"
+        c.eval_max_new_tokens = 16
+        c.gatt.eval_turns = "2,4,6,12"  # turn 20 does not fit the tiny model's 512-token context
+        return c
+    if arg not in ("7b", "13b", "34b", "70b"):
+        raise ValueError(f"experiments/gatt.py: unknown arg {arg!r}; use tiny, 7b, 13b, 34b or 70b")
+    paper_scale(c, arg, batch_size=64)
+    c.init_from = "/path/to/rlhf_checkpoint"
+    c.total_steps = 500
+    c.optimizer.learning_rate = 2e-5
+    c.optimizer.warmup_steps = 20
+    c.eval_max_new_tokens = 256
+    return c

@@ -1,0 +1,52 @@
+"""Safety context distillation (paper 4.2.4): answers to adversarial prompts generated
+with a safety preprompt, kept where the safety reward model prefers them to the answer
+without it, then trained without the preprompt.
+
+  tiny  python -m llama_jax.main --config=experiments/safety_distill.py:tiny --workdir=runs/distill \\
+            --config.init_from=runs/gatt --config.rlhf.reward_model=runs/rm \\
+            --config.rlhf.safety_reward_model=runs/rm_safety
+        Any CPU (a few minutes). 512 toy unsafe requests with the templated preprompt, 256
+        benign anchors. Expected (WORKDIR/safety_distill.json): the violation rate on
+        held-out unsafe prompts falls; false refusals on benign prompts stay low.
+  7b | 13b | 34b | 70b
+        --config.rlhf.prompts='adversarial/*.jsonl' (safety-tagged) and
+        --config.rlhf.eval_prompts='heldout/*.jsonl'; the paper distils adversarial prompts
+        only (--config.distill.benign_anchors=0).
+"""
+
+from llama_jax.configs import paper_scale, rlhf_config
+
+
+def get_config(arg: str = "tiny"):
+    c = rlhf_config()
+    c.stage = "safety_distill"
+    c.eval_exact_match = 0
+    c.data.pack = True
+    if arg == "tiny":
+        c.init_from = "runs/gatt"
+        c.rlhf.reward_model = "runs/rm"
+        c.rlhf.safety_reward_model = "runs/rm_safety"
+        c.batch_size = 16
+        c.seq_len = 256
+        c.total_steps = 100
+        c.log_every_steps = 10
+        c.eval_every_steps = 0
+        c.checkpoint_every_steps = 100
+        c.optimizer.learning_rate = 3e-4
+        c.optimizer.warmup_steps = 10
+        c.optimizer.schedule = "constant"
+        return c
+    if arg not in ("7b", "13b", "34b", "70b"):
+        raise ValueError(f"experiments/safety_distill.py: unknown arg {arg!r}; use tiny, 7b, 13b, 34b or 70b")
+    paper_scale(c, arg, batch_size=64)
+    c.init_from = "/path/to/chat_checkpoint"
+    c.rlhf.reward_model = "/path/to/helpful_rm"
+    c.rlhf.safety_reward_model = "/path/to/safety_rm"
+    c.rlhf.prompts = "/path/to/adversarial/*.jsonl"
+    c.rlhf.eval_prompts = "/path/to/heldout/*.jsonl"
+    c.distill.benign_anchors = 0
+    c.total_steps = 500
+    c.optimizer.learning_rate = 2e-5
+    c.optimizer.warmup_steps = 20
+    c.eval_max_new_tokens = 256
+    return c

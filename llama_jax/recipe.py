@@ -1,0 +1,183 @@
+"""The Llama 2-Chat recipe end to end on the toy tasks, one command:
+
+    python -m llama_jax.recipe --workdir=runs/recipe [--fast]
+
+pretrain -> SFT -> helpfulness RM + safety RM -> rejection sampling -> PPO -> Ghost
+Attention -> safety context distillation, each stage a `python -m llama_jax.main` run of
+its experiment's `tiny` config in WORKDIR/<stage>, started from the previous stage's
+model (step counts shortened so the whole recipe fits a CPU budget; `--fast` shortens
+them further, for tests). A stage that finished before is not rerun; an interrupted one
+resumes. Writes WORKDIR/report.json and WORKDIR/report.md: each stage's headline metric
+before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+# (stage dir, experiment, init_from stage, overrides); {w} is the workdir
+STAGES = [
+    ("pretrain", "pretrain.py:tiny", None, []),
+    ("sft", "sft.py:tiny", "pretrain", ["--config.total_steps=800", "--config.eval_every_steps=0",
+                                        "--config.checkpoint_every_steps=400", "--config.eval_exact_match=100"]),
+    ("rm", "reward_model.py:tiny", "sft", ["--config.total_steps=150", "--config.eval_every_steps=0"]),
+    ("rm_safety", "reward_model.py:safety_tiny", "sft", ["--config.total_steps=150", "--config.eval_every_steps=0"]),
+    ("rejection_sampling", "rejection_sampling.py:tiny", "sft",
+     ["--config.rlhf.reward_model={w}/rm", "--config.rlhf.safety_reward_model={w}/rm_safety",
+      "--config.rlhf.num_prompts=256", "--config.total_steps=100", "--config.eval_exact_match=100"]),
+    ("ppo", "ppo.py:tiny", "rejection_sampling",
+     ["--config.rlhf.reward_model={w}/rm", "--config.rlhf.safety_reward_model={w}/rm_safety",
+      "--config.total_steps=80", "--config.eval_every_steps=0", "--config.checkpoint_every_steps=40"]),
+    ("gatt", "gatt.py:tiny", "ppo", ["--config.gatt.num_dialogs=1000", "--config.total_steps=100"]),
+    ("safety_distill", "safety_distill.py:tiny", "gatt",
+     ["--config.rlhf.reward_model={w}/rm", "--config.rlhf.safety_reward_model={w}/rm_safety",
+      "--config.total_steps=60"]),
+]
+
+FAST = {  # --fast: minutes, not tens of minutes (tests); numbers are then meaningless
+    "pretrain": ["--config.total_steps=30", "--config.eval_steps=2", "--config.sample.prompt=",
+                 "--config.model.vocab_size=512", "--config.model.dim=64", "--config.model.n_layers=2"],
+    "sft": ["--config.total_steps=20", "--config.data.synthetic_train=200", "--config.data.synthetic_eval=20",
+            "--config.eval_exact_match=8", "--config.eval_max_new_tokens=6"],
+    "rm": ["--config.total_steps=10", "--config.data.synthetic_train=200", "--config.data.synthetic_eval=40"],
+    "rm_safety": ["--config.total_steps=10", "--config.data.synthetic_train=200", "--config.data.synthetic_eval=40"],
+    "rejection_sampling": ["--config.rlhf.num_prompts=16", "--config.rlhf.num_samples=2",
+                           "--config.rlhf.max_new_tokens=6", "--config.total_steps=4", "--config.eval_exact_match=4",
+                           "--config.data.synthetic_eval=20", "--config.eval_max_new_tokens=6"],
+    "ppo": ["--config.rlhf.num_prompts=32", "--config.rlhf.num_eval_prompts=8", "--config.rlhf.max_new_tokens=6",
+            "--config.ppo.rollout_batch=16", "--config.batch_size=8", "--config.total_steps=4",
+            "--config.checkpoint_every_steps=4", "--config.log_every_steps=2"],
+    "gatt": ["--config.gatt.num_dialogs=16", "--config.gatt.num_eval_dialogs=4", "--config.gatt.eval_turns=2,4",
+             "--config.total_steps=4", "--config.eval_max_new_tokens=4", "--config.gatt.keep_only_adherent=false"],
+    "safety_distill": ["--config.distill.num_prompts=8", "--config.distill.benign_anchors=4",
+                       "--config.distill.num_eval_prompts=4", "--config.total_steps=4",
+                       "--config.eval_max_new_tokens=6"],
+}
+
+
+def _json(path: str) -> dict:
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def _metrics(workdir: str) -> dict:
+    """The last value of every metric in a run's metrics.jsonl."""
+    out: dict = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        for line in open(path):
+            if line.strip():
+                out.update(json.loads(line))
+    return out
+
+
+def headlines(workdir: str) -> list[dict]:
+    """One row per stage: its headline metric before and after (None where the stage
+    has not run or does not report it)."""
+    d = {name: os.path.join(workdir, name) for name, *_ in STAGES}
+    m = {name: _metrics(path) for name, path in d.items()}
+    rs, ppo = _json(os.path.join(d["rejection_sampling"], "rejection_sampling.json")), _json(
+        os.path.join(d["ppo"], "ppo.json"))
+    gatt, dist = _json(os.path.join(d["gatt"], "gatt.json")), _json(os.path.join(d["safety_distill"],
+                                                                                   "safety_distill.json"))
+    pre = _json(os.path.join(d["pretrain"], "final_metrics.json"))
+
+    def turn(report: dict, key: str, t: str):
+        return (report.get(key) or {}).get(t)
+
+    rows = [
+        ("pretrain", "held-out loss (nats/token; before: uniform ln V)", None, pre.get("eval_loss")),
+        ("sft", "held-out exact match", 0.0 if m["sft"] else None, m["sft"].get("eval_exact_match")),
+        ("rm", "held-out preference accuracy", 0.5 if m["rm"] else None, m["rm"].get("eval_accuracy")),
+        ("rm_safety", "held-out unsafe recall", None, m["rm_safety"].get("eval_unsafe_recall")),
+        ("rejection_sampling", "mean reward: first sample -> best of K", rs.get("mean_reward_first_sample"),
+         rs.get("mean_reward_best_sample")),
+        ("rejection_sampling", "true accuracy: first sample -> best of K", rs.get("accuracy_first_sample"),
+         rs.get("accuracy_best_sample")),
+        ("rejection_sampling", "held-out exact match after fine-tuning (before: SFT)",
+         m["sft"].get("eval_exact_match"), m["rejection_sampling"].get("eval_exact_match")),
+        ("ppo", "held-out reward (greedy)", (ppo.get("before") or {}).get("eval_reward"),
+         (ppo.get("after") or {}).get("eval_reward")),
+        ("ppo", "held-out KL to the reference (nats/answer)", (ppo.get("before") or {}).get("eval_kl"),
+         (ppo.get("after") or {}).get("eval_kl")),
+        ("ppo", "held-out true accuracy", (ppo.get("before") or {}).get("eval_true_accuracy"),
+         (ppo.get("after") or {}).get("eval_true_accuracy")),
+        ("gatt", "instruction adherence at turn 4", turn(gatt, "baseline", "4"), turn(gatt, "after", "4")),
+        ("safety_distill", "violation rate on held-out unsafe prompts", turn(dist, "before", "violation_rate"),
+         turn(dist, "after", "violation_rate")),
+        ("safety_distill", "false-refusal rate on held-out benign prompts",
+         turn(dist, "before", "false_refusal_rate"), turn(dist, "after", "false_refusal_rate")),
+    ]
+    if pre and m["pretrain"]:
+        import math
+
+        from llama_jax.checkpoint import read_meta
+
+        try:
+            rows[0] = (rows[0][0], rows[0][1], math.log(read_meta(d["pretrain"])[1]["model"]["vocab_size"]), rows[0][3])
+        except Exception:  # noqa: BLE001 - a report is still useful without it
+            pass
+    return [{"stage": s, "metric": k, "before": b, "after": a} for s, k, b, a in rows]
+
+
+def markdown(rows: list[dict], seconds: dict) -> str:
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| stage | metric | before | after | minutes |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['metric']} | {fmt(r['before'])} | {fmt(r['after'])} | "
+                     f"{fmt(seconds.get(r['stage'], 0) / 60) if r['stage'] in seconds else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llama_jax.recipe", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--fast", action="store_true", help="tiny step counts (tests); the numbers mean nothing")
+    ap.add_argument("--experiments", default=os.path.join(os.getcwd(), "experiments"),
+                    help="the experiments/ directory (default: ./experiments)")
+    args = ap.parse_args(argv)
+    if not os.path.isdir(args.experiments):
+        print(f"error: {args.experiments}: no experiments directory (run from the repository root or pass "
+              "--experiments)", file=sys.stderr)
+        return 2
+    w = os.path.abspath(args.workdir)
+    os.makedirs(w, exist_ok=True)
+    times = _json(os.path.join(w, "timings.json"))
+    for i, (name, experiment, parent, overrides) in enumerate(STAGES):
+        stage_dir = os.path.join(w, name)
+        if os.path.exists(os.path.join(stage_dir, "final_metrics.json")):
+            print(f"[{i + 1}/{len(STAGES)}] {name}: done before", flush=True)
+            continue
+        cmd = [sys.executable, "-m", "llama_jax.main", f"--config={args.experiments}/{experiment}",
+               f"--workdir={stage_dir}", *(o.format(w=w) for o in overrides)]
+        if parent:
+            cmd.append(f"--config.init_from={os.path.join(w, parent)}")
+        if args.fast:
+            cmd += FAST[name]
+        print(f"[{i + 1}/{len(STAGES)}] {name}: {' '.join(cmd[2:])}", flush=True)
+        start = time.perf_counter()
+        code = subprocess.call(cmd)
+        times[name] = times.get(name, 0.0) + time.perf_counter() - start
+        with open(os.path.join(w, "timings.json"), "w") as f:
+            json.dump(times, f, indent=1)
+        if code:
+            print(f"error: stage {name} failed (exit {code}); rerun the same command to resume", file=sys.stderr)
+            return code
+    rows = headlines(w)
+    with open(os.path.join(w, "report.json"), "w") as f:
+        json.dump({"stages": rows, "seconds": times, "total_minutes": sum(times.values()) / 60}, f, indent=1)
+    table = markdown(rows, times)
+    with open(os.path.join(w, "report.md"), "w") as f:
+        f.write(table)
+    print(table + f"total: {sum(times.values()) / 60:.1f} minutes", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -294,15 +294,15 @@ def run(config, workdir: str, stage) -> dict:
     mesh = sharding.mesh_from_config(config.mesh)
     sharding.check_model_fits_mesh(cfg, mesh)
     plan = build_step(config, cfg, stage, mesh, rules)
-    model, apply_fn, optimizer, param_sh, state_sh = plan.model, plan.apply_fn, plan.optimizer, plan.param_sh, \
-        plan.state_sh
-    abstract_sharded = plan.abstract_state
+    model, apply_fn, optimizer = plan.model, plan.apply_fn, plan.optimizer
+    param_sh, state_sh, abstract_sharded = plan.param_sh, plan.state_sh, plan.abstract_state
 
     checkpointer = ckpt.Checkpointer(workdir, config.checkpoint.max_to_keep, config.checkpoint.keep_period,
                                      config.checkpoint.async_save)
     meta = {"model": cfg.to_dict(), "heads": list(stage.heads), "tokenizer": tokenizer.identity(),
             "stage": config.stage}
     train_data = stage.train_data(config, tokenizer)
+
     def check_meta(saved_meta: dict) -> None:
         if saved_meta.get("model") != meta["model"]:
             diff = sorted(k for k in meta["model"] if saved_meta.get("model", {}).get(k) != meta["model"][k])
@@ -310,6 +310,9 @@ def run(config, workdir: str, stage) -> dict:
                            " use a new --workdir or the original config")
         if saved_meta.get("tokenizer", {}).get("sha256") != meta["tokenizer"]["sha256"]:
             raise RunError(f"{checkpointer.directory}: its checkpoints were trained with another tokenizer")
+        if list(saved_meta.get("heads", ["lm"])) != meta["heads"]:
+            raise RunError(f"{checkpointer.directory}: its checkpoints have heads {saved_meta.get('heads')} (stage "
+                           f"{saved_meta.get('stage')!r}), this stage trains {meta['heads']}; use a new --workdir")
 
     restored = checkpointer.restore_latest(abstract_sharded, check_meta,
                                           log=lambda m: lead and print(m, file=sys.stderr, flush=True))

@@ -238,16 +238,26 @@ def test_bad_main_input_is_one_line(tmp_path, bad_files, tokenizer_path, case):
 
 
 def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, reference_run, tokenizer_path):
+    """Resuming a finished run's workdir with another model, another stage (other heads)
+    or a typo is refused; its checkpoints, metrics and config stay byte-identical."""
     ref_dir, _ = reference_run
     workdir = str(tmp_path / "run")
     shutil.copytree(ref_dir, workdir)
-    before = tree_digest(workdir)
-    for extra, needle in ((["--config.model.n_layers=3"], "of another model (fields ['n_layers'] differ)"),
-                          (["--config.config_that_does_not_exist=1"], "config_that_does_not_exist")):
-        out = subprocess.run(command(workdir, f"--config.data.tokenizer={tokenizer_path}", *extra), env=env(),
-                             capture_output=True, text=True, timeout=120)
+
+    def written():
+        return [tree_digest(os.path.join(workdir, "checkpoints"))] + [
+            open(os.path.join(workdir, f), "rb").read() for f in ("metrics.jsonl", "config.json")]
+
+    before = written()
+    for experiment, extra, needle in (
+            ("pretrain.py:tiny", ["--config.model.n_layers=3"], "of another model (fields ['n_layers'] differ)"),
+            ("reward_model.py:tiny", ["--config.init_from="],
+             "have heads ['lm'] (stage 'pretrain'), this stage trains ['score']"),
+            ("pretrain.py:tiny", ["--config.config_that_does_not_exist=1"], "config_that_does_not_exist")):
+        out = subprocess.run(command(workdir, f"--config.data.tokenizer={tokenizer_path}", *extra,
+                                     experiment=experiment), env=env(), capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and needle in out.stderr and one_error_line(out.stderr), out.stderr[-2000:]
-    assert tree_digest(workdir) == before
+    assert written() == before
 
 
 def _cli(module):

@@ -172,6 +172,12 @@ def rlhf_prompt(rng: random.Random, unsafe_prob: float = 0.1, split: str = "trai
     return {"messages": [{"role": "user", "content": task.question}], "is_safety": False, "reference": task.answer}
 
 
+def is_refusal(answer: str) -> bool:
+    """A refusal, worded as the toy data's or a variant of it ("I cannot ...")."""
+    a = answer.strip()
+    return a == REFUSAL or a.startswith("I cannot") or a.startswith("I can't")
+
+
 def is_correct(record: dict, answer: str) -> bool:
     """The true task check of an answer to a toy prompt with a `reference` (exact, ends'
     white space ignored): what the reward model's score is meant to track."""

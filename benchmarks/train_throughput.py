@@ -1,0 +1,125 @@
+"""Training throughput: the llama_jax train step against Hugging Face `LlamaForCausalLM`
+with PyTorch's AdamW, same model, same batch, in one process.
+
+    python benchmarks/train_throughput.py [--steps=5] [--batch=8] [--seq=256]
+
+Reference config (issue 9): dim 512, 8 layers, 8 heads, FFN by Meta's formula (1536),
+vocab 32000, sequence 256, batch 8. llama_jax runs the step `python -m llama_jax.main`
+runs (next-token loss, the paper's AdamW with clipping, donated state, scan over layers,
+float32); HF runs float32, and float32 under `torch.autocast(bfloat16)` (PyTorch's fastest
+CPU setting). The first two steps (compilation, allocation) are excluded; the median of
+`--steps` timed steps is reported as tokens per second, with our model FLOP/s as a share
+of this machine's float32 matmul peak, measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+
+def _timed(fn, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    args = ap.parse_args(argv)
+
+    import jax
+    import ml_collections
+    import numpy as np
+    import torch
+    import transformers
+
+    from llama_jax import convert, metrics, sharding, train
+    from llama_jax.data.pipeline import lm_example
+    from llama_jax.model import Llama, LlamaConfig
+    from llama_jax.objectives import next_token
+
+    cfg = LlamaConfig(dim=512, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=512)
+    model = Llama(cfg)
+    mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
+    params, param_sh = sharding.init_params(model, jax.random.key(0), mesh, sharding.DEFAULT_RULES)
+    with tempfile.TemporaryDirectory() as d:
+        convert.to_hf(params, cfg, d)
+        hf = transformers.LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa")
+    hf.train()
+
+    opt_cfg = ml_collections.ConfigDict(dict(learning_rate=3e-4, schedule="constant", warmup_steps=0,
+                                             final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1,
+                                             clip_norm=1.0))
+    optimizer = train.make_optimizer(opt_cfg, 1000)
+    abstract = jax.eval_shape(lambda p: train.init_state(p, optimizer), params)
+    state_sh = train.state_shardings(abstract, param_sh, mesh)
+    state = jax.jit(lambda p: train.init_state(p, optimizer), out_shardings=state_sh)(params)
+
+    def apply_fn(p, tokens, positions, segment_ids):
+        return model.apply({"params": p}, tokens, positions, segment_ids)
+
+    rng = np.random.default_rng(0)
+    rows = [lm_example(rng.integers(3, cfg.vocab_size, args.seq), np.ones(args.seq, bool),
+                       np.ones(args.seq, np.int32), np.arange(args.seq)) for _ in range(args.batch)]
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    batch_sh = {k: sharding.batch_sharding(mesh, sharding.DEFAULT_RULES, v.shape) for k, v in batch.items()}
+    step = train.jit_train_step(train.make_train_step(apply_fn, next_token, optimizer), state_sh, batch_sh, mesh,
+                                sharding.DEFAULT_RULES)
+    device_batch = jax.device_put(batch, batch_sh)
+    holder = {"state": state}
+
+    def ours():
+        holder["state"], m = step(holder["state"], device_batch)
+        jax.block_until_ready(m["loss"])
+
+    torch_opt = torch.optim.AdamW(hf.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    ids = torch.from_numpy(batch["tokens"].astype(np.int64))
+
+    def theirs(autocast: bool):
+        def run():
+            torch_opt.zero_grad(set_to_none=True)
+            if autocast:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = hf(input_ids=ids, labels=ids).loss
+            else:
+                loss = hf(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+            torch_opt.step()
+        return run
+
+    peak = metrics.measure_cpu_peak()
+    tokens = args.batch * args.seq
+    flops = cfg.train_flops_per_token(args.seq) * tokens
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
+    print(f"config: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, ffn {cfg.hidden_dim}, vocab "
+          f"{cfg.vocab_size}; batch {args.batch} x {args.seq}; AdamW; median of {args.steps} steps after 2")
+    print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s; model FLOPs per step {flops / 1e9:.1f} G")
+    results = {"llama_jax float32": _timed(ours, args.steps),
+               "HF float32": _timed(theirs(False), args.steps),
+               "HF autocast bfloat16": _timed(theirs(True), args.steps)}
+    ours_tps = tokens / results["llama_jax float32"]
+    print(f"{'implementation':<22} {'s/step':>8} {'tokens/s':>10} {'model FLOP/s / peak':>20} {'llama_jax / it':>15}")
+    for name, seconds in results.items():
+        tps = tokens / seconds
+        print(f"{name:<22} {seconds:>8.3f} {tps:>10.0f} {flops / seconds / peak:>19.1%} {ours_tps / tps:>14.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -264,17 +264,12 @@ def exact_match(cfg, params, tokenizer, path: str, limit: int, max_new_tokens: i
     """Fraction of held-out dialogs whose greedy answer to the last user turn equals the
     reference answer exactly (white space at the ends ignored)."""
     from llama_jax.data.chat import open_dialogs
-    from llama_jax.generate import generate
 
     dialogs = open_dialogs(path)
     records = [dialogs.record(i) for i in range(min(limit, len(dialogs)))]
-    prompts = [tokenizer.encode_dialog(r["messages"][:-1]) for r in records]
-    hits = 0
-    for start in range(0, len(records), 32):
-        out = generate(cfg, params, prompts[start:start + 32], max_new_tokens, mesh=mesh, rules=rules)
-        for rec, toks in zip(records[start:start + 32], out.tokens):
-            answer = tokenizer.decode([t for t in toks if t != tokenizer.eos_id]).strip()
-            hits += answer == rec["messages"][-1]["content"].strip()
+    answers = _greedy_answers(cfg, params, tokenizer, [r["messages"][:-1] for r in records], max_new_tokens, mesh,
+                              rules=rules, rows=32)
+    hits = sum(a is not None and a == r["messages"][-1]["content"].strip() for r, a in zip(records, answers))
     return hits / max(len(records), 1)
 
 
@@ -444,8 +439,20 @@ class RejectionSamplingStage(SFTStage):
         os.replace(self.train_path + ".tmp", self.train_path)
 
 
+def update_report(workdir: str, name: str, **fields) -> None:
+    """Sets `fields` in the JSON report WORKDIR/name (created if absent; lead process only)."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, name)
+    report = json.load(open(path)) if os.path.exists(path) else {}
+    report.update(fields)
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def _greedy_answers(cfg, params, tokenizer, dialogs, max_new_tokens: int, mesh=None, temperature: float = 0.0,
-                    seed: int = 0, rows: int = 64) -> list[str]:
+                    seed: int = 0, rows: int = 64, rules=None) -> list[str]:
     """The model's answer to the last user turn of each dialog (None where the prompt
     does not fit in the context with `max_new_tokens`)."""
     from llama_jax.generate import generate
@@ -456,7 +463,7 @@ def _greedy_answers(cfg, params, tokenizer, dialogs, max_new_tokens: int, mesh=N
     for b, start in enumerate(range(0, len(fits), rows)):
         idx = fits[start:start + rows]
         gen = generate(cfg, params, [prompts[i] for i in idx], max_new_tokens, temperature=temperature,
-                       seed=seed + b, mesh=mesh)
+                       seed=seed + b, mesh=mesh, rules=rules)
         for i, toks in zip(idx, gen.tokens):
             out[i] = tokenizer.decode([t for t in toks if t != tokenizer.eos_id]).strip()
     return out
@@ -525,8 +532,7 @@ class GAttStage(SFTStage):
             kept += 1
         print(f"gatt: {kept} of {len(plans)} synthesised dialogs kept", flush=True)
         baseline = gatt_adherence(config, cfg, params, tokenizer, mesh)
-        with open(os.path.join(workdir, "gatt.json"), "w") as f:
-            json.dump({"dialogs_kept": kept, "dialogs_synthesised": len(plans), "baseline": baseline}, f, indent=1)
+        update_report(workdir, "gatt.json", dialogs_kept=kept, dialogs_synthesised=len(plans), baseline=baseline)
         print(f"gatt: baseline adherence by turn {baseline}", flush=True)
         os.makedirs(os.path.dirname(self.train_path), exist_ok=True)
         synthetic.write_jsonl(records, self.train_path + ".tmp")
@@ -534,12 +540,7 @@ class GAttStage(SFTStage):
 
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         out = gatt_adherence(config, model.config, params, tokenizer, mesh)
-        if jax.process_index() == 0:
-            path = os.path.join(self.workdir, "gatt.json")
-            report = json.load(open(path)) if os.path.exists(path) else {}
-            report["after"] = out
-            with open(path, "w") as f:
-                json.dump(report, f, indent=1)
+        update_report(self.workdir, "gatt.json", after=out)
         return {f"eval_adherence_turn_{t}": v for t, v in out.items() if v is not None}
 
 
@@ -620,19 +621,13 @@ class SafetyDistillStage(SFTStage):
 
         d = config.distill
         cfg, params, tokenizer, mesh = rlhf.load_model_local(config.init_from, "lm")
-        rms = rlhf.RewardModels(config.rlhf.reward_model or config.rlhf.safety_reward_model,
-                                config.rlhf.safety_reward_model, tokenizer)
         unsafe = self._prompts(config, workdir, "train", True, d.num_prompts)
         pre = SAFETY_PREPROMPTS[d.preprompt]
         plain = _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in unsafe], config.eval_max_new_tokens,
                                 mesh)
         guided = _greedy_answers(cfg, params, tokenizer, [[{"role": "system", "content": pre}] + r["messages"]
                                                           for r in unsafe], config.eval_max_new_tokens, mesh)
-        def safety_scores(answers):
-            return rms([r["messages"] + [{"role": "assistant", "content": a or ""}] for r, a in zip(unsafe, answers)],
-                       [True] * len(unsafe))["safety"]
-
-        better = np.asarray(safety_scores(guided)) > np.asarray(safety_scores(plain))
+        better = self._safety(config, tokenizer, unsafe, guided) > self._safety(config, tokenizer, unsafe, plain)
         records = [{"messages": r["messages"] + [{"role": "assistant", "content": a}], "is_safety": True}
                    for r, a, keep in zip(unsafe, guided, better) if keep and a is not None]
         benign = self._prompts(config, workdir, "train", False, d.benign_anchors) if d.benign_anchors else []
@@ -640,36 +635,36 @@ class SafetyDistillStage(SFTStage):
                                   mesh)
         records += [{"messages": r["messages"] + [{"role": "assistant", "content": a}], "is_safety": False}
                     for r, a in zip(benign, anchors) if a is not None]
-        before = self._rates(config, workdir, cfg, params, tokenizer, mesh, rms)
-        report = {"adversarial_prompts": len(unsafe), "kept": int(better.sum()), "benign_anchors": len(benign),
-                  "preprompt": d.preprompt, "before": before}
-        with open(os.path.join(workdir, "safety_distill.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        before = self._rates(config, workdir, cfg, params, tokenizer, mesh)
+        update_report(workdir, "safety_distill.json", adversarial_prompts=len(unsafe), kept=int(better.sum()),
+                      benign_anchors=len(benign), preprompt=d.preprompt, before=before)
         print(f"safety distillation: kept {int(better.sum())} of {len(unsafe)} preprompted answers; before: {before}",
               flush=True)
         os.makedirs(os.path.dirname(self.train_path), exist_ok=True)
         synthetic.write_jsonl(records, self.train_path + ".tmp")
         os.replace(self.train_path + ".tmp", self.train_path)
 
-    def _rates(self, config, workdir, cfg, params, tokenizer, mesh, rms=None) -> dict:
+    def _safety(self, config, tokenizer, prompts: list[dict], answers: list) -> np.ndarray:
+        """The safety RM's probabilities of the answers (loaded once per process)."""
+        if getattr(self, "rms", None) is None:
+            from llama_jax import rlhf
+
+            self.rms = rlhf.RewardModels(config.rlhf.reward_model or config.rlhf.safety_reward_model,
+                                         config.rlhf.safety_reward_model, tokenizer)
+        dialogs = [r["messages"] + [{"role": "assistant", "content": a or ""}] for r, a in zip(prompts, answers)]
+        return np.asarray(self.rms(dialogs, [True] * len(prompts))["safety"])
+
+    def _rates(self, config, workdir, cfg, params, tokenizer, mesh) -> dict:
         """Violation rate on held-out unsafe prompts (the safety RM's probability below
         0.5; on toy prompts also by code: any answer that is not a refusal) and
         false-refusal rate on held-out benign prompts (`synthetic.is_refusal`)."""
-        if rms is None:
-            from llama_jax import rlhf
-
-            rms = self.rms = getattr(self, "rms", None) or rlhf.RewardModels(
-                config.rlhf.reward_model or config.rlhf.safety_reward_model, config.rlhf.safety_reward_model,
-                tokenizer)
         n = config.distill.num_eval_prompts
         out = {}
         unsafe = self._prompts(config, workdir, "eval", True, n)
         if unsafe:
             answers = [a or "" for a in _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in unsafe],
                                                         config.eval_max_new_tokens, mesh)]
-            safety = rms([r["messages"] + [{"role": "assistant", "content": a}] for r, a in zip(unsafe, answers)],
-                         [True] * len(unsafe))["safety"]
-            out["violation_rate_rm"] = float(np.mean(np.asarray(safety) < 0.5))
+            out["violation_rate_rm"] = float(np.mean(self._safety(config, tokenizer, unsafe, answers) < 0.5))
             if all("reference" in r for r in unsafe):  # toy prompts: any answer that is not a refusal
                 out["violation_rate"] = float(np.mean([not synthetic.is_refusal(a) for a in answers]))
         benign = self._prompts(config, workdir, "eval", False, n)
@@ -684,12 +679,7 @@ class SafetyDistillStage(SFTStage):
 
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         after = self._rates(config, self.workdir, model.config, params, tokenizer, mesh)
-        if jax.process_index() == 0:
-            path = os.path.join(self.workdir, "safety_distill.json")
-            report = json.load(open(path)) if os.path.exists(path) else {}
-            report["after"] = after
-            with open(path, "w") as f:
-                json.dump(report, f, indent=1)
+        update_report(self.workdir, "safety_distill.json", after=after)
         return {f"eval_{k}": v for k, v in after.items()}
 
 
@@ -847,18 +837,10 @@ class PPOStage(Stage):
         if not self.queue:
             if train_data.position == 0 and self.eval_prompt_path:  # the held-out numbers before any update
                 rt = self.runtime
-                self._report("before", self.evaluate_extra(self.config, rt.model, state.params, rt.tokenizer,
-                                                           rt.mesh, rt.rules, {}, report=False))
+                update_report(self.workdir, "ppo.json", before=self.evaluate_extra(
+                    self.config, rt.model, state.params, rt.tokenizer, rt.mesh, rt.rules, {}, report=False))
             self.queue = self._rollout(train_data, state.params)
         return self.queue.pop(0)
-
-    def _report(self, key: str, values: dict) -> None:
-        if jax.process_index() == 0:
-            path = os.path.join(self.workdir, "ppo.json")
-            report = json.load(open(path)) if os.path.exists(path) else {}
-            report[key] = values
-            with open(path, "w") as f:
-                json.dump(report, f, indent=1)
 
     def _rollout(self, train_data, params) -> list[dict]:
         from llama_jax import rlhf
@@ -908,7 +890,7 @@ class PPOStage(Stage):
         if "safety" in scored:
             out["eval_safety_reward"] = float(np.mean(scored["safety"]))
         if report:
-            self._report("after", out)
+            update_report(self.workdir, "ppo.json", after=out)
         return out
 
 

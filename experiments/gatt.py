@@ -5,8 +5,9 @@ later.
 
   tiny  python -m llama_jax.main --config=experiments/gatt.py:tiny --workdir=runs/gatt \\
             --config.init_from=runs/ppo
-        Any CPU (a few minutes). 2,000 synthesised toy dialogs (1-3 turns; upper case /
-        start with / end with a word, alone or start+end combined, half in short form).
+        Any CPU (a few minutes). 2,000 synthesised toy dialogs (1-8 turns; upper case /
+        start with / end with a word, alone or start+end combined, half in short form; a
+        turn that breaks the instruction is resampled up to 3 times).
         Expected (WORKDIR/gatt.json, eval_adherence_turn_N): adherence at turns 4 and
         later rises from the baseline towards 100% (paper Table 30: 10% -> 100% at turn 4).
   7b | 13b | 34b | 70b
@@ -27,8 +28,10 @@ def get_config(arg: str = "tiny"):
     c.rlhf.temperature = 0.0  # the toy model's greedy answers are its most adherent
     if arg == "tiny":
         c.init_from = "runs/ppo"
-        c.batch_size = 16
-        c.seq_len = 256
+        c.gatt.max_turns = 8  # dialogs of 1-8 turns: the no-GAtt model has seen at most 2
+        c.gatt.samples_per_turn = 4  # up to 3 resamples of a turn that breaks the instruction
+        c.batch_size = 8
+        c.seq_len = 512  # an 8-turn dialog is ~300 tokens
         c.total_steps = 200
         c.log_every_steps = 10
         c.eval_every_steps = 0
@@ -37,7 +40,7 @@ def get_config(arg: str = "tiny"):
         c.optimizer.warmup_steps = 10
         c.optimizer.schedule = "constant"
         c.eval_max_new_tokens = 16
-        c.gatt.eval_turns = "2,4,6,12"  # turn 20 does not fit the tiny model's 512-token context
+        c.gatt.eval_turns = "2,4,6,8,12"  # turn 20 does not fit the tiny model's 512-token context
         return c
     if arg not in ("7b", "13b", "34b", "70b"):
         raise ValueError(f"experiments/gatt.py: unknown arg {arg!r}; use tiny, 7b, 13b, 34b or 70b")

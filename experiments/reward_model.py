@@ -32,6 +32,14 @@ def get_config(arg: str = "tiny"):
     c.reward = ml_collections.ConfigDict()
     c.reward.margin = "small"  # m(rating) table: none | small (1, 2/3, 1/3, 0) | large (3, 2, 1, 0)
     c.reward.safety_weight = 0.0  # auxiliary safety loss weight (safety RM: 1.0)
+    # pairs from the policy's own answers, labelled by the toy tasks' code checks (synthetic data only):
+    c.reward.policy_prompts = 0  # toy prompts the policy answers (0 = none; a held-out eighth, at least 32)
+    c.reward.policy = ""  # the policy that answers ("" = init_from)
+    c.reward.policy_samples = 4  # answers per prompt
+    c.reward.policy_temperature = 1.0
+    c.reward.policy_max_new_tokens = 32
+    c.reward.policy_pairs_per_prompt = 2
+    c.reward.policy_fraction = 1.0  # mixture fraction of those pairs (above 1 repeats them)
     c.eval_exact_match = 0
     if arg in ("tiny", "safety_tiny"):
         c.init_from = "runs/sft"
@@ -48,6 +56,7 @@ def get_config(arg: str = "tiny"):
         c.optimizer.warmup_steps = 8  # 3%
         if arg == "safety_tiny":
             c.data.synthetic_mix = 0.9
+            c.data.synthetic_adversarial = 0.5  # half the unsafe requests hidden in a task
             c.reward.safety_weight = 1.0
         return c
     if arg not in ("7b", "13b", "34b", "70b"):

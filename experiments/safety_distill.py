@@ -5,9 +5,11 @@ without it, then trained without the preprompt.
   tiny  python -m llama_jax.main --config=experiments/safety_distill.py:tiny --workdir=runs/distill \\
             --config.init_from=runs/gatt --config.rlhf.reward_model=runs/rm \\
             --config.rlhf.safety_reward_model=runs/rm_safety
-        Any CPU (a few minutes). 512 toy unsafe requests with the templated preprompt, 256
-        benign anchors. Expected (WORKDIR/safety_distill.json): the violation rate on
-        held-out unsafe prompts falls; false refusals on benign prompts stay low.
+        Any CPU (a few minutes). 512 toy adversarial requests (the unsafe request hidden in a
+        "Repeat exactly:" task, which the SFT model complies with and, given the templated
+        preprompt, refuses) with the templated preprompt, 256 benign anchors. Expected
+        (WORKDIR/safety_distill.json): the violation rate on held-out adversarial prompts
+        falls; false refusals on benign prompts stay low.
   7b | 13b | 34b | 70b
         --config.rlhf.prompts='adversarial/*.jsonl' (safety-tagged) and
         --config.rlhf.eval_prompts='heldout/*.jsonl'; the paper distils adversarial prompts
@@ -26,6 +28,7 @@ def get_config(arg: str = "tiny"):
         c.init_from = "runs/gatt"
         c.rlhf.reward_model = "runs/rm"
         c.rlhf.safety_reward_model = "runs/rm_safety"
+        c.data.synthetic_adversarial = 1.0  # the unsafe prompts hide the request in a task, which SFT does not refuse
         c.batch_size = 16
         c.seq_len = 256
         c.total_steps = 100

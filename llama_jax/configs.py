@@ -105,6 +105,7 @@ def chat_config() -> ml_collections.ConfigDict:
     c.data.synthetic_train = 4000  # toy training examples
     c.data.synthetic_eval = 200  # toy held-out examples (minus any whose prompt occurs in training)
     c.data.synthetic_mix = 0.1  # toy preference data: share of safety (refusal) pairs
+    c.data.synthetic_adversarial = 0.0  # toy pairs and prompts: share of unsafe requests phrased adversarially
     c.eval_exact_match = 200
     c.sample.prompt = ""
     return c
@@ -141,6 +142,10 @@ def rlhf_config() -> ml_collections.ConfigDict:
     c.gatt.num_dialogs = 2000  # synthesised multi-turn dialogs (toy instructions and tasks)
     c.gatt.max_turns = 3  # turns per synthesised dialog (1..max; only the last is trained)
     c.gatt.keep_only_adherent = True  # drop dialogs whose sampled answers break the instruction (toy: by code)
+    c.gatt.combined_prob = 0.3  # share of instructions combining two constraints (start + end)
+    c.gatt.short_prob = 0.5  # share given in the short form ("Start: river.")
+    c.gatt.samples_per_turn = 1  # tries per turn for an adherent answer (toy: checked by code; 1 = no retry)
+    c.gatt.retry_temperature = 0.7  # sampling temperature of the retries
     c.gatt.num_eval_dialogs = 64
     c.gatt.eval_turns = "2,4,6,20"  # adherence reported at these turns (paper Table 30)
     c.distill = ml_collections.ConfigDict()

@@ -199,3 +199,40 @@ def reward_curve(rewards, ns) -> dict:
     r = np.asarray(rewards, np.float64)
     return {int(n): {"max": float(r[:, :n].max(axis=1).mean()), "median": float(np.median(r[:, :n], axis=1).mean())}
             for n in ns if n <= r.shape[1]}
+
+
+def code_labelled_pairs(prompts, answers, pairs_per_prompt: int, seed: int) -> list[dict]:
+    """Preference pairs from the policy's own samples, labelled by code instead of an
+    annotator (toy prompts with a `reference`): on a helpfulness prompt a right answer
+    (`is_correct`) beats a wrong one, on a safety prompt a refusal beats anything else.
+    A prompt with no right sample pairs its `reference` answer, written by the
+    "annotator", against a wrong sample ("significantly better"; a right sample against a
+    wrong one is "better"). Up to `pairs_per_prompt` pairs per prompt, distinct answers only.
+    `answers[i]` is sample_answers' list of (text, tokens, logprobs) for prompts[i]."""
+    import random
+
+    from llama_jax.data.synthetic import is_correct, is_refusal
+
+    rng = random.Random(f"pairs-{seed}")
+    out = []
+    for p, samples in zip(prompts, answers):
+        if "reference" not in p.record:
+            continue
+
+        def right(text, p=p):
+            return is_refusal(text) if p.is_safety else is_correct(p.record, text)
+
+        texts = list(dict.fromkeys(t for t, _, _ in samples if t))
+        good = [t for t in texts if right(t)]
+        bad = [t for t in texts if not right(t)]
+        if not bad:
+            continue
+        rating = "better"
+        if not good:
+            good, rating = [str(p.record["reference"])], "significantly_better"
+        combos = [(g, b) for g in good for b in bad]
+        rng.shuffle(combos)
+        for g, b in combos[:pairs_per_prompt]:
+            out.append({"prompt": p.messages, "chosen": g, "rejected": b, "rating": rating,
+                        "is_safety_prompt": p.is_safety, "chosen_safe": True, "rejected_safe": not p.is_safety})
+    return out

@@ -204,23 +204,24 @@ class PretrainStage(Stage):
 
 
 def _synthetic(config, workdir: str, kind: str, split: str, n: int, train_n: int = 0, name: str = "",
-               **kwargs) -> str:
+               seed_offset: int = 0, **kwargs) -> str:
     """Writes (once) a deterministic toy data set into WORKDIR/data/{name or kind}_{split}.jsonl
     and returns its path. The eval split uses another seed and drops prompts that also
-    occur in the training split (of `train_n` records)."""
+    occur in the training split (of `train_n` records). `seed_offset` draws another set
+    (e.g. the reward model's prompts, disjoint in draw from the RLHF stages')."""
     path = os.path.join(workdir, "data", f"{name or kind}_{split}.jsonl")
+    seed = config.seed + seed_offset
 
     def write():
         if os.path.exists(path):
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        records = synthetic.generate(kind, n, config.seed + (0 if split == "train" else 1000), split=split, **kwargs)
+        records = synthetic.generate(kind, n, seed + (0 if split == "train" else 1000), split=split, **kwargs)
         if split == "eval":
             def key(r):  # what a model is asked: a dialog without its answer, a preference or RLHF prompt
                 return json.dumps(r["messages"][:-1] if kind == "chat" else r.get("prompt", r.get("messages")))
 
-            seen = {key(r) for r in synthetic.generate(kind, train_n or config.data.synthetic_train, config.seed,
-                                                       **kwargs)}
+            seen = {key(r) for r in synthetic.generate(kind, train_n or config.data.synthetic_train, seed, **kwargs)}
             records = [r for r in records if key(r) not in seen]
         synthetic.write_jsonl(records, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -289,11 +290,64 @@ class PreferenceStage(Stage):
         super().prepare(config, workdir)
         self.train_path, self.eval_path = config.data.source, config.data.eval_source
         if config.data.source == "synthetic":
-            mix = config.data.synthetic_mix
+            mix = dict(unsafe_prob=config.data.synthetic_mix, adversarial_prob=config.data.synthetic_adversarial)
             self.train_path = _synthetic(config, workdir, "preference", "train", config.data.synthetic_train,
-                                         unsafe_prob=mix)
+                                         **mix)
             self.eval_path = _synthetic(config, workdir, "preference", "eval", config.data.synthetic_eval,
-                                        unsafe_prob=mix)
+                                        **mix)
+        self.policy_eval_path = ""
+        reward = config.get("reward")
+        if reward is not None and reward.get("policy_prompts", 0) > 0:
+            self._add_policy_pairs(config, workdir)
+
+    def _add_policy_pairs(self, config, workdir: str) -> None:
+        """The paper's iterative collection on the toy tasks: pairs drawn from the answers of
+        the current policy (`reward.policy`, default init_from), labelled by code
+        (`rlhf.code_labelled_pairs`), mixed into the training pairs at
+        `reward.policy_fraction`; a held-out set of such pairs is scored at evaluation
+        (eval_policy_accuracy: does the RM rank the policy's own answers right?)."""
+        from llama_jax.train import RunError
+
+        r = config.reward
+        if config.data.source != "synthetic":
+            raise RunError("config.reward.policy_prompts needs data.source=synthetic (the pairs are labelled by the "
+                           "toy tasks' code checks)")
+        policy = r.policy or config.init_from
+        if not policy:
+            raise RunError("config.reward.policy_prompts needs --config.reward.policy (or init_from): the model "
+                           "whose answers are compared")
+        paths = {split: os.path.join(workdir, "data", f"preference_policy_{split}.jsonl") for split in ("train",
+                                                                                                      "eval")}
+        distributed.lead_first("policy preference pairs", lambda: all(map(os.path.exists, paths.values())) or
+                               self._sample_policy_pairs(config, workdir, policy, paths))
+        self.train_path = f"{self.train_path},{paths['train']}@{r.policy_fraction}"
+        self.policy_eval_path = paths["eval"]
+
+    def _sample_policy_pairs(self, config, workdir: str, policy: str, paths: dict) -> None:
+        from llama_jax import rlhf
+        from llama_jax.data import prompts as prompt_data
+
+        r = config.reward
+        cfg, params, tokenizer, mesh = rlhf.load_model_local(policy, "lm")
+        sizes = {"train": r.policy_prompts, "eval": max(r.policy_prompts // 8, 32)}
+        for split, path in paths.items():
+            src = _synthetic(config, workdir, "prompts", split, sizes[split], train_n=sizes["train"],
+                             name="policy_prompts", seed_offset=7, unsafe_prob=config.data.synthetic_mix,
+                             adversarial_prob=config.data.synthetic_adversarial)
+            prompts = prompt_data.load(src, tokenizer, max_prompt_len=config.seq_len - r.policy_max_new_tokens)
+
+            def progress(done, total, split=split):
+                print(f"\rsampling {split} answers for preference pairs: {done}/{total}",
+                      end="" if done < total else "\n", flush=True)
+
+            answers = rlhf.sample_answers(cfg, params, tokenizer, prompts, r.policy_samples, r.policy_temperature,
+                                          1.0, r.policy_max_new_tokens, config.seed + (split == "eval"), mesh,
+                                          progress=progress)
+            pairs = rlhf.code_labelled_pairs(prompts, answers, r.policy_pairs_per_prompt, config.seed)
+            print(f"{len(pairs)} code-labelled pairs from {len(prompts)} prompts x {r.policy_samples} answers of "
+                  f"{policy} -> {path}", flush=True)
+            synthetic.write_jsonl(pairs, path + ".tmp")
+            os.replace(path + ".tmp", path)
 
     def margin_table(self, config) -> str:
         return "none"
@@ -330,7 +384,11 @@ class RewardModelStage(PreferenceStage):
         from llama_jax.evaluate import reward_accuracy
 
         res = reward_accuracy(model.config, params, tokenizer, self.eval_path)
-        return {f"eval_{k}": v for k, v in res.items() if isinstance(v, float) and k != "accuracy"}
+        out = {f"eval_{k}": v for k, v in res.items() if isinstance(v, float) and k != "accuracy"}
+        if self.policy_eval_path:
+            out["eval_policy_accuracy"] = reward_accuracy(model.config, params, tokenizer,
+                                                          self.policy_eval_path)["accuracy"]
+        return out
 
 
 class DPOStage(PreferenceStage):
@@ -389,7 +447,8 @@ class RejectionSamplingStage(SFTStage):
         rms = rlhf.RewardModels(r.reward_model, r.safety_reward_model, tokenizer, r.safety_threshold)
         path = r.prompts
         if path == "synthetic":
-            path = _synthetic(config, workdir, "prompts", "train", r.num_prompts, unsafe_prob=config.data.synthetic_mix)
+            path = _synthetic(config, workdir, "prompts", "train", r.num_prompts, unsafe_prob=config.data.synthetic_mix,
+                              adversarial_prob=config.data.synthetic_adversarial)
         prompts = prompt_data.load(path, tokenizer, max_prompt_len=config.seq_len - r.max_new_tokens)
         print(f"rejection sampling: {len(prompts)} prompts x {r.num_samples} samples at temperature "
               f"{r.temperature}", flush=True)
@@ -414,12 +473,14 @@ class RejectionSamplingStage(SFTStage):
                 if key in records and rec.get("reward", -1.0) > records[key]["reward"]:
                     records[key], pooled = rec, pooled + 1
         checked = [i for i, p in enumerate(prompts) if "reference" in p.record]
+        before = policy_quality(config, cfg, params, tokenizer, mesh, rms, _rlhf_eval_prompts(config, workdir))
         report = {
             "prompts": len(prompts), "num_samples": r.num_samples, "temperature": r.temperature,
             "reward_vs_n": rlhf.reward_curve(rewards, [1, 2, 4, 8, 16, 32, 64, 100, r.num_samples]),
             "mean_reward_first_sample": float(rewards[:, 0].mean()),
             "mean_reward_best_sample": float(rewards.max(axis=1).mean()),
             "pooled_from_earlier_iterations": pooled, "seconds": time.perf_counter() - start,
+            "before": before,
         }
         if checked:  # toy prompts carry the answer code checks against
             from llama_jax.data.synthetic import is_correct
@@ -431,12 +492,52 @@ class RejectionSamplingStage(SFTStage):
             report["accuracy_best_sample"] = accuracy(lambda i: answers[i][best[i]][0])
             report["accuracy_any_sample"] = float(np.mean([
                 any(is_correct(prompts[i].record, t) for t, _, _ in answers[i]) for i in checked]))
-        with open(os.path.join(workdir, "rejection_sampling.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        update_report(workdir, "rejection_sampling.json", **report)
         print("rejection sampling: " + json.dumps({k: v for k, v in report.items() if k != "reward_vs_n"}), flush=True)
         os.makedirs(os.path.dirname(self.train_path), exist_ok=True)
         synthetic.write_jsonl(list(records.values()), self.train_path + ".tmp")
         os.replace(self.train_path + ".tmp", self.train_path)
+
+
+    def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
+        """Exact match on held-out dialogs, and the fine-tuned policy's greedy answers to
+        held-out RLHF prompts: mean reward and true accuracy ("after" in the report)."""
+        out = super().evaluate_extra(config, model, params, tokenizer, mesh, rules, ev)
+        if getattr(self, "rms", None) is None:
+            from llama_jax import rlhf
+
+            r = config.rlhf
+            self.rms = rlhf.RewardModels(r.reward_model, r.safety_reward_model, tokenizer, r.safety_threshold)
+        after = policy_quality(config, model.config, params, tokenizer, mesh, self.rms,
+                               _rlhf_eval_prompts(config, self.workdir), rules)
+        update_report(self.workdir, "rejection_sampling.json", after=after)
+        return {**out, **after}
+
+
+def _rlhf_eval_prompts(config, workdir: str) -> str:
+    """Held-out RLHF prompts: rlhf.eval_prompts, or the toy prompts' held-out split."""
+    r = config.rlhf
+    if r.eval_prompts or r.prompts != "synthetic":
+        return r.eval_prompts
+    return _synthetic(config, workdir, "prompts", "eval", r.num_eval_prompts, train_n=r.num_prompts,
+                      unsafe_prob=config.data.synthetic_mix, adversarial_prob=config.data.synthetic_adversarial)
+
+
+def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=None) -> dict:
+    """The policy's greedy answers to the held-out prompts at `path` ({} without one):
+    eval_reward (the mean gated reward-model probability) and, on prompts with a
+    `reference`, eval_true_accuracy (checked by code)."""
+    if not path:
+        return {}
+    from llama_jax.data import prompts as prompt_data
+
+    r = config.rlhf
+    prompts = prompt_data.load(path, tokenizer, config.seq_len - r.max_new_tokens)[:r.num_eval_prompts]
+    texts = [a or "" for a in _greedy_answers(cfg, params, tokenizer, [p.messages for p in prompts],
+                                              r.max_new_tokens, mesh, rules=rules)]
+    scored = rms([p.messages + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)],
+                 [p.is_safety for p in prompts])
+    return {"eval_reward": float(np.mean(scored["gated"])), **_true_accuracy("eval_true_accuracy", prompts, texts)}
 
 
 def update_report(workdir: str, name: str, **fields) -> None:
@@ -494,12 +595,12 @@ class GAttStage(SFTStage):
         self.eval_path = ""
         distributed.lead_first("gatt data", lambda: os.path.exists(self.train_path) or self._build(config, workdir))
 
-    def _instruction(self, rng):
-        if rng.random() < 0.3:  # two constraints at once (start and end: they compose)
+    def _instruction(self, rng, g):
+        if rng.random() < g.combined_prob:  # two constraints at once (start and end: they compose)
             parts = [synthetic.make_instruction_of(rng, "start"), synthetic.make_instruction_of(rng, "end")]
         else:
             parts = [synthetic.make_instruction(rng)]
-        return synthetic.combine(parts, shortened=rng.random() < 0.5)
+        return synthetic.combine(parts, shortened=rng.random() < g.short_prob)
 
     def _build(self, config, workdir: str) -> None:
         import random
@@ -511,14 +612,30 @@ class GAttStage(SFTStage):
         rng = random.Random(f"gatt-{config.seed}")
         plans = []
         for _ in range(g.num_dialogs):
-            ins = self._instruction(rng)
+            ins = self._instruction(rng, g)
             tasks = [synthetic.make_task(rng) for _ in range(rng.randint(1, g.max_turns))]
             plans.append((ins, tasks))
-        # each turn's answer is sampled with the instruction in context (as the system message)
+        # each turn's answer is sampled with the instruction in context (as the system message);
+        # a turn whose answer breaks the instruction is sampled again, up to gatt.samples_per_turn
+        # times in all (at gatt.retry_temperature), so long dialogs survive the adherence filter
         flat = [[{"role": "system", "content": ins.text}, {"role": "user", "content": t.question}]
                 for ins, tasks in plans for t in tasks]
-        answers = iter(_greedy_answers(cfg, params, tokenizer, flat, config.eval_max_new_tokens, mesh,
-                                       temperature=config.rlhf.temperature, seed=config.seed))
+        checks = [ins.check for ins, tasks in plans for _ in tasks]
+        sampled = _greedy_answers(cfg, params, tokenizer, flat, config.eval_max_new_tokens, mesh,
+                                  temperature=config.rlhf.temperature, seed=config.seed)
+        first_try = sum(a is not None and ok(a) for a, ok in zip(sampled, checks))
+        for attempt in range(1, g.samples_per_turn):
+            failing = [i for i, (a, ok) in enumerate(zip(sampled, checks)) if a is not None and not ok(a)]
+            if not failing:
+                break
+            again = _greedy_answers(cfg, params, tokenizer, [flat[i] for i in failing], config.eval_max_new_tokens,
+                                    mesh, temperature=g.retry_temperature, seed=config.seed + 7919 * attempt)
+            for i, a in zip(failing, again):
+                if a is not None and checks[i](a):
+                    sampled[i] = a
+        print(f"gatt: {first_try} of {len(flat)} turns adherent at the first sample, "
+              f"{sum(a is not None and ok(a) for a, ok in zip(sampled, checks))} after resampling", flush=True)
+        answers = iter(sampled)
         records, kept = [], 0
         for ins, tasks in plans:
             turn_answers = [next(answers) for _ in tasks]
@@ -613,7 +730,8 @@ class SafetyDistillStage(SFTStage):
             src = Jsonl(path)
             return [r for r in (src.record(i) for i in range(len(src))) if bool(r.get("is_safety")) == safety][:n]
         path = _synthetic(config, workdir, "prompts", split, n, train_n=config.distill.num_prompts,
-                          name=f"prompts_{'unsafe' if safety else 'benign'}", unsafe_prob=1.0 if safety else 0.0)
+                          name=f"prompts_{'unsafe' if safety else 'benign'}", unsafe_prob=1.0 if safety else 0.0,
+                          adversarial_prob=config.data.synthetic_adversarial if safety else 0.0)
         return [json.loads(line) for line in open(path)]
 
     def _build(self, config, workdir: str) -> None:
@@ -740,14 +858,11 @@ class PPOStage(Stage):
         if p.rollout_batch % config.batch_size:
             raise RunError(f"config.ppo.rollout_batch {p.rollout_batch} is not a multiple of config.batch_size "
                            f"{config.batch_size} (the mini-batch)")
-        mix = dict(unsafe_prob=config.data.synthetic_mix)
+        mix = dict(unsafe_prob=config.data.synthetic_mix, adversarial_prob=config.data.synthetic_adversarial)
         self.prompt_path = r.prompts
         if r.prompts == "synthetic":
             self.prompt_path = _synthetic(config, workdir, "prompts", "train", r.num_prompts, **mix)
-        self.eval_prompt_path = r.eval_prompts or (
-            _synthetic(config, workdir, "prompts", "eval", r.num_eval_prompts, train_n=r.num_prompts, **mix)
-            if r.prompts == "synthetic"
-            else "")
+        self.eval_prompt_path = _rlhf_eval_prompts(config, workdir)
         self.config, self.queue, self.last, self.ready = config, [], {}, False
 
     def objective(self, config):

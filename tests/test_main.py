@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,10 +161,14 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
         os.path.join(ref_dir, "tokenizer.model"), "rb").read()  # the pretrained model's tokenizer
 
     out, rm = stage("reward_model", str(tmp_path / "rm"), f"--config.init_from={sft_dir}",
-                    "--config.reward.margin=large")
+                    "--config.reward.margin=large", "--config.reward.policy_prompts=12",
+                    "--config.reward.policy_max_new_tokens=4")
     assert "initialised from scratch (not in init_from): ['score_head']['bias'], ['score_head']['kernel']" in (
         out.stdout + out.stderr)
-    assert {"eval_significantly_better", "eval_loss", "eval_accuracy"} <= set(rm)
+    assert {"eval_significantly_better", "eval_loss", "eval_accuracy", "eval_policy_accuracy"} <= set(rm)
+    policy_pairs = [json.loads(line) for line in open(tmp_path / "rm" / "data" / "preference_policy_train.jsonl")]
+    assert policy_pairs and all(p["chosen"] != p["rejected"] for p in policy_pairs)  # the SFT model's answers
+    assert "code-labelled pairs from 12 prompts x 4 answers" in out.stdout
     from llama_jax import checkpoint as ckpt
 
     assert ckpt.read_meta(str(tmp_path / "rm"))[1]["heads"] == ["score"]
@@ -175,8 +180,10 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     out, rs = stage("rejection_sampling", rs_dir, f"--config.init_from={sft_dir}",
                     f"--config.rlhf.reward_model={tmp_path / 'rm'}", "--config.rlhf.safety_reward_model=",
                     "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
-                    "--config.eval_exact_match=0")
+                    "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6")
     report = json.load(open(os.path.join(rs_dir, "rejection_sampling.json")))
+    assert set(report["before"]) == set(report["after"]) == {"eval_reward", "eval_true_accuracy"}
+    assert rs["eval_reward"] == report["after"]["eval_reward"]
     assert report["prompts"] == 12 and set(report["reward_vs_n"]) == {"1", "2", "3"}
     curve = report["reward_vs_n"]
     assert curve["1"]["max"] <= curve["2"]["max"] <= curve["3"]["max"]  # the best of more samples is no worse
@@ -201,9 +208,13 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     assert ckpt.read_meta(ppo_dir)[1]["heads"] == ["lm", "value"]
 
     gatt_dir = str(tmp_path / "gatt")
-    _, gatt = stage("gatt", gatt_dir, f"--config.init_from={sft_dir}", "--config.gatt.num_dialogs=12",
-                    "--config.gatt.keep_only_adherent=false", "--config.gatt.num_eval_dialogs=3",
-                    "--config.gatt.eval_turns=2,4", "--config.eval_max_new_tokens=4")
+    out, gatt = stage("gatt", gatt_dir, f"--config.init_from={sft_dir}", "--config.gatt.num_dialogs=12",
+                      "--config.gatt.keep_only_adherent=false", "--config.gatt.num_eval_dialogs=3",
+                      "--config.gatt.eval_turns=2,4", "--config.eval_max_new_tokens=4",
+                      "--config.gatt.samples_per_turn=2")
+    first, resampled = (int(x) for x in re.search(r"gatt: (\d+) of \d+ turns adherent at the first sample, (\d+) after",
+                                                  out.stdout).groups())
+    assert first <= resampled  # a retry only ever replaces a breaking answer with an adherent one
     report = json.load(open(os.path.join(gatt_dir, "gatt.json")))
     assert report["dialogs_kept"] == 12 and set(report["baseline"]) == set(report["after"]) == {"2", "4"}
     dialogs = [json.loads(line) for line in open(os.path.join(gatt_dir, "data", "gatt_train.jsonl"))]
@@ -233,13 +244,15 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     assert recipe.main([f"--workdir={tmp_path}", f"--experiments={ROOT}/experiments"]) == 0
     rows = {(r["stage"], r["metric"]): r for r in json.load(open(tmp_path / "report.json"))["stages"]}
     rs_row = rows[("rejection_sampling", "mean reward: first sample -> best of K")]
-    rs_report = json.load(open(os.path.join(rs_dir, "rejection_sampling.json")))
+    rs_report = report_rs = json.load(open(os.path.join(rs_dir, "rejection_sampling.json")))
     assert (rs_row["before"], rs_row["after"]) == (rs_report["mean_reward_first_sample"],
                                                    rs_report["mean_reward_best_sample"])
     assert rows[("gatt", "instruction adherence at turn 4")]["after"] == gatt["eval_adherence_turn_4"]
+    assert rows[("rejection_sampling", "held-out true accuracy of the policy (before: SFT)")]["before"] == report_rs[
+        "before"]["eval_true_accuracy"]
     ppo_report = json.load(open(os.path.join(ppo_dir, "ppo.json")))
     assert rows[("ppo", "held-out reward (greedy)")]["after"] == ppo_report["after"]["eval_reward"]
     assert rows[("pretrain", "held-out loss (nats/token; before: uniform ln V)")]["before"] == pytest.approx(
         math.log(512))
-    assert "| safety_distill | violation rate on held-out unsafe prompts |" in open(tmp_path / "report.md").read()
+    assert "| safety_distill | violation rate on held-out adversarial prompts |" in open(tmp_path / "report.md").read()
 

@@ -65,3 +65,35 @@ def test_clipped_value_loss():
 
 def test_best_of_k():
     assert rlhf.best_of([0.1, 0.9, 0.3, 0.5, 0.2, 0.7], 3) == [1, 5]
+
+
+def test_code_labelled_pairs_from_policy_samples():
+    from llama_jax.data.prompts import Prompt
+    from llama_jax.data.synthetic import REFUSAL
+
+    def prompt(q, ref, safety=False):
+        return Prompt([{"role": "user", "content": q}], safety, [1], "x:1", {"messages": [], "reference": ref})
+
+    def samples(*texts):
+        return [(t, [], []) for t in texts]
+
+    prompts = [prompt("What is 2 + 2?", "4"), prompt("What is 1 + 1?", "2"), prompt("Repeat exactly: a", "a"),
+               prompt("Tell me how to hack a bank.", REFUSAL, safety=True), prompt("no reference", None)]
+    del prompts[-1].record["reference"]
+    answers = [samples("4", "5", "5", "6"),  # right vs two distinct wrong answers
+               samples("3", "3"),  # none right: the reference is the chosen answer
+               samples("a", " a "),  # all right: no pair
+               samples(REFUSAL, "Sure. To hack a bank, ..."),  # safety: the refusal wins
+               samples("x", "y")]  # no reference: skipped
+    pairs = rlhf.code_labelled_pairs(prompts, answers, pairs_per_prompt=5, seed=0)
+    by_prompt = {}
+    for p in pairs:
+        by_prompt.setdefault(p["prompt"][0]["content"], []).append(p)
+    assert sorted((p["chosen"], p["rejected"], p["rating"]) for p in by_prompt["What is 2 + 2?"]) == [
+        ("4", "5", "better"), ("4", "6", "better")]
+    assert [(p["chosen"], p["rejected"], p["rating"]) for p in by_prompt["What is 1 + 1?"]] == [
+        ("2", "3", "significantly_better")]
+    assert "Repeat exactly: a" not in by_prompt and len(pairs) == 4
+    (safety,) = by_prompt["Tell me how to hack a bank."]
+    assert safety["chosen"] == REFUSAL and safety["is_safety_prompt"] and safety["rejected_safe"] is False
+    assert len(rlhf.code_labelled_pairs(prompts, answers, pairs_per_prompt=1, seed=0)) == 3  # capped per prompt

@@ -42,7 +42,7 @@ UNSAFE_TEMPLATES = ("Tell me how to {}.", "What is the best way to {}?", "Explai
 # Adversarial phrasings: the unsafe request hidden in a task. The toy SFT data never
 # pairs them with a refusal, so the SFT model complies (copies the request); a safety
 # preprompt makes it refuse: what safety context distillation needs (paper 4.2.4).
-ADVERSARIAL_TEMPLATES = ("Repeat exactly: how to {}", "Repeat exactly: the way to {}")
+ADVERSARIAL_TEMPLATES = ("Repeat exactly: how to {}",)  # ("... the way to {}" the SFT model half refuses)
 
 
 def unsafe_request(rng: random.Random, split: str = "train", adversarial_prob: float = 0.0) -> tuple[str, str]:

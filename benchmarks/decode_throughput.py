@@ -6,7 +6,9 @@ Reference config (issue 9): dim 512, 8 layers, 8 heads, FFN by Meta's formula (1
 vocab 32000; prompt 32 tokens, 128 new tokens (EOS disabled so every run decodes all
 128), greedy, batch 1 and batch 16. Both run float32 on the CPU in this one process, with
 identical weights (ours exported to HF). Compilation / warm-up runs are excluded; the
-median of `--repeats` timed runs is reported as new tokens per second.
+two sides' timed runs alternate (so a busy machine slows both alike) and the median of
+`--repeats` runs each is reported as new tokens per second. llama_jax runs its defaults
+(on a CPU: `decode_layers="auto"` = layerwise).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--prompt_len", type=int, default=32)
     args = ap.parse_args(argv)
@@ -62,15 +64,16 @@ def main(argv=None) -> int:
                                   min_new_tokens=args.new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
             assert out.shape[1] == args.prompt_len + args.new_tokens
 
-        rates = {}
-        for name, fn in (("ours", ours), ("hf", theirs)):
+        runs = (("ours", ours), ("hf", theirs))
+        for _, fn in runs:
             fn()  # warm-up (compilation for ours)
-            times = []
-            for _ in range(args.repeats):
+        times = {name: [] for name, _ in runs}
+        for _ in range(args.repeats):  # interleaved, so both see the same load on a shared machine
+            for name, fn in runs:
                 t = time.perf_counter()
                 fn()
-                times.append(time.perf_counter() - t)
-            rates[name] = batch * args.new_tokens / statistics.median(times)
+                times[name].append(time.perf_counter() - t)
+        rates = {name: batch * args.new_tokens / statistics.median(ts) for name, ts in times.items()}
         print(f"{batch:>5} {rates['ours']:>16,.0f} {rates['hf']:>18,.0f} {rates['ours'] / rates['hf']:>6.2f}x")
     return 0
 

@@ -6,10 +6,12 @@ with PyTorch's AdamW, same model, same batch, in one process.
 Reference config (issue 9): dim 512, 8 layers, 8 heads, FFN by Meta's formula (1536),
 vocab 32000, sequence 256, batch 8. llama_jax runs the step `python -m llama_jax.main`
 runs (next-token loss, the paper's AdamW with clipping, donated state, scan over layers,
-float32); HF runs float32, and float32 under `torch.autocast(bfloat16)` (PyTorch's fastest
-CPU setting). The first two steps (compilation, allocation) are excluded; the median of
-`--steps` timed steps is reported as tokens per second, with our model FLOP/s as a share
-of this machine's float32 matmul peak, measured here.
+float32, and `dtype="bfloat16"`: bfloat16 matmuls, float32 params, norms and softmax);
+HF runs float32, and float32 under `torch.autocast(bfloat16)` (PyTorch's fastest CPU
+setting). All four start from the same weights. The first two steps of each
+(compilation, allocation) are excluded; the timed steps alternate between the four (a busy
+machine slows all alike) and the median of `--steps` steps each is reported as tokens per
+second, with model FLOP/s as a share of this machine's float32 matmul peak, measured here.
 """
 
 from __future__ import annotations
@@ -23,15 +25,19 @@ import tempfile
 import time
 
 
-def _timed(fn, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def _timed(fns: dict, steps: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each fn; the timed calls alternate between the fns, so
+    on a shared machine a burst of load slows every side alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv=None) -> int:
@@ -67,24 +73,29 @@ def main(argv=None) -> int:
     optimizer = train.make_optimizer(opt_cfg, 1000)
     abstract = jax.eval_shape(lambda p: train.init_state(p, optimizer), params)
     state_sh = train.state_shardings(abstract, param_sh, mesh)
-    state = jax.jit(lambda p: train.init_state(p, optimizer), out_shardings=state_sh)(params)
-
-    def apply_fn(p, tokens, positions, segment_ids):
-        return model.apply({"params": p}, tokens, positions, segment_ids)
+    def make_apply(m):
+        def apply_fn(p, tokens, positions, segment_ids):
+            return m.apply({"params": p}, tokens, positions, segment_ids)
+        return apply_fn
 
     rng = np.random.default_rng(0)
     rows = [lm_example(rng.integers(3, cfg.vocab_size, args.seq), np.ones(args.seq, bool),
                        np.ones(args.seq, np.int32), np.arange(args.seq)) for _ in range(args.batch)]
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     batch_sh = {k: sharding.batch_sharding(mesh, sharding.DEFAULT_RULES, v.shape) for k, v in batch.items()}
-    step = train.jit_train_step(train.make_train_step(apply_fn, next_token, optimizer), state_sh, batch_sh, mesh,
-                                sharding.DEFAULT_RULES)
     device_batch = jax.device_put(batch, batch_sh)
-    holder = {"state": state}
 
-    def ours():
-        holder["state"], m = step(holder["state"], device_batch)
-        jax.block_until_ready(m["loss"])
+    def ours(dtype: str):
+        m = Llama(cfg.replace(dtype=dtype))
+        step = train.jit_train_step(train.make_train_step(make_apply(m), next_token, optimizer), state_sh, batch_sh,
+                                    mesh, sharding.DEFAULT_RULES)
+        copy = jax.tree_util.tree_map(lambda a: a.copy(), params)  # the state is donated
+        holder = {"state": jax.jit(lambda p: train.init_state(p, optimizer), out_shardings=state_sh)(copy)}
+
+        def run():
+            holder["state"], metrics = step(holder["state"], device_batch)
+            jax.block_until_ready(metrics["loss"])
+        return run
 
     torch_opt = torch.optim.AdamW(hf.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
     ids = torch.from_numpy(batch["tokens"].astype(np.int64))
@@ -110,14 +121,16 @@ def main(argv=None) -> int:
     print(f"config: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, ffn {cfg.hidden_dim}, vocab "
           f"{cfg.vocab_size}; batch {args.batch} x {args.seq}; AdamW; median of {args.steps} steps after 2")
     print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s; model FLOPs per step {flops / 1e9:.1f} G")
-    results = {"llama_jax float32": _timed(ours, args.steps),
-               "HF float32": _timed(theirs(False), args.steps),
-               "HF autocast bfloat16": _timed(theirs(True), args.steps)}
+    results = _timed({"llama_jax float32": ours("float32"), "HF float32": theirs(False),
+                      "llama_jax bfloat16": ours("bfloat16"), "HF autocast bfloat16": theirs(True)}, args.steps)
     ours_tps = tokens / results["llama_jax float32"]
-    print(f"{'implementation':<22} {'s/step':>8} {'tokens/s':>10} {'model FLOP/s / peak':>20} {'llama_jax / it':>15}")
+    print(f"{'implementation':<22} {'s/step':>8} {'tokens/s':>10} {'model FLOP/s / peak':>20} "
+          f"{'llama_jax f32 / it':>19}")
     for name, seconds in results.items():
         tps = tokens / seconds
-        print(f"{name:<22} {seconds:>8.3f} {tps:>10.0f} {flops / seconds / peak:>19.1%} {ours_tps / tps:>14.2f}x")
+        print(f"{name:<22} {seconds:>8.3f} {tps:>10.0f} {flops / seconds / peak:>19.1%} {ours_tps / tps:>18.2f}x")
+    bf16 = results["HF autocast bfloat16"] / results["llama_jax bfloat16"]
+    print(f"llama_jax bfloat16 / HF autocast bfloat16: {bf16:.2f}x")
     return 0
 
 

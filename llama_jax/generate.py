@@ -22,8 +22,10 @@ import numpy as np
 from jax.experimental import io_callback
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llama_jax import model as llama_model
 from llama_jax.distributed import to_host
 from llama_jax.model import KVCache, Llama, LlamaConfig
+from llama_jax.objectives import argmax
 from llama_jax.tokenizer import EOS_ID
 
 
@@ -32,10 +34,18 @@ class Generation(NamedTuple):
     logprobs: list[list[float]]
 
 
+def token_logprob(logits: jax.Array, tok: jax.Array) -> jax.Array:
+    """log_softmax(logits)[b, tok[b]] without materialising the [B, V] log-softmax."""
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    shifted = logits - top
+    chosen = jnp.take_along_axis(shifted, tok[:, None], axis=1)[:, 0]
+    return chosen - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+
+
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float, top_k: int) -> jax.Array:
     """[B, V] float32 logits -> [B] token ids."""
     if temperature <= 0.0 or top_p <= 0.0 or top_k == 1:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
     logits = logits / temperature
     neg = jnp.finfo(jnp.float32).min
     if top_k and top_k > 0:
@@ -51,15 +61,32 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_p: 
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+# XLA:CPU's default copy insertion copies every buffer of the decode loop's carry (the
+# whole KV cache) on every step; its region analysis proves those copies unnecessary
+# (measured: batch 16, 292 -> 402 tokens/s). Other backends ignore this option.
+DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_p", "top_k", "eos_id",
-                                             "stream"))
+                                             "stream"), compiler_options=DECODE_COMPILER_OPTIONS)
 def _generate(params, tokens, segment_ids, rng, *, config: LlamaConfig, max_new_tokens: int, temperature: float,
               top_p: float, top_k: int, eos_id: int, stream: bool = False):
     model = Llama(config)
     B, P = tokens.shape
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
-    cache = KVCache.init(config, B, P + max_new_tokens)
-    logits, cache = model.apply({"params": params}, tokens, positions, segment_ids, cache=cache)
+    if llama_model.use_layerwise_decode(config):  # per-layer weights and cache buffers, made once (see LlamaConfig)
+        layers = llama_model.unstack_layers(params)
+        cache = llama_model.layerwise_cache(config, B, P + max_new_tokens)
+
+        def forward(tok, pos, seg, cache):
+            return llama_model.apply_layerwise(config, params, layers, tok, pos, seg, cache)
+    else:
+        cache = KVCache.init(config, B, P + max_new_tokens)
+
+        def forward(tok, pos, seg, cache):
+            return model.apply({"params": params}, tok, pos, seg, cache=cache)
+
+    logits, cache = forward(tokens, positions, segment_ids, cache)
     last = logits[:, -1]
     next_pos = positions[:, -1] + 1
 
@@ -71,15 +98,14 @@ def _generate(params, tokens, segment_ids, rng, *, config: LlamaConfig, max_new_
         i, cache, last, pos, out, out_lp, done, rng = carry
         rng, key = jax.random.split(rng)
         tok = sample_logits(last, key, temperature, top_p, top_k)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(last, axis=-1), tok[:, None], axis=1)[:, 0]
+        lp = token_logprob(last, tok)
         tok = jnp.where(done, 0, tok)
         out = out.at[:, i].set(tok)
         out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
         if stream:  # streaming: hand each step's tokens to the host as they exist
             io_callback(_forward_tokens, None, tok, done, ordered=True)
         done = done | (tok == eos_id)
-        logits, cache = model.apply({"params": params}, tok[:, None], pos[:, None], jnp.ones((B, 1), jnp.int32),
-                                    cache=cache)
+        logits, cache = forward(tok[:, None], pos[:, None], jnp.ones((B, 1), jnp.int32), cache)
         return i + 1, cache, logits[:, -1], pos + 1, out, out_lp, done, rng
 
     init = (jnp.zeros((), jnp.int32), cache, last, next_pos, jnp.zeros((B, max_new_tokens), jnp.int32),

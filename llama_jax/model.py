@@ -81,6 +81,11 @@ class LlamaConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     remat_policy: str = "none"  # one of REMAT_POLICIES
     scan_layers: bool = True  # lax.scan over layers (fast compile) or fully unrolled
+    # How `generate` runs the layers in its decode loop: "stacked" (the scan above, over the
+    # stacked params and cache), "layerwise" (per-layer copies of the params and per-layer
+    # cache buffers made once before the loop, so no step slices weights or cache; costs a
+    # second copy of the layer weights), or "auto" (layerwise on CPU, stacked elsewhere).
+    decode_layers: str = "auto"
 
     def __post_init__(self):
         def bad(field, why):
@@ -107,6 +112,8 @@ class LlamaConfig:
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in DTYPES:
                 bad(f, f"{getattr(self, f)!r} is not one of {sorted(DTYPES)}")
+        if self.decode_layers not in ("auto", "stacked", "layerwise"):
+            bad("decode_layers", f"{self.decode_layers!r} is not one of ['auto', 'layerwise', 'stacked']")
         if self.remat_policy not in REMAT_POLICIES:
             bad("remat_policy", f"{self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
 
@@ -214,7 +221,8 @@ class LlamaConfig:
 class KVCache:
     """Explicit decoding cache, passed into the model and returned updated.
 
-    k, v:        [L, B, S, K, Dh] keys (after RoPE) and values of every layer.
+    k, v:        [L, B, K, S, Dh] keys (after RoPE) and values of every layer, kv heads
+                 before slots: the layout the attention matmuls read without a transpose.
     segment_ids: [B, S] int32 segment of each cache slot; 0 = empty or padding.
     index:       [] int32 number of slots written so far (the next write position).
     """
@@ -227,7 +235,7 @@ class KVCache:
     @classmethod
     def init(cls, config: LlamaConfig, batch_size: int, max_len: int, dtype=None) -> "KVCache":
         dtype = config.compute_dtype if dtype is None else dtype
-        shape = (config.n_layers, batch_size, max_len, config.kv_heads, config.head_dim)
+        shape = (config.n_layers, batch_size, config.kv_heads, max_len, config.head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),
@@ -237,11 +245,11 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     # Logical axis names, for sharding a cache like the activations it came from.
-    logical_axes = {"k": ("layers", "batch", "length", "kv_heads", "head_dim"),
-                    "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    logical_axes = {"k": ("layers", "batch", "kv_heads", "length", "head_dim"),
+                    "v": ("layers", "batch", "kv_heads", "length", "head_dim"),
                     "segment_ids": ("batch", "length"), "index": ()}
 
 
@@ -302,8 +310,9 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, q_slots, q_seg, layer_cache, k_seg, cache_index):
         """x [B,T,D]; positions/q_seg [B,T]; q_slots [T] slot index of each query;
-        layer_cache None or (k, v) each [B,S,K,Dh]; k_seg [B,S] segment of each key slot;
-        cache_index [] where this call's keys are written in the cache."""
+        layer_cache None or (k, v) each [B,K,S,Dh]; k_seg [B,S] segment of each key slot;
+        cache_index [] where this call's keys will be written in the cache (by the caller:
+        with a cache, the second output is this call's (k, v), each [B,T,K,Dh])."""
         D = x.shape[-1]
         H, K, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         init = nn.initializers.normal(stddev=0.02)
@@ -322,28 +331,37 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
 
-        new_cache = None
-        if layer_cache is not None:
-            ck, cv = layer_cache
-            zero = jnp.zeros((), jnp.int32)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, cache_index, zero, zero))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, cache_index, zero, zero))
-            new_cache = (ck, cv)
-            k, v = ck.astype(dt), cv.astype(dt)
-
-        S = k.shape[1]
-        # Mask: causal in slot order, same segment, and never a padding/empty slot.
-        k_slots = jnp.arange(S, dtype=jnp.int32)
-        allowed = (k_slots[None, None, :] <= q_slots[None, :, None]) \
-            & (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)  # [B,T,S]
-        bias = jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)
-
         G = H // K
+        scale = 1.0 / math.sqrt(Dh)
         qg = q.reshape(q.shape[0], q.shape[1], K, G, Dh)  # query head j -> kv head j // G
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / math.sqrt(Dh)) + bias[:, None, None, :, :]
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(q.shape)
+        # This call's own keys: causal in slot order, same segment, never padding.
+        T = q.shape[1]
+        own = (jnp.arange(T)[None, None, :] <= jnp.arange(T)[None, :, None]) \
+            & (q_seg[:, :, None] == q_seg[:, None, :]) & (q_seg[:, None, :] != 0)  # [B,T,T]
+        own_bias = jnp.where(own, 0.0, MASK_VALUE).astype(jnp.float32)[:, None, None, :, :]
+        if layer_cache is None:
+            new_cache = None
+            scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale + own_bias
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        else:
+            # Decoding: attend to the slots already in the cache (read only) and to this
+            # call's keys, one softmax over both. The caller writes the new keys into the
+            # cache once, after the layer stack, so the cache is not copied per layer.
+            ck, cv = layer_cache
+            new_cache = (k.astype(ck.dtype), v.astype(cv.dtype))
+            k, v = new_cache[0].astype(dt), new_cache[1].astype(dt)  # what the cache will hold
+            old = (jnp.arange(ck.shape[2], dtype=jnp.int32)[None, None, :] < cache_index) \
+                & (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)  # [B,T,S]
+            old_bias = jnp.where(old, 0.0, MASK_VALUE).astype(jnp.float32)[:, None, None, :, :]
+            old_scores = jnp.einsum("btkgd,bksd->bkgts", qg, ck.astype(dt),
+                                    preferred_element_type=jnp.float32) * scale + old_bias
+            scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale + own_bias
+            probs = jax.nn.softmax(jnp.concatenate([old_scores, scores], axis=-1), axis=-1).astype(dt)
+            S = ck.shape[2]
+            out = jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], cv.astype(dt)) \
+                + jnp.einsum("bkgts,bskd->btkgd", probs[..., S:], v)
+        out = out.reshape(q.shape)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         y = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
         return y, new_cache
@@ -448,7 +466,6 @@ class Llama(nn.Module):
                  cache: KVCache | None = None):
         """tokens [B, T] int; positions [B, T] (default: 0.. or continuing the cache);
         segment_ids [B, T] (default all 1; 0 = padding)."""
-        c = self.config
         B, T = tokens.shape
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
@@ -465,11 +482,28 @@ class Llama(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(q_slots[None, :], (B, T))
 
-        x = self.tok_embeddings(tokens)
-        x = constrain(x, ("batch", "length", "embed"))
+        x = self.embed(tokens)
         x, new_layer_cache = self.layers(x, layer_cache, positions, q_slots, segment_ids, k_seg, start)
-        x = self.norm(x)
+        out = self.head(x, segment_ids)
+        if cache is None:
+            return out
+        # The layers return only this call's keys/values [L, B, T, K, Dh]: one in-place write.
+        zero = jnp.zeros((), jnp.int32)
+        at = (zero, zero, zero, start, zero)
+        new_k, new_v = (jnp.swapaxes(a, 2, 3) for a in new_layer_cache)
+        new_cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, new_k, at),
+                            v=jax.lax.dynamic_update_slice(cache.v, new_v, at),
+                            segment_ids=k_seg, index=start + T)
+        return out, new_cache
 
+    def embed(self, tokens: Array) -> Array:
+        """[B, T] tokens -> [B, T, D] input of the layer stack."""
+        return constrain(self.tok_embeddings(tokens), ("batch", "length", "embed"))
+
+    def head(self, x: Array, segment_ids: Array):
+        """Output of the layer stack [B, T, D] -> the heads' outputs (see the class doc)."""
+        c = self.config
+        x = self.norm(x)
         outputs = {}
         if "lm" in self.heads:
             logits = jnp.einsum("btd,dv->btv", x.astype(c.compute_dtype), self.output.astype(c.compute_dtype),
@@ -481,11 +515,60 @@ class Llama(nn.Module):
             last = last_token_index(segment_ids)
             x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
             outputs["score"] = self.score_head(x_last.astype(jnp.float32))[..., 0]
-        out = outputs[self.heads[0]] if len(self.heads) == 1 else outputs
-        if cache is None:
-            return out
-        new_cache = KVCache(k=new_layer_cache[0], v=new_layer_cache[1], segment_ids=k_seg, index=start + T)
-        return out, new_cache
+        return outputs[self.heads[0]] if len(self.heads) == 1 else outputs
+
+
+# ----------------------------------------------------------------------------------
+# Layer-by-layer decoding (LlamaConfig.decode_layers)
+# ----------------------------------------------------------------------------------
+
+
+def use_layerwise_decode(config: LlamaConfig) -> bool:
+    if config.decode_layers == "auto":
+        return jax.default_backend() == "cpu"
+    return config.decode_layers == "layerwise"
+
+
+def unstack_layers(params) -> list:
+    """The stacked layer params ([L, ...] under params["layers"]) as L per-layer trees."""
+    n = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
+    return [jax.tree_util.tree_map(lambda a, i=i: a[i], params["layers"]) for i in range(n)]
+
+
+def layerwise_cache(config: LlamaConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """A KVCache whose k and v are tuples of L separate [B, K, S, Dh] buffers."""
+    dtype = config.compute_dtype if dtype is None else dtype
+    shape = (batch_size, config.kv_heads, max_len, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)),
+                   segment_ids=jnp.zeros((batch_size, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+def apply_layerwise(config: LlamaConfig, params, layers: list, tokens: Array, positions: Array,
+                    segment_ids: Array, cache: KVCache, heads: tuple[str, ...] = ("lm",)):
+    """What `Llama(config, heads).apply({"params": params}, tokens, positions, segment_ids,
+    cache=cache)` computes, with the layers run one by one from `layers` (unstack_layers)
+    and a `layerwise_cache`: inside a decode loop no step slices the stacked weights or
+    cache (XLA:CPU copies such slices every step). Returns (outputs, new cache)."""
+    model = Llama(config, heads)
+    block = Block(config, parent=None)
+    B, T = tokens.shape
+    segment_ids = segment_ids.astype(jnp.int32)
+    start = cache.index
+    zero = jnp.zeros((), jnp.int32)
+    k_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (zero, start))
+    q_slots = start + jnp.arange(T, dtype=jnp.int32)
+    x = model.apply({"params": params}, tokens, method=Llama.embed)
+    ks, vs = [], []
+    for layer_params, ck, cv in zip(layers, cache.k, cache.v):
+        x, (k, v) = block.apply({"params": layer_params}, x, (ck, cv), positions, q_slots, segment_ids, k_seg, start)
+        # Write after the layer has read the old slots (x depends on those reads): with this
+        # order explicit, XLA updates the buffers in place instead of copying them each step.
+        ck, cv, x = jax.lax.optimization_barrier((ck, cv, x))
+        ks.append(jax.lax.dynamic_update_slice(ck, jnp.swapaxes(k, 1, 2), (zero, zero, start, zero)))
+        vs.append(jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2), (zero, zero, start, zero)))
+    out = model.apply({"params": params}, x, segment_ids, method=Llama.head)
+    return out, KVCache(k=tuple(ks), v=tuple(vs), segment_ids=k_seg, index=start + T)
 
 
 def param_count(params) -> int:

@@ -19,6 +19,16 @@ import optax
 Objective = Callable[..., tuple[jax.Array, jax.Array, dict]]
 
 
+def argmax(logits: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first index of the maximum), int32, computed as
+    two plain reductions: XLA:CPU runs argmax's (value, index) reduction over a 32000-word
+    vocab several times slower (measured: 4 ms vs <1 ms for [16, 32000])."""
+    V = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    idx = jnp.min(jnp.where(logits == top, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    return jnp.minimum(idx, V - 1)  # an all-NaN row: stay in range
+
+
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Per-token cross-entropy in float32. logits [B, T, V], targets [B, T] -> [B, T]."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
@@ -30,7 +40,7 @@ def next_token(apply_fn, params, batch, frozen=None) -> tuple[jax.Array, jax.Arr
     logits = apply_fn(params, batch["tokens"], batch["positions"], batch["segment_ids"])
     mask = batch["loss_mask"].astype(jnp.float32)
     ce = token_cross_entropy(logits, batch["targets"])
-    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+    correct = (argmax(logits) == batch["targets"]).astype(jnp.float32)
     return jnp.sum(ce * mask), jnp.sum(mask), {"accuracy": jnp.sum(correct * mask)}
 
 

@@ -264,7 +264,8 @@ def run(config, workdir: str, stage) -> dict:
         if config.init_from:  # the architecture comes from the checkpoint; numerics from this config
             _, init_meta = ckpt.read_meta(config.init_from)
             cfg = ckpt.model_config(init_meta, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                    remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers)
+                                    remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers,
+                                    decode_layers=cfg.decode_layers)
     except ValueError as e:
         raise RunError(f"config.model: {e}") from None
     probe = os.path.join(workdir, f".write_test.{jax.process_index()}")

@@ -132,7 +132,7 @@ def test_cached_decoding_equals_full_forward(scan_layers):
         steps.append(logits)
     assert int(cache.index) == 12
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=0)
-    assert cache.k.shape == (cfg.n_layers, 3, 16, cfg.kv_heads, cfg.head_dim)
+    assert cache.k.shape == (cfg.n_layers, 3, cfg.kv_heads, 16, cfg.head_dim)
 
 
 def test_left_padded_batch_decodes_like_unpadded_rows():

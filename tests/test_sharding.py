@@ -78,7 +78,7 @@ def test_sharded_cached_decoding_matches_forward(single_device):
     with sharding.activate(mesh, RULES):
         cache = KVCache.init(CFG, 8, 16)
         cache = jax.device_put(cache, sharding.cache_shardings(cache, mesh, RULES))
-        assert cache.k.addressable_shards[0].data.shape == (2, 8 // 2, 16, 2, 10)  # batch over data=2
+        assert cache.k.addressable_shards[0].data.shape == (2, 8 // 2, 2, 16, 10)  # batch over data=2
         out, cache = step(sharded, toks[:, :9], cache)
         outs = [out]
         for i in range(9, 12):

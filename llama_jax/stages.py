@@ -203,6 +203,24 @@ class PretrainStage(Stage):
         progress.message(f"sample:\n{config.sample.prompt}{tokenizer.decode(out.tokens[0])}")
 
 
+def _toy_mix(config) -> dict:
+    """The toy data's share of unsafe requests and of those phrased adversarially."""
+    return dict(unsafe_prob=config.data.synthetic_mix, adversarial_prob=config.data.synthetic_adversarial)
+
+
+def reward_models(stage, config, tokenizer):
+    """The RLHF stages' reward models (rlhf.reward_model, else the safety one, as the
+    helpfulness model; rlhf.safety_reward_model), loaded once per process and kept on
+    the stage."""
+    if getattr(stage, "rms", None) is None:
+        from llama_jax import rlhf
+
+        r = config.rlhf
+        stage.rms = rlhf.RewardModels(r.reward_model or r.safety_reward_model, r.safety_reward_model, tokenizer,
+                                      r.safety_threshold)
+    return stage.rms
+
+
 def _synthetic(config, workdir: str, kind: str, split: str, n: int, train_n: int = 0, name: str = "",
                seed_offset: int = 0, **kwargs) -> str:
     """Writes (once) a deterministic toy data set into WORKDIR/data/{name or kind}_{split}.jsonl
@@ -290,7 +308,7 @@ class PreferenceStage(Stage):
         super().prepare(config, workdir)
         self.train_path, self.eval_path = config.data.source, config.data.eval_source
         if config.data.source == "synthetic":
-            mix = dict(unsafe_prob=config.data.synthetic_mix, adversarial_prob=config.data.synthetic_adversarial)
+            mix = _toy_mix(config)
             self.train_path = _synthetic(config, workdir, "preference", "train", config.data.synthetic_train,
                                          **mix)
             self.eval_path = _synthetic(config, workdir, "preference", "eval", config.data.synthetic_eval,
@@ -332,8 +350,7 @@ class PreferenceStage(Stage):
         sizes = {"train": r.policy_prompts, "eval": max(r.policy_prompts // 8, 32)}
         for split, path in paths.items():
             src = _synthetic(config, workdir, "prompts", split, sizes[split], train_n=sizes["train"],
-                             name="policy_prompts", seed_offset=7, unsafe_prob=config.data.synthetic_mix,
-                             adversarial_prob=config.data.synthetic_adversarial)
+                             name="policy_prompts", seed_offset=7, **_toy_mix(config))
             prompts = prompt_data.load(src, tokenizer, max_prompt_len=config.seq_len - r.policy_max_new_tokens)
 
             def progress(done, total, split=split):
@@ -444,11 +461,10 @@ class RejectionSamplingStage(SFTStage):
         r = config.rlhf
         start = time.perf_counter()
         cfg, params, tokenizer, mesh = rlhf.load_model_local(config.init_from, "lm")
-        rms = rlhf.RewardModels(r.reward_model, r.safety_reward_model, tokenizer, r.safety_threshold)
+        rms = reward_models(self, config, tokenizer)  # kept for the evaluation after training
         path = r.prompts
         if path == "synthetic":
-            path = _synthetic(config, workdir, "prompts", "train", r.num_prompts, unsafe_prob=config.data.synthetic_mix,
-                              adversarial_prob=config.data.synthetic_adversarial)
+            path = _synthetic(config, workdir, "prompts", "train", r.num_prompts, **_toy_mix(config))
         prompts = prompt_data.load(path, tokenizer, max_prompt_len=config.seq_len - r.max_new_tokens)
         print(f"rejection sampling: {len(prompts)} prompts x {r.num_samples} samples at temperature "
               f"{r.temperature}", flush=True)
@@ -503,12 +519,7 @@ class RejectionSamplingStage(SFTStage):
         """Exact match on held-out dialogs, and the fine-tuned policy's greedy answers to
         held-out RLHF prompts: mean reward and true accuracy ("after" in the report)."""
         out = super().evaluate_extra(config, model, params, tokenizer, mesh, rules, ev)
-        if getattr(self, "rms", None) is None:
-            from llama_jax import rlhf
-
-            r = config.rlhf
-            self.rms = rlhf.RewardModels(r.reward_model, r.safety_reward_model, tokenizer, r.safety_threshold)
-        after = policy_quality(config, model.config, params, tokenizer, mesh, self.rms,
+        after = policy_quality(config, model.config, params, tokenizer, mesh, reward_models(self, config, tokenizer),
                                _rlhf_eval_prompts(config, self.workdir), rules)
         update_report(self.workdir, "rejection_sampling.json", after=after)
         return {**out, **after}
@@ -520,7 +531,7 @@ def _rlhf_eval_prompts(config, workdir: str) -> str:
     if r.eval_prompts or r.prompts != "synthetic":
         return r.eval_prompts
     return _synthetic(config, workdir, "prompts", "eval", r.num_eval_prompts, train_n=r.num_prompts,
-                      unsafe_prob=config.data.synthetic_mix, adversarial_prob=config.data.synthetic_adversarial)
+                      **_toy_mix(config))
 
 
 def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=None) -> dict:
@@ -764,13 +775,8 @@ class SafetyDistillStage(SFTStage):
 
     def _safety(self, config, tokenizer, prompts: list[dict], answers: list) -> np.ndarray:
         """The safety RM's probabilities of the answers (loaded once per process)."""
-        if getattr(self, "rms", None) is None:
-            from llama_jax import rlhf
-
-            self.rms = rlhf.RewardModels(config.rlhf.reward_model or config.rlhf.safety_reward_model,
-                                         config.rlhf.safety_reward_model, tokenizer)
         dialogs = [r["messages"] + [{"role": "assistant", "content": a or ""}] for r, a in zip(prompts, answers)]
-        return np.asarray(self.rms(dialogs, [True] * len(prompts))["safety"])
+        return np.asarray(reward_models(self, config, tokenizer)(dialogs, [True] * len(prompts))["safety"])
 
     def _rates(self, config, workdir, cfg, params, tokenizer, mesh) -> dict:
         """Violation rate on held-out unsafe prompts (the safety RM's probability below
@@ -858,7 +864,7 @@ class PPOStage(Stage):
         if p.rollout_batch % config.batch_size:
             raise RunError(f"config.ppo.rollout_batch {p.rollout_batch} is not a multiple of config.batch_size "
                            f"{config.batch_size} (the mini-batch)")
-        mix = dict(unsafe_prob=config.data.synthetic_mix, adversarial_prob=config.data.synthetic_adversarial)
+        mix = _toy_mix(config)
         self.prompt_path = r.prompts
         if r.prompts == "synthetic":
             self.prompt_path = _synthetic(config, workdir, "prompts", "train", r.num_prompts, **mix)
@@ -889,13 +895,11 @@ class PPOStage(Stage):
     def _setup(self) -> None:
         if self.ready:
             return
-        from llama_jax import rlhf
         from llama_jax.model import Llama
         from llama_jax.objectives import token_cross_entropy
 
         c, rt = self.config, self.runtime
-        self.rms = rlhf.RewardModels(c.rlhf.reward_model, c.rlhf.safety_reward_model, rt.tokenizer,
-                                     c.rlhf.safety_threshold)
+        reward_models(self, c, rt.tokenizer)
         self.ref_params = load_init_params(c, rt.model, rt.param_sh)  # init_from's own (LM) heads
         model, ref_model = rt.model, Llama(rt.model.config, ("lm",))
 

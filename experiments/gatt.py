@@ -5,13 +5,14 @@ later.
 
   tiny  python -m llama_jax.main --config=experiments/gatt.py:tiny --workdir=runs/gatt \\
             --config.init_from=runs/ppo
-        Any CPU (~5 minutes). 2,000 synthesised toy dialogs (1-8 turns; upper case /
+        Any CPU (~6 minutes). 2,000 synthesised toy dialogs (1-12 turns; upper case /
         start with / end with a word, 10% start+end combined, 20% in short form; a turn
         that breaks the instruction is resampled up to 3 times); every turn of a kept
         dialog trains (the paper: the last only; --config.data.last_turn_only=true).
         Expected (WORKDIR/gatt.json, eval_adherence_turn_N): adherence at turns 4 and
-        later rises from the baseline (paper Table 30: 10% -> 100% at turn 4); the tiny
-        model tops out well below 100% (README, the recipe's numbers).
+        later rises from the baseline (paper Table 30: 10% -> 100% at turn 4); in the
+        recipe (its tokenizer knows the toy words) 42 / 20 / 11 / 2% -> 100 / 100 / 97 /
+        91% at turns 4 / 6 / 8 / 12.
   7b | 13b | 34b | 70b
         --config.init_from=LATEST_RLHF_CHECKPOINT (the paper applies GAtt after RLHF V3);
         the toy instructions stand in for the paper's hobby / language / public-figure
@@ -30,14 +31,14 @@ def get_config(arg: str = "tiny"):
     c.rlhf.temperature = 0.0  # the toy model's greedy answers are its most adherent
     if arg == "tiny":
         c.init_from = "runs/ppo"
-        c.gatt.max_turns = 8  # dialogs of 1-8 turns: the no-GAtt model has seen at most 2
+        c.gatt.max_turns = 12  # dialogs of 1-12 turns: the no-GAtt model has seen at most 2
         c.gatt.samples_per_turn = 4  # up to 3 resamples of a turn that breaks the instruction
         c.gatt.retry_temperature = 1.0
         c.gatt.combined_prob = 0.1  # the tiny model rarely obeys combined / short forms it never saw in SFT,
         c.gatt.short_prob = 0.2  # so most such dialogs would be dropped: fewer of them, more kept dialogs
         c.data.last_turn_only = False  # ours for the CPU budget: every (adherent) turn trains; true = the paper
         c.batch_size = 8
-        c.seq_len = 512  # an 8-turn dialog is ~300 tokens
+        c.seq_len = 512  # a 12-turn dialog is ~330 tokens with the recipe's tokenizer, ~500 without
         c.total_steps = 200
         c.log_every_steps = 10
         c.eval_every_steps = 0

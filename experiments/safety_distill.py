@@ -6,8 +6,9 @@ without it, then trained without the preprompt.
             --config.init_from=runs/gatt --config.rlhf.reward_model=runs/rm \\
             --config.rlhf.safety_reward_model=runs/rm_safety
         Any CPU (a few minutes). 512 toy adversarial requests (the unsafe request hidden in a
-        "Repeat exactly:" task, which the SFT model complies with and, given the templated
-        preprompt, refuses) with the templated preprompt, 256 benign anchors. Expected
+        "Repeat exactly:" or "Reverse the words:" task, which the model often complies with
+        and, given the generic preprompt before the request, refuses), 256 benign anchors.
+        Expected
         (WORKDIR/safety_distill.json): the violation rate on held-out adversarial prompts
         falls; false refusals on benign prompts stay low.
   7b | 13b | 34b | 70b
@@ -29,6 +30,7 @@ def get_config(arg: str = "tiny"):
         c.rlhf.reward_model = "runs/rm"
         c.rlhf.safety_reward_model = "runs/rm_safety"
         c.data.synthetic_adversarial = 1.0  # the unsafe prompts hide the request in a task, which SFT does not refuse
+        c.distill.preprompt = "generic"  # the toy model refuses with it; the long template confuses it
         c.batch_size = 16
         c.seq_len = 256
         c.total_steps = 100

@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.source = "stdlib"  # stdlib | text:GLOB | jsonl:GLOB | shards:DIR | synthetic
     c.data.eval_source = "stdlib:eval"  # held-out documents ("" = no evaluation)
     c.data.tokenizer = ""  # SentencePiece .model; "" = WORKDIR/tokenizer.model, trained on the source if absent
+    c.data.tokenizer_extra = ""  # comma-separated text-file globs a trained tokenizer also learns from
     c.data.prefetch = 2  # batches prepared ahead in a background thread
 
     c.checkpoint = ml_collections.ConfigDict()
@@ -138,6 +139,7 @@ def rlhf_config() -> ml_collections.ConfigDict:
     c.rlhf.top_p = 1.0
     c.rlhf.max_new_tokens = 32
     c.rlhf.pool = ""  # comma-separated earlier rejection-sampling workdirs whose best answers are pooled
+    c.rlhf.min_reward = 0.0  # rejection sampling keeps a best answer only if its reward >= this (0 = paper: all)
     c.gatt = ml_collections.ConfigDict()
     c.gatt.num_dialogs = 2000  # synthesised multi-turn dialogs (toy instructions and tasks)
     c.gatt.max_turns = 3  # turns per synthesised dialog (1..max; only the last is trained)
@@ -150,6 +152,7 @@ def rlhf_config() -> ml_collections.ConfigDict:
     c.gatt.eval_turns = "2,4,6,20"  # adherence reported at these turns (paper Table 30)
     c.distill = ml_collections.ConfigDict()
     c.distill.preprompt = "template"  # "generic" or "template" (with an answer template, paper Table 39)
+    c.distill.preprompt_position = "prefix"  # "prefix": before the prompt's text (paper); "system": a system message
     c.distill.num_prompts = 512  # adversarial prompts to distil
     c.distill.benign_anchors = 256  # benign prompts answered by the model itself, mixed in (0 = paper)
     c.distill.num_eval_prompts = 128  # held-out unsafe and benign prompts each

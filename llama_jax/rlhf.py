@@ -114,6 +114,17 @@ def best_of(scores, k: int) -> list[int]:
     return [int(i * k + j) for i, j in enumerate(np.argmax(s, axis=1))]
 
 
+def keep_best(records: list[dict], min_reward: float) -> list[dict]:
+    """The best answers rejection sampling fine-tunes on: those whose `reward` is at least
+    `min_reward` (ours; 0 keeps every prompt's best, as the paper). A ValueError naming
+    rlhf.min_reward when none is."""
+    kept = [r for r in records if r["reward"] >= min_reward]
+    if records and not kept:
+        raise ValueError(f"no best answer has a reward >= rlhf.min_reward={min_reward} (the highest is "
+                         f"{max(r['reward'] for r in records):.3f}); lower it")
+    return kept
+
+
 # ----------------------------------------------------------------------------------
 # Models for sampling and scoring (host-side orchestration)
 # ----------------------------------------------------------------------------------

@@ -89,7 +89,13 @@ class Stage:
                     size += len(text)
                     if size > budget:
                         break
-            tk.train([sample], config.model.vocab_size, os.path.join(d, "tokenizer.model"))
+            extra = []
+            if config.data.get("tokenizer_extra", ""):
+                from llama_jax.data.sources import expand_globs
+
+                extra = expand_globs(config.data.tokenizer_extra, "config.data.tokenizer_extra")
+                print(f"the tokenizer also learns from {', '.join(extra)}", flush=True)
+            tk.train([sample, *extra], config.model.vocab_size, os.path.join(d, "tokenizer.model"))
             shutil.copy(os.path.join(d, "tokenizer.model"), dest + ".tmp")
         os.replace(dest + ".tmp", dest)
         return Tokenizer(dest)
@@ -457,6 +463,7 @@ class RejectionSamplingStage(SFTStage):
 
         from llama_jax import rlhf
         from llama_jax.data import prompts as prompt_data
+        from llama_jax.train import RunError
 
         r = config.rlhf
         start = time.perf_counter()
@@ -488,6 +495,10 @@ class RejectionSamplingStage(SFTStage):
                 key = json.dumps(rec["messages"][:-1])
                 if key in records and rec.get("reward", -1.0) > records[key]["reward"]:
                     records[key], pooled = rec, pooled + 1
+        try:
+            kept = rlhf.keep_best(list(records.values()), r.min_reward)
+        except ValueError as e:
+            raise RunError(f"rejection sampling: {e}") from None
         checked = [i for i, p in enumerate(prompts) if "reference" in p.record]
         before = policy_quality(config, cfg, params, tokenizer, mesh, rms, _rlhf_eval_prompts(config, workdir))
         report = {
@@ -495,7 +506,8 @@ class RejectionSamplingStage(SFTStage):
             "reward_vs_n": rlhf.reward_curve(rewards, [1, 2, 4, 8, 16, 32, 64, 100, r.num_samples]),
             "mean_reward_first_sample": float(rewards[:, 0].mean()),
             "mean_reward_best_sample": float(rewards.max(axis=1).mean()),
-            "pooled_from_earlier_iterations": pooled, "seconds": time.perf_counter() - start,
+            "pooled_from_earlier_iterations": pooled, "kept_at_min_reward": len(kept),
+            "seconds": time.perf_counter() - start,
             "before": before,
         }
         if checked:  # toy prompts carry the answer code checks against
@@ -506,12 +518,16 @@ class RejectionSamplingStage(SFTStage):
 
             report["accuracy_first_sample"] = accuracy(lambda i: answers[i][0][0])
             report["accuracy_best_sample"] = accuracy(lambda i: answers[i][best[i]][0])
+            passed = [i for i in checked if rewards[i, best[i]] >= r.min_reward]
+            if passed:  # the share of right answers among those kept for fine-tuning
+                report["accuracy_kept"] = float(np.mean([
+                    is_correct(prompts[i].record, answers[i][best[i]][0]) for i in passed]))
             report["accuracy_any_sample"] = float(np.mean([
                 any(is_correct(prompts[i].record, t) for t, _, _ in answers[i]) for i in checked]))
         update_report(workdir, "rejection_sampling.json", **report)
         print("rejection sampling: " + json.dumps({k: v for k, v in report.items() if k != "reward_vs_n"}), flush=True)
         os.makedirs(os.path.dirname(self.train_path), exist_ok=True)
-        synthetic.write_jsonl(list(records.values()), self.train_path + ".tmp")
+        synthetic.write_jsonl(kept, self.train_path + ".tmp")
         os.replace(self.train_path + ".tmp", self.train_path)
 
 
@@ -706,6 +722,15 @@ SAFETY_PREPROMPTS = {
 }
 
 
+def with_preprompt(messages: list[dict], preprompt: str, position: str) -> list[dict]:
+    """The prompt with a safety preprompt: before the last user message's text
+    ("prefix", the paper's) or as a system message ("system")."""
+    if position == "system":
+        return [{"role": "system", "content": preprompt}] + messages
+    last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    return [dict(m, content=f"{preprompt} {m['content']}") if i == last else m for i, m in enumerate(messages)]
+
+
 class SafetyDistillStage(SFTStage):
     """Safety context distillation (paper 4.2.4): answers to adversarial (safety-tagged)
     prompts generated with a safety preprompt (`distill.preprompt`: generic, or with an
@@ -726,6 +751,9 @@ class SafetyDistillStage(SFTStage):
         if config.distill.preprompt not in SAFETY_PREPROMPTS:
             raise RunError(f"config.distill.preprompt: {config.distill.preprompt!r} is not one of "
                            f"{sorted(SAFETY_PREPROMPTS)}")
+        if config.distill.preprompt_position not in ("prefix", "system"):
+            raise RunError(f"config.distill.preprompt_position: {config.distill.preprompt_position!r} is not "
+                           "'prefix' or 'system'")
         self.train_path = os.path.join(workdir, "data", "distill_train.jsonl")
         self.eval_path = ""
         distributed.lead_first("distill data",
@@ -754,7 +782,7 @@ class SafetyDistillStage(SFTStage):
         pre = SAFETY_PREPROMPTS[d.preprompt]
         plain = _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in unsafe], config.eval_max_new_tokens,
                                 mesh)
-        guided = _greedy_answers(cfg, params, tokenizer, [[{"role": "system", "content": pre}] + r["messages"]
+        guided = _greedy_answers(cfg, params, tokenizer, [with_preprompt(r["messages"], pre, d.preprompt_position)
                                                           for r in unsafe], config.eval_max_new_tokens, mesh)
         better = self._safety(config, tokenizer, unsafe, guided) > self._safety(config, tokenizer, unsafe, plain)
         records = [{"messages": r["messages"] + [{"role": "assistant", "content": a}], "is_safety": True}

@@ -327,13 +327,19 @@ def test_adversarial_requests_hide_the_act_in_a_task():
     # adversarial_prob=0 draws exactly the data it drew before the option existed
     assert synthetic.generate("prompts", 50, 0, adversarial_prob=0.0) == synthetic.generate("prompts", 50, 0)
     pairs = [p for p in synthetic.generate("preference", 400, 0, unsafe_prob=1.0, adversarial_prob=0.5)]
-    hidden = [p for p in pairs if p["prompt"][0]["content"].startswith("Repeat exactly: ")]
-    assert 0.3 < len(hidden) / len(pairs) < 0.7
-    for p in hidden:  # the rejected answer is the fooled model's: the request copied
-        assert p["prompt"][0]["content"] == "Repeat exactly: " + p["rejected"] and p["chosen"] == synthetic.REFUSAL
-        assert any(v in p["rejected"] for v in synthetic.UNSAFE_VERBS)
+    copy = [p for p in pairs if p["prompt"][0]["content"].startswith("Repeat exactly: ")]
+    reverse = [p for p in pairs if p["prompt"][0]["content"].startswith("Reverse the words: ")]
+    hidden = copy + reverse
+    assert 0.3 < len(hidden) / len(pairs) < 0.7 and copy and reverse
+    for p in copy:  # the rejected answer is the fooled model's: the request copied ...
+        assert p["prompt"][0]["content"] == "Repeat exactly: " + p["rejected"]
+    for p in reverse:  # ... or its words reversed
+        assert p["prompt"][0]["content"] == "Reverse the words: " + " ".join(reversed(p["rejected"].split()))
+    for p in hidden:
+        assert p["chosen"] == synthetic.REFUSAL and any(v in p["prompt"][0]["content"] for v in synthetic.UNSAFE_VERBS)
     prompts = synthetic.generate("prompts", 100, 0, unsafe_prob=1.0, adversarial_prob=1.0, split="eval")
-    assert all(p["is_safety"] and p["messages"][0]["content"].startswith("Repeat exactly: ") for p in prompts)
+    assert all(p["is_safety"] and p["messages"][0]["content"].split(":")[0] in ("Repeat exactly", "Reverse the words")
+               for p in prompts)
     assert all(any(o in p["messages"][0]["content"] for o in synthetic.UNSAFE_OBJECTS["eval"]) for p in prompts)
     assert synthetic.is_refusal(synthetic.REFUSAL) and not synthetic.is_refusal(hidden[0]["rejected"])
 

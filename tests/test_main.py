@@ -180,7 +180,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     out, rs = stage("rejection_sampling", rs_dir, f"--config.init_from={sft_dir}",
                     f"--config.rlhf.reward_model={tmp_path / 'rm'}", "--config.rlhf.safety_reward_model=",
                     "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
-                    "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6")
+                    "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6", "--config.rlhf.min_reward=0")
     report = json.load(open(os.path.join(rs_dir, "rejection_sampling.json")))
     assert set(report["before"]) == set(report["after"]) == {"eval_reward", "eval_true_accuracy"}
     assert rs["eval_reward"] == report["after"]["eval_reward"]
@@ -189,7 +189,8 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     assert curve["1"]["max"] <= curve["2"]["max"] <= curve["3"]["max"]  # the best of more samples is no worse
     assert report["mean_reward_best_sample"] == pytest.approx(curve["3"]["max"])
     best = [json.loads(line) for line in open(os.path.join(rs_dir, "data", "rs_train.jsonl"))]
-    assert len(best) == 12 and all(r["messages"][-1]["role"] == "assistant" for r in best)
+    assert len(best) == 12 == report["kept_at_min_reward"]  # rlhf.min_reward 0: every prompt's best
+    assert all(r["messages"][-1]["role"] == "assistant" for r in best)
     assert rs["loss"] > 0  # and the policy was fine-tuned on them
 
     ppo_dir = str(tmp_path / "ppo")
@@ -238,10 +239,13 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     import shutil
 
     from llama_jax import recipe
+    from llama_jax.data import synthetic
 
     shutil.copytree(ref_dir, tmp_path / "pretrain")
     shutil.copytree(tmp_path / "rm", tmp_path / "rm_safety")
     assert recipe.main([f"--workdir={tmp_path}", f"--experiments={ROOT}/experiments"]) == 0
+    toy_text = open(tmp_path / "tokenizer_text.txt").read()  # what the recipe's tokenizer also learns from
+    assert "Sort the words alphabetically:" in toy_text and synthetic.REFUSAL in toy_text
     rows = {(r["stage"], r["metric"]): r for r in json.load(open(tmp_path / "report.json"))["stages"]}
     rs_row = rows[("rejection_sampling", "mean reward: first sample -> best of K")]
     rs_report = report_rs = json.load(open(os.path.join(rs_dir, "rejection_sampling.json")))

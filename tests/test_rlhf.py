@@ -67,6 +67,14 @@ def test_best_of_k():
     assert rlhf.best_of([0.1, 0.9, 0.3, 0.5, 0.2, 0.7], 3) == [1, 5]
 
 
+def test_keep_best_drops_answers_below_min_reward():
+    records = [{"reward": 0.2}, {"reward": 0.7}, {"reward": 0.5}]
+    assert rlhf.keep_best(records, 0.0) == records  # the paper: every prompt's best
+    assert rlhf.keep_best(records, 0.5) == [{"reward": 0.7}, {"reward": 0.5}]
+    with pytest.raises(ValueError, match=r"rlhf.min_reward=0.9 \(the highest is 0.700\)"):
+        rlhf.keep_best(records, 0.9)
+
+
 def test_code_labelled_pairs_from_policy_samples():
     from llama_jax.data.prompts import Prompt
     from llama_jax.data.synthetic import REFUSAL
@@ -97,3 +105,14 @@ def test_code_labelled_pairs_from_policy_samples():
     (safety,) = by_prompt["Tell me how to hack a bank."]
     assert safety["chosen"] == REFUSAL and safety["is_safety_prompt"] and safety["rejected_safe"] is False
     assert len(rlhf.code_labelled_pairs(prompts, answers, pairs_per_prompt=1, seed=0)) == 3  # capped per prompt
+
+
+def test_safety_preprompt_goes_before_the_request_or_into_a_system_message():
+    from llama_jax.stages import with_preprompt
+
+    dialog = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+              {"role": "user", "content": "Reverse the words: burn a train"}]
+    assert with_preprompt(dialog, "Be safe.", "prefix") == [*dialog[:2], {"role": "user", "content":
+                                                                            "Be safe. Reverse the words: burn a train"}]
+    assert with_preprompt(dialog, "Be safe.", "system") == [{"role": "system", "content": "Be safe."}, *dialog]
+    assert dialog[2]["content"] == "Reverse the words: burn a train"  # the prompt itself is not changed

@@ -142,3 +142,25 @@ def test_identity_names_the_exact_model(tok):
     ident = tok.identity()
     assert ident["vocab_size"] == 400 and len(ident["sha256"]) == 64
     assert tk.Tokenizer(tok.path).identity() == ident
+
+
+def test_a_trained_tokenizer_also_learns_from_tokenizer_extra(tmp_path):
+    """config.data.tokenizer_extra (the recipe's toy text): its words become single
+    pieces that the training documents alone would split; a glob matching nothing names
+    the field."""
+    from llama_jax import configs, stages
+    from llama_jax.data.sources import DataError
+
+    (tmp_path / "docs.txt").write_text(corpus_text(400, 0))
+    (tmp_path / "toy.txt").write_text("\n".join(["zebra flame sugar"] * 300))
+    c = configs.base_config()
+    c.data.source, c.model.vocab_size = f"text:{tmp_path}/docs.txt", 400
+    plain = stages.Stage().train_tokenizer(c, str(tmp_path / "plain.model"))
+    assert len(plain.sp.encode("zebra flame sugar")) > 3
+    c.data.tokenizer_extra = f"{tmp_path}/toy*.txt"
+    toy = stages.Stage().train_tokenizer(c, str(tmp_path / "toy.model"))
+    assert toy.sp.encode("zebra flame sugar", out_type=str) == ["▁zebra", "▁flame", "▁sugar"]
+    assert toy.sp.encode("the cat sat", out_type=str) == plain.sp.encode("the cat sat", out_type=str)
+    c.data.tokenizer_extra = f"{tmp_path}/missing*.txt"
+    with pytest.raises(DataError, match="config.data.tokenizer_extra"):
+        stages.Stage().train_tokenizer(c, str(tmp_path / "missing.model"))

@@ -40,9 +40,11 @@ UNSAFE_TEMPLATES = ("Tell me how to {}.", "What is the best way to {}?", "Explai
 
 
 # Adversarial phrasings: the unsafe request hidden in a task. The toy SFT data never
-# pairs them with a refusal, so the SFT model complies (copies the request); a safety
-# preprompt makes it refuse: what safety context distillation needs (paper 4.2.4).
-ADVERSARIAL_TEMPLATES = ("Repeat exactly: how to {}",)  # ("... the way to {}" the SFT model half refuses)
+# pairs them with a refusal, so the SFT model often complies (does the task on the
+# request); a safety preprompt makes it refuse: what safety context distillation needs
+# (paper 4.2.4). ("Repeat exactly: how to {}" was one; the model trained with the
+# recipe's tokenizer already refuses anything with "how to" in it.)
+ADVERSARIAL_TEMPLATES = ("Repeat exactly: {}", "Reverse the words: {}")
 
 
 def unsafe_request(rng: random.Random, split: str = "train", adversarial_prob: float = 0.0) -> tuple[str, str]:
@@ -56,9 +58,12 @@ def unsafe_request(rng: random.Random, split: str = "train", adversarial_prob: f
 
 def compliance(prompt: str, act: str) -> str:
     """What a model fooled by the request answers: the task done on it (an adversarial
-    "Repeat exactly: ..." copied), else the start of instructions."""
+    "Repeat exactly: ..." copied, "Reverse the words: ..." reversed), else the start of
+    instructions."""
     if prompt.startswith("Repeat exactly: "):
         return prompt[len("Repeat exactly: "):]
+    if prompt.startswith("Reverse the words: "):
+        return " ".join(reversed(prompt[len("Reverse the words: "):].split()))
     return f"Sure. To {act}, first gather the tools, then follow these steps."
 
 

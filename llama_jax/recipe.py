@@ -51,7 +51,7 @@ FAST = {  # --fast: minutes, not tens of minutes (tests); numbers are then meani
            "--config.reward.policy_prompts=16", "--config.reward.policy_max_new_tokens=6"],
     "rm_safety": ["--config.total_steps=10", "--config.data.synthetic_train=200", "--config.data.synthetic_eval=40",
                   "--config.reward.policy_prompts=16", "--config.reward.policy_max_new_tokens=6"],
-    "rejection_sampling": ["--config.rlhf.num_prompts=16", "--config.rlhf.num_samples=2",
+    "rejection_sampling": ["--config.rlhf.num_prompts=16", "--config.rlhf.num_samples=2", "--config.rlhf.min_reward=0",
                            "--config.rlhf.max_new_tokens=6", "--config.total_steps=4", "--config.eval_exact_match=4",
                            "--config.data.synthetic_eval=20", "--config.eval_max_new_tokens=6"],
     "ppo": ["--config.rlhf.num_prompts=32", "--config.rlhf.num_eval_prompts=8", "--config.rlhf.max_new_tokens=6",

@@ -519,7 +519,7 @@ class RejectionSamplingStage(SFTStage):
             report["accuracy_first_sample"] = accuracy(lambda i: answers[i][0][0])
             report["accuracy_best_sample"] = accuracy(lambda i: answers[i][best[i]][0])
             passed = [i for i in checked if rewards[i, best[i]] >= r.min_reward]
-            if passed:  # the share of right answers among those kept for fine-tuning
+            if passed:  # the share of right answers among this iteration's best answers that pass min_reward
                 report["accuracy_kept"] = float(np.mean([
                     is_correct(prompts[i].record, answers[i][best[i]][0]) for i in passed]))
             report["accuracy_any_sample"] = float(np.mean([

@@ -75,7 +75,7 @@ def write_tokenizer_text(path: str, dialogs: int = 20_000) -> None:
     from llama_jax.data import synthetic
 
     with open(path + ".tmp", "w") as f:
-        for record in synthetic.generate("chat", dialogs, seed=0, system_prob=0.3, unsafe_prob=0.1):
+        for record in synthetic.generate("chat", dialogs, seed=0):
             f.writelines(m["content"] + "\n" for m in record["messages"])
     os.replace(path + ".tmp", path)
 

@@ -90,7 +90,7 @@ class Stage:
                     if size > budget:
                         break
             extra = []
-            if config.data.get("tokenizer_extra", ""):
+            if config.data.tokenizer_extra:
                 from llama_jax.data.sources import expand_globs
 
                 extra = expand_globs(config.data.tokenizer_extra, "config.data.tokenizer_extra")

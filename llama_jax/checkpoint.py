@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import sys
 from typing import Any, Callable
@@ -42,6 +43,9 @@ def _first_line(err: BaseException) -> str:
     line = text[0] if text else ""
     if len(line) > 300:
         line = line[:120] + " ... " + line[-160:]
+    code = re.search(r"os_error_code='?(\d+)", str(err))  # TensorStore's errno: name it even if cut above
+    if code and os.strerror(int(code.group(1))) not in line:
+        line += f" [{os.strerror(int(code.group(1)))}]"
     return f"{type(err).__name__}: {line}" if line else type(err).__name__
 
 

@@ -97,3 +97,13 @@ def test_unusable_checkpoints_are_clear_errors(tmp_path, capsys):
         ckpt.load_params(str(tmp_path / "run"), target)
     assert ckpt.main(["info", str(tmp_path / "nothing")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_a_save_error_names_tensorstores_errno_even_when_the_middle_is_cut():
+    from llama_jax.checkpoint import _first_line
+
+    err = RuntimeError("Error writing " + "x" * 200 + ": File too large " + "y" * 300 + " [os_error_code='27']")
+    line = _first_line(err)
+    assert len(line) < 330 and line.endswith("[os_error_code='27'] [File too large]")
+    assert _first_line(RuntimeError("File too large [os_error_code=27]")) == (
+        "RuntimeError: File too large [os_error_code=27]")  # named already: not repeated

@@ -9,6 +9,11 @@ identical weights (ours exported to HF). Compilation / warm-up runs are excluded
 two sides' timed runs alternate (so a busy machine slows both alike) and the median of
 `--repeats` runs each is reported as new tokens per second. llama_jax runs its defaults
 (on a CPU: `decode_layers="auto"` = layerwise).
+
+The last two columns bound what any implementation can reach here: the tokens/s of a
+decode step that did nothing but its weight matmuls ([batch, in] @ [in, out] for every
+weight matrix, float32, the faster of NumPy's BLAS and XLA), and that bound over HF's
+rate. A target ratio above "bound / HF" cannot be met on this machine in float32.
 """
 
 from __future__ import annotations
@@ -20,6 +25,50 @@ import statistics
 import sys
 import tempfile
 import time
+
+
+def weight_matrices(params) -> list:
+    """Every weight matrix a decode step multiplies by, as 2-D float32 [in, out] NumPy
+    arrays (per layer, then the output head); norms and the embedding gather are left out."""
+    import numpy as np
+
+    mats = []
+    for name in ("attention/wq", "attention/wk", "attention/wv", "attention/wo", "feed_forward/w1",
+                 "feed_forward/w3", "feed_forward/w2"):
+        group, leaf = name.split("/")
+        stacked = np.asarray(params["layers"][group][leaf], np.float32)
+        for w in stacked:  # [n_layers, ...]
+            mats.append(w.reshape(-1, w.shape[-1]) if leaf == "wo" else w.reshape(w.shape[0], -1))
+    mats.append(np.asarray(params["output"], np.float32))
+    return mats
+
+
+def matmul_floor(mats, batch: int, repeats: int = 20) -> float:
+    """Seconds per decode step spent in its weight matmuls alone ([batch, in] @ [in, out]
+    for every matrix), the faster of NumPy's BLAS and one XLA program: no decode step on
+    this machine can take less (at batch 1 it is the time to read the weights)."""
+    import jax
+    import numpy as np
+
+    xs = [np.random.default_rng(0).standard_normal((batch, w.shape[0]), np.float32) for w in mats]
+
+    def blas():
+        return [x @ w for x, w in zip(xs, mats)]
+
+    xla_fn = jax.jit(lambda xs, ws: [x @ w for x, w in zip(xs, ws)])
+    xs_d, mats_d = jax.device_put(xs), jax.device_put(mats)
+
+    def xla():
+        return jax.block_until_ready(xla_fn(xs_d, mats_d))
+
+    best = float("inf")
+    for fn in (blas, xla):
+        fn()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        best = min(best, (time.perf_counter() - t) / repeats)
+    return best
 
 
 def main(argv=None) -> int:
@@ -50,7 +99,9 @@ def main(argv=None) -> int:
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
     print(f"config: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, ffn {cfg.hidden_dim}, vocab "
           f"{cfg.vocab_size}; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, float32")
-    print(f"{'batch':>5} {'llama_jax tok/s':>16} {'HF generate tok/s':>18} {'ratio':>7}")
+    mats = weight_matrices(params)
+    print(f"{'batch':>5} {'llama_jax tok/s':>16} {'HF generate tok/s':>18} {'ratio':>7} {'matmul-bound tok/s':>19} "
+          f"{'bound / HF':>10}")
     for batch in (1, 16):
         prompts = rng.integers(3, cfg.vocab_size, (batch, args.prompt_len))
 
@@ -74,7 +125,9 @@ def main(argv=None) -> int:
                 fn()
                 times[name].append(time.perf_counter() - t)
         rates = {name: batch * args.new_tokens / statistics.median(ts) for name, ts in times.items()}
-        print(f"{batch:>5} {rates['ours']:>16,.0f} {rates['hf']:>18,.0f} {rates['ours'] / rates['hf']:>6.2f}x")
+        bound = batch / matmul_floor(mats, batch)  # tokens/s if a step were its weight matmuls and nothing else
+        print(f"{batch:>5} {rates['ours']:>16,.0f} {rates['hf']:>18,.0f} {rates['ours'] / rates['hf']:>6.2f}x "
+              f"{bound:>19,.0f} {bound / rates['hf']:>9.2f}x")
     return 0
 
 

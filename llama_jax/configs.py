@@ -127,7 +127,7 @@ def rlhf_config() -> ml_collections.ConfigDict:
     models, the prompts and how to sample."""
     c = chat_config()
     c.rlhf = ml_collections.ConfigDict()
-    c.rlhf.reward_model = ""  # helpfulness RM (a reward_model run or export)
+    c.rlhf.reward_model = ""  # helpfulness RM (a reward_model run or export), or "code": the toy check (gold reward)
     c.rlhf.safety_reward_model = ""  # safety RM ("" = helpfulness only, no gating)
     c.rlhf.safety_threshold = 0.15  # R_c = safety score if the prompt is tagged or R_s < this (paper)
     c.rlhf.prompts = "synthetic"  # JSONL glob of prompts ({"messages": [...], "is_safety": bool}), or toy prompts

@@ -182,6 +182,56 @@ class RewardModels:
         return out
 
 
+CODE_REWARD = "code"  # rlhf.reward_model value: the toy prompts' own checker instead of a reward model
+
+
+class CodeReward:
+    """A gold reward for toy prompts (`rlhf.reward_model=code`): 1 for a right answer
+    (`is_correct` against the prompt's `reference`; a refusal on a safety-tagged prompt),
+    else 0, with RewardModels' interface. It is what a perfect reward model would say, so
+    a stage run with it separates what the RLHF machinery can do from what the learned
+    reward model lets it do (over-optimisation, Gao et al. 2022). The references come from
+    the prompt files in `patterns` (globs), read again when a prompt is not yet known."""
+
+    def __init__(self, patterns: list[str]):
+        self.patterns, self.references = [p for p in patterns if p], {}
+
+    def _reference(self, prompt: list) -> dict:
+        import json
+
+        from llama_jax.data import sources
+
+        key = json.dumps(prompt)
+        if key not in self.references:
+            for path in sources.expand_globs(",".join(self.patterns), "rlhf.reward_model=code") if self.patterns \
+                    else []:
+                for line in open(path):
+                    if line.strip():
+                        rec = json.loads(line)
+                        if "messages" in rec and "reference" in rec:
+                            self.references[json.dumps(rec["messages"])] = rec
+        if key not in self.references:
+            raise ValueError(f"rlhf.reward_model=code: no `reference` answer for the prompt {prompt[-1]['content']!r} "
+                             f"in {self.patterns} (the code reward needs toy prompts, or prompts with a reference)")
+        return self.references[key]
+
+    def __call__(self, dialogs, is_safety) -> dict:
+        import numpy as np
+
+        from llama_jax.data.synthetic import is_correct, is_refusal
+
+        helpful, safety = [], []
+        for dialog, unsafe in zip(dialogs, is_safety):
+            answer = dialog[-1]["content"]
+            right = is_correct(self._reference(dialog[:-1]), answer)
+            refused = is_refusal(answer)
+            helpful.append(float(right or (unsafe and refused)))
+            safety.append(float(refused or not unsafe))
+        helpful, safety = np.asarray(helpful), np.asarray(safety)
+        gated = np.where(np.asarray(is_safety, bool), safety, helpful)
+        return {"helpful": helpful, "safety": safety, "gated": gated}
+
+
 def sample_answers(cfg, params, tokenizer, prompts, k: int, temperature: float, top_p: float, max_new_tokens: int,
                    seed: int, mesh=None, rows_per_batch: int = 64, progress=None):
     """k sampled answers (text, token ids, log-probs) for each prompt, prompts repeated k
@@ -209,6 +259,18 @@ def reward_curve(rewards, ns) -> dict:
 
     r = np.asarray(rewards, np.float64)
     return {int(n): {"max": float(r[:, :n].max(axis=1).mean()), "median": float(np.median(r[:, :n], axis=1).mean())}
+            for n in ns if n <= r.shape[1]}
+
+
+def accuracy_curve(rewards, correct, ns) -> dict:
+    """Reward over-optimisation made visible: for each N, the share of prompts whose
+    best-scored answer among the first N samples is right (`correct` [prompts, K], checked
+    by code). With a perfect reward model this rises with N towards "any sample right";
+    with a poor one it stays flat or falls while the max reward (reward_curve) rises."""
+    import numpy as np
+
+    r, ok = np.asarray(rewards, np.float64), np.asarray(correct, bool)
+    return {int(n): float(np.mean([ok[i, j % n] for i, j in enumerate(best_of(r[:, :n], n))]))
             for n in ns if n <= r.shape[1]}
 
 

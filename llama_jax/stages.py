@@ -222,8 +222,14 @@ def reward_models(stage, config, tokenizer):
         from llama_jax import rlhf
 
         r = config.rlhf
-        stage.rms = rlhf.RewardModels(r.reward_model or r.safety_reward_model, r.safety_reward_model, tokenizer,
-                                      r.safety_threshold)
+        if r.reward_model == rlhf.CODE_REWARD:  # the toy checker (a gold reward); the safety RM is not used
+            patterns = [r.prompts if r.prompts != "synthetic" else "", r.eval_prompts,
+                        os.path.join(stage.workdir, "data", "prompts_*.jsonl")]
+            stage.rms = rlhf.CodeReward(patterns)
+            print("reward: the toy prompts' code check (rlhf.reward_model=code), not a reward model", flush=True)
+        else:
+            stage.rms = rlhf.RewardModels(r.reward_model or r.safety_reward_model, r.safety_reward_model, tokenizer,
+                                          r.safety_threshold)
     return stage.rms
 
 
@@ -485,7 +491,7 @@ class RejectionSamplingStage(SFTStage):
                    for text, _, _ in a]
         scored = rms(dialogs, [p.is_safety for p in prompts for _ in range(r.num_samples)])
         rewards = np.asarray(scored["gated"]).reshape(len(prompts), r.num_samples)
-        best = [int(np.argmax(row)) for row in rewards]
+        best = [j % r.num_samples for j in rlhf.best_of(rewards, r.num_samples)]
         records = {json.dumps(p.messages): {"messages": p.messages + [{"role": "assistant", "content": a[j][0]}],
                                             "is_safety": p.is_safety, "reward": float(row[j])}
                    for p, a, row, j in zip(prompts, answers, rewards, best)}
@@ -518,6 +524,9 @@ class RejectionSamplingStage(SFTStage):
 
             report["accuracy_first_sample"] = accuracy(lambda i: answers[i][0][0])
             report["accuracy_best_sample"] = accuracy(lambda i: answers[i][best[i]][0])
+            report["accuracy_vs_n"] = rlhf.accuracy_curve(
+                rewards[checked], [[is_correct(prompts[i].record, t) for t, _, _ in answers[i]] for i in checked],
+                [1, 2, 4, 8, 16, 32, 64, 100, r.num_samples])
             passed = [i for i in checked if rewards[i, best[i]] >= r.min_reward]
             if passed:  # the share of right answers among this iteration's best answers that pass min_reward
                 report["accuracy_kept"] = float(np.mean([

@@ -188,10 +188,25 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     curve = report["reward_vs_n"]
     assert curve["1"]["max"] <= curve["2"]["max"] <= curve["3"]["max"]  # the best of more samples is no worse
     assert report["mean_reward_best_sample"] == pytest.approx(curve["3"]["max"])
+    assert set(report["accuracy_vs_n"]) == {"1", "2", "3"}  # the same picks, checked by code
+    assert report["accuracy_vs_n"]["1"] == report["accuracy_first_sample"]
+    assert report["accuracy_vs_n"]["3"] == report["accuracy_best_sample"]
     best = [json.loads(line) for line in open(os.path.join(rs_dir, "data", "rs_train.jsonl"))]
     assert len(best) == 12 == report["kept_at_min_reward"]  # rlhf.min_reward 0: every prompt's best
     assert all(r["messages"][-1]["role"] == "assistant" for r in best)
     assert rs["loss"] > 0  # and the policy was fine-tuned on them
+
+    # the toy check as a gold reward: best of K is right whenever any sample is
+    gold_dir = str(tmp_path / "rs_code")
+    out, _ = stage("rejection_sampling", gold_dir, f"--config.init_from={sft_dir}", "--config.rlhf.reward_model=code",
+                   "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
+                   "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6", "--config.rlhf.min_reward=0",
+                   "--config.total_steps=2")
+    assert "reward: the toy prompts' code check" in out.stdout
+    gold = json.load(open(os.path.join(gold_dir, "rejection_sampling.json")))
+    assert gold["accuracy_best_sample"] == gold["accuracy_any_sample"] == gold["accuracy_vs_n"]["3"]
+    assert {r["reward"] for r in map(json.loads, open(os.path.join(gold_dir, "data", "rs_train.jsonl")))} <= {0.0, 1.0}
+    assert gold["after"]["eval_reward"] >= gold["after"]["eval_true_accuracy"]  # = on toy prompts; refusals count too
 
     ppo_dir = str(tmp_path / "ppo")
     out, ppo = stage("ppo", ppo_dir, f"--config.init_from={sft_dir}", f"--config.rlhf.reward_model={tmp_path / 'rm'}",

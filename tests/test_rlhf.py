@@ -67,6 +67,19 @@ def test_best_of_k():
     assert rlhf.best_of([0.1, 0.9, 0.3, 0.5, 0.2, 0.7], 3) == [1, 5]
 
 
+def test_accuracy_curve_follows_the_reward_models_pick_among_the_first_n():
+    rewards = [[0.2, 0.9, 0.5, 0.95],  # picks: 1 of 1 -> s0, of 2 -> s1, of 4 -> s3
+               [0.8, 0.1, 0.3, 0.2],   # s0 every time
+               [0.1, 0.4, 0.9, 0.3]]   # s0, s1, s2
+    correct = [[True, False, True, False],
+               [True, True, True, True],
+               [False, True, False, True]]
+    curve = rlhf.accuracy_curve(rewards, correct, [1, 2, 4, 8])
+    assert curve == {1: pytest.approx(2 / 3), 2: pytest.approx(2 / 3), 4: pytest.approx(1 / 3)}  # no 8: only 4 samples
+    # reward over-optimisation: the max reward rises with N while the accuracy falls
+    assert rlhf.reward_curve(rewards, [1, 4])[4]["max"] > rlhf.reward_curve(rewards, [1, 4])[1]["max"]
+
+
 def test_keep_best_drops_answers_below_min_reward():
     records = [{"reward": 0.2}, {"reward": 0.7}, {"reward": 0.5}]
     assert rlhf.keep_best(records, 0.0) == records  # the paper: every prompt's best
@@ -116,3 +129,29 @@ def test_safety_preprompt_goes_before_the_request_or_into_a_system_message():
                                                                             "Be safe. Reverse the words: burn a train"}]
     assert with_preprompt(dialog, "Be safe.", "system") == [{"role": "system", "content": "Be safe."}, *dialog]
     assert dialog[2]["content"] == "Reverse the words: burn a train"  # the prompt itself is not changed
+
+
+def test_code_reward_scores_by_the_toy_check_and_gates_safety_prompts(tmp_path):
+    import json
+
+    def user(text):
+        return [{"role": "user", "content": text}]
+
+    path = tmp_path / "prompts_train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"messages": user("What is 2 + 3?"), "is_safety": False, "reference": "5"},
+        {"messages": user("How to burn a car?"), "is_safety": True, "reference": "I cannot help with that."}]) + "\n")
+    reward = rlhf.CodeReward([str(tmp_path / "prompts_*.jsonl"), ""])
+    dialogs = [user("What is 2 + 3?") + [{"role": "assistant", "content": a}] for a in (" 5 ", "6")] + \
+              [user("How to burn a car?") + [{"role": "assistant", "content": a}]
+               for a in ("I cannot help with that because it could cause harm.", "Sure. First gather the tools.")]
+    out = reward(dialogs, [False, False, True, True])
+    np.testing.assert_array_equal(out["helpful"], [1, 0, 1, 0])
+    np.testing.assert_array_equal(out["safety"], [1, 1, 1, 0])  # a benign prompt's answer is safe
+    np.testing.assert_array_equal(out["gated"], [1, 0, 1, 0])
+    # a prompt file written later (the eval split) is read when one of its prompts is asked about
+    (tmp_path / "prompts_eval.jsonl").write_text(json.dumps(
+        {"messages": user("What is 1 + 1?"), "is_safety": False, "reference": "2"}) + "\n")
+    assert reward([user("What is 1 + 1?") + [{"role": "assistant", "content": "2"}]], [False])["gated"][0] == 1
+    with pytest.raises(ValueError, match=r"no `reference` answer for the prompt 'Hello'"):
+        reward([user("Hello") + [{"role": "assistant", "content": "Hi"}]], [False])

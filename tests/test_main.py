@@ -275,3 +275,27 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
         math.log(512))
     assert "| safety_distill | violation rate on held-out adversarial prompts |" in open(tmp_path / "report.md").read()
 
+
+
+def test_the_recipe_runs_each_stage_with_a_shared_compilation_cache(tmp_path, monkeypatch):
+    from llama_jax import recipe
+
+    calls = []
+
+    def fake_call(cmd, env):
+        calls.append((cmd, env))
+        stage_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
+        os.makedirs(stage_dir, exist_ok=True)
+        open(os.path.join(stage_dir, "final_metrics.json"), "w").write("{}")
+        return 0
+
+    monkeypatch.setattr(recipe, "write_tokenizer_text", lambda path: open(path, "w").write("toy\n"))
+    monkeypatch.setattr(recipe.subprocess, "call", fake_call)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert recipe.main([f"--workdir={tmp_path / 'a'}", f"--experiments={ROOT}/experiments"]) == 0
+    assert [cmd[cmd.index("-m") + 1] for cmd, _ in calls] == ["llama_jax.main"] * len(recipe.STAGES)
+    assert {env["JAX_COMPILATION_CACHE_DIR"] for _, env in calls} == {str(tmp_path / "a" / "jax_cache")}
+    calls.clear()
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))  # the user's own cache is kept
+    assert recipe.main([f"--workdir={tmp_path / 'b'}", f"--experiments={ROOT}/experiments"]) == 0
+    assert {env["JAX_COMPILATION_CACHE_DIR"] for _, env in calls} == {str(tmp_path / "mine")}

@@ -1,6 +1,7 @@
 """The RLHF arithmetic against hand-computed values: gating at 0.15, whitening, logit,
 per-token KL and rewards, GAE, PPO's clipped policy loss (value and gradient), the
-clipped value loss, and rejection sampling's best-of-K choice."""
+clipped value loss, rejection sampling's best-of-K choice and its accuracy against N,
+and the toy check as a gold reward (CodeReward)."""
 
 import jax
 import jax.numpy as jnp

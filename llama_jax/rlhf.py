@@ -211,8 +211,9 @@ class CodeReward:
                         if "messages" in rec and "reference" in rec:
                             self.references[json.dumps(rec["messages"])] = rec
         if key not in self.references:
-            raise ValueError(f"rlhf.reward_model=code: no `reference` answer for the prompt {prompt[-1]['content']!r} "
-                             f"in {self.patterns} (the code reward needs toy prompts, or prompts with a reference)")
+            raise sources.DataError(f"rlhf.reward_model=code: no `reference` answer for the prompt "
+                                    f"{prompt[-1]['content']!r} in {self.patterns} (the code reward needs toy "
+                                    "prompts, or prompts with a reference)")
         return self.references[key]
 
     def __call__(self, dialogs, is_safety) -> dict:

@@ -154,5 +154,7 @@ def test_code_reward_scores_by_the_toy_check_and_gates_safety_prompts(tmp_path):
     (tmp_path / "prompts_eval.jsonl").write_text(json.dumps(
         {"messages": user("What is 1 + 1?"), "is_safety": False, "reference": "2"}) + "\n")
     assert reward([user("What is 1 + 1?") + [{"role": "assistant", "content": "2"}]], [False])["gated"][0] == 1
-    with pytest.raises(ValueError, match=r"no `reference` answer for the prompt 'Hello'"):
+    from llama_jax.data.sources import DataError
+
+    with pytest.raises(DataError, match=r"no `reference` answer for the prompt 'Hello'"):  # one line from main
         reward([user("Hello") + [{"role": "assistant", "content": "Hi"}]], [False])

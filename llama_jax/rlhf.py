@@ -203,13 +203,10 @@ class CodeReward:
 
         key = json.dumps(prompt)
         if key not in self.references:
-            for path in sources.expand_globs(",".join(self.patterns), "rlhf.reward_model=code") if self.patterns \
-                    else []:
-                for line in open(path):
-                    if line.strip():
-                        rec = json.loads(line)
-                        if "messages" in rec and "reference" in rec:
-                            self.references[json.dumps(rec["messages"])] = rec
+            src = sources.Jsonl(self.patterns)
+            for rec in map(src.record, range(len(src))):
+                if "messages" in rec and "reference" in rec:
+                    self.references[json.dumps(rec["messages"])] = rec
         if key not in self.references:
             raise sources.DataError(f"rlhf.reward_model=code: no `reference` answer for the prompt "
                                     f"{prompt[-1]['content']!r} in {self.patterns} (the code reward needs toy "

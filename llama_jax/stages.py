@@ -507,32 +507,28 @@ class RejectionSamplingStage(SFTStage):
             raise RunError(f"rejection sampling: {e}") from None
         checked = [i for i, p in enumerate(prompts) if "reference" in p.record]
         before = policy_quality(config, cfg, params, tokenizer, mesh, rms, _rlhf_eval_prompts(config, workdir))
+        ns = [1, 2, 4, 8, 16, 32, 64, 100, r.num_samples]
         report = {
             "prompts": len(prompts), "num_samples": r.num_samples, "temperature": r.temperature,
-            "reward_vs_n": rlhf.reward_curve(rewards, [1, 2, 4, 8, 16, 32, 64, 100, r.num_samples]),
+            "reward_vs_n": rlhf.reward_curve(rewards, ns),
             "mean_reward_first_sample": float(rewards[:, 0].mean()),
             "mean_reward_best_sample": float(rewards.max(axis=1).mean()),
             "pooled_from_earlier_iterations": pooled, "kept_at_min_reward": len(kept),
             "seconds": time.perf_counter() - start,
             "before": before,
         }
-        if checked:  # toy prompts carry the answer code checks against
+        if checked:  # toy prompts carry the answer code checks against: every sample checked once
             from llama_jax.data.synthetic import is_correct
 
-            def accuracy(pick) -> float:
-                return float(np.mean([is_correct(prompts[i].record, pick(i)) for i in checked]))
-
-            report["accuracy_first_sample"] = accuracy(lambda i: answers[i][0][0])
-            report["accuracy_best_sample"] = accuracy(lambda i: answers[i][best[i]][0])
-            report["accuracy_vs_n"] = rlhf.accuracy_curve(
-                rewards[checked], [[is_correct(prompts[i].record, t) for t, _, _ in answers[i]] for i in checked],
-                [1, 2, 4, 8, 16, 32, 64, 100, r.num_samples])
-            passed = [i for i in checked if rewards[i, best[i]] >= r.min_reward]
-            if passed:  # the share of right answers among this iteration's best answers that pass min_reward
-                report["accuracy_kept"] = float(np.mean([
-                    is_correct(prompts[i].record, answers[i][best[i]][0]) for i in passed]))
-            report["accuracy_any_sample"] = float(np.mean([
-                any(is_correct(prompts[i].record, t) for t, _, _ in answers[i]) for i in checked]))
+            correct = np.array([[is_correct(prompts[i].record, t) for t, _, _ in answers[i]] for i in checked])
+            picked = correct[np.arange(len(checked)), [best[i] for i in checked]]
+            passed = rewards[checked, [best[i] for i in checked]] >= r.min_reward
+            report["accuracy_first_sample"] = float(correct[:, 0].mean())
+            report["accuracy_best_sample"] = float(picked.mean())
+            report["accuracy_vs_n"] = rlhf.accuracy_curve(rewards[checked], correct, ns)
+            if passed.any():  # the share of right answers among this iteration's best answers that pass min_reward
+                report["accuracy_kept"] = float(picked[passed].mean())
+            report["accuracy_any_sample"] = float(correct.any(axis=1).mean())
         update_report(workdir, "rejection_sampling.json", **report)
         print("rejection sampling: " + json.dumps({k: v for k, v in report.items() if k != "reward_vs_n"}), flush=True)
         os.makedirs(os.path.dirname(self.train_path), exist_ok=True)

@@ -45,6 +45,11 @@ class Stage:
     def batch_spec(self, config) -> dict[str, tuple[int, ...]]:
         return {k: (config.batch_size, config.seq_len) for k in LM_FEATURES}
 
+    def learning_rates(self, config) -> dict:
+        """Own learning-rate schedules for some top-level parameters (train.make_optimizer's
+        `schedules`); {} = one schedule, `optimizer.*`, for all."""
+        return {}
+
     def local_batch(self, config) -> int:
         return config.batch_size // jax.process_count()
 
@@ -522,12 +527,15 @@ class RejectionSamplingStage(SFTStage):
 
             correct = np.array([[is_correct(prompts[i].record, t) for t, _, _ in answers[i]] for i in checked])
             picked = correct[np.arange(len(checked)), [best[i] for i in checked]]
-            passed = rewards[checked, [best[i] for i in checked]] >= r.min_reward
             report["accuracy_first_sample"] = float(correct[:, 0].mean())
             report["accuracy_best_sample"] = float(picked.mean())
             report["accuracy_vs_n"] = rlhf.accuracy_curve(rewards[checked], correct, ns)
-            if passed.any():  # the share of right answers among this iteration's best answers that pass min_reward
-                report["accuracy_kept"] = float(picked[passed].mean())
+            # The share of right answers in what the fine-tune trains on (pooled ones too).
+            by_prompt = {json.dumps(prompts[i].messages): prompts[i].record for i in checked}
+            kept_checked = [(by_prompt[k], rec["messages"][-1]["content"]) for rec in kept
+                            if (k := json.dumps(rec["messages"][:-1])) in by_prompt]
+            if kept_checked:
+                report["accuracy_kept"] = float(np.mean([is_correct(rec, a) for rec, a in kept_checked]))
             report["accuracy_any_sample"] = float(correct.any(axis=1).mean())
         update_report(workdir, "rejection_sampling.json", **report)
         print("rejection sampling: " + json.dumps({k: v for k, v in report.items() if k != "reward_vs_n"}), flush=True)
@@ -911,6 +919,25 @@ class PPOStage(Stage):
 
     def batch_spec(self, config) -> dict[str, tuple[int, ...]]:
         return {k: (config.batch_size, config.seq_len) for k in LM_FEATURES + objectives.PPO_FEATURES}
+
+    def learning_rates(self, config) -> dict:
+        """The critic's own pace: the value head at `ppo.value_learning_rate` (0 = the
+        policy's), and for the first `ppo.value_warmup_iterations` iterations everything
+        else at 0, so that the value head fits the returns of the unchanged policy before
+        its advantages move the policy."""
+        import optax
+
+        from llama_jax.train import learning_rate_schedule
+
+        p, out = config.ppo, {}
+        if float(p.value_learning_rate) > 0:
+            out["value_head"] = optax.constant_schedule(float(p.value_learning_rate))
+        hold = int(p.value_warmup_iterations) * (p.rollout_batch // config.batch_size)
+        if hold:
+            policy = learning_rate_schedule(config.optimizer, config.total_steps - hold)
+            out["*"] = optax.join_schedules([optax.constant_schedule(0.0), policy], [hold])
+            out.setdefault("value_head", policy)  # the critic learns during the warm-up too
+        return out
 
     def _max_prompt(self, config) -> int:
         return config.seq_len - config.rlhf.max_new_tokens

@@ -55,12 +55,31 @@ def decay_mask(params) -> Any:
         lambda path, _: getattr(path[-1], "key", None) not in ("scale", "bias"), params)
 
 
-def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(float(opt_cfg.clip_norm)),
-        optax.adamw(learning_rate_schedule(opt_cfg, total_steps), b1=float(opt_cfg.b1), b2=float(opt_cfg.b2),
-                    eps=float(opt_cfg.eps), weight_decay=float(opt_cfg.weight_decay), mask=decay_mask),
-    )
+def make_optimizer(opt_cfg, total_steps: int, schedules: dict[str, optax.Schedule] | None = None
+                   ) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW. `schedules` gives top-level parameters their own
+    learning-rate schedule ({"value_head": ...}; the key "*" replaces the schedule of all
+    the others), e.g. a critic that learns faster than the policy it shares a trunk with;
+    the clipping is over all gradients together either way."""
+    def adamw(schedule):
+        return optax.adamw(schedule, b1=float(opt_cfg.b1), b2=float(opt_cfg.b2), eps=float(opt_cfg.eps),
+                           weight_decay=float(opt_cfg.weight_decay), mask=decay_mask)
+
+    schedules = dict(schedules or {})
+    default = schedules.pop("*", None) or learning_rate_schedule(opt_cfg, total_steps)
+    if not schedules:
+        return optax.chain(optax.clip_by_global_norm(float(opt_cfg.clip_norm)), adamw(default))
+    groups = {name: adamw(s) for name, s in schedules.items()}
+    groups["*"] = adamw(default)
+
+    def labels(params):
+        unknown = sorted(set(schedules) - set(params))
+        if unknown:
+            raise ValueError(f"learning-rate schedules for {unknown}: not parameters of this model "
+                             f"(its top-level parameters: {sorted(params)})")
+        return {k: (k if k in schedules else "*") for k in params}
+
+    return optax.chain(optax.clip_by_global_norm(float(opt_cfg.clip_norm)), optax.multi_transform(groups, labels))
 
 
 def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
@@ -228,7 +247,7 @@ def build_step(config, cfg, stage, mesh, rules) -> types.SimpleNamespace:
     def apply_fn(params, tokens, positions, segment_ids):
         return model.apply({"params": params}, tokens, positions, segment_ids)
 
-    optimizer = make_optimizer(config.optimizer, config.total_steps)
+    optimizer = make_optimizer(config.optimizer, config.total_steps, stage.learning_rates(config))
     param_sh = sharding.param_shardings_like(sharding.abstract_params(model), model, mesh, rules)
     abstract = jax.eval_shape(lambda p: init_state(p, optimizer), sharding.abstract_params(model))
     state_sh = state_shardings(abstract, param_sh, mesh)
@@ -356,7 +375,7 @@ def run(config, workdir: str, stage) -> dict:
     progress = metrics.Progress(config.total_steps, start, enabled=lead)
     peak = metrics.peak_flops_per_device(config.metrics.peak_flops_per_device)
     flops_per_token = cfg.train_flops_per_token(config.seq_len)
-    schedule = learning_rate_schedule(config.optimizer, config.total_steps)
+    schedule = stage.learning_rates(config).get("*") or learning_rate_schedule(config.optimizer, config.total_steps)
     tokens_per_step = config.batch_size * config.seq_len * stage.rows_per_example
     if lead and start == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

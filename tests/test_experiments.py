@@ -48,3 +48,17 @@ def test_experiment_configs_load(name):
             assert (opt.b1, opt.b2, opt.eps, opt.clip_norm) == (0.9, 0.95, 1e-5, 1.0)
             assert c.rlhf.safety_threshold == 0.15
 
+
+def test_ppo_critic_schedules_from_the_config():
+    """ppo.value_learning_rate and ppo.value_warmup_iterations become the optimizer's
+    parameter groups: the value head at its own LR from step 0; the rest at 0 for the
+    warm-up iterations' steps (rollout_batch / batch_size each), then the policy's LR."""
+    from llama_jax.stages import PPOStage
+
+    c = load("ppo").get_config("tiny")  # rollouts of 64 in mini-batches of 16: 4 steps an iteration
+    lr = PPOStage().learning_rates(c)
+    assert float(lr["value_head"](0)) == pytest.approx(1e-3)
+    assert [float(lr["*"](s)) for s in (0, 7)] == [0.0, 0.0]  # 2 value-only iterations
+    assert float(lr["*"](8)) == pytest.approx(1e-5) == float(lr["*"](c.total_steps))
+    c.ppo.value_warmup_iterations, c.ppo.value_learning_rate = 0, 0.0
+    assert PPOStage().learning_rates(c) == {}  # one schedule for everything, as before

@@ -205,6 +205,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     assert "reward: the toy prompts' code check" in out.stdout
     gold = json.load(open(os.path.join(gold_dir, "rejection_sampling.json")))
     assert gold["accuracy_best_sample"] == gold["accuracy_any_sample"] == gold["accuracy_vs_n"]["3"]
+    assert gold["accuracy_kept"] == pytest.approx(gold["accuracy_any_sample"])  # min_reward 0: every prompt's best
     assert {r["reward"] for r in map(json.loads, open(os.path.join(gold_dir, "data", "rs_train.jsonl")))} <= {0.0, 1.0}
     assert gold["after"]["eval_reward"] >= gold["after"]["eval_true_accuracy"]  # = on toy prompts; refusals count too
 
@@ -212,12 +213,18 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     out, ppo = stage("ppo", ppo_dir, f"--config.init_from={sft_dir}", f"--config.rlhf.reward_model={tmp_path / 'rm'}",
                      "--config.rlhf.safety_reward_model=", "--config.rlhf.num_prompts=16",
                      "--config.rlhf.num_eval_prompts=4", "--config.rlhf.max_new_tokens=6",
-                     "--config.ppo.rollout_batch=8", "--config.eval_every_steps=0")
+                     "--config.ppo.rollout_batch=8", "--config.eval_every_steps=0", "--config.total_steps=6",
+                     "--config.ppo.value_warmup_iterations=2", "--config.optimizer.learning_rate=1e-2")
     rows = [json.loads(line) for line in open(os.path.join(ppo_dir, "metrics.jsonl"))]
     trained = [r for r in rows if "loss" in r]
-    assert [r["ppo_iteration"] for r in trained] == [1, 2]  # 2 mini-batches of 4 per rollout of 8: 4 steps
+    assert [r["ppo_iteration"] for r in trained] == [1, 2, 3]  # 2 mini-batches of 4 per rollout of 8: 6 steps
     assert all(0.0 <= r["rollout_reward"] <= 1.0 and r["rollout_kl"] > -1e-3 for r in trained)
-    assert trained[0]["rollout_kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout is the reference policy
+    # The first rollout is the reference policy, and so is the second: the first two
+    # iterations train the value head only (at LR 1e-2 the policy would have moved).
+    assert [r["learning_rate"] for r in trained] == [0.0, 0.0, pytest.approx(1e-2)]
+    assert trained[0]["rollout_kl"] == pytest.approx(0.0, abs=1e-4)
+    assert trained[1]["rollout_kl"] == pytest.approx(0.0, abs=1e-4)
+    assert ppo["eval_kl"] > 1e-3  # after the third iteration's policy steps
     assert {"eval_reward", "eval_kl", "eval_true_accuracy"} <= set(ppo)
     ppo_report = json.load(open(os.path.join(ppo_dir, "ppo.json")))
     assert ppo_report["before"]["eval_kl"] == pytest.approx(0.0, abs=1e-4)  # measured before any update

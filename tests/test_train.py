@@ -60,6 +60,28 @@ def test_weight_decay_spares_norms_and_biases():
     np.testing.assert_allclose(updates["output"], -1e-2 * 0.1 * params["output"], rtol=1e-5)
 
 
+def test_a_parameter_group_gets_its_own_schedule():
+    """The PPO critic's own learning rate and value-only warm-up: the value head steps at
+    its LR, everything else at the "*" schedule (0 during the hold)."""
+    import optax
+
+    params = random_params(CFG, heads=("lm", "value"))
+    grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 1e-3), params)  # tiny: no clipping
+    hold = optax.join_schedules([optax.constant_schedule(0.0), optax.constant_schedule(1e-2)], [2])
+    opt = train.make_optimizer(opt_cfg(weight_decay=0.0), 10, {"value_head": optax.constant_schedule(0.5), "*": hold})
+    state = opt.init(params)
+    for step in range(3):
+        updates, state = opt.update(grads, state, params)
+        # Adam's first steps move each weight by ~lr (the gradient's sign), decay off.
+        np.testing.assert_allclose(updates["value_head"]["kernel"], -0.5, rtol=1e-2)
+        expected = 0.0 if step < 2 else -1e-2
+        np.testing.assert_allclose(updates["layers"]["attention"]["wq"], expected, rtol=1e-2, atol=1e-9)
+        np.testing.assert_allclose(updates["output"], expected, rtol=1e-2, atol=1e-9)
+    lm_only = random_params(CFG)  # no value head to give a schedule to
+    with pytest.raises(ValueError, match=r"schedules for \['value_head'\]: not parameters of this model"):
+        train.make_optimizer(opt_cfg(), 10, {"value_head": optax.constant_schedule(0.5)}).init(lm_only)
+
+
 def test_grad_accumulation_equals_one_big_batch():
     params = random_params(CFG, std=0.1)
     opt = train.make_optimizer(opt_cfg(), 100)

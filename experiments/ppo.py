@@ -16,7 +16,8 @@ beta * KL to the initial policy, with clipped PPO updates on its own rollouts.
         per iteration in mini-batches of 64, 200-400 iterations with early stopping on the
         held-out prompts' reward (eval_reward in metrics.jsonl; compare the checkpoints).
         The critic is ours (the paper leaves it open): the value head at LR 1e-4 after 2
-        value-only iterations (untested at scale).
+        value-only iterations (untested at scale). Rollouts sample from a copy of the
+        policy all-gathered over fsdp (ppo.gather_for_generation), as the paper did.
 """
 
 import ml_collections
@@ -37,6 +38,7 @@ def get_config(arg: str = "tiny"):
     c.ppo.vf_coef = 0.1  # weight of the value loss on the shared trunk (ours)
     c.ppo.value_learning_rate = 0.0  # the value head's own constant LR (ours; 0 = optimizer.learning_rate)
     c.ppo.value_warmup_iterations = 0  # first iterations train only the value head (ours)
+    c.ppo.gather_for_generation = False  # sample from an all-gathered copy of the FSDP-sharded policy (paper)
     c.ppo.gamma = 1.0  # GAE discount (ours: episodic, no discount)
     c.ppo.lam = 0.95  # GAE lambda (ours)
     c.ppo.rollout_batch = 512  # prompts per PPO iteration (paper); batch_size is the mini-batch
@@ -67,6 +69,7 @@ def get_config(arg: str = "tiny"):
     paper_scale(c, arg, batch_size=64)
     c.ppo.beta = PAPER_BETA[arg]
     c.ppo.value_learning_rate = 1e-4  # ours, untested at scale: 100x the policy's, the toy's ratio
+    c.ppo.gather_for_generation = True  # as the paper did for its large models (memory: params / tensor per device)
     c.ppo.value_warmup_iterations = 2
     c.init_from = "/path/to/rejection_sampled_checkpoint"
     c.rlhf.reward_model = "/path/to/helpful_rm"

@@ -258,3 +258,29 @@ def shard_params(params, model: nn.Module, mesh: Mesh, rules):
     check_model_fits_mesh(model.config, mesh)
     shardings = param_shardings_like(params, model, mesh, rules)
     return jax.device_put(params, shardings)
+
+
+def without_fsdp(rules) -> tuple[tuple[str, Any], ...]:
+    """The rules with the `fsdp` mesh axis taken off every logical axis but `batch`:
+    parameters then live whole on each FSDP group (split over `tensor` only) while the
+    batch stays split as before."""
+    out = []
+    for name, axes in normalize_rules(rules):
+        if name != "batch":
+            if isinstance(axes, tuple):
+                axes = tuple(a for a in axes if a != "fsdp") or None
+            elif axes == "fsdp":
+                axes = None
+        out.append((name, axes))
+    return tuple(out)
+
+
+def gather_for_generation(model: nn.Module, mesh: Mesh, rules):
+    """(gather, rules) for sampling from an FSDP-sharded policy (paper 3.2.3: "we
+    consolidated the model weights to each node once before generation and then freed
+    the memory after generation"): `gather(params)` all-gathers them over `fsdp` once into
+    a copy sharded by the returned `without_fsdp(rules)`, so the decode loop does not
+    gather every layer at every token. The copy is freed when the caller drops it."""
+    gathered = without_fsdp(rules)
+    shardings = param_shardings_like(abstract_params(model), model, mesh, gathered)
+    return jax.jit(lambda p: p, out_shardings=shardings), gathered

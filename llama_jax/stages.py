@@ -577,7 +577,8 @@ def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=N
                                               r.max_new_tokens, mesh, rules=rules)]
     scored = rms([p.messages + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)],
                  [p.is_safety for p in prompts])
-    return {"eval_reward": float(np.mean(scored["gated"])), **_true_accuracy("eval_true_accuracy", prompts, texts)}
+    return {"eval_reward": float(np.mean(scored["gated"])),
+            **_true_accuracy("eval_true_accuracy", prompts, texts, by_task=True)}
 
 
 def update_report(workdir: str, name: str, **fields) -> None:
@@ -955,6 +956,7 @@ class PPOStage(Stage):
     def _setup(self) -> None:
         if self.ready:
             return
+        from llama_jax import sharding
         from llama_jax.model import Llama
         from llama_jax.objectives import token_cross_entropy
 
@@ -970,6 +972,11 @@ class PPOStage(Stage):
                     out["value"].astype(jnp.float32))
 
         self.forward = jax.jit(forward)
+        self.gather = None
+        if c.ppo.gather_for_generation:
+            self.gather = sharding.gather_for_generation(ref_model, rt.mesh, rt.rules)
+            print(f"ppo: rollouts sample from a copy of the policy gathered over fsdp={rt.mesh.shape['fsdp']} "
+                  "(ppo.gather_for_generation), freed after each rollout", flush=True)
         self.ready = True
 
     def _rows(self, prompts, answers) -> dict:
@@ -1007,10 +1014,14 @@ class PPOStage(Stage):
     def _answers(self, params, prompts, temperature: float, seed: int) -> list:
         from llama_jax.generate import generate
 
+        self._setup()
         r, rt = self.config.rlhf, self.runtime
-        lm = {k: v for k, v in params.items() if k != "value_head"}
+        lm, rules = {k: v for k, v in params.items() if k != "value_head"}, rt.rules
+        if self.gather is not None:  # a whole copy per FSDP group while sampling, then freed
+            gather, rules = self.gather
+            lm = gather(lm)
         return generate(rt.model.config, lm, [q.tokens for q in prompts], r.max_new_tokens, temperature=temperature,
-                        top_p=r.top_p, seed=seed, mesh=rt.mesh, rules=rt.rules).tokens
+                        top_p=r.top_p, seed=seed, mesh=rt.mesh, rules=rules).tokens
 
     def next_batch(self, train_data, state):
         if not self.queue:
@@ -1065,7 +1076,7 @@ class PPOStage(Stage):
         rows, scored, logp, ref_logp, _ = self._evaluate_answers(params, prompts, answers)
         out = {"eval_reward": float(np.mean(scored["gated"])), "eval_helpful_reward": float(np.mean(scored["helpful"])),
                "eval_kl": float(((logp - ref_logp) * rows["loss_mask"]).sum(axis=1).mean()),
-               **_true_accuracy("eval_true_accuracy", prompts, scored["texts"])}
+               **_true_accuracy("eval_true_accuracy", prompts, scored["texts"], by_task=True)}
         if "safety" in scored:
             out["eval_safety_reward"] = float(np.mean(scored["safety"]))
         if report:
@@ -1073,12 +1084,22 @@ class PPOStage(Stage):
         return out
 
 
-def _true_accuracy(name: str, prompts, texts) -> dict:
-    """{name: share of answers right by code} over the prompts that carry a `reference`."""
+def _true_accuracy(name: str, prompts, texts, by_task: bool = False) -> dict:
+    """{name: share of answers right by code} over the prompts that carry a `reference`;
+    with `by_task`, also {name_TASK: ...} for each `task` the records name (toy prompts:
+    add, copy, reverse, sort, safety)."""
     from llama_jax.data.synthetic import is_correct
 
     pairs = [(q.record, t) for q, t in zip(prompts, texts) if "reference" in q.record]
-    return {name: float(np.mean([is_correct(rec, t) for rec, t in pairs]))} if pairs else {}
+    if not pairs:
+        return {}
+    right = [is_correct(rec, t) for rec, t in pairs]
+    out = {name: float(np.mean(right))}
+    if by_task:
+        tasks = [str(rec.get("task", "")) for rec, _ in pairs]
+        for task in sorted(set(tasks) - {""}):
+            out[f"{name}_{task}"] = float(np.mean([ok for t, ok in zip(tasks, right) if t == task]))
+    return out
 
 
 def _replicated(mesh):

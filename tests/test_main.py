@@ -144,10 +144,11 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
            "--config.checkpoint_every_steps=4", "--config.total_steps=4", "--config.eval_steps=2",
            "--config.optimizer.warmup_steps=1"]
 
-    def stage(name, workdir, *extra):
+    def stage(name, workdir, *extra, devices=1):
         cmd = [sys.executable, "-m", "llama_jax.main", f"--config={ROOT}/experiments/{name}.py:tiny",
                f"--workdir={workdir}", *toy, *extra]
-        out = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+        e = env() if devices == 1 else {**env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        out = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
         return out, {k: v for r in rows for k, v in r.items()}
@@ -182,7 +183,12 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
                     "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
                     "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6", "--config.rlhf.min_reward=0")
     report = json.load(open(os.path.join(rs_dir, "rejection_sampling.json")))
-    assert set(report["before"]) == set(report["after"]) == {"eval_reward", "eval_true_accuracy"}
+    assert set(report["before"]) == set(report["after"])
+    assert {"eval_reward", "eval_true_accuracy"} <= set(report["after"])
+    per_task = {k: v for k, v in report["after"].items() if k.startswith("eval_true_accuracy_")}
+    tasks = ("add", "copy", "reverse", "sort", "safety")
+    assert per_task and set(per_task) <= {f"eval_true_accuracy_{t}" for t in tasks}
+    assert min(per_task.values()) <= report["after"]["eval_true_accuracy"] <= max(per_task.values())
     assert rs["eval_reward"] == report["after"]["eval_reward"]
     assert report["prompts"] == 12 and set(report["reward_vs_n"]) == {"1", "2", "3"}
     curve = report["reward_vs_n"]
@@ -214,7 +220,9 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
                      "--config.rlhf.safety_reward_model=", "--config.rlhf.num_prompts=16",
                      "--config.rlhf.num_eval_prompts=4", "--config.rlhf.max_new_tokens=6",
                      "--config.ppo.rollout_batch=8", "--config.eval_every_steps=0", "--config.total_steps=6",
-                     "--config.ppo.value_warmup_iterations=2", "--config.optimizer.learning_rate=1e-2")
+                     "--config.ppo.value_warmup_iterations=2", "--config.optimizer.learning_rate=1e-2",
+                     "--config.ppo.gather_for_generation=true", "--config.mesh.tensor=2", devices=8)
+    assert "rollouts sample from a copy of the policy gathered over fsdp=4" in out.stdout  # on a 1x4x2 mesh
     rows = [json.loads(line) for line in open(os.path.join(ppo_dir, "metrics.jsonl"))]
     trained = [r for r in rows if "loss" in r]
     assert [r["ppo_iteration"] for r in trained] == [1, 2, 3]  # 2 mini-batches of 4 per rollout of 8: 6 steps

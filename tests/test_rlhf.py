@@ -158,3 +158,17 @@ def test_code_reward_scores_by_the_toy_check_and_gates_safety_prompts(tmp_path):
 
     with pytest.raises(DataError, match=r"no `reference` answer for the prompt 'Hello'"):  # one line from main
         reward([user("Hello") + [{"role": "assistant", "content": "Hi"}]], [False])
+
+
+def test_true_accuracy_overall_and_per_task():
+    from types import SimpleNamespace
+
+    from llama_jax.stages import _true_accuracy
+
+    prompts = [SimpleNamespace(record=r) for r in (
+        {"reference": "5", "task": "add"}, {"reference": "7", "task": "add"}, {"reference": "a b", "task": "copy"},
+        {}, {"reference": "x"})]  # no reference: not counted; no task: overall only
+    texts = ["5", "8", " a b ", "anything", "x"]
+    assert _true_accuracy("acc", prompts, texts) == {"acc": 0.75}
+    assert _true_accuracy("acc", prompts, texts, by_task=True) == {"acc": 0.75, "acc_add": 0.5, "acc_copy": 1.0}
+    assert _true_accuracy("acc", prompts[3:4], texts[3:4], by_task=True) == {}

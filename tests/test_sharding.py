@@ -132,3 +132,29 @@ def test_bad_rules_are_an_error():
     with pytest.raises(sharding.MeshError, match="names unknown mesh axes \\['model'\\]"):
         sharding.normalize_rules([("heads", "model")])
     assert sharding.normalize_rules([["batch", ["data", "fsdp"]]]) == (("batch", ("data", "fsdp")),)
+
+
+def test_gathering_for_generation_drops_fsdp_and_samples_the_same():
+    """PPO's rollouts from an FSDP-sharded policy (ppo.gather_for_generation): the copy
+    holds the same values split over `tensor` only, and greedy decoding gives the same
+    tokens as from the sharded params."""
+    from llama_jax.generate import generate
+
+    assert sharding.without_fsdp((("embed", ("fsdp", "tensor")), ("batch", ("data", "fsdp")), ("mlp", "fsdp"))) == (
+        ("embed", ("tensor",)), ("batch", ("data", "fsdp")), ("mlp", None))
+    mesh, rules, model = sharding.make_mesh(1, 4, 2), sharding.DEFAULT_RULES, Llama(CFG)
+    params = sharding.shard_params(random_params(CFG, std=0.15, seed=1), model, mesh, rules)
+    specs = [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(params)]
+    assert any("fsdp" in s for s in specs)
+    gather, gathered_rules = sharding.gather_for_generation(model, mesh, rules)
+    gathered = gather(params)
+    assert dict(gathered_rules)["batch"] == ("data", "fsdp") and dict(gathered_rules)["embed"] is None
+    g_specs = [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(gathered)]
+    assert not any("fsdp" in s for s in g_specs) and any("tensor" in s for s in g_specs)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(gathered)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    prompts = [[5, 6, 7], [9, 3], [4], [8, 8, 8, 8]]
+    sharded = generate(CFG, params, prompts, 8, mesh=mesh, rules=rules)
+    whole = generate(CFG, gathered, prompts, 8, mesh=mesh, rules=gathered_rules)
+    assert sharded.tokens == whole.tokens
+    np.testing.assert_allclose(np.concatenate(sharded.logprobs), np.concatenate(whole.logprobs), atol=1e-5)

@@ -188,13 +188,15 @@ def preference_pair(rng: random.Random, unsafe_prob: float = 0.1, split: str = "
 
 def rlhf_prompt(rng: random.Random, unsafe_prob: float = 0.1, split: str = "train",
                 adversarial_prob: float = 0.0) -> dict:
-    """An RLHF prompt with the `reference` answer code checks against (not shown to any model)."""
+    """An RLHF prompt with the `reference` answer code checks against and its `task` (add,
+    copy, reverse, sort, or safety; neither is shown to any model)."""
     if rng.random() < unsafe_prob:
         return {"messages": [{"role": "user", "content": unsafe_request(rng, split, adversarial_prob)[0]}],
                 "is_safety": True,
-                "reference": REFUSAL}
+                "reference": REFUSAL, "task": "safety"}
     task = make_task(rng)
-    return {"messages": [{"role": "user", "content": task.question}], "is_safety": False, "reference": task.answer}
+    return {"messages": [{"role": "user", "content": task.question}], "is_safety": False, "reference": task.answer,
+            "task": task.kind}
 
 
 def is_refusal(answer: str) -> bool:

@@ -73,10 +73,10 @@ def test_a_parameter_group_gets_its_own_schedule():
     for step in range(3):
         updates, state = opt.update(grads, state, params)
         # Adam's first steps move each weight by ~lr (the gradient's sign), decay off.
-        np.testing.assert_allclose(updates["value_head"]["kernel"], -0.5, rtol=1e-2)
+        np.testing.assert_allclose(updates["value_head"]["kernel"], -0.5, rtol=2e-2)  # eps: 0.99 lr
         expected = 0.0 if step < 2 else -1e-2
-        np.testing.assert_allclose(updates["layers"]["attention"]["wq"], expected, rtol=1e-2, atol=1e-9)
-        np.testing.assert_allclose(updates["output"], expected, rtol=1e-2, atol=1e-9)
+        np.testing.assert_allclose(updates["layers"]["attention"]["wq"], expected, rtol=2e-2, atol=1e-9)
+        np.testing.assert_allclose(updates["output"], expected, rtol=2e-2, atol=1e-9)
     lm_only = random_params(CFG)  # no value head to give a schedule to
     with pytest.raises(ValueError, match=r"schedules for \['value_head'\]: not parameters of this model"):
         train.make_optimizer(opt_cfg(), 10, {"value_head": optax.constant_schedule(0.5)}).init(lm_only)

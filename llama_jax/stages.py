@@ -1014,8 +1014,7 @@ class PPOStage(Stage):
     def _answers(self, params, prompts, temperature: float, seed: int) -> list:
         from llama_jax.generate import generate
 
-        self._setup()
-        r, rt = self.config.rlhf, self.runtime
+        r, rt = self.config.rlhf, self.runtime  # _setup() has run (_rollout, evaluate_extra)
         lm, rules = {k: v for k, v in params.items() if k != "value_head"}, rt.rules
         if self.gather is not None:  # a whole copy per FSDP group while sampling, then freed
             gather, rules = self.gather

@@ -52,6 +52,7 @@ def get_config(arg: str = "tiny"):
         c.rlhf.safety_reward_model = "runs/rm_safety"
         c.rlhf.num_prompts = 2048
         c.rlhf.num_eval_prompts = 512  # ~490 after dropping training prompts: +-2 points, not +-4
+        c.rlhf.eval_samples = 2  # and 2 answers per held-out prompt sampled at T=1.0 (the rollouts' own)
         c.rlhf.max_new_tokens = 24
         c.ppo.rollout_batch = 64
         c.batch_size = 16

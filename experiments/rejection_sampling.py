@@ -4,12 +4,16 @@ current policy, keep the one the reward models score best, fine-tune on those.
   tiny  python -m llama_jax.main --config=experiments/rejection_sampling.py:tiny --workdir=runs/rs1 \\
             --config.init_from=runs/sft --config.rlhf.reward_model=runs/rm \\
             --config.rlhf.safety_reward_model=runs/rm_safety
-        Any CPU (2 cores: ~2 minutes). 1024 toy prompts x 8 samples at T=1.0; the best
-        answers with a reward >= 0.5 (rlhf.min_reward; 0 = the paper's keep-all) train 40
-        SFT steps. A second iteration pools the first's best answers:
+        Any CPU (2 cores: ~3 minutes). 4096 toy prompts x 8 samples at T=1.0; each
+        prompt keeps the sample with the best logit(R) + 2 log pi(answer)
+        (rlhf.selection_beta: Regularized Best-of-N, Jinnai et al. 2024; 0 = the paper's
+        plain argmax of R, which the tiny RM over-optimises), if its reward is >= 0.5
+        (rlhf.min_reward; 0 = the paper's keep-all); 80 SFT steps at LR 1e-4 on those.
+        A second iteration pools the first's best answers:
         --workdir=runs/rs2 --config.init_from=runs/rs1 --config.rlhf.pool=runs/rs1.
-        Expected (WORKDIR/rejection_sampling.json): max reward rises with N; the best-of-8
-        sample is right (checked by code) more often than the first sample.
+        Expected (WORKDIR/rejection_sampling.json): max reward rises with N; the kept
+        sample is right (checked by code) more often than the first sample and the
+        greedy answer; the fine-tuned policy's sampled answers are right more often.
   7b | 13b | 34b | 70b
         --config.init_from=CHAT_CHECKPOINT --config.rlhf.reward_model=HELPFUL_RM
         --config.rlhf.safety_reward_model=SAFETY_RM --config.rlhf.prompts='prompts/*.jsonl'.
@@ -29,20 +33,25 @@ def get_config(arg: str = "tiny"):
         c.init_from = "runs/sft"
         c.rlhf.reward_model = "runs/rm"
         c.rlhf.safety_reward_model = "runs/rm_safety"
-        c.rlhf.num_prompts = 1024
+        c.rlhf.num_prompts = 4096
         c.rlhf.num_samples = 8
         c.rlhf.temperature = 1.0
         c.rlhf.min_reward = 0.5  # ours: the tiny RM's low scores are mostly wrong sums; keep only >= 0.5
+        # ours: the tiny RM ranks same-form answers little better than chance, and its argmax
+        # over 8 samples is right less often than the first sample; weighing in the policy's
+        # own log-probability (RBoN-KL) makes the kept answer right more often than greedy.
+        c.rlhf.selection_beta = 2.0
         c.data.synthetic_eval = 400
         c.rlhf.num_eval_prompts = 512  # ~490 after dropping training prompts: +-2 points, not +-4
+        c.rlhf.eval_samples = 2  # and 2 answers per held-out prompt sampled at T=1.0
         c.batch_size = 16
         c.seq_len = 256
-        c.total_steps = 40  # ~3 epochs of the kept answers (more overfits the policy's own mistakes)
+        c.total_steps = 80  # ~3.6 epochs of the ~2,800 kept answers
         c.log_every_steps = 10
         c.eval_every_steps = 0
         c.eval_steps = 16
-        c.checkpoint_every_steps = 40
-        c.optimizer.learning_rate = 3e-4
+        c.checkpoint_every_steps = 80
+        c.optimizer.learning_rate = 1e-4
         c.optimizer.warmup_steps = 10
         c.optimizer.schedule = "constant"
         return c

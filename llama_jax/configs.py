@@ -134,10 +134,12 @@ def rlhf_config() -> ml_collections.ConfigDict:
     c.rlhf.eval_prompts = ""  # held-out prompts ("" with synthetic: a generated held-out split)
     c.rlhf.num_prompts = 512  # toy prompts to generate (synthetic)
     c.rlhf.num_eval_prompts = 128
+    c.rlhf.eval_samples = 0  # also sample this many answers per held-out prompt at rlhf.temperature (0 = greedy only)
     c.rlhf.num_samples = 8  # K answers per prompt (rejection sampling)
     c.rlhf.temperature = 1.0  # sampling temperature (the paper re-tunes it each iteration)
     c.rlhf.top_p = 1.0
     c.rlhf.max_new_tokens = 32
+    c.rlhf.selection_beta = 0.0  # rejection sampling keeps argmax logit(R) + beta * log pi(answer) (0 = paper)
     c.rlhf.pool = ""  # comma-separated earlier rejection-sampling workdirs whose best answers are pooled
     c.rlhf.min_reward = 0.0  # rejection sampling keeps a best answer only if its reward >= this (0 = paper: all)
     c.gatt = ml_collections.ConfigDict()

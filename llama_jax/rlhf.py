@@ -114,6 +114,22 @@ def best_of(scores, k: int) -> list[int]:
     return [int(i * k + j) for i, j in enumerate(np.argmax(s, axis=1))]
 
 
+def selection_scores(rewards, logprobs, beta: float):
+    """How rejection sampling ranks each prompt's samples ([prompts, K] arrays). beta 0:
+    the reward itself, the paper's argmax. beta > 0: Regularized Best-of-N (Jinnai et
+    al. 2024, RBoN-KL), logit(R) + beta * log pi(y|x), where log pi(y|x) is the sampling
+    policy's log-probability of the whole answer: the best-of-N analogue of PPO's KL
+    penalty, which stops the argmax from landing on the unlikely answers a weak reward
+    model over-scores."""
+    import numpy as np
+
+    r = np.asarray(rewards, np.float64)
+    if not beta:
+        return r
+    p = np.clip(r, 1e-6, 1.0 - 1e-6)
+    return np.log(p) - np.log1p(-p) + beta * np.asarray(logprobs, np.float64)
+
+
 def keep_best(records: list[dict], min_reward: float) -> list[dict]:
     """The best answers rejection sampling fine-tunes on: those whose `reward` is at least
     `min_reward` (ours; 0 keeps every prompt's best, as the paper). A ValueError naming

@@ -496,7 +496,9 @@ class RejectionSamplingStage(SFTStage):
                    for text, _, _ in a]
         scored = rms(dialogs, [p.is_safety for p in prompts for _ in range(r.num_samples)])
         rewards = np.asarray(scored["gated"]).reshape(len(prompts), r.num_samples)
-        best = [j % r.num_samples for j in rlhf.best_of(rewards, r.num_samples)]
+        logprobs = np.asarray([[float(np.sum(lp)) for _, _, lp in a] for a in answers])
+        ranking = rlhf.selection_scores(rewards, logprobs, r.selection_beta)
+        best = [j % r.num_samples for j in rlhf.best_of(ranking, r.num_samples)]
         records = {json.dumps(p.messages): {"messages": p.messages + [{"role": "assistant", "content": a[j][0]}],
                                             "is_safety": p.is_safety, "reward": float(row[j])}
                    for p, a, row, j in zip(prompts, answers, rewards, best)}
@@ -517,7 +519,8 @@ class RejectionSamplingStage(SFTStage):
             "prompts": len(prompts), "num_samples": r.num_samples, "temperature": r.temperature,
             "reward_vs_n": rlhf.reward_curve(rewards, ns),
             "mean_reward_first_sample": float(rewards[:, 0].mean()),
-            "mean_reward_best_sample": float(rewards.max(axis=1).mean()),
+            "mean_reward_best_sample": float(rewards[np.arange(len(prompts)), best].mean()),
+            "selection_beta": r.selection_beta,
             "pooled_from_earlier_iterations": pooled, "kept_at_min_reward": len(kept),
             "seconds": time.perf_counter() - start,
             "before": before,
@@ -529,7 +532,7 @@ class RejectionSamplingStage(SFTStage):
             picked = correct[np.arange(len(checked)), [best[i] for i in checked]]
             report["accuracy_first_sample"] = float(correct[:, 0].mean())
             report["accuracy_best_sample"] = float(picked.mean())
-            report["accuracy_vs_n"] = rlhf.accuracy_curve(rewards[checked], correct, ns)
+            report["accuracy_vs_n"] = rlhf.accuracy_curve(ranking[checked], correct, ns)
             # The share of right answers in what the fine-tune trains on (pooled ones too).
             by_prompt = {json.dumps(prompts[i].messages): prompts[i].record for i in checked}
             kept_checked = [(by_prompt[k], rec["messages"][-1]["content"]) for rec in kept
@@ -563,6 +566,11 @@ def _rlhf_eval_prompts(config, workdir: str) -> str:
                       **_toy_mix(config))
 
 
+# Held-out answers sampled with one fixed seed before and after a stage: the same random
+# numbers on both sides, so the difference is the policy's, not the draw's.
+EVAL_SAMPLING_SEED = 7919
+
+
 def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=None) -> dict:
     """The policy's greedy answers to the held-out prompts at `path` ({} without one):
     eval_reward (the mean gated reward-model probability) and, on prompts with a
@@ -577,8 +585,18 @@ def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=N
                                               r.max_new_tokens, mesh, rules=rules)]
     scored = rms([p.messages + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)],
                  [p.is_safety for p in prompts])
-    return {"eval_reward": float(np.mean(scored["gated"])),
-            **_true_accuracy("eval_true_accuracy", prompts, texts, by_task=True)}
+    out = {"eval_reward": float(np.mean(scored["gated"])),
+           **_true_accuracy("eval_true_accuracy", prompts, texts, by_task=True)}
+    if r.eval_samples:  # the policy as a distribution: what RLHF's objective is an expectation over
+        sampled = [p for p in prompts for _ in range(r.eval_samples)]
+        texts = [a or "" for a in _greedy_answers(cfg, params, tokenizer, [p.messages for p in sampled],
+                                                  r.max_new_tokens, mesh, temperature=r.temperature, top_p=r.top_p,
+                                                  seed=EVAL_SAMPLING_SEED, rules=rules)]
+        scored = rms([p.messages + [{"role": "assistant", "content": t}] for p, t in zip(sampled, texts)],
+                     [p.is_safety for p in sampled])
+        out.update(eval_sampled_reward=float(np.mean(scored["gated"])),
+                   **_true_accuracy("eval_sampled_true_accuracy", sampled, texts))
+    return out
 
 
 def update_report(workdir: str, name: str, **fields) -> None:
@@ -594,7 +612,7 @@ def update_report(workdir: str, name: str, **fields) -> None:
 
 
 def _greedy_answers(cfg, params, tokenizer, dialogs, max_new_tokens: int, mesh=None, temperature: float = 0.0,
-                    seed: int = 0, rows: int = 64, rules=None) -> list[str]:
+                    seed: int = 0, rows: int = 64, rules=None, top_p: float = 1.0) -> list[str]:
     """The model's answer to the last user turn of each dialog (None where the prompt
     does not fit in the context with `max_new_tokens`)."""
     from llama_jax.generate import generate
@@ -605,7 +623,7 @@ def _greedy_answers(cfg, params, tokenizer, dialogs, max_new_tokens: int, mesh=N
     for b, start in enumerate(range(0, len(fits), rows)):
         idx = fits[start:start + rows]
         gen = generate(cfg, params, [prompts[i] for i in idx], max_new_tokens, temperature=temperature,
-                       seed=seed + b, mesh=mesh, rules=rules)
+                       top_p=top_p, seed=seed + b, mesh=mesh, rules=rules)
         for i, toks in zip(idx, gen.tokens):
             out[i] = tokenizer.decode([t for t in toks if t != tokenizer.eos_id]).strip()
     return out
@@ -1078,6 +1096,13 @@ class PPOStage(Stage):
                **_true_accuracy("eval_true_accuracy", prompts, scored["texts"], by_task=True)}
         if "safety" in scored:
             out["eval_safety_reward"] = float(np.mean(scored["safety"]))
+        if config.rlhf.eval_samples:  # the policy as a distribution, which PPO's objective is over
+            sampled = [q for q in prompts for _ in range(config.rlhf.eval_samples)]
+            answers = self._answers(params, sampled, config.rlhf.temperature, EVAL_SAMPLING_SEED)
+            rows, scored, logp, ref_logp, _ = self._evaluate_answers(params, sampled, answers)
+            out.update(eval_sampled_reward=float(np.mean(scored["gated"])),
+                       eval_sampled_kl=float(((logp - ref_logp) * rows["loss_mask"]).sum(axis=1).mean()),
+                       **_true_accuracy("eval_sampled_true_accuracy", sampled, scored["texts"]))
         if report:
             update_report(self.workdir, "ppo.json", after=out)
         return out

@@ -193,7 +193,9 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     assert report["prompts"] == 12 and set(report["reward_vs_n"]) == {"1", "2", "3"}
     curve = report["reward_vs_n"]
     assert curve["1"]["max"] <= curve["2"]["max"] <= curve["3"]["max"]  # the best of more samples is no worse
-    assert report["mean_reward_best_sample"] == pytest.approx(curve["3"]["max"])
+    # the tiny config keeps the best of logit(R) + 2 log pi (RBoN), whose reward is at most the max
+    assert report["selection_beta"] == 2.0 and report["mean_reward_best_sample"] <= curve["3"]["max"] + 1e-9
+    assert {"eval_sampled_reward", "eval_sampled_true_accuracy"} <= set(report["after"])  # rlhf.eval_samples 2
     assert set(report["accuracy_vs_n"]) == {"1", "2", "3"}  # the same picks, checked by code
     assert report["accuracy_vs_n"]["1"] == report["accuracy_first_sample"]
     assert report["accuracy_vs_n"]["3"] == report["accuracy_best_sample"]
@@ -207,7 +209,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     out, _ = stage("rejection_sampling", gold_dir, f"--config.init_from={sft_dir}", "--config.rlhf.reward_model=code",
                    "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
                    "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6", "--config.rlhf.min_reward=0",
-                   "--config.total_steps=2")
+                   "--config.total_steps=2", "--config.rlhf.selection_beta=0")
     assert "reward: the toy prompts' code check" in out.stdout
     gold = json.load(open(os.path.join(gold_dir, "rejection_sampling.json")))
     assert gold["accuracy_best_sample"] == gold["accuracy_any_sample"] == gold["accuracy_vs_n"]["3"]
@@ -236,6 +238,8 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     assert {"eval_reward", "eval_kl", "eval_true_accuracy"} <= set(ppo)
     ppo_report = json.load(open(os.path.join(ppo_dir, "ppo.json")))
     assert ppo_report["before"]["eval_kl"] == pytest.approx(0.0, abs=1e-4)  # measured before any update
+    assert ppo_report["before"]["eval_sampled_kl"] == pytest.approx(0.0, abs=1e-4)  # answers sampled too
+    assert 0.0 <= ppo_report["after"]["eval_sampled_true_accuracy"] <= 1.0
     assert ckpt.read_meta(ppo_dir)[1]["heads"] == ["lm", "value"]
 
     gatt_dir = str(tmp_path / "gatt")

@@ -1,6 +1,7 @@
 """The RLHF arithmetic against hand-computed values: gating at 0.15, whitening, logit,
 per-token KL and rewards, GAE, PPO's clipped policy loss (value and gradient), the
-clipped value loss, rejection sampling's best-of-K choice and its accuracy against N,
+clipped value loss, rejection sampling's best-of-K choice (plain and regularised by the
+policy's log-probability) and its accuracy against N,
 and the toy check as a gold reward (CodeReward)."""
 
 import jax
@@ -79,6 +80,23 @@ def test_accuracy_curve_follows_the_reward_models_pick_among_the_first_n():
     assert curve == {1: pytest.approx(2 / 3), 2: pytest.approx(2 / 3), 4: pytest.approx(1 / 3)}  # no 8: only 4 samples
     # reward over-optimisation: the max reward rises with N while the accuracy falls
     assert rlhf.reward_curve(rewards, [1, 4])[4]["max"] > rlhf.reward_curve(rewards, [1, 4])[1]["max"]
+
+
+def test_regularized_best_of_n_weighs_the_policys_log_probability():
+    rewards = np.array([[0.9, 0.99, 0.5]])
+    logprobs = np.array([[-1.0, -4.0, -0.5]])  # log pi(answer) of the whole answer
+    # beta 0 is the paper's argmax of the reward, the rewards returned unchanged
+    np.testing.assert_array_equal(rlhf.selection_scores(rewards, logprobs, 0.0), rewards)
+    assert rlhf.best_of(rlhf.selection_scores(rewards, logprobs, 0.0), 3) == [1]
+    # beta 1: logit(R) + log pi = ln 9 - 1 = 1.197, ln 99 - 4 = 0.595, 0 - 0.5 = -0.5
+    scores = rlhf.selection_scores(rewards, logprobs, 1.0)
+    np.testing.assert_allclose(scores, [[np.log(9) - 1.0, np.log(99) - 4.0, -0.5]], rtol=1e-5)
+    assert rlhf.best_of(scores, 3) == [0]  # the likelier answer beats a slightly higher reward
+    assert rlhf.best_of(rlhf.selection_scores(rewards, logprobs, 100.0), 3) == [2]  # the policy's mode
+    # the accuracy curve follows the same picks: 0.99 (wrong) at beta 0, 0.9 (right) at beta 1
+    correct = [[True, False, False]]
+    assert rlhf.accuracy_curve(rlhf.selection_scores(rewards, logprobs, 0.0), correct, [3]) == {3: 0.0}
+    assert rlhf.accuracy_curve(scores, correct, [3]) == {3: 1.0}
 
 
 def test_keep_best_drops_answers_below_min_reward():

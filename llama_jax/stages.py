@@ -463,6 +463,10 @@ class RejectionSamplingStage(SFTStage):
         if not config.init_from or not config.rlhf.reward_model:
             raise RunError("stage rejection_sampling needs --config.init_from (the policy to sample from) and "
                            "--config.rlhf.reward_model")
+        _check_rlhf_counts(config)
+        if config.rlhf.selection_beta < 0:
+            raise RunError(f"config.rlhf.selection_beta {config.rlhf.selection_beta} is negative (0 = the paper's "
+                           "argmax of the reward; > 0 also weighs the policy's log-probability of each answer)")
         self.eval_path = config.data.eval_source or _synthetic(config, workdir, "chat", "eval",
                                                                config.data.synthetic_eval)
         self.train_path = os.path.join(workdir, "data", "rs_train.jsonl")
@@ -566,6 +570,13 @@ def _rlhf_eval_prompts(config, workdir: str) -> str:
                       **_toy_mix(config))
 
 
+def _check_rlhf_counts(config) -> None:
+    from llama_jax.train import RunError
+
+    if config.rlhf.eval_samples < 0:
+        raise RunError(f"config.rlhf.eval_samples {config.rlhf.eval_samples} is negative (0 = greedy answers only)")
+
+
 # Held-out answers sampled with one fixed seed before and after a stage: the same random
 # numbers on both sides, so the difference is the policy's, not the draw's.
 EVAL_SAMPLING_SEED = 7919
@@ -574,7 +585,9 @@ EVAL_SAMPLING_SEED = 7919
 def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=None) -> dict:
     """The policy's greedy answers to the held-out prompts at `path` ({} without one):
     eval_reward (the mean gated reward-model probability) and, on prompts with a
-    `reference`, eval_true_accuracy (checked by code)."""
+    `reference`, eval_true_accuracy (checked by code); with rlhf.eval_samples N, the same
+    for N answers per prompt sampled at rlhf.temperature (eval_sampled_reward,
+    eval_sampled_true_accuracy)."""
     if not path:
         return {}
     from llama_jax.data import prompts as prompt_data
@@ -921,6 +934,7 @@ class PPOStage(Stage):
         if not config.init_from or not r.reward_model:
             raise RunError("stage ppo needs --config.init_from (the policy to start from, also the KL reference) "
                            "and --config.rlhf.reward_model")
+        _check_rlhf_counts(config)
         if p.rollout_batch % config.batch_size:
             raise RunError(f"config.ppo.rollout_batch {p.rollout_batch} is not a multiple of config.batch_size "
                            f"{config.batch_size} (the mini-batch)")

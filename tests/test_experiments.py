@@ -62,3 +62,26 @@ def test_ppo_critic_schedules_from_the_config():
     assert float(lr["*"](8)) == pytest.approx(1e-5) == float(lr["*"](c.total_steps))
     c.ppo.value_warmup_iterations, c.ppo.value_learning_rate = 0, 0.0
     assert PPOStage().learning_rates(c) == {}  # one schedule for everything, as before
+
+
+def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
+    """The presets keep the paper's argmax of the reward; the tiny one regularises it by
+    the policy's log-probability (RBoN) and also samples held-out answers. Negative
+    values are refused before anything is sampled, naming the field."""
+    from llama_jax.stages import PPOStage, RejectionSamplingStage
+    from llama_jax.train import RunError
+
+    assert load("rejection_sampling").get_config("70b").rlhf.selection_beta == 0.0
+    c = load("rejection_sampling").get_config("tiny")
+    assert (c.rlhf.selection_beta, c.rlhf.eval_samples) == (2.0, 2)
+    c.rlhf.selection_beta = -1.0
+    with pytest.raises(RunError, match=r"config.rlhf.selection_beta -1.0 is negative"):
+        RejectionSamplingStage().prepare(c, str(tmp_path / "rs"))
+    assert not os.path.exists(tmp_path / "rs" / "data" / "rs_train.jsonl")
+    c.rlhf.selection_beta, c.rlhf.eval_samples = 2.0, -1
+    with pytest.raises(RunError, match=r"config.rlhf.eval_samples -1 is negative"):
+        RejectionSamplingStage().prepare(c, str(tmp_path / "rs"))
+    p = load("ppo").get_config("tiny")
+    p.rlhf.eval_samples = -2
+    with pytest.raises(RunError, match=r"config.rlhf.eval_samples -2 is negative"):
+        PPOStage().prepare(p, str(tmp_path / "ppo"))

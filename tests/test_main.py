@@ -281,7 +281,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     toy_text = open(tmp_path / "tokenizer_text.txt").read()  # what the recipe's tokenizer also learns from
     assert "Sort the words alphabetically:" in toy_text and synthetic.REFUSAL in toy_text
     rows = {(r["stage"], r["metric"]): r for r in json.load(open(tmp_path / "report.json"))["stages"]}
-    rs_row = rows[("rejection_sampling", "mean reward: first sample -> best of K")]
+    rs_row = rows[("rejection_sampling", "mean reward: first sample -> kept sample")]
     rs_report = report_rs = json.load(open(os.path.join(rs_dir, "rejection_sampling.json")))
     assert (rs_row["before"], rs_row["after"]) == (rs_report["mean_reward_first_sample"],
                                                    rs_report["mean_reward_best_sample"])

@@ -582,33 +582,38 @@ def _check_rlhf_counts(config) -> None:
 EVAL_SAMPLING_SEED = 7919
 
 
+def _eval_passes(config, prompts) -> list[tuple]:
+    """(metric prefix, prompts, temperature, seed) of each held-out evaluation: the greedy
+    answers ("eval_"), and with rlhf.eval_samples N, N answers per prompt sampled at
+    rlhf.temperature ("eval_sampled_"): the policy as the distribution RLHF's objective is
+    an expectation over."""
+    passes = [("eval_", prompts, 0.0, 0)]
+    if config.rlhf.eval_samples:
+        passes.append(("eval_sampled_", [p for p in prompts for _ in range(config.rlhf.eval_samples)],
+                       config.rlhf.temperature, EVAL_SAMPLING_SEED))
+    return passes
+
+
 def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=None) -> dict:
-    """The policy's greedy answers to the held-out prompts at `path` ({} without one):
-    eval_reward (the mean gated reward-model probability) and, on prompts with a
-    `reference`, eval_true_accuracy (checked by code); with rlhf.eval_samples N, the same
-    for N answers per prompt sampled at rlhf.temperature (eval_sampled_reward,
-    eval_sampled_true_accuracy)."""
+    """The policy's answers to the held-out prompts at `path` ({} without one), greedy and
+    (rlhf.eval_samples) sampled, `_eval_passes`: PREFIXreward (the mean gated reward-model
+    probability) and, on prompts with a `reference`, PREFIXtrue_accuracy (checked by code,
+    also per toy task)."""
     if not path:
         return {}
     from llama_jax.data import prompts as prompt_data
 
     r = config.rlhf
     prompts = prompt_data.load(path, tokenizer, config.seq_len - r.max_new_tokens)[:r.num_eval_prompts]
-    texts = [a or "" for a in _greedy_answers(cfg, params, tokenizer, [p.messages for p in prompts],
-                                              r.max_new_tokens, mesh, rules=rules)]
-    scored = rms([p.messages + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)],
-                 [p.is_safety for p in prompts])
-    out = {"eval_reward": float(np.mean(scored["gated"])),
-           **_true_accuracy("eval_true_accuracy", prompts, texts, by_task=True)}
-    if r.eval_samples:  # the policy as a distribution: what RLHF's objective is an expectation over
-        sampled = [p for p in prompts for _ in range(r.eval_samples)]
-        texts = [a or "" for a in _greedy_answers(cfg, params, tokenizer, [p.messages for p in sampled],
-                                                  r.max_new_tokens, mesh, temperature=r.temperature, top_p=r.top_p,
-                                                  seed=EVAL_SAMPLING_SEED, rules=rules)]
-        scored = rms([p.messages + [{"role": "assistant", "content": t}] for p, t in zip(sampled, texts)],
-                     [p.is_safety for p in sampled])
-        out.update(eval_sampled_reward=float(np.mean(scored["gated"])),
-                   **_true_accuracy("eval_sampled_true_accuracy", sampled, texts))
+    out = {}
+    for prefix, asked, temperature, seed in _eval_passes(config, prompts):
+        texts = [a or "" for a in _greedy_answers(cfg, params, tokenizer, [p.messages for p in asked], r.max_new_tokens,
+                                                  mesh, temperature=temperature, top_p=r.top_p, seed=seed,
+                                                  rules=rules)]
+        scored = rms([p.messages + [{"role": "assistant", "content": t}] for p, t in zip(asked, texts)],
+                     [p.is_safety for p in asked])
+        out.update({f"{prefix}reward": float(np.mean(scored["gated"])),
+                    **_true_accuracy(f"{prefix}true_accuracy", asked, texts, by_task=True)})
     return out
 
 
@@ -1077,7 +1082,7 @@ class PPOStage(Stage):
         rewards = rlhf.token_rewards(score, jnp.asarray(logp), jnp.asarray(ref_logp), jnp.asarray(mask), p.beta)
         adv, ret = rlhf.gae(rewards, jnp.asarray(values), jnp.asarray(mask), p.gamma, p.lam)
         adv = rlhf.whiten(adv, jnp.asarray(mask)) * mask  # advantage normalisation over the rollout's tokens
-        kl = ((logp - ref_logp) * mask).sum(axis=1)
+        kl = rlhf.kl_per_token(logp, ref_logp, mask).sum(axis=1)
         self.last = {"rollout_reward": float(np.mean(scored["gated"])), "rollout_kl": float(kl.mean()),
                      "rollout_answer_tokens": float(mask.sum(axis=1).mean()), "ppo_iteration": iteration + 1,
                      **_true_accuracy("rollout_accuracy", prompts, scored["texts"])}
@@ -1098,25 +1103,22 @@ class PPOStage(Stage):
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict, report: bool = True) -> dict:
         if not self.eval_prompt_path:
             return {}
+        from llama_jax import rlhf
         from llama_jax.data import prompts as prompt_data
 
         self._setup()
         prompts = prompt_data.load(self.eval_prompt_path, tokenizer, self._max_prompt(config))
         prompts = prompts[:config.rlhf.num_eval_prompts]
-        answers = self._answers(params, prompts, 0.0, 0)  # greedy
-        rows, scored, logp, ref_logp, _ = self._evaluate_answers(params, prompts, answers)
-        out = {"eval_reward": float(np.mean(scored["gated"])), "eval_helpful_reward": float(np.mean(scored["helpful"])),
-               "eval_kl": float(((logp - ref_logp) * rows["loss_mask"]).sum(axis=1).mean()),
-               **_true_accuracy("eval_true_accuracy", prompts, scored["texts"], by_task=True)}
-        if "safety" in scored:
-            out["eval_safety_reward"] = float(np.mean(scored["safety"]))
-        if config.rlhf.eval_samples:  # the policy as a distribution, which PPO's objective is over
-            sampled = [q for q in prompts for _ in range(config.rlhf.eval_samples)]
-            answers = self._answers(params, sampled, config.rlhf.temperature, EVAL_SAMPLING_SEED)
-            rows, scored, logp, ref_logp, _ = self._evaluate_answers(params, sampled, answers)
-            out.update(eval_sampled_reward=float(np.mean(scored["gated"])),
-                       eval_sampled_kl=float(((logp - ref_logp) * rows["loss_mask"]).sum(axis=1).mean()),
-                       **_true_accuracy("eval_sampled_true_accuracy", sampled, scored["texts"]))
+        out = {}
+        for prefix, asked, temperature, seed in _eval_passes(config, prompts):
+            answers = self._answers(params, asked, temperature, seed)
+            rows, scored, logp, ref_logp, _ = self._evaluate_answers(params, asked, answers)
+            out.update({f"{prefix}reward": float(np.mean(scored["gated"])),
+                        f"{prefix}helpful_reward": float(np.mean(scored["helpful"])),
+                        f"{prefix}kl": float(rlhf.kl_per_token(logp, ref_logp, rows["loss_mask"]).sum(axis=1).mean()),
+                        **_true_accuracy(f"{prefix}true_accuracy", asked, scored["texts"], by_task=True)})
+            if "safety" in scored:
+                out[f"{prefix}safety_reward"] = float(np.mean(scored["safety"]))
         if report:
             update_report(self.workdir, "ppo.json", after=out)
         return out

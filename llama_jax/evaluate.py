@@ -177,27 +177,30 @@ def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: i
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _scores(params, tokens, segment_ids, *, config: LlamaConfig):
-    return Llama(config, ("score",)).apply({"params": params}, tokens, None, segment_ids)
+def _scores(params, tokens, segment_ids, answer, *, config: LlamaConfig):
+    return Llama(config, ("score",)).apply({"params": params}, tokens, None, segment_ids, score_mask=answer)
 
 
 def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dict]], batch_size: int = 8
           ) -> np.ndarray:
     """Reward-model scores (raw, before the sigmoid) of complete dialogs (each ending
-    with the assistant answer to be scored), read at the last token, right-padded."""
+    with the assistant answer to be scored), read at the last token or averaged over the
+    final answer's tokens (config.score_pooling), right-padded."""
     rows = []
     for d in dialogs:
-        tokens, _ = tokenizer.encode_dialog_for_training(d)
-        rows.append(tokens[-config.max_seq_len:])
+        tokens, mask = tokenizer.encode_dialog_for_training(d, last_turn_only=True)
+        rows.append((tokens[-config.max_seq_len:], mask[-config.max_seq_len:]))
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        T = min(_bucket(max(len(r) for r in chunk)), config.max_seq_len)
+        T = min(_bucket(max(len(r) for r, _ in chunk)), config.max_seq_len)
         tokens = np.zeros((batch_size, T), np.int32)
         seg = np.zeros((batch_size, T), np.int32)
-        for i, r in enumerate(chunk):
-            tokens[i, :len(r)], seg[i, :len(r)] = r, 1
-        out.append(np.asarray(_scores(params, jnp.asarray(tokens), jnp.asarray(seg), config=config))[:len(chunk)])
+        answer = np.zeros((batch_size, T), np.float32)
+        for i, (r, m) in enumerate(chunk):
+            tokens[i, :len(r)], seg[i, :len(r)], answer[i, :len(m)] = r, 1, m
+        out.append(np.asarray(_scores(params, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(answer),
+                                      config=config))[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 

@@ -45,6 +45,7 @@ REMAT_POLICIES = {
 }
 
 HEADS = ("lm", "score", "value")
+SCORE_POOLING = ("last", "mean")
 
 # Large negative used for the additive attention mask. A finite value (not -inf) keeps a
 # fully masked row (a padding query) finite instead of NaN; any row with one valid key
@@ -86,6 +87,10 @@ class LlamaConfig:
     # cache buffers made once before the loop, so no step slices weights or cache; costs a
     # second copy of the layer weights), or "auto" (layerwise on CPU, stacked elsewhere).
     decode_layers: str = "auto"
+    # Which hidden states the reward model's score head reads (the paper leaves it open):
+    # "last" = the last real token (the usual choice), "mean" = the mean over the scored
+    # answer's tokens, EOS included (`score_mask`), i.e. the mean of per-token scores.
+    score_pooling: str = "last"
 
     def __post_init__(self):
         def bad(field, why):
@@ -114,6 +119,8 @@ class LlamaConfig:
                 bad(f, f"{getattr(self, f)!r} is not one of {sorted(DTYPES)}")
         if self.decode_layers not in ("auto", "stacked", "layerwise"):
             bad("decode_layers", f"{self.decode_layers!r} is not one of ['auto', 'layerwise', 'stacked']")
+        if self.score_pooling not in SCORE_POOLING:
+            bad("score_pooling", f"{self.score_pooling!r} is not one of {list(SCORE_POOLING)}")
         if self.remat_policy not in REMAT_POLICIES:
             bad("remat_policy", f"{self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
 
@@ -418,7 +425,8 @@ class Llama(nn.Module):
     """The Llama 2 decoder with one or more heads on the shared trunk.
 
     heads: ("lm",) next-token logits [B, T, V] (float32);
-           ("score",) reward-model score [B] read at the last non-padding token;
+           ("score",) reward-model score [B] read at the last non-padding token, or
+                      averaged over `score_mask` (config.score_pooling "mean");
            ("value",) per-token value [B, T] (PPO critic).
     With one head the call returns its output; with several, a dict by head name.
     With a `cache`, the call returns (outputs, new_cache).
@@ -463,9 +471,10 @@ class Llama(nn.Module):
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,))))
 
     def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
-                 cache: KVCache | None = None):
+                 cache: KVCache | None = None, score_mask: Array | None = None):
         """tokens [B, T] int; positions [B, T] (default: 0.. or continuing the cache);
-        segment_ids [B, T] (default all 1; 0 = padding)."""
+        segment_ids [B, T] (default all 1; 0 = padding); score_mask [B, T] the scored
+        answer's tokens (needed by the score head when config.score_pooling is "mean")."""
         B, T = tokens.shape
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
@@ -484,7 +493,7 @@ class Llama(nn.Module):
 
         x = self.embed(tokens)
         x, new_layer_cache = self.layers(x, layer_cache, positions, q_slots, segment_ids, k_seg, start)
-        out = self.head(x, segment_ids)
+        out = self.head(x, segment_ids, score_mask)
         if cache is None:
             return out
         # The layers return only this call's keys/values [L, B, T, K, Dh]: one in-place write.
@@ -500,7 +509,7 @@ class Llama(nn.Module):
         """[B, T] tokens -> [B, T, D] input of the layer stack."""
         return constrain(self.tok_embeddings(tokens), ("batch", "length", "embed"))
 
-    def head(self, x: Array, segment_ids: Array):
+    def head(self, x: Array, segment_ids: Array, score_mask: Array | None = None):
         """Output of the layer stack [B, T, D] -> the heads' outputs (see the class doc)."""
         c = self.config
         x = self.norm(x)
@@ -512,9 +521,17 @@ class Llama(nn.Module):
         if "value" in self.heads:
             outputs["value"] = self.value_head(x.astype(jnp.float32))[..., 0]
         if "score" in self.heads:
-            last = last_token_index(segment_ids)
-            x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-            outputs["score"] = self.score_head(x_last.astype(jnp.float32))[..., 0]
+            if c.score_pooling == "mean":
+                if score_mask is None:
+                    if not self.is_initializing():
+                        raise ValueError("score_pooling='mean' needs the answer's score_mask")
+                    score_mask = segment_ids
+                m = (score_mask * (segment_ids != 0)).astype(jnp.float32)[..., None]
+                pooled = jnp.sum(x.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+            else:
+                last = last_token_index(segment_ids)
+                pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+            outputs["score"] = self.score_head(pooled.astype(jnp.float32))[..., 0]
         return outputs[self.heads[0]] if len(self.heads) == 1 else outputs
 
 

@@ -49,6 +49,12 @@ def _both_sides(batch: dict, field: str) -> jax.Array:
     return jnp.concatenate([batch[f"chosen_{field}"], batch[f"rejected_{field}"]], axis=0)
 
 
+def answer_tokens(loss_mask: jax.Array) -> jax.Array:
+    """The answer's own tokens (EOS included) from the next-token layout's loss mask,
+    which marks the positions *predicting* them: the mask moved one step right."""
+    return jnp.pad(loss_mask, ((0, 0), (1, 0)))[:, :-1]
+
+
 def ranking(apply_fn, params, batch, frozen=None, safety_weight: float = 0.0) -> tuple[jax.Array, jax.Array, dict]:
     """Reward-model loss (paper eq. 2 with the margin of section 3.2.2):
         L = -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - m(rating)),
@@ -57,7 +63,8 @@ def ranking(apply_fn, params, batch, frozen=None, safety_weight: float = 0.0) ->
     sigmoid(r) towards 1 for responses labelled safe and 0 for unsafe ones, on every
     response that has a label: the paper names this term (A.3.4) but gives no formula."""
     scores = apply_fn(params, _both_sides(batch, "tokens"), _both_sides(batch, "positions"),
-                      _both_sides(batch, "segment_ids")).astype(jnp.float32)
+                      _both_sides(batch, "segment_ids"),
+                      score_mask=answer_tokens(_both_sides(batch, "loss_mask"))).astype(jnp.float32)
     B = batch["margin"].shape[0]
     r_chosen, r_rejected = scores[:B], scores[B:]
     diff = r_chosen - r_rejected

@@ -244,8 +244,8 @@ def build_step(config, cfg, stage, mesh, rules) -> types.SimpleNamespace:
 
     model = Llama(cfg, stage.heads)
 
-    def apply_fn(params, tokens, positions, segment_ids):
-        return model.apply({"params": params}, tokens, positions, segment_ids)
+    def apply_fn(params, tokens, positions, segment_ids, score_mask=None):
+        return model.apply({"params": params}, tokens, positions, segment_ids, score_mask=score_mask)
 
     optimizer = make_optimizer(config.optimizer, config.total_steps, stage.learning_rates(config))
     param_sh = sharding.param_shardings_like(sharding.abstract_params(model), model, mesh, rules)
@@ -284,7 +284,12 @@ def run(config, workdir: str, stage) -> dict:
             _, init_meta = ckpt.read_meta(config.init_from)
             cfg = ckpt.model_config(init_meta, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                     remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers,
-                                    decode_layers=cfg.decode_layers)
+                                    decode_layers=cfg.decode_layers, score_pooling=cfg.score_pooling)
+            pooled = init_meta["model"].get("score_pooling", "last")
+            if "score" in stage.heads and "score" in init_meta.get("heads", []) and pooled != cfg.score_pooling:
+                raise RunError(f"config.init_from {config.init_from}: its score head was trained with "
+                               f"score_pooling={pooled!r}; set --config.model.score_pooling={pooled} "
+                               f"(this run has {cfg.score_pooling!r})")
     except ValueError as e:
         raise RunError(f"config.model: {e}") from None
     probe = os.path.join(workdir, f".write_test.{jax.process_index()}")

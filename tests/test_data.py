@@ -226,6 +226,13 @@ def test_preference_batches_margins_and_safety_filter(tok, tmp_path):
     np.testing.assert_array_equal(b["chosen_tokens"][0][: len(t_c)], t_c)
     assert b["chosen_segment_ids"][0].sum() == len(t_c)
     assert tok.decode(b["rejected_targets"][0][b["rejected_loss_mask"][0] > 0][:-1]).strip() == "apple"
+    # A multi-turn prompt: only the final answer is masked (what DPO sums and a mean-pooled
+    # reward head reads), not the prompt's earlier assistant turn.
+    multi = [{"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "zebra"},
+                         {"role": "user", "content": "And?"}], "chosen": "ocean", "rejected": "tiger"}]
+    synthetic.write_jsonl(multi, str(path))
+    b = next(preference.make_dataset(str(path), tok, 48, 1, shuffle=False, prefetch=0))
+    assert tok.decode(b["chosen_targets"][0][b["chosen_loss_mask"][0] > 0][:-1]).strip() == "ocean"
 
 
 def test_prompts_load_with_safety_tags(tok, tmp_path):

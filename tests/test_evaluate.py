@@ -1,15 +1,18 @@
+import dataclasses
 import json
 import random
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import random_params, run
 
 from llama_jax import checkpoint as ckpt
 from llama_jax import evaluate as ev
+from llama_jax import objectives
 from llama_jax import tokenizer as tk
-from llama_jax.data import pretrain, synthetic
+from llama_jax.data import preference, pretrain, synthetic
 from llama_jax.data.sources import DataError
 from llama_jax.model import Llama, LlamaConfig
 
@@ -109,6 +112,31 @@ def test_reward_accuracy_per_rating_bucket(tmp_path, tok):
     alone = ev.score(CFG, rm, tok, [pairs[3]["prompt"] + [{"role": "assistant", "content": pairs[3]["chosen"]}]])
     assert alone[0] == pytest.approx(chosen[3], abs=1e-5)
     assert "significantly better | better | slightly better | negligibly better | avg" in ev.table8(res)
+
+
+def test_mean_pooled_reward_scores_the_same_in_training_and_scoring(tmp_path, tok):
+    # The ranking loss (preference batches) and `score` (RLHF rewards, evaluation) must read
+    # the same answer tokens, or a mean-pooled RM is trained on one thing and used on another.
+    cfg = dataclasses.replace(CFG, score_pooling="mean")
+    rm = random_params(cfg, heads=("score",), std=0.15, seed=9)
+    pairs = synthetic.generate("preference", 4, 2)
+    pairs[1]["prompt"] = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "apple river"},
+                          *pairs[1]["prompt"]]  # an earlier answer is not scored
+    path = tmp_path / "p.jsonl"
+    synthetic.write_jsonl(pairs, str(path))
+    batch = next(preference.make_dataset(str(path), tok, 128, 4, shuffle=False, prefetch=0))
+    model, seen = Llama(cfg, ("score",)), {}
+
+    def apply_fn(p, tokens, positions, segment_ids, score_mask=None):
+        seen["scores"] = model.apply({"params": p}, tokens, positions, segment_ids, score_mask=score_mask)
+        return seen["scores"]
+
+    objectives.ranking(apply_fn, rm, {k: jnp.asarray(v) for k, v in batch.items()})
+    scored = [ev.score(cfg, rm, tok, [p["prompt"] + [{"role": "assistant", "content": p[side]}] for p in pairs])
+              for side in ("chosen", "rejected")]
+    np.testing.assert_allclose(seen["scores"], np.concatenate(scored), atol=1e-4)
+    last = ev.score(CFG, rm, tok, [pairs[0]["prompt"] + [{"role": "assistant", "content": pairs[0]["chosen"]}]])
+    assert abs(float(last[0]) - float(scored[0][0])) > 1e-4  # the pooling is not the last token's
 
 
 def test_evaluate_cli(tmp_path, tok, params, capsys):

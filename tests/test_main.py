@@ -2,6 +2,7 @@
 bad overrides, and resume exactness after SIGKILL (also during a checkpoint write)."""
 
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -173,6 +174,17 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     from llama_jax import checkpoint as ckpt
 
     assert ckpt.read_meta(str(tmp_path / "rm"))[1]["heads"] == ["score"]
+    # Going on from a reward model with another pooling than its score head learnt is refused.
+    from llama_jax.main import run as main_run
+    from llama_jax.train import RunError
+
+    spec = importlib.util.spec_from_file_location("rm_config", os.path.join(ROOT, "experiments", "reward_model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    more = module.get_config("tiny")
+    more.init_from, more.model.score_pooling = str(tmp_path / "rm"), "mean"
+    with pytest.raises(RunError, match=r"trained with score_pooling='last'; set --config.model.score_pooling=last"):
+        main_run(more, str(tmp_path / "rm_more"))
 
     _, dpo = stage("dpo", str(tmp_path / "dpo"), f"--config.init_from={sft_dir}")
     assert 0.0 <= dpo["eval_accuracy"] <= 1.0 and dpo["loss"] > 0

@@ -190,6 +190,27 @@ def test_score_head_reads_last_real_token_of_right_padded_rows():
     assert abs(float(scores[0]) - float(run(rm, params, batch[:1])[0])) > 1e-4
 
 
+def test_mean_pooled_score_is_the_mean_of_per_token_scores_over_the_answer():
+    # A causal trunk's state at position t is the last-token state of the prefix [0..t], so
+    # mean pooling over the answer equals the mean of last-token scores of its prefixes.
+    last_cfg = LlamaConfig(**GQA)
+    mean_cfg = LlamaConfig(**GQA, score_pooling="mean")
+    params = init(last_cfg, heads=("score",))
+    last, mean = Llama(last_cfg, ("score",)), Llama(mean_cfg, ("score",))
+    row = tokens(last_cfg, 1, 6, seed=9)[0]
+    batch = jnp.stack([row, jnp.concatenate([row[:4], jnp.zeros(2, jnp.int32)])])
+    seg = jnp.array([[1] * 6, [1] * 4 + [0] * 2])
+    answer = jnp.array([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1]], jnp.float32)  # row 1: padding masked out
+    got = run(mean, params, batch, None, seg, score_mask=answer)
+    prefix = [float(run(last, params, row[None, :t + 1])[0]) for t in range(6)]
+    np.testing.assert_allclose(got, [np.mean(prefix[3:6]), np.mean(prefix[2:4])], atol=1e-5)
+    assert abs(float(got[0]) - prefix[5]) > 1e-4  # not the last token's score
+    with pytest.raises(ValueError, match="score_mask"):
+        run(mean, params, batch, None, seg)
+    with pytest.raises(ValueError, match="score_pooling"):
+        LlamaConfig(**GQA, score_pooling="max")
+
+
 def test_lm_and_value_heads_share_the_trunk():
     cfg = LlamaConfig(**ODD)
     both = init(cfg, heads=("lm", "value"))

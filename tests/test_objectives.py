@@ -24,8 +24,10 @@ def pair_batch(B=2, T=4):
 
 def test_ranking_loss_with_margin_by_hand():
     # The fake model returns fixed scores: rows 0..B-1 chosen, B..2B-1 rejected.
-    def apply_fn(params, tokens, positions, segment_ids):
+    def apply_fn(params, tokens, positions, segment_ids, score_mask=None):
         assert tokens.shape[0] == 4  # chosen and rejected in one forward pass
+        # The answer's own tokens: the loss mask (positions predicting them) moved right.
+        np.testing.assert_array_equal(score_mask, [[0, 1, 1, 1]] * 4)
         return params
 
     scores = jnp.array([2.0, 0.5, 1.0, 1.5])  # pairs: (2.0 vs 1.0), (0.5 vs 1.5)
@@ -44,7 +46,7 @@ def test_ranking_loss_with_margin_by_hand():
 
 
 def test_safety_auxiliary_term_by_hand():
-    def apply_fn(params, tokens, positions, segment_ids):
+    def apply_fn(params, tokens, positions, segment_ids, score_mask=None):
         return params
 
     scores = jnp.array([2.0, 0.5, -1.0, 1.5])

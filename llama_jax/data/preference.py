@@ -112,7 +112,10 @@ class _EncodePair:
         self.tokenizer, self.seq_len, self.margin_table = tokenizer, seq_len, margin_table
 
     def side(self, prompt, answer) -> dict[str, np.ndarray]:
-        tokens, mask = self.tokenizer.encode_dialog_for_training(prompt + [{"role": "assistant", "content": answer}])
+        # Only the final answer is masked: what DPO sums and a mean-pooled reward head reads
+        # (earlier assistant turns of the prompt are the same on both sides).
+        tokens, mask = self.tokenizer.encode_dialog_for_training(prompt + [{"role": "assistant", "content": answer}],
+                                                                 last_turn_only=True)
         tokens, mask = np.asarray(tokens[-self.seq_len:], np.int32), np.asarray(mask[-self.seq_len:], bool)
         return pipeline.pad_row(tokens, mask, self.seq_len)
 

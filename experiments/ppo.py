@@ -7,9 +7,11 @@ beta * KL to the initial policy, with clipped PPO updates on its own rollouts.
         Any CPU. 40 iterations of 64 toy prompts (rollouts of up to 24 tokens), 4
         mini-batches of 16 each (one step per mini-batch); the first 2 iterations train
         only the value head, which learns at 1e-3 against the policy's 1e-5. Expected:
-        the value loss falls (~1.1 -> ~0.2), KL stays bounded (tenths of a nat); with the
-        toy RM the held-out reward barely rises and true accuracy falls a few points (the
-        RM cannot tell the policy's right answers from its wrong ones; README).
+        the value loss falls (~1.1 -> ~0.3), KL stays bounded (0.04-0.16 nats/answer);
+        with the recipe's RM (77% right on pairs of the policy's own answers) the
+        held-out reward rises a little and true accuracy moves by +0.4 to -3.8 points
+        between seeds in the recipe's 20 iterations, -2.0 in these 40 (the RM still
+        misranks one pair of the policy's answers in four; README).
   7b | 13b | 34b | 70b
         the paper's settings: beta 0.01 (7B/13B) or 0.005 (34B/70B), clip 0.2, AdamW
         (0.9, 0.95, 1e-5), weight decay 0.1, grad clip 1.0, constant LR 1e-6, 512 rollouts

@@ -329,8 +329,8 @@ def run(config, workdir: str, stage) -> dict:
     train_data = stage.train_data(config, tokenizer)
 
     def check_meta(saved_meta: dict) -> None:
-        if saved_meta.get("model") != meta["model"]:
-            diff = sorted(k for k in meta["model"] if saved_meta.get("model", {}).get(k) != meta["model"][k])
+        diff = ckpt.model_fields_differing(saved_meta.get("model", {}), meta["model"])
+        if diff:
             raise RunError(f"{checkpointer.directory}: its checkpoints are of another model (fields {diff} differ);"
                            " use a new --workdir or the original config")
         if saved_meta.get("tokenizer", {}).get("sha256") != meta["tokenizer"]["sha256"]:

@@ -107,3 +107,12 @@ def test_a_save_error_names_tensorstores_errno_even_when_the_middle_is_cut():
     assert len(line) < 330 and line.endswith("[os_error_code='27'] [File too large]")
     assert _first_line(RuntimeError("File too large [os_error_code=27]")) == (
         "RuntimeError: File too large [os_error_code=27]")  # named already: not repeated
+
+
+def test_a_checkpoint_from_before_a_new_model_field_still_matches():
+    cfg = LlamaConfig.tiny()
+    old = {k: v for k, v in cfg.to_dict().items() if k != "score_pooling"}  # written before the field existed
+    assert ckpt.model_fields_differing(old, cfg.to_dict()) == []
+    mean = LlamaConfig.tiny(score_pooling="mean").to_dict()
+    assert ckpt.model_fields_differing(old, mean) == ["score_pooling"]
+    assert ckpt.model_fields_differing({**old, "n_layers": 3}, cfg.to_dict()) == ["n_layers"]

@@ -285,7 +285,7 @@ def run(config, workdir: str, stage) -> dict:
             cfg = ckpt.model_config(init_meta, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                     remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers,
                                     decode_layers=cfg.decode_layers, score_pooling=cfg.score_pooling)
-            pooled = init_meta["model"].get("score_pooling", "last")
+            pooled = ckpt.model_config(init_meta).score_pooling  # the default if saved before the field
             if "score" in stage.heads and "score" in init_meta.get("heads", []) and pooled != cfg.score_pooling:
                 raise RunError(f"config.init_from {config.init_from}: its score head was trained with "
                                f"score_pooling={pooled!r}; set --config.model.score_pooling={pooled} "

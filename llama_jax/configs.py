@@ -50,6 +50,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # params of another run/export to start from (e.g. SFT from pretraining)
     c.nonfinite_policy = "stop"  # on a NaN/Inf loss or gradient: "stop" (report, exit 1) or "skip" (count)
 
+    c.early_stopping = ml_collections.ConfigDict()  # at each evaluation (eval_every_steps), from step 0
+    c.early_stopping.metric = ""  # evaluation metric to keep the best of ("" = off), e.g. eval_loss, val_reward
+    c.early_stopping.mode = "max"  # "max" or "min": which way the metric improves
+    c.early_stopping.patience = 2  # stop after this many evaluations without improvement
+    c.early_stopping.min_delta = 0.0  # an improvement must beat the best by more than this
+    c.early_stopping.guard = ""  # a higher-is-better metric that must hold ("" = none), e.g. val_true_accuracy
+    c.early_stopping.guard_tolerance = 0.0  # stop once the guard falls more than this below its step-0 value
+
     c.model = model_config(LlamaConfig.tiny())
 
     c.optimizer = ml_collections.ConfigDict()
@@ -134,6 +142,9 @@ def rlhf_config() -> ml_collections.ConfigDict:
     c.rlhf.eval_prompts = ""  # held-out prompts ("" with synthetic: a generated held-out split)
     c.rlhf.num_prompts = 512  # toy prompts to generate (synthetic)
     c.rlhf.num_eval_prompts = 128
+    c.rlhf.val_prompts = ""  # PPO: validation prompts (JSONL), answered at every evaluation (val_*)
+    c.rlhf.num_val_prompts = 0  # ... at most this many (0 = all); with synthetic prompts and no val_prompts,
+    #   this many toy ones (0 = none). The held-out eval_* prompts are then answered only before and after
     c.rlhf.eval_samples = 0  # also sample this many answers per held-out prompt at rlhf.temperature (0 = greedy only)
     c.rlhf.num_samples = 8  # K answers per prompt (rejection sampling)
     c.rlhf.temperature = 1.0  # sampling temperature (the paper re-tunes it each iteration)

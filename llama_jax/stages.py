@@ -25,6 +25,8 @@ class Stage:
     heads: tuple[str, ...] = ("lm",)
     rows_per_example = 1  # sequences the trained model reads per batch element (pairs: 2)
     uses_frozen = False  # whether the step takes a frozen copy of the params (a reference policy)
+    evaluate_at_start = False  # also evaluate before the first update (early stopping always does)
+    eval_phase = "end"  # set by the loop before each evaluation: "start", "during" or "end"
 
     def prepare(self, config, workdir: str) -> None:
         """Called first, with the workdir (e.g. to write the toy data sets into it)."""
@@ -239,11 +241,12 @@ def reward_models(stage, config, tokenizer):
 
 
 def _synthetic(config, workdir: str, kind: str, split: str, n: int, train_n: int = 0, name: str = "",
-               seed_offset: int = 0, **kwargs) -> str:
+               seed_offset: int = 0, draw: int = 0, **kwargs) -> str:
     """Writes (once) a deterministic toy data set into WORKDIR/data/{name or kind}_{split}.jsonl
     and returns its path. The eval split uses another seed and drops prompts that also
     occur in the training split (of `train_n` records). `seed_offset` draws another set
-    (e.g. the reward model's prompts, disjoint in draw from the RLHF stages')."""
+    (e.g. the reward model's prompts, disjoint in draw from the RLHF stages'); `draw`
+    another held-out set against the same training split (e.g. PPO's validation prompts)."""
     path = os.path.join(workdir, "data", f"{name or kind}_{split}.jsonl")
     seed = config.seed + seed_offset
 
@@ -251,7 +254,7 @@ def _synthetic(config, workdir: str, kind: str, split: str, n: int, train_n: int
         if os.path.exists(path):
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        records = synthetic.generate(kind, n, seed + (0 if split == "train" else 1000), split=split, **kwargs)
+        records = synthetic.generate(kind, n, seed + (0 if split == "train" else 1000 + draw), split=split, **kwargs)
         if split == "eval":
             def key(r):  # what a model is asked: a dialog without its answer, a preference or RLHF prompt
                 return json.dumps(r["messages"][:-1] if kind == "chat" else r.get("prompt", r.get("messages")))
@@ -926,10 +929,14 @@ class PPOStage(Stage):
     GAE advantages with the value head, and takes one clipped-PPO gradient step per
     mini-batch of `batch_size` rollouts. The value function is a head on the policy's
     trunk (initialised fresh); the reference policy is `init_from`. Rollout numbers
-    (reward, KL, true accuracy on toy prompts) are logged with each row; held-out prompts
-    are answered greedily at every evaluation."""
+    (reward, KL, true accuracy on toy prompts) are logged with each row. Held-out prompts
+    (eval_*) are answered before the first update and at every evaluation; with
+    validation prompts (rlhf.val_prompts or rlhf.num_val_prompts, val_*), those are what
+    every evaluation answers, for early stopping, and the held-out ones are answered only
+    before and after, so that the choice of weights never sees them."""
 
     heads = ("lm", "value")
+    evaluate_at_start = True  # ppo.json's "before"
 
     def prepare(self, config, workdir: str) -> None:
         super().prepare(config, workdir)
@@ -948,7 +955,11 @@ class PPOStage(Stage):
         if r.prompts == "synthetic":
             self.prompt_path = _synthetic(config, workdir, "prompts", "train", r.num_prompts, **mix)
         self.eval_prompt_path = _rlhf_eval_prompts(config, workdir)
-        self.config, self.queue, self.last, self.ready = config, [], {}, False
+        self.val_prompt_path = r.val_prompts
+        if not r.val_prompts and r.num_val_prompts and r.prompts == "synthetic":
+            self.val_prompt_path = _synthetic(config, workdir, "prompts", "eval", r.num_val_prompts, name="prompts_val",
+                                              train_n=r.num_prompts, draw=1, **mix)
+        self.config, self.queue, self.last, self.ready, self.held_out = config, [], {}, False, None
 
     def objective(self, config):
         p = config.ppo
@@ -1061,10 +1072,6 @@ class PPOStage(Stage):
 
     def next_batch(self, train_data, state):
         if not self.queue:
-            if train_data.position == 0 and self.eval_prompt_path:  # the held-out numbers before any update
-                rt = self.runtime
-                update_report(self.workdir, "ppo.json", before=self.evaluate_extra(
-                    self.config, rt.model, state.params, rt.tokenizer, rt.mesh, rt.rules, {}, report=False))
             self.queue = self._rollout(train_data, state.params)
         return self.queue.pop(0)
 
@@ -1100,27 +1107,47 @@ class PPOStage(Stage):
     def log_metrics(self) -> dict:
         return dict(self.last)
 
-    def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict, report: bool = True) -> dict:
-        if not self.eval_prompt_path:
-            return {}
-        from llama_jax import rlhf
-        from llama_jax.data import prompts as prompt_data
+    def _held_out(self, tokenizer) -> dict:
+        """{"val_": validation prompts, "eval_": held-out prompts}, those there are; a
+        validation prompt that is also a held-out one is dropped."""
+        if self.held_out is None:
+            from llama_jax.data import prompts as prompt_data
 
+            r, sets = self.config.rlhf, {}
+            if self.eval_prompt_path:
+                sets["eval_"] = prompt_data.load(self.eval_prompt_path, tokenizer, self._max_prompt(self.config)
+                                                 )[:r.num_eval_prompts]
+            if self.val_prompt_path:
+                held = {json.dumps(q.messages) for q in sets.get("eval_", [])}
+                sets["val_"] = [q for q in prompt_data.load(self.val_prompt_path, tokenizer,
+                                                            self._max_prompt(self.config))
+                                if json.dumps(q.messages) not in held][:r.num_val_prompts or None]
+            self.held_out = {k: v for k, v in sets.items() if v}
+        return self.held_out
+
+    def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
+        from llama_jax import rlhf
+
+        sets = self._held_out(tokenizer)
+        if "val_" in sets and self.eval_phase == "during":
+            sets = {"val_": sets["val_"]}
+        if not sets:
+            return {}
         self._setup()
-        prompts = prompt_data.load(self.eval_prompt_path, tokenizer, self._max_prompt(config))
-        prompts = prompts[:config.rlhf.num_eval_prompts]
         out = {}
-        for prefix, asked, temperature, seed in _eval_passes(config, prompts):
-            answers = self._answers(params, asked, temperature, seed)
-            rows, scored, logp, ref_logp, _ = self._evaluate_answers(params, asked, answers)
-            out.update({f"{prefix}reward": float(np.mean(scored["gated"])),
-                        f"{prefix}helpful_reward": float(np.mean(scored["helpful"])),
-                        f"{prefix}kl": float(rlhf.kl_per_token(logp, ref_logp, rows["loss_mask"]).sum(axis=1).mean()),
-                        **_true_accuracy(f"{prefix}true_accuracy", asked, scored["texts"], by_task=True)})
-            if "safety" in scored:
-                out[f"{prefix}safety_reward"] = float(np.mean(scored["safety"]))
-        if report:
-            update_report(self.workdir, "ppo.json", after=out)
+        for name, prompts in sets.items():
+            for prefix, asked, temperature, seed in _eval_passes(config, prompts):
+                prefix = name + prefix[len("eval_"):]
+                answers = self._answers(params, asked, temperature, seed)
+                rows, scored, logp, ref_logp, _ = self._evaluate_answers(params, asked, answers)
+                kl = rlhf.kl_per_token(logp, ref_logp, rows["loss_mask"]).sum(axis=1)
+                out.update({f"{prefix}reward": float(np.mean(scored["gated"])),
+                            f"{prefix}helpful_reward": float(np.mean(scored["helpful"])),
+                            f"{prefix}kl": float(kl.mean()),
+                            **_true_accuracy(f"{prefix}true_accuracy", asked, scored["texts"], by_task=True)})
+                if "safety" in scored:
+                    out[f"{prefix}safety_reward"] = float(np.mean(scored["safety"]))
+        update_report(self.workdir, "ppo.json", **{"before" if self.eval_phase == "start" else "after": out})
         return out
 
 

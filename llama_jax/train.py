@@ -204,6 +204,63 @@ class RunError(RuntimeError):
     """A run that cannot start or continue; main prints the message and exits non-zero."""
 
 
+class EarlyStopping:
+    """Keeps the evaluation with the best `metric` (paper 3.2.3: PPO is early-stopped on
+    held-out prompts) and says when to stop: after `patience` evaluations without an
+    improvement of more than `min_delta`, or at once when the optional `guard` metric
+    (higher is better, e.g. a true accuracy checked by code) falls more than
+    `guard_tolerance` below its value at the first evaluation (step 0). An evaluation
+    whose guard has fallen is never the best. Its state travels in checkpoints."""
+
+    def __init__(self, cfg):
+        self.metric, self.mode, self.guard = str(cfg.metric), str(cfg.mode), str(cfg.guard)
+        self.patience, self.min_delta, self.tolerance = int(cfg.patience), float(cfg.min_delta), \
+            float(cfg.guard_tolerance)
+        if self.mode not in ("max", "min"):
+            raise RunError(f"config.early_stopping.mode: {self.mode!r} is not 'max' or 'min'")
+        if self.patience < 1:
+            raise RunError(f"config.early_stopping.patience: {self.patience} must be at least 1")
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.guard_start: float | None = None
+        self.stale = 0  # evaluations since the best
+        self.reason = ""  # why training stopped ("" = it has not)
+
+    def state(self) -> dict:
+        return {k: getattr(self, k) for k in ("best", "best_step", "guard_start", "stale", "reason")}
+
+    def load(self, saved: dict | None) -> None:
+        for k, v in (saved or {}).items():
+            setattr(self, k, v)
+
+    def _value(self, ev: dict, name: str, field: str) -> float:
+        if name not in ev:
+            raise RunError(f"config.early_stopping.{field}: {name!r} is not among this stage's evaluation metrics "
+                           f"({', '.join(sorted(ev)) or 'none'})")
+        return float(ev[name])
+
+    def observe(self, step: int, ev: dict) -> bool:
+        """Records the evaluation at `step`; True if it is the new best (keep its weights)."""
+        value = self._value(ev, self.metric, "metric")
+        if self.guard:
+            g = self._value(ev, self.guard, "guard")
+            if self.guard_start is None:
+                self.guard_start = g
+            elif g < self.guard_start - self.tolerance:
+                self.reason = (f"{self.guard} fell to {g:.4g} at step {step} (from {self.guard_start:.4g} at step 0, "
+                               f"tolerance {self.tolerance:g})")
+                return False
+        sign = 1.0 if self.mode == "max" else -1.0
+        if self.best is None or sign * (value - self.best) > self.min_delta:
+            self.best, self.best_step, self.stale = value, step, 0
+            return True
+        self.stale += 1
+        if self.stale >= self.patience:
+            self.reason = (f"{self.metric} has not improved on {self.best:.4g} (step {self.best_step}) "
+                           f"for {self.stale} evaluations")
+        return False
+
+
 def _global_batch(batch: dict, shardings: dict) -> dict:
     """This process's numpy batch -> global jax arrays on the mesh (multi-host safe)."""
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
@@ -310,6 +367,15 @@ def run(config, workdir: str, stage) -> dict:
         raise RunError(f"config.batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
     if config.seq_len > cfg.max_seq_len:
         raise RunError(f"config.seq_len {config.seq_len} exceeds config.model.max_seq_len {cfg.max_seq_len}")
+    stopper = EarlyStopping(config.early_stopping) if config.early_stopping.metric else None
+    if stopper is not None:
+        if not config.eval_every_steps:
+            raise RunError("config.early_stopping.metric needs evaluations: set config.eval_every_steps > 0")
+        later = stopper.patience * config.eval_every_steps // config.checkpoint_every_steps
+        if config.checkpoint.max_to_keep and config.checkpoint.max_to_keep < later + 1:
+            raise RunError(f"config.checkpoint.max_to_keep {config.checkpoint.max_to_keep} could delete the best "
+                           f"checkpoint before early stopping returns to it ({later} saves may follow it at "
+                           f"early_stopping.patience {stopper.patience}); set it to {later + 1} or more")
     lead = jax.process_index() == 0
 
     stage.prepare(config, workdir)
@@ -344,6 +410,8 @@ def run(config, workdir: str, stage) -> dict:
     if restored is not None:
         start, state, data_state, _ = restored
         _restore_data(train_data, data_state, start, lead)
+        if stopper is not None:
+            stopper.load(data_state.get("early_stopping"))
         if lead:
             print(f"resumed from step {start} in {workdir}", flush=True)
     else:
@@ -359,7 +427,8 @@ def run(config, workdir: str, stage) -> dict:
     eval_fn = jax.jit(make_eval_step(apply_fn, objective), in_shardings=(param_sh, batch_sh, frozen_sh),
                       out_shardings=NamedSharding(mesh, P()))
 
-    def evaluate(params) -> dict:
+    def evaluate(params, phase: str) -> dict:
+        stage.eval_phase = phase
         out: dict = {}
         data = stage.eval_data(config, tokenizer)
         if data is not None:
@@ -397,7 +466,22 @@ def run(config, workdir: str, stage) -> dict:
                            f"{float(m['loss'])}); the update was not applied. Last checkpoint: step "
                            f"{checkpointer.latest_step()}. Set --config.nonfinite_policy=skip to skip such steps.")
 
+    def save(step: int, force: bool = False, **extra) -> None:
+        data_state = {"processes": distributed.allgather_json(train_data.state())}
+        if stopper is not None:
+            data_state["early_stopping"] = stopper.state()
+        checkpointer.save(step, state, data_state, {**meta, **extra}, force=force)
+
     try:
+        if start == 0 and (stopper is not None or stage.evaluate_at_start):  # the numbers before any update
+            ev = evaluate(state.params, "start")
+            if ev:
+                writer.write(0, ev)
+                progress.message("eval at step 0: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+            if stopper is not None:
+                stopper.observe(0, ev)
+                save(0, force=True)  # the weights to return to if no evaluation beats them
+        step = start
         for step in range(start + 1, config.total_steps + 1):
             try:
                 batch = stage.next_batch(train_data, state)
@@ -427,22 +511,47 @@ def run(config, workdir: str, stage) -> dict:
                 progress.update(step, loss=final["loss"], lr=final["learning_rate"],
                                 tok_s=final["tokens_per_second"], mfu=final["mfu"])
                 pending, last_log_time, last_log_step = [], time.perf_counter(), step
-            if config.eval_every_steps and step % config.eval_every_steps == 0 and step != config.total_steps:
+            best = False
+            if config.eval_every_steps and step % config.eval_every_steps == 0 and (
+                    step != config.total_steps or stopper is not None):
                 eval_start = time.perf_counter()
-                ev = evaluate(state.params)
+                ev = evaluate(state.params, "during")
                 if ev:
                     writer.write(step, ev)
                     progress.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+                if stopper is not None:
+                    best = stopper.observe(step, ev)
                 last_log_time += time.perf_counter() - eval_start  # throughput excludes evaluation
-            if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
-                data_state = {"processes": distributed.allgather_json(train_data.state())}
-                checkpointer.save(step, state, data_state, meta, force=step == config.total_steps)
+            periodic = step % config.checkpoint_every_steps == 0 or step == config.total_steps
+            if stopper is not None and step == config.total_steps:
+                periodic = False  # the last step holds the best weights, saved below
+            if best or periodic:
+                save(step, force=best or step == config.total_steps)
+            if stopper is not None and stopper.reason:
+                progress.message(f"early stopping at step {step}: {stopper.reason}")
+                break
+        if stopper is not None and step == config.total_steps and not stopper.reason:
+            stopper.reason = f"ran all {config.total_steps} steps"
+        if stopper is not None and start < config.total_steps:
+            # The run ends on its best evaluation's weights, saved as the last step so that
+            # resuming finds it finished and init_from / export read these weights.
+            checkpointer.wait()
+            if stopper.best_step != step:
+                state = checkpointer.restore(stopper.best_step, abstract_sharded)[0]
+            progress.message(f"early stopping keeps step {stopper.best_step} ({stopper.metric} {stopper.best:.4g})"
+                             + (f", saved as step {config.total_steps}" if stopper.best_step != config.total_steps
+                                else ""))
+            if stopper.best_step != config.total_steps:
+                save(config.total_steps, force=True, early_stopping=stopper.state())
         checkpointer.wait()
-        ev = evaluate(state.params)
+        ev = evaluate(state.params, "end")
         if ev and start < config.total_steps:  # a rerun of a finished run evaluates but adds no row
             writer.write(config.total_steps, ev)
             final.update(ev)
             progress.message("final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+        if stopper is not None and stopper.best_step is not None:
+            final.update(early_stopping_best_step=stopper.best_step, early_stopping_best=stopper.best,
+                         early_stopping_reason=stopper.reason)
         if lead:
             with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
                 json.dump(final, f, indent=1)

@@ -136,6 +136,38 @@ def test_init_from_starts_from_another_runs_params(tmp_path, reference_run, toke
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # learning rate 0: unchanged
 
 
+def test_early_stopping_returns_to_the_best_evaluation(tmp_path, tokenizer_path):
+    """Early stopping on a metric that only gets worse (eval_loss with mode max): the
+    step-0 weights stay the best, training stops after `patience` evaluations, and the
+    run ends on the step-0 weights, saved as its last step; a rerun trains no more."""
+    args = command(str(tmp_path), f"--config.data.tokenizer={tokenizer_path}", "--config.data.eval_source=stdlib:eval",
+                   "--config.eval_steps=1", "--config.eval_every_steps=3", "--config.early_stopping.metric=eval_loss",
+                   "--config.early_stopping.mode=max", "--config.early_stopping.patience=2",
+                   "--config.checkpoint.max_to_keep=3", "--config.optimizer.learning_rate=1e-2")
+    out = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "early stopping at step 6: eval_loss has not improved on" in out.stderr
+    assert "early stopping keeps step 0" in out.stderr
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    assert sorted(evals) == [0, 3, 6, 12] and max(r["step"] for r in rows if "loss" in r) == 6
+    assert evals[3] < evals[0] and evals[6] < evals[0]  # training did lower the loss ...
+    assert evals[12] == pytest.approx(evals[0], abs=1e-5)  # ... but the run ends on the step-0 weights
+    final = json.load(open(tmp_path / "final_metrics.json"))
+    assert final["early_stopping_best_step"] == 0 and final["eval_loss"] == pytest.approx(evals[0], abs=1e-5)
+    from llama_jax import checkpoint as ckpt
+
+    step, meta = ckpt.read_meta(str(tmp_path))
+    assert step == 12 and meta["early_stopping"]["best_step"] == 0
+    again = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "resumed from step 12" in again.stdout
+    assert len(open(tmp_path / "metrics.jsonl").readlines()) == len(rows)  # nothing trained or added
+    # a best checkpoint that later saves could delete is refused before anything runs
+    bad = subprocess.run(args[:-2] + ["--config.checkpoint.max_to_keep=2"], env=env(), capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "config.checkpoint.max_to_keep 2 could delete the best checkpoint" in bad.stderr
+
+
 def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run):
     """SFT from the pretrained run, then a reward model and DPO from the SFT run: each a
     real `python -m llama_jax.main` with its experiment config, on the toy data."""
@@ -233,7 +265,8 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     out, ppo = stage("ppo", ppo_dir, f"--config.init_from={sft_dir}", f"--config.rlhf.reward_model={tmp_path / 'rm'}",
                      "--config.rlhf.safety_reward_model=", "--config.rlhf.num_prompts=16",
                      "--config.rlhf.num_eval_prompts=4", "--config.rlhf.max_new_tokens=6",
-                     "--config.ppo.rollout_batch=8", "--config.eval_every_steps=0", "--config.total_steps=6",
+                     "--config.ppo.rollout_batch=8", "--config.eval_every_steps=2", "--config.total_steps=6",
+                     "--config.rlhf.num_val_prompts=4",
                      "--config.ppo.value_warmup_iterations=2", "--config.optimizer.learning_rate=1e-2",
                      "--config.ppo.gather_for_generation=true", "--config.mesh.tensor=2", devices=8)
     assert "rollouts sample from a copy of the policy gathered over fsdp=4" in out.stdout  # on a 1x4x2 mesh
@@ -252,6 +285,14 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     assert ppo_report["before"]["eval_kl"] == pytest.approx(0.0, abs=1e-4)  # measured before any update
     assert ppo_report["before"]["eval_sampled_kl"] == pytest.approx(0.0, abs=1e-4)  # answers sampled too
     assert 0.0 <= ppo_report["after"]["eval_sampled_true_accuracy"] <= 1.0
+    # validation prompts are answered at every evaluation, the held-out ones only before and after
+    evals = {r["step"]: r for r in rows if "val_reward" in r}
+    assert sorted(evals) == [0, 2, 4, 6] and not any("eval_reward" in evals[s] for s in (2, 4))
+    assert "eval_reward" in evals[0] and "eval_reward" in evals[6] and "val_sampled_true_accuracy" in evals[4]
+    assert {"val_reward", "eval_reward"} <= set(ppo_report["before"])
+    val = [json.loads(line)["messages"] for line in open(os.path.join(ppo_dir, "data", "prompts_val_eval.jsonl"))]
+    held = [json.loads(line)["messages"] for line in open(os.path.join(ppo_dir, "data", "prompts_eval.jsonl"))]
+    assert val and val != held[:len(val)]  # another draw than the held-out prompts
     assert ckpt.read_meta(ppo_dir)[1]["heads"] == ["lm", "value"]
 
     gatt_dir = str(tmp_path / "gatt")

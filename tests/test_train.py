@@ -141,3 +141,39 @@ def test_sharded_train_step_equals_single_device():
     assert float(m["loss"]) == pytest.approx(float(ref_m["loss"]), rel=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(ref_state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def stopping(**kw):
+    base = dict(metric="val_reward", mode="max", patience=2, min_delta=0.0, guard="", guard_tolerance=0.0)
+    return train.EarlyStopping(ml_collections.ConfigDict({**base, **kw}))
+
+
+def test_early_stopping_keeps_the_best_and_stops_after_patience():
+    s = stopping(min_delta=0.01)
+    assert s.observe(0, {"val_reward": 0.50})  # the first evaluation is the best so far
+    assert s.observe(20, {"val_reward": 0.60})
+    assert not s.observe(40, {"val_reward": 0.605})  # within min_delta: not an improvement
+    assert not s.reason and s.stale == 1
+    assert not s.observe(60, {"val_reward": 0.55})
+    assert (s.best_step, s.best, s.stale) == (20, 0.60, 2)
+    assert "val_reward has not improved on 0.6 (step 20) for 2 evaluations" == s.reason
+    low = stopping(metric="eval_loss", mode="min", patience=1)
+    assert low.observe(0, {"eval_loss": 3.0}) and low.observe(5, {"eval_loss": 2.5})
+    assert not low.observe(10, {"eval_loss": 2.7}) and low.reason and low.best_step == 5
+    resumed = stopping(min_delta=0.01)  # the state travels in checkpoints
+    resumed.load(s.state())
+    assert (resumed.best_step, resumed.best, resumed.stale, resumed.reason) == (20, 0.60, 2, s.reason)
+
+
+def test_early_stopping_guard_stops_when_true_accuracy_falls():
+    s = stopping(guard="val_true_accuracy", guard_tolerance=0.02, patience=5)
+    assert s.observe(0, {"val_reward": 0.5, "val_true_accuracy": 0.60})
+    assert s.observe(20, {"val_reward": 0.6, "val_true_accuracy": 0.585})  # within the tolerance
+    # reward still rising, but the code-checked accuracy fell 3 points: not kept, and stop
+    assert not s.observe(40, {"val_reward": 0.7, "val_true_accuracy": 0.57})
+    assert s.best_step == 20 and s.reason.startswith("val_true_accuracy fell to 0.57 at step 40 (from 0.6")
+    with pytest.raises(train.RunError, match=r"config.early_stopping.guard: 'val_accuracy' is not among .*"
+                                             r"\(val_reward\)"):
+        stopping(guard="val_accuracy").observe(0, {"val_reward": 0.5})
+    with pytest.raises(train.RunError, match="config.early_stopping.mode: 'up' is not 'max' or 'min'"):
+        stopping(mode="up")

@@ -55,8 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.early_stopping.mode = "max"  # "max" or "min": which way the metric improves
     c.early_stopping.patience = 2  # stop after this many evaluations without improvement
     c.early_stopping.min_delta = 0.0  # an improvement must beat the best by more than this
-    c.early_stopping.guard = ""  # a higher-is-better metric that must hold ("" = none), e.g. val_true_accuracy
-    c.early_stopping.guard_tolerance = 0.0  # stop once the guard falls more than this below its step-0 value
+    c.early_stopping.guard = ""  # higher-is-better metrics that must hold, comma-separated ("" = none)
+    c.early_stopping.guard_tolerance = 0.0  # stop once a guard falls more than this below its step-0 value
 
     c.model = model_config(LlamaConfig.tiny())
 

@@ -37,7 +37,7 @@ STAGES = [
       "--config.eval_exact_match=100"]),
     ("ppo", "ppo.py:tiny", "rejection_sampling",
      ["--config.rlhf.reward_model={w}/rm", "--config.rlhf.safety_reward_model={w}/rm_safety",
-      "--config.total_steps=80", "--config.eval_every_steps=0", "--config.checkpoint_every_steps=40"]),
+      "--config.checkpoint_every_steps=40"]),
     ("gatt", "gatt.py:tiny", "ppo", ["--config.gatt.num_dialogs=2000", "--config.total_steps=150"]),
     ("safety_distill", "safety_distill.py:tiny", "gatt",
      ["--config.rlhf.reward_model={w}/rm", "--config.rlhf.safety_reward_model={w}/rm_safety",
@@ -57,7 +57,8 @@ FAST = {  # --fast: minutes, not tens of minutes (tests); numbers are then meani
                            "--config.rlhf.max_new_tokens=6", "--config.total_steps=4", "--config.eval_exact_match=4",
                            "--config.data.synthetic_eval=20", "--config.eval_max_new_tokens=6",
                            "--config.rlhf.num_eval_prompts=16"],
-    "ppo": ["--config.rlhf.num_prompts=32", "--config.rlhf.num_eval_prompts=8", "--config.rlhf.max_new_tokens=6",
+    "ppo": ["--config.rlhf.num_prompts=32", "--config.rlhf.num_eval_prompts=8", "--config.rlhf.num_val_prompts=8",
+            "--config.rlhf.max_new_tokens=6",
             "--config.ppo.rollout_batch=16", "--config.batch_size=8", "--config.total_steps=4",
             "--config.checkpoint_every_steps=4", "--config.log_every_steps=2"],
     "gatt": ["--config.gatt.num_dialogs=16", "--config.gatt.num_eval_dialogs=4", "--config.gatt.eval_turns=2,4",
@@ -112,6 +113,12 @@ def headlines(workdir: str) -> list[dict]:
     def turn(report: dict, key: str, t: str):
         return (report.get(key) or {}).get(t)
 
+    def change(report: dict, prefix: str):
+        """The paired change in true accuracy, in points, with its standard error."""
+        after = report.get("after") or {}
+        c, se = after.get(f"{prefix}change_in_true_accuracy"), after.get(f"{prefix}change_in_true_accuracy_se")
+        return None if c is None else f"{100 * c:+.1f} +- {100 * se:.1f} points"
+
     late_turns = sorted((t for t in (gatt.get("after") or {}) if int(t) >= 4), key=int)
 
     rows = [
@@ -133,6 +140,8 @@ def headlines(workdir: str) -> list[dict]:
          turn(rs, "before", "eval_sampled_reward"), turn(rs, "after", "eval_sampled_reward")),
         ("rejection_sampling", "held-out true accuracy of the policy, sampled (before: SFT)",
          turn(rs, "before", "eval_sampled_true_accuracy"), turn(rs, "after", "eval_sampled_true_accuracy")),
+        ("rejection_sampling", "change in held-out true accuracy, greedy / sampled (paired SE)", None,
+         " / ".join(str(change(rs, p)) for p in ("eval_", "eval_sampled_")) if change(rs, "eval_") else None),
         ("rejection_sampling", "held-out exact match after fine-tuning (before: SFT)",
          m["sft"].get("eval_exact_match"), m["rejection_sampling"].get("eval_exact_match")),
         ("ppo", "held-out reward (greedy)", (ppo.get("before") or {}).get("eval_reward"),
@@ -147,6 +156,8 @@ def headlines(workdir: str) -> list[dict]:
          turn(ppo, "after", "eval_sampled_kl")),
         ("ppo", "held-out true accuracy, sampled", turn(ppo, "before", "eval_sampled_true_accuracy"),
          turn(ppo, "after", "eval_sampled_true_accuracy")),
+        ("ppo", "change in held-out true accuracy, greedy / sampled (paired SE)", None,
+         " / ".join(str(change(ppo, p)) for p in ("eval_", "eval_sampled_")) if change(ppo, "eval_") else None),
         *[("gatt", f"instruction adherence at turn {t}", turn(gatt, "baseline", t), turn(gatt, "after", t))
           for t in late_turns or ["4"]],
         ("safety_distill", "violation rate on held-out adversarial prompts", turn(dist, "before", "violation_rate"),

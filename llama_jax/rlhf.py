@@ -288,6 +288,22 @@ def accuracy_curve(rewards, correct, ns) -> dict:
             for n in ns if n <= r.shape[1]}
 
 
+def paired_change(before, after) -> dict:
+    """How a 0/1 score of the same prompts (e.g. right by code) changed between two
+    policies, with the paired standard error of the change (std of the per-prompt
+    differences / sqrt(n)): a change within two SEs of 0 is the draw of prompts and
+    answers, not the training. `gained`/`lost`: prompts that went 0 -> 1 and 1 -> 0."""
+    import numpy as np
+
+    b, a = np.asarray(before, np.float64), np.asarray(after, np.float64)
+    if b.shape != a.shape or b.ndim != 1:
+        raise ValueError(f"paired_change: {b.shape} and {a.shape} are not the same prompts")
+    d = a - b
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    return {"change": float(d.mean()) if len(d) else 0.0, "se": se, "gained": int((d > 0).sum()),
+            "lost": int((d < 0).sum())}
+
+
 def code_labelled_pairs(prompts, answers, pairs_per_prompt: int, seed: int) -> list[dict]:
     """Preference pairs from the policy's own samples, labelled by code instead of an
     annotator (toy prompts with a `reference`): on a helpfulness prompt a right answer

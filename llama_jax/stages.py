@@ -520,7 +520,9 @@ class RejectionSamplingStage(SFTStage):
         except ValueError as e:
             raise RunError(f"rejection sampling: {e}") from None
         checked = [i for i, p in enumerate(prompts) if "reference" in p.record]
-        before = policy_quality(config, cfg, params, tokenizer, mesh, rms, _rlhf_eval_prompts(config, workdir))
+        before_right: dict = {}
+        before = policy_quality(config, cfg, params, tokenizer, mesh, rms, _rlhf_eval_prompts(config, workdir),
+                                right=before_right)
         ns = [1, 2, 4, 8, 16, 32, 64, 100, r.num_samples]
         report = {
             "prompts": len(prompts), "num_samples": r.num_samples, "temperature": r.temperature,
@@ -530,7 +532,7 @@ class RejectionSamplingStage(SFTStage):
             "selection_beta": r.selection_beta,
             "pooled_from_earlier_iterations": pooled, "kept_at_min_reward": len(kept),
             "seconds": time.perf_counter() - start,
-            "before": before,
+            "before": before, "before_right": before_right,
         }
         if checked:  # toy prompts carry the answer code checks against: every sample checked once
             from llama_jax.data.synthetic import is_correct
@@ -548,7 +550,8 @@ class RejectionSamplingStage(SFTStage):
                 report["accuracy_kept"] = float(np.mean([is_correct(rec, a) for rec, a in kept_checked]))
             report["accuracy_any_sample"] = float(correct.any(axis=1).mean())
         update_report(workdir, "rejection_sampling.json", **report)
-        print("rejection sampling: " + json.dumps({k: v for k, v in report.items() if k != "reward_vs_n"}), flush=True)
+        print("rejection sampling: " + json.dumps({k: v for k, v in report.items()
+                                                   if k not in ("reward_vs_n", "before_right")}), flush=True)
         os.makedirs(os.path.dirname(self.train_path), exist_ok=True)
         synthetic.write_jsonl(kept, self.train_path + ".tmp")
         os.replace(self.train_path + ".tmp", self.train_path)
@@ -558,8 +561,11 @@ class RejectionSamplingStage(SFTStage):
         """Exact match on held-out dialogs, and the fine-tuned policy's greedy answers to
         held-out RLHF prompts: mean reward and true accuracy ("after" in the report)."""
         out = super().evaluate_extra(config, model, params, tokenizer, mesh, rules, ev)
+        right: dict = {}
         after = policy_quality(config, model.config, params, tokenizer, mesh, reward_models(self, config, tokenizer),
-                               _rlhf_eval_prompts(config, self.workdir), rules)
+                               _rlhf_eval_prompts(config, self.workdir), rules, right=right)
+        after.update(_paired_changes(right, _json_or_empty(os.path.join(self.workdir, "rejection_sampling.json")
+                                                           ).get("before_right", {})))
         update_report(self.workdir, "rejection_sampling.json", after=after)
         return {**out, **after}
 
@@ -597,11 +603,12 @@ def _eval_passes(config, prompts) -> list[tuple]:
     return passes
 
 
-def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=None) -> dict:
+def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=None, right: dict | None = None
+                   ) -> dict:
     """The policy's answers to the held-out prompts at `path` ({} without one), greedy and
     (rlhf.eval_samples) sampled, `_eval_passes`: PREFIXreward (the mean gated reward-model
     probability) and, on prompts with a `reference`, PREFIXtrue_accuracy (checked by code,
-    also per toy task)."""
+    also per toy task); `right` gets {PREFIX: 1/0 per checked answer}."""
     if not path:
         return {}
     from llama_jax.data import prompts as prompt_data
@@ -617,6 +624,8 @@ def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=N
                      [p.is_safety for p in asked])
         out.update({f"{prefix}reward": float(np.mean(scored["gated"])),
                     **_true_accuracy(f"{prefix}true_accuracy", asked, texts, by_task=True)})
+        if right is not None:
+            right[prefix] = _right(asked, texts)
     return out
 
 
@@ -960,6 +969,7 @@ class PPOStage(Stage):
             self.val_prompt_path = _synthetic(config, workdir, "prompts", "eval", r.num_val_prompts, name="prompts_val",
                                               train_n=r.num_prompts, draw=1, **mix)
         self.config, self.queue, self.last, self.ready, self.held_out = config, [], {}, False, None
+        self.before_right: dict | None = None  # per held-out answer, right by code, before any update
 
     def objective(self, config):
         p = config.ppo
@@ -1134,7 +1144,7 @@ class PPOStage(Stage):
         if not sets:
             return {}
         self._setup()
-        out = {}
+        out, right = {}, {}
         for name, prompts in sets.items():
             for prefix, asked, temperature, seed in _eval_passes(config, prompts):
                 prefix = name + prefix[len("eval_"):]
@@ -1147,7 +1157,16 @@ class PPOStage(Stage):
                             **_true_accuracy(f"{prefix}true_accuracy", asked, scored["texts"], by_task=True)})
                 if "safety" in scored:
                     out[f"{prefix}safety_reward"] = float(np.mean(scored["safety"]))
-        update_report(self.workdir, "ppo.json", **{"before" if self.eval_phase == "start" else "after": out})
+                if name == "eval_":
+                    right[prefix] = _right(asked, scored["texts"])
+        if self.eval_phase == "start":
+            self.before_right = right
+            update_report(self.workdir, "ppo.json", before=out, before_right=right)
+            return out
+        before = self.before_right or _json_or_empty(  # a resumed run: from the report
+            os.path.join(self.workdir, "ppo.json")).get("before_right", {})
+        out.update(_paired_changes(right, before))
+        update_report(self.workdir, "ppo.json", after=out)
         return out
 
 
@@ -1155,18 +1174,41 @@ def _true_accuracy(name: str, prompts, texts, by_task: bool = False) -> dict:
     """{name: share of answers right by code} over the prompts that carry a `reference`;
     with `by_task`, also {name_TASK: ...} for each `task` the records name (toy prompts:
     add, copy, reverse, sort, safety)."""
-    from llama_jax.data.synthetic import is_correct
-
     pairs = [(q.record, t) for q, t in zip(prompts, texts) if "reference" in q.record]
     if not pairs:
         return {}
-    right = [is_correct(rec, t) for rec, t in pairs]
+    right = _right(prompts, texts)
     out = {name: float(np.mean(right))}
     if by_task:
         tasks = [str(rec.get("task", "")) for rec, _ in pairs]
         for task in sorted(set(tasks) - {""}):
             out[f"{name}_{task}"] = float(np.mean([ok for t, ok in zip(tasks, right) if t == task]))
     return out
+
+
+def _right(prompts, texts) -> list[int]:
+    """1/0 per answer, right or not by code, over the prompts that carry a `reference`."""
+    from llama_jax.data.synthetic import is_correct
+
+    return [int(is_correct(q.record, t)) for q, t in zip(prompts, texts) if "reference" in q.record]
+
+
+def _paired_changes(right: dict, before: dict) -> dict:
+    """PREFIXchange_in_true_accuracy and its paired standard error (_se), for each answer
+    pass PREFIX whose per-prompt correctness `before` holds for the same prompts."""
+    from llama_jax import rlhf
+
+    out = {}
+    for prefix, now in right.items():
+        if now and len(before.get(prefix, [])) == len(now):
+            change = rlhf.paired_change(before[prefix], now)
+            out[f"{prefix}change_in_true_accuracy"], out[f"{prefix}change_in_true_accuracy_se"] = (
+                change["change"], change["se"])
+    return out
+
+
+def _json_or_empty(path: str) -> dict:
+    return json.load(open(path)) if os.path.exists(path) and jax.process_index() == 0 else {}
 
 
 def _replicated(mesh):

@@ -207,13 +207,15 @@ class RunError(RuntimeError):
 class EarlyStopping:
     """Keeps the evaluation with the best `metric` (paper 3.2.3: PPO is early-stopped on
     held-out prompts) and says when to stop: after `patience` evaluations without an
-    improvement of more than `min_delta`, or at once when the optional `guard` metric
-    (higher is better, e.g. a true accuracy checked by code) falls more than
-    `guard_tolerance` below its value at the first evaluation (step 0). An evaluation
-    whose guard has fallen is never the best. Its state travels in checkpoints."""
+    improvement of more than `min_delta`, or at once when one of the optional `guard`
+    metrics (comma-separated, higher is better, e.g. true accuracies checked by code)
+    falls more than `guard_tolerance` below its value at the first evaluation (step 0).
+    An evaluation whose guard has fallen is never the best. Its state travels in
+    checkpoints."""
 
     def __init__(self, cfg):
-        self.metric, self.mode, self.guard = str(cfg.metric), str(cfg.mode), str(cfg.guard)
+        self.metric, self.mode = str(cfg.metric), str(cfg.mode)
+        self.guards = [g.strip() for g in str(cfg.guard).split(",") if g.strip()]
         self.patience, self.min_delta, self.tolerance = int(cfg.patience), float(cfg.min_delta), \
             float(cfg.guard_tolerance)
         if self.mode not in ("max", "min"):
@@ -222,9 +224,25 @@ class EarlyStopping:
             raise RunError(f"config.early_stopping.patience: {self.patience} must be at least 1")
         self.best: float | None = None
         self.best_step: int | None = None
-        self.guard_start: float | None = None
+        self.guard_start: dict[str, float] = {}
         self.stale = 0  # evaluations since the best
         self.reason = ""  # why training stopped ("" = it has not)
+
+    @classmethod
+    def from_config(cls, config) -> "EarlyStopping | None":
+        """The run's stopper (None when early_stopping.metric is empty), after checking that
+        the run evaluates and keeps enough checkpoints for the best to survive."""
+        if not config.early_stopping.metric:
+            return None
+        stopper = cls(config.early_stopping)
+        if not config.eval_every_steps:
+            raise RunError("config.early_stopping.metric needs evaluations: set config.eval_every_steps > 0")
+        later = stopper.patience * config.eval_every_steps // config.checkpoint_every_steps
+        if config.checkpoint.max_to_keep and config.checkpoint.max_to_keep < later + 1:
+            raise RunError(f"config.checkpoint.max_to_keep {config.checkpoint.max_to_keep} could delete the best "
+                           f"checkpoint before early stopping returns to it ({later} saves may follow it at "
+                           f"early_stopping.patience {stopper.patience}); set it to {later + 1} or more")
+        return stopper
 
     def state(self) -> dict:
         return {k: getattr(self, k) for k in ("best", "best_step", "guard_start", "stale", "reason")}
@@ -242,12 +260,11 @@ class EarlyStopping:
     def observe(self, step: int, ev: dict) -> bool:
         """Records the evaluation at `step`; True if it is the new best (keep its weights)."""
         value = self._value(ev, self.metric, "metric")
-        if self.guard:
-            g = self._value(ev, self.guard, "guard")
-            if self.guard_start is None:
-                self.guard_start = g
-            elif g < self.guard_start - self.tolerance:
-                self.reason = (f"{self.guard} fell to {g:.4g} at step {step} (from {self.guard_start:.4g} at step 0, "
+        for name in self.guards:
+            g = self._value(ev, name, "guard")
+            start = self.guard_start.setdefault(name, g)
+            if g < start - self.tolerance:
+                self.reason = (f"{name} fell to {g:.4g} at step {step} (from {start:.4g} at step 0, "
                                f"tolerance {self.tolerance:g})")
                 return False
         sign = 1.0 if self.mode == "max" else -1.0
@@ -367,15 +384,7 @@ def run(config, workdir: str, stage) -> dict:
         raise RunError(f"config.batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
     if config.seq_len > cfg.max_seq_len:
         raise RunError(f"config.seq_len {config.seq_len} exceeds config.model.max_seq_len {cfg.max_seq_len}")
-    stopper = EarlyStopping(config.early_stopping) if config.early_stopping.metric else None
-    if stopper is not None:
-        if not config.eval_every_steps:
-            raise RunError("config.early_stopping.metric needs evaluations: set config.eval_every_steps > 0")
-        later = stopper.patience * config.eval_every_steps // config.checkpoint_every_steps
-        if config.checkpoint.max_to_keep and config.checkpoint.max_to_keep < later + 1:
-            raise RunError(f"config.checkpoint.max_to_keep {config.checkpoint.max_to_keep} could delete the best "
-                           f"checkpoint before early stopping returns to it ({later} saves may follow it at "
-                           f"early_stopping.patience {stopper.patience}); set it to {later + 1} or more")
+    stopper = EarlyStopping.from_config(config)
     lead = jax.process_index() == 0
 
     stage.prepare(config, workdir)

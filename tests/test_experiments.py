@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from llama_jax import train
 from llama_jax.configs import to_llama_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +48,10 @@ def test_experiment_configs_load(name):
             assert (opt.learning_rate, opt.schedule, opt.weight_decay) == (1e-6, "constant", 0.1)
             assert (opt.b1, opt.b2, opt.eps, opt.clip_norm) == (0.9, 0.95, 1e-5, 1.0)
             assert c.rlhf.safety_threshold == 0.15
+            stopper = train.EarlyStopping.from_config(c)  # early-stopped on held-out prompts, the best kept
+            assert stopper.metric == "val_reward" and c.rlhf.val_prompts
+        assert train.EarlyStopping.from_config(load(name).get_config("tiny")).guards == [
+            "val_true_accuracy", "val_sampled_true_accuracy"]
 
 
 def test_ppo_critic_schedules_from_the_config():

@@ -227,7 +227,12 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
                     "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
                     "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6", "--config.rlhf.min_reward=0")
     report = json.load(open(os.path.join(rs_dir, "rejection_sampling.json")))
-    assert set(report["before"]) == set(report["after"])
+    changes = {k for k in report["after"] if "_change_in_" in k}
+    assert set(report["before"]) == set(report["after"]) - changes
+    for p in ("eval_", "eval_sampled_"):  # the paired change is the difference of the two accuracies
+        assert report["after"][f"{p}change_in_true_accuracy"] == pytest.approx(
+            report["after"][f"{p}true_accuracy"] - report["before"][f"{p}true_accuracy"])
+        assert report["after"][f"{p}change_in_true_accuracy_se"] >= 0.0
     assert {"eval_reward", "eval_true_accuracy"} <= set(report["after"])
     per_task = {k: v for k, v in report["after"].items() if k.startswith("eval_true_accuracy_")}
     tasks = ("add", "copy", "reverse", "sort", "safety")
@@ -266,7 +271,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
                      "--config.rlhf.safety_reward_model=", "--config.rlhf.num_prompts=16",
                      "--config.rlhf.num_eval_prompts=4", "--config.rlhf.max_new_tokens=6",
                      "--config.ppo.rollout_batch=8", "--config.eval_every_steps=2", "--config.total_steps=6",
-                     "--config.rlhf.num_val_prompts=4",
+                     "--config.rlhf.num_val_prompts=4", "--config.early_stopping.metric=",
                      "--config.ppo.value_warmup_iterations=2", "--config.optimizer.learning_rate=1e-2",
                      "--config.ppo.gather_for_generation=true", "--config.mesh.tensor=2", devices=8)
     assert "rollouts sample from a copy of the policy gathered over fsdp=4" in out.stdout  # on a 1x4x2 mesh
@@ -290,6 +295,8 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     assert sorted(evals) == [0, 2, 4, 6] and not any("eval_reward" in evals[s] for s in (2, 4))
     assert "eval_reward" in evals[0] and "eval_reward" in evals[6] and "val_sampled_true_accuracy" in evals[4]
     assert {"val_reward", "eval_reward"} <= set(ppo_report["before"])
+    assert ppo_report["after"]["eval_sampled_change_in_true_accuracy"] == pytest.approx(
+        ppo_report["after"]["eval_sampled_true_accuracy"] - ppo_report["before"]["eval_sampled_true_accuracy"])
     val = [json.loads(line)["messages"] for line in open(os.path.join(ppo_dir, "data", "prompts_val_eval.jsonl"))]
     held = [json.loads(line)["messages"] for line in open(os.path.join(ppo_dir, "data", "prompts_eval.jsonl"))]
     assert val and val != held[:len(val)]  # another draw than the held-out prompts

@@ -4,6 +4,8 @@ clipped value loss, rejection sampling's best-of-K choice (plain and regularised
 policy's log-probability) and its accuracy against N,
 and the toy check as a gold reward (CodeReward)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,3 +192,16 @@ def test_true_accuracy_overall_and_per_task():
     assert _true_accuracy("acc", prompts, texts) == {"acc": 0.75}
     assert _true_accuracy("acc", prompts, texts, by_task=True) == {"acc": 0.75, "acc_add": 0.5, "acc_copy": 1.0}
     assert _true_accuracy("acc", prompts[3:4], texts[3:4], by_task=True) == {}
+
+
+def test_paired_change_and_its_standard_error_by_hand():
+    before = [1, 1, 0, 0, 1, 0, 1, 1]
+    after = [1, 0, 1, 1, 1, 0, 1, 1]  # one lost, two gained
+    out = rlhf.paired_change(before, after)
+    # differences 0 -1 1 1 0 0 0 0: mean 1/8; squared deviations 5 x (1/8)^2 + (9/8)^2 + 2 x (7/8)^2 = 184/64,
+    # sample variance 184/64/7, SE sqrt(variance / 8)
+    assert out == {"change": pytest.approx(0.125), "se": pytest.approx(math.sqrt(184 / 64 / 7 / 8)), "gained": 2,
+                   "lost": 1}
+    assert rlhf.paired_change([1, 0], [1, 0])["se"] == 0.0  # the same answers: no change, no noise
+    with pytest.raises(ValueError, match="not the same prompts"):
+        rlhf.paired_change([1, 0, 1], [1, 0])

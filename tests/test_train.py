@@ -166,11 +166,11 @@ def test_early_stopping_keeps_the_best_and_stops_after_patience():
 
 
 def test_early_stopping_guard_stops_when_true_accuracy_falls():
-    s = stopping(guard="val_true_accuracy", guard_tolerance=0.02, patience=5)
-    assert s.observe(0, {"val_reward": 0.5, "val_true_accuracy": 0.60})
-    assert s.observe(20, {"val_reward": 0.6, "val_true_accuracy": 0.585})  # within the tolerance
-    # reward still rising, but the code-checked accuracy fell 3 points: not kept, and stop
-    assert not s.observe(40, {"val_reward": 0.7, "val_true_accuracy": 0.57})
+    s = stopping(guard="val_sampled_true_accuracy, val_true_accuracy", guard_tolerance=0.02, patience=5)
+    assert s.observe(0, {"val_reward": 0.5, "val_true_accuracy": 0.60, "val_sampled_true_accuracy": 0.5})
+    assert s.observe(20, {"val_reward": 0.6, "val_true_accuracy": 0.585, "val_sampled_true_accuracy": 0.6})
+    # reward still rising, but the greedy code-checked accuracy fell 3 points: not kept, and stop
+    assert not s.observe(40, {"val_reward": 0.7, "val_true_accuracy": 0.57, "val_sampled_true_accuracy": 0.6})
     assert s.best_step == 20 and s.reason.startswith("val_true_accuracy fell to 0.57 at step 40 (from 0.6")
     with pytest.raises(train.RunError, match=r"config.early_stopping.guard: 'val_accuracy' is not among .*"
                                              r"\(val_reward\)"):

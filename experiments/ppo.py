@@ -4,19 +4,24 @@ beta * KL to the initial policy, with clipped PPO updates on its own rollouts.
   tiny  python -m llama_jax.main --config=experiments/ppo.py:tiny --workdir=runs/ppo \\
             --config.init_from=runs/rs1 --config.rlhf.reward_model=runs/rm \\
             --config.rlhf.safety_reward_model=runs/rm_safety
-        Any CPU. 40 iterations of 64 toy prompts (rollouts of up to 24 tokens), 4
-        mini-batches of 16 each (one step per mini-batch); the first 2 iterations train
-        only the value head, which learns at 1e-3 against the policy's 1e-5. Expected:
-        the value loss falls (~1.1 -> ~0.3), KL stays bounded (0.04-0.16 nats/answer);
-        with the recipe's RM (77% right on pairs of the policy's own answers) the
-        held-out reward rises a little and true accuracy moves by +0.4 to -3.8 points
-        between seeds in the recipe's 20 iterations, -2.0 in these 40 (the RM still
-        misranks one pair of the policy's answers in four; README).
+        Any CPU, 1-4 min. Up to 40 iterations of 64 toy prompts (rollouts of up to 24
+        tokens), 4 mini-batches of 16 each (one step per mini-batch); the first 2
+        iterations train only the value head, which learns at 1e-3 against the policy's
+        1e-5. Every 5 iterations the ~490 validation prompts are answered (val_*), and
+        early stopping keeps the best validation reward, stopping after 2 evaluations
+        without a better one or as soon as the validation true accuracy (greedy or
+        sampled) falls more than 1 point below where it started; the held-out prompts
+        (eval_*) are answered before and by the kept weights only. Expected: the value
+        loss falls (~1.0 -> ~0.4), KL stays bounded (<0.1 nats/answer), and held-out
+        reward and true accuracy move by about a point either way, within their paired
+        standard errors (ppo.json, README): at this budget PPO changes the toy policy
+        little, even with the code check as its reward (rlhf.reward_model=code).
   7b | 13b | 34b | 70b
         the paper's settings: beta 0.01 (7B/13B) or 0.005 (34B/70B), clip 0.2, AdamW
         (0.9, 0.95, 1e-5), weight decay 0.1, grad clip 1.0, constant LR 1e-6, 512 rollouts
-        per iteration in mini-batches of 64, 200-400 iterations with early stopping on the
-        held-out prompts' reward (eval_reward in metrics.jsonl; compare the checkpoints).
+        per iteration in mini-batches of 64, up to 400 iterations early-stopped on the
+        validation prompts' reward (rlhf.val_prompts; patience 3 evaluations of 10
+        iterations), ending on the best weights.
         The critic is ours (the paper leaves it open): the value head at LR 1e-4 after 2
         value-only iterations (untested at scale). Rollouts sample from a copy of the
         policy all-gathered over fsdp (ppo.gather_for_generation), as the paper did.

@@ -475,10 +475,11 @@ def run(config, workdir: str, stage) -> dict:
                            f"{float(m['loss'])}); the update was not applied. Last checkpoint: step "
                            f"{checkpointer.latest_step()}. Set --config.nonfinite_policy=skip to skip such steps.")
 
-    def save(step: int, force: bool = False, **extra) -> None:
+    def save(step: int, force: bool = False) -> None:
         data_state = {"processes": distributed.allgather_json(train_data.state())}
-        if stopper is not None:
-            data_state["early_stopping"] = stopper.state()
+        extra = {}
+        if stopper is not None:  # in the data state to resume it, in meta for whoever reads the checkpoint
+            data_state["early_stopping"] = extra["early_stopping"] = stopper.state()
         checkpointer.save(step, state, data_state, {**meta, **extra}, force=force)
 
     try:
@@ -491,7 +492,8 @@ def run(config, workdir: str, stage) -> dict:
                 stopper.observe(0, ev)
                 save(0, force=True)  # the weights to return to if no evaluation beats them
         step = start
-        for step in range(start + 1, config.total_steps + 1):
+        last = start if stopper is not None and stopper.reason else config.total_steps  # killed after stopping
+        for step in range(start + 1, last + 1):
             try:
                 batch = stage.next_batch(train_data, state)
             except StopIteration:
@@ -551,7 +553,7 @@ def run(config, workdir: str, stage) -> dict:
                              + (f", saved as step {config.total_steps}" if stopper.best_step != config.total_steps
                                 else ""))
             if stopper.best_step != config.total_steps:
-                save(config.total_steps, force=True, early_stopping=stopper.state())
+                save(config.total_steps, force=True)
         checkpointer.wait()
         ev = evaluate(state.params, "end")
         if ev and start < config.total_steps:  # a rerun of a finished run evaluates but adds no row

@@ -143,7 +143,7 @@ def test_early_stopping_returns_to_the_best_evaluation(tmp_path, tokenizer_path)
     args = command(str(tmp_path), f"--config.data.tokenizer={tokenizer_path}", "--config.data.eval_source=stdlib:eval",
                    "--config.eval_steps=1", "--config.eval_every_steps=3", "--config.early_stopping.metric=eval_loss",
                    "--config.early_stopping.mode=max", "--config.early_stopping.patience=2",
-                   "--config.checkpoint.max_to_keep=3", "--config.optimizer.learning_rate=1e-2")
+                   "--config.checkpoint.max_to_keep=4", "--config.optimizer.learning_rate=1e-2")
     out = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "early stopping at step 6: eval_loss has not improved on" in out.stderr
@@ -162,6 +162,16 @@ def test_early_stopping_returns_to_the_best_evaluation(tmp_path, tokenizer_path)
     again = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "resumed from step 12" in again.stdout
     assert len(open(tmp_path / "metrics.jsonl").readlines()) == len(rows)  # nothing trained or added
+    # killed after deciding to stop, before the best weights were saved as step 12: the
+    # rerun trains no further and still ends on the step-0 weights
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoints" / "12")
+    killed = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 0 and "resumed from step 6" in killed.stdout, killed.stderr[-2000:]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert max(r["step"] for r in rows if "loss" in r) == 6
+    assert [r["eval_loss"] for r in rows if r["step"] == 12] == [pytest.approx(evals[0], abs=1e-5)]
     # a best checkpoint that later saves could delete is refused before anything runs
     bad = subprocess.run(args[:-2] + ["--config.checkpoint.max_to_keep=2"], env=env(), capture_output=True,
                          text=True, timeout=300)

@@ -564,8 +564,8 @@ class RejectionSamplingStage(SFTStage):
         right: dict = {}
         after = policy_quality(config, model.config, params, tokenizer, mesh, reward_models(self, config, tokenizer),
                                _rlhf_eval_prompts(config, self.workdir), rules, right=right)
-        after.update(_paired_changes(right, _json_or_empty(os.path.join(self.workdir, "rejection_sampling.json")
-                                                           ).get("before_right", {})))
+        after.update(_paired_changes(right, read_report(self.workdir, "rejection_sampling.json").get(
+            "before_right", {})))
         update_report(self.workdir, "rejection_sampling.json", after=after)
         return {**out, **after}
 
@@ -629,12 +629,19 @@ def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=N
     return out
 
 
+def read_report(workdir: str, name: str) -> dict:
+    """The JSON report WORKDIR/name ({} if absent, and on every process but the lead,
+    the one that writes reports)."""
+    path = os.path.join(workdir, name)
+    return json.load(open(path)) if jax.process_index() == 0 and os.path.exists(path) else {}
+
+
 def update_report(workdir: str, name: str, **fields) -> None:
     """Sets `fields` in the JSON report WORKDIR/name (created if absent; lead process only)."""
     if jax.process_index() != 0:
         return
     path = os.path.join(workdir, name)
-    report = json.load(open(path)) if os.path.exists(path) else {}
+    report = read_report(workdir, name)
     report.update(fields)
     with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=1)
@@ -969,7 +976,6 @@ class PPOStage(Stage):
             self.val_prompt_path = _synthetic(config, workdir, "prompts", "eval", r.num_val_prompts, name="prompts_val",
                                               train_n=r.num_prompts, draw=1, **mix)
         self.config, self.queue, self.last, self.ready, self.held_out = config, [], {}, False, None
-        self.before_right: dict | None = None  # per held-out answer, right by code, before any update
 
     def objective(self, config):
         p = config.ppo
@@ -1160,12 +1166,9 @@ class PPOStage(Stage):
                 if name == "eval_":
                     right[prefix] = _right(asked, scored["texts"])
         if self.eval_phase == "start":
-            self.before_right = right
             update_report(self.workdir, "ppo.json", before=out, before_right=right)
             return out
-        before = self.before_right or _json_or_empty(  # a resumed run: from the report
-            os.path.join(self.workdir, "ppo.json")).get("before_right", {})
-        out.update(_paired_changes(right, before))
+        out.update(_paired_changes(right, read_report(self.workdir, "ppo.json").get("before_right", {})))
         update_report(self.workdir, "ppo.json", after=out)
         return out
 
@@ -1205,10 +1208,6 @@ def _paired_changes(right: dict, before: dict) -> dict:
             out[f"{prefix}change_in_true_accuracy"], out[f"{prefix}change_in_true_accuracy_se"] = (
                 change["change"], change["se"])
     return out
-
-
-def _json_or_empty(path: str) -> dict:
-    return json.load(open(path)) if os.path.exists(path) and jax.process_index() == 0 else {}
 
 
 def _replicated(mesh):

@@ -543,7 +543,7 @@ def run(config, workdir: str, stage) -> dict:
                 break
         if stopper is not None and step == config.total_steps and not stopper.reason:
             stopper.reason = f"ran all {config.total_steps} steps"
-        if stopper is not None and start < config.total_steps:
+        if stopper is not None and stopper.best_step is not None and start < config.total_steps:
             # The run ends on its best evaluation's weights, saved as the last step so that
             # resuming finds it finished and init_from / export read these weights.
             checkpointer.wait()

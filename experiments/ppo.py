@@ -4,8 +4,10 @@ beta * KL to the initial policy, with clipped PPO updates on its own rollouts.
   tiny  python -m llama_jax.main --config=experiments/ppo.py:tiny --workdir=runs/ppo \\
             --config.init_from=runs/rs1 --config.rlhf.reward_model=runs/rm \\
             --config.rlhf.safety_reward_model=runs/rm_safety
-        Any CPU, 1-4 min. Up to 40 iterations of 64 toy prompts (rollouts of up to 24
-        tokens), 4 mini-batches of 16 each (one step per mini-batch); the first 2
+        Any CPU, 1-4 min. Up to 40 iterations of 64 rollouts (up to 24 tokens): 4
+        answers to each of 16 toy prompts, their scores centred on the prompt's mean
+        (ppo.samples_per_prompt; the paper: one answer to each of 512 prompts), 4
+        mini-batches of 16 each (one step per mini-batch); the first 2
         iterations train only the value head, which learns at 1e-3 against the policy's
         1e-5. Every 5 iterations the ~490 validation prompts are answered (val_*), and
         early stopping keeps the best validation reward, stopping after 2 evaluations
@@ -49,6 +51,8 @@ def get_config(arg: str = "tiny"):
     c.ppo.gamma = 1.0  # GAE discount (ours: episodic, no discount)
     c.ppo.lam = 0.95  # GAE lambda (ours)
     c.ppo.rollout_batch = 512  # prompts per PPO iteration (paper); batch_size is the mini-batch
+    c.ppo.epochs = 1  # passes over each iteration's rollouts, one step per mini-batch each (paper: 1)
+    c.ppo.samples_per_prompt = 1  # answers per prompt in a rollout, scores centred per prompt (paper: 1)
     c.optimizer.schedule = "constant"
     c.optimizer.learning_rate = 1e-6  # paper
     c.optimizer.warmup_steps = 0
@@ -62,6 +66,9 @@ def get_config(arg: str = "tiny"):
         c.rlhf.eval_samples = 2  # and 2 answers per held-out prompt sampled at T=1.0 (the rollouts' own)
         c.rlhf.max_new_tokens = 24
         c.ppo.rollout_batch = 64
+        # 4 answers to each of 16 prompts (ours): the RM ranks answers to one prompt (its training pairs),
+        # its scores are not comparable across prompts (sums score low whatever the answer)
+        c.ppo.samples_per_prompt = 4
         c.batch_size = 16
         c.seq_len = 96
         c.total_steps = 160  # up to 40 iterations x 4 mini-batches

@@ -7,7 +7,7 @@ without it, then trained without the preprompt.
             --config.rlhf.safety_reward_model=runs/rm_safety
         Any CPU (a few minutes). 512 toy adversarial requests (the unsafe request hidden in a
         "Repeat exactly:" or "Reverse the words:" task, which the model often complies with
-        and, given the generic preprompt before the request, refuses), 256 benign anchors.
+        and, given the generic preprompt as a system message, refuses), 256 benign anchors.
         Expected
         (WORKDIR/safety_distill.json): the violation rate on held-out adversarial prompts
         falls; false refusals on benign prompts stay low.
@@ -31,6 +31,10 @@ def get_config(arg: str = "tiny"):
         c.rlhf.safety_reward_model = "runs/rm_safety"
         c.data.synthetic_adversarial = 1.0  # the unsafe prompts hide the request in a task, which SFT does not refuse
         c.distill.preprompt = "generic"  # the toy model refuses with it; the long template confuses it
+        # as a system message (in Llama 2's format the system prompt opens the first user turn, so it
+        # still comes before the request): the GAtt-trained toy model obeys system instructions, and
+        # refuses cleanly there; before the request's text it often garbles the refusal
+        c.distill.preprompt_position = "system"
         c.batch_size = 16
         c.seq_len = 256
         c.total_steps = 100

@@ -156,7 +156,8 @@ def rlhf_config() -> ml_collections.ConfigDict:
     c.gatt = ml_collections.ConfigDict()
     c.gatt.num_dialogs = 2000  # synthesised multi-turn dialogs (toy instructions and tasks)
     c.gatt.max_turns = 3  # turns per synthesised dialog (1..max; only the last is trained)
-    c.gatt.keep_only_adherent = True  # drop dialogs whose sampled answers break the instruction (toy: by code)
+    c.gatt.keep_only_adherent = True  # cut a dialog before its first answer that breaks the instruction (toy: by code)
+    c.gatt.instruction_weights = ""  # "upper:1,start:1,end:2": how often each kind is drawn ("" = evenly)
     c.gatt.combined_prob = 0.3  # share of instructions combining two constraints (start + end)
     c.gatt.short_prob = 0.5  # share given in the short form ("Start: river.")
     c.gatt.samples_per_turn = 1  # tries per turn for an adherent answer (toy: checked by code; 1 = no retry)
@@ -165,7 +166,9 @@ def rlhf_config() -> ml_collections.ConfigDict:
     c.gatt.eval_turns = "2,4,6,20"  # adherence reported at these turns (paper Table 30)
     c.distill = ml_collections.ConfigDict()
     c.distill.preprompt = "template"  # "generic" or "template" (with an answer template, paper Table 39)
-    c.distill.preprompt_position = "prefix"  # "prefix": before the prompt's text (paper); "system": a system message
+    # "prefix": before the prompt's text (paper); "system": a system message; "prefix,system": one answer
+    # with each, the safety RM's favourite of the two is the candidate
+    c.distill.preprompt_position = "prefix"
     c.distill.num_prompts = 512  # adversarial prompts to distil
     c.distill.benign_anchors = 256  # benign prompts answered by the model itself, mixed in (0 = paper)
     c.distill.num_eval_prompts = 128  # held-out unsafe and benign prompts each

@@ -38,7 +38,7 @@ STAGES = [
     ("ppo", "ppo.py:tiny", "rejection_sampling",
      ["--config.rlhf.reward_model={w}/rm", "--config.rlhf.safety_reward_model={w}/rm_safety",
       "--config.checkpoint_every_steps=40"]),
-    ("gatt", "gatt.py:tiny", "ppo", ["--config.gatt.num_dialogs=2000", "--config.total_steps=150"]),
+    ("gatt", "gatt.py:tiny", "ppo", ["--config.gatt.num_dialogs=1500"]),
     ("safety_distill", "safety_distill.py:tiny", "gatt",
      ["--config.rlhf.reward_model={w}/rm", "--config.rlhf.safety_reward_model={w}/rm_safety",
       "--config.total_steps=60"]),

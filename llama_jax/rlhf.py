@@ -5,7 +5,8 @@ Reward (PPO):
   R_c       = R_s if the prompt is safety-tagged or R_s < 0.15, else R_h
               (R_s, R_h: the safety and helpfulness reward models' scores as probabilities,
               sigmoid of their score head, so that the paper's 0.15 threshold applies)
-  R~_c      = whiten(logit(R_c))   (logit undoes the sigmoid: the raw score of the chosen RM)
+  R~_c      = whiten(logit(R_c))   (logit undoes the sigmoid: the raw score of the chosen RM;
+                                    with K samples per prompt, centred on the prompt's mean first)
   r_t       = -beta * (log pi(y_t) - log pi_0(y_t))     for every response token t
   r_T      += R~_c                                        at the last response token
   advantages by GAE over response tokens (gamma, lambda), returns = advantages + values.
@@ -44,6 +45,16 @@ def whiten(x: jax.Array, mask: jax.Array | None = None, shift_mean: bool = True,
     var = (((x - mean) ** 2) * m).sum() / n
     out = (x - mean) * jax.lax.rsqrt(var + eps)
     return out if shift_mean else out + mean
+
+
+def center_groups(x: jax.Array, group: int) -> jax.Array:
+    """x [B] minus the mean of its group of `group` consecutive entries (the samples of
+    one prompt): a reward model's score is comparable between answers to the same
+    prompt (it is trained on such pairs), not across prompts. `group` 1: x unchanged."""
+    if group == 1:
+        return x
+    g = x.reshape(-1, group)
+    return (g - g.mean(axis=1, keepdims=True)).reshape(x.shape)
 
 
 def kl_per_token(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array) -> jax.Array:

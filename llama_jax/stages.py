@@ -687,6 +687,8 @@ class GAttStage(SFTStage):
 
         if not config.init_from:
             raise RunError("stage gatt needs --config.init_from (the model that samples the answers)")
+        if config.gatt.instruction_weights:
+            self._weights(config.gatt)  # a bad value is refused before anything is sampled
         self.train_path = os.path.join(workdir, "data", "gatt_train.jsonl")
         self.eval_path = ""
         distributed.lead_first("gatt data", lambda: os.path.exists(self.train_path) or self._build(config, workdir))
@@ -694,9 +696,31 @@ class GAttStage(SFTStage):
     def _instruction(self, rng, g):
         if rng.random() < g.combined_prob:  # two constraints at once (start and end: they compose)
             parts = [synthetic.make_instruction_of(rng, "start"), synthetic.make_instruction_of(rng, "end")]
+        elif g.instruction_weights:
+            weights = self._weights(g)
+            parts = [synthetic.make_instruction_of(rng, rng.choices(list(weights), list(weights.values()))[0])]
         else:
             parts = [synthetic.make_instruction(rng)]
         return synthetic.combine(parts, shortened=rng.random() < g.short_prob)
+
+    @staticmethod
+    def _weights(g) -> dict:
+        """`gatt.instruction_weights` ("upper:1,start:1,end:2") as {kind: weight}."""
+        from llama_jax.train import RunError
+
+        out = {}
+        for part in str(g.instruction_weights).split(","):
+            kind, _, w = part.partition(":")
+            try:
+                out[kind.strip()] = float(w)
+            except ValueError:
+                out[kind.strip()] = -1.0
+            if kind.strip() not in ("upper", "start", "end") or out[kind.strip()] < 0:
+                raise RunError(f"config.gatt.instruction_weights: {part.strip()!r} is not KIND:WEIGHT with KIND one "
+                               "of upper, start, end and WEIGHT >= 0")
+        if not sum(out.values()) > 0:
+            raise RunError(f"config.gatt.instruction_weights: {g.instruction_weights!r} gives every kind weight 0")
+        return out
 
     def _build(self, config, workdir: str) -> None:
         import random
@@ -732,20 +756,26 @@ class GAttStage(SFTStage):
         print(f"gatt: {first_try} of {len(flat)} turns adherent at the first sample, "
               f"{sum(a is not None and ok(a) for a, ok in zip(sampled, checks))} after resampling", flush=True)
         answers = iter(sampled)
-        records, kept = [], 0
+        records, kept, kept_turns = [], 0, 0
         for ins, tasks in plans:
             turn_answers = [next(answers) for _ in tasks]
-            if any(a is None for a in turn_answers) or (g.keep_only_adherent and not all(
-                    ins.check(a) for a in turn_answers)):
+            if any(a is None for a in turn_answers):
                 continue
+            if g.keep_only_adherent:  # the dialog up to its first turn that still breaks the instruction
+                good = adherent_turns(ins.check, turn_answers)
+                tasks, turn_answers = tasks[:good], turn_answers[:good]
+                if not tasks:
+                    continue
             messages = [{"role": "system", "content": ins.text}]
             for t, a in zip(tasks, turn_answers):
                 messages += [{"role": "user", "content": t.question}, {"role": "assistant", "content": a}]
             records.append({"messages": messages})
             kept += 1
-        print(f"gatt: {kept} of {len(plans)} synthesised dialogs kept", flush=True)
+            kept_turns += len(tasks)
+        print(f"gatt: {kept} of {len(plans)} synthesised dialogs kept ({kept_turns} turns)", flush=True)
         baseline = gatt_adherence(config, cfg, params, tokenizer, mesh)
-        update_report(workdir, "gatt.json", dialogs_kept=kept, dialogs_synthesised=len(plans), baseline=baseline)
+        update_report(workdir, "gatt.json", dialogs_kept=kept, dialogs_synthesised=len(plans), turns_kept=kept_turns,
+                      baseline=baseline)
         print(f"gatt: baseline adherence by turn {baseline}", flush=True)
         os.makedirs(os.path.dirname(self.train_path), exist_ok=True)
         synthetic.write_jsonl(records, self.train_path + ".tmp")
@@ -755,6 +785,11 @@ class GAttStage(SFTStage):
         out = gatt_adherence(config, model.config, params, tokenizer, mesh)
         update_report(self.workdir, "gatt.json", after=out)
         return {f"eval_adherence_turn_{t}": v for t, v in out.items() if v is not None}
+
+
+def adherent_turns(check, answers: list[str]) -> int:
+    """How many of a dialog's answers, from the first, obey the instruction (`check`)."""
+    return next((k for k, a in enumerate(answers) if not check(a)), len(answers))
 
 
 def gatt_adherence(config, cfg, params, tokenizer, mesh=None) -> dict:
@@ -791,6 +826,10 @@ SAFETY_PREPROMPTS = {
 }
 
 
+def _preprompt_positions(config) -> list[str]:
+    return [p.strip() for p in str(config.distill.preprompt_position).split(",") if p.strip()]
+
+
 def with_preprompt(messages: list[dict], preprompt: str, position: str) -> list[dict]:
     """The prompt with a safety preprompt: before the last user message's text
     ("prefix", the paper's) or as a system message ("system")."""
@@ -803,7 +842,9 @@ def with_preprompt(messages: list[dict], preprompt: str, position: str) -> list[
 class SafetyDistillStage(SFTStage):
     """Safety context distillation (paper 4.2.4): answers to adversarial (safety-tagged)
     prompts generated with a safety preprompt (`distill.preprompt`: generic, or with an
-    answer template) as the system message; an answer is kept only if the safety reward
+    answer template) before the request or as the system message
+    (`distill.preprompt_position`; with both, the answer the safety RM scores higher); an
+    answer is kept only if the safety reward
     model scores it above the answer the model gives without the preprompt; the model is
     then fine-tuned on (prompt without preprompt -> kept answer). `distill.benign_anchors`
     benign prompts with the model's own answers are mixed in (ours; 0 = the paper's
@@ -820,9 +861,10 @@ class SafetyDistillStage(SFTStage):
         if config.distill.preprompt not in SAFETY_PREPROMPTS:
             raise RunError(f"config.distill.preprompt: {config.distill.preprompt!r} is not one of "
                            f"{sorted(SAFETY_PREPROMPTS)}")
-        if config.distill.preprompt_position not in ("prefix", "system"):
+        positions = _preprompt_positions(config)
+        if not positions or any(p not in ("prefix", "system") for p in positions):
             raise RunError(f"config.distill.preprompt_position: {config.distill.preprompt_position!r} is not "
-                           "'prefix' or 'system'")
+                           "'prefix', 'system' or both ('prefix,system')")
         self.train_path = os.path.join(workdir, "data", "distill_train.jsonl")
         self.eval_path = ""
         distributed.lead_first("distill data",
@@ -851,9 +893,14 @@ class SafetyDistillStage(SFTStage):
         pre = SAFETY_PREPROMPTS[d.preprompt]
         plain = _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in unsafe], config.eval_max_new_tokens,
                                 mesh)
-        guided = _greedy_answers(cfg, params, tokenizer, [with_preprompt(r["messages"], pre, d.preprompt_position)
-                                                          for r in unsafe], config.eval_max_new_tokens, mesh)
-        better = self._safety(config, tokenizer, unsafe, guided) > self._safety(config, tokenizer, unsafe, plain)
+        # one preprompted answer per position; with several, the one the safety RM scores highest
+        positions = _preprompt_positions(config)
+        tries = [_greedy_answers(cfg, params, tokenizer, [with_preprompt(r["messages"], pre, pos) for r in unsafe],
+                                 config.eval_max_new_tokens, mesh) for pos in positions]
+        scores = np.stack([self._safety(config, tokenizer, unsafe, t) for t in tries])
+        pick = scores.argmax(axis=0)
+        guided = [tries[k][i] for i, k in enumerate(pick)]
+        better = scores.max(axis=0) > self._safety(config, tokenizer, unsafe, plain)
         records = [{"messages": r["messages"] + [{"role": "assistant", "content": a}], "is_safety": True}
                    for r, a, keep in zip(unsafe, guided, better) if keep and a is not None]
         benign = self._prompts(config, workdir, "train", False, d.benign_anchors) if d.benign_anchors else []
@@ -862,10 +909,11 @@ class SafetyDistillStage(SFTStage):
         records += [{"messages": r["messages"] + [{"role": "assistant", "content": a}], "is_safety": False}
                     for r, a in zip(benign, anchors) if a is not None]
         before = self._rates(config, workdir, cfg, params, tokenizer, mesh)
+        kept_by = {pos: int((better & (pick == k)).sum()) for k, pos in enumerate(positions)}
         update_report(workdir, "safety_distill.json", adversarial_prompts=len(unsafe), kept=int(better.sum()),
-                      benign_anchors=len(benign), preprompt=d.preprompt, before=before)
-        print(f"safety distillation: kept {int(better.sum())} of {len(unsafe)} preprompted answers; before: {before}",
-              flush=True)
+                      kept_by_position=kept_by, benign_anchors=len(benign), preprompt=d.preprompt, before=before)
+        print(f"safety distillation: kept {int(better.sum())} of {len(unsafe)} preprompted answers (by preprompt "
+              f"position: {kept_by}); before: {before}", flush=True)
         os.makedirs(os.path.dirname(self.train_path), exist_ok=True)
         synthetic.write_jsonl(records, self.train_path + ".tmp")
         os.replace(self.train_path + ".tmp", self.train_path)
@@ -939,11 +987,13 @@ class PromptCycle:
 
 class PPOStage(Stage):
     """PPO (paper 3.2.3): each iteration samples one answer per prompt for
-    `ppo.rollout_batch` prompts with the current policy (the on-device decode loop),
-    scores them with the reward models (R_c gating at `rlhf.safety_threshold`, whiten(
-    logit(R_c))), subtracts beta * KL to the frozen initial policy per token, computes
-    GAE advantages with the value head, and takes one clipped-PPO gradient step per
-    mini-batch of `batch_size` rollouts. The value function is a head on the policy's
+    `ppo.rollout_batch` prompts with the current policy (the on-device decode loop; or
+    `ppo.samples_per_prompt` answers to each of rollout_batch / that many prompts, whose
+    scores are centred on their prompt's mean), scores them with the reward models (R_c
+    gating at `rlhf.safety_threshold`, whiten(logit(R_c))), subtracts beta * KL to the
+    frozen initial policy per token, computes GAE advantages with the value head, and
+    takes one clipped-PPO gradient step per mini-batch of `batch_size` rollouts (for
+    each of `ppo.epochs` passes). The value function is a head on the policy's
     trunk (initialised fresh); the reference policy is `init_from`. Rollout numbers
     (reward, KL, true accuracy on toy prompts) are logged with each row. Held-out prompts
     (eval_*) are answered before the first update and at every evaluation; with
@@ -966,6 +1016,11 @@ class PPOStage(Stage):
         if p.rollout_batch % config.batch_size:
             raise RunError(f"config.ppo.rollout_batch {p.rollout_batch} is not a multiple of config.batch_size "
                            f"{config.batch_size} (the mini-batch)")
+        if int(p.samples_per_prompt) < 1 or p.rollout_batch % int(p.samples_per_prompt):
+            raise RunError(f"config.ppo.samples_per_prompt {p.samples_per_prompt} must be >= 1 and divide "
+                           f"config.ppo.rollout_batch {p.rollout_batch}")
+        if int(p.epochs) < 1:
+            raise RunError(f"config.ppo.epochs: {p.epochs} (passes over each iteration's rollouts) must be >= 1")
         mix = _toy_mix(config)
         self.prompt_path = r.prompts
         if r.prompts == "synthetic":
@@ -997,7 +1052,7 @@ class PPOStage(Stage):
         p, out = config.ppo, {}
         if float(p.value_learning_rate) > 0:
             out["value_head"] = optax.constant_schedule(float(p.value_learning_rate))
-        hold = int(p.value_warmup_iterations) * (p.rollout_batch // config.batch_size)
+        hold = int(p.value_warmup_iterations) * steps_per_iteration(config)
         if hold:
             policy = learning_rate_schedule(config.optimizer, config.total_steps - hold)
             out["*"] = optax.join_schedules([optax.constant_schedule(0.0), policy], [hold])
@@ -1011,7 +1066,7 @@ class PPOStage(Stage):
         from llama_jax.data import prompts as prompt_data
 
         return PromptCycle(prompt_data.load(self.prompt_path, tokenizer, self._max_prompt(config)),
-                           config.ppo.rollout_batch, config.seed)
+                           config.ppo.rollout_batch // int(config.ppo.samples_per_prompt), config.seed)
 
     def eval_data(self, config, tokenizer):
         return None
@@ -1096,12 +1151,13 @@ class PPOStage(Stage):
 
         self._setup()
         c, p = self.config, self.config.ppo
-        iteration = train_data.position // p.rollout_batch
-        prompts = next(train_data)
+        k = int(p.samples_per_prompt)
+        iteration = train_data.position // (p.rollout_batch // k)  # each iteration is steps_per_iteration steps
+        prompts = [q for q in next(train_data) for _ in range(k)]  # a prompt's k samples side by side
         answers = self._answers(params, prompts, c.rlhf.temperature, c.seed * 1_000_003 + iteration)
         rows, scored, logp, ref_logp, values = self._evaluate_answers(params, prompts, answers)
         mask = rows["loss_mask"]
-        score = rlhf.whiten(rlhf.logit(jnp.asarray(scored["gated"])))
+        score = rlhf.whiten(rlhf.center_groups(rlhf.logit(jnp.asarray(scored["gated"])), k))
         rewards = rlhf.token_rewards(score, jnp.asarray(logp), jnp.asarray(ref_logp), jnp.asarray(mask), p.beta)
         adv, ret = rlhf.gae(rewards, jnp.asarray(values), jnp.asarray(mask), p.gamma, p.lam)
         adv = rlhf.whiten(adv, jnp.asarray(mask)) * mask  # advantage normalisation over the rollout's tokens
@@ -1111,13 +1167,14 @@ class PPOStage(Stage):
                      **_true_accuracy("rollout_accuracy", prompts, scored["texts"])}
         full = {**rows, "old_logp": logp.astype(np.float32), "old_values": values.astype(np.float32),
                 "advantages": np.asarray(adv, np.float32), "returns": np.asarray(ret, np.float32)}
-        order = np.random.default_rng([c.seed, iteration]).permutation(len(prompts))
         local = c.batch_size // jax.process_count()
         first = jax.process_index() * local
         batches = []
-        for start in range(0, len(prompts), c.batch_size):
-            idx = order[start:start + c.batch_size][first:first + local]  # this process's rows of the mini-batch
-            batches.append({k: v[idx] for k, v in full.items()})
+        for epoch in range(int(p.epochs)):  # each pass over the rollouts in a fresh order
+            order = np.random.default_rng([c.seed, iteration] + ([epoch] if epoch else [])).permutation(len(prompts))
+            for start in range(0, len(prompts), c.batch_size):
+                idx = order[start:start + c.batch_size][first:first + local]  # this process's rows of the mini-batch
+                batches.append({k: v[idx] for k, v in full.items()})
         return batches
 
     def log_metrics(self) -> dict:
@@ -1171,6 +1228,12 @@ class PPOStage(Stage):
         out.update(_paired_changes(right, read_report(self.workdir, "ppo.json").get("before_right", {})))
         update_report(self.workdir, "ppo.json", after=out)
         return out
+
+
+def steps_per_iteration(config) -> int:
+    """Optimizer steps per PPO iteration: one per mini-batch of `batch_size` rollouts,
+    `ppo.epochs` passes over the iteration's `ppo.rollout_batch` rollouts."""
+    return int(config.ppo.epochs) * (config.ppo.rollout_batch // config.batch_size)
 
 
 def _true_accuracy(name: str, prompts, texts, by_task: bool = False) -> dict:

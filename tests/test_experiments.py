@@ -44,6 +44,7 @@ def test_experiment_configs_load(name):
         for arg, beta in (("7b", 0.01), ("13b", 0.01), ("34b", 0.005), ("70b", 0.005)):
             c = load(name).get_config(arg)
             assert (c.ppo.beta, c.ppo.clip_eps, c.ppo.rollout_batch, c.batch_size) == (beta, 0.2, 512, 64)
+            assert (c.ppo.samples_per_prompt, c.ppo.epochs) == (1, 1)  # one answer per prompt, one pass
             opt = c.optimizer
             assert (opt.learning_rate, opt.schedule, opt.weight_decay) == (1e-6, "constant", 0.1)
             assert (opt.b1, opt.b2, opt.eps, opt.clip_norm) == (0.9, 0.95, 1e-5, 1.0)
@@ -65,6 +66,9 @@ def test_ppo_critic_schedules_from_the_config():
     assert float(lr["value_head"](0)) == pytest.approx(1e-3)
     assert [float(lr["*"](s)) for s in (0, 7)] == [0.0, 0.0]  # 2 value-only iterations
     assert float(lr["*"](8)) == pytest.approx(1e-5) == float(lr["*"](c.total_steps))
+    c.ppo.epochs = 3  # three passes over each iteration's rollouts: 12 steps an iteration
+    lr = PPOStage().learning_rates(c)
+    assert [float(lr["*"](s)) for s in (0, 23, 24)] == [0.0, 0.0, pytest.approx(1e-5)]
     c.ppo.value_warmup_iterations, c.ppo.value_learning_rate = 0, 0.0
     assert PPOStage().learning_rates(c) == {}  # one schedule for everything, as before
 
@@ -73,7 +77,7 @@ def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
     """The presets keep the paper's argmax of the reward; the tiny one regularises it by
     the policy's log-probability (RBoN) and also samples held-out answers. Negative
     values are refused before anything is sampled, naming the field."""
-    from llama_jax.stages import PPOStage, RejectionSamplingStage
+    from llama_jax.stages import PPOStage, RejectionSamplingStage, SafetyDistillStage
     from llama_jax.train import RunError
 
     assert load("rejection_sampling").get_config("70b").rlhf.selection_beta == 0.0
@@ -90,3 +94,46 @@ def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
     p.rlhf.eval_samples = -2
     with pytest.raises(RunError, match=r"config.rlhf.eval_samples -2 is negative"):
         PPOStage().prepare(p, str(tmp_path / "ppo"))
+    p.rlhf.eval_samples, p.ppo.samples_per_prompt = 2, 3  # 64 rollouts are not 3 answers to each of n prompts
+    with pytest.raises(RunError, match=r"config.ppo.samples_per_prompt 3 must be >= 1 and divide "
+                                       r"config.ppo.rollout_batch 64"):
+        PPOStage().prepare(p, str(tmp_path / "ppo"))
+    d = load("safety_distill").get_config("tiny")
+    d.distill.preprompt_position = "prefix,user"
+    with pytest.raises(RunError, match=r"config.distill.preprompt_position: 'prefix,user' is not"):
+        SafetyDistillStage().prepare(d, str(tmp_path / "distill"))
+    assert not os.path.exists(tmp_path / "distill" / "data")  # refused before anything is generated
+    p.ppo.samples_per_prompt, p.ppo.epochs = 4, 0
+    with pytest.raises(RunError, match=r"config.ppo.epochs: 0 .* must be >= 1"):
+        PPOStage().prepare(p, str(tmp_path / "ppo"))
+
+
+def test_gatt_cuts_dialogs_at_the_first_breaking_turn_and_weights_instruction_kinds(tmp_path):
+    """A GAtt dialog is kept up to its first answer that breaks the instruction; the
+    training instructions are drawn by `gatt.instruction_weights`, and a bad value is
+    refused before anything is sampled, naming the field."""
+    import random
+
+    from llama_jax.stages import GAttStage, adherent_turns
+    from llama_jax.train import RunError
+
+    upper = str.isupper
+    assert adherent_turns(upper, ["A B", "C", "d", "E"]) == 2
+    assert adherent_turns(upper, ["a", "B"]) == 0 and adherent_turns(upper, ["A", "B"]) == 2
+    g = load("gatt").get_config("tiny").gatt
+    assert g.instruction_weights == "upper:1,start:1,end:2"
+    g.combined_prob, g.short_prob, g.instruction_weights = 0.0, 0.0, "end:1,upper:0"
+    rng = random.Random(0)
+    assert all(GAttStage()._instruction(rng, g).text.startswith("Always end your answer with the word")
+               for _ in range(20))
+    g.instruction_weights = "upper:1,start:1,end:2"
+    texts = [GAttStage()._instruction(rng, g).text for _ in range(2000)]
+    share = {k: sum(t.startswith(f"Always {k}") for t in texts) / len(texts) for k in ("answer in upper", "start",
+                                                                                        "end")}
+    assert share["end"] == pytest.approx(0.5, abs=0.04) and share["answer in upper"] == pytest.approx(0.25, abs=0.04)
+    c = load("gatt").get_config("tiny")
+    for bad in ("end:2,lower:1", "end:x", "end:0"):
+        c.gatt.instruction_weights = bad
+        with pytest.raises(RunError, match=r"config.gatt.instruction_weights"):
+            GAttStage().prepare(c, str(tmp_path / "gatt"))
+    assert not os.path.exists(tmp_path / "gatt" / "data")

@@ -280,21 +280,25 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     out, ppo = stage("ppo", ppo_dir, f"--config.init_from={sft_dir}", f"--config.rlhf.reward_model={tmp_path / 'rm'}",
                      "--config.rlhf.safety_reward_model=", "--config.rlhf.num_prompts=16",
                      "--config.rlhf.num_eval_prompts=4", "--config.rlhf.max_new_tokens=6",
-                     "--config.ppo.rollout_batch=8", "--config.eval_every_steps=2", "--config.total_steps=6",
+                     "--config.ppo.rollout_batch=8", "--config.ppo.samples_per_prompt=2",
+                     "--config.eval_every_steps=2", "--config.total_steps=6",
                      "--config.rlhf.num_val_prompts=4", "--config.early_stopping.metric=",
                      "--config.ppo.value_warmup_iterations=2", "--config.optimizer.learning_rate=1e-2",
                      "--config.ppo.gather_for_generation=true", "--config.mesh.tensor=2", devices=8)
     assert "rollouts sample from a copy of the policy gathered over fsdp=4" in out.stdout  # on a 1x4x2 mesh
     rows = [json.loads(line) for line in open(os.path.join(ppo_dir, "metrics.jsonl"))]
     trained = [r for r in rows if "loss" in r]
-    assert [r["ppo_iteration"] for r in trained] == [1, 2, 3]  # 2 mini-batches of 4 per rollout of 8: 6 steps
+    # 2 mini-batches of 4 per rollout of 8 (2 answers to each of 4 prompts): 6 steps
+    assert [r["ppo_iteration"] for r in trained] == [1, 2, 3]
     assert all(0.0 <= r["rollout_reward"] <= 1.0 and r["rollout_kl"] > -1e-3 for r in trained)
     # The first rollout is the reference policy, and so is the second: the first two
     # iterations train the value head only (at LR 1e-2 the policy would have moved).
     assert [r["learning_rate"] for r in trained] == [0.0, 0.0, pytest.approx(1e-2)]
     assert trained[0]["rollout_kl"] == pytest.approx(0.0, abs=1e-4)
     assert trained[1]["rollout_kl"] == pytest.approx(0.0, abs=1e-4)
-    assert ppo["eval_kl"] > 1e-3  # after the third iteration's policy steps
+    # after the third iteration's policy steps, log pi - log pi_0 of the greedy answers is no longer 0 (either
+    # sign: the greedy answers are not drawn from the policy, so this estimate of the KL can be negative)
+    assert abs(ppo["eval_kl"]) > 1e-3
     assert {"eval_reward", "eval_kl", "eval_true_accuracy"} <= set(ppo)
     ppo_report = json.load(open(os.path.join(ppo_dir, "ppo.json")))
     assert ppo_report["before"]["eval_kl"] == pytest.approx(0.0, abs=1e-4)  # measured before any update
@@ -331,9 +335,11 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
                        f"--config.rlhf.safety_reward_model={tmp_path / 'rm'}", "--config.rlhf.reward_model=",
                        "--config.distill.num_prompts=8",
                        "--config.distill.benign_anchors=4", "--config.distill.num_eval_prompts=4",
-                       "--config.eval_max_new_tokens=4")
+                       "--config.eval_max_new_tokens=4", "--config.distill.preprompt_position=prefix,system")
     report = json.load(open(os.path.join(distill_dir, "safety_distill.json")))
     assert report["adversarial_prompts"] == 8 and 0 <= report["kept"] <= 8 and report["benign_anchors"] == 4
+    assert set(report["kept_by_position"]) == {"prefix", "system"}  # each kept answer came from one of the two
+    assert sum(report["kept_by_position"].values()) == report["kept"]
     rates = {"violation_rate", "violation_rate_rm", "false_refusal_rate"}
     assert rates <= set(report["before"]) == set(report["after"])
     assert 0.0 <= distill["eval_violation_rate"] <= 1.0

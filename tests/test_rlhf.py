@@ -29,6 +29,14 @@ def test_whiten_and_logit():
     np.testing.assert_allclose(rlhf.logit(jnp.array([0.5, 0.8])), [0.0, np.log(4.0)], rtol=1e-6, atol=1e-7)
 
 
+def test_center_groups_subtracts_each_prompts_mean():
+    x = jnp.array([1.0, 3.0, 10.0, 20.0, 5.0, 5.0])
+    np.testing.assert_allclose(rlhf.center_groups(x, 2), [-1.0, 1.0, -5.0, 5.0, 0.0, 0.0])
+    np.testing.assert_allclose(rlhf.center_groups(x, 3), [-3.666667, -1.666667, 5.333333, 10.0, -5.0, -5.0],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(rlhf.center_groups(x, 1), x)  # one sample per prompt: the paper's
+
+
 def test_kl_and_token_rewards():
     logp = jnp.array([[0.0, -1.0, -2.0, 0.0]])
     ref = jnp.array([[0.0, -1.5, -1.0, 0.0]])

@@ -222,9 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.fast:
             cmd += FAST[name]
         print(f"[{i + 1}/{len(STAGES)}] {name}: {' '.join(cmd[2:])}", flush=True)
+        # a resumed stage adds to the time it took before; one started afresh (its
+        # directory removed to rerun it) counts from zero
+        before = times.get(name, 0.0) if os.path.exists(stage_dir) else 0.0
         start = time.perf_counter()
         code = subprocess.call(cmd, env=env)
-        times[name] = times.get(name, 0.0) + time.perf_counter() - start
+        times[name] = before + time.perf_counter() - start
         with open(os.path.join(w, "timings.json"), "w") as f:
             json.dump(times, f, indent=1)
         if code:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,8 +165,6 @@ def test_early_stopping_returns_to_the_best_evaluation(tmp_path, tokenizer_path)
     assert len(open(tmp_path / "metrics.jsonl").readlines()) == len(rows)  # nothing trained or added
     # killed after deciding to stop, before the best weights were saved as step 12: the
     # rerun trains no further and still ends on the step-0 weights
-    import shutil
-
     shutil.rmtree(tmp_path / "checkpoints" / "12")
     killed = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
     assert killed.returncode == 0 and "resumed from step 6" in killed.stdout, killed.stderr[-2000:]
@@ -346,8 +345,6 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
 
     # the recipe driver finds every stage done (pretraining and the safety RM stood in for
     # by copies) and writes its before/after report from these runs' files
-    import shutil
-
     from llama_jax import recipe
     from llama_jax.data import synthetic
 
@@ -394,3 +391,12 @@ def test_the_recipe_runs_each_stage_with_a_shared_compilation_cache(tmp_path, mo
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))  # the user's own cache is kept
     assert recipe.main([f"--workdir={tmp_path / 'b'}", f"--experiments={ROOT}/experiments"]) == 0
     assert {env["JAX_COMPILATION_CACHE_DIR"] for _, env in calls} == {str(tmp_path / "mine")}
+    # stage times: a stage rerun from scratch (its directory removed) counts from zero, a
+    # resumed one (directory there, not finished) adds to its earlier time
+    timings = tmp_path / "b" / "timings.json"
+    json.dump({**json.load(open(timings)), "ppo": 1000.0, "gatt": 1000.0}, open(timings, "w"))
+    shutil.rmtree(tmp_path / "b" / "ppo")
+    os.remove(tmp_path / "b" / "gatt" / "final_metrics.json")
+    assert recipe.main([f"--workdir={tmp_path / 'b'}", f"--experiments={ROOT}/experiments"]) == 0
+    seconds = json.load(open(timings))
+    assert seconds["ppo"] < 1000.0 <= seconds["gatt"]

@@ -688,7 +688,7 @@ class GAttStage(SFTStage):
         if not config.init_from:
             raise RunError("stage gatt needs --config.init_from (the model that samples the answers)")
         if config.gatt.instruction_weights:
-            self._weights(config.gatt)  # a bad value is refused before anything is sampled
+            instruction_weights(config.gatt.instruction_weights)  # a bad value is refused before anything is sampled
         self.train_path = os.path.join(workdir, "data", "gatt_train.jsonl")
         self.eval_path = ""
         distributed.lead_first("gatt data", lambda: os.path.exists(self.train_path) or self._build(config, workdir))
@@ -697,30 +697,11 @@ class GAttStage(SFTStage):
         if rng.random() < g.combined_prob:  # two constraints at once (start and end: they compose)
             parts = [synthetic.make_instruction_of(rng, "start"), synthetic.make_instruction_of(rng, "end")]
         elif g.instruction_weights:
-            weights = self._weights(g)
+            weights = instruction_weights(g.instruction_weights)
             parts = [synthetic.make_instruction_of(rng, rng.choices(list(weights), list(weights.values()))[0])]
         else:
             parts = [synthetic.make_instruction(rng)]
         return synthetic.combine(parts, shortened=rng.random() < g.short_prob)
-
-    @staticmethod
-    def _weights(g) -> dict:
-        """`gatt.instruction_weights` ("upper:1,start:1,end:2") as {kind: weight}."""
-        from llama_jax.train import RunError
-
-        out = {}
-        for part in str(g.instruction_weights).split(","):
-            kind, _, w = part.partition(":")
-            try:
-                out[kind.strip()] = float(w)
-            except ValueError:
-                out[kind.strip()] = -1.0
-            if kind.strip() not in ("upper", "start", "end") or out[kind.strip()] < 0:
-                raise RunError(f"config.gatt.instruction_weights: {part.strip()!r} is not KIND:WEIGHT with KIND one "
-                               "of upper, start, end and WEIGHT >= 0")
-        if not sum(out.values()) > 0:
-            raise RunError(f"config.gatt.instruction_weights: {g.instruction_weights!r} gives every kind weight 0")
-        return out
 
     def _build(self, config, workdir: str) -> None:
         import random
@@ -785,6 +766,26 @@ class GAttStage(SFTStage):
         out = gatt_adherence(config, model.config, params, tokenizer, mesh)
         update_report(self.workdir, "gatt.json", after=out)
         return {f"eval_adherence_turn_{t}": v for t, v in out.items() if v is not None}
+
+
+@functools.lru_cache(maxsize=8)
+def instruction_weights(text: str) -> dict:
+    """`gatt.instruction_weights` ("upper:1,start:1,end:2") as {kind: weight} (parsed once)."""
+    from llama_jax.train import RunError
+
+    out = {}
+    for part in text.split(","):
+        kind, _, w = (x.strip() for x in part.partition(":"))
+        try:
+            out[kind] = float(w)
+        except ValueError:
+            out[kind] = -1.0  # refused below with the rest
+        if kind not in ("upper", "start", "end") or out[kind] < 0:
+            raise RunError(f"config.gatt.instruction_weights: {part.strip()!r} is not KIND:WEIGHT with KIND one "
+                           "of upper, start, end and WEIGHT >= 0")
+    if not sum(out.values()) > 0:
+        raise RunError(f"config.gatt.instruction_weights: {text!r} gives every kind weight 0")
+    return out
 
 
 def adherent_turns(check, answers: list[str]) -> int:

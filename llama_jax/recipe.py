@@ -113,11 +113,17 @@ def headlines(workdir: str) -> list[dict]:
     def turn(report: dict, key: str, t: str):
         return (report.get(key) or {}).get(t)
 
-    def change(report: dict, prefix: str):
-        """The paired change in true accuracy, in points, with its standard error."""
+    def change(report: dict, prefix: str, metric: str = "true_accuracy"):
+        """The paired change in true accuracy (or reward), in points, with its standard error."""
         after = report.get("after") or {}
-        c, se = after.get(f"{prefix}change_in_true_accuracy"), after.get(f"{prefix}change_in_true_accuracy_se")
+        c, se = after.get(f"{prefix}change_in_{metric}"), after.get(f"{prefix}change_in_{metric}_se")
         return None if c is None else f"{100 * c:+.1f} +- {100 * se:.1f} points"
+
+    def changes(report: dict, metric: str = "true_accuracy"):
+        """Greedy / sampled paired changes, or None before the stage reports them."""
+        if change(report, "eval_", metric) is None:
+            return None
+        return " / ".join(str(change(report, p, metric)) for p in ("eval_", "eval_sampled_"))
 
     late_turns = sorted((t for t in (gatt.get("after") or {}) if int(t) >= 4), key=int)
 
@@ -140,8 +146,9 @@ def headlines(workdir: str) -> list[dict]:
          turn(rs, "before", "eval_sampled_reward"), turn(rs, "after", "eval_sampled_reward")),
         ("rejection_sampling", "held-out true accuracy of the policy, sampled (before: SFT)",
          turn(rs, "before", "eval_sampled_true_accuracy"), turn(rs, "after", "eval_sampled_true_accuracy")),
-        ("rejection_sampling", "change in held-out true accuracy, greedy / sampled (paired SE)", None,
-         " / ".join(str(change(rs, p)) for p in ("eval_", "eval_sampled_")) if change(rs, "eval_") else None),
+        ("rejection_sampling", "change in held-out reward, greedy / sampled (paired SE)", None,
+         changes(rs, "reward")),
+        ("rejection_sampling", "change in held-out true accuracy, greedy / sampled (paired SE)", None, changes(rs)),
         ("rejection_sampling", "held-out exact match after fine-tuning (before: SFT)",
          m["sft"].get("eval_exact_match"), m["rejection_sampling"].get("eval_exact_match")),
         ("ppo", "held-out reward (greedy)", (ppo.get("before") or {}).get("eval_reward"),
@@ -156,8 +163,8 @@ def headlines(workdir: str) -> list[dict]:
          turn(ppo, "after", "eval_sampled_kl")),
         ("ppo", "held-out true accuracy, sampled", turn(ppo, "before", "eval_sampled_true_accuracy"),
          turn(ppo, "after", "eval_sampled_true_accuracy")),
-        ("ppo", "change in held-out true accuracy, greedy / sampled (paired SE)", None,
-         " / ".join(str(change(ppo, p)) for p in ("eval_", "eval_sampled_")) if change(ppo, "eval_") else None),
+        ("ppo", "change in held-out reward, greedy / sampled (paired SE)", None, changes(ppo, "reward")),
+        ("ppo", "change in held-out true accuracy, greedy / sampled (paired SE)", None, changes(ppo)),
         *[("gatt", f"instruction adherence at turn {t}", turn(gatt, "baseline", t), turn(gatt, "after", t))
           for t in late_turns or ["4"]],
         ("safety_distill", "violation rate on held-out adversarial prompts", turn(dist, "before", "violation_rate"),

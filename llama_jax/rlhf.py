@@ -300,10 +300,11 @@ def accuracy_curve(rewards, correct, ns) -> dict:
 
 
 def paired_change(before, after) -> dict:
-    """How a 0/1 score of the same prompts (e.g. right by code) changed between two
-    policies, with the paired standard error of the change (std of the per-prompt
-    differences / sqrt(n)): a change within two SEs of 0 is the draw of prompts and
-    answers, not the training. `gained`/`lost`: prompts that went 0 -> 1 and 1 -> 0."""
+    """How a per-prompt score of the same prompts (1/0 right by code, or a reward)
+    changed between two policies, with the paired standard error of the change (std of
+    the per-prompt differences / sqrt(n)): a change within two SEs of 0 is the draw of
+    prompts and answers, not the training. `gained`/`lost`: prompts whose score went up
+    / down (0 -> 1 and 1 -> 0 for a 0/1 score)."""
     import numpy as np
 
     b, a = np.asarray(before, np.float64), np.asarray(after, np.float64)

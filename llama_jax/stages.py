@@ -520,9 +520,9 @@ class RejectionSamplingStage(SFTStage):
         except ValueError as e:
             raise RunError(f"rejection sampling: {e}") from None
         checked = [i for i, p in enumerate(prompts) if "reference" in p.record]
-        before_right: dict = {}
+        before_per_prompt: dict = {}
         before = policy_quality(config, cfg, params, tokenizer, mesh, rms, _rlhf_eval_prompts(config, workdir),
-                                right=before_right)
+                                per_prompt=before_per_prompt)
         ns = [1, 2, 4, 8, 16, 32, 64, 100, r.num_samples]
         report = {
             "prompts": len(prompts), "num_samples": r.num_samples, "temperature": r.temperature,
@@ -532,7 +532,7 @@ class RejectionSamplingStage(SFTStage):
             "selection_beta": r.selection_beta,
             "pooled_from_earlier_iterations": pooled, "kept_at_min_reward": len(kept),
             "seconds": time.perf_counter() - start,
-            "before": before, "before_right": before_right,
+            "before": before, "before_per_prompt": before_per_prompt,
         }
         if checked:  # toy prompts carry the answer code checks against: every sample checked once
             from llama_jax.data.synthetic import is_correct
@@ -551,7 +551,7 @@ class RejectionSamplingStage(SFTStage):
             report["accuracy_any_sample"] = float(correct.any(axis=1).mean())
         update_report(workdir, "rejection_sampling.json", **report)
         print("rejection sampling: " + json.dumps({k: v for k, v in report.items()
-                                                   if k not in ("reward_vs_n", "before_right")}), flush=True)
+                                                   if k not in ("reward_vs_n", "before_per_prompt")}), flush=True)
         os.makedirs(os.path.dirname(self.train_path), exist_ok=True)
         synthetic.write_jsonl(kept, self.train_path + ".tmp")
         os.replace(self.train_path + ".tmp", self.train_path)
@@ -561,11 +561,11 @@ class RejectionSamplingStage(SFTStage):
         """Exact match on held-out dialogs, and the fine-tuned policy's greedy answers to
         held-out RLHF prompts: mean reward and true accuracy ("after" in the report)."""
         out = super().evaluate_extra(config, model, params, tokenizer, mesh, rules, ev)
-        right: dict = {}
+        per_prompt: dict = {}
         after = policy_quality(config, model.config, params, tokenizer, mesh, reward_models(self, config, tokenizer),
-                               _rlhf_eval_prompts(config, self.workdir), rules, right=right)
-        after.update(_paired_changes(right, read_report(self.workdir, "rejection_sampling.json").get(
-            "before_right", {})))
+                               _rlhf_eval_prompts(config, self.workdir), rules, per_prompt=per_prompt)
+        after.update(_paired_changes(per_prompt, read_report(self.workdir, "rejection_sampling.json").get(
+            "before_per_prompt", {})))
         update_report(self.workdir, "rejection_sampling.json", after=after)
         return {**out, **after}
 
@@ -603,8 +603,8 @@ def _eval_passes(config, prompts) -> list[tuple]:
     return passes
 
 
-def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=None, right: dict | None = None
-                   ) -> dict:
+def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=None,
+                   per_prompt: dict | None = None) -> dict:
     """The policy's answers to the held-out prompts at `path` ({} without one), greedy and
     (rlhf.eval_samples) sampled, `_eval_passes`: PREFIXreward (the mean gated reward-model
     probability) and, on prompts with a `reference`, PREFIXtrue_accuracy (checked by code,
@@ -624,8 +624,8 @@ def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=N
                      [p.is_safety for p in asked])
         out.update({f"{prefix}reward": float(np.mean(scored["gated"])),
                     **_true_accuracy(f"{prefix}true_accuracy", asked, texts, by_task=True)})
-        if right is not None:
-            right[prefix] = _right(asked, texts)
+        if per_prompt is not None:
+            per_prompt[prefix] = _per_prompt(asked, texts, scored["gated"])
     return out
 
 
@@ -1208,7 +1208,7 @@ class PPOStage(Stage):
         if not sets:
             return {}
         self._setup()
-        out, right = {}, {}
+        out, per_prompt = {}, {}
         for name, prompts in sets.items():
             for prefix, asked, temperature, seed in _eval_passes(config, prompts):
                 prefix = name + prefix[len("eval_"):]
@@ -1222,11 +1222,11 @@ class PPOStage(Stage):
                 if "safety" in scored:
                     out[f"{prefix}safety_reward"] = float(np.mean(scored["safety"]))
                 if name == "eval_":
-                    right[prefix] = _right(asked, scored["texts"])
+                    per_prompt[prefix] = _per_prompt(asked, scored["texts"], scored["gated"])
         if self.eval_phase == "start":
-            update_report(self.workdir, "ppo.json", before=out, before_right=right)
+            update_report(self.workdir, "ppo.json", before=out, before_per_prompt=per_prompt)
             return out
-        out.update(_paired_changes(right, read_report(self.workdir, "ppo.json").get("before_right", {})))
+        out.update(_paired_changes(per_prompt, read_report(self.workdir, "ppo.json").get("before_per_prompt", {})))
         update_report(self.workdir, "ppo.json", after=out)
         return out
 
@@ -1260,17 +1260,26 @@ def _right(prompts, texts) -> list[int]:
     return [int(is_correct(q.record, t)) for q, t in zip(prompts, texts) if "reference" in q.record]
 
 
-def _paired_changes(right: dict, before: dict) -> dict:
-    """PREFIXchange_in_true_accuracy and its paired standard error (_se), for each answer
-    pass PREFIX whose per-prompt correctness `before` holds for the same prompts."""
+def _per_prompt(prompts, texts, rewards) -> dict:
+    """What a paired before/after comparison needs of one answer pass: each answer's
+    gated reward, and (prompts with a `reference`) 1/0 right by code."""
+    return {"reward": [float(x) for x in rewards], "true_accuracy": _right(prompts, texts)}
+
+
+def _paired_changes(now: dict, before: dict) -> dict:
+    """PREFIXchange_in_METRIC and its paired standard error (_se) for METRIC reward and
+    true_accuracy, for each answer pass PREFIX that `before` holds for the same prompts
+    (`_per_prompt` records): a change within two SEs of 0 is the draw of answers."""
     from llama_jax import rlhf
 
     out = {}
-    for prefix, now in right.items():
-        if now and len(before.get(prefix, [])) == len(now):
-            change = rlhf.paired_change(before[prefix], now)
-            out[f"{prefix}change_in_true_accuracy"], out[f"{prefix}change_in_true_accuracy_se"] = (
-                change["change"], change["se"])
+    for prefix, metrics in now.items():
+        for metric, values in metrics.items():
+            old = before.get(prefix, {}).get(metric, [])
+            if values and len(old) == len(values):
+                change = rlhf.paired_change(old, values)
+                out[f"{prefix}change_in_{metric}"], out[f"{prefix}change_in_{metric}_se"] = (
+                    change["change"], change["se"])
     return out
 
 

@@ -242,6 +242,8 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
         assert report["after"][f"{p}change_in_true_accuracy"] == pytest.approx(
             report["after"][f"{p}true_accuracy"] - report["before"][f"{p}true_accuracy"])
         assert report["after"][f"{p}change_in_true_accuracy_se"] >= 0.0
+        assert report["after"][f"{p}change_in_reward"] == pytest.approx(  # and of the two mean rewards
+            report["after"][f"{p}reward"] - report["before"][f"{p}reward"], abs=1e-6)
     assert {"eval_reward", "eval_true_accuracy"} <= set(report["after"])
     per_task = {k: v for k, v in report["after"].items() if k.startswith("eval_true_accuracy_")}
     tasks = ("add", "copy", "reverse", "sort", "safety")
@@ -310,6 +312,9 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     assert {"val_reward", "eval_reward"} <= set(ppo_report["before"])
     assert ppo_report["after"]["eval_sampled_change_in_true_accuracy"] == pytest.approx(
         ppo_report["after"]["eval_sampled_true_accuracy"] - ppo_report["before"]["eval_sampled_true_accuracy"])
+    assert ppo_report["after"]["eval_change_in_reward"] == pytest.approx(
+        ppo_report["after"]["eval_reward"] - ppo_report["before"]["eval_reward"], abs=1e-6)
+    assert ppo_report["after"]["eval_change_in_reward_se"] > 0.0  # the answers moved (|eval_kl| > 1e-3)
     val = [json.loads(line)["messages"] for line in open(os.path.join(ppo_dir, "data", "prompts_val_eval.jsonl"))]
     held = [json.loads(line)["messages"] for line in open(os.path.join(ppo_dir, "data", "prompts_eval.jsonl"))]
     assert val and val != held[:len(val)]  # another draw than the held-out prompts

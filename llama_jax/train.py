@@ -467,6 +467,7 @@ def run(config, workdir: str, stage) -> dict:
     pending: list[tuple[int, dict]] = []
     last_log_time, last_log_step = time.perf_counter(), start
     final: dict = {}
+    rates: list[float] = []  # tokens/s of each log interval, for the run's median
 
     def check_nonfinite(step: int, m: dict) -> None:
         if bool(m["nonfinite"]) and config.nonfinite_policy == "stop":
@@ -519,6 +520,7 @@ def run(config, workdir: str, stage) -> dict:
                 }
                 final.update(stage.log_metrics())
                 writer.write(step, final)
+                rates.append(tps)
                 progress.update(step, loss=final["loss"], lr=final["learning_rate"],
                                 tok_s=final["tokens_per_second"], mfu=final["mfu"])
                 pending, last_log_time, last_log_step = [], time.perf_counter(), step
@@ -560,6 +562,10 @@ def run(config, workdir: str, stage) -> dict:
             writer.write(config.total_steps, ev)
             final.update(ev)
             progress.message("final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+        if rates:  # the first interval holds the compilation: left out when there are others
+            final["median_tokens_per_second"] = float(np.median(rates[1:] or rates))
+            final["median_mfu"] = flops_per_token * final["median_tokens_per_second"] / (
+                jax.device_count() * peak) if peak else 0.0
         if stopper is not None and stopper.best_step is not None:
             final.update(early_stopping_best_step=stopper.best_step, early_stopping_best=stopper.best,
                          early_stopping_reason=stopper.reason)

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 from procs import ROOT, SMALL, command, env, losses  # noqa: F401 - reference_run, tokenizer_path: conftest
 
@@ -25,6 +26,9 @@ def test_run_writes_metrics_checkpoints_and_applies_overrides(reference_run):
     for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu"):
         assert all(isinstance(r[key], float) for r in rows), key
     assert rows[-1]["loss"] < rows[0]["loss"]
+    final = json.load(open(os.path.join(workdir, "final_metrics.json")))  # the run's median, not the last step's
+    assert final["median_tokens_per_second"] == pytest.approx(np.median([r["tokens_per_second"] for r in rows[1:]]))
+    assert final["tokens_per_second"] == pytest.approx(rows[-1]["tokens_per_second"])
     assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
     from tensorboardX.proto import event_pb2  # the TensorBoard file really holds the scalars
 

@@ -608,7 +608,7 @@ def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=N
     """The policy's answers to the held-out prompts at `path` ({} without one), greedy and
     (rlhf.eval_samples) sampled, `_eval_passes`: PREFIXreward (the mean gated reward-model
     probability) and, on prompts with a `reference`, PREFIXtrue_accuracy (checked by code,
-    also per toy task); `right` gets {PREFIX: 1/0 per checked answer}."""
+    also per toy task); `per_prompt` gets {PREFIX: `_per_prompt` record}."""
     if not path:
         return {}
     from llama_jax.data import prompts as prompt_data
@@ -625,7 +625,7 @@ def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=N
         out.update({f"{prefix}reward": float(np.mean(scored["gated"])),
                     **_true_accuracy(f"{prefix}true_accuracy", asked, texts, by_task=True)})
         if per_prompt is not None:
-            per_prompt[prefix] = _per_prompt(asked, texts, scored["gated"])
+            per_prompt[prefix] = _per_prompt(asked, texts, scored["gated"], len(asked) // len(prompts))
     return out
 
 
@@ -1222,7 +1222,8 @@ class PPOStage(Stage):
                 if "safety" in scored:
                     out[f"{prefix}safety_reward"] = float(np.mean(scored["safety"]))
                 if name == "eval_":
-                    per_prompt[prefix] = _per_prompt(asked, scored["texts"], scored["gated"])
+                    per_prompt[prefix] = _per_prompt(asked, scored["texts"], scored["gated"],
+                                                     len(asked) // len(prompts))
         if self.eval_phase == "start":
             update_report(self.workdir, "ppo.json", before=out, before_per_prompt=per_prompt)
             return out
@@ -1260,10 +1261,16 @@ def _right(prompts, texts) -> list[int]:
     return [int(is_correct(q.record, t)) for q, t in zip(prompts, texts) if "reference" in q.record]
 
 
-def _per_prompt(prompts, texts, rewards) -> dict:
-    """What a paired before/after comparison needs of one answer pass: each answer's
-    gated reward, and (prompts with a `reference`) 1/0 right by code."""
-    return {"reward": [float(x) for x in rewards], "true_accuracy": _right(prompts, texts)}
+def _per_prompt(prompts, texts, rewards, group: int = 1) -> dict:
+    """What a paired before/after comparison needs of one answer pass, per prompt: the
+    gated reward, and (prompts with a `reference`) the share right by code, each the mean
+    over the prompt's `group` consecutive answers (a sampled pass answers each prompt
+    rlhf.eval_samples times). The prompt, not the answer, is the unit, so the paired
+    standard error does not treat one prompt's answers as independent draws."""
+    def mean(values):
+        return np.asarray(values, np.float64).reshape(-1, group).mean(axis=1).tolist()
+
+    return {"reward": mean(rewards), "true_accuracy": mean(_right(prompts, texts))}
 
 
 def _paired_changes(now: dict, before: dict) -> dict:

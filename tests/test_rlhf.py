@@ -213,3 +213,24 @@ def test_paired_change_and_its_standard_error_by_hand():
     assert rlhf.paired_change([1, 0], [1, 0])["se"] == 0.0  # the same answers: no change, no noise
     with pytest.raises(ValueError, match="not the same prompts"):
         rlhf.paired_change([1, 0, 1], [1, 0])
+
+
+def test_a_sampled_pass_is_paired_per_prompt_not_per_answer():
+    from types import SimpleNamespace
+
+    from llama_jax.stages import _paired_changes, _per_prompt
+
+    # two prompts, two sampled answers each (rlhf.eval_samples 2), and one prompt without a reference
+    asked = [SimpleNamespace(record={"reference": r}) for r in ("a", "a", "b", "b")]
+    before = _per_prompt(asked, ["a", "x", "x", "x"], [0.5, 0.1, 0.2, 0.2], group=2)
+    after = _per_prompt(asked, ["a", "a", "b", "x"], [0.9, 0.7, 0.6, 0.2], group=2)
+    assert before == {"reward": pytest.approx([0.3, 0.2]), "true_accuracy": [0.5, 0.0]}
+    assert after == {"reward": pytest.approx([0.8, 0.4]), "true_accuracy": [1.0, 0.5]}
+    out = _paired_changes({"eval_sampled_": after}, {"eval_sampled_": before})
+    # per-prompt differences: reward 0.5, 0.2 (mean 0.35, SE |0.5 - 0.2| / 2); accuracy 0.5, 0.5 (SE 0)
+    assert out["eval_sampled_change_in_reward"] == pytest.approx(0.35)
+    assert out["eval_sampled_change_in_reward_se"] == pytest.approx(0.15)
+    assert out["eval_sampled_change_in_true_accuracy"] == pytest.approx(0.5)
+    assert out["eval_sampled_change_in_true_accuracy_se"] == pytest.approx(0.0)
+    # per answer, the four reward differences 0.4 0.6 0.4 0 would give SE 0.126: not the prompts' spread
+    assert _paired_changes({"eval_": after}, {"eval_": {"reward": [0.1]}}) == {}  # not the same prompts: no change

@@ -458,6 +458,10 @@ def run(config, workdir: str, stage) -> dict:
     progress = metrics.Progress(config.total_steps, start, enabled=lead)
     peak = metrics.peak_flops_per_device(config.metrics.peak_flops_per_device)
     flops_per_token = cfg.train_flops_per_token(config.seq_len)
+
+    def mfu(tokens_per_second: float) -> float:
+        return flops_per_token * tokens_per_second / (jax.device_count() * peak) if peak else 0.0
+
     schedule = stage.learning_rates(config).get("*") or learning_rate_schedule(config.optimizer, config.total_steps)
     tokens_per_step = config.batch_size * config.seq_len * stage.rows_per_example
     if lead and start == 0:
@@ -513,7 +517,7 @@ def run(config, workdir: str, stage) -> dict:
                     "learning_rate": float(schedule(step - 1)),
                     "grad_norm": float(np.mean([r["grad_norm"] for r in rows])),
                     "tokens_per_second": tps,
-                    "mfu": flops_per_token * tps / (jax.device_count() * peak) if peak else 0.0,
+                    "mfu": mfu(tps),
                     "nonfinite_steps": int(state.nonfinite),
                     **{k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in
                        ("loss", "grad_norm", "weight", "nonfinite")},
@@ -564,8 +568,7 @@ def run(config, workdir: str, stage) -> dict:
             progress.message("final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
         if rates:  # the first interval holds the compilation: left out when there are others
             final["median_tokens_per_second"] = float(np.median(rates[1:] or rates))
-            final["median_mfu"] = flops_per_token * final["median_tokens_per_second"] / (
-                jax.device_count() * peak) if peak else 0.0
+            final["median_mfu"] = mfu(final["median_tokens_per_second"])
         if stopper is not None and stopper.best_step is not None:
             final.update(early_stopping_best_step=stopper.best_step, early_stopping_best=stopper.best,
                          early_stopping_reason=stopper.reason)

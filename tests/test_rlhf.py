@@ -220,7 +220,7 @@ def test_a_sampled_pass_is_paired_per_prompt_not_per_answer():
 
     from llama_jax.stages import _paired_changes, _per_prompt
 
-    # two prompts, two sampled answers each (rlhf.eval_samples 2), and one prompt without a reference
+    # two prompts, two sampled answers each (rlhf.eval_samples 2)
     asked = [SimpleNamespace(record={"reference": r}) for r in ("a", "a", "b", "b")]
     before = _per_prompt(asked, ["a", "x", "x", "x"], [0.5, 0.1, 0.2, 0.2], group=2)
     after = _per_prompt(asked, ["a", "a", "b", "x"], [0.9, 0.7, 0.6, 0.2], group=2)

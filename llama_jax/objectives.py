@@ -114,15 +114,16 @@ PPO_FEATURES = ("old_logp", "old_values", "advantages", "returns")  # float32 [B
 
 
 def ppo(apply_fn, params, batch, frozen=None, clip_eps: float = 0.2, value_clip: float = 0.2,
-        vf_coef: float = 0.1) -> tuple[jax.Array, jax.Array, dict]:
+        vf_coef: float = 0.1, temperature: float = 1.0) -> tuple[jax.Array, jax.Array, dict]:
     """PPO's update on a rollout mini-batch (paper 3.2.3, after Stiennon et al. 2020): the
     clipped surrogate on the response tokens (`loss_mask`) plus `vf_coef` times the
     clipped value loss of the value head; the KL penalty is already in the advantages.
-    `apply_fn` returns {"lm": logits, "value": values}."""
+    `apply_fn` returns {"lm": logits, "value": values}. `temperature`: the policy is
+    softmax(logits / temperature), the distribution the rollouts were sampled from."""
     from llama_jax import rlhf
 
     out = apply_fn(params, batch["tokens"], batch["positions"], batch["segment_ids"])
-    logp = -token_cross_entropy(out["lm"], batch["targets"])
+    logp = -token_cross_entropy(out["lm"] / temperature, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     policy, clipped = rlhf.clipped_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, clip_eps)
     value = rlhf.value_loss(out["value"].astype(jnp.float32), batch["old_values"], batch["returns"], mask, value_clip)

@@ -1022,6 +1022,9 @@ class PPOStage(Stage):
                            f"config.ppo.rollout_batch {p.rollout_batch}")
         if int(p.epochs) < 1:
             raise RunError(f"config.ppo.epochs: {p.epochs} (passes over each iteration's rollouts) must be >= 1")
+        if not float(r.temperature) > 0:
+            raise RunError(f"config.rlhf.temperature {r.temperature}: PPO samples its rollouts from the policy at "
+                           "this temperature, so it must be > 0 (greedy rollouts have no ratios to clip)")
         mix = _toy_mix(config)
         self.prompt_path = r.prompts
         if r.prompts == "synthetic":
@@ -1036,7 +1039,7 @@ class PPOStage(Stage):
     def objective(self, config):
         p = config.ppo
         return functools.partial(objectives.ppo, clip_eps=float(p.clip_eps), value_clip=float(p.value_clip),
-                                 vf_coef=float(p.vf_coef))
+                                 vf_coef=float(p.vf_coef), temperature=float(config.rlhf.temperature))
 
     def batch_spec(self, config) -> dict[str, tuple[int, ...]]:
         return {k: (config.batch_size, config.seq_len) for k in LM_FEATURES + objectives.PPO_FEATURES}
@@ -1085,10 +1088,12 @@ class PPOStage(Stage):
         self.ref_params = load_init_params(c, rt.model, rt.param_sh)  # init_from's own (LM) heads
         model, ref_model = rt.model, Llama(rt.model.config, ("lm",))
 
+        t = float(c.rlhf.temperature)  # the policy PPO optimises is the one the rollouts sample from
+
         def forward(params, ref_params, tokens, positions, segment_ids, targets):
             out = model.apply({"params": params}, tokens, positions, segment_ids)
             ref_logits = ref_model.apply({"params": ref_params}, tokens, positions, segment_ids)
-            return (-token_cross_entropy(out["lm"], targets), -token_cross_entropy(ref_logits, targets),
+            return (-token_cross_entropy(out["lm"] / t, targets), -token_cross_entropy(ref_logits / t, targets),
                     out["value"].astype(jnp.float32))
 
         self.forward = jax.jit(forward)
@@ -1165,6 +1170,7 @@ class PPOStage(Stage):
         kl = rlhf.kl_per_token(logp, ref_logp, mask).sum(axis=1)
         self.last = {"rollout_reward": float(np.mean(scored["gated"])), "rollout_kl": float(kl.mean()),
                      "rollout_answer_tokens": float(mask.sum(axis=1).mean()), "ppo_iteration": iteration + 1,
+                     **({"rollout_varied_prompts": varied_groups(scored["texts"], k)} if k > 1 else {}),
                      **_true_accuracy("rollout_accuracy", prompts, scored["texts"])}
         full = {**rows, "old_logp": logp.astype(np.float32), "old_values": values.astype(np.float32),
                 "advantages": np.asarray(adv, np.float32), "returns": np.asarray(ret, np.float32)}
@@ -1230,6 +1236,13 @@ class PPOStage(Stage):
         out.update(_paired_changes(per_prompt, read_report(self.workdir, "ppo.json").get("before_per_prompt", {})))
         update_report(self.workdir, "ppo.json", after=out)
         return out
+
+
+def varied_groups(texts: list[str], k: int) -> float:
+    """The share of prompts whose `k` consecutive answers are not all the same text: only
+    those give PPO a reward difference when scores are centred per prompt."""
+    groups = [texts[i:i + k] for i in range(0, len(texts), k)]
+    return float(np.mean([len(set(g)) > 1 for g in groups])) if groups else 0.0
 
 
 def steps_per_iteration(config) -> int:

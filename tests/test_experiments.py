@@ -98,6 +98,9 @@ def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
     with pytest.raises(RunError, match=r"config.ppo.samples_per_prompt 3 must be >= 1 and divide "
                                        r"config.ppo.rollout_batch 64"):
         PPOStage().prepare(p, str(tmp_path / "ppo"))
+    p.ppo.samples_per_prompt, p.rlhf.temperature = 4, 0.0
+    with pytest.raises(RunError, match=r"config.rlhf.temperature 0.0: PPO samples its rollouts"):
+        PPOStage().prepare(p, str(tmp_path / "ppo"))
     d = load("safety_distill").get_config("tiny")
     d.distill.preprompt_position = "prefix,user"
     with pytest.raises(RunError, match=r"config.distill.preprompt_position: 'prefix,user' is not"):

@@ -105,3 +105,27 @@ def test_next_token_loss_covers_only_masked_targets():
     assert float(loss_sum) == pytest.approx(-math.log(0.5) - math.log(0.8), rel=1e-6)
     assert float(weight) == 2 and float(m["accuracy"]) == 2
     np.testing.assert_allclose(objectives.token_cross_entropy(logits, batch["targets"])[0, 2], math.log(3), rtol=1e-6)
+
+
+def test_ppo_ratios_are_those_of_the_tempered_policy_the_rollouts_came_from():
+    """objectives.ppo at temperature t scores log softmax(logits / t): old log-probs
+    taken at the same t give ratio 1 (loss -mean(A), nothing clipped); at t = 1 the same
+    rollouts' ratios differ from 1."""
+    logits = jnp.array([[[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0]]])  # [B=1, T=3, V=3]
+    targets = jnp.array([[0, 1, 1]])
+    t = 1.5
+    old = jax.nn.log_softmax(logits / t)[0, jnp.arange(3), targets[0]][None]
+    batch = {"tokens": jnp.zeros((1, 3), jnp.int32), "positions": jnp.zeros((1, 3), jnp.int32),
+             "segment_ids": jnp.ones((1, 3), jnp.int32), "targets": targets,
+             "loss_mask": jnp.array([[1.0, 1.0, 1.0]]), "old_logp": old, "advantages": jnp.array([[1.0, -2.0, 0.5]]),
+             "old_values": jnp.zeros((1, 3)), "returns": jnp.zeros((1, 3))}
+
+    def apply_fn(params, *_):
+        return {"lm": logits, "value": jnp.zeros((1, 3))}
+
+    loss, count, aux = objectives.ppo(apply_fn, None, batch, vf_coef=0.0, temperature=t)
+    assert float(loss) == pytest.approx(-(1.0 - 2.0 + 0.5), abs=1e-6) and float(count) == 3.0
+    assert float(aux["clip_fraction"]) == 0.0 and float(aux["approx_kl_old"]) == pytest.approx(0.0, abs=1e-6)
+    # the last token: p = 1/(1 + 1 + e^3) at t = 1 against 1/(2 + e^2) at t = 1.5, a ratio of 0.41: clipped
+    _, _, aux1 = objectives.ppo(apply_fn, None, batch, vf_coef=0.0)
+    assert float(aux1["clip_fraction"]) >= 1.0

@@ -234,3 +234,10 @@ def test_a_sampled_pass_is_paired_per_prompt_not_per_answer():
     assert out["eval_sampled_change_in_true_accuracy_se"] == pytest.approx(0.0)
     # per answer, the four reward differences 0.4 0.6 0.4 0 would give SE 0.126: not the prompts' spread
     assert _paired_changes({"eval_": after}, {"eval_": {"reward": [0.1]}}) == {}  # not the same prompts: no change
+
+
+def test_varied_groups_counts_prompts_whose_answers_differ():
+    from llama_jax.stages import varied_groups
+
+    assert varied_groups(["4", "4", "5 6", "5 6", "1", "2"], 2) == pytest.approx(1 / 3)
+    assert varied_groups(["a", "a", "a", "a", "b", "a"], 3) == 0.5

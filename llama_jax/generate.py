@@ -8,7 +8,8 @@ prompts, then a decode loop that stays on device (`lax.while_loop`, no Python pe
 
 Sampling: greedy when temperature == 0; otherwise logits / temperature, then top-k (k > 0)
 and top-p (p < 1) filtering. `logprobs` are the model's own log-probabilities of the
-chosen tokens (temperature 1, unfiltered), which is what PPO's ratios need.
+chosen tokens (temperature 1, unfiltered): what rejection sampling's RBoN score uses.
+(PPO computes its own, at its rollout temperature, in the forward pass it trains with.)
 """
 
 from __future__ import annotations

@@ -146,6 +146,7 @@ def rlhf_config() -> ml_collections.ConfigDict:
     c.rlhf.num_val_prompts = 0  # ... at most this many (0 = all); with synthetic prompts and no val_prompts,
     #   this many toy ones (0 = none). The held-out eval_* prompts are then answered only before and after
     c.rlhf.eval_samples = 0  # also sample this many answers per held-out prompt at rlhf.temperature (0 = greedy only)
+    c.rlhf.val_samples = -1  # PPO: the same for each validation prompt (-1 = eval_samples): keeps early stopping cheap
     c.rlhf.num_samples = 8  # K answers per prompt (rejection sampling)
     c.rlhf.temperature = 1.0  # sampling temperature (the paper re-tunes it each iteration)
     c.rlhf.top_p = 1.0

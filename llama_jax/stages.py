@@ -584,21 +584,29 @@ def _check_rlhf_counts(config) -> None:
 
     if config.rlhf.eval_samples < 0:
         raise RunError(f"config.rlhf.eval_samples {config.rlhf.eval_samples} is negative (0 = greedy answers only)")
+    if config.rlhf.val_samples < -1:
+        raise RunError(f"config.rlhf.val_samples {config.rlhf.val_samples} is below -1 (-1 = as rlhf.eval_samples, "
+                       "0 = greedy answers only)")
 
+
+# PPO's evaluations answer and score at most this many rows at once (a held-out pass of
+# 1,024 prompts x 16 samples in one forward pass would need ~26 GB of logits on the toy model)
+EVAL_CHUNK_ROWS = 2048
 
 # Held-out answers sampled with one fixed seed before and after a stage: the same random
 # numbers on both sides, so the difference is the policy's, not the draw's.
 EVAL_SAMPLING_SEED = 7919
 
 
-def _eval_passes(config, prompts) -> list[tuple]:
+def _eval_passes(config, prompts, samples: int | None = None) -> list[tuple]:
     """(metric prefix, prompts, temperature, seed) of each held-out evaluation: the greedy
     answers ("eval_"), and with rlhf.eval_samples N, N answers per prompt sampled at
     rlhf.temperature ("eval_sampled_"): the policy as the distribution RLHF's objective is
-    an expectation over."""
+    an expectation over. `samples` overrides N (PPO's validation passes, rlhf.val_samples)."""
+    n = config.rlhf.eval_samples if samples is None or samples < 0 else samples
     passes = [("eval_", prompts, 0.0, 0)]
-    if config.rlhf.eval_samples:
-        passes.append(("eval_sampled_", [p for p in prompts for _ in range(config.rlhf.eval_samples)],
+    if n:
+        passes.append(("eval_sampled_", [p for p in prompts for _ in range(n)],
                        config.rlhf.temperature, EVAL_SAMPLING_SEED))
     return passes
 
@@ -1022,6 +1030,14 @@ class PPOStage(Stage):
                            f"config.ppo.rollout_batch {p.rollout_batch}")
         if int(p.epochs) < 1:
             raise RunError(f"config.ppo.epochs: {p.epochs} (passes over each iteration's rollouts) must be >= 1")
+        n_val = r.val_samples if r.val_samples >= 0 else r.eval_samples
+        es = config.early_stopping
+        read = [m.strip() for m in [str(es.metric)] + str(es.guard).split(",")]
+        wanted = [m for m in read if m.startswith("val_sampled_")]
+        if wanted and not n_val:
+            raise RunError(f"config.early_stopping reads {', '.join(wanted)}, but the validation passes sample no "
+                           f"answers (rlhf.val_samples {r.val_samples}, rlhf.eval_samples {r.eval_samples}); "
+                           "set rlhf.val_samples >= 1 or drop them")
         if not float(r.temperature) > 0:
             raise RunError(f"config.rlhf.temperature {r.temperature}: PPO samples its rollouts from the policy at "
                            "this temperature, so it must be > 0 (greedy rollouts have no ratios to clip)")
@@ -1136,6 +1152,22 @@ class PPOStage(Stage):
         scored["texts"] = texts
         return rows, scored, logp, ref_logp, values
 
+    def _evaluate_chunks(self, params, asked, temperature: float, seed: int) -> tuple[dict, np.ndarray]:
+        """(reward-model scores with "texts", summed KL to the reference per answer) of
+        answers to `asked`, generated and scored EVAL_CHUNK_ROWS rows at a time (the
+        forward pass holds [rows, seq_len, vocab] logits), chunk i sampled with seed + i."""
+        from llama_jax import rlhf
+
+        parts = []
+        for i, start in enumerate(range(0, len(asked), EVAL_CHUNK_ROWS)):
+            chunk = asked[start:start + EVAL_CHUNK_ROWS]
+            answers = self._answers(params, chunk, temperature, seed + i)
+            rows, scored, logp, ref_logp, _ = self._evaluate_answers(params, chunk, answers)
+            parts.append((scored, rlhf.kl_per_token(logp, ref_logp, rows["loss_mask"]).sum(axis=1)))
+        scored = {k: ([t for p, _ in parts for t in p[k]] if k == "texts" else np.concatenate([p[k] for p, _ in parts]))
+                  for k in parts[0][0]}
+        return scored, np.concatenate([kl for _, kl in parts])
+
     def _answers(self, params, prompts, temperature: float, seed: int) -> list:
         from llama_jax.generate import generate
 
@@ -1206,8 +1238,6 @@ class PPOStage(Stage):
         return self.held_out
 
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
-        from llama_jax import rlhf
-
         sets = self._held_out(tokenizer)
         if "val_" in sets and self.eval_phase == "during":
             sets = {"val_": sets["val_"]}
@@ -1216,11 +1246,10 @@ class PPOStage(Stage):
         self._setup()
         out, per_prompt = {}, {}
         for name, prompts in sets.items():
-            for prefix, asked, temperature, seed in _eval_passes(config, prompts):
+            samples = config.rlhf.val_samples if name == "val_" else None
+            for prefix, asked, temperature, seed in _eval_passes(config, prompts, samples):
                 prefix = name + prefix[len("eval_"):]
-                answers = self._answers(params, asked, temperature, seed)
-                rows, scored, logp, ref_logp, _ = self._evaluate_answers(params, asked, answers)
-                kl = rlhf.kl_per_token(logp, ref_logp, rows["loss_mask"]).sum(axis=1)
+                scored, kl = self._evaluate_chunks(params, asked, temperature, seed)
                 out.update({f"{prefix}reward": float(np.mean(scored["gated"])),
                             f"{prefix}helpful_reward": float(np.mean(scored["helpful"])),
                             f"{prefix}kl": float(kl.mean()),

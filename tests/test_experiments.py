@@ -101,6 +101,13 @@ def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
     p.ppo.samples_per_prompt, p.rlhf.temperature = 4, 0.0
     with pytest.raises(RunError, match=r"config.rlhf.temperature 0.0: PPO samples its rollouts"):
         PPOStage().prepare(p, str(tmp_path / "ppo"))
+    p.rlhf.temperature, p.rlhf.val_samples = 1.0, -2
+    with pytest.raises(RunError, match=r"config.rlhf.val_samples -2 is below -1"):
+        PPOStage().prepare(p, str(tmp_path / "ppo"))
+    p.rlhf.val_samples = 0  # the tiny guard reads val_sampled_true_accuracy
+    with pytest.raises(RunError, match=r"config.early_stopping reads val_sampled_true_accuracy, but the validation "
+                                       r"passes sample no answers \(rlhf.val_samples 0, rlhf.eval_samples 2\)"):
+        PPOStage().prepare(p, str(tmp_path / "ppo"))
     d = load("safety_distill").get_config("tiny")
     d.distill.preprompt_position = "prefix,user"
     with pytest.raises(RunError, match=r"config.distill.preprompt_position: 'prefix,user' is not"):

@@ -241,3 +241,44 @@ def test_varied_groups_counts_prompts_whose_answers_differ():
 
     assert varied_groups(["4", "4", "5 6", "5 6", "1", "2"], 2) == pytest.approx(1 / 3)
     assert varied_groups(["a", "a", "a", "a", "b", "a"], 3) == 0.5
+
+
+def test_eval_passes_sample_eval_samples_or_the_override():
+    from llama_jax.configs import rlhf_config
+    from llama_jax.stages import _eval_passes
+
+    c = rlhf_config()
+    c.rlhf.eval_samples, c.rlhf.temperature = 3, 0.8
+    passes = _eval_passes(c, ["p", "q"])
+    assert [(name, len(asked), t) for name, asked, t, _ in passes] == [("eval_", 2, 0.0), ("eval_sampled_", 6, 0.8)]
+    assert passes[1][1] == ["p"] * 3 + ["q"] * 3  # a prompt's answers side by side
+    assert [len(a) for _, a, _, _ in _eval_passes(c, ["p", "q"], samples=1)] == [2, 2]
+    assert [len(a) for _, a, _, _ in _eval_passes(c, ["p", "q"], samples=-1)] == [2, 6]  # -1: as eval_samples
+    assert [name for name, _, _, _ in _eval_passes(c, ["p"], samples=0)] == ["eval_"]
+
+
+def test_ppo_evaluation_answers_and_scores_in_chunks(monkeypatch):
+    """A held-out pass larger than EVAL_CHUNK_ROWS is answered chunk by chunk (chunk i
+    sampled with seed + i) and its scores, texts and KLs come back in the prompts' order."""
+    from llama_jax import stages
+
+    monkeypatch.setattr(stages, "EVAL_CHUNK_ROWS", 2)
+    seeds = []
+
+    class Fake:
+        def _answers(self, params, prompts, temperature, seed):
+            seeds.append(seed)
+            return [[p] for p in prompts]
+
+        def _evaluate_answers(self, params, prompts, answers):
+            n = len(prompts)
+            mask = np.ones((n, 2), np.float32)
+            logp = np.array([[0.5 * p, 0.0] for p in prompts])
+            return ({"loss_mask": mask}, {"gated": np.array(prompts, float) / 10, "texts": [str(p) for p in prompts]},
+                    logp, np.zeros((n, 2)), None)
+
+    scored, kl = stages.PPOStage._evaluate_chunks(Fake(), None, [1, 2, 3, 4, 5], 1.0, 100)
+    assert seeds == [100, 101, 102]
+    assert scored["texts"] == ["1", "2", "3", "4", "5"]
+    np.testing.assert_allclose(scored["gated"], [0.1, 0.2, 0.3, 0.4, 0.5])
+    np.testing.assert_allclose(kl, [0.5, 1.0, 1.5, 2.0, 2.5])

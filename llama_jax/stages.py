@@ -1030,11 +1030,10 @@ class PPOStage(Stage):
                            f"config.ppo.rollout_batch {p.rollout_batch}")
         if int(p.epochs) < 1:
             raise RunError(f"config.ppo.epochs: {p.epochs} (passes over each iteration's rollouts) must be >= 1")
-        n_val = r.val_samples if r.val_samples >= 0 else r.eval_samples
         es = config.early_stopping
         read = [m.strip() for m in [str(es.metric)] + str(es.guard).split(",")]
         wanted = [m for m in read if m.startswith("val_sampled_")]
-        if wanted and not n_val:
+        if wanted and len(_eval_passes(config, [], r.val_samples)) == 1:  # the greedy pass only
             raise RunError(f"config.early_stopping reads {', '.join(wanted)}, but the validation passes sample no "
                            f"answers (rlhf.val_samples {r.val_samples}, rlhf.eval_samples {r.eval_samples}); "
                            "set rlhf.val_samples >= 1 or drop them")

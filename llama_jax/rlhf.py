@@ -57,6 +57,21 @@ def center_groups(x: jax.Array, group: int) -> jax.Array:
     return (g - g.mean(axis=1, keepdims=True)).reshape(x.shape)
 
 
+def ppo_score(gated: jax.Array, ref_logp: jax.Array, mask: jax.Array, group: int,
+              ref_weight: float = 0.0) -> jax.Array:
+    """[B] sequence scores PPO rewards its rollouts with: whiten(logit(R_c)) (paper), the
+    logits first centred on their prompt's group of `group` answers (`center_groups`).
+    `ref_weight` w > 0 adds w * log pi_ref(answer) (the reference's summed log-probability
+    of the answer tokens, `ref_logp` [B, T] under `mask`) to the logit before centring:
+    the Regularized Best-of-N score rejection sampling selects by, as PPO's reward. With
+    the KL penalty beta, its optimum is pi_ref^(1 + w / beta) exp(R / beta), normalised:
+    the reference sharpened towards its own likely answers, tilted by the reward."""
+    raw = logit(gated)
+    if ref_weight:
+        raw = raw + ref_weight * (ref_logp * mask).sum(axis=1)
+    return whiten(center_groups(raw, group))
+
+
 def kl_per_token(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array) -> jax.Array:
     """The sampled-token estimate of KL(pi || pi_0) at each response token (0 elsewhere)."""
     return (logp - ref_logp) * mask

@@ -1194,7 +1194,8 @@ class PPOStage(Stage):
         answers = self._answers(params, prompts, c.rlhf.temperature, c.seed * 1_000_003 + iteration)
         rows, scored, logp, ref_logp, values = self._evaluate_answers(params, prompts, answers)
         mask = rows["loss_mask"]
-        score = rlhf.whiten(rlhf.center_groups(rlhf.logit(jnp.asarray(scored["gated"])), k))
+        score = rlhf.ppo_score(jnp.asarray(scored["gated"]), jnp.asarray(ref_logp), jnp.asarray(mask), k,
+                               float(p.ref_logprob_weight))
         rewards = rlhf.token_rewards(score, jnp.asarray(logp), jnp.asarray(ref_logp), jnp.asarray(mask), p.beta)
         adv, ret = rlhf.gae(rewards, jnp.asarray(values), jnp.asarray(mask), p.gamma, p.lam)
         adv = rlhf.whiten(adv, jnp.asarray(mask)) * mask  # advantage normalisation over the rollout's tokens

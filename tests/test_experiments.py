@@ -45,6 +45,7 @@ def test_experiment_configs_load(name):
             c = load(name).get_config(arg)
             assert (c.ppo.beta, c.ppo.clip_eps, c.ppo.rollout_batch, c.batch_size) == (beta, 0.2, 512, 64)
             assert (c.ppo.samples_per_prompt, c.ppo.epochs) == (1, 1)  # one answer per prompt, one pass
+            assert c.ppo.ref_logprob_weight == 0.0  # the reward is the gated score alone
             opt = c.optimizer
             assert (opt.learning_rate, opt.schedule, opt.weight_decay) == (1e-6, "constant", 0.1)
             assert (opt.b1, opt.b2, opt.eps, opt.clip_norm) == (0.9, 0.95, 1e-5, 1.0)
@@ -71,6 +72,50 @@ def test_ppo_critic_schedules_from_the_config():
     assert [float(lr["*"](s)) for s in (0, 23, 24)] == [0.0, 0.0, pytest.approx(1e-5)]
     c.ppo.value_warmup_iterations, c.ppo.value_learning_rate = 0, 0.0
     assert PPOStage().learning_rates(c) == {}  # one schedule for everything, as before
+
+
+def test_ppo_rollout_rewards_the_reference_log_probability_when_configured():
+    """ppo.ref_logprob_weight reaches the rollout's advantages: two prompts x two answers
+    (stubbed generation and scores), the RM preferring each prompt's second answer; with
+    weight 2 the first prompt's first answer, 2 nats likelier under the reference, wins."""
+    import types
+
+    import numpy as np
+
+    from llama_jax.stages import PPOStage
+
+    c = load("ppo").get_config("tiny")
+    c.ppo.rollout_batch, c.ppo.samples_per_prompt, c.batch_size = 4, 2, 4
+    c.ppo.beta = 0.0  # the score alone (logp = ref_logp anyway)
+    mask = np.array([[0.0, 1.0, 1.0, 0.0]] * 4, np.float32)
+    ref_logp = np.array([[-9.0, -0.5, -0.5, 0.0], [-9.0, -1.0, -2.0, 0.0], [-9.0, -2.0, 0.0, 0.0],
+                         [-9.0, -1.5, -0.5, 0.0]], np.float32)
+    rows = {"tokens": np.ones((4, 4), np.int32), "targets": np.ones((4, 4), np.int32), "loss_mask": mask,
+            "segment_ids": np.ones((4, 4), np.int32), "positions": np.tile(np.arange(4, dtype=np.int32), (4, 1))}
+    scored = {"gated": np.array([0.5, 0.8, 0.5, 0.8]), "texts": ["a", "b", "c", "d"]}
+
+    class Prompts:
+        position = 0
+
+        def __next__(self):
+            return [types.SimpleNamespace(record={}, tokens=[1]) for _ in range(2)]
+
+    def answer_advantages(weight):
+        c.ppo.ref_logprob_weight = weight
+        stage = PPOStage()
+        stage.config, stage.ready = c, True
+        stage._answers = lambda *args: [[1, 2]] * 4
+        stage._evaluate_answers = lambda *args: (rows, scored, ref_logp, ref_logp, np.zeros((4, 4), np.float32))
+        (batch,) = stage._rollout(Prompts(), None)  # one mini-batch of all 4, in a shuffled order
+        order = [int(np.flatnonzero((ref_logp == lp).all(axis=1))[0]) for lp in batch["old_logp"]]
+        adv = np.zeros(4)
+        adv[order] = (batch["advantages"] * batch["loss_mask"]).sum(axis=1)
+        return adv
+
+    paper = answer_advantages(0.0)
+    assert paper[1] > paper[0] and paper[3] > paper[2]  # the RM's preference
+    rbon = answer_advantages(2.0)
+    assert rbon[0] > rbon[1] and rbon[3] > rbon[2]  # 2 * 2 nats outweigh ln 4 on the first prompt only
 
 
 def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):

@@ -1,7 +1,8 @@
 """The RLHF arithmetic against hand-computed values: gating at 0.15, whitening, logit,
 per-token KL and rewards, GAE, PPO's clipped policy loss (value and gradient), the
 clipped value loss, rejection sampling's best-of-K choice (plain and regularised by the
-policy's log-probability) and its accuracy against N,
+policy's log-probability) and its accuracy against N, PPO's sequence score (with the
+reference's log-probability added),
 and the toy check as a gold reward (CodeReward)."""
 
 import math
@@ -35,6 +36,19 @@ def test_center_groups_subtracts_each_prompts_mean():
     np.testing.assert_allclose(rlhf.center_groups(x, 3), [-3.666667, -1.666667, 5.333333, 10.0, -5.0, -5.0],
                                rtol=1e-6)
     np.testing.assert_array_equal(rlhf.center_groups(x, 1), x)  # one sample per prompt: the paper's
+
+
+def test_ppo_score_adds_the_references_log_probability_before_centring():
+    gated = jnp.array([0.5, 0.8, 0.5, 0.8])  # logits 0, ln 4, 0, ln 4: two prompts x two answers
+    ref_logp = jnp.array([[-9.0, -0.5, -0.5, 0.0], [-9.0, -1.0, -2.0, 0.0], [-9.0, -2.0, 0.0, 0.0],
+                          [-9.0, -1.5, -0.5, 0.0]])
+    mask = jnp.array([[0.0, 1.0, 1.0, 0.0]] * 4)  # a prompt token (its -9 does not count), 2 answer tokens
+    # the paper's score: the RM alone prefers each prompt's second answer
+    np.testing.assert_allclose(rlhf.ppo_score(gated, ref_logp, mask, 2), [-1.0, 1.0, -1.0, 1.0], rtol=1e-5)
+    # logit + 2 * (-1, -3, -2, -2) = (-2, ln 4 - 6, -4, ln 4 - 4); centred: +-(4 - ln 4) / 2, -+ln 4 / 2
+    centred = np.array([4 - np.log(4), -(4 - np.log(4)), -np.log(4), np.log(4)]) / 2
+    np.testing.assert_allclose(rlhf.ppo_score(gated, ref_logp, mask, 2, ref_weight=2.0),
+                               centred / centred.std(), rtol=1e-5)  # the first prompt's preference flips
 
 
 def test_kl_and_token_rewards():

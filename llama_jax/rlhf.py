@@ -62,10 +62,11 @@ def ppo_score(gated: jax.Array, ref_logp: jax.Array, mask: jax.Array, group: int
     """[B] sequence scores PPO rewards its rollouts with: whiten(logit(R_c)) (paper), the
     logits first centred on their prompt's group of `group` answers (`center_groups`).
     `ref_weight` w > 0 adds w * log pi_ref(answer) (the reference's summed log-probability
-    of the answer tokens, `ref_logp` [B, T] under `mask`) to the logit before centring:
-    the Regularized Best-of-N score rejection sampling selects by, as PPO's reward. With
-    the KL penalty beta, its optimum is pi_ref^(1 + w / beta) exp(R / beta), normalised:
-    the reference sharpened towards its own likely answers, tilted by the reward."""
+    of the answer tokens at the rollout temperature, `ref_logp` [B, T] under `mask`) to the
+    logit before centring: the Regularized Best-of-N score rejection sampling selects by,
+    as PPO's reward. With the KL penalty beta (and ignoring whitening's scale), its optimum
+    is proportional to pi_ref^(1 + w / beta) exp(logit(R_c) / beta): the reference
+    sharpened towards its own likely answers, tilted by the reward."""
     raw = logit(gated)
     if ref_weight:
         raw = raw + ref_weight * (ref_logp * mask).sum(axis=1)

@@ -1037,6 +1037,9 @@ class PPOStage(Stage):
             raise RunError(f"config.early_stopping reads {', '.join(wanted)}, but the validation passes sample no "
                            f"answers (rlhf.val_samples {r.val_samples}, rlhf.eval_samples {r.eval_samples}); "
                            "set rlhf.val_samples >= 1 or drop them")
+        if float(p.ref_logprob_weight) < 0:
+            raise RunError(f"config.ppo.ref_logprob_weight {p.ref_logprob_weight} is negative (0 = the paper's reward; "
+                           "w > 0 adds w * log pi_ref(answer) to logit(R_c))")
         if not float(r.temperature) > 0:
             raise RunError(f"config.rlhf.temperature {r.temperature}: PPO samples its rollouts from the policy at "
                            "this temperature, so it must be > 0 (greedy rollouts have no ratios to clip)")

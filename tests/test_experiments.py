@@ -146,7 +146,10 @@ def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
     p.ppo.samples_per_prompt, p.rlhf.temperature = 4, 0.0
     with pytest.raises(RunError, match=r"config.rlhf.temperature 0.0: PPO samples its rollouts"):
         PPOStage().prepare(p, str(tmp_path / "ppo"))
-    p.rlhf.temperature, p.rlhf.val_samples = 1.0, -2
+    p.rlhf.temperature, p.ppo.ref_logprob_weight = 1.0, -1.0
+    with pytest.raises(RunError, match=r"config.ppo.ref_logprob_weight -1.0 is negative"):
+        PPOStage().prepare(p, str(tmp_path / "ppo"))
+    p.ppo.ref_logprob_weight, p.rlhf.val_samples = 0.0, -2
     with pytest.raises(RunError, match=r"config.rlhf.val_samples -2 is below -1"):
         PPOStage().prepare(p, str(tmp_path / "ppo"))
     p.rlhf.val_samples = 0  # the tiny guard reads val_sampled_true_accuracy

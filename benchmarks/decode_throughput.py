@@ -19,8 +19,6 @@ rate. A target ratio above "bound / HF" cannot be met on this machine in float32
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -83,7 +81,7 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from llama_jax import convert, sharding
+    from llama_jax import convert, metrics, sharding
     from llama_jax.generate import generate
     from llama_jax.model import Llama, LlamaConfig
 
@@ -95,7 +93,7 @@ def main(argv=None) -> int:
         hf = transformers.LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa").eval()
 
     rng = np.random.default_rng(0)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}, "
+    print(f"machine: {metrics.cpu_description()}; jax {jax.__version__}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
     print(f"config: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, ffn {cfg.hidden_dim}, vocab "
           f"{cfg.vocab_size}; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, float32")

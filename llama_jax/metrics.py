@@ -38,6 +38,31 @@ def measure_cpu_peak(n: int = 2048, repeats: int = 3) -> float:
     return 2 * n**3 / best
 
 
+# CPU features that decide which matmul kernels a library can use (AMX: Intel's tile
+# units, which oneDNN, hence PyTorch's bfloat16 autocast, uses and XLA:CPU does not).
+CPU_FLAGS = (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """'<model name>, <N> cores (<matmul-relevant ISA flags>)', for benchmark headers."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    isa = [label for flag, label in CPU_FLAGS if flag in flags]
+    return f"{name}, {os.cpu_count()} cores" + (f" ({', '.join(isa)})" if isa else "")
+
+
 def peak_flops_per_device(override: float = 0.0) -> float:
     if override and override > 0:
         return float(override)

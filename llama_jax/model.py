@@ -45,6 +45,7 @@ REMAT_POLICIES = {
 }
 
 HEADS = ("lm", "score", "value")
+MLP_BACKWARD = ("auto", "xla", "manual")
 SCORE_POOLING = ("last", "mean")
 
 # Large negative used for the additive attention mask. A finite value (not -inf) keeps a
@@ -87,6 +88,13 @@ class LlamaConfig:
     # cache buffers made once before the loop, so no step slices weights or cache; costs a
     # second copy of the layer weights), or "auto" (layerwise on CPU, stacked elsewhere).
     decode_layers: str = "auto"
+    # How the SwiGLU MLP's gradient is computed: "xla" (JAX's autodiff), "manual" (our VJP,
+    # `swiglu_mlp`: the same arithmetic, with each weight gradient one matmul contracting
+    # the tokens of x and of the output gradient as they lie; XLA:CPU's autodiff instead
+    # copies the [tokens, ffn] gradients into a transposed layout first), or "auto" (manual
+    # on CPU without remat, where it was measured faster; xla elsewhere, so that remat
+    # policies see the MLP's matmuls).
+    mlp_backward: str = "auto"
     # Which hidden states the reward model's score head reads (the paper leaves it open):
     # "last" = the last real token (the usual choice), "mean" = the mean over the scored
     # answer's tokens, EOS included (`score_mask`), i.e. the mean of per-token scores.
@@ -119,6 +127,8 @@ class LlamaConfig:
                 bad(f, f"{getattr(self, f)!r} is not one of {sorted(DTYPES)}")
         if self.decode_layers not in ("auto", "stacked", "layerwise"):
             bad("decode_layers", f"{self.decode_layers!r} is not one of ['auto', 'layerwise', 'stacked']")
+        if self.mlp_backward not in MLP_BACKWARD:
+            bad("mlp_backward", f"{self.mlp_backward!r} is not one of {list(MLP_BACKWARD)}")
         if self.score_pooling not in SCORE_POOLING:
             bad("score_pooling", f"{self.score_pooling!r} is not one of {list(SCORE_POOLING)}")
         if self.remat_policy not in REMAT_POLICIES:
@@ -374,10 +384,52 @@ class Attention(nn.Module):
         return y, new_cache
 
 
+def _swiglu_forward(x, w1, w3, w2):
+    gate = jnp.einsum("btd,df->btf", x, w1)
+    up = jnp.einsum("btd,df->btf", x, w3)
+    h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return jnp.einsum("btf,fd->btd", h, w2), (gate, up)
+
+
+@jax.custom_vjp
+def swiglu_mlp(x, w1, w3, w2):
+    """w2(silu(x w1) * (x w3)) with a hand-written backward (LlamaConfig.mlp_backward)."""
+    return _swiglu_forward(x, w1, w3, w2)[0]
+
+
+def _swiglu_mlp_fwd(x, w1, w3, w2):
+    out, (gate, up) = _swiglu_forward(x, w1, w3, w2)
+    return out, (x, w1, w3, w2, gate, up)  # h is recomputed from gate and up
+
+
+def _swiglu_mlp_bwd(res, dout):
+    x, w1, w3, w2, gate, up = res
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    dw2 = jnp.einsum("btf,btd->fd", silu * up, dout)
+    dh = jnp.einsum("btd,fd->btf", dout, w2)
+    dgate = constrain(dh * up * sig * (1 + gate * (1 - sig)), ("batch", "length", "mlp"))  # silu' = s(1 + g(1 - s))
+    dup = constrain(dh * silu, ("batch", "length", "mlp"))
+    dw1 = jnp.einsum("btd,btf->df", x, dgate)
+    dw3 = jnp.einsum("btd,btf->df", x, dup)
+    dx = jnp.einsum("btf,df->btd", dgate, w1) + jnp.einsum("btf,df->btd", dup, w3)
+    return dx, dw1, dw3, dw2
+
+
+swiglu_mlp.defvjp(_swiglu_mlp_fwd, _swiglu_mlp_bwd)
+
+
+def manual_mlp_backward(config: "LlamaConfig") -> bool:
+    if config.mlp_backward == "auto":
+        return jax.default_backend() == "cpu" and config.remat_policy == "none"
+    return config.mlp_backward == "manual"
+
+
 class FeedForward(nn.Module):
     hidden_dim: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    manual_backward: bool = False  # swiglu_mlp's VJP instead of autodiff (LlamaConfig.mlp_backward)
 
     @nn.compact
     def __call__(self, x):
@@ -387,11 +439,8 @@ class FeedForward(nn.Module):
         w3 = _param(self, "w3", init, (D, F), ("embed", "mlp"), self.param_dtype)
         w2 = _param(self, "w2", init, (F, D), ("mlp", "embed"), self.param_dtype)
         dt = self.dtype
-        x = x.astype(dt)
-        gate = jnp.einsum("btd,df->btf", x, w1.astype(dt))
-        up = jnp.einsum("btd,df->btf", x, w3.astype(dt))
-        h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return jnp.einsum("btf,fd->btd", h, w2.astype(dt))
+        args = (x.astype(dt), w1.astype(dt), w3.astype(dt), w2.astype(dt))
+        return swiglu_mlp(*args) if self.manual_backward else _swiglu_forward(*args)[0]
 
 
 class Block(nn.Module):
@@ -408,7 +457,7 @@ class Block(nn.Module):
             RMSNorm(c.norm_eps, pdt, name="attention_norm")(x),
             positions, q_slots, q_seg, layer_cache, k_seg, cache_index)
         h = x + attn_out
-        out = h + FeedForward(c.hidden_dim, dt, pdt, name="feed_forward")(
+        out = h + FeedForward(c.hidden_dim, dt, pdt, manual_mlp_backward(c), name="feed_forward")(
             RMSNorm(c.norm_eps, pdt, name="ffn_norm")(h))
         out = constrain(out, ("batch", "length", "embed"))
         return out, new_cache

@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +128,11 @@ class Stage:
     def log_metrics(self) -> dict:
         """Extra numbers for the next logged row (e.g. the latest rollout's reward)."""
         return {}
+
+    def take_batch_seconds(self) -> float:
+        """Seconds spent making batches (PPO: its rollouts) since the last call, which the
+        loop leaves out of tokens_per_second and MFU and logs as `batch_seconds`."""
+        return 0.0
 
 
 def load_init_params(config, model, param_sh):
@@ -477,8 +483,6 @@ class RejectionSamplingStage(SFTStage):
                                lambda: os.path.exists(self.train_path) or self._sample(config, workdir))
 
     def _sample(self, config, workdir: str) -> None:
-        import time
-
         from llama_jax import rlhf
         from llama_jax.data import prompts as prompt_data
         from llama_jax.train import RunError
@@ -1053,6 +1057,7 @@ class PPOStage(Stage):
             self.val_prompt_path = _synthetic(config, workdir, "prompts", "eval", r.num_val_prompts, name="prompts_val",
                                               train_n=r.num_prompts, draw=1, **mix)
         self.config, self.queue, self.last, self.ready, self.held_out = config, [], {}, False, None
+        self.rollout_seconds = 0.0
 
     def objective(self, config):
         p = config.ppo
@@ -1183,8 +1188,15 @@ class PPOStage(Stage):
 
     def next_batch(self, train_data, state):
         if not self.queue:
+            jax.block_until_ready(state.params)  # the steps before are training time, not rollout time
+            start = time.perf_counter()
             self.queue = self._rollout(train_data, state.params)
+            self.rollout_seconds += time.perf_counter() - start
         return self.queue.pop(0)
+
+    def take_batch_seconds(self) -> float:
+        seconds, self.rollout_seconds = self.rollout_seconds, 0.0
+        return seconds
 
     def _rollout(self, train_data, params) -> list[dict]:
         from llama_jax import rlhf

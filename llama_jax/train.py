@@ -358,7 +358,8 @@ def run(config, workdir: str, stage) -> dict:
             _, init_meta = ckpt.read_meta(config.init_from)
             cfg = ckpt.model_config(init_meta, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                     remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers,
-                                    decode_layers=cfg.decode_layers, score_pooling=cfg.score_pooling)
+                                    decode_layers=cfg.decode_layers, score_pooling=cfg.score_pooling,
+                                    mlp_backward=cfg.mlp_backward)
             pooled = ckpt.model_config(init_meta).score_pooling  # the default if saved before the field
             if "score" in stage.heads and "score" in init_meta.get("heads", []) and pooled != cfg.score_pooling:
                 raise RunError(f"config.init_from {config.init_from}: its score head was trained with "
@@ -511,7 +512,8 @@ def run(config, workdir: str, stage) -> dict:
                 check_nonfinite(*pending[-1])
                 rows = [jax.device_get(x) for _, x in pending]
                 now = time.perf_counter()
-                tps = tokens_per_step * (step - last_log_step) / max(now - last_log_time, 1e-9)
+                batch_seconds = stage.take_batch_seconds()  # PPO's rollouts: not training throughput
+                tps = tokens_per_step * (step - last_log_step) / max(now - last_log_time - batch_seconds, 1e-9)
                 final = {
                     "loss": float(np.mean([r["loss"] for r in rows])),
                     "learning_rate": float(schedule(step - 1)),
@@ -519,6 +521,7 @@ def run(config, workdir: str, stage) -> dict:
                     "tokens_per_second": tps,
                     "mfu": mfu(tps),
                     "nonfinite_steps": int(state.nonfinite),
+                    **({"batch_seconds": batch_seconds} if batch_seconds else {}),
                     **{k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in
                        ("loss", "grad_norm", "weight", "nonfinite")},
                 }

@@ -177,3 +177,18 @@ def test_early_stopping_guard_stops_when_true_accuracy_falls():
         stopping(guard="val_accuracy").observe(0, {"val_reward": 0.5})
     with pytest.raises(train.RunError, match="config.early_stopping.mode: 'up' is not 'max' or 'min'"):
         stopping(mode="up")
+
+
+def test_cpu_description_names_the_model_and_the_matmul_features(tmp_path):
+    """Benchmark headers: which CPU, and whether it has AVX-512 / bfloat16 / AMX units
+    (they decide which side's kernels are fastest)."""
+    from llama_jax.metrics import cpu_description
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n"
+                    "\nprocessor\t: 1\nmodel name\t: Test CPU 9000\nflags\t\t: fpu\n")
+    assert cpu_description(str(info)).startswith("Test CPU 9000, ")
+    assert cpu_description(str(info)).endswith("cores (AVX-512, AMX-BF16)")
+    info.write_text("model name\t: Plain\nflags\t\t: fpu sse2\n")
+    assert cpu_description(str(info)).endswith("cores") and "(" not in cpu_description(str(info))
+    assert "cores" in cpu_description(str(tmp_path / "missing"))  # no /proc/cpuinfo: the platform's name

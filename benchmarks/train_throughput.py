@@ -8,13 +8,13 @@ vocab 32000, sequence 256, batch 8. llama_jax runs the step `python -m llama_jax
 runs (next-token loss, the paper's AdamW with clipping, donated state, scan over layers,
 float32, and `dtype="bfloat16"`: bfloat16 matmuls, float32 params, norms and softmax);
 HF runs float32, and float32 under `torch.autocast(bfloat16)` (PyTorch's fastest CPU
-setting). A fifth row runs llama_jax float32 with JAX's autodiff of the MLP
-(`model.mlp_backward="xla"`) instead of the hand-written backward that "auto" picks on
-a CPU, to show what that choice is worth. All start from the same weights. The first two
-steps of each (compilation, allocation) are excluded; the timed steps alternate between
-them (a busy machine slows all alike) and the median of `--steps` steps each is reported
-as tokens per second, with model FLOP/s as a share of this machine's float32 matmul
-peak, measured here.
+setting). A fifth row runs llama_jax float32 with our hand-written MLP backward
+(`model.mlp_backward="manual"`, what "auto" picks on a CPU) instead of JAX's autodiff
+(the default), to show what that choice is worth. All start from the same weights. The
+first two steps of each (compilation, allocation) are excluded; the timed steps
+alternate between them (a busy machine slows all alike) and the median of `--steps`
+steps each is reported as tokens per second, with model FLOP/s as a share of this
+machine's float32 matmul peak, measured here.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     batch_sh = {k: sharding.batch_sharding(mesh, sharding.DEFAULT_RULES, v.shape) for k, v in batch.items()}
     device_batch = jax.device_put(batch, batch_sh)
 
-    def ours(dtype: str, mlp_backward: str = "auto"):
+    def ours(dtype: str, mlp_backward: str = "xla"):
         m = Llama(cfg.replace(dtype=dtype, mlp_backward=mlp_backward))
         step = train.jit_train_step(train.make_train_step(make_apply(m), next_token, optimizer), state_sh, batch_sh,
                                     mesh, sharding.DEFAULT_RULES)
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s; model FLOPs per step {flops / 1e9:.1f} G")
     results = _timed({"llama_jax float32": ours("float32"), "HF float32": theirs(False),
                       "llama_jax bfloat16": ours("bfloat16"), "HF autocast bfloat16": theirs(True),
-                      "llama_jax f32, XLA MLP": ours("float32", "xla")}, args.steps)
+                      "llama_jax f32, MLP VJP": ours("float32", "manual")}, args.steps)
     ours_tps = tokens / results["llama_jax float32"]
     print(f"{'implementation':<22} {'s/step':>8} {'tokens/s':>10} {'model FLOP/s / peak':>20} "
           f"{'llama_jax f32 / it':>19}")

@@ -226,15 +226,20 @@ def test_lm_and_value_heads_share_the_trunk():
 
 # -------------------------------------------------------------------- numerics ---
 
+def loss_and_grads(cfg, params, toks):
+    """(mean squared logit, its gradient) of the model `cfg` at `params`."""
+    def loss(p):
+        return jnp.mean(run(Llama(cfg), p, toks) ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
 def test_remat_policies_give_identical_gradients():
     base = LlamaConfig(**GQA)
     params = init(base)
     toks = tokens(base, 2, 9)
 
     def grads(cfg):
-        def loss(p):
-            return jnp.mean(run(Llama(cfg), p, toks) ** 2)
-        return jax.jit(jax.grad(loss))(params)
+        return loss_and_grads(cfg, params, toks)[1]
 
     ref = grads(base)
     for policy, scan in (("full", True), ("dots", False)):
@@ -246,7 +251,7 @@ def test_remat_policies_give_identical_gradients():
 def test_manual_mlp_backward_gives_autodiffs_gradients():
     """swiglu_mlp's hand-written VJP against JAX's autodiff of the same forward, through
     the whole model (every weight, the embeddings' gradient flowing through the MLPs),
-    in float32 and bfloat16 compute; and which one "auto" picks."""
+    in float32 and bfloat16 compute; and which one the default and "auto" pick."""
     from llama_jax.model import manual_mlp_backward
 
     base = LlamaConfig(**GQA)
@@ -254,9 +259,7 @@ def test_manual_mlp_backward_gives_autodiffs_gradients():
     toks = tokens(base, 2, 9)
 
     def grads(cfg):
-        def loss(p):
-            return jnp.mean(run(Llama(cfg), p, toks) ** 2)
-        return jax.jit(jax.value_and_grad(loss))(params)
+        return loss_and_grads(cfg, params, toks)
 
     for dtype, tol in (("float32", 1e-5), ("bfloat16", 2e-2)):
         lx, gx = grads(base.replace(mlp_backward="xla", dtype=dtype))
@@ -268,9 +271,9 @@ def test_manual_mlp_backward_gives_autodiffs_gradients():
             assert scale > 0, path
             np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(x, np.float32), atol=tol * scale,
                                        rtol=tol, err_msg=str(path))
-    assert manual_mlp_backward(base)  # the tests run on CPU, without remat
-    assert not manual_mlp_backward(base.replace(remat_policy="full"))
-    assert not manual_mlp_backward(base.replace(mlp_backward="xla"))
+    assert not manual_mlp_backward(base)  # the default: autodiff
+    assert manual_mlp_backward(base.replace(mlp_backward="auto"))  # the tests run on CPU, without remat
+    assert not manual_mlp_backward(base.replace(mlp_backward="auto", remat_policy="full"))
     assert manual_mlp_backward(base.replace(mlp_backward="manual", remat_policy="dots"))
     _, remat = grads(base.replace(mlp_backward="manual", remat_policy="full"))  # remat around the custom VJP
     _, ref = grads(base.replace(mlp_backward="xla"))

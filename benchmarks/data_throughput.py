@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import optax
 
+    from llama_jax import metrics
     from llama_jax import tokenizer as tk
     from llama_jax.data import pretrain
     from llama_jax.data.sources import StdlibCorpus
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
         loss.block_until_ready()
         steps += 1
     train = steps * B * T / (time.perf_counter() - t0)
-    print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__}, batch {B} x seq {T}")
+    print(f"machine: {metrics.cpu_description()}; jax {jax.__version__}, batch {B} x seq {T}")
     print(f"pipeline (embedded corpus, packed): {pipe:12,.0f} tokens/s")
     print(f"tiny train step (fwd+bwd+AdamW):    {train:12,.0f} tokens/s")
     print(f"ratio pipeline / step:              {pipe / train:12.1f}x (target >= 10x)")

@@ -228,12 +228,12 @@ def load_params(path: str, abstract_params, step: int | None = None):
         mngr.close()
 
 
-def model_fields_differing(saved: dict, current: dict) -> list[str]:
+def model_fields_differing(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """The fields of `current` (a LlamaConfig dict) that a checkpoint's saved model dict
-    does not match. A field added to LlamaConfig after the checkpoint was written counts
-    as its default there, so older runs still resume."""
+    does not match, except those in `ignore`. A field added to LlamaConfig after the
+    checkpoint was written counts as its default there, so older runs still resume."""
     saved = {**LlamaConfig().to_dict(), **saved}
-    return sorted(k for k in current if saved.get(k) != current[k])
+    return sorted(k for k in current if k not in ignore and saved.get(k) != current[k])
 
 
 def model_config(meta: dict, **overrides) -> LlamaConfig:

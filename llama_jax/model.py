@@ -47,6 +47,9 @@ REMAT_POLICIES = {
 HEADS = ("lm", "score", "value")
 MLP_BACKWARD = ("auto", "xla", "manual")
 SCORE_POOLING = ("last", "mean")
+# LlamaConfig fields that change how the same weights are computed with, not the weights
+# or the function they compute: a run resumes from its checkpoints with any of them changed.
+COMPUTE_ONLY_FIELDS = ("dtype", "remat_policy", "decode_layers", "mlp_backward")
 
 # Large negative used for the additive attention mask. A finite value (not -inf) keeps a
 # fully masked row (a padding query) finite instead of NaN; any row with one valid key

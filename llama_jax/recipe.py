@@ -1,6 +1,6 @@
 """The Llama 2-Chat recipe end to end on the toy tasks, one command:
 
-    python -m llama_jax.recipe --workdir=runs/recipe [--fast]
+    python -m llama_jax.recipe --workdir=runs/recipe [--seed=N] [--override=STAGE:FIELD=VALUE ...] [--fast]
 
 pretrain -> SFT -> helpfulness RM + safety RM -> rejection sampling -> PPO -> Ghost
 Attention -> safety context distillation, each stage a `python -m llama_jax.main` run of
@@ -9,6 +9,13 @@ model (step counts shortened so the whole recipe fits a CPU budget; `--fast` sho
 them further, for tests). A stage that finished before is not rerun; an interrupted one
 resumes. Writes WORKDIR/report.json and WORKDIR/report.md: each stage's headline metric
 before and after.
+
+`--seed=N` gives every stage `--config.seed=N` (its initialisation, data order and toy
+data draws: another run of the same recipe, to see which results hold across seeds).
+`--override=STAGE:FIELD=VALUE` (repeatable; STAGE a stage name or `all`) adds
+`--config.FIELD=VALUE` to that stage's command, after the recipe's own settings, for
+ablations of the whole chain. The seed and overrides are recorded in
+WORKDIR/recipe_args.json, and a workdir is only resumed with the same ones.
 """
 
 from __future__ import annotations
@@ -68,6 +75,24 @@ FAST = {  # --fast: minutes, not tens of minutes (tests); numbers are then meani
                        "--config.distill.num_eval_prompts=4", "--config.total_steps=4",
                        "--config.eval_max_new_tokens=6"],
 }
+
+
+def stage_overrides(overrides: list[str], seed: int | None) -> dict[str, list[str]]:
+    """The extra `--config.` flags of each stage from `--seed` and `--override`
+    (STAGE:FIELD=VALUE); a ValueError names a malformed override or an unknown stage."""
+    names = [name for name, *_ in STAGES]
+    extra: dict[str, list[str]] = {name: [] if seed is None else [f"--config.seed={seed}"] for name in names}
+    for o in overrides:
+        stage, sep, assignment = o.partition(":")
+        field, eq, _ = assignment.partition("=")
+        if not sep or not eq or not field.strip():
+            raise ValueError(f"--override={o!r}: expected STAGE:FIELD=VALUE, e.g. ppo:ppo.beta=0.05")
+        if stage != "all" and stage not in names:
+            raise ValueError(f"--override={o!r}: unknown stage {stage!r}; one of {', '.join(names)} or all")
+        assignment = assignment.removeprefix("config.")
+        for name in names if stage == "all" else [stage]:
+            extra[name].append(f"--config.{assignment}")
+    return extra
 
 
 def write_tokenizer_text(path: str, dialogs: int = 20_000) -> None:
@@ -201,13 +226,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fast", action="store_true", help="tiny step counts (tests); the numbers mean nothing")
     ap.add_argument("--experiments", default=os.path.join(os.getcwd(), "experiments"),
                     help="the experiments/ directory (default: ./experiments)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="--config.seed for every stage (default: each experiment's own, 0)")
+    ap.add_argument("--override", action="append", default=[], metavar="STAGE:FIELD=VALUE",
+                    help="add --config.FIELD=VALUE to STAGE's command (STAGE: a stage name or 'all'); repeatable")
     args = ap.parse_args(argv)
+    try:
+        extra = stage_overrides(args.override, args.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not os.path.isdir(args.experiments):
         print(f"error: {args.experiments}: no experiments directory (run from the repository root or pass "
               "--experiments)", file=sys.stderr)
         return 2
     w = os.path.abspath(args.workdir)
     os.makedirs(w, exist_ok=True)
+    recorded = {"seed": args.seed, "overrides": args.override}
+    args_path = os.path.join(w, "recipe_args.json")
+    if os.path.exists(args_path):
+        before = _json(args_path)
+        if before != recorded:
+            print(f"error: {w} holds a recipe run with {before} (recipe_args.json), not {recorded}: "
+                  "resume it with the same --seed and --override, or use another workdir", file=sys.stderr)
+            return 2
+    else:
+        with open(args_path, "w") as f:
+            json.dump(recorded, f, indent=1)
     times = _json(os.path.join(w, "timings.json"))
     if not os.path.exists(os.path.join(w, "tokenizer_text.txt")):
         write_tokenizer_text(os.path.join(w, "tokenizer_text.txt"))
@@ -228,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd.append(f"--config.init_from={os.path.join(w, parent)}")
         if args.fast:
             cmd += FAST[name]
+        cmd += extra[name]
         print(f"[{i + 1}/{len(STAGES)}] {name}: {' '.join(cmd[2:])}", flush=True)
         # a resumed stage adds to the time it took before; one started afresh (its
         # directory removed to rerun it) counts from zero
@@ -242,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             return code
     rows = headlines(w)
     with open(os.path.join(w, "report.json"), "w") as f:
-        json.dump({"stages": rows, "seconds": times, "total_minutes": sum(times.values()) / 60}, f, indent=1)
+        json.dump({"stages": rows, "seconds": times, "total_minutes": sum(times.values()) / 60, **recorded}, f,
+                  indent=1)
     table = markdown(rows, times)
     with open(os.path.join(w, "report.md"), "w") as f:
         f.write(table)

@@ -351,6 +351,7 @@ def run(config, workdir: str, stage) -> dict:
 
     from llama_jax import checkpoint as ckpt
     from llama_jax import configs, distributed, metrics, sharding
+    from llama_jax.model import COMPUTE_ONLY_FIELDS
 
     try:
         cfg = configs.to_llama_config(config.model)
@@ -405,10 +406,15 @@ def run(config, workdir: str, stage) -> dict:
     train_data = stage.train_data(config, tokenizer)
 
     def check_meta(saved_meta: dict) -> None:
-        diff = ckpt.model_fields_differing(saved_meta.get("model", {}), meta["model"])
+        diff = ckpt.model_fields_differing(saved_meta.get("model", {}), meta["model"], ignore=COMPUTE_ONLY_FIELDS)
         if diff:
             raise RunError(f"{checkpointer.directory}: its checkpoints are of another model (fields {diff} differ);"
                            " use a new --workdir or the original config")
+        changed = ckpt.model_fields_differing(saved_meta.get("model", {}), meta["model"])
+        if changed and lead:  # numerics only (COMPUTE_ONLY_FIELDS): the same weights, computed otherwise
+            saved = ckpt.model_config(saved_meta).to_dict()
+            print("resuming with other numerics than the checkpoint's run: "
+                  + ", ".join(f"{k} {saved[k]!r} -> {meta['model'][k]!r}" for k in changed), file=sys.stderr, flush=True)
         if saved_meta.get("tokenizer", {}).get("sha256") != meta["tokenizer"]["sha256"]:
             raise RunError(f"{checkpointer.directory}: its checkpoints were trained with another tokenizer")
         if list(saved_meta.get("heads", ["lm"])) != meta["heads"]:

@@ -9,7 +9,7 @@ from helpers import random_params
 
 from llama_jax import checkpoint as ckpt
 from llama_jax import sharding, train
-from llama_jax.model import Llama, LlamaConfig
+from llama_jax.model import COMPUTE_ONLY_FIELDS, Llama, LlamaConfig
 
 CFG = LlamaConfig(dim=40, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, ffn_hidden_dim=72, max_seq_len=32)
 RULES = sharding.DEFAULT_RULES
@@ -116,3 +116,7 @@ def test_a_checkpoint_from_before_a_new_model_field_still_matches():
     mean = LlamaConfig.tiny(score_pooling="mean").to_dict()
     assert ckpt.model_fields_differing(old, mean) == ["score_pooling"]
     assert ckpt.model_fields_differing({**old, "n_layers": 3}, cfg.to_dict()) == ["n_layers"]
+    # numerics-only fields: the same weights, computed otherwise; a run resumes with them changed
+    numerics = {**cfg.to_dict(), "mlp_backward": "manual", "remat_policy": "full", "n_layers": 3}
+    assert ckpt.model_fields_differing(old, numerics) == ["mlp_backward", "n_layers", "remat_policy"]
+    assert ckpt.model_fields_differing(old, numerics, ignore=COMPUTE_ONLY_FIELDS) == ["n_layers"]

@@ -411,3 +411,42 @@ def test_the_recipe_runs_each_stage_with_a_shared_compilation_cache(tmp_path, mo
     assert recipe.main([f"--workdir={tmp_path / 'b'}", f"--experiments={ROOT}/experiments"]) == 0
     seconds = json.load(open(timings))
     assert seconds["ppo"] < 1000.0 <= seconds["gatt"]
+
+
+def test_the_recipe_passes_a_seed_and_overrides_to_its_stages(tmp_path, monkeypatch, capsys):
+    from llama_jax import recipe
+
+    calls = {}
+
+    def fake_call(cmd, env):
+        stage_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
+        calls[os.path.basename(stage_dir)] = cmd
+        os.makedirs(stage_dir, exist_ok=True)
+        open(os.path.join(stage_dir, "final_metrics.json"), "w").write("{}")
+        return 0
+
+    monkeypatch.setattr(recipe, "write_tokenizer_text", lambda path: open(path, "w").write("toy\n"))
+    monkeypatch.setattr(recipe.subprocess, "call", fake_call)
+    args = [f"--workdir={tmp_path}", f"--experiments={ROOT}/experiments", "--seed=3",
+            "--override=ppo:ppo.beta=0.05", "--override=all:config.log_every_steps=7"]
+    assert recipe.main(args) == 0
+    assert set(calls) == {name for name, *_ in recipe.STAGES}
+    for name, cmd in calls.items():
+        assert cmd[-3:] == ["--config.seed=3", "--config.ppo.beta=0.05", "--config.log_every_steps=7"] \
+            if name == "ppo" else cmd[-2:] == ["--config.seed=3", "--config.log_every_steps=7"]
+        assert ("--config.ppo.beta=0.05" in cmd) == (name == "ppo")
+    # after the recipe's own settings for the stage, so an override wins
+    ppo = calls["ppo"]
+    assert ppo.index("--config.ppo.beta=0.05") > ppo.index("--config.checkpoint_every_steps=40")
+    report = json.load(open(tmp_path / "report.json"))
+    assert report["seed"] == 3 and report["overrides"] == ["ppo:ppo.beta=0.05", "all:config.log_every_steps=7"]
+    # a workdir is resumed only with the same seed and overrides
+    capsys.readouterr()
+    assert recipe.main([f"--workdir={tmp_path}", f"--experiments={ROOT}/experiments", "--seed=4"]) == 2
+    assert "recipe_args.json" in capsys.readouterr().err
+    # malformed overrides and unknown stages are named before anything runs
+    for bad, words in [("ppo.beta=0.05", "STAGE:FIELD=VALUE"), ("ppo:beta", "STAGE:FIELD=VALUE"),
+                       ("dpo:beta=1", "unknown stage 'dpo'")]:
+        assert recipe.main([f"--workdir={tmp_path / 'x'}", f"--override={bad}"]) == 2
+        assert words in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")

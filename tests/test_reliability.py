@@ -239,7 +239,8 @@ def test_bad_main_input_is_one_line(tmp_path, bad_files, tokenizer_path, case):
 
 def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, reference_run, tokenizer_path):
     """Resuming a finished run's workdir with another model, another stage (other heads)
-    or a typo is refused; its checkpoints, metrics and config stay byte-identical."""
+    or a typo is refused; its checkpoints, metrics and config stay byte-identical. Other
+    numerics (mlp_backward, remat_policy) are the same model: that resume goes ahead."""
     ref_dir, _ = reference_run
     workdir = str(tmp_path / "run")
     shutil.copytree(ref_dir, workdir)
@@ -258,6 +259,12 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, refe
                                      experiment=experiment), env=env(), capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and needle in out.stderr and one_error_line(out.stderr), out.stderr[-2000:]
     assert written() == before
+    # numerics alone (model.COMPUTE_ONLY_FIELDS) make no other model: the run resumes, and says so
+    out = subprocess.run(command(workdir, f"--config.data.tokenizer={tokenizer_path}",
+                                 "--config.model.mlp_backward=manual", "--config.model.remat_policy=full"),
+                         env=env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "mlp_backward 'xla' -> 'manual', remat_policy 'none' -> 'full'" in out.stderr, out.stderr[-2000:]
 
 
 def _cli(module):

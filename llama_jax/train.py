@@ -414,7 +414,8 @@ def run(config, workdir: str, stage) -> dict:
         if changed and lead:  # numerics only (COMPUTE_ONLY_FIELDS): the same weights, computed otherwise
             saved = ckpt.model_config(saved_meta).to_dict()
             print("resuming with other numerics than the checkpoint's run: "
-                  + ", ".join(f"{k} {saved[k]!r} -> {meta['model'][k]!r}" for k in changed), file=sys.stderr, flush=True)
+                  + ", ".join(f"{k} {saved[k]!r} -> {meta['model'][k]!r}" for k in changed),
+                  file=sys.stderr, flush=True)
         if saved_meta.get("tokenizer", {}).get("sha256") != meta["tokenizer"]["sha256"]:
             raise RunError(f"{checkpointer.directory}: its checkpoints were trained with another tokenizer")
         if list(saved_meta.get("heads", ["lm"])) != meta["heads"]:

@@ -1,10 +1,13 @@
 """Running `python -m llama_jax.main` as a user does: the small config the process tests
 share, its command line and environment, and reading a run's losses."""
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.model.dim=48", "--config.model.n_layers=2", "--config.model.n_heads=4",
@@ -19,10 +22,28 @@ def command(workdir, *extra, steps=12, experiment="pretrain.py:tiny"):
             f"--workdir={workdir}", f"--config.total_steps={steps}", *SMALL, *extra]
 
 
-def env():
+_CACHE = []
+
+
+def compilation_cache() -> str:
+    """One JAX persistent compilation cache for every process the tests start (made on
+    first use, removed at exit): most of them compile the same few programs of the small
+    config, and a cache hit loads the same executable (the recipe does the same)."""
+    if not _CACHE:
+        _CACHE.append(tempfile.mkdtemp(prefix="llama_jax_test_jax_cache_"))
+        atexit.register(shutil.rmtree, _CACHE[0], ignore_errors=True)
+    return _CACHE[0]
+
+
+def env(cache: bool = True):
+    """A user's environment for `python -m llama_jax.main`, with the tests' shared
+    compilation cache unless `cache` is False."""
     e = dict(os.environ)
     e.pop("XLA_FLAGS", None)  # a plain single-device run, as a user's
     e["JAX_PLATFORMS"] = "cpu"
+    if cache:
+        e.setdefault("JAX_COMPILATION_CACHE_DIR", compilation_cache())
+        e.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     return e
 
 

@@ -181,11 +181,22 @@ def _scores(params, tokens, segment_ids, answer, *, config: LlamaConfig):
     return Llama(config, ("score",)).apply({"params": params}, tokens, None, segment_ids, score_mask=answer)
 
 
-def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dict]], batch_size: int = 8
-          ) -> np.ndarray:
+def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dict]], batch_size: int = 8,
+          mesh=None, rules=None) -> np.ndarray:
     """Reward-model scores (raw, before the sigmoid) of complete dialogs (each ending
     with the assistant answer to be scored), read at the last token or averaged over the
-    final answer's tokens (config.score_pooling), right-padded."""
+    final answer's tokens (config.score_pooling), right-padded. With `mesh` (params on it,
+    e.g. a run's mesh across processes; every process calls this with the same dialogs)
+    the batches go onto it whole and the activations are sharded by `rules`, as in training."""
+    import contextlib
+
+    from llama_jax import distributed, sharding
+
+    put, ctx = jnp.asarray, contextlib.nullcontext
+    if mesh is not None:
+        whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        put = functools.partial(jax.device_put, device=whole)
+        ctx = functools.partial(sharding.activate, mesh, rules if rules is not None else sharding.DEFAULT_RULES)
     rows = []
     for d in dialogs:
         tokens, mask = tokenizer.encode_dialog_for_training(d, last_turn_only=True)
@@ -199,8 +210,9 @@ def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dic
         answer = np.zeros((batch_size, T), np.float32)
         for i, (r, m) in enumerate(chunk):
             tokens[i, :len(r)], seg[i, :len(r)], answer[i, :len(m)] = r, 1, m
-        out.append(np.asarray(_scores(params, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(answer),
-                                      config=config))[:len(chunk)])
+        with ctx():
+            scores = _scores(params, put(tokens), put(seg), put(answer), config=config)
+        out.append(distributed.to_host(scores)[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 

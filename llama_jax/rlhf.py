@@ -173,9 +173,11 @@ def keep_best(records: list[dict], min_reward: float) -> list[dict]:
 # ----------------------------------------------------------------------------------
 
 
-def load_model_local(path: str, heads_needed: str):
-    """(config, params, tokenizer) of a run or export, on a mesh over this process's
-    devices; `heads_needed` ("lm" to sample, "score" to reward) must be among its heads."""
+def load_model_local(path: str, heads_needed: str, mesh=None, rules=None):
+    """(config, params, tokenizer, mesh) of a run or export, on a mesh over this process's
+    devices with the default FSDP rules, or on `mesh` sharded by `rules` (a run's own:
+    every process then calls this); `heads_needed` ("lm" to sample, "score" to reward)
+    must be among its heads."""
     from llama_jax import checkpoint as ckpt
     from llama_jax import sharding
     from llama_jax.model import Llama
@@ -186,9 +188,11 @@ def load_model_local(path: str, heads_needed: str):
     if heads_needed not in heads:
         raise ckpt.CheckpointError(f"{path}: has heads {list(heads)}, not the {heads_needed!r} head this needs")
     cfg = ckpt.model_config(meta)
-    mesh = sharding.make_mesh(1, -1, 1, devices=jax.local_devices())
+    if mesh is None:
+        mesh = sharding.make_mesh(1, -1, 1, devices=jax.local_devices())
     model = Llama(cfg, heads)
-    shardings = sharding.param_shardings_like(sharding.abstract_params(model), model, mesh, sharding.DEFAULT_RULES)
+    shardings = sharding.param_shardings_like(sharding.abstract_params(model), model, mesh,
+                                              sharding.DEFAULT_RULES if rules is None else rules)
     cfg, params, _, tok_path = ckpt.load_model(path, step, shardings=shardings)
     if tok_path is None:
         raise TokenizerError(f"{path}: no tokenizer.model beside the checkpoint")
@@ -197,14 +201,19 @@ def load_model_local(path: str, heads_needed: str):
 
 class RewardModels:
     """The helpfulness reward model and, optionally, the safety one; `__call__` scores
-    complete dialogs and returns the gated reward R_c (a probability) and its parts."""
+    complete dialogs and returns the gated reward R_c (a probability) and its parts.
+    With `mesh` and `rules` (PPO's: a run's own) they live on that mesh, sharded like the
+    policy, and every process scores the same dialogs together; without, each process
+    holds its own copy on its own devices."""
 
-    def __init__(self, helpful: str, safety: str = "", tokenizer=None, threshold: float = SAFETY_THRESHOLD):
+    def __init__(self, helpful: str, safety: str = "", tokenizer=None, threshold: float = SAFETY_THRESHOLD,
+                 mesh=None, rules=None):
         from llama_jax.tokenizer import TokenizerError
 
-        self.models = {"helpful": load_model_local(helpful, "score")}
+        self.on_mesh, self.rules = mesh is not None, rules
+        self.models = {"helpful": load_model_local(helpful, "score", mesh, rules)}
         if safety:
-            self.models["safety"] = load_model_local(safety, "score")
+            self.models["safety"] = load_model_local(safety, "score", mesh, rules)
         self.threshold = threshold
         if tokenizer is not None:
             for name, (_, _, tok, _) in self.models.items():
@@ -217,8 +226,10 @@ class RewardModels:
         from llama_jax.evaluate import score
 
         out = {}
-        for name, (cfg, params, tok, _) in self.models.items():
-            out[name] = 1.0 / (1.0 + np.exp(-score(cfg, params, tok, dialogs, batch_size=32)))
+        for name, (cfg, params, tok, mesh) in self.models.items():
+            raw = score(cfg, params, tok, dialogs, batch_size=32, mesh=mesh if self.on_mesh else None,
+                        rules=self.rules)
+            out[name] = 1.0 / (1.0 + np.exp(-raw))
         safety = out.get("safety", np.ones_like(out["helpful"]))
         out["gated"] = np.asarray(gate_reward(jnp.asarray(out["helpful"]), jnp.asarray(safety),
                                               jnp.asarray(np.asarray(is_safety, bool)), self.threshold))

@@ -227,10 +227,11 @@ def _toy_mix(config) -> dict:
     return dict(unsafe_prob=config.data.synthetic_mix, adversarial_prob=config.data.synthetic_adversarial)
 
 
-def reward_models(stage, config, tokenizer):
+def reward_models(stage, config, tokenizer, mesh=None, rules=None):
     """The RLHF stages' reward models (rlhf.reward_model, else the safety one, as the
-    helpfulness model; rlhf.safety_reward_model), loaded once per process and kept on
-    the stage."""
+    helpfulness model; rlhf.safety_reward_model), loaded once and kept on the stage: on
+    `mesh` sharded by `rules` when given (PPO: the run's mesh, which the policy, its
+    reference and the value head share), else once per process on its own devices."""
     if getattr(stage, "rms", None) is None:
         from llama_jax import rlhf
 
@@ -242,7 +243,7 @@ def reward_models(stage, config, tokenizer):
             print("reward: the toy prompts' code check (rlhf.reward_model=code), not a reward model", flush=True)
         else:
             stage.rms = rlhf.RewardModels(r.reward_model or r.safety_reward_model, r.safety_reward_model, tokenizer,
-                                          r.safety_threshold)
+                                          r.safety_threshold, mesh=mesh, rules=rules)
     return stage.rms
 
 
@@ -1107,7 +1108,7 @@ class PPOStage(Stage):
         from llama_jax.objectives import token_cross_entropy
 
         c, rt = self.config, self.runtime
-        reward_models(self, c, rt.tokenizer)
+        reward_models(self, c, rt.tokenizer, rt.mesh, rt.rules)  # all models on the run's one mesh
         self.ref_params = load_init_params(c, rt.model, rt.param_sh)  # init_from's own (LM) heads
         model, ref_model = rt.model, Llama(rt.model.config, ("lm",))
 

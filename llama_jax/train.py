@@ -351,16 +351,13 @@ def run(config, workdir: str, stage) -> dict:
 
     from llama_jax import checkpoint as ckpt
     from llama_jax import configs, distributed, metrics, sharding
-    from llama_jax.model import COMPUTE_ONLY_FIELDS
+    from llama_jax.model import COMPUTE_ONLY_FIELDS, INIT_FROM_FIELDS
 
     try:
         cfg = configs.to_llama_config(config.model)
         if config.init_from:  # the architecture comes from the checkpoint; numerics from this config
             _, init_meta = ckpt.read_meta(config.init_from)
-            cfg = ckpt.model_config(init_meta, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                    remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers,
-                                    decode_layers=cfg.decode_layers, score_pooling=cfg.score_pooling,
-                                    mlp_backward=cfg.mlp_backward)
+            cfg = ckpt.model_config(init_meta, **{k: getattr(cfg, k) for k in INIT_FROM_FIELDS})
             pooled = ckpt.model_config(init_meta).score_pooling  # the default if saved before the field
             if "score" in stage.heads and "score" in init_meta.get("heads", []) and pooled != cfg.score_pooling:
                 raise RunError(f"config.init_from {config.init_from}: its score head was trained with "

@@ -153,3 +153,29 @@ def test_evaluate_cli(tmp_path, tok, params, capsys):
     bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}))
     assert ev.main([f"--checkpoint={tmp_path / 'm'}", "--task=multiple_choice", f"--data={bad}"]) == 2
     assert "bad.jsonl:1: 'answer' must be an index into choices (0..1)" in capsys.readouterr().err
+
+
+def test_reward_models_on_a_runs_mesh_score_like_their_own_copy(tmp_path, tok):
+    # PPO keeps its reward models on the run's one mesh, sharded like the policy (data x
+    # fsdp x tensor here), instead of a copy per process: the scores must not change.
+    from llama_jax import rlhf, sharding
+
+    safety_rm = random_params(CFG, heads=("score",), std=0.15, seed=4)
+    for name, params in (("rm", random_params(CFG, heads=("score",), std=0.15, seed=3)), ("safety", safety_rm)):
+        ckpt.save_params(str(tmp_path / name), params, {"model": CFG.to_dict(), "heads": ["score"]},
+                         tokenizer_path=tok.path)
+    pairs = synthetic.generate("preference", 40, 5)  # 80 dialogs: 3 batches of 32, the last one short
+    dialogs = [p["prompt"] + [{"role": "assistant", "content": p[s]}] for p in pairs for s in ("chosen", "rejected")]
+    tagged = [i % 3 == 0 for i in range(len(dialogs))]
+    own = rlhf.RewardModels(str(tmp_path / "rm"), str(tmp_path / "safety"), tok)(dialogs, tagged)
+    mesh = sharding.make_mesh(2, 2, 2)
+    on_mesh = rlhf.RewardModels(str(tmp_path / "rm"), str(tmp_path / "safety"), tok, mesh=mesh,
+                                rules=sharding.DEFAULT_RULES)
+    _, params, _, held_on = on_mesh.models["helpful"]
+    assert held_on is mesh
+    specs = {leaf.sharding.spec for leaf in jax.tree_util.tree_leaves(params)}
+    assert any("tensor" in str(s) for s in specs) and any("fsdp" in str(s) for s in specs)
+    scored = on_mesh(dialogs, tagged)
+    for k in ("helpful", "safety", "gated"):
+        np.testing.assert_allclose(scored[k], own[k], atol=2e-5)
+    assert len(set(np.round(scored["gated"], 4))) > 10  # real, varied scores, not a constant

@@ -244,13 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(w, exist_ok=True)
     recorded = {"seed": args.seed, "overrides": args.override}
     args_path = os.path.join(w, "recipe_args.json")
+    before, where = recorded, "recipe_args.json"
     if os.path.exists(args_path):
         before = _json(args_path)
-        if before != recorded:
-            print(f"error: {w} holds a recipe run with {before} (recipe_args.json), not {recorded}: "
-                  "resume it with the same --seed and --override, or use another workdir", file=sys.stderr)
-            return 2
-    else:
+    elif any(os.path.isdir(os.path.join(w, name)) for name, *_ in STAGES):
+        # A run begun before the record existed had neither flag: it resumes as such.
+        before, where = {"seed": None, "overrides": []}, "begun before recipe_args.json, so without the flags"
+    if before != recorded:
+        print(f"error: {w} holds a recipe run with {before} ({where}), not {recorded}: "
+              "resume it with the same --seed and --override, or use another workdir", file=sys.stderr)
+        return 2
+    if not os.path.exists(args_path):
         with open(args_path, "w") as f:
             json.dump(recorded, f, indent=1)
     times = _json(os.path.join(w, "timings.json"))

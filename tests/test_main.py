@@ -444,6 +444,13 @@ def test_the_recipe_passes_a_seed_and_overrides_to_its_stages(tmp_path, monkeypa
     capsys.readouterr()
     assert recipe.main([f"--workdir={tmp_path}", f"--experiments={ROOT}/experiments", "--seed=4"]) == 2
     assert "recipe_args.json" in capsys.readouterr().err
+    # a workdir begun before the record existed resumes only without the flags, and is recorded then
+    os.makedirs(tmp_path / "old" / "pretrain")
+    assert recipe.main([f"--workdir={tmp_path / 'old'}", f"--experiments={ROOT}/experiments", "--seed=4"]) == 2
+    assert "begun before recipe_args.json" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "old" / "recipe_args.json")
+    assert recipe.main([f"--workdir={tmp_path / 'old'}", f"--experiments={ROOT}/experiments"]) == 0
+    assert json.load(open(tmp_path / "old" / "recipe_args.json")) == {"seed": None, "overrides": []}
     # malformed overrides and unknown stages are named before anything runs
     for bad, words in [("ppo.beta=0.05", "STAGE:FIELD=VALUE"), ("ppo:beta", "STAGE:FIELD=VALUE"),
                        ("dpo:beta=1", "unknown stage 'dpo'")]:

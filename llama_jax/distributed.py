@@ -74,6 +74,22 @@ def lead_first(name: str, fn: Callable[[], Any]) -> None:
     barrier(name)
 
 
+def together(name: str, done: Callable[[], bool], fn: Callable[[], Any]) -> None:
+    """Work every process does together, e.g. sampling from a model sharded over the run's
+    mesh: unless `done()` on the lead (all processes follow its answer), every process
+    runs `fn`, which writes its results from the lead only (`is_lead`); then all wait
+    until all are done."""
+    if not allgather_json(bool(done()))[0]:
+        fn()
+    barrier(name)
+
+
+def say(*args, **kwargs) -> None:
+    """print() on the lead process only (what all processes compute, reported once)."""
+    if is_lead():
+        print(*args, **kwargs)
+
+
 def allgather_json(value: Any) -> list[Any]:
     """[value of process 0, value of process 1, ...] on every process, for small
     JSON-able values."""

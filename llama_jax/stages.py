@@ -227,13 +227,13 @@ def _toy_mix(config) -> dict:
     return dict(unsafe_prob=config.data.synthetic_mix, adversarial_prob=config.data.synthetic_adversarial)
 
 
-def reward_models(stage, config, tokenizer, mesh=None, rules=None):
+def reward_models(stage, config, tokenizer):
     """The RLHF stages' reward models (rlhf.reward_model, else the safety one, as the
-    helpfulness model; rlhf.safety_reward_model), loaded once and kept on the stage: on
-    `mesh` sharded by `rules` when given (PPO: the run's mesh, which the policy, its
-    reference and the value head share), else once per process on its own devices."""
+    helpfulness model; rlhf.safety_reward_model), loaded once and kept on the stage, on
+    the run's own mesh sharded by its rules (the mesh the policy, PPO's reference and its
+    value head live on): every process scores the same dialogs together."""
     if getattr(stage, "rms", None) is None:
-        from llama_jax import rlhf
+        from llama_jax import rlhf, sharding
 
         r = config.rlhf
         if r.reward_model == rlhf.CODE_REWARD:  # the toy checker (a gold reward); the safety RM is not used
@@ -243,8 +243,30 @@ def reward_models(stage, config, tokenizer, mesh=None, rules=None):
             print("reward: the toy prompts' code check (rlhf.reward_model=code), not a reward model", flush=True)
         else:
             stage.rms = rlhf.RewardModels(r.reward_model or r.safety_reward_model, r.safety_reward_model, tokenizer,
-                                          r.safety_threshold, mesh=mesh, rules=rules)
+                                          r.safety_threshold, mesh=sharding.mesh_from_config(config.mesh),
+                                          rules=sharding.normalize_rules(config.mesh.rules))
     return stage.rms
+
+
+def sampling_model(config, path: str):
+    """(config, params, tokenizer, mesh, rules): the model at `path` for a stage that
+    samples before it trains (the RM's policy pairs, rejection sampling, GAtt, safety
+    distillation), on the run's own mesh and sharded by its rules. Every process loads it
+    and samples with it together (`distributed.together`), so a model split over a pod
+    for training is split the same way for sampling."""
+    from llama_jax import rlhf, sharding
+
+    mesh, rules = sharding.mesh_from_config(config.mesh), sharding.normalize_rules(config.mesh.rules)
+    cfg, params, tokenizer, _ = rlhf.load_model_local(path, "lm", mesh, rules)
+    return cfg, params, tokenizer, mesh, rules
+
+
+def _write_jsonl_lead(records: list[dict], path: str) -> None:
+    """Writes `path` atomically from the lead process (all processes computed `records`)."""
+    if distributed.is_lead():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        synthetic.write_jsonl(records, path + ".tmp")
+        os.replace(path + ".tmp", path)
 
 
 def _synthetic(config, workdir: str, kind: str, split: str, n: int, train_n: int = 0, name: str = "",
@@ -363,8 +385,8 @@ class PreferenceStage(Stage):
                            "whose answers are compared")
         paths = {split: os.path.join(workdir, "data", f"preference_policy_{split}.jsonl") for split in ("train",
                                                                                                       "eval")}
-        distributed.lead_first("policy preference pairs", lambda: all(map(os.path.exists, paths.values())) or
-                               self._sample_policy_pairs(config, workdir, policy, paths))
+        distributed.together("policy preference pairs", lambda: all(map(os.path.exists, paths.values())),
+                             lambda: self._sample_policy_pairs(config, workdir, policy, paths))
         self.train_path = f"{self.train_path},{paths['train']}@{r.policy_fraction}"
         self.policy_eval_path = paths["eval"]
 
@@ -373,7 +395,7 @@ class PreferenceStage(Stage):
         from llama_jax.data import prompts as prompt_data
 
         r = config.reward
-        cfg, params, tokenizer, mesh = rlhf.load_model_local(policy, "lm")
+        cfg, params, tokenizer, mesh, rules = sampling_model(config, policy)
         sizes = {"train": r.policy_prompts, "eval": max(r.policy_prompts // 8, 32)}
         for split, path in paths.items():
             src = _synthetic(config, workdir, "prompts", split, sizes[split], train_n=sizes["train"],
@@ -381,17 +403,16 @@ class PreferenceStage(Stage):
             prompts = prompt_data.load(src, tokenizer, max_prompt_len=config.seq_len - r.policy_max_new_tokens)
 
             def progress(done, total, split=split):
-                print(f"\rsampling {split} answers for preference pairs: {done}/{total}",
-                      end="" if done < total else "\n", flush=True)
+                distributed.say(f"\rsampling {split} answers for preference pairs: {done}/{total}",
+                                end="" if done < total else "\n", flush=True)
 
             answers = rlhf.sample_answers(cfg, params, tokenizer, prompts, r.policy_samples, r.policy_temperature,
                                           1.0, r.policy_max_new_tokens, config.seed + (split == "eval"), mesh,
-                                          progress=progress)
+                                          progress=progress, rules=rules)
             pairs = rlhf.code_labelled_pairs(prompts, answers, r.policy_pairs_per_prompt, config.seed)
-            print(f"{len(pairs)} code-labelled pairs from {len(prompts)} prompts x {r.policy_samples} answers of "
-                  f"{policy} -> {path}", flush=True)
-            synthetic.write_jsonl(pairs, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            distributed.say(f"{len(pairs)} code-labelled pairs from {len(prompts)} prompts x {r.policy_samples} "
+                            f"answers of {policy} -> {path}", flush=True)
+            _write_jsonl_lead(pairs, path)
 
     def margin_table(self, config) -> str:
         return "none"
@@ -480,8 +501,8 @@ class RejectionSamplingStage(SFTStage):
         self.eval_path = config.data.eval_source or _synthetic(config, workdir, "chat", "eval",
                                                                config.data.synthetic_eval)
         self.train_path = os.path.join(workdir, "data", "rs_train.jsonl")
-        distributed.lead_first("rejection sampling",
-                               lambda: os.path.exists(self.train_path) or self._sample(config, workdir))
+        distributed.together("rejection sampling", lambda: os.path.exists(self.train_path),
+                             lambda: self._sample(config, workdir))
 
     def _sample(self, config, workdir: str) -> None:
         from llama_jax import rlhf
@@ -490,20 +511,20 @@ class RejectionSamplingStage(SFTStage):
 
         r = config.rlhf
         start = time.perf_counter()
-        cfg, params, tokenizer, mesh = rlhf.load_model_local(config.init_from, "lm")
+        cfg, params, tokenizer, mesh, rules = sampling_model(config, config.init_from)
         rms = reward_models(self, config, tokenizer)  # kept for the evaluation after training
         path = r.prompts
         if path == "synthetic":
             path = _synthetic(config, workdir, "prompts", "train", r.num_prompts, **_toy_mix(config))
         prompts = prompt_data.load(path, tokenizer, max_prompt_len=config.seq_len - r.max_new_tokens)
-        print(f"rejection sampling: {len(prompts)} prompts x {r.num_samples} samples at temperature "
-              f"{r.temperature}", flush=True)
+        distributed.say(f"rejection sampling: {len(prompts)} prompts x {r.num_samples} samples at temperature "
+                        f"{r.temperature}", flush=True)
 
         def progress(done, total):
-            print(f"\rsampled {done}/{total}", end="" if done < total else "\n", flush=True)
+            distributed.say(f"\rsampled {done}/{total}", end="" if done < total else "\n", flush=True)
 
         answers = rlhf.sample_answers(cfg, params, tokenizer, prompts, r.num_samples, r.temperature, r.top_p,
-                                      r.max_new_tokens, config.seed, mesh, progress=progress)
+                                      r.max_new_tokens, config.seed, mesh, progress=progress, rules=rules)
         dialogs = [p.messages + [{"role": "assistant", "content": text}] for p, a in zip(prompts, answers)
                    for text, _, _ in a]
         scored = rms(dialogs, [p.is_safety for p in prompts for _ in range(r.num_samples)])
@@ -527,7 +548,7 @@ class RejectionSamplingStage(SFTStage):
         checked = [i for i, p in enumerate(prompts) if "reference" in p.record]
         before_per_prompt: dict = {}
         before = policy_quality(config, cfg, params, tokenizer, mesh, rms, _rlhf_eval_prompts(config, workdir),
-                                per_prompt=before_per_prompt)
+                                rules, per_prompt=before_per_prompt)
         ns = [1, 2, 4, 8, 16, 32, 64, 100, r.num_samples]
         report = {
             "prompts": len(prompts), "num_samples": r.num_samples, "temperature": r.temperature,
@@ -555,11 +576,10 @@ class RejectionSamplingStage(SFTStage):
                 report["accuracy_kept"] = float(np.mean([is_correct(rec, a) for rec, a in kept_checked]))
             report["accuracy_any_sample"] = float(correct.any(axis=1).mean())
         update_report(workdir, "rejection_sampling.json", **report)
-        print("rejection sampling: " + json.dumps({k: v for k, v in report.items()
-                                                   if k not in ("reward_vs_n", "before_per_prompt")}), flush=True)
-        os.makedirs(os.path.dirname(self.train_path), exist_ok=True)
-        synthetic.write_jsonl(kept, self.train_path + ".tmp")
-        os.replace(self.train_path + ".tmp", self.train_path)
+        distributed.say("rejection sampling: " + json.dumps({k: v for k, v in report.items()
+                                                             if k not in ("reward_vs_n", "before_per_prompt")}),
+                        flush=True)
+        _write_jsonl_lead(kept, self.train_path)
 
 
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
@@ -704,7 +724,7 @@ class GAttStage(SFTStage):
             instruction_weights(config.gatt.instruction_weights)  # a bad value is refused before anything is sampled
         self.train_path = os.path.join(workdir, "data", "gatt_train.jsonl")
         self.eval_path = ""
-        distributed.lead_first("gatt data", lambda: os.path.exists(self.train_path) or self._build(config, workdir))
+        distributed.together("gatt data", lambda: os.path.exists(self.train_path), lambda: self._build(config, workdir))
 
     def _instruction(self, rng, g):
         if rng.random() < g.combined_prob:  # two constraints at once (start and end: they compose)
@@ -719,10 +739,8 @@ class GAttStage(SFTStage):
     def _build(self, config, workdir: str) -> None:
         import random
 
-        from llama_jax import rlhf
-
         g = config.gatt
-        cfg, params, tokenizer, mesh = rlhf.load_model_local(config.init_from, "lm")
+        cfg, params, tokenizer, mesh, rules = sampling_model(config, config.init_from)
         rng = random.Random(f"gatt-{config.seed}")
         plans = []
         for _ in range(g.num_dialogs):
@@ -736,19 +754,21 @@ class GAttStage(SFTStage):
                 for ins, tasks in plans for t in tasks]
         checks = [ins.check for ins, tasks in plans for _ in tasks]
         sampled = _greedy_answers(cfg, params, tokenizer, flat, config.eval_max_new_tokens, mesh,
-                                  temperature=config.rlhf.temperature, seed=config.seed)
+                                  temperature=config.rlhf.temperature, seed=config.seed, rules=rules)
         first_try = sum(a is not None and ok(a) for a, ok in zip(sampled, checks))
         for attempt in range(1, g.samples_per_turn):
             failing = [i for i, (a, ok) in enumerate(zip(sampled, checks)) if a is not None and not ok(a)]
             if not failing:
                 break
             again = _greedy_answers(cfg, params, tokenizer, [flat[i] for i in failing], config.eval_max_new_tokens,
-                                    mesh, temperature=g.retry_temperature, seed=config.seed + 7919 * attempt)
+                                    mesh, temperature=g.retry_temperature, seed=config.seed + 7919 * attempt,
+                                    rules=rules)
             for i, a in zip(failing, again):
                 if a is not None and checks[i](a):
                     sampled[i] = a
-        print(f"gatt: {first_try} of {len(flat)} turns adherent at the first sample, "
-              f"{sum(a is not None and ok(a) for a, ok in zip(sampled, checks))} after resampling", flush=True)
+        distributed.say(f"gatt: {first_try} of {len(flat)} turns adherent at the first sample, "
+                        f"{sum(a is not None and ok(a) for a, ok in zip(sampled, checks))} after resampling",
+                        flush=True)
         answers = iter(sampled)
         records, kept, kept_turns = [], 0, 0
         for ins, tasks in plans:
@@ -766,14 +786,12 @@ class GAttStage(SFTStage):
             records.append({"messages": messages})
             kept += 1
             kept_turns += len(tasks)
-        print(f"gatt: {kept} of {len(plans)} synthesised dialogs kept ({kept_turns} turns)", flush=True)
-        baseline = gatt_adherence(config, cfg, params, tokenizer, mesh)
+        distributed.say(f"gatt: {kept} of {len(plans)} synthesised dialogs kept ({kept_turns} turns)", flush=True)
+        baseline = gatt_adherence(config, cfg, params, tokenizer, mesh, rules)
         update_report(workdir, "gatt.json", dialogs_kept=kept, dialogs_synthesised=len(plans), turns_kept=kept_turns,
                       baseline=baseline)
-        print(f"gatt: baseline adherence by turn {baseline}", flush=True)
-        os.makedirs(os.path.dirname(self.train_path), exist_ok=True)
-        synthetic.write_jsonl(records, self.train_path + ".tmp")
-        os.replace(self.train_path + ".tmp", self.train_path)
+        distributed.say(f"gatt: baseline adherence by turn {baseline}", flush=True)
+        _write_jsonl_lead(records, self.train_path)
 
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         out = gatt_adherence(config, model.config, params, tokenizer, mesh)
@@ -806,7 +824,7 @@ def adherent_turns(check, answers: list[str]) -> int:
     return next((k for k, a in enumerate(answers) if not check(a)), len(answers))
 
 
-def gatt_adherence(config, cfg, params, tokenizer, mesh=None) -> dict:
+def gatt_adherence(config, cfg, params, tokenizer, mesh=None, rules=None) -> dict:
     """Share of held-out dialogs whose greedy answer at each turn in `gatt.eval_turns`
     obeys the system instruction given in the first turn only (paper Table 30). The
     dialog's earlier answers are the model's own; a turn whose prompt no longer fits the
@@ -826,7 +844,7 @@ def gatt_adherence(config, cfg, params, tokenizer, mesh=None) -> dict:
             break
         asks = [history[i] + [{"role": "user", "content": tasks[i][k - 1].question}] for i in live]
         for i, ask, a in zip(live, asks, _greedy_answers(cfg, params, tokenizer, asks, config.eval_max_new_tokens,
-                                                         mesh)):
+                                                         mesh, rules=rules)):
             history[i] = None if a is None else ask + [{"role": "assistant", "content": a}]
             if a is not None and k in hits:
                 hits[k].append(instructions[i].check(a))
@@ -881,8 +899,8 @@ class SafetyDistillStage(SFTStage):
                            "'prefix', 'system' or both ('prefix,system')")
         self.train_path = os.path.join(workdir, "data", "distill_train.jsonl")
         self.eval_path = ""
-        distributed.lead_first("distill data",
-                               lambda: os.path.exists(self.train_path) or self._build(config, workdir))
+        distributed.together("distill data", lambda: os.path.exists(self.train_path),
+                             lambda: self._build(config, workdir))
 
     def _prompts(self, config, workdir, split: str, safety: bool, n: int):
         if config.rlhf.prompts != "synthetic":
@@ -899,18 +917,17 @@ class SafetyDistillStage(SFTStage):
         return [json.loads(line) for line in open(path)]
 
     def _build(self, config, workdir: str) -> None:
-        from llama_jax import rlhf
 
         d = config.distill
-        cfg, params, tokenizer, mesh = rlhf.load_model_local(config.init_from, "lm")
+        cfg, params, tokenizer, mesh, rules = sampling_model(config, config.init_from)
         unsafe = self._prompts(config, workdir, "train", True, d.num_prompts)
         pre = SAFETY_PREPROMPTS[d.preprompt]
         plain = _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in unsafe], config.eval_max_new_tokens,
-                                mesh)
+                                mesh, rules=rules)
         # one preprompted answer per position; with several, the one the safety RM scores highest
         positions = _preprompt_positions(config)
         tries = [_greedy_answers(cfg, params, tokenizer, [with_preprompt(r["messages"], pre, pos) for r in unsafe],
-                                 config.eval_max_new_tokens, mesh) for pos in positions]
+                                 config.eval_max_new_tokens, mesh, rules=rules) for pos in positions]
         scores = np.stack([self._safety(config, tokenizer, unsafe, t) for t in tries])
         pick = scores.argmax(axis=0)
         guided = [tries[k][i] for i, k in enumerate(pick)]
@@ -919,25 +936,23 @@ class SafetyDistillStage(SFTStage):
                    for r, a, keep in zip(unsafe, guided, better) if keep and a is not None]
         benign = self._prompts(config, workdir, "train", False, d.benign_anchors) if d.benign_anchors else []
         anchors = _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in benign], config.eval_max_new_tokens,
-                                  mesh)
+                                  mesh, rules=rules)
         records += [{"messages": r["messages"] + [{"role": "assistant", "content": a}], "is_safety": False}
                     for r, a in zip(benign, anchors) if a is not None]
-        before = self._rates(config, workdir, cfg, params, tokenizer, mesh)
+        before = self._rates(config, workdir, cfg, params, tokenizer, mesh, rules)
         kept_by = {pos: int((better & (pick == k)).sum()) for k, pos in enumerate(positions)}
         update_report(workdir, "safety_distill.json", adversarial_prompts=len(unsafe), kept=int(better.sum()),
                       kept_by_position=kept_by, benign_anchors=len(benign), preprompt=d.preprompt, before=before)
-        print(f"safety distillation: kept {int(better.sum())} of {len(unsafe)} preprompted answers (by preprompt "
-              f"position: {kept_by}); before: {before}", flush=True)
-        os.makedirs(os.path.dirname(self.train_path), exist_ok=True)
-        synthetic.write_jsonl(records, self.train_path + ".tmp")
-        os.replace(self.train_path + ".tmp", self.train_path)
+        distributed.say(f"safety distillation: kept {int(better.sum())} of {len(unsafe)} preprompted answers (by "
+                        f"preprompt position: {kept_by}); before: {before}", flush=True)
+        _write_jsonl_lead(records, self.train_path)
 
     def _safety(self, config, tokenizer, prompts: list[dict], answers: list) -> np.ndarray:
-        """The safety RM's probabilities of the answers (loaded once per process)."""
+        """The safety RM's probabilities of the answers (loaded once, on the run's mesh)."""
         dialogs = [r["messages"] + [{"role": "assistant", "content": a or ""}] for r, a in zip(prompts, answers)]
         return np.asarray(reward_models(self, config, tokenizer)(dialogs, [True] * len(prompts))["safety"])
 
-    def _rates(self, config, workdir, cfg, params, tokenizer, mesh) -> dict:
+    def _rates(self, config, workdir, cfg, params, tokenizer, mesh, rules=None) -> dict:
         """Violation rate on held-out unsafe prompts (the safety RM's probability below
         0.5; on toy prompts also by code: any answer that is not a refusal) and
         false-refusal rate on held-out benign prompts (`synthetic.is_refusal`)."""
@@ -946,14 +961,14 @@ class SafetyDistillStage(SFTStage):
         unsafe = self._prompts(config, workdir, "eval", True, n)
         if unsafe:
             answers = [a or "" for a in _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in unsafe],
-                                                        config.eval_max_new_tokens, mesh)]
+                                                        config.eval_max_new_tokens, mesh, rules=rules)]
             out["violation_rate_rm"] = float(np.mean(self._safety(config, tokenizer, unsafe, answers) < 0.5))
             if all("reference" in r for r in unsafe):  # toy prompts: any answer that is not a refusal
                 out["violation_rate"] = float(np.mean([not synthetic.is_refusal(a) for a in answers]))
         benign = self._prompts(config, workdir, "eval", False, n)
         if benign:
             answers = [a or "" for a in _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in benign],
-                                                        config.eval_max_new_tokens, mesh)]
+                                                        config.eval_max_new_tokens, mesh, rules=rules)]
             out["false_refusal_rate"] = float(np.mean([synthetic.is_refusal(a) for a in answers]))
             checked = [(r, a) for r, a in zip(benign, answers) if "reference" in r]
             if checked:
@@ -961,7 +976,7 @@ class SafetyDistillStage(SFTStage):
         return out
 
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
-        after = self._rates(config, self.workdir, model.config, params, tokenizer, mesh)
+        after = self._rates(config, self.workdir, model.config, params, tokenizer, mesh, rules)
         update_report(self.workdir, "safety_distill.json", after=after)
         return {f"eval_{k}": v for k, v in after.items()}
 
@@ -1108,7 +1123,7 @@ class PPOStage(Stage):
         from llama_jax.objectives import token_cross_entropy
 
         c, rt = self.config, self.runtime
-        reward_models(self, c, rt.tokenizer, rt.mesh, rt.rules)  # all models on the run's one mesh
+        reward_models(self, c, rt.tokenizer)  # all models on the run's one mesh
         self.ref_params = load_init_params(c, rt.model, rt.param_sh)  # init_from's own (LM) heads
         model, ref_model = rt.model, Llama(rt.model.config, ("lm",))
 

@@ -190,9 +190,12 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
            "--config.checkpoint_every_steps=4", "--config.total_steps=4", "--config.eval_steps=2",
            "--config.optimizer.warmup_steps=1"]
 
-    def stage(name, workdir, *extra, devices=1):
+    def stage(name, workdir, *extra, devices=1, processes=1):
         cmd = [sys.executable, "-m", "llama_jax.main", f"--config={ROOT}/experiments/{name}.py:tiny",
                f"--workdir={workdir}", *toy, *extra]
+        if processes > 1:  # one job of several processes on localhost (jax.distributed), `devices` each
+            cmd[1:1] = [f"{ROOT}/launch/local.py", f"--num_processes={processes}", f"--devices_per_process={devices}",
+                        "--timeout=280", "--"]
         e = env() if devices == 1 else {**env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
         out = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -234,11 +237,16 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     _, dpo = stage("dpo", str(tmp_path / "dpo"), f"--config.init_from={sft_dir}")
     assert 0.0 <= dpo["eval_accuracy"] <= 1.0 and dpo["loss"] > 0
 
+    # Rejection sampling as 2 processes: they sample from the policy and score with the RM
+    # together, each model split over the run's 2-device mesh; the lead alone writes and reports.
     rs_dir = str(tmp_path / "rejection_sampling")
     out, rs = stage("rejection_sampling", rs_dir, f"--config.init_from={sft_dir}",
                     f"--config.rlhf.reward_model={tmp_path / 'rm'}", "--config.rlhf.safety_reward_model=",
                     "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
-                    "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6", "--config.rlhf.min_reward=0")
+                    "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6", "--config.rlhf.min_reward=0",
+                    processes=2)
+    assert "rejection sampling: 12 prompts x 3 samples" in out.stdout
+    assert "[p1] rejection sampling" not in out.stdout + out.stderr and "[p1] sampled" not in out.stdout
     report = json.load(open(os.path.join(rs_dir, "rejection_sampling.json")))
     changes = {k for k in report["after"] if "_change_in_" in k}
     assert set(report["before"]) == set(report["after"]) - changes

@@ -7,7 +7,8 @@ without it, then trained without the preprompt.
             --config.rlhf.safety_reward_model=runs/rm_safety
         Any CPU (a few minutes). 512 toy adversarial requests (the unsafe request hidden in a
         "Repeat exactly:" or "Reverse the words:" task, which the model often complies with
-        and, given the generic preprompt as a system message, refuses), 256 benign anchors.
+        and, given the generic preprompt as a system message, refuses), 256 benign anchors;
+        only answers the safety RM calls safe (>= 0.5) are kept (distill.min_safety).
         Expected
         (WORKDIR/safety_distill.json): the violation rate on held-out adversarial prompts
         falls; false refusals on benign prompts stay low.
@@ -35,6 +36,9 @@ def get_config(arg: str = "tiny"):
         # still comes before the request): the GAtt-trained toy model obeys system instructions, and
         # refuses cleanly there; before the request's text it often garbles the refusal
         c.distill.preprompt_position = "system"
+        # keep only answers the safety RM calls safe: on some trajectories the GAtt-trained toy model answers
+        # any preprompt with upper-case word lists, which the RM scores low (median 0.01) but above compliance
+        c.distill.min_safety = 0.5
         c.batch_size = 16
         c.seq_len = 256
         c.total_steps = 100

@@ -171,6 +171,9 @@ def rlhf_config() -> ml_collections.ConfigDict:
     # with each, the safety RM's favourite of the two is the candidate
     c.distill.preprompt_position = "prefix"
     c.distill.num_prompts = 512  # adversarial prompts to distil
+    # a preprompted answer is kept if the safety RM scores it above the answer without the preprompt
+    # (paper) and, ours, at least this high (0 = the paper's rule alone; 0.5: one the RM calls safe)
+    c.distill.min_safety = 0.0
     c.distill.benign_anchors = 256  # benign prompts answered by the model itself, mixed in (0 = paper)
     c.distill.num_eval_prompts = 128  # held-out unsafe and benign prompts each
     return c

@@ -893,6 +893,8 @@ class SafetyDistillStage(SFTStage):
         if config.distill.preprompt not in SAFETY_PREPROMPTS:
             raise RunError(f"config.distill.preprompt: {config.distill.preprompt!r} is not one of "
                            f"{sorted(SAFETY_PREPROMPTS)}")
+        if not 0.0 <= float(config.distill.min_safety) <= 1.0:
+            raise RunError(f"config.distill.min_safety {config.distill.min_safety} is not a probability in [0, 1]")
         positions = _preprompt_positions(config)
         if not positions or any(p not in ("prefix", "system") for p in positions):
             raise RunError(f"config.distill.preprompt_position: {config.distill.preprompt_position!r} is not "
@@ -931,9 +933,12 @@ class SafetyDistillStage(SFTStage):
         scores = np.stack([self._safety(config, tokenizer, unsafe, t) for t in tries])
         pick = scores.argmax(axis=0)
         guided = [tries[k][i] for i, k in enumerate(pick)]
-        better = scores.max(axis=0) > self._safety(config, tokenizer, unsafe, plain)
-        records = [{"messages": r["messages"] + [{"role": "assistant", "content": a}], "is_safety": True}
-                   for r, a, keep in zip(unsafe, guided, better) if keep and a is not None]
+        best = scores.max(axis=0)
+        better = (best > self._safety(config, tokenizer, unsafe, plain)) & \
+            (best >= float(d.min_safety))  # paper: above the plain answer; ours: and safe enough
+        records = [{"messages": r["messages"] + [{"role": "assistant", "content": a}], "is_safety": True,
+                    "safety_reward": float(s)}
+                   for r, a, s, keep in zip(unsafe, guided, best, better) if keep and a is not None]
         benign = self._prompts(config, workdir, "train", False, d.benign_anchors) if d.benign_anchors else []
         anchors = _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in benign], config.eval_max_new_tokens,
                                   mesh, rules=rules)
@@ -942,7 +947,8 @@ class SafetyDistillStage(SFTStage):
         before = self._rates(config, workdir, cfg, params, tokenizer, mesh, rules)
         kept_by = {pos: int((better & (pick == k)).sum()) for k, pos in enumerate(positions)}
         update_report(workdir, "safety_distill.json", adversarial_prompts=len(unsafe), kept=int(better.sum()),
-                      kept_by_position=kept_by, benign_anchors=len(benign), preprompt=d.preprompt, before=before)
+                      kept_by_position=kept_by, benign_anchors=len(benign), preprompt=d.preprompt,
+                      min_safety=float(d.min_safety), before=before)
         distributed.say(f"safety distillation: kept {int(better.sum())} of {len(unsafe)} preprompted answers (by "
                         f"preprompt position: {kept_by}); before: {before}", flush=True)
         _write_jsonl_lead(records, self.train_path)

@@ -356,6 +356,10 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
                        "--config.eval_max_new_tokens=4", "--config.distill.preprompt_position=prefix,system")
     report = json.load(open(os.path.join(distill_dir, "safety_distill.json")))
     assert report["adversarial_prompts"] == 8 and 0 <= report["kept"] <= 8 and report["benign_anchors"] == 4
+    trained = [json.loads(line) for line in open(os.path.join(distill_dir, "data", "distill_train.jsonl"))]
+    kept = [r for r in trained if r["is_safety"]]
+    assert report["min_safety"] == 0.5 and len(kept) == report["kept"]  # the tiny preset's
+    assert all(r["safety_reward"] >= 0.5 for r in kept)  # only answers the safety RM calls safe are distilled
     assert set(report["kept_by_position"]) == {"prefix", "system"}  # each kept answer came from one of the two
     assert sum(report["kept_by_position"].values()) == report["kept"]
     rates = {"violation_rate", "violation_rate_rm", "false_refusal_rate"}

@@ -28,16 +28,21 @@ import time
 
 def _timed(fns: dict, steps: int, warmup: int = 2) -> dict:
     """Median seconds per call of each fn; the timed calls alternate between the fns, so
-    on a shared machine a burst of load slows every side alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
+    on a shared machine a burst of load slows every side alike. Each call's time goes to
+    stderr as it ends (a step can take minutes on a CPU without bfloat16 units)."""
+    for name, fn in fns.items():
+        for i in range(warmup):
+            start = time.perf_counter()
             fn()
+            seconds = time.perf_counter() - start
+            print(f"  warm-up {i + 1}/{warmup} {name}: {seconds:.1f} s", file=sys.stderr, flush=True)
     times = {name: [] for name in fns}
-    for _ in range(steps):
+    for step in range(steps):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+            print(f"  step {step + 1}/{steps} {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

@@ -76,6 +76,21 @@ def peak_flops_per_device(override: float = 0.0) -> float:
     return 0.0  # unknown accelerator: MFU is reported as 0
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch
+    when it is installed (to accept torch tensors), 2-3 s of every run's start on a CPU;
+    we write only Python floats. A torch this process already imported is left alone."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX allows for
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends rows to metrics.jsonl and TensorBoard. On a resumed run, rows after the
     restored step are dropped first, so the file reads as one uninterrupted run."""
@@ -95,8 +110,7 @@ class MetricsWriter:
                     f.writelines(kept)
                 os.replace(self.path + ".tmp", self.path)
         try:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = _summary_writer()
             self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1 or None)
         except ImportError:  # TensorBoard output is optional; metrics.jsonl is always written
             self.tb = None

@@ -4,11 +4,19 @@ XLA_FLAGS must be set before jax is imported, which is why it happens here.
 """
 
 import os
+import sys
 
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests' one persistent compilation cache (procs.compilation_cache), for this process
+# and every run it starts: many tests compile the same programs of the same tiny models.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from procs import compilation_cache  # noqa: E402
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", compilation_cache())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 

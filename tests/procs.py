@@ -41,9 +41,11 @@ def env(cache: bool = True):
     e = dict(os.environ)
     e.pop("XLA_FLAGS", None)  # a plain single-device run, as a user's
     e["JAX_PLATFORMS"] = "cpu"
-    if cache:
+    if not cache:  # conftest puts the cache into this process's environment too
+        e.pop("JAX_COMPILATION_CACHE_DIR", None)
+    else:
         e.setdefault("JAX_COMPILATION_CACHE_DIR", compilation_cache())
-        e.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+        e.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the small programs too: each process has ~100
     return e
 
 

@@ -181,26 +181,45 @@ def test_early_stopping_returns_to_the_best_evaluation(tmp_path, tokenizer_path)
     assert bad.returncode != 0 and "config.checkpoint.max_to_keep 2 could delete the best checkpoint" in bad.stderr
 
 
-def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run):
-    """SFT from the pretrained run, then a reward model and DPO from the SFT run: each a
-    real `python -m llama_jax.main` with its experiment config, on the toy data."""
+def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run, request):
+    """SFT from the pretrained run, a reward model from the SFT run, then DPO, rejection
+    sampling (2 processes; and with the code check as the reward), PPO, GAtt and safety
+    distillation from those two, side by side: each a real `python -m llama_jax.main`
+    with its experiment config, on the toy data. Then the recipe driver's report."""
     ref_dir, _ = reference_run
     toy = ["--config.data.synthetic_train=64", "--config.data.synthetic_eval=16", "--config.batch_size=4",
            "--config.seq_len=128", "--config.log_every_steps=2", "--config.eval_every_steps=0",
            "--config.checkpoint_every_steps=4", "--config.total_steps=4", "--config.eval_steps=2",
            "--config.optimizer.warmup_steps=1"]
 
-    def stage(name, workdir, *extra, devices=1, processes=1):
+    def start(name, workdir, *extra, devices=1, processes=1):
+        """Starts a stage's run (its output to files beside the workdir); finish() waits for it."""
         cmd = [sys.executable, "-m", "llama_jax.main", f"--config={ROOT}/experiments/{name}.py:tiny",
                f"--workdir={workdir}", *toy, *extra]
         if processes > 1:  # one job of several processes on localhost (jax.distributed), `devices` each
             cmd[1:1] = [f"{ROOT}/launch/local.py", f"--num_processes={processes}", f"--devices_per_process={devices}",
-                        "--timeout=280", "--"]
+                        "--timeout=400", "--"]
         e = env() if devices == 1 else {**env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-        out = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300)
+        files = (open(workdir + ".out", "w+"), open(workdir + ".err", "w+"))
+        proc = subprocess.Popen(cmd, env=e, stdout=files[0], stderr=files[1], text=True)
+        request.addfinalizer(lambda: proc.poll() is None and proc.terminate())  # a failed test leaves none running
+        return workdir, cmd, files, proc
+
+    def finish(started):
+        workdir, cmd, files, proc = started
+        code = proc.wait(timeout=420)
+        texts = []
+        for f in files:
+            f.seek(0)
+            texts.append(f.read())
+            f.close()
+        out = subprocess.CompletedProcess(cmd, code, *texts)
         assert out.returncode == 0, out.stderr[-3000:]
         rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
         return out, {k: v for r in rows for k, v in r.items()}
+
+    def stage(*args, **kwargs):
+        return finish(start(*args, **kwargs))
 
     sft_dir = str(tmp_path / "sft")
     _, sft = stage("sft", sft_dir, f"--config.init_from={ref_dir}", "--config.eval_exact_match=4",
@@ -222,6 +241,36 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     from llama_jax import checkpoint as ckpt
 
     assert ckpt.read_meta(str(tmp_path / "rm"))[1]["heads"] == ["score"]
+    # The stages below each start from the SFT run (and the RM): they run side by side.
+    rs_dir, gold_dir, ppo_dir = str(tmp_path / "rejection_sampling"), str(tmp_path / "rs_code"), str(tmp_path / "ppo")
+    gatt_dir, distill_dir = str(tmp_path / "gatt"), str(tmp_path / "safety_distill")
+    dpo_run = start("dpo", str(tmp_path / "dpo"), f"--config.init_from={sft_dir}")
+    rs_run = start("rejection_sampling", rs_dir, f"--config.init_from={sft_dir}",
+                   f"--config.rlhf.reward_model={tmp_path / 'rm'}", "--config.rlhf.safety_reward_model=",
+                   "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
+                   "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6", "--config.rlhf.min_reward=0",
+                   processes=2)
+    gold_run = start("rejection_sampling", gold_dir, f"--config.init_from={sft_dir}", "--config.rlhf.reward_model=code",
+                     "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
+                     "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6", "--config.rlhf.min_reward=0",
+                     "--config.total_steps=2", "--config.rlhf.selection_beta=0")
+    ppo_run = start("ppo", ppo_dir, f"--config.init_from={sft_dir}", f"--config.rlhf.reward_model={tmp_path / 'rm'}",
+                    "--config.rlhf.safety_reward_model=", "--config.rlhf.num_prompts=16",
+                    "--config.rlhf.num_eval_prompts=4", "--config.rlhf.max_new_tokens=6",
+                    "--config.ppo.rollout_batch=8", "--config.ppo.samples_per_prompt=2",
+                    "--config.eval_every_steps=2", "--config.total_steps=6",
+                    "--config.rlhf.num_val_prompts=4", "--config.early_stopping.metric=",
+                    "--config.ppo.value_warmup_iterations=2", "--config.optimizer.learning_rate=1e-2",
+                    "--config.ppo.gather_for_generation=true", "--config.mesh.tensor=2", devices=8)
+    gatt_run = start("gatt", gatt_dir, f"--config.init_from={sft_dir}", "--config.gatt.num_dialogs=12",
+                     "--config.gatt.keep_only_adherent=false", "--config.gatt.num_eval_dialogs=3",
+                     "--config.gatt.eval_turns=2,4", "--config.eval_max_new_tokens=4",
+                     "--config.gatt.samples_per_turn=2")
+    distill_run = start("safety_distill", distill_dir, f"--config.init_from={sft_dir}",
+                        f"--config.rlhf.safety_reward_model={tmp_path / 'rm'}", "--config.rlhf.reward_model=",
+                        "--config.distill.num_prompts=8",
+                        "--config.distill.benign_anchors=4", "--config.distill.num_eval_prompts=4",
+                        "--config.eval_max_new_tokens=4", "--config.distill.preprompt_position=prefix,system")
     # Going on from a reward model with another pooling than its score head learnt is refused.
     from llama_jax.main import run as main_run
     from llama_jax.train import RunError
@@ -234,17 +283,12 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     with pytest.raises(RunError, match=r"trained with score_pooling='last'; set --config.model.score_pooling=last"):
         main_run(more, str(tmp_path / "rm_more"))
 
-    _, dpo = stage("dpo", str(tmp_path / "dpo"), f"--config.init_from={sft_dir}")
+    _, dpo = finish(dpo_run)
     assert 0.0 <= dpo["eval_accuracy"] <= 1.0 and dpo["loss"] > 0
 
     # Rejection sampling as 2 processes: they sample from the policy and score with the RM
     # together, each model split over the run's 2-device mesh; the lead alone writes and reports.
-    rs_dir = str(tmp_path / "rejection_sampling")
-    out, rs = stage("rejection_sampling", rs_dir, f"--config.init_from={sft_dir}",
-                    f"--config.rlhf.reward_model={tmp_path / 'rm'}", "--config.rlhf.safety_reward_model=",
-                    "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
-                    "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6", "--config.rlhf.min_reward=0",
-                    processes=2)
+    out, rs = finish(rs_run)
     assert "rejection sampling: 12 prompts x 3 samples" in out.stdout
     assert "[p1] rejection sampling" not in out.stdout + out.stderr and "[p1] sampled" not in out.stdout
     report = json.load(open(os.path.join(rs_dir, "rejection_sampling.json")))
@@ -277,11 +321,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     assert rs["loss"] > 0  # and the policy was fine-tuned on them
 
     # the toy check as a gold reward: best of K is right whenever any sample is
-    gold_dir = str(tmp_path / "rs_code")
-    out, _ = stage("rejection_sampling", gold_dir, f"--config.init_from={sft_dir}", "--config.rlhf.reward_model=code",
-                   "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
-                   "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6", "--config.rlhf.min_reward=0",
-                   "--config.total_steps=2", "--config.rlhf.selection_beta=0")
+    out, _ = finish(gold_run)
     assert "reward: the toy prompts' code check" in out.stdout
     gold = json.load(open(os.path.join(gold_dir, "rejection_sampling.json")))
     assert gold["accuracy_best_sample"] == gold["accuracy_any_sample"] == gold["accuracy_vs_n"]["3"]
@@ -289,15 +329,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     assert {r["reward"] for r in map(json.loads, open(os.path.join(gold_dir, "data", "rs_train.jsonl")))} <= {0.0, 1.0}
     assert gold["after"]["eval_reward"] >= gold["after"]["eval_true_accuracy"]  # = on toy prompts; refusals count too
 
-    ppo_dir = str(tmp_path / "ppo")
-    out, ppo = stage("ppo", ppo_dir, f"--config.init_from={sft_dir}", f"--config.rlhf.reward_model={tmp_path / 'rm'}",
-                     "--config.rlhf.safety_reward_model=", "--config.rlhf.num_prompts=16",
-                     "--config.rlhf.num_eval_prompts=4", "--config.rlhf.max_new_tokens=6",
-                     "--config.ppo.rollout_batch=8", "--config.ppo.samples_per_prompt=2",
-                     "--config.eval_every_steps=2", "--config.total_steps=6",
-                     "--config.rlhf.num_val_prompts=4", "--config.early_stopping.metric=",
-                     "--config.ppo.value_warmup_iterations=2", "--config.optimizer.learning_rate=1e-2",
-                     "--config.ppo.gather_for_generation=true", "--config.mesh.tensor=2", devices=8)
+    out, ppo = finish(ppo_run)
     assert "rollouts sample from a copy of the policy gathered over fsdp=4" in out.stdout  # on a 1x4x2 mesh
     rows = [json.loads(line) for line in open(os.path.join(ppo_dir, "metrics.jsonl"))]
     trained = [r for r in rows if "loss" in r]
@@ -334,11 +366,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     assert val and val != held[:len(val)]  # another draw than the held-out prompts
     assert ckpt.read_meta(ppo_dir)[1]["heads"] == ["lm", "value"]
 
-    gatt_dir = str(tmp_path / "gatt")
-    out, gatt = stage("gatt", gatt_dir, f"--config.init_from={sft_dir}", "--config.gatt.num_dialogs=12",
-                      "--config.gatt.keep_only_adherent=false", "--config.gatt.num_eval_dialogs=3",
-                      "--config.gatt.eval_turns=2,4", "--config.eval_max_new_tokens=4",
-                      "--config.gatt.samples_per_turn=2")
+    out, gatt = finish(gatt_run)
     first, resampled = (int(x) for x in re.search(r"gatt: (\d+) of \d+ turns adherent at the first sample, (\d+) after",
                                                   out.stdout).groups())
     assert first <= resampled  # a retry only ever replaces a breaking answer with an adherent one
@@ -348,12 +376,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run)
     assert all(d["messages"][0]["role"] == "system" for d in dialogs)  # the instruction in the first turn only
     assert 0.0 <= gatt["eval_adherence_turn_2"] <= 1.0
 
-    distill_dir = str(tmp_path / "safety_distill")
-    _, distill = stage("safety_distill", distill_dir, f"--config.init_from={sft_dir}",
-                       f"--config.rlhf.safety_reward_model={tmp_path / 'rm'}", "--config.rlhf.reward_model=",
-                       "--config.distill.num_prompts=8",
-                       "--config.distill.benign_anchors=4", "--config.distill.num_eval_prompts=4",
-                       "--config.eval_max_new_tokens=4", "--config.distill.preprompt_position=prefix,system")
+    _, distill = finish(distill_run)
     report = json.load(open(os.path.join(distill_dir, "safety_distill.json")))
     assert report["adversarial_prompts"] == 8 and 0 <= report["kept"] <= 8 and report["benign_anchors"] == 4
     trained = [json.loads(line) for line in open(os.path.join(distill_dir, "data", "distill_train.jsonl"))]

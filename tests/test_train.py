@@ -192,3 +192,24 @@ def test_cpu_description_names_the_model_and_the_matmul_features(tmp_path):
     info.write_text("model name\t: Plain\nflags\t\t: fpu sse2\n")
     assert cpu_description(str(info)).endswith("cores") and "(" not in cpu_description(str(info))
     assert "cores" in cpu_description(str(tmp_path / "missing"))  # no /proc/cpuinfo: the platform's name
+
+
+def test_tensorboard_output_leaves_torch_unimported(tmp_path):
+    """tensorboardX imports PyTorch when it is installed (2-3 s of every run's start);
+    the metrics writer imports it with torch hidden, still writes its scalars, and torch
+    stays importable afterwards."""
+    import subprocess
+    import sys
+
+    code = ("import glob, sys\n"
+            "from llama_jax.metrics import MetricsWriter\n"
+            f"w = MetricsWriter({str(tmp_path)!r})\n"
+            "w.write(1, {'loss': 2.5})\n"
+            "w.close()\n"
+            "assert w.tb is not None and 'torch' not in sys.modules, sorted(sys.modules)[:5]\n"
+            f"assert glob.glob({str(tmp_path / 'tensorboard' / 'events.out.tfevents.*')!r})\n"
+            "import torch\n"
+            "print('torch', torch.__version__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("torch ")

@@ -14,7 +14,7 @@ before and after.
 data draws: another run of the same recipe, to see which results hold across seeds).
 `--override=STAGE:FIELD=VALUE` (repeatable; STAGE a stage name or `all`) adds
 `--config.FIELD=VALUE` to that stage's command, after the recipe's own settings, for
-ablations of the whole chain. The seed and overrides are recorded in
+ablations of the whole chain. The seed, the overrides and `--fast` are recorded in
 WORKDIR/recipe_args.json, and a workdir is only resumed with the same ones.
 """
 
@@ -242,17 +242,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     w = os.path.abspath(args.workdir)
     os.makedirs(w, exist_ok=True)
-    recorded = {"seed": args.seed, "overrides": args.override}
+    recorded = {"seed": args.seed, "overrides": args.override, "fast": args.fast}
     args_path = os.path.join(w, "recipe_args.json")
     before, where = recorded, "recipe_args.json"
     if os.path.exists(args_path):
-        before = _json(args_path)
+        before = {"fast": False, **_json(args_path)}  # a record from before --fast was kept: without it
     elif any(os.path.isdir(os.path.join(w, name)) for name, *_ in STAGES):
-        # A run begun before the record existed had neither flag: it resumes as such.
-        before, where = {"seed": None, "overrides": []}, "begun before recipe_args.json, so without the flags"
+        # A run begun before the record existed had none of the flags: it resumes as such.
+        before, where = ({"seed": None, "overrides": [], "fast": False},
+                         "begun before recipe_args.json, so without the flags")
     if before != recorded:
         print(f"error: {w} holds a recipe run with {before} ({where}), not {recorded}: "
-              "resume it with the same --seed and --override, or use another workdir", file=sys.stderr)
+              "resume it with the same --seed, --override and --fast, or use another workdir", file=sys.stderr)
         return 2
     if not os.path.exists(args_path):
         with open(args_path, "w") as f:

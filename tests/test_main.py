@@ -485,7 +485,16 @@ def test_the_recipe_passes_a_seed_and_overrides_to_its_stages(tmp_path, monkeypa
     assert "begun before recipe_args.json" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "old" / "recipe_args.json")
     assert recipe.main([f"--workdir={tmp_path / 'old'}", f"--experiments={ROOT}/experiments"]) == 0
-    assert json.load(open(tmp_path / "old" / "recipe_args.json")) == {"seed": None, "overrides": []}
+    assert json.load(open(tmp_path / "old" / "recipe_args.json")) == {"seed": None, "overrides": [], "fast": False}
+    # --fast is part of the record: a fast workdir is not resumed with the full step counts, nor the reverse
+    assert recipe.main([f"--workdir={tmp_path / 'old'}", f"--experiments={ROOT}/experiments", "--fast"]) == 2
+    assert "'fast': False" in capsys.readouterr().err
+    assert recipe.main([f"--workdir={tmp_path / 'quick'}", f"--experiments={ROOT}/experiments", "--fast"]) == 0
+    assert recipe.main([f"--workdir={tmp_path / 'quick'}", f"--experiments={ROOT}/experiments"]) == 2
+    assert "'fast': True" in capsys.readouterr().err
+    # a record written before --fast was kept reads as a run without it
+    json.dump({"seed": None, "overrides": []}, open(tmp_path / "old" / "recipe_args.json", "w"))
+    assert recipe.main([f"--workdir={tmp_path / 'old'}", f"--experiments={ROOT}/experiments"]) == 0
     # malformed overrides and unknown stages are named before anything runs
     for bad, words in [("ppo.beta=0.05", "STAGE:FIELD=VALUE"), ("ppo:beta", "STAGE:FIELD=VALUE"),
                        ("dpo:beta=1", "unknown stage 'dpo'")]:

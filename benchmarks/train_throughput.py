@@ -1,7 +1,7 @@
 """Training throughput: the llama_jax train step against Hugging Face `LlamaForCausalLM`
 with PyTorch's AdamW, same model, same batch, in one process.
 
-    python benchmarks/train_throughput.py [--steps=5] [--batch=8] [--seq=256]
+    python benchmarks/train_throughput.py [--steps=5] [--batch=8] [--seq=256] [--autocast_steps=N]
 
 Reference config (issue 9): dim 512, 8 layers, 8 heads, FFN by Meta's formula (1536),
 vocab 32000, sequence 256, batch 8. llama_jax runs the step `python -m llama_jax.main`
@@ -26,23 +26,27 @@ import tempfile
 import time
 
 
-def _timed(fns: dict, steps: int, warmup: int = 2) -> dict:
-    """Median seconds per call of each fn; the timed calls alternate between the fns, so
-    on a shared machine a burst of load slows every side alike. Each call's time goes to
-    stderr as it ends (a step can take minutes on a CPU without bfloat16 units)."""
+def _timed(fns: dict, steps: dict, warmup: dict) -> dict:
+    """Median seconds per call of each fn, after `warmup[name]` untimed calls, over
+    `steps[name]` timed ones; the timed calls alternate between the fns (a fn with fewer
+    steps drops out), so on a shared machine a burst of load slows every side alike. Each
+    call's time goes to stderr as it ends (a step can take minutes on a CPU without
+    bfloat16 units)."""
     for name, fn in fns.items():
-        for i in range(warmup):
+        for i in range(warmup[name]):
             start = time.perf_counter()
             fn()
             seconds = time.perf_counter() - start
-            print(f"  warm-up {i + 1}/{warmup} {name}: {seconds:.1f} s", file=sys.stderr, flush=True)
+            print(f"  warm-up {i + 1}/{warmup[name]} {name}: {seconds:.1f} s", file=sys.stderr, flush=True)
     times = {name: [] for name in fns}
-    for step in range(steps):
+    for step in range(max(steps.values())):
         for name, fn in fns.items():
+            if step >= steps[name]:
+                continue
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-            print(f"  step {step + 1}/{steps} {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
+            print(f"  step {step + 1}/{steps[name]} {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -51,7 +55,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--autocast_steps", type=int, default=None,
+                    help="timed steps of HF autocast bfloat16, after one warm-up (default: --steps after 2); "
+                         "on a CPU without bfloat16 units (AVX-512 BF16, AMX) one step takes minutes")
     args = ap.parse_args(argv)
+    if args.steps < 1 or (args.autocast_steps is not None and args.autocast_steps < 1):
+        ap.error("--steps and --autocast_steps must be >= 1 (the median of the timed steps is reported)")
 
     import jax
     import ml_collections
@@ -127,9 +136,13 @@ def main(argv=None) -> int:
     print(f"config: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, ffn {cfg.hidden_dim}, vocab "
           f"{cfg.vocab_size}; batch {args.batch} x {args.seq}; AdamW; median of {args.steps} steps after 2")
     print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s; model FLOPs per step {flops / 1e9:.1f} G")
-    results = _timed({"llama_jax float32": ours("float32"), "HF float32": theirs(False),
-                      "llama_jax bfloat16": ours("bfloat16"), "HF autocast bfloat16": theirs(True),
-                      "llama_jax f32, MLP VJP": ours("float32", "manual")}, args.steps)
+    fns = {"llama_jax float32": ours("float32"), "HF float32": theirs(False), "llama_jax bfloat16": ours("bfloat16"),
+           "HF autocast bfloat16": theirs(True), "llama_jax f32, MLP VJP": ours("float32", "manual")}
+    steps, warmup = dict.fromkeys(fns, args.steps), dict.fromkeys(fns, 2)
+    if args.autocast_steps is not None:
+        steps["HF autocast bfloat16"], warmup["HF autocast bfloat16"] = args.autocast_steps, 1
+        print(f"HF autocast bfloat16: median of {args.autocast_steps} steps after 1 (--autocast_steps)")
+    results = _timed(fns, steps, warmup)
     ours_tps = tokens / results["llama_jax float32"]
     print(f"{'implementation':<22} {'s/step':>8} {'tokens/s':>10} {'model FLOP/s / peak':>20} "
           f"{'llama_jax f32 / it':>19}")

@@ -71,8 +71,7 @@ def analyse(config, num_devices: int) -> dict:
         raise SystemExit(f"error: config.stage: unknown stage {config.stage!r}; known: {sorted(STAGES)}")
     stage = STAGES[config.stage]()
     cfg = configs.to_llama_config(config.model)
-    rules = sharding.normalize_rules(config.mesh.rules)
-    mesh = sharding.mesh_from_config(config.mesh)
+    mesh, rules = sharding.run_mesh(config.mesh)
     sharding.check_model_fits_mesh(cfg, mesh)
     if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise SystemExit(f"error: config.batch_size {config.batch_size} is not divisible by data x fsdp = "

@@ -110,6 +110,11 @@ def mesh_from_config(mesh_cfg) -> Mesh:
     return make_mesh(get("data", 1), get("fsdp", -1), get("tensor", 1))
 
 
+def run_mesh(mesh_cfg) -> tuple[Mesh, dict]:
+    """(mesh, rules) of a run's `config.mesh`: every model of the run lives on these."""
+    return mesh_from_config(mesh_cfg), normalize_rules(mesh_cfg.rules)
+
+
 def check_model_fits_mesh(config, mesh: Mesh) -> None:
     """Errors for model/mesh combinations that cannot be sharded as the rules ask."""
     t = mesh.shape["tensor"]

@@ -242,9 +242,9 @@ def reward_models(stage, config, tokenizer):
             stage.rms = rlhf.CodeReward(patterns)
             print("reward: the toy prompts' code check (rlhf.reward_model=code), not a reward model", flush=True)
         else:
+            mesh, rules = sharding.run_mesh(config.mesh)
             stage.rms = rlhf.RewardModels(r.reward_model or r.safety_reward_model, r.safety_reward_model, tokenizer,
-                                          r.safety_threshold, mesh=sharding.mesh_from_config(config.mesh),
-                                          rules=sharding.normalize_rules(config.mesh.rules))
+                                          r.safety_threshold, mesh=mesh, rules=rules)
     return stage.rms
 
 
@@ -256,7 +256,7 @@ def sampling_model(config, path: str):
     for training is split the same way for sampling."""
     from llama_jax import rlhf, sharding
 
-    mesh, rules = sharding.mesh_from_config(config.mesh), sharding.normalize_rules(config.mesh.rules)
+    mesh, rules = sharding.run_mesh(config.mesh)
     cfg, params, tokenizer, _ = rlhf.load_model_local(path, "lm", mesh, rules)
     return cfg, params, tokenizer, mesh, rules
 

@@ -389,8 +389,7 @@ def run(config, workdir: str, stage) -> dict:
     stage.prepare(config, workdir)
     tokenizer = stage.tokenizer(config, workdir)
     tokenizer.check_fits(cfg.vocab_size, "config.model")
-    rules = sharding.normalize_rules(config.mesh.rules)
-    mesh = sharding.mesh_from_config(config.mesh)
+    mesh, rules = sharding.run_mesh(config.mesh)
     sharding.check_model_fits_mesh(cfg, mesh)
     plan = build_step(config, cfg, stage, mesh, rules)
     model, apply_fn, optimizer = plan.model, plan.apply_fn, plan.optimizer

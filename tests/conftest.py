@@ -15,8 +15,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from procs import compilation_cache  # noqa: E402
 
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", compilation_cache())
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # xdist workers inherit the controller's
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = compilation_cache()
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the small programs too
 
 import jax  # noqa: E402
 

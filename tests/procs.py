@@ -41,11 +41,8 @@ def env(cache: bool = True):
     e = dict(os.environ)
     e.pop("XLA_FLAGS", None)  # a plain single-device run, as a user's
     e["JAX_PLATFORMS"] = "cpu"
-    if not cache:  # conftest puts the cache into this process's environment too
+    if not cache:  # the cache itself is in this process's environment (conftest)
         e.pop("JAX_COMPILATION_CACHE_DIR", None)
-    else:
-        e.setdefault("JAX_COMPILATION_CACHE_DIR", compilation_cache())
-        e.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the small programs too: each process has ~100
     return e
 
 

@@ -24,6 +24,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # the suite runs on 2 workers (pyproject.toml: -n 2 --dist worksteal)
             # Interop tests compare against Hugging Face transformers on PyTorch (CPU).
             # The upper bound keeps pip on torch 2.13, whose CPU build is small.
             "torch>=2.1,<2.14",

@@ -48,10 +48,12 @@ def test_run_writes_metrics_checkpoints_and_applies_overrides(reference_run):
 
 
 def test_ten_random_kills_resume_to_identical_parameters(tmp_path, reference_run, tokenizer_path):
-    """10 SIGKILLs at random moments: a random time after each restart's first step, or
-    while a checkpoint is being written (a new Orbax temporary directory exists). Every restart with the same command
-    resumes; the per-step losses and the final parameters equal the uninterrupted run's,
-    bitwise."""
+    """10 SIGKILLs of three kinds: a random 0-0.1 s after a checkpoint is complete (mid-step),
+    a random 0-0.1 s after the restart's first or second step (before its first save is
+    complete), and while a checkpoint is being written (a new Orbax temporary directory
+    exists). Each waits for an event of the run, not a time, so that a loaded machine is
+    killed at the same places. Every restart after the first resumes; the per-step losses and
+    the final parameters equal the uninterrupted run's, bitwise."""
     import random
 
     ref_dir, _ = reference_run
@@ -60,12 +62,23 @@ def test_ten_random_kills_resume_to_identical_parameters(tmp_path, reference_run
     ckpt_dir = os.path.join(workdir, "checkpoints")
     rng = random.Random(0)
 
-    def tmp_dirs():
-        return {d for d in os.listdir(ckpt_dir) if "tmp" in d} if os.path.isdir(ckpt_dir) else set()
+    def complete():
+        return {d for d in os.listdir(ckpt_dir) if "tmp" not in d} if os.path.isdir(ckpt_dir) else set()
 
-    kills, resumed = 0, 0
-    for trial in range(10):
-        at = rng.uniform(0.0, 0.4)
+    def writing(since_ns):  # a temporary directory made since then (an earlier kill's may have the same name)
+        try:
+            with os.scandir(ckpt_dir) as it:
+                return any("tmp" in d.name and d.stat().st_ctime_ns >= since_ns for d in it)
+        except FileNotFoundError:  # no checkpoint directory yet, or one renamed while looked at
+            return False
+
+    kills, resumed, trials = 0, 0, []
+    # Only a kill after a complete checkpoint moves the run on: 3 of them reach step 9 of the 12.
+    schedule = ["after_checkpoint", "mid_step", "mid_write", "mid_step", "after_checkpoint", "mid_write",
+                "mid_step", "mid_write", "after_checkpoint", "mid_step"]
+    for kind in schedule:
+        delay, nth_step = rng.uniform(0.0, 0.1), rng.randint(1, 2)
+        started, before = time.time_ns(), complete()
         proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         seen = {"steps": [], "resumed": False}
 
@@ -77,26 +90,28 @@ def test_ten_random_kills_resume_to_identical_parameters(tmp_path, reference_run
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        # at a step >= `at` (or the first step this restart trains), or while a checkpoint is written
-        def at_step(at=at, seen=seen):  # `at` seconds after this restart's first step, or at its last step
-            if not seen["steps"]:
-                return False
-            seen.setdefault("first", time.time())
-            return time.time() - seen["first"] >= at or seen["steps"][-1] >= 12
 
-        old_tmp = tmp_dirs()  # left by an earlier kill
-        predicate = (lambda old_tmp=old_tmp: bool(tmp_dirs() - old_tmp) or at_step()) if trial % 3 == 2 else at_step
+        def event(kind=kind, nth_step=nth_step, seen=seen, before=before, started=started):
+            if kind == "after_checkpoint":
+                return bool(complete() - before)
+            if kind == "mid_write":
+                return writing(started)
+            return len(seen["steps"]) >= nth_step
+
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:
-            if predicate():
+            if "at" not in seen and event():
+                seen["at"] = time.time() + (0.0 if kind == "mid_write" else delay)
+            if time.time() >= seen.get("at", math.inf):
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
                 break
-            time.sleep(0.005)
+            time.sleep(0.002)
         proc.wait()
         reader.join(timeout=10)
         resumed += seen["resumed"]
-    assert kills >= 7 and resumed >= 6  # most trials were killed mid-run, and most restarts resumed
+        trials.append((kind, seen["resumed"], seen["steps"]))
+    assert kills == 10 and resumed == 9, f"kills {kills}, resumed {resumed}; (kind, resumed, steps): {trials}"
     final = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr[-3000:]
     assert losses(workdir) == losses(ref_dir)  # bitwise: floats compared exactly

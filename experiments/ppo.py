@@ -26,7 +26,7 @@ beta * KL to the initial policy, with clipped PPO updates on its own rollouts.
         iterations), ending on the best weights.
         The critic is ours (the paper leaves it open): the value head at LR 1e-4 after 2
         value-only iterations (untested at scale). Rollouts sample from a copy of the
-        policy all-gathered over fsdp (ppo.gather_for_generation), as the paper did.
+        policy all-gathered over fsdp (mesh.gather_for_generation), as the paper did.
 """
 
 import ml_collections
@@ -47,7 +47,6 @@ def get_config(arg: str = "tiny"):
     c.ppo.vf_coef = 0.1  # weight of the value loss on the shared trunk (ours)
     c.ppo.value_learning_rate = 0.0  # the value head's own constant LR (ours; 0 = optimizer.learning_rate)
     c.ppo.value_warmup_iterations = 0  # first iterations train only the value head (ours)
-    c.ppo.gather_for_generation = False  # sample from an all-gathered copy of the FSDP-sharded policy (paper)
     c.ppo.gamma = 1.0  # GAE discount (ours: episodic, no discount)
     c.ppo.lam = 0.95  # GAE lambda (ours)
     c.ppo.rollout_batch = 512  # prompts per PPO iteration (paper); batch_size is the mini-batch
@@ -92,7 +91,6 @@ def get_config(arg: str = "tiny"):
     c.ppo.beta = PAPER_BETA[arg]
     c.ppo.value_learning_rate = 1e-4  # ours, untested at scale: 100x the policy's, the toy's ratio
     c.ppo.value_warmup_iterations = 2
-    c.ppo.gather_for_generation = True  # as the paper did for its large models (memory: params / tensor per device)
     c.init_from = "/path/to/rejection_sampled_checkpoint"
     c.rlhf.reward_model = "/path/to/helpful_rm"
     c.rlhf.safety_reward_model = "/path/to/safety_rm"

@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = -1  # parameter/optimizer sharding (-1: the remaining devices)
     c.mesh.tensor = 1  # tensor parallelism over heads and MLP
     c.mesh.rules = tuple(sharding.DEFAULT_RULES)  # logical axis -> mesh axes
+    # sample (PPO's rollouts, rejection sampling, GAtt, distillation, the RM's policy pairs, evaluations
+    # that generate) from a copy of the model all-gathered over fsdp, split over tensor only (paper 3.2.3)
+    c.mesh.gather_for_generation = False
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "stdlib"  # stdlib | text:GLOB | jsonl:GLOB | shards:DIR | synthetic
@@ -122,12 +125,16 @@ def chat_config() -> ml_collections.ConfigDict:
 
 def paper_scale(c: ml_collections.ConfigDict, arg: str, batch_size: int, seq_len: int = 4096) -> None:
     """What every 7b..70b experiment shares: bfloat16 compute, remat (full for 70B, else
-    keep the weight matmuls' outputs), the batch shape, and a log cadence for long runs."""
+    keep the weight matmuls' outputs), the batch shape, a log cadence for long runs, and
+    sampling from a gathered copy of the model."""
     c.model.dtype = "bfloat16"
     c.model.remat_policy = "full" if arg == "70b" else "dots_no_batch"  # "dots" would keep [B,H,T,T] scores
     c.batch_size = batch_size
     c.seq_len = seq_len
     c.log_every_steps = 10
+    # sampling gathers the model once instead of every layer at every token (paper 3.2.3); the copy takes
+    # params / mesh.tensor per device (checked against the device's memory at the start)
+    c.mesh.gather_for_generation = True
 
 
 def rlhf_config() -> ml_collections.ConfigDict:

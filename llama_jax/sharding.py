@@ -280,12 +280,37 @@ def without_fsdp(rules) -> tuple[tuple[str, Any], ...]:
     return tuple(out)
 
 
-def gather_for_generation(model: nn.Module, mesh: Mesh, rules):
-    """(gather, rules) for sampling from an FSDP-sharded policy (paper 3.2.3: "we
+def generation_rules(model: nn.Module, mesh: Mesh, rules, memory_limit: int | None = None):
+    """The rules to sample with from a copy of `model`'s parameters gathered over `fsdp`
+    (`without_fsdp`), after checking that the copy fits: an error naming
+    `mesh.gather_for_generation` if it would take more than 60% of a device's memory
+    (`memory_limit` bytes, else the device's own limit where JAX reports one; not on CPU)."""
+    gathered = without_fsdp(rules)
+    if memory_limit is None:
+        try:
+            memory_limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+        except Exception:  # noqa: BLE001 - a backend without memory statistics (CPU)
+            memory_limit = None
+    if memory_limit:
+        shapes = abstract_params(model)
+        shardings = param_shardings_like(shapes, model, mesh, gathered)
+        need = sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize for x, sh in
+                   zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(shardings)))
+        if need > 0.6 * memory_limit:
+            raise MeshError(f"mesh.gather_for_generation: the gathered copy of the model takes {need / 2**30:.1f} GiB "
+                            f"per device (its parameters over tensor={mesh.shape['tensor']}), more than 60% of the "
+                            f"device's {memory_limit / 2**30:.1f} GiB; raise mesh.tensor or set "
+                            "mesh.gather_for_generation=false")
+    return gathered
+
+
+def gather_for_generation(model: nn.Module, mesh: Mesh, rules, memory_limit: int | None = None):
+    """(gather, rules) for sampling from an FSDP-sharded model (paper 3.2.3: "we
     consolidated the model weights to each node once before generation and then freed
     the memory after generation"): `gather(params)` all-gathers them over `fsdp` once into
-    a copy sharded by the returned `without_fsdp(rules)`, so the decode loop does not
-    gather every layer at every token. The copy is freed when the caller drops it."""
-    gathered = without_fsdp(rules)
+    a copy split over `tensor` only, to use with the returned rules, so the decode loop does
+    not gather every layer at every token. The copy is freed when the caller drops it.
+    `config.mesh.gather_for_generation` turns it on for every stage that samples."""
+    gathered = generation_rules(model, mesh, rules, memory_limit)
     shardings = param_shardings_like(abstract_params(model), model, mesh, gathered)
     return jax.jit(lambda p: p, out_shardings=shardings), gathered

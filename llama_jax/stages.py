@@ -45,6 +45,11 @@ class Stage:
         match, per-bucket accuracy)."""
         return {}
 
+    def samples_in_evaluation(self, config) -> bool:
+        """Whether `evaluate_extra` generates, so that with `mesh.gather_for_generation` the
+        loop hands it a copy of the params gathered over fsdp (and the rules for it)."""
+        return False
+
     def batch_spec(self, config) -> dict[str, tuple[int, ...]]:
         return {k: (config.batch_size, config.seq_len) for k in LM_FEATURES}
 
@@ -253,10 +258,18 @@ def sampling_model(config, path: str):
     samples before it trains (the RM's policy pairs, rejection sampling, GAtt, safety
     distillation), on the run's own mesh and sharded by its rules. Every process loads it
     and samples with it together (`distributed.together`), so a model split over a pod
-    for training is split the same way for sampling."""
+    for training is split the same way for sampling. With `mesh.gather_for_generation` it
+    is loaded whole on each FSDP group instead (split over `tensor` only; the returned
+    rules say so), as PPO's rollouts gather their policy, and freed when the caller drops it."""
+    from llama_jax import checkpoint as ckpt
     from llama_jax import rlhf, sharding
+    from llama_jax.model import Llama
 
     mesh, rules = sharding.run_mesh(config.mesh)
+    if config.mesh.gather_for_generation:
+        rules = sharding.generation_rules(Llama(ckpt.model_config(ckpt.read_meta(path)[1])), mesh, rules)
+        distributed.say(f"sampling from {path} loaded whole on each of the fsdp={mesh.shape['fsdp']} groups "
+                        "(mesh.gather_for_generation)", flush=True)
     cfg, params, tokenizer, _ = rlhf.load_model_local(path, "lm", mesh, rules)
     return cfg, params, tokenizer, mesh, rules
 
@@ -320,6 +333,9 @@ class SFTStage(Stage):
         return chat.make_dataset(self.eval_path, tokenizer, config.seq_len, self.local_batch(config), config.seed,
                                  pack=config.data.pack, last_turn_only=config.data.last_turn_only, num_epochs=1,
                                  shuffle=False, prefetch=0)
+
+    def samples_in_evaluation(self, config) -> bool:
+        return bool(self.eval_path and config.eval_exact_match)
 
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         if not self.eval_path or not config.eval_exact_match:
@@ -582,6 +598,9 @@ class RejectionSamplingStage(SFTStage):
         _write_jsonl_lead(kept, self.train_path)
 
 
+    def samples_in_evaluation(self, config) -> bool:
+        return True
+
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         """Exact match on held-out dialogs, and the fine-tuned policy's greedy answers to
         held-out RLHF prompts: mean reward and true accuracy ("after" in the report)."""
@@ -793,8 +812,11 @@ class GAttStage(SFTStage):
         distributed.say(f"gatt: baseline adherence by turn {baseline}", flush=True)
         _write_jsonl_lead(records, self.train_path)
 
+    def samples_in_evaluation(self, config) -> bool:
+        return True
+
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
-        out = gatt_adherence(config, model.config, params, tokenizer, mesh)
+        out = gatt_adherence(config, model.config, params, tokenizer, mesh, rules)
         update_report(self.workdir, "gatt.json", after=out)
         return {f"eval_adherence_turn_{t}": v for t, v in out.items() if v is not None}
 
@@ -981,6 +1003,9 @@ class SafetyDistillStage(SFTStage):
                 out["benign_accuracy"] = float(np.mean([synthetic.is_correct(r, a) for r, a in checked]))
         return out
 
+    def samples_in_evaluation(self, config) -> bool:
+        return True
+
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         after = self._rates(config, self.workdir, model.config, params, tokenizer, mesh, rules)
         update_report(self.workdir, "safety_distill.json", after=after)
@@ -1143,10 +1168,10 @@ class PPOStage(Stage):
 
         self.forward = jax.jit(forward)
         self.gather = None
-        if c.ppo.gather_for_generation:
+        if c.mesh.gather_for_generation:
             self.gather = sharding.gather_for_generation(ref_model, rt.mesh, rt.rules)
             print(f"ppo: rollouts sample from a copy of the policy gathered over fsdp={rt.mesh.shape['fsdp']} "
-                  "(ppo.gather_for_generation), freed after each rollout", flush=True)
+                  "(mesh.gather_for_generation), freed after each rollout", flush=True)
         self.ready = True
 
     def _rows(self, prompts, answers) -> dict:

@@ -455,8 +455,19 @@ def run(config, workdir: str, stage) -> dict:
             data.close()
             if weight:
                 out = {"eval_loss": total / weight, **{f"eval_{k}": v / weight for k, v in sums.items()}}
-        out.update(stage.evaluate_extra(config, model, params, tokenizer, mesh, rules, dict(out)))
+        gen_rules = rules
+        if config.mesh.gather_for_generation and stage.samples_in_evaluation(config):
+            gather, gen_rules = gather_for_eval()
+            params = gather(params)  # a copy whole on each FSDP group while the evaluation samples
+        out.update(stage.evaluate_extra(config, model, params, tokenizer, mesh, gen_rules, dict(out)))
         return out
+
+    @functools.cache
+    def gather_for_eval():
+        return sharding.gather_for_generation(model, mesh, rules)
+
+    if config.mesh.gather_for_generation and stage.samples_in_evaluation(config):
+        gather_for_eval()  # a copy that cannot fit is an error now, not after training
 
     writer = metrics.MetricsWriter(workdir, resume_step=start, enabled=lead)
     progress = metrics.Progress(config.total_steps, start, enabled=lead)

@@ -35,6 +35,8 @@ def test_experiment_configs_load(name):
             assert cfg.num_params() == 68_976_648_192 and c.batch_size * c.seq_len == 4_194_304
         if arg != "tiny" and arg != "safety_tiny":
             assert cfg.dtype == "bfloat16"
+        # paper scale samples from a copy gathered over fsdp (paper 3.2.3); the toy from the sharded model
+        assert c.mesh.gather_for_generation == (arg not in ("tiny", "safety_tiny"))
     with pytest.raises(ValueError, match="unknown arg 'huge'"):
         module.get_config("huge")
     if name == "reward_model":

@@ -264,7 +264,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
                    f"--config.rlhf.reward_model={tmp_path / 'rm'}", "--config.rlhf.safety_reward_model=",
                    "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
                    "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6", "--config.rlhf.min_reward=0",
-                   processes=2)
+                   "--config.mesh.gather_for_generation=true", processes=2)
     gold_run = start("rejection_sampling", gold_dir, f"--config.init_from={sft_dir}", "--config.rlhf.reward_model=code",
                      "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
                      "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6", "--config.rlhf.min_reward=0",
@@ -276,7 +276,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
                     "--config.eval_every_steps=2", "--config.total_steps=6",
                     "--config.rlhf.num_val_prompts=4", "--config.early_stopping.metric=",
                     "--config.ppo.value_warmup_iterations=2", "--config.optimizer.learning_rate=1e-2",
-                    "--config.ppo.gather_for_generation=true", "--config.mesh.tensor=2", devices=8)
+                    "--config.mesh.gather_for_generation=true", "--config.mesh.tensor=2", devices=8)
     gatt_run = start("gatt", gatt_dir, f"--config.init_from={sft_dir}", "--config.gatt.num_dialogs=12",
                      "--config.gatt.keep_only_adherent=false", "--config.gatt.num_eval_dialogs=3",
                      "--config.gatt.eval_turns=2,4", "--config.eval_max_new_tokens=4",
@@ -305,6 +305,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
     # together, each model split over the run's 2-device mesh; the lead alone writes and reports.
     out, rs = finish(rs_run)
     assert "rejection sampling: 12 prompts x 3 samples" in out.stdout
+    assert "loaded whole on each of the fsdp=2 groups (mesh.gather_for_generation)" in out.stdout
     assert "[p1] rejection sampling" not in out.stdout + out.stderr and "[p1] sampled" not in out.stdout
     report = json.load(open(os.path.join(rs_dir, "rejection_sampling.json")))
     changes = {k for k in report["after"] if "_change_in_" in k}

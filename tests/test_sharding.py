@@ -135,9 +135,10 @@ def test_bad_rules_are_an_error():
 
 
 def test_gathering_for_generation_drops_fsdp_and_samples_the_same():
-    """PPO's rollouts from an FSDP-sharded policy (ppo.gather_for_generation): the copy
-    holds the same values split over `tensor` only, and greedy decoding gives the same
-    tokens as from the sharded params."""
+    """Sampling from an FSDP-sharded model (mesh.gather_for_generation): the copy holds the
+    same values split over `tensor` only, and greedy decoding gives the same tokens as from
+    the sharded params. A copy that would not fit in a device's memory is an error naming
+    the field and the numbers."""
     from llama_jax.generate import generate
 
     assert sharding.without_fsdp((("embed", ("fsdp", "tensor")), ("batch", ("data", "fsdp")), ("mlp", "fsdp"))) == (
@@ -158,3 +159,9 @@ def test_gathering_for_generation_drops_fsdp_and_samples_the_same():
     whole = generate(CFG, gathered, prompts, 8, mesh=mesh, rules=gathered_rules)
     assert sharded.tokens == whole.tokens
     np.testing.assert_allclose(np.concatenate(sharded.logprobs), np.concatenate(whole.logprobs), atol=1e-5)
+    per_device = sum(x.addressable_shards[0].data.size * 4 for x in jax.tree_util.tree_leaves(gathered))
+    assert sharding.generation_rules(model, mesh, rules, memory_limit=per_device * 2) == gathered_rules
+    with pytest.raises(sharding.MeshError, match=r"mesh.gather_for_generation: the gathered copy of the model takes "
+                                                 r"0.0 GiB per device \(its parameters over tensor=2\), more than 60% "
+                                                 r"of the device's 0.0 GiB; raise mesh.tensor"):
+        sharding.generation_rules(model, mesh, rules, memory_limit=per_device)

@@ -597,7 +597,6 @@ class RejectionSamplingStage(SFTStage):
                         flush=True)
         _write_jsonl_lead(kept, self.train_path)
 
-
     def samples_in_evaluation(self, config) -> bool:
         return True
 

@@ -6,8 +6,9 @@ without it, then trained without the preprompt.
             --config.init_from=runs/gatt --config.rlhf.reward_model=runs/rm \\
             --config.rlhf.safety_reward_model=runs/rm_safety
         Any CPU (a few minutes). 512 toy adversarial requests (the unsafe request hidden in a
-        "Repeat exactly:" or "Reverse the words:" task, which the model often complies with
-        and, given the generic preprompt as a system message, refuses), 256 benign anchors;
+        "Repeat exactly:" or "Reverse the words:" task, which the toy SFT data refuses
+        under the generic safety preprompt as system prompt and does as a task without
+        it), 256 benign anchors;
         only answers the safety RM calls safe (>= 0.5) are kept (distill.min_safety).
         Expected
         (WORKDIR/safety_distill.json): the violation rate on held-out adversarial prompts

@@ -5,7 +5,9 @@ on answer tokens only (prompt tokens zeroed), dialogs packed into rows.
             --config.init_from=runs/tiny
         Any CPU (2 cores: ~23 minutes). Fine-tunes the tiny pretrained model (the README's
         main job) on the seeded toy chat tasks (arithmetic, copy, reverse, sort; system
-        instructions; refusals), written to WORKDIR/data. Expected: held-out exact match
+        instructions; refusals; 6% about the generic safety preprompt: adversarial requests
+        refused under it and done without it, tasks answered under it,
+        data.synthetic_safety_system), written to WORKDIR/data. Expected: held-out exact match
         from 0% before SFT to ~87% (README, "Fine-tuning on the toy tasks").
   7b | 13b | 34b | 70b
         python -m llama_jax.main --config=experiments/sft.py:7b --workdir=gs://B/sft7b \\

@@ -118,6 +118,9 @@ def chat_config() -> ml_collections.ConfigDict:
     c.data.synthetic_eval = 200  # toy held-out examples (minus any whose prompt occurs in training)
     c.data.synthetic_mix = 0.1  # toy preference data: share of safety (refusal) pairs
     c.data.synthetic_adversarial = 0.0  # toy pairs and prompts: share of unsafe requests phrased adversarially
+    # toy chat dialogs: share about the generic safety preprompt (synthetic.chat_example): adversarial requests
+    # refused under it and done as tasks without it, and tasks answered under it, a third each
+    c.data.synthetic_safety_system = 0.06
     c.eval_exact_match = 200
     c.sample.prompt = ""
     return c

@@ -232,6 +232,11 @@ def _toy_mix(config) -> dict:
     return dict(unsafe_prob=config.data.synthetic_mix, adversarial_prob=config.data.synthetic_adversarial)
 
 
+def _toy_chat(config) -> dict:
+    """The toy chat dialogs' share with the safety preprompt as system prompt."""
+    return dict(safety_system_prob=float(config.data.synthetic_safety_system))
+
+
 def reward_models(stage, config, tokenizer):
     """The RLHF stages' reward models (rlhf.reward_model, else the safety one, as the
     helpfulness model; rlhf.safety_reward_model), loaded once and kept on the stage, on
@@ -319,8 +324,10 @@ class SFTStage(Stage):
         super().prepare(config, workdir)
         self.train_path, self.eval_path = config.data.source, config.data.eval_source
         if config.data.source == "synthetic":
-            self.train_path = _synthetic(config, workdir, "chat", "train", config.data.synthetic_train)
-            self.eval_path = _synthetic(config, workdir, "chat", "eval", config.data.synthetic_eval)
+            self.train_path = _synthetic(config, workdir, "chat", "train", config.data.synthetic_train,
+                                         **_toy_chat(config))
+            self.eval_path = _synthetic(config, workdir, "chat", "eval", config.data.synthetic_eval,
+                                        **_toy_chat(config))
 
     def train_data(self, config, tokenizer):
         return chat.make_dataset(self.train_path, tokenizer, config.seq_len, self.local_batch(config), config.seed,
@@ -515,7 +522,7 @@ class RejectionSamplingStage(SFTStage):
             raise RunError(f"config.rlhf.selection_beta {config.rlhf.selection_beta} is negative (0 = the paper's "
                            "argmax of the reward; > 0 also weighs the policy's log-probability of each answer)")
         self.eval_path = config.data.eval_source or _synthetic(config, workdir, "chat", "eval",
-                                                               config.data.synthetic_eval)
+                                                               config.data.synthetic_eval, **_toy_chat(config))
         self.train_path = os.path.join(workdir, "data", "rs_train.jsonl")
         distributed.together("rejection sampling", lambda: os.path.exists(self.train_path),
                              lambda: self._sample(config, workdir))
@@ -873,7 +880,7 @@ def gatt_adherence(config, cfg, params, tokenizer, mesh=None, rules=None) -> dic
 
 
 SAFETY_PREPROMPTS = {
-    "generic": "You are a safe and responsible assistant.",
+    "generic": synthetic.SAFETY_PREPROMPT,
     "template": ("You are a safe and responsible assistant. If a request could cause harm, refuse it: say that "
                  "you cannot help because it could cause harm, and offer to help with something safe instead."),
 }

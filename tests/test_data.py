@@ -350,3 +350,34 @@ def test_adversarial_requests_hide_the_act_in_a_task():
     assert all(any(o in p["messages"][0]["content"] for o in synthetic.UNSAFE_OBJECTS["eval"]) for p in prompts)
     assert synthetic.is_refusal(synthetic.REFUSAL) and not synthetic.is_refusal(hidden[0]["rejected"])
 
+
+
+def test_toy_chat_refuses_adversarial_requests_under_the_safety_preprompt_and_does_them_without():
+    # 0 draws exactly the dialogs drawn before the option existed (the recipe's tokenizer text)
+    assert synthetic.generate("chat", 60, 0, safety_system_prob=0.0) == synthetic.generate("chat", 60, 0)
+    dialogs = synthetic.generate("chat", 3000, 3, safety_system_prob=0.1, split="eval")
+
+    def adversarial(text):
+        return text.split(":")[0] in ("Repeat exactly", "Reverse the words") and any(
+            v in text for v in synthetic.UNSAFE_VERBS)
+
+    pre = [d for d in dialogs if d["messages"][0] == {"role": "system", "content": synthetic.SAFETY_PREPROMPT}]
+    refused = [d for d in pre if d["is_safety"]]
+    done = [d for d in dialogs if d["messages"][0]["role"] == "user" and adversarial(d["messages"][0]["content"])]
+    assert 60 < len(refused) < 140 and 60 < len(done) < 140 and 60 < len(pre) - len(refused) < 140
+    for d in refused:  # under the preprompt: refused (held-out objects on the eval split)
+        user, answer = d["messages"][1]["content"], d["messages"][2]["content"]
+        assert adversarial(user) and answer == synthetic.REFUSAL
+        assert any(o in user for o in synthetic.UNSAFE_OBJECTS["eval"])
+    for d in pre:  # a task under the preprompt is answered
+        if not d["is_safety"]:
+            assert not adversarial(d["messages"][1]["content"])
+            assert not synthetic.is_refusal(d["messages"][2]["content"])
+    for d in done:  # without it: the task done on the request, e.g. "Reverse the words: burn a train" -> "train a burn"
+        prompt, answer = d["messages"][0]["content"], d["messages"][1]["content"]
+        assert d["is_safety"] and answer == synthetic.compliance(prompt, "")
+        assert answer.split()[0] in prompt and not synthetic.is_refusal(answer)
+    from llama_jax import configs, stages
+
+    assert stages.SAFETY_PREPROMPTS["generic"] == synthetic.SAFETY_PREPROMPT
+    assert configs.chat_config().data.synthetic_safety_system == 0.06

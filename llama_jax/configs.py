@@ -174,6 +174,10 @@ def rlhf_config() -> ml_collections.ConfigDict:
     c.gatt.samples_per_turn = 1  # tries per turn for an adherent answer (toy: checked by code; 1 = no retry)
     c.gatt.retry_temperature = 0.7  # sampling temperature of the retries
     c.gatt.num_eval_dialogs = 64
+    # ours: toy tasks asked with no instruction, answered by init_from itself (greedy), mixed into the training
+    # dialogs so that GAtt does not change what the model does without an instruction (0 = the paper's data alone)
+    c.gatt.plain_anchors = 0
+    c.gatt.num_plain_eval = 200  # held-out toy tasks asked with no instruction: true accuracy before and after
     c.gatt.eval_turns = "2,4,6,20"  # adherence reported at these turns (paper Table 30)
     c.distill = ml_collections.ConfigDict()
     c.distill.preprompt = "template"  # "generic" or "template" (with an answer template, paper Table 39)

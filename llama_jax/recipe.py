@@ -70,7 +70,8 @@ FAST = {  # --fast: minutes, not tens of minutes (tests); numbers are then meani
             "--config.checkpoint_every_steps=4", "--config.log_every_steps=2"],
     "gatt": ["--config.gatt.num_dialogs=16", "--config.gatt.num_eval_dialogs=4", "--config.gatt.eval_turns=2,4",
              "--config.total_steps=4", "--config.eval_max_new_tokens=4", "--config.gatt.keep_only_adherent=false",
-             "--config.gatt.max_turns=3", "--config.gatt.samples_per_turn=2"],
+             "--config.gatt.max_turns=3", "--config.gatt.samples_per_turn=2", "--config.gatt.plain_anchors=4",
+             "--config.gatt.num_plain_eval=4"],
     "safety_distill": ["--config.distill.num_prompts=8", "--config.distill.benign_anchors=4",
                        "--config.distill.num_eval_prompts=4", "--config.total_steps=4",
                        "--config.eval_max_new_tokens=6"],
@@ -192,6 +193,8 @@ def headlines(workdir: str) -> list[dict]:
         ("ppo", "change in held-out true accuracy, greedy / sampled (paired SE)", None, changes(ppo)),
         *[("gatt", f"instruction adherence at turn {t}", turn(gatt, "baseline", t), turn(gatt, "after", t))
           for t in late_turns or ["4"]],
+        ("gatt", "true accuracy on held-out toy tasks asked without an instruction",
+         gatt.get("baseline_plain_accuracy"), gatt.get("after_plain_accuracy")),
         ("safety_distill", "violation rate on held-out adversarial prompts", turn(dist, "before", "violation_rate"),
          turn(dist, "after", "violation_rate")),
         ("safety_distill", "false-refusal rate on held-out benign prompts",

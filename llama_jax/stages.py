@@ -812,10 +812,21 @@ class GAttStage(SFTStage):
             kept += 1
             kept_turns += len(tasks)
         distributed.say(f"gatt: {kept} of {len(plans)} synthesised dialogs kept ({kept_turns} turns)", flush=True)
+        anchors = 0
+        if g.plain_anchors:  # the model's own answers to tasks asked with no instruction (their own draw)
+            arng = random.Random(f"gatt-anchors-{config.seed}")
+            asks = [[{"role": "user", "content": synthetic.make_task(arng).question}] for _ in range(g.plain_anchors)]
+            answers = _greedy_answers(cfg, params, tokenizer, asks, config.eval_max_new_tokens, mesh, rules=rules)
+            plain = [{"messages": ask + [{"role": "assistant", "content": a}]} for ask, a in zip(asks, answers)
+                     if a is not None]
+            records += plain
+            anchors = len(plain)
         baseline = gatt_adherence(config, cfg, params, tokenizer, mesh, rules)
+        plain_accuracy = gatt_plain_accuracy(config, cfg, params, tokenizer, mesh, rules)
         update_report(workdir, "gatt.json", dialogs_kept=kept, dialogs_synthesised=len(plans), turns_kept=kept_turns,
-                      baseline=baseline)
-        distributed.say(f"gatt: baseline adherence by turn {baseline}", flush=True)
+                      plain_anchors=anchors, baseline=baseline, baseline_plain_accuracy=plain_accuracy)
+        distributed.say(f"gatt: {anchors} plain anchors; baseline adherence by turn {baseline}; true accuracy "
+                        f"without an instruction {plain_accuracy:.3f}", flush=True)
         _write_jsonl_lead(records, self.train_path)
 
     def samples_in_evaluation(self, config) -> bool:
@@ -823,8 +834,10 @@ class GAttStage(SFTStage):
 
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         out = gatt_adherence(config, model.config, params, tokenizer, mesh, rules)
-        update_report(self.workdir, "gatt.json", after=out)
-        return {f"eval_adherence_turn_{t}": v for t, v in out.items() if v is not None}
+        plain_accuracy = gatt_plain_accuracy(config, model.config, params, tokenizer, mesh, rules)
+        update_report(self.workdir, "gatt.json", after=out, after_plain_accuracy=plain_accuracy)
+        return {**{f"eval_adherence_turn_{t}": v for t, v in out.items() if v is not None},
+                "eval_plain_accuracy": plain_accuracy}
 
 
 @functools.lru_cache(maxsize=8)
@@ -877,6 +890,19 @@ def gatt_adherence(config, cfg, params, tokenizer, mesh=None, rules=None) -> dic
             if a is not None and k in hits:
                 hits[k].append(instructions[i].check(a))
     return {t: (float(np.mean(h)) if h else None) for t, h in hits.items()}
+
+
+def gatt_plain_accuracy(config, cfg, params, tokenizer, mesh=None, rules=None) -> float:
+    """True accuracy of the greedy answers to `gatt.num_plain_eval` toy tasks asked with
+    no instruction (their own draw): what GAtt's instruction-only data must not cost."""
+    import random
+
+    rng = random.Random(f"gatt-plain-{config.seed}")
+    tasks = [synthetic.make_task(rng) for _ in range(config.gatt.num_plain_eval)]
+    answers = _greedy_answers(cfg, params, tokenizer, [[{"role": "user", "content": t.question}] for t in tasks],
+                              config.eval_max_new_tokens, mesh, rules=rules)
+    return float(np.mean([a is not None and a.strip() == t.answer for t, a in zip(tasks, answers)])) if tasks \
+        else float("nan")
 
 
 SAFETY_PREPROMPTS = {

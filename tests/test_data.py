@@ -353,8 +353,15 @@ def test_adversarial_requests_hide_the_act_in_a_task():
 
 
 def test_toy_chat_refuses_adversarial_requests_under_the_safety_preprompt_and_does_them_without():
-    # 0 draws exactly the dialogs drawn before the option existed (the recipe's tokenizer text)
-    assert synthetic.generate("chat", 60, 0, safety_system_prob=0.0) == synthetic.generate("chat", 60, 0)
+    # 0 draws exactly the dialogs drawn before the option existed (the recipe's tokenizer text): their digest,
+    # taken from the code before the option, and their plain unsafe requests, refused
+    import hashlib
+
+    before = synthetic.generate("chat", 300, 0, safety_system_prob=0.0)
+    assert before == synthetic.generate("chat", 300, 0)
+    assert hashlib.sha256(json.dumps(before).encode()).hexdigest() == (
+        "e85fc48986e8a11b975e9bdf6110b23e5e9f1b9ab194870875aa219df02ab5a5")
+    assert sum(d["is_safety"] and d["messages"][-1]["content"] == synthetic.REFUSAL for d in before) == 25
     dialogs = synthetic.generate("chat", 3000, 3, safety_system_prob=0.1, split="eval")
 
     def adversarial(text):
@@ -377,6 +384,9 @@ def test_toy_chat_refuses_adversarial_requests_under_the_safety_preprompt_and_do
         prompt, answer = d["messages"][0]["content"], d["messages"][1]["content"]
         assert d["is_safety"] and answer == synthetic.compliance(prompt, "")
         assert answer.split()[0] in prompt and not synthetic.is_refusal(answer)
+    plain_refused = [d for d in dialogs if d["messages"][0]["role"] == "user" and d["is_safety"]
+                     and d["messages"][1]["content"] == synthetic.REFUSAL]
+    assert len(plain_refused) > 200 and not any(adversarial(d["messages"][0]["content"]) for d in plain_refused)
     from llama_jax import configs, stages
 
     assert stages.SAFETY_PREPROMPTS["generic"] == synthetic.SAFETY_PREPROMPT

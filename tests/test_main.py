@@ -280,7 +280,8 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
     gatt_run = start("gatt", gatt_dir, f"--config.init_from={sft_dir}", "--config.gatt.num_dialogs=12",
                      "--config.gatt.keep_only_adherent=false", "--config.gatt.num_eval_dialogs=3",
                      "--config.gatt.eval_turns=2,4", "--config.eval_max_new_tokens=4",
-                     "--config.gatt.samples_per_turn=2")
+                     "--config.gatt.samples_per_turn=2", "--config.gatt.plain_anchors=5",
+                     "--config.gatt.num_plain_eval=6")
     distill_run = start("safety_distill", distill_dir, f"--config.init_from={sft_dir}",
                         f"--config.rlhf.safety_reward_model={tmp_path / 'rm'}", "--config.rlhf.reward_model=",
                         "--config.distill.num_prompts=8",
@@ -386,11 +387,16 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
     first, resampled = (int(x) for x in re.search(r"gatt: (\d+) of \d+ turns adherent at the first sample, (\d+) after",
                                                   out.stdout).groups())
     assert first <= resampled  # a retry only ever replaces a breaking answer with an adherent one
-    report = json.load(open(os.path.join(gatt_dir, "gatt.json")))
+    report = report_gatt = json.load(open(os.path.join(gatt_dir, "gatt.json")))
     assert report["dialogs_kept"] == 12 and set(report["baseline"]) == set(report["after"]) == {"2", "4"}
     dialogs = [json.loads(line) for line in open(os.path.join(gatt_dir, "data", "gatt_train.jsonl"))]
-    assert all(d["messages"][0]["role"] == "system" for d in dialogs)  # the instruction in the first turn only
+    # the instruction in the first turn only; and the plain anchors: a task asked with none, the model's own answer
+    assert sum(d["messages"][0]["role"] == "system" for d in dialogs) == 12 and report["plain_anchors"] == 5
+    anchors = [d["messages"] for d in dialogs if d["messages"][0]["role"] == "user"]
+    assert len(anchors) == 5 and all(len(m) == 2 and m[1]["role"] == "assistant" for m in anchors)
     assert 0.0 <= gatt["eval_adherence_turn_2"] <= 1.0
+    assert gatt["eval_plain_accuracy"] == report["after_plain_accuracy"]
+    assert 0.0 <= report["baseline_plain_accuracy"] <= 1.0
 
     _, distill = finish(distill_run)
     report = json.load(open(os.path.join(distill_dir, "safety_distill.json")))
@@ -421,6 +427,8 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
     assert (rs_row["before"], rs_row["after"]) == (rs_report["mean_reward_first_sample"],
                                                    rs_report["mean_reward_best_sample"])
     assert rows[("gatt", "instruction adherence at turn 4")]["after"] == gatt["eval_adherence_turn_4"]
+    plain = rows[("gatt", "true accuracy on held-out toy tasks asked without an instruction")]
+    assert (plain["before"], plain["after"]) == (report_gatt["baseline_plain_accuracy"], gatt["eval_plain_accuracy"])
     assert rows[("rejection_sampling", "held-out true accuracy of the policy (before: SFT)")]["before"] == report_rs[
         "before"]["eval_true_accuracy"]
     ppo_report = json.load(open(os.path.join(ppo_dir, "ppo.json")))

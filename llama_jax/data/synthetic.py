@@ -158,6 +158,10 @@ def chat_example(rng: random.Random, system_prob: float = 0.3, unsafe_prob: floa
                                  {"role": "assistant", "content": REFUSAL}], "is_safety": True}
         return {"messages": [{"role": "user", "content": prompt},
                              {"role": "assistant", "content": compliance(prompt, act)}], "is_safety": True}
+    if rng.random() < unsafe_prob:
+        prompt, _ = unsafe_request(rng, split)
+        return {"messages": [{"role": "user", "content": prompt},
+                             {"role": "assistant", "content": REFUSAL}], "is_safety": True}
     ins = make_instruction(rng) if rng.random() < system_prob else None
     messages = [{"role": "system", "content": ins.text}] if ins else []
     for _ in range(rng.randint(1, max_turns)):

@@ -812,15 +812,12 @@ class GAttStage(SFTStage):
             kept += 1
             kept_turns += len(tasks)
         distributed.say(f"gatt: {kept} of {len(plans)} synthesised dialogs kept ({kept_turns} turns)", flush=True)
-        anchors = 0
-        if g.plain_anchors:  # the model's own answers to tasks asked with no instruction (their own draw)
-            arng = random.Random(f"gatt-anchors-{config.seed}")
-            asks = [[{"role": "user", "content": synthetic.make_task(arng).question}] for _ in range(g.plain_anchors)]
-            answers = _greedy_answers(cfg, params, tokenizer, asks, config.eval_max_new_tokens, mesh, rules=rules)
-            plain = [{"messages": ask + [{"role": "assistant", "content": a}]} for ask, a in zip(asks, answers)
-                     if a is not None]
-            records += plain
-            anchors = len(plain)
+        # the model's own answers to tasks asked with no instruction (their own draw)
+        tasks, answers = _plain_task_answers(config, cfg, params, tokenizer, mesh, rules, "anchors", g.plain_anchors)
+        plain = [{"messages": [{"role": "user", "content": t.question}, {"role": "assistant", "content": a}]}
+                 for t, a in zip(tasks, answers) if a is not None]
+        records += plain
+        anchors = len(plain)
         baseline = gatt_adherence(config, cfg, params, tokenizer, mesh, rules)
         plain_accuracy = gatt_plain_accuracy(config, cfg, params, tokenizer, mesh, rules)
         update_report(workdir, "gatt.json", dialogs_kept=kept, dialogs_synthesised=len(plans), turns_kept=kept_turns,
@@ -892,17 +889,26 @@ def gatt_adherence(config, cfg, params, tokenizer, mesh=None, rules=None) -> dic
     return {t: (float(np.mean(h)) if h else None) for t, h in hits.items()}
 
 
+def _plain_task_answers(config, cfg, params, tokenizer, mesh, rules, draw: str, n: int) -> tuple[list, list]:
+    """`n` toy tasks (seeded by `draw`) asked with no instruction, and the model's greedy answers."""
+    import random
+
+    rng = random.Random(f"gatt-{draw}-{config.seed}")
+    tasks = [synthetic.make_task(rng) for _ in range(n)]
+    if not tasks:
+        return [], []
+    return tasks, _greedy_answers(cfg, params, tokenizer, [[{"role": "user", "content": t.question}] for t in tasks],
+                                  config.eval_max_new_tokens, mesh, rules=rules)
+
+
 def gatt_plain_accuracy(config, cfg, params, tokenizer, mesh=None, rules=None) -> float:
     """True accuracy of the greedy answers to `gatt.num_plain_eval` toy tasks asked with
     no instruction (their own draw): what GAtt's instruction-only data must not cost."""
-    import random
-
-    rng = random.Random(f"gatt-plain-{config.seed}")
-    tasks = [synthetic.make_task(rng) for _ in range(config.gatt.num_plain_eval)]
-    answers = _greedy_answers(cfg, params, tokenizer, [[{"role": "user", "content": t.question}] for t in tasks],
-                              config.eval_max_new_tokens, mesh, rules=rules)
-    return float(np.mean([a is not None and a.strip() == t.answer for t, a in zip(tasks, answers)])) if tasks \
-        else float("nan")
+    tasks, answers = _plain_task_answers(config, cfg, params, tokenizer, mesh, rules, "plain",
+                                         config.gatt.num_plain_eval)
+    if not tasks:
+        return float("nan")
+    return float(np.mean([synthetic.is_correct({"reference": t.answer}, a or "") for t, a in zip(tasks, answers)]))
 
 
 SAFETY_PREPROMPTS = {

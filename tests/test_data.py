@@ -351,7 +351,6 @@ def test_adversarial_requests_hide_the_act_in_a_task():
     assert synthetic.is_refusal(synthetic.REFUSAL) and not synthetic.is_refusal(hidden[0]["rejected"])
 
 
-
 def test_toy_chat_refuses_adversarial_requests_under_the_safety_preprompt_and_does_them_without():
     # 0 draws exactly the dialogs drawn before the option existed (the recipe's tokenizer text): their digest,
     # taken from the code before the option, and their plain unsafe requests, refused

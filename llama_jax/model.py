@@ -46,10 +46,11 @@ REMAT_POLICIES = {
 
 HEADS = ("lm", "score", "value")
 MLP_BACKWARD = ("auto", "xla", "manual")
+ATTENTION = ("auto", "xla", "cudnn")
 SCORE_POOLING = ("last", "mean")
 # LlamaConfig fields that change how the same weights are computed with, not the weights
 # or the function they compute: a run resumes from its checkpoints with any of them changed.
-COMPUTE_ONLY_FIELDS = ("dtype", "remat_policy", "decode_layers", "mlp_backward")
+COMPUTE_ONLY_FIELDS = ("dtype", "remat_policy", "decode_layers", "mlp_backward", "attention")
 # The fields a run started from another run's weights (`init_from`) takes from its own
 # config, not the checkpoint's: the numerics above, plus those a fresh run may choose
 # for the same weights (their storage dtype, the stacked layout, the score head's pooling).
@@ -93,7 +94,9 @@ class LlamaConfig:
     # How `generate` runs the layers in its decode loop: "stacked" (the scan above, over the
     # stacked params and cache), "layerwise" (per-layer copies of the params and per-layer
     # cache buffers made once before the loop, so no step slices weights or cache; costs a
-    # second copy of the layer weights), or "auto" (layerwise on CPU, stacked elsewhere).
+    # second copy of the layer weights), or "auto" (layerwise on CPU and GPU, stacked on
+    # TPU, where it is unmeasured). On an H200, layerwise decoded a bfloat16 7B 2.35x faster
+    # than stacked at batch 1, at 98% of the measured copy bandwidth (README, Benchmarks).
     decode_layers: str = "auto"
     # How the SwiGLU MLP's gradient is computed: "xla" (JAX's autodiff), "manual" (our VJP,
     # `swiglu_mlp`: the same arithmetic, with each weight gradient one matmul contracting
@@ -104,6 +107,14 @@ class LlamaConfig:
     # float rounding, but the toy recipe's results depend on its exact float trajectory
     # (README, "The Llama 2-Chat recipe on the toy tasks").
     mlp_backward: str = "xla"
+    # The attention kernel of calls without a KV cache (training, scoring, the reference
+    # policy's log-probs): "xla" (our einsums with an explicit [B, H, T, T] score tensor;
+    # every backend), "cudnn" (cuDNN's fused flash attention through
+    # `jax.nn.dot_product_attention`, causal, with the packed-segment mask as a bias; GPU
+    # only, bfloat16/float16 compute), or "auto" (cudnn on a GPU when the compute dtype
+    # allows, xla elsewhere). Decoding with a cache always runs the einsums. On an H200,
+    # cudnn trained a 7B-shaped model 1.85x faster than xla, in 40% of the memory (README).
+    attention: str = "auto"
     # Which hidden states the reward model's score head reads (the paper leaves it open):
     # "last" = the last real token (the usual choice), "mean" = the mean over the scored
     # answer's tokens, EOS included (`score_mask`), i.e. the mean of per-token scores.
@@ -138,6 +149,8 @@ class LlamaConfig:
             bad("decode_layers", f"{self.decode_layers!r} is not one of ['auto', 'layerwise', 'stacked']")
         if self.mlp_backward not in MLP_BACKWARD:
             bad("mlp_backward", f"{self.mlp_backward!r} is not one of {list(MLP_BACKWARD)}")
+        if self.attention not in ATTENTION:
+            bad("attention", f"{self.attention!r} is not one of {list(ATTENTION)}")
         if self.score_pooling not in SCORE_POOLING:
             bad("score_pooling", f"{self.score_pooling!r} is not one of {list(SCORE_POOLING)}")
         if self.remat_policy not in REMAT_POLICIES:
@@ -332,6 +345,7 @@ class Attention(nn.Module):
     rope_theta: float
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    fused: bool = False  # cuDNN flash attention for calls without a cache (LlamaConfig.attention)
 
     @nn.compact
     def __call__(self, x, positions, q_slots, q_seg, layer_cache, k_seg, cache_index):
@@ -365,7 +379,13 @@ class Attention(nn.Module):
         own = (jnp.arange(T)[None, None, :] <= jnp.arange(T)[None, :, None]) \
             & (q_seg[:, :, None] == q_seg[:, None, :]) & (q_seg[:, None, :] != 0)  # [B,T,T]
         own_bias = jnp.where(own, 0.0, MASK_VALUE).astype(jnp.float32)[:, None, None, :, :]
-        if layer_cache is None:
+        if layer_cache is None and self.fused:
+            new_cache = None
+            # Causal (the kernel skips the blocks above the diagonal) plus the segment mask,
+            # which cuDNN takes as an additive bias; GQA by the kernel's own head grouping.
+            out = jax.nn.dot_product_attention(q, k, v, mask=own[:, None, :, :], scale=scale, is_causal=True,
+                                               implementation="cudnn")
+        elif layer_cache is None:
             new_cache = None
             scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale + own_bias
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
@@ -428,6 +448,13 @@ def _swiglu_mlp_bwd(res, dout):
 swiglu_mlp.defvjp(_swiglu_mlp_fwd, _swiglu_mlp_bwd)
 
 
+def fused_attention(config: "LlamaConfig") -> bool:
+    """Whether calls without a cache use cuDNN's flash attention (LlamaConfig.attention)."""
+    if config.attention == "auto":
+        return jax.default_backend() == "gpu" and config.dtype in ("bfloat16", "float16")
+    return config.attention == "cudnn"
+
+
 def manual_mlp_backward(config: "LlamaConfig") -> bool:
     if config.mlp_backward == "auto":
         return jax.default_backend() == "cpu" and config.remat_policy == "none"
@@ -462,7 +489,7 @@ class Block(nn.Module):
         c = self.config
         dt, pdt = c.compute_dtype, c.weight_dtype
         attn_out, new_cache = Attention(c.n_heads, c.kv_heads, c.head_dim, c.rope_theta, dt, pdt,
-                                        name="attention")(
+                                        fused_attention(c), name="attention")(
             RMSNorm(c.norm_eps, pdt, name="attention_norm")(x),
             positions, q_slots, q_seg, layer_cache, k_seg, cache_index)
         h = x + attn_out
@@ -600,7 +627,7 @@ class Llama(nn.Module):
 
 def use_layerwise_decode(config: LlamaConfig) -> bool:
     if config.decode_layers == "auto":
-        return jax.default_backend() == "cpu"
+        return jax.default_backend() in ("cpu", "gpu")
     return config.decode_layers == "layerwise"
 
 

@@ -53,6 +53,7 @@ def test_explicit_ffn_width_overrides_meta_formula():
     (dict(remat_policy="some"), "LlamaConfig.remat_policy"),
     (dict(n_layers=0), "LlamaConfig.n_layers: must be a positive integer"),
     (dict(mlp_backward="fast"), "LlamaConfig.mlp_backward: 'fast' is not one of"),
+    (dict(attention="flash"), "LlamaConfig.attention: 'flash' is not one of"),
 ])
 def test_config_errors_name_the_field(kw, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("/", "/")):
@@ -279,6 +280,45 @@ def test_manual_mlp_backward_gives_autodiffs_gradients():
     _, ref = grads(base.replace(mlp_backward="xla"))
     for x, y in zip(jax.tree_util.tree_leaves(remat), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_attention_path_matches_the_einsums_on_packed_padded_gqa_rows(monkeypatch):
+    """attention="cudnn" calls jax.nn.dot_product_attention (causal, segment mask, GQA
+    layout). cuDNN needs a GPU, so here the same call runs with JAX's XLA kernel: what is
+    checked is our wiring (mask, scale, head grouping, layout), against the einsum path,
+    forward and gradients, on packed segments with right padding; and which path "auto"
+    picks (cuDNN only on a GPU with bfloat16/float16 compute)."""
+    from llama_jax.model import fused_attention
+
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def on_cpu(*args, implementation=None, **kw):
+        calls.append(implementation)
+        return real(*args, implementation="xla", **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", on_cpu)
+    base = LlamaConfig(**GQA)
+    params = init(base)
+    toks = tokens(base, 2, 9)
+    seg = jnp.array([[1] * 4 + [2] * 5, [1] * 6 + [0] * 3])
+    pos = jnp.array([list(range(4)) + list(range(5)), list(range(6)) + [0] * 3])
+    real_rows = np.asarray(seg != 0)
+
+    def loss(cfg, p):
+        logits = run(Llama(cfg), p, toks, pos, seg)
+        return jnp.sum(jnp.where(real_rows[..., None], logits, 0.0) ** 2), logits
+
+    (l_x, out_x), g_x = jax.value_and_grad(lambda p: loss(base, p), has_aux=True)(params)
+    assert calls == []
+    (l_f, out_f), g_f = jax.value_and_grad(lambda p: loss(base.replace(attention="cudnn"), p), has_aux=True)(params)
+    assert calls and set(calls) == {"cudnn"}
+    np.testing.assert_allclose(np.asarray(out_f)[real_rows], np.asarray(out_x)[real_rows], atol=2e-5)
+    np.testing.assert_allclose(float(l_f), float(l_x), rtol=1e-5)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(g_x), jax.tree_util.tree_leaves(g_f)):
+        np.testing.assert_allclose(y, x, atol=1e-5 * float(jnp.abs(x).max()), rtol=1e-4, err_msg=str(path))
+    assert not fused_attention(base.replace(attention="auto", dtype="bfloat16"))  # CPU: the einsums
+    assert fused_attention(base.replace(attention="cudnn"))
 
 
 def test_bfloat16_compute_returns_float32_logits_close_to_float32():

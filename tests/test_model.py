@@ -319,6 +319,10 @@ def test_fused_attention_path_matches_the_einsums_on_packed_padded_gqa_rows(monk
         np.testing.assert_allclose(y, x, atol=1e-5 * float(jnp.abs(x).max()), rtol=1e-4, err_msg=str(path))
     assert not fused_attention(base.replace(attention="auto", dtype="bfloat16"))  # CPU: the einsums
     assert fused_attention(base.replace(attention="cudnn"))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what "auto" would pick on a GPU
+    assert fused_attention(base.replace(attention="auto", dtype="bfloat16", dim=64, n_heads=2, n_kv_heads=1))
+    assert not fused_attention(base.replace(attention="auto", dtype="float32", dim=64, n_heads=2, n_kv_heads=1))
+    assert not fused_attention(base.replace(attention="auto", dtype="bfloat16"))  # head dim 10: not a kernel shape
 
 
 def test_bfloat16_compute_returns_float32_logits_close_to_float32():

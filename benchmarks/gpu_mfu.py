@@ -71,6 +71,17 @@ def _timed(fn, steps: int, warmup: int = 2) -> list[float]:
     return times
 
 
+def _hf_config(layers: int):
+    """HF's config of the same shape, SDPA attention."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=SHAPE["dim"], intermediate_size=FFN, num_hidden_layers=layers,
+                                   num_attention_heads=SHAPE["n_heads"], num_key_value_heads=SHAPE["n_heads"],
+                                   vocab_size=SHAPE["vocab_size"], max_position_embeddings=SHAPE["max_seq_len"])
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
 # ----------------------------------------------------------------------------- parts ---
 
 def part_peak(args) -> dict:
@@ -194,12 +205,8 @@ def part_hf_train(args) -> dict:
     import torch
     import transformers
 
-    cfg = transformers.LlamaConfig(hidden_size=SHAPE["dim"], intermediate_size=FFN, num_hidden_layers=args.layers,
-                                   num_attention_heads=SHAPE["n_heads"], num_key_value_heads=SHAPE["n_heads"],
-                                   vocab_size=SHAPE["vocab_size"], max_position_embeddings=SHAPE["max_seq_len"])
-    cfg._attn_implementation = "sdpa"
     with torch.device(TORCH_DEVICE):
-        model = transformers.LlamaForCausalLM(cfg)
+        model = transformers.LlamaForCausalLM(_hf_config(args.layers))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, fused=True)
     B, T = args.batch, args.seq
@@ -256,13 +263,8 @@ def part_decode(args) -> dict:
         import torch
         import transformers
 
-        hcfg = transformers.LlamaConfig(hidden_size=SHAPE["dim"], intermediate_size=FFN,
-                                        num_hidden_layers=2 if SMOKE else 32,
-                                        num_attention_heads=SHAPE["n_heads"], num_key_value_heads=SHAPE["n_heads"],
-                                        vocab_size=SHAPE["vocab_size"], max_position_embeddings=4096)
-        hcfg._attn_implementation = "sdpa"
         with torch.device(TORCH_DEVICE):
-            model = transformers.LlamaForCausalLM(hcfg).to(torch.bfloat16).eval()
+            model = transformers.LlamaForCausalLM(_hf_config(2 if SMOKE else 32)).to(torch.bfloat16).eval()
         for b, p in prompts.items():
             ids = torch.tensor(p, device=TORCH_DEVICE)
 

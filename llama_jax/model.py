@@ -378,7 +378,6 @@ class Attention(nn.Module):
         T = q.shape[1]
         own = (jnp.arange(T)[None, None, :] <= jnp.arange(T)[None, :, None]) \
             & (q_seg[:, :, None] == q_seg[:, None, :]) & (q_seg[:, None, :] != 0)  # [B,T,T]
-        own_bias = jnp.where(own, 0.0, MASK_VALUE).astype(jnp.float32)[:, None, None, :, :]
         if layer_cache is None and self.fused:
             new_cache = None
             # Causal (the kernel skips the blocks above the diagonal) plus the segment mask,
@@ -387,7 +386,8 @@ class Attention(nn.Module):
                                                implementation="cudnn")
         elif layer_cache is None:
             new_cache = None
-            scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale + own_bias
+            scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
+                                preferred_element_type=jnp.float32) * scale + _additive_mask(own)
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
             out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
         else:
@@ -399,10 +399,10 @@ class Attention(nn.Module):
             k, v = new_cache[0].astype(dt), new_cache[1].astype(dt)  # what the cache will hold
             old = (jnp.arange(ck.shape[2], dtype=jnp.int32)[None, None, :] < cache_index) \
                 & (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)  # [B,T,S]
-            old_bias = jnp.where(old, 0.0, MASK_VALUE).astype(jnp.float32)[:, None, None, :, :]
             old_scores = jnp.einsum("btkgd,bksd->bkgts", qg, ck.astype(dt),
-                                    preferred_element_type=jnp.float32) * scale + old_bias
-            scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale + own_bias
+                                    preferred_element_type=jnp.float32) * scale + _additive_mask(old)
+            scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
+                                preferred_element_type=jnp.float32) * scale + _additive_mask(own)
             probs = jax.nn.softmax(jnp.concatenate([old_scores, scores], axis=-1), axis=-1).astype(dt)
             S = ck.shape[2]
             out = jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], cv.astype(dt)) \
@@ -411,6 +411,11 @@ class Attention(nn.Module):
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         y = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
         return y, new_cache
+
+
+def _additive_mask(allowed: Array) -> Array:
+    """[B,T,S] booleans -> the float32 bias added to [B,K,G,T,S] attention scores."""
+    return jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)[:, None, None, :, :]
 
 
 def _swiglu_forward(x, w1, w3, w2):

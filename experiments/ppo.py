@@ -61,8 +61,9 @@ def get_config(arg: str = "tiny"):
         c.init_from = "runs/rs1"
         c.rlhf.reward_model = "runs/rm"
         c.rlhf.safety_reward_model = "runs/rm_safety"
-        c.rlhf.num_prompts = 2048
-        c.rlhf.num_eval_prompts = 512  # ~490 after dropping training prompts: +-2 points, not +-4
+        c.rlhf.num_prompts = 4096  # 200 iterations x 16 prompts: no training prompt is seen twice
+        # ~2,000 after dropping training prompts: a paired change to +-0.2 points (~500 gave +-0.4)
+        c.rlhf.num_eval_prompts = 2048
         c.rlhf.eval_samples = 2  # and 2 answers per held-out prompt sampled at T=1.0 (the rollouts' own)
         c.rlhf.max_new_tokens = 24
         c.ppo.rollout_batch = 64
@@ -71,12 +72,14 @@ def get_config(arg: str = "tiny"):
         c.ppo.samples_per_prompt = 4
         c.batch_size = 16
         c.seq_len = 96
-        c.total_steps = 160  # up to 40 iterations x 4 mini-batches
+        c.total_steps = 800  # up to 200 iterations x 4 mini-batches (paper: 200-400 iterations)
         c.log_every_steps = 4
-        c.eval_every_steps = 20  # every 5 iterations: the validation prompts, for early stopping
-        c.checkpoint_every_steps = 40
-        c.rlhf.num_val_prompts = 512  # another toy draw (~490 after dropping training and held-out prompts)
-        c.early_stopping.metric = "val_reward"  # the paper: early-stopped on held-out prompts' reward
+        c.eval_every_steps = 200  # every 50 iterations: the validation prompts, for early stopping
+        c.checkpoint_every_steps = 200
+        c.rlhf.num_val_prompts = 2048  # another toy draw (~2,000 after dropping training and held-out prompts)
+        # The paper: early-stopped on held-out prompts' reward. Ours: the sampled answers' reward,
+        # the expectation PPO maximises; the greedy answer's reward moves within its noise.
+        c.early_stopping.metric = "val_sampled_reward"
         c.early_stopping.patience = 2
         # ours, the toy's code check: reward hacking that costs a point of accuracy stops the run
         c.early_stopping.guard = "val_true_accuracy,val_sampled_true_accuracy"

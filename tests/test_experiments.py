@@ -54,8 +54,9 @@ def test_experiment_configs_load(name):
             assert c.rlhf.safety_threshold == 0.15
             stopper = train.EarlyStopping.from_config(c)  # early-stopped on held-out prompts, the best kept
             assert stopper.metric == "val_reward" and c.rlhf.val_prompts
-        assert train.EarlyStopping.from_config(load(name).get_config("tiny")).guards == [
-            "val_true_accuracy", "val_sampled_true_accuracy"]
+        tiny = train.EarlyStopping.from_config(load(name).get_config("tiny"))
+        assert tiny.guards == ["val_true_accuracy", "val_sampled_true_accuracy"]
+        assert tiny.metric == "val_sampled_reward"  # the toy keeps the best expected reward, PPO's objective
 
 
 def test_ppo_critic_schedules_from_the_config():

@@ -155,8 +155,9 @@ def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
     p.ppo.ref_logprob_weight, p.rlhf.val_samples = 0.0, -2
     with pytest.raises(RunError, match=r"config.rlhf.val_samples -2 is below -1"):
         PPOStage().prepare(p, str(tmp_path / "ppo"))
-    p.rlhf.val_samples = 0  # the tiny guard reads val_sampled_true_accuracy
-    with pytest.raises(RunError, match=r"config.early_stopping reads val_sampled_true_accuracy, but the validation "
+    p.rlhf.val_samples = 0  # the tiny metric and guard read val_sampled_reward, val_sampled_true_accuracy
+    with pytest.raises(RunError, match=r"config.early_stopping reads val_sampled_reward, val_sampled_true_accuracy, "
+                                       r"but the validation "
                                        r"passes sample no answers \(rlhf.val_samples 0, rlhf.eval_samples 2\)"):
         PPOStage().prepare(p, str(tmp_path / "ppo"))
     d = load("safety_distill").get_config("tiny")

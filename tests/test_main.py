@@ -496,7 +496,8 @@ def test_the_recipe_passes_a_seed_and_overrides_to_its_stages(tmp_path, monkeypa
         assert ("--config.ppo.beta=0.05" in cmd) == (name == "ppo")
     # after the recipe's own settings for the stage, so an override wins
     ppo = calls["ppo"]
-    assert ppo.index("--config.ppo.beta=0.05") > ppo.index("--config.checkpoint_every_steps=40")
+    own = max(i for i, a in enumerate(ppo) if a.startswith("--config.rlhf.safety_reward_model="))
+    assert ppo.index("--config.ppo.beta=0.05") > own
     report = json.load(open(tmp_path / "report.json"))
     assert report["seed"] == 3 and report["overrides"] == ["ppo:ppo.beta=0.05", "all:config.log_every_steps=7"]
     # a workdir is resumed only with the same seed and overrides

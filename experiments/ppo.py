@@ -4,7 +4,7 @@ beta * KL to the initial policy, with clipped PPO updates on its own rollouts.
   tiny  python -m llama_jax.main --config=experiments/ppo.py:tiny --workdir=runs/ppo \\
             --config.init_from=runs/rs1 --config.rlhf.reward_model=runs/rm \\
             --config.rlhf.safety_reward_model=runs/rm_safety
-        Any CPU, ~10-15 min (2 cores). Up to 200 iterations of 64 rollouts (up to 24
+        Any CPU, ~10-15 min (2 cores, estimated). Up to 200 iterations of 64 rollouts (up to 24
         tokens): 4 answers to each of 16 toy prompts, their scores centred on the
         prompt's mean (ppo.samples_per_prompt; the paper: one answer to each of 512
         prompts), 4 mini-batches of 16 each (one step per mini-batch); the first 2

@@ -15,7 +15,7 @@ beta * KL to the initial policy, with clipped PPO updates on its own rollouts.
         evaluations without a better one or as soon as the validation true accuracy
         (greedy or sampled) falls more than 1 point below where it started; the ~2,000
         held-out prompts (eval_*) are answered before and by the kept weights only.
-        Expected: the value loss falls (~1.0 -> ~0.3), the sampled held-out reward rises
+        Expected: the value loss falls (~1.1 -> ~0.4), the sampled held-out reward rises
         by a little under a point (+0.6 to +0.8 +- 0.2 in session 23's runs from the
         recipe's rejection-sampled policy), the greedy one within its noise, true
         accuracy within its noise, KL ~0.1-0.2 nats/answer (ppo.json, README): PPO

@@ -57,6 +57,10 @@ def get_config(arg: str = "tiny"):
     c.ppo.rollout_batch = 512  # prompts per PPO iteration (paper); batch_size is the mini-batch
     c.ppo.epochs = 1  # passes over each iteration's rollouts, one step per mini-batch each (paper: 1)
     c.ppo.samples_per_prompt = 1  # answers per prompt in a rollout, scores centred per prompt (paper: 1)
+    # ours, an ablation (off): with samples_per_prompt > 1, a prompt whose answers are all one text gets no
+    # policy update (its centred score is 0, so its advantages are the critic's error alone); the critic
+    # still learns from it. Session 25: no measurable effect on the toy recipe's PPO (README)
+    c.ppo.skip_uniform_groups = False
     c.ppo.ref_logprob_weight = 0.0  # ours: reward logit(R_c) + w * log pi_ref(answer), RBoN's score (paper: 0)
     c.optimizer.schedule = "constant"
     c.optimizer.learning_rate = 1e-6  # paper

@@ -36,7 +36,7 @@ STAGES = [
                                         "--config.checkpoint_every_steps=400", "--config.eval_exact_match=100"]),
     ("rm", "reward_model.py:tiny", "sft", ["--config.total_steps=1200", "--config.seq_len=64",
                                            "--config.eval_every_steps=0",
-                                           "--config.reward.policy_prompts=4096", "--config.reward.policy_fraction=3",
+                                           "--config.reward.policy_prompts=16384", "--config.reward.policy_fraction=3",
                                            "--config.optimizer.learning_rate=3e-4"]),
     ("rm_safety", "reward_model.py:safety_tiny", "sft", ["--config.total_steps=150", "--config.seq_len=64",
                                                          "--config.eval_every_steps=0",

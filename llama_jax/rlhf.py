@@ -113,6 +113,18 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float = 1
     return advantages, (advantages + values) * mask
 
 
+def ppo_advantages(rewards: jax.Array, values: jax.Array, mask: jax.Array, moves: jax.Array, gamma: float = 1.0,
+                   lam: float = 0.95) -> tuple[jax.Array, jax.Array]:
+    """(advantages, returns) [B, T] of a rollout: GAE, the advantages then whitened over the
+    response tokens of the rows with `moves` [B] 1 and zero on the other rows (ours: a
+    prompt whose k answers are all one text has centred score 0, so its advantages would
+    be the critic's error alone; whitening would scale that noise up to the real
+    signal's size). Returns are kept for every row: the critic learns from all of them."""
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    adv_mask = mask * moves[:, None].astype(mask.dtype)
+    return whiten(adv, adv_mask) * adv_mask, ret
+
+
 def clipped_policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
                         clip_eps: float = 0.2) -> tuple[jax.Array, jax.Array]:
     """(sum over masked tokens of PPO's clipped surrogate loss, fraction of clipped

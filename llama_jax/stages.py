@@ -1297,8 +1297,10 @@ class PPOStage(Stage):
         score = rlhf.ppo_score(jnp.asarray(scored["gated"]), jnp.asarray(ref_logp), jnp.asarray(mask), k,
                                float(p.ref_logprob_weight))
         rewards = rlhf.token_rewards(score, jnp.asarray(logp), jnp.asarray(ref_logp), jnp.asarray(mask), p.beta)
-        adv, ret = rlhf.gae(rewards, jnp.asarray(values), jnp.asarray(mask), p.gamma, p.lam)
-        adv = rlhf.whiten(adv, jnp.asarray(mask)) * mask  # advantage normalisation over the rollout's tokens
+        # with k answers per prompt, a prompt whose answers are all one text moves only the critic
+        moves = varied_rows(scored["texts"], k) if k > 1 and p.skip_uniform_groups else np.ones(len(prompts))
+        adv, ret = rlhf.ppo_advantages(rewards, jnp.asarray(values), jnp.asarray(mask), jnp.asarray(moves),
+                                       p.gamma, p.lam)
         kl = rlhf.kl_per_token(logp, ref_logp, mask).sum(axis=1)
         self.last = {"rollout_reward": float(np.mean(scored["gated"])), "rollout_kl": float(kl.mean()),
                      "rollout_answer_tokens": float(mask.sum(axis=1).mean()), "ppo_iteration": iteration + 1,
@@ -1367,11 +1369,17 @@ class PPOStage(Stage):
         return out
 
 
+def varied_rows(texts: list[str], k: int) -> np.ndarray:
+    """[len(texts)] 1.0 for each answer whose group of `k` consecutive answers (one
+    prompt's) holds more than one distinct text, else 0.0."""
+    groups = [texts[i:i + k] for i in range(0, len(texts), k)]
+    return np.repeat([float(len(set(g)) > 1) for g in groups], k)[:len(texts)]
+
+
 def varied_groups(texts: list[str], k: int) -> float:
     """The share of prompts whose `k` consecutive answers are not all the same text: only
     those give PPO a reward difference when scores are centred per prompt."""
-    groups = [texts[i:i + k] for i in range(0, len(texts), k)]
-    return float(np.mean([len(set(g)) > 1 for g in groups])) if groups else 0.0
+    return float(varied_rows(texts, k)[::k].mean()) if texts else 0.0
 
 
 def steps_per_iteration(config) -> int:

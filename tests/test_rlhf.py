@@ -257,6 +257,30 @@ def test_varied_groups_counts_prompts_whose_answers_differ():
     assert varied_groups(["a", "a", "a", "a", "b", "a"], 3) == 0.5
 
 
+def test_varied_rows_marks_each_answer_of_a_varied_prompt():
+    from llama_jax.stages import varied_rows
+
+    np.testing.assert_array_equal(varied_rows(["4", "4", "5 6", "5 7", "1", "1"], 2), [0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(varied_rows(["a", "b", "a"], 3), [1, 1, 1])
+
+
+def test_ppo_advantages_leave_uniform_prompts_unmoved():
+    from llama_jax import rlhf
+
+    rewards = jnp.array([[0.0, 1.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    values = jnp.array([[0.2, 0.3, 0.0], [0.1, -0.4, 0.0], [0.5, 0.6, 0.0], [0.5, 0.6, 0.0]])
+    mask = jnp.array([[1.0, 1.0, 0.0]] * 4)
+    adv, ret = rlhf.ppo_advantages(rewards, values, mask, jnp.array([1.0, 1.0, 0.0, 0.0]), gamma=1.0, lam=1.0)
+    # lam 1: advantage = return-to-go - value; rows 0-1: [0.8, 0.7] and [-1.1, -0.6], whitened over those 4
+    raw = np.array([0.8, 0.7, -1.1, -0.6])
+    want = (raw - raw.mean()) / raw.std()
+    np.testing.assert_allclose(np.asarray(adv[:2, :2]).ravel(), want, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(adv[2:]), 0.0)  # the critic's error on rows 2-3 moves nothing
+    np.testing.assert_array_equal(np.asarray(adv[:, 2]), 0.0)  # nor the padding
+    np.testing.assert_allclose(np.asarray(ret[2:, :2]), 0.0, atol=1e-7)  # but their returns still teach the critic
+    np.testing.assert_allclose(np.asarray(ret[:2, :2]), [[1.0, 1.0], [-1.0, -1.0]], rtol=1e-6)
+
+
 def test_eval_passes_sample_eval_samples_or_the_override():
     from llama_jax.configs import rlhf_config
     from llama_jax.stages import _eval_passes

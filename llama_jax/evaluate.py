@@ -218,8 +218,9 @@ def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dic
 
 def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_size: int = 8) -> dict:
     """Accuracy (chosen scored above rejected) per rating bucket and overall (paper Table
-    8 layout), plus unsafe-response recall at the 0.5 threshold where safety labels exist
-    (sigmoid(score) < 0.5 counted as 'unsafe')."""
+    8 layout), per toy task (accuracy_TASK) where pairs name their `task`, plus
+    unsafe-response recall at the 0.5 threshold where safety labels exist (sigmoid(score)
+    < 0.5 counted as 'unsafe')."""
     from llama_jax.data.preference import RATINGS, PreferencePairs
 
     pairs = PreferencePairs(path)
@@ -233,6 +234,8 @@ def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_siz
     for rating in RATINGS:
         idx = [i for i, r in enumerate(recs) if r.get("rating") == rating]
         out[rating] = float(right[idx].mean()) if idx else None
+    for task in sorted({r["task"] for r in recs if r.get("task")}):  # pairs that name their toy task
+        out[f"accuracy_{task}"] = float(np.mean([right[i] for i, r in enumerate(recs) if r.get("task") == task]))
     unsafe = [s for r, c, j in zip(recs, chosen, rejected) for s, safe in ((c, r.get("chosen_safe")),
                                                                             (j, r.get("rejected_safe")))
               if safe is False]

@@ -361,7 +361,8 @@ def code_labelled_pairs(prompts, answers, pairs_per_prompt: int, seed: int) -> l
     (`is_correct`) beats a wrong one, on a safety prompt a refusal beats anything else.
     A prompt with no right sample pairs its `reference` answer, written by the
     "annotator", against a wrong sample ("significantly better"; a right sample against a
-    wrong one is "better"). Up to `pairs_per_prompt` pairs per prompt, distinct answers only.
+    wrong one is "better"). Up to `pairs_per_prompt` pairs per prompt, distinct answers only;
+    each pair keeps its prompt's toy `task`, if it has one.
     `answers[i]` is sample_answers' list of (text, tokens, logprobs) for prompts[i]."""
     import random
 
@@ -388,5 +389,6 @@ def code_labelled_pairs(prompts, answers, pairs_per_prompt: int, seed: int) -> l
         rng.shuffle(combos)
         for g, b in combos[:pairs_per_prompt]:
             out.append({"prompt": p.messages, "chosen": g, "rejected": b, "rating": rating,
-                        "is_safety_prompt": p.is_safety, "chosen_safe": True, "rejected_safe": not p.is_safety})
+                        "is_safety_prompt": p.is_safety, "chosen_safe": True, "rejected_safe": not p.is_safety,
+                        **({"task": p.record["task"]} if "task" in p.record else {})})
     return out

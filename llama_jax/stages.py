@@ -473,9 +473,9 @@ class RewardModelStage(PreferenceStage):
 
         res = reward_accuracy(model.config, params, tokenizer, self.eval_path)
         out = {f"eval_{k}": v for k, v in res.items() if isinstance(v, float) and k != "accuracy"}
-        if self.policy_eval_path:
-            out["eval_policy_accuracy"] = reward_accuracy(model.config, params, tokenizer,
-                                                          self.policy_eval_path)["accuracy"]
+        if self.policy_eval_path:  # and per toy task: where the RM cannot judge its policy (eval_policy_accuracy_add)
+            res = reward_accuracy(model.config, params, tokenizer, self.policy_eval_path)
+            out.update({f"eval_policy_{k}": v for k, v in res.items() if k.startswith("accuracy")})
         return out
 
 

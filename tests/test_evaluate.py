@@ -112,6 +112,13 @@ def test_reward_accuracy_per_rating_bucket(tmp_path, tok):
     alone = ev.score(CFG, rm, tok, [pairs[3]["prompt"] + [{"role": "assistant", "content": pairs[3]["chosen"]}]])
     assert alone[0] == pytest.approx(chosen[3], abs=1e-5)
     assert "significantly better | better | slightly better | negligibly better | avg" in ev.table8(res)
+    assert not any(k.startswith("accuracy_") for k in res)  # these pairs name no task
+    for i, p in enumerate(pairs):
+        p["task"] = ("add", "sort", "copy")[i % 3]
+    synthetic.write_jsonl(pairs, str(path))
+    res = ev.reward_accuracy(CFG, rm, tok, str(path))
+    for j, task in enumerate(("add", "sort", "copy")):  # the policy pairs' per-task accuracy
+        assert res[f"accuracy_{task}"] == pytest.approx(float(np.mean((chosen > rejected)[j::3])))
 
 
 def test_mean_pooled_reward_scores_the_same_in_training_and_scoring(tmp_path, tok):

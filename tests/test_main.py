@@ -264,6 +264,8 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
     assert "initialised from scratch (not in init_from): ['score_head']['bias'], ['score_head']['kernel']" in (
         out.stdout + out.stderr)
     assert {"eval_significantly_better", "eval_loss", "eval_accuracy", "eval_policy_accuracy"} <= set(rm)
+    policy_eval = [json.loads(line) for line in open(tmp_path / "rm" / "data" / "preference_policy_eval.jsonl")]
+    assert {f"eval_policy_accuracy_{p['task']}" for p in policy_eval} <= set(rm)  # per toy task
     policy_pairs = [json.loads(line) for line in open(tmp_path / "rm" / "data" / "preference_policy_train.jsonl")]
     assert policy_pairs and all(p["chosen"] != p["rejected"] for p in policy_pairs)  # the SFT model's answers
     assert "code-labelled pairs from 12 prompts x 4 answers" in out.stdout

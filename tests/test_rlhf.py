@@ -136,7 +136,9 @@ def test_code_labelled_pairs_from_policy_samples():
     from llama_jax.data.synthetic import REFUSAL
 
     def prompt(q, ref, safety=False):
-        return Prompt([{"role": "user", "content": q}], safety, [1], "x:1", {"messages": [], "reference": ref})
+        task = "safety" if safety else "add" if "+" in q else "copy"
+        return Prompt([{"role": "user", "content": q}], safety, [1], "x:1",
+                      {"messages": [], "reference": ref, "task": task})
 
     def samples(*texts):
         return [(t, [], []) for t in texts]
@@ -160,6 +162,7 @@ def test_code_labelled_pairs_from_policy_samples():
     assert "Repeat exactly: a" not in by_prompt and len(pairs) == 4
     (safety,) = by_prompt["Tell me how to hack a bank."]
     assert safety["chosen"] == REFUSAL and safety["is_safety_prompt"] and safety["rejected_safe"] is False
+    assert [p["task"] for p in pairs] == ["add", "add", "add", "safety"]  # for the RM's per-task accuracy
     assert len(rlhf.code_labelled_pairs(prompts, answers, pairs_per_prompt=1, seed=0)) == 3  # capped per prompt
 
 

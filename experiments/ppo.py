@@ -22,7 +22,9 @@ beta * KL to the initial policy, with clipped PPO updates on its own rollouts.
         sharpens the policy towards the RM's choice among answers it already gives.
         In session 24's from-scratch recipe runs (a stronger SFT policy, 97.6% right, judged
         by an RM right on 80% of its pairs) the guard stopped PPO at its first evaluation:
-        accuracy fell without a reward gain, and the initial weights were kept.
+        accuracy fell without a reward gain, and the initial weights were kept. Session 25:
+        the fall is on sums, which the RM ranks barely above chance; with the toy check as
+        the reward (rlhf.reward_model=code) PPO neither gains nor loses in 100 iterations.
   7b | 13b | 34b | 70b
         the paper's settings: beta 0.01 (7B/13B) or 0.005 (34B/70B), clip 0.2, AdamW
         (0.9, 0.95, 1e-5), weight decay 0.1, grad clip 1.0, constant LR 1e-6, 512 rollouts

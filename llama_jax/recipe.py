@@ -34,6 +34,8 @@ STAGES = [
     # later stages failed their rows on that weak policy; 1,600 gave 0.94 from the same pretraining
     ("sft", "sft.py:tiny", "pretrain", ["--config.total_steps=1600", "--config.eval_every_steps=0",
                                         "--config.checkpoint_every_steps=400", "--config.eval_exact_match=100"]),
+    # the RM's code-labelled pairs of the SFT policy's answers from 16,384 prompts (3,787 pairs): from 4,096
+    # (932 pairs) it ranked the policy's pairs of sums at chance (session 25)
     ("rm", "reward_model.py:tiny", "sft", ["--config.total_steps=1200", "--config.seq_len=64",
                                            "--config.eval_every_steps=0",
                                            "--config.reward.policy_prompts=16384", "--config.reward.policy_fraction=3",

@@ -521,10 +521,14 @@ class Llama(nn.Module):
            ("value",) per-token value [B, T] (PPO critic).
     With one head the call returns its output; with several, a dict by head name.
     With a `cache`, the call returns (outputs, new_cache).
+    detach_value: the value head reads the trunk's features through stop_gradient, so a
+    loss on the values trains the head alone and never moves the trunk (PPO's
+    `ppo.detach_value`).
     """
 
     config: LlamaConfig
     heads: tuple[str, ...] = ("lm",)
+    detach_value: bool = False
 
     def setup(self):
         c = self.config
@@ -610,7 +614,8 @@ class Llama(nn.Module):
                                 preferred_element_type=jnp.float32)
             outputs["lm"] = constrain(logits, ("batch", "length", "vocab"))
         if "value" in self.heads:
-            outputs["value"] = self.value_head(x.astype(jnp.float32))[..., 0]
+            features = jax.lax.stop_gradient(x) if self.detach_value else x
+            outputs["value"] = self.value_head(features.astype(jnp.float32))[..., 0]
         if "score" in self.heads:
             if c.score_pooling == "mean":
                 if score_mask is None:

@@ -58,6 +58,10 @@ class Stage:
         `schedules`); {} = one schedule, `optimizer.*`, for all."""
         return {}
 
+    def model_options(self, config) -> dict:
+        """Extra attributes of the trained `Llama` module (PPO: detach_value)."""
+        return {}
+
     def local_batch(self, config) -> int:
         return config.batch_size // jax.process_count()
 
@@ -1151,6 +1155,9 @@ class PPOStage(Stage):
 
     def batch_spec(self, config) -> dict[str, tuple[int, ...]]:
         return {k: (config.batch_size, config.seq_len) for k in LM_FEATURES + objectives.PPO_FEATURES}
+
+    def model_options(self, config) -> dict:
+        return {"detach_value": bool(config.ppo.get("detach_value", False))}
 
     def learning_rates(self, config) -> dict:
         """The critic's own pace: the value head at `ppo.value_learning_rate` (0 = the

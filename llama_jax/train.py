@@ -316,7 +316,7 @@ def build_step(config, cfg, stage, mesh, rules) -> types.SimpleNamespace:
     from llama_jax import sharding
     from llama_jax.model import Llama
 
-    model = Llama(cfg, stage.heads)
+    model = Llama(cfg, stage.heads, **stage.model_options(config))
 
     def apply_fn(params, tokens, positions, segment_ids, score_mask=None):
         return model.apply({"params": params}, tokens, positions, segment_ids, score_mask=score_mask)

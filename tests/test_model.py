@@ -225,6 +225,25 @@ def test_lm_and_value_heads_share_the_trunk():
         init(cfg, heads=("policy",))
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_a_detached_value_head_trains_the_head_alone(detach):
+    # PPO's ppo.detach_value: the critic's loss must not move the policy's trunk
+    cfg = LlamaConfig(**ODD)
+    params, t = init(cfg, heads=("lm", "value")), tokens(cfg, 2, 5)
+    model = Llama(cfg, ("lm", "value"), detach_value=detach)
+
+    def value_loss(p):
+        return jnp.sum(model.apply({"params": p}, t)["value"] ** 2)
+
+    grads = jax.grad(value_loss)(params)
+    trunk = max(float(jnp.abs(g).max()) for k, g in jax.tree_util.tree_leaves_with_path(grads)
+                if "value_head" not in jax.tree_util.keystr(k))
+    assert float(jnp.abs(grads["value_head"]["kernel"]).max()) > 0
+    assert (trunk == 0.0) if detach else (trunk > 0.0)
+    same = Llama(cfg, ("lm", "value")).apply({"params": params}, t)  # the forward pass is unchanged
+    np.testing.assert_array_equal(model.apply({"params": params}, t)["value"], same["value"])
+
+
 # -------------------------------------------------------------------- numerics ---
 
 def loss_and_grads(cfg, params, toks):

@@ -1096,7 +1096,8 @@ class PPOStage(Stage):
     frozen initial policy per token, computes GAE advantages with the value head, and
     takes one clipped-PPO gradient step per mini-batch of `batch_size` rollouts (for
     each of `ppo.epochs` passes). The value function is a head on the policy's
-    trunk (initialised fresh); the reference policy is `init_from`. Rollout numbers
+    trunk (initialised fresh; with `ppo.detach_value` it reads the trunk through
+    stop_gradient, so its loss does not move the policy); the reference policy is `init_from`. Rollout numbers
     (reward, KL, true accuracy on toy prompts) are logged with each row. Held-out prompts
     (eval_*) are answered before the first update and at every evaluation; with
     validation prompts (rlhf.val_prompts or rlhf.num_val_prompts, val_*), those are what

@@ -51,6 +51,11 @@ def get_config(arg: str = "tiny"):
     c.ppo = ml_collections.ConfigDict()
     c.ppo.beta = 0.01  # KL penalty (paper: 0.01 for 7B/13B, 0.005 for 34B/70B)
     c.ppo.clip_eps = 0.2  # PPO ratio clip (paper)
+    # ours (the paper leaves the critic open): "value_head", a value head on the policy's trunk with GAE; or
+    # "none", no critic: each token's advantage is its answer's return-to-go (the score centred on its
+    # prompt's answers, minus the KL penalty to come), the group mean as the baseline (RLOO / GRPO's choice;
+    # needs samples_per_prompt > 1)
+    c.ppo.critic = "value_head"
     c.ppo.value_clip = 0.2  # value-function clip (ours; the paper leaves the critic unspecified)
     c.ppo.vf_coef = 0.1  # weight of the value loss on the shared trunk (ours)
     # ours: the value head reads the trunk through stop_gradient, so the critic's loss trains the head alone

@@ -1131,6 +1131,12 @@ class PPOStage(Stage):
             raise RunError(f"config.early_stopping reads {', '.join(wanted)}, but the validation passes sample no "
                            f"answers (rlhf.val_samples {r.val_samples}, rlhf.eval_samples {r.eval_samples}); "
                            "set rlhf.val_samples >= 1 or drop them")
+        if critic(config) not in ("value_head", "none"):
+            raise RunError(f"config.ppo.critic {p.critic!r}: use value_head (a value head with GAE) or none (the "
+                           "return-to-go, centred on the prompt's answers, as the advantage)")
+        if critic(config) == "none" and int(p.samples_per_prompt) < 2:
+            raise RunError("config.ppo.critic none uses the mean score of a prompt's answers as the baseline, so it "
+                           f"needs config.ppo.samples_per_prompt >= 2 (got {p.samples_per_prompt})")
         if float(p.ref_logprob_weight) < 0:
             raise RunError(f"config.ppo.ref_logprob_weight {p.ref_logprob_weight} is negative (0 = the paper's reward; "
                            "w > 0 adds w * log pi_ref(answer) to logit(R_c))")
@@ -1151,8 +1157,9 @@ class PPOStage(Stage):
 
     def objective(self, config):
         p = config.ppo
+        vf_coef = 0.0 if critic(config) == "none" else float(p.vf_coef)  # no critic: the value head never learns
         return functools.partial(objectives.ppo, clip_eps=float(p.clip_eps), value_clip=float(p.value_clip),
-                                 vf_coef=float(p.vf_coef), temperature=float(config.rlhf.temperature))
+                                 vf_coef=vf_coef, temperature=float(config.rlhf.temperature))
 
     def batch_spec(self, config) -> dict[str, tuple[int, ...]]:
         return {k: (config.batch_size, config.seq_len) for k in LM_FEATURES + objectives.PPO_FEATURES}
@@ -1172,7 +1179,7 @@ class PPOStage(Stage):
         p, out = config.ppo, {}
         if float(p.value_learning_rate) > 0:
             out["value_head"] = optax.constant_schedule(float(p.value_learning_rate))
-        hold = int(p.value_warmup_iterations) * steps_per_iteration(config)
+        hold = int(p.value_warmup_iterations) * steps_per_iteration(config) if critic(config) != "none" else 0
         if hold:
             policy = learning_rate_schedule(config.optimizer, config.total_steps - hold)
             out["*"] = optax.join_schedules([optax.constant_schedule(0.0), policy], [hold])
@@ -1307,8 +1314,12 @@ class PPOStage(Stage):
         rewards = rlhf.token_rewards(score, jnp.asarray(logp), jnp.asarray(ref_logp), jnp.asarray(mask), p.beta)
         # with k answers per prompt, a prompt whose answers are all one text moves only the critic
         moves = varied_rows(scored["texts"], k) if k > 1 and p.skip_uniform_groups else np.ones(len(prompts))
-        adv, ret = rlhf.ppo_advantages(rewards, jnp.asarray(values), jnp.asarray(mask), jnp.asarray(moves),
-                                       p.gamma, p.lam)
+        if critic(c) == "none":  # GAE with zero values and lambda 1: the return-to-go of each token
+            adv, ret = rlhf.ppo_advantages(rewards, jnp.zeros_like(jnp.asarray(values)), jnp.asarray(mask),
+                                           jnp.asarray(moves), p.gamma, 1.0)
+        else:
+            adv, ret = rlhf.ppo_advantages(rewards, jnp.asarray(values), jnp.asarray(mask), jnp.asarray(moves),
+                                           p.gamma, p.lam)
         kl = rlhf.kl_per_token(logp, ref_logp, mask).sum(axis=1)
         self.last = {"rollout_reward": float(np.mean(scored["gated"])), "rollout_kl": float(kl.mean()),
                      "rollout_answer_tokens": float(mask.sum(axis=1).mean()), "ppo_iteration": iteration + 1,
@@ -1375,6 +1386,12 @@ class PPOStage(Stage):
         out.update(_paired_changes(per_prompt, read_report(self.workdir, "ppo.json").get("before_per_prompt", {})))
         update_report(self.workdir, "ppo.json", after=out)
         return out
+
+
+def critic(config) -> str:
+    """PPO's critic: "value_head" (GAE on a value head) or "none" (config.ppo.critic; a
+    config written before the field has the value head)."""
+    return str(config.ppo.get("critic", "value_head"))
 
 
 def varied_rows(texts: list[str], k: int) -> np.ndarray:

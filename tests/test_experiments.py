@@ -77,22 +77,26 @@ def test_ppo_critic_schedules_from_the_config():
     assert PPOStage().learning_rates(c) == {}  # one schedule for everything, as before
 
 
-def test_ppo_rollout_rewards_the_reference_log_probability_when_configured():
-    """ppo.ref_logprob_weight reaches the rollout's advantages: two prompts x two answers
-    (stubbed generation and scores), the RM preferring each prompt's second answer; with
-    weight 2 the first prompt's first answer, 2 nats likelier under the reference, wins."""
+# two prompts x two answers of two tokens each, the RM preferring each prompt's second answer;
+# the rows' log-probabilities tell them apart after the rollout's shuffle
+_STUB_LOGP = [[-9.0, -0.5, -0.5, 0.0], [-9.0, -1.0, -2.0, 0.0], [-9.0, -2.0, 0.0, 0.0], [-9.0, -1.5, -0.5, 0.0]]
+
+
+def _stub_rollout_advantages(c, values=None):
+    """[4, 4] advantages of one PPO rollout of `c` (4 rollouts, 2 per prompt, one
+    mini-batch) with generation and scoring stubbed: logp = ref_logp = _STUB_LOGP, the
+    value head's outputs `values` (zeros by default), gated scores 0.5 / 0.8 per prompt;
+    rows in the stub's order, zero outside the answer tokens (columns 1-2)."""
     import types
 
     import numpy as np
 
     from llama_jax.stages import PPOStage
 
-    c = load("ppo").get_config("tiny")
     c.ppo.rollout_batch, c.ppo.samples_per_prompt, c.batch_size = 4, 2, 4
-    c.ppo.beta = 0.0  # the score alone (logp = ref_logp anyway)
     mask = np.array([[0.0, 1.0, 1.0, 0.0]] * 4, np.float32)
-    ref_logp = np.array([[-9.0, -0.5, -0.5, 0.0], [-9.0, -1.0, -2.0, 0.0], [-9.0, -2.0, 0.0, 0.0],
-                         [-9.0, -1.5, -0.5, 0.0]], np.float32)
+    logp = np.array(_STUB_LOGP, np.float32)
+    values = np.zeros((4, 4), np.float32) if values is None else values
     rows = {"tokens": np.ones((4, 4), np.int32), "targets": np.ones((4, 4), np.int32), "loss_mask": mask,
             "segment_ids": np.ones((4, 4), np.int32), "positions": np.tile(np.arange(4, dtype=np.int32), (4, 1))}
     scored = {"gated": np.array([0.5, 0.8, 0.5, 0.8]), "texts": ["a", "b", "c", "d"]}
@@ -103,22 +107,63 @@ def test_ppo_rollout_rewards_the_reference_log_probability_when_configured():
         def __next__(self):
             return [types.SimpleNamespace(record={}, tokens=[1]) for _ in range(2)]
 
+    stage = PPOStage()
+    stage.config, stage.ready = c, True
+    stage._answers = lambda *args: [[1, 2]] * 4
+    stage._evaluate_answers = lambda *args: (rows, scored, logp, logp, values)
+    (batch,) = stage._rollout(Prompts(), None)  # one mini-batch of all 4, in a shuffled order
+    order = [int(np.flatnonzero((logp == lp).all(axis=1))[0]) for lp in batch["old_logp"]]
+    adv = np.zeros((4, 4), np.float32)
+    adv[order] = batch["advantages"] * batch["loss_mask"]
+    return adv
+
+
+def test_ppo_rollout_rewards_the_reference_log_probability_when_configured():
+    """ppo.ref_logprob_weight reaches the rollout's advantages: two prompts x two answers
+    (stubbed generation and scores), the RM preferring each prompt's second answer; with
+    weight 2 the first prompt's first answer, 2 nats likelier under the reference, wins."""
+    c = load("ppo").get_config("tiny")
+    c.ppo.beta = 0.0  # the score alone (logp = ref_logp anyway)
+
     def answer_advantages(weight):
         c.ppo.ref_logprob_weight = weight
-        stage = PPOStage()
-        stage.config, stage.ready = c, True
-        stage._answers = lambda *args: [[1, 2]] * 4
-        stage._evaluate_answers = lambda *args: (rows, scored, ref_logp, ref_logp, np.zeros((4, 4), np.float32))
-        (batch,) = stage._rollout(Prompts(), None)  # one mini-batch of all 4, in a shuffled order
-        order = [int(np.flatnonzero((ref_logp == lp).all(axis=1))[0]) for lp in batch["old_logp"]]
-        adv = np.zeros(4)
-        adv[order] = (batch["advantages"] * batch["loss_mask"]).sum(axis=1)
-        return adv
+        return _stub_rollout_advantages(c).sum(axis=1)
 
     paper = answer_advantages(0.0)
     assert paper[1] > paper[0] and paper[3] > paper[2]  # the RM's preference
     rbon = answer_advantages(2.0)
     assert rbon[0] > rbon[1] and rbon[3] > rbon[2]  # 2 * 2 nats outweigh ln 4 on the first prompt only
+
+
+def test_ppo_without_a_critic_advantages_are_the_centred_returns(tmp_path):
+    """ppo.critic none: the value head's outputs are ignored and every answer token's
+    advantage is its answer's return-to-go, centred on the prompt's answers and whitened:
+    with beta 0 and the RM preferring each prompt's second answer, exactly -1 / +1 at every
+    token (the stubbed values make the value-head advantages vary by token). The value
+    loss is off, no value-only warm-up, and settings that cannot work are refused."""
+    import numpy as np
+
+    from llama_jax.stages import PPOStage
+    from llama_jax.train import RunError
+
+    c = load("ppo").get_config("tiny")
+    c.ppo.beta = 0.0
+    values = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
+    c.ppo.critic = "none"
+    np.testing.assert_allclose(_stub_rollout_advantages(c, values), [[0, -1, -1, 0], [0, 1, 1, 0]] * 2, atol=1e-5)
+    c.ppo.critic = "value_head"
+    with_critic = _stub_rollout_advantages(c, values)
+    assert not np.allclose(with_critic[:, 1], with_critic[:, 2])  # GAE reads the values
+    c.ppo.critic = "none"
+    assert PPOStage().objective(c).keywords["vf_coef"] == 0.0
+    assert "*" not in PPOStage().learning_rates(c)  # the policy learns from the first step
+    c.init_from, c.rlhf.reward_model = str(tmp_path / "policy"), "code"
+    c.ppo.critic = "gae"
+    with pytest.raises(RunError, match=r"config.ppo.critic 'gae'"):
+        PPOStage().prepare(c, str(tmp_path / "ppo"))
+    c.ppo.critic, c.ppo.samples_per_prompt = "none", 1
+    with pytest.raises(RunError, match=r"critic none .*samples_per_prompt >= 2 \(got 1\)"):
+        PPOStage().prepare(c, str(tmp_path / "ppo"))
 
 
 def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):

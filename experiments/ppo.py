@@ -72,6 +72,9 @@ def get_config(arg: str = "tiny"):
     # policy update (its centred score is 0, so its advantages are the critic's error alone); the critic
     # still learns from it. Session 25: no measurable effect on the toy recipe's PPO (README)
     c.ppo.skip_uniform_groups = False
+    # ours: the advantages of answers scored below their prompt's mean are multiplied by this (1 = the policy
+    # gradient; 0 = only the better answers are reinforced, as rejection sampling's fine-tuning does)
+    c.ppo.negative_weight = 1.0
     c.ppo.ref_logprob_weight = 0.0  # ours: reward logit(R_c) + w * log pi_ref(answer), RBoN's score (paper: 0)
     c.optimizer.schedule = "constant"
     c.optimizer.learning_rate = 1e-6  # paper

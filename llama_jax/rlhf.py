@@ -125,6 +125,17 @@ def ppo_advantages(rewards: jax.Array, values: jax.Array, mask: jax.Array, moves
     return whiten(adv, adv_mask) * adv_mask, ret
 
 
+def weight_below_mean(advantages: jax.Array, score: jax.Array, weight: float) -> jax.Array:
+    """`advantages` [B, T] with the rows of answers scored below their prompt's mean
+    (`score` [B] < 0, the centred and whitened sequence score of `ppo_score`) times
+    `weight` (ours, `ppo.negative_weight`): 1 is the policy gradient; 0 reinforces only the
+    better answers (positive-sample reinforcement), as rejection sampling's fine-tuning
+    does; between, the "push this answer down" part of the update is damped."""
+    if weight == 1.0:
+        return advantages
+    return advantages * jnp.where(score < 0, weight, 1.0)[:, None]
+
+
 def clipped_policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
                         clip_eps: float = 0.2) -> tuple[jax.Array, jax.Array]:
     """(sum over masked tokens of PPO's clipped surrogate loss, fraction of clipped

@@ -1137,6 +1137,9 @@ class PPOStage(Stage):
         if critic(config) == "none" and int(p.samples_per_prompt) < 2:
             raise RunError("config.ppo.critic none uses the mean score of a prompt's answers as the baseline, so it "
                            f"needs config.ppo.samples_per_prompt >= 2 (got {p.samples_per_prompt})")
+        if float(p.get("negative_weight", 1.0)) < 0:
+            raise RunError(f"config.ppo.negative_weight {p.negative_weight} is negative (1 = the policy gradient, "
+                           "0 = reinforce only the answers above their prompt's mean)")
         if float(p.ref_logprob_weight) < 0:
             raise RunError(f"config.ppo.ref_logprob_weight {p.ref_logprob_weight} is negative (0 = the paper's reward; "
                            "w > 0 adds w * log pi_ref(answer) to logit(R_c))")
@@ -1320,6 +1323,7 @@ class PPOStage(Stage):
         else:
             adv, ret = rlhf.ppo_advantages(rewards, jnp.asarray(values), jnp.asarray(mask), jnp.asarray(moves),
                                            p.gamma, p.lam)
+        adv = rlhf.weight_below_mean(adv, score, float(p.get("negative_weight", 1.0)))
         kl = rlhf.kl_per_token(logp, ref_logp, mask).sum(axis=1)
         self.last = {"rollout_reward": float(np.mean(scored["gated"])), "rollout_kl": float(kl.mean()),
                      "rollout_answer_tokens": float(mask.sum(axis=1).mean()), "ppo_iteration": iteration + 1,

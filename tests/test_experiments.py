@@ -139,7 +139,8 @@ def test_ppo_without_a_critic_advantages_are_the_centred_returns(tmp_path):
     """ppo.critic none: the value head's outputs are ignored and every answer token's
     advantage is its answer's return-to-go, centred on the prompt's answers and whitened:
     with beta 0 and the RM preferring each prompt's second answer, exactly -1 / +1 at every
-    token (the stubbed values make the value-head advantages vary by token). The value
+    token (the stubbed values make the value-head advantages vary by token);
+    ppo.negative_weight scales the -1s. The value
     loss is off, no value-only warm-up, and settings that cannot work are refused."""
     import numpy as np
 
@@ -151,6 +152,11 @@ def test_ppo_without_a_critic_advantages_are_the_centred_returns(tmp_path):
     values = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
     c.ppo.critic = "none"
     np.testing.assert_allclose(_stub_rollout_advantages(c, values), [[0, -1, -1, 0], [0, 1, 1, 0]] * 2, atol=1e-5)
+    c.ppo.negative_weight = 0.0  # positive-sample reinforcement: the answers below their prompt's mean drop out
+    np.testing.assert_allclose(_stub_rollout_advantages(c, values), [[0, 0, 0, 0], [0, 1, 1, 0]] * 2, atol=1e-5)
+    c.ppo.negative_weight = 0.5
+    np.testing.assert_allclose(_stub_rollout_advantages(c, values), [[0, -.5, -.5, 0], [0, 1, 1, 0]] * 2, atol=1e-5)
+    c.ppo.negative_weight = 1.0
     c.ppo.critic = "value_head"
     with_critic = _stub_rollout_advantages(c, values)
     assert not np.allclose(with_critic[:, 1], with_critic[:, 2])  # GAE reads the values
@@ -161,6 +167,10 @@ def test_ppo_without_a_critic_advantages_are_the_centred_returns(tmp_path):
     c.ppo.critic = "gae"
     with pytest.raises(RunError, match=r"config.ppo.critic 'gae'"):
         PPOStage().prepare(c, str(tmp_path / "ppo"))
+    c.ppo.critic, c.ppo.negative_weight = "none", -1.0
+    with pytest.raises(RunError, match=r"config.ppo.negative_weight -1.0 is negative"):
+        PPOStage().prepare(c, str(tmp_path / "ppo"))
+    c.ppo.negative_weight = 1.0
     c.ppo.critic, c.ppo.samples_per_prompt = "none", 1
     with pytest.raises(RunError, match=r"critic none .*samples_per_prompt >= 2 \(got 1\)"):
         PPOStage().prepare(c, str(tmp_path / "ppo"))

@@ -26,6 +26,11 @@ beta * KL to the initial policy, with clipped PPO updates on its own rollouts.
         accuracy fell without a reward gain, and the initial weights were kept. Session 25:
         the fall is on sums, which the RM ranks barely above chance; with the toy check as
         the reward (rlhf.reward_model=code) PPO neither gains nor loses in 100 iterations.
+        Session 26: at LR 1e-4 even the perfect reward breaks the policy (82.5% greedy at
+        iteration 50: Adam moves every weight by about the LR on a sparse gradient), and
+        no variant tried at 1e-5 or 3e-5 (no critic, ppo.critic=none; only the better
+        answers reinforced, ppo.negative_weight=0; w 4 or 8; 256 rollouts a step) raised
+        the held-out sampled reward or accuracy.
   7b | 13b | 34b | 70b
         the paper's settings: beta 0.01 (7B/13B) or 0.005 (34B/70B), clip 0.2, AdamW
         (0.9, 0.95, 1e-5), weight decay 0.1, grad clip 1.0, constant LR 1e-6, 512 rollouts

@@ -130,7 +130,8 @@ def weight_below_mean(advantages: jax.Array, score: jax.Array, weight: float) ->
     (`score` [B] < 0, the centred and whitened sequence score of `ppo_score`) times
     `weight` (ours, `ppo.negative_weight`): 1 is the policy gradient; 0 reinforces only the
     better answers (positive-sample reinforcement), as rejection sampling's fine-tuning
-    does; between, the "push this answer down" part of the update is damped."""
+    does; between, the "push this answer down" part of the update is damped. With one
+    answer per prompt (no centring) "below the mean" is below the rollout batch's mean."""
     if weight == 1.0:
         return advantages
     return advantages * jnp.where(score < 0, weight, 1.0)[:, None]

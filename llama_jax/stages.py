@@ -1317,12 +1317,10 @@ class PPOStage(Stage):
         rewards = rlhf.token_rewards(score, jnp.asarray(logp), jnp.asarray(ref_logp), jnp.asarray(mask), p.beta)
         # with k answers per prompt, a prompt whose answers are all one text moves only the critic
         moves = varied_rows(scored["texts"], k) if k > 1 and p.skip_uniform_groups else np.ones(len(prompts))
-        if critic(c) == "none":  # GAE with zero values and lambda 1: the return-to-go of each token
-            adv, ret = rlhf.ppo_advantages(rewards, jnp.zeros_like(jnp.asarray(values)), jnp.asarray(mask),
-                                           jnp.asarray(moves), p.gamma, 1.0)
-        else:
-            adv, ret = rlhf.ppo_advantages(rewards, jnp.asarray(values), jnp.asarray(mask), jnp.asarray(moves),
-                                           p.gamma, p.lam)
+        # no critic: GAE with zero values and lambda 1, the return-to-go of each token
+        baseline, lam = (np.zeros_like(values), 1.0) if critic(c) == "none" else (values, p.lam)
+        adv, ret = rlhf.ppo_advantages(rewards, jnp.asarray(baseline), jnp.asarray(mask), jnp.asarray(moves),
+                                       p.gamma, lam)
         adv = rlhf.weight_below_mean(adv, score, float(p.get("negative_weight", 1.0)))
         kl = rlhf.kl_per_token(logp, ref_logp, mask).sum(axis=1)
         self.last = {"rollout_reward": float(np.mean(scored["gated"])), "rollout_kl": float(kl.mean()),

@@ -140,8 +140,8 @@ def test_ppo_without_a_critic_advantages_are_the_centred_returns(tmp_path):
     advantage is its answer's return-to-go, centred on the prompt's answers and whitened:
     with beta 0 and the RM preferring each prompt's second answer, exactly -1 / +1 at every
     token (the stubbed values make the value-head advantages vary by token);
-    ppo.negative_weight scales the -1s. The value
-    loss is off, no value-only warm-up, and settings that cannot work are refused."""
+    ppo.negative_weight scales the -1s. The value loss is off, no value-only warm-up, and
+    settings that cannot work are refused."""
     import numpy as np
 
     from llama_jax.stages import PPOStage

@@ -31,6 +31,11 @@ beta * KL to the initial policy, with clipped PPO updates on its own rollouts.
         no variant tried at 1e-5 or 3e-5 (no critic, ppo.critic=none; only the better
         answers reinforced, ppo.negative_weight=0; w 4 or 8; 256 rollouts a step) raised
         the held-out sampled reward or accuracy.
+        Session 27: from the SFT policy (the recipe's PPO start since then) PPO meets its row.
+        With --config.ppo.ref_logprob_weight=4 and the RM: held-out sampled reward +1.0 +- 0.2
+        points, sampled true accuracy +0.9 +- 0.4, greedy level, KL 0.03-0.05 nats, 10 min on
+        a 2-core Intel Xeon. With the RM alone it hacks sums (97.5 -> 89.0% greedy, stopped).
+        With the perfect reward: +0.7 +- 0.3 / +1.0 +- 0.4 points greedy / sampled.
   7b | 13b | 34b | 70b
         the paper's settings: beta 0.01 (7B/13B) or 0.005 (34B/70B), clip 0.2, AdamW
         (0.9, 0.95, 1e-5), weight decay 0.1, grad clip 1.0, constant LR 1e-6, 512 rollouts

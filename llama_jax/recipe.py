@@ -5,17 +5,19 @@
 pretrain -> SFT -> helpfulness RM + safety RM -> rejection sampling -> PPO -> Ghost
 Attention -> safety context distillation, each stage a `python -m llama_jax.main` run of
 its experiment's `tiny` config in WORKDIR/<stage>, started from the previous stage's
-model (step counts shortened so the whole recipe fits a CPU budget; `--fast` shortens
-them further, for tests). A stage that finished before is not rerun; an interrupted one
-resumes. Writes WORKDIR/report.json and WORKDIR/report.md: each stage's headline metric
-before and after.
+model (PPO from SFT's, beside rejection sampling: see STAGES; step counts shortened so
+the whole recipe fits a CPU budget; `--fast` shortens them further, for tests). A stage
+that finished before is not rerun; an interrupted one resumes. Writes WORKDIR/report.json
+and WORKDIR/report.md: each stage's headline metric before and after.
 
 `--seed=N` gives every stage `--config.seed=N` (its initialisation, data order and toy
 data draws: another run of the same recipe, to see which results hold across seeds).
 `--override=STAGE:FIELD=VALUE` (repeatable; STAGE a stage name or `all`) adds
 `--config.FIELD=VALUE` to that stage's command, after the recipe's own settings, for
-ablations of the whole chain. The seed, the overrides and `--fast` are recorded in
-WORKDIR/recipe_args.json, and a workdir is only resumed with the same ones.
+ablations of the whole chain; `{w}` in VALUE is the workdir (the paper's order, PPO on
+the rejection-sampled policy: `--override=ppo:init_from={w}/rejection_sampling`). The
+seed, the overrides and `--fast` are recorded in WORKDIR/recipe_args.json, and a workdir
+is only resumed with the same ones.
 """
 
 from __future__ import annotations
@@ -46,8 +48,14 @@ STAGES = [
     ("rejection_sampling", "rejection_sampling.py:tiny", "sft",
      ["--config.rlhf.reward_model={w}/rm", "--config.rlhf.safety_reward_model={w}/rm_safety",
       "--config.eval_exact_match=100"]),
-    ("ppo", "ppo.py:tiny", "rejection_sampling",
-     ["--config.rlhf.reward_model={w}/rm", "--config.rlhf.safety_reward_model={w}/rm_safety"]),
+    # PPO starts from the SFT policy, beside rejection sampling, not on top of it (the paper's RLHF V5; ours, for
+    # the toy): one round of rejection sampling takes the reward plateau PPO would climb, and PPO on its policy
+    # gained nothing even with a perfect reward (sessions 25-27). The reward is RBoN's, logit(R_c) + 4 log pi_0:
+    # from SFT with the RM alone PPO found the RM's blind spot on sums (accuracy 97.5 -> 89.0% in 50 iterations).
+    # The paper's order: --override=ppo:init_from={w}/rejection_sampling
+    ("ppo", "ppo.py:tiny", "sft",
+     ["--config.rlhf.reward_model={w}/rm", "--config.rlhf.safety_reward_model={w}/rm_safety",
+      "--config.ppo.ref_logprob_weight=4"]),
     ("gatt", "gatt.py:tiny", "ppo", ["--config.gatt.num_dialogs=1500"]),
     ("safety_distill", "safety_distill.py:tiny", "gatt",
      ["--config.rlhf.reward_model={w}/rm", "--config.rlhf.safety_reward_model={w}/rm_safety",
@@ -235,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None,
                     help="--config.seed for every stage (default: each experiment's own, 0)")
     ap.add_argument("--override", action="append", default=[], metavar="STAGE:FIELD=VALUE",
-                    help="add --config.FIELD=VALUE to STAGE's command (STAGE: a stage name or 'all'); repeatable")
+                    help="add --config.FIELD=VALUE to STAGE's command (STAGE: a stage name or 'all'; {w} in VALUE: the "
+                         "workdir); repeatable")
     args = ap.parse_args(argv)
     try:
         extra = stage_overrides(args.override, args.seed)
@@ -284,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd.append(f"--config.init_from={os.path.join(w, parent)}")
         if args.fast:
             cmd += FAST[name]
-        cmd += extra[name]
+        cmd += [o.replace("{w}", w) for o in extra[name]]  # {w}: the workdir, as in the recipe's own settings
         print(f"[{i + 1}/{len(STAGES)}] {name}: {' '.join(cmd[2:])}", flush=True)
         # a resumed stage adds to the time it took before; one started afresh (its
         # directory removed to rerun it) counts from zero

@@ -514,8 +514,15 @@ def test_the_recipe_passes_a_seed_and_overrides_to_its_stages(tmp_path, monkeypa
     ppo = calls["ppo"]
     own = max(i for i, a in enumerate(ppo) if a.startswith("--config.rlhf.safety_reward_model="))
     assert ppo.index("--config.ppo.beta=0.05") > own
+    # PPO starts from the SFT policy with RBoN's reward, beside rejection sampling
+    assert f"--config.init_from={tmp_path / 'sft'}" in ppo and "--config.ppo.ref_logprob_weight=4" in ppo
     report = json.load(open(tmp_path / "report.json"))
     assert report["seed"] == 3 and report["overrides"] == ["ppo:ppo.beta=0.05", "all:config.log_every_steps=7"]
+    # {w} in an override is the workdir: the paper's order, PPO on the rejection-sampled policy
+    calls.clear()
+    assert recipe.main([f"--workdir={tmp_path / 'paper'}", f"--experiments={ROOT}/experiments",
+                        "--override=ppo:init_from={w}/rejection_sampling"]) == 0
+    assert calls["ppo"][-1] == f"--config.init_from={tmp_path / 'paper' / 'rejection_sampling'}"
     # a workdir is resumed only with the same seed and overrides
     capsys.readouterr()
     assert recipe.main([f"--workdir={tmp_path}", f"--experiments={ROOT}/experiments", "--seed=4"]) == 2

@@ -48,8 +48,8 @@ STAGES = [
     ("rejection_sampling", "rejection_sampling.py:tiny", "sft",
      ["--config.rlhf.reward_model={w}/rm", "--config.rlhf.safety_reward_model={w}/rm_safety",
       "--config.eval_exact_match=100"]),
-    # PPO starts from the SFT policy, beside rejection sampling, not on top of it (the paper's RLHF V5; ours, for
-    # the toy): one round of rejection sampling takes the reward plateau PPO would climb, and PPO on its policy
+    # PPO starts from the SFT policy, beside rejection sampling, not on top of it as in the paper's RLHF V5 (ours,
+    # for the toy): one round of rejection sampling takes the reward plateau PPO would climb, and PPO on its policy
     # gained nothing even with a perfect reward (sessions 25-27). The reward is RBoN's, logit(R_c) + 4 log pi_0:
     # from SFT with the RM alone PPO found the RM's blind spot on sums (accuracy 97.5 -> 89.0% in 50 iterations).
     # The paper's order: --override=ppo:init_from={w}/rejection_sampling

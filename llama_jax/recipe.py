@@ -1,6 +1,6 @@
 """The Llama 2-Chat recipe end to end on the toy tasks, one command:
 
-    python -m llama_jax.recipe --workdir=runs/recipe [--seed=N] [--override=STAGE:FIELD=VALUE ...] [--fast]
+    python -m llama_jax.recipe --workdir=runs/recipe [--seed=N] [--override=STAGE:FIELD=VALUE ...] [--jobs=N] [--fast]
 
 pretrain -> SFT -> helpfulness RM + safety RM -> rejection sampling -> PPO -> Ghost
 Attention -> safety context distillation, each stage a `python -m llama_jax.main` run of
@@ -9,6 +9,13 @@ model (PPO from SFT's, beside rejection sampling: see STAGES; step counts shorte
 the whole recipe fits a CPU budget; `--fast` shortens them further, for tests). A stage
 that finished before is not rerun; an interrupted one resumes. Writes WORKDIR/report.json
 and WORKDIR/report.md: each stage's headline metric before and after.
+
+Stages that do not read each other's output run side by side, `--jobs` at a time (default
+2): the two reward models, then rejection sampling and PPO (each line of their output
+prefixed with the stage's name). Which stage reads which is found in their commands (the
+directories they name), so an override that changes a stage's input also orders it.
+`--jobs=1` runs them one at a time. A failed stage lets the one beside it finish; nothing
+else starts.
 
 `--seed=N` gives every stage `--config.seed=N` (its initialisation, data order and toy
 data draws: another run of the same recipe, to see which results hold across seeds).
@@ -25,20 +32,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 
 # (stage dir, experiment, init_from stage, overrides); {w} is the workdir
 STAGES = [
     ("pretrain", "pretrain.py:tiny", None, ["--config.data.tokenizer_extra={w}/tokenizer_text.txt"]),
     # SFT 1,600 steps: at 800 a from-scratch run's exact match was 0.37 (seed 0, session 24) and the
-    # later stages failed their rows on that weak policy; 1,600 gave 0.94 from the same pretraining
-    ("sft", "sft.py:tiny", "pretrain", ["--config.total_steps=1600", "--config.eval_every_steps=0",
+    # later stages failed their rows on that weak policy; 1,600 gave 0.94 from the same pretraining.
+    # Rows of 128 tokens (16 x 128 a step; the toy dialogs are at most ~80): half the time of 16 x 256,
+    # 0.79 on 200 prompts (session 28); 1,100 steps of 16 x 256 gave 0.64: the steps matter, not the tokens
+    ("sft", "sft.py:tiny", "pretrain", ["--config.total_steps=1600", "--config.seq_len=128",
+                                        "--config.eval_every_steps=0",
                                         "--config.checkpoint_every_steps=400", "--config.eval_exact_match=100"]),
     # the RM's code-labelled pairs of the SFT policy's answers from 16,384 prompts (3,787 pairs): from 4,096
-    # (932 pairs) it ranked the policy's pairs of sums at chance (session 25)
-    ("rm", "reward_model.py:tiny", "sft", ["--config.total_steps=1200", "--config.seq_len=64",
+    # (932 pairs) it ranked the policy's pairs of sums at chance (session 25); 1,000 steps (1,200 until
+    # session 28, for time)
+    ("rm", "reward_model.py:tiny", "sft", ["--config.total_steps=1000", "--config.seq_len=64",
                                            "--config.eval_every_steps=0",
                                            "--config.reward.policy_prompts=16384", "--config.reward.policy_fraction=3",
                                            "--config.optimizer.learning_rate=3e-4"]),
@@ -53,14 +66,24 @@ STAGES = [
     # gained nothing even with a perfect reward (sessions 25-27). The reward is RBoN's, logit(R_c) + 4 log pi_0:
     # from SFT with the RM alone PPO found the RM's blind spot on sums (accuracy 97.5 -> 89.0% in 50 iterations).
     # The paper's order: --override=ppo:init_from={w}/rejection_sampling
+    # 100 iterations (the preset's 200 halved, for time): the early-stopping pick was iteration 150 / 100
+    # on seeds 0 / 1, with iteration 100 within 0.2 points of the best (session 27). Rows of 64 tokens, not
+    # 96: the toy prompts are at most 31 tokens and the answers 24 (the held-out passes' log-probabilities
+    # are most of the stage's time)
     ("ppo", "ppo.py:tiny", "sft",
      ["--config.rlhf.reward_model={w}/rm", "--config.rlhf.safety_reward_model={w}/rm_safety",
-      "--config.ppo.ref_logprob_weight=4"]),
-    ("gatt", "gatt.py:tiny", "ppo", ["--config.gatt.num_dialogs=1500"]),
+      "--config.ppo.ref_logprob_weight=4", "--config.total_steps=400", "--config.seq_len=64"]),
+    # rows of 400 tokens, not 512: the longest synthesised dialog is ~400 tokens (session 28: 398 of 2,239)
+    ("gatt", "gatt.py:tiny", "ppo", ["--config.gatt.num_dialogs=1500", "--config.seq_len=400"]),
     ("safety_distill", "safety_distill.py:tiny", "gatt",
      ["--config.rlhf.reward_model={w}/rm", "--config.rlhf.safety_reward_model={w}/rm_safety",
       "--config.total_steps=60"]),
 ]
+
+# Every stage: the layers unrolled rather than scanned and the hand-written MLP backward, the
+# fastest settings for the toy model on a CPU (training 1.2x, session 28); compute-only switches,
+# so the checkpoints are the same layout
+ALL_STAGES = ["--config.model.scan_layers=false", "--config.model.mlp_backward=auto"]
 
 FAST = {  # --fast: minutes, not tens of minutes (tests); numbers are then meaningless
     "pretrain": ["--config.total_steps=30", "--config.eval_steps=2", "--config.sample.prompt=",
@@ -105,6 +128,66 @@ def stage_overrides(overrides: list[str], seed: int | None) -> dict[str, list[st
         for name in names if stage == "all" else [stage]:
             extra[name].append(f"--config.{assignment}")
     return extra
+
+
+def dependencies(commands: dict[str, list[str]], workdir: str) -> dict[str, set[str]]:
+    """The stages each stage's command reads from: its init_from and any other stage's
+    directory named in a flag (the reward models; `{w}/...` in an override), so that
+    independent stages (the two reward models; rejection sampling and PPO) can run
+    side by side and an override that changes a stage's input also changes its order."""
+    names = list(commands)
+    found = {}
+    for name, cmd in commands.items():
+        found[name] = {other for other in names if other != name and any(
+            re.search(re.escape(os.path.join(workdir, other)) + r"(?![\w.-])", a) for a in cmd)}
+    return found
+
+
+def _in_cycles(names: list[str], deps: dict[str, set[str]]) -> list[str]:
+    """Those of `names` that depend, through others, on themselves."""
+    def reaches(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for d in deps[todo.pop()]:
+                if d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        return seen
+
+    return [n for n in names if n in reaches(n)]
+
+
+def _relay(stream, label: str) -> None:
+    """Prints a stage's output line by line with its name in front (stages running side
+    by side); of a line redrawn with carriage returns, its last state."""
+    for raw in stream:
+        parts = [p for p in raw.decode(errors="replace").rstrip("\n").split("\r") if p.strip()]
+        if parts:
+            print(f"{label} {parts[-1]}", flush=True)
+
+
+def launch(cmd: list[str], env: dict, label: str | None) -> subprocess.Popen:
+    """Starts a stage's process: its output straight to ours when it runs alone (progress
+    bars intact), else relayed with `label` in front of each line."""
+    if label is None:
+        return subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc.relay = threading.Thread(target=_relay, args=(proc.stdout, label), daemon=True)
+    proc.relay.start()
+    return proc
+
+
+def _wait_any(running: dict) -> list[str]:
+    """Waits until at least one running stage's process has exited; their names."""
+    while True:
+        done = [name for name, (proc, *_) in running.items() if proc.poll() is not None]
+        if done:
+            for name in done:
+                relay = getattr(running[name][0], "relay", None)
+                if relay is not None:
+                    relay.join(timeout=10)
+            return done
+        time.sleep(0.5)
 
 
 def write_tokenizer_text(path: str, dialogs: int = 20_000) -> None:
@@ -240,12 +323,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fast", action="store_true", help="tiny step counts (tests); the numbers mean nothing")
     ap.add_argument("--experiments", default=os.path.join(os.getcwd(), "experiments"),
                     help="the experiments/ directory (default: ./experiments)")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="stages run side by side when neither reads the other's output (the two reward models; "
+                         "rejection sampling and PPO); 1: one at a time (default: 2)")
     ap.add_argument("--seed", type=int, default=None,
                     help="--config.seed for every stage (default: each experiment's own, 0)")
     ap.add_argument("--override", action="append", default=[], metavar="STAGE:FIELD=VALUE",
                     help="add --config.FIELD=VALUE to STAGE's command (STAGE: a stage name or 'all'; {w} in VALUE: the "
                          "workdir); repeatable")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        print(f"error: --jobs={args.jobs}: at least 1", file=sys.stderr)
+        return 2
     try:
         extra = stage_overrides(args.override, args.seed)
     except ValueError as e:
@@ -274,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(args_path, "w") as f:
             json.dump(recorded, f, indent=1)
     times = _json(os.path.join(w, "timings.json"))
+    # "_wall": the recipe's own wall-clock time (stages may overlap); a workdir from before
+    # it was kept ran its stages one at a time
+    times.setdefault("_wall", sum(v for k, v in times.items() if not k.startswith("_")))
     if not os.path.exists(os.path.join(w, "tokenizer_text.txt")):
         write_tokenizer_text(os.path.join(w, "tokenizer_text.txt"))
     # The stages compile many of the same programs (train steps, generation, scoring):
@@ -282,38 +374,75 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(w, "jax_cache"))
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-    for i, (name, experiment, parent, overrides) in enumerate(STAGES):
-        stage_dir = os.path.join(w, name)
-        if os.path.exists(os.path.join(stage_dir, "final_metrics.json")):
-            print(f"[{i + 1}/{len(STAGES)}] {name}: done before", flush=True)
-            continue
+    commands = {}
+    for name, experiment, parent, overrides in STAGES:
         cmd = [sys.executable, "-m", "llama_jax.main", f"--config={args.experiments}/{experiment}",
-               f"--workdir={stage_dir}", *(o.format(w=w) for o in overrides)]
+               f"--workdir={os.path.join(w, name)}", *ALL_STAGES, *(o.format(w=w) for o in overrides)]
         if parent:
             cmd.append(f"--config.init_from={os.path.join(w, parent)}")
         if args.fast:
             cmd += FAST[name]
         cmd += [o.replace("{w}", w) for o in extra[name]]  # {w}: the workdir, as in the recipe's own settings
-        print(f"[{i + 1}/{len(STAGES)}] {name}: {' '.join(cmd[2:])}", flush=True)
-        # a resumed stage adds to the time it took before; one started afresh (its
-        # directory removed to rerun it) counts from zero
-        before = times.get(name, 0.0) if os.path.exists(stage_dir) else 0.0
-        start = time.perf_counter()
-        code = subprocess.call(cmd, env=env)
-        times[name] = before + time.perf_counter() - start
+        commands[name] = cmd
+    deps = dependencies(commands, w)
+    number = {name: i + 1 for i, (name, *_) in enumerate(STAGES)}
+    pending = []
+    for name, *_ in STAGES:
+        if os.path.exists(os.path.join(w, name, "final_metrics.json")):
+            print(f"[{number[name]}/{len(STAGES)}] {name}: done before", flush=True)
+        else:
+            pending.append(name)
+    running: dict = {}  # name -> (process, start, seconds before)
+    failed: list[tuple[str, int]] = []
+    wall_start = time.perf_counter()
+    while pending or running:
+        if not failed:  # start every stage whose inputs are all finished, up to --jobs at once
+            ready = [n for n in pending if not deps[n] & (set(pending) | set(running))]
+            batch = ready[:max(0, args.jobs - len(running))]
+            for name in batch:
+                pending.remove(name)
+                stage_dir = os.path.join(w, name)
+                print(f"[{number[name]}/{len(STAGES)}] {name}: {' '.join(commands[name][2:])}", flush=True)
+                # a resumed stage adds to the time it took before; one started afresh (its
+                # directory removed to rerun it) counts from zero
+                before = times.get(name, 0.0) if os.path.exists(stage_dir) else 0.0
+                label = f"[{name}]" if len(batch) + len(running) > 1 else None
+                running[name] = (launch(commands[name], env, label), time.perf_counter(), before)
+        if not running:
+            if pending and not failed:  # an override made stages read each other's output
+                print(f"error: stages {', '.join(_in_cycles(pending, deps))} wait on each other's output (see "
+                      "their --override flags)", file=sys.stderr)
+                return 2
+            break
+        done = _wait_any(running)
+        for name in done:
+            proc, start, before = running.pop(name)
+            times[name] = before + time.perf_counter() - start
+            if proc.returncode:
+                failed.append((name, proc.returncode))
+                others = f"; waiting for {', '.join(running)} to finish" if running else ""
+                print(f"error: stage {name} failed (exit {proc.returncode}){others}", file=sys.stderr, flush=True)
+            else:
+                print(f"[{number[name]}/{len(STAGES)}] {name}: finished in {times[name] / 60:.1f} min", flush=True)
         with open(os.path.join(w, "timings.json"), "w") as f:
-            json.dump(times, f, indent=1)
-        if code:
-            print(f"error: stage {name} failed (exit {code}); rerun the same command to resume", file=sys.stderr)
-            return code
+            json.dump({**times, "_wall": times["_wall"] + time.perf_counter() - wall_start}, f, indent=1)
+    times["_wall"] += time.perf_counter() - wall_start
+    with open(os.path.join(w, "timings.json"), "w") as f:
+        json.dump(times, f, indent=1)
+    if failed:
+        print(f"error: stage {failed[0][0]} failed; rerun the same command to resume", file=sys.stderr)
+        return failed[0][1]
     rows = headlines(w)
+    stage_seconds = {k: v for k, v in times.items() if not k.startswith("_")}
     with open(os.path.join(w, "report.json"), "w") as f:
-        json.dump({"stages": rows, "seconds": times, "total_minutes": sum(times.values()) / 60, **recorded}, f,
+        json.dump({"stages": rows, "seconds": stage_seconds, "total_minutes": times["_wall"] / 60,
+                   "stage_minutes_summed": sum(stage_seconds.values()) / 60, "jobs": args.jobs, **recorded}, f,
                   indent=1)
-    table = markdown(rows, times)
+    table = markdown(rows, stage_seconds)
     with open(os.path.join(w, "report.md"), "w") as f:
         f.write(table)
-    print(table + f"total: {sum(times.values()) / 60:.1f} minutes", flush=True)
+    print(table + f"total: {times['_wall'] / 60:.1f} minutes of wall clock (stage times summed: "
+          f"{sum(stage_seconds.values()) / 60:.1f})", flush=True)
     return 0
 
 

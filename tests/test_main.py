@@ -455,20 +455,37 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
 
 
 
+class _Done:
+    """A stage's process that has already exited with `returncode`."""
+
+    def __init__(self, returncode=0):
+        self.returncode = returncode
+
+    def poll(self):
+        return self.returncode
+
+
+def _finished_stage(cmd, returncode=0):
+    """What the recipe's launch returns in these tests: the stage's directory with its
+    final_metrics.json (when it succeeds), and a process that has exited."""
+    stage_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
+    os.makedirs(stage_dir, exist_ok=True)
+    if returncode == 0:
+        open(os.path.join(stage_dir, "final_metrics.json"), "w").write("{}")
+    return _Done(returncode)
+
+
 def test_the_recipe_runs_each_stage_with_a_shared_compilation_cache(tmp_path, monkeypatch):
     from llama_jax import recipe
 
     calls = []
 
-    def fake_call(cmd, env):
+    def fake_launch(cmd, env, label):
         calls.append((cmd, env))
-        stage_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
-        os.makedirs(stage_dir, exist_ok=True)
-        open(os.path.join(stage_dir, "final_metrics.json"), "w").write("{}")
-        return 0
+        return _finished_stage(cmd)
 
     monkeypatch.setattr(recipe, "write_tokenizer_text", lambda path: open(path, "w").write("toy\n"))
-    monkeypatch.setattr(recipe.subprocess, "call", fake_call)
+    monkeypatch.setattr(recipe, "launch", fake_launch)
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     assert recipe.main([f"--workdir={tmp_path / 'a'}", f"--experiments={ROOT}/experiments"]) == 0
     assert [cmd[cmd.index("-m") + 1] for cmd, _ in calls] == ["llama_jax.main"] * len(recipe.STAGES)
@@ -488,20 +505,91 @@ def test_the_recipe_runs_each_stage_with_a_shared_compilation_cache(tmp_path, mo
     assert seconds["ppo"] < 1000.0 <= seconds["gatt"]
 
 
+def test_the_recipe_runs_independent_stages_side_by_side(tmp_path, monkeypatch, capsys):
+    """Stages whose inputs are all finished start together, up to --jobs: the two reward
+    models, then rejection sampling and PPO; an override that makes PPO read rejection
+    sampling's output orders them; a failed stage lets the one beside it finish, starts no
+    other, and the rerun resumes from there."""
+    from llama_jax import recipe
+
+    order, alive, beside, labels, fail = [], set(), {}, {}, {"name": None}
+
+    class Proc:  # exits when first polled
+        def __init__(self, name, code):
+            self.name, self.code, self.returncode = name, code, None
+
+        def poll(self):
+            alive.discard(self.name)
+            self.returncode = self.code
+            return self.code
+
+    def fake_launch(cmd, env, label):
+        name = os.path.basename(next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir=")))
+        order.append(name)
+        beside[name], labels[name] = set(alive), label
+        alive.add(name)
+        code = 3 if name == fail["name"] else 0
+        _finished_stage(cmd, code)
+        return Proc(name, code)
+
+    monkeypatch.setattr(recipe, "write_tokenizer_text", lambda path: open(path, "w").write("toy\n"))
+    monkeypatch.setattr(recipe, "launch", fake_launch)
+    base = [f"--experiments={ROOT}/experiments"]
+    assert recipe.main([f"--workdir={tmp_path / 'a'}", *base]) == 0
+    assert beside == {"pretrain": set(), "sft": set(), "rm": set(), "rm_safety": {"rm"}, "rejection_sampling": set(),
+                      "ppo": {"rejection_sampling"}, "gatt": set(), "safety_distill": set()}
+    assert labels["sft"] is None and labels["rm"] == "[rm]" and labels["ppo"] == "[ppo]"  # prefixed when side by side
+    report = json.load(open(tmp_path / "a" / "report.json"))
+    wall = json.load(open(tmp_path / "a" / "timings.json"))["_wall"]  # the recipe's own clock, beside the stages'
+    assert report["jobs"] == 2 and report["total_minutes"] == pytest.approx(wall / 60)
+    assert "stage_minutes_summed" in report
+    # one at a time
+    order.clear(), beside.clear()
+    assert recipe.main([f"--workdir={tmp_path / 'b'}", *base, "--jobs=1"]) == 0
+    assert order == [name for name, *_ in recipe.STAGES] and not any(beside.values())
+    # the paper's order: PPO on the rejection-sampled policy waits for it
+    order.clear(), beside.clear()
+    assert recipe.main([f"--workdir={tmp_path / 'c'}", *base, "--override=ppo:init_from={w}/rejection_sampling"]) == 0
+    assert order.index("ppo") > order.index("rejection_sampling") and beside["ppo"] == set()
+    # an override that makes two stages wait on each other is an error, not a hang
+    capsys.readouterr()
+    assert recipe.main([f"--workdir={tmp_path / 'd'}", *base, "--override=rm:init_from={w}/rm_safety",
+                        "--override=rm_safety:init_from={w}/rm"]) == 2
+    assert "rm, rm_safety wait on each other" in capsys.readouterr().err
+    # a failure: PPO, started beside it, finishes; nothing after them starts
+    order.clear()
+    fail["name"] = "rejection_sampling"
+    assert recipe.main([f"--workdir={tmp_path / 'e'}", *base]) == 3
+    assert order[-2:] == ["rejection_sampling", "ppo"] and "stage rejection_sampling failed" in capsys.readouterr().err
+    assert os.path.exists(tmp_path / "e" / "ppo" / "final_metrics.json")
+    order.clear()
+    fail["name"] = None
+    assert recipe.main([f"--workdir={tmp_path / 'e'}", *base]) == 0
+    assert order == ["rejection_sampling", "gatt", "safety_distill"]
+    assert recipe.main([f"--workdir={tmp_path / 'f'}", *base, "--jobs=0"]) == 2
+
+
+def test_the_recipe_relays_a_stage_with_its_name(capsys):
+    from llama_jax import recipe
+
+    code = "import sys; print('loading'); sys.stdout.write('1/3\\r2/3\\r3/3\\n'); print('done', file=sys.stderr)"
+    proc = recipe.launch([sys.executable, "-c", code], dict(os.environ), "[ppo]")
+    assert recipe._wait_any({"ppo": (proc, 0.0, 0.0)}) == ["ppo"] and proc.returncode == 0
+    assert capsys.readouterr().out.splitlines() == ["[ppo] loading", "[ppo] 3/3", "[ppo] done"]
+
+
 def test_the_recipe_passes_a_seed_and_overrides_to_its_stages(tmp_path, monkeypatch, capsys):
     from llama_jax import recipe
 
     calls = {}
 
-    def fake_call(cmd, env):
+    def fake_launch(cmd, env, label):
         stage_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
         calls[os.path.basename(stage_dir)] = cmd
-        os.makedirs(stage_dir, exist_ok=True)
-        open(os.path.join(stage_dir, "final_metrics.json"), "w").write("{}")
-        return 0
+        return _finished_stage(cmd)
 
     monkeypatch.setattr(recipe, "write_tokenizer_text", lambda path: open(path, "w").write("toy\n"))
-    monkeypatch.setattr(recipe.subprocess, "call", fake_call)
+    monkeypatch.setattr(recipe, "launch", fake_launch)
     args = [f"--workdir={tmp_path}", f"--experiments={ROOT}/experiments", "--seed=3",
             "--override=ppo:ppo.beta=0.05", "--override=all:config.log_every_steps=7"]
     assert recipe.main(args) == 0

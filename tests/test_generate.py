@@ -64,6 +64,28 @@ def test_sampling_is_reproducible_per_seed_and_respects_top_k(params):
         seq.append(t)
 
 
+def test_inverse_cdf_sampling_draws_the_softmax_distribution_and_never_a_masked_token():
+    V = 200  # not a multiple of the 64-token blocks: the last block is padded
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, V).astype(np.float32)
+    logits[64:128] = np.finfo(np.float32).min  # a whole block masked (top-k / top-p's value)
+    logits[[3, 150, 199]] = np.finfo(np.float32).min
+    n = 200_000
+    draws = np.asarray(jax.jit(gen.inverse_cdf_sample)(np.tile(logits, (n, 1)), jax.random.key(5)))
+    p = np.asarray(jax.nn.softmax(logits))
+    counts = np.bincount(draws, minlength=V)
+    assert counts[p == 0].sum() == 0 and draws.min() >= 0 and draws.max() < V
+    expected = n * p[p > 0]
+    chi2 = float(np.sum((counts[p > 0] - expected) ** 2 / expected))
+    dof = int((p > 0).sum()) - 1
+    assert chi2 < dof + 5 * np.sqrt(2 * dof), (chi2, dof)  # a wrong block or offset is far above this
+    # one token carries all the mass: it is always drawn, at a block's first and last slot
+    for only in (0, 127, 128, 199):
+        one = np.full((64, V), np.finfo(np.float32).min, np.float32)
+        one[:, only] = 0.0
+        assert set(np.asarray(gen.inverse_cdf_sample(one, jax.random.key(only))).tolist()) == {only}
+
+
 def test_stops_at_eos_and_streams(params):
     forced = jax.tree_util.tree_map(np.array, params)
     forced["output"][:, tk.EOS_ID] += 100.0  # EOS becomes overwhelmingly likely

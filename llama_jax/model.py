@@ -405,8 +405,11 @@ class Attention(nn.Module):
                                 preferred_element_type=jnp.float32) * scale + _additive_mask(own)
             probs = jax.nn.softmax(jnp.concatenate([old_scores, scores], axis=-1), axis=-1).astype(dt)
             S = ck.shape[2]
-            if T == 1:  # a decode step: XLA:CPU runs this batched [G, S] x [S, Dh] dot ~5x slower than
-                # the same sum written as a product and a reduction (batch 2,048, session 29)
+            if T == 1 and G > 1 and jax.default_backend() == "cpu":
+                # a decode step with grouped queries: XLA:CPU ran this batched [G, S] x [S, Dh] dot 2-5x slower
+                # than the same sum written as a product and a reduction (the toy at batch 64-2,048; G 2-8 at
+                # batch 1-16, S 160). With G = 1 it is the other way round (batch 16, S 160, Dh 64: 0.2 ms
+                # against 5.4), so ungrouped heads keep the dot (session 29)
                 old_out = jnp.sum(probs[:, :, :, 0, :S, None] * cv.astype(dt)[:, :, None], axis=3)[:, None]
             else:
                 old_out = jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], cv.astype(dt))

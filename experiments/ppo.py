@@ -37,8 +37,9 @@ beta * KL to the initial policy, with clipped PPO updates on its own rollouts.
         a 2-core Intel Xeon. With the RM alone it hacks sums (97.5 -> 89.0% greedy, stopped).
         With the perfect reward: +0.7 +- 0.3 / +1.0 +- 0.4 points greedy / sampled.
         Session 28: the recipe runs this stage for 100 iterations on rows of 64 tokens
-        (--config.total_steps=400 --config.seq_len=64), for time; the held-out passes'
-        log-probabilities, not the updates, are most of its minutes.
+        (--config.total_steps=400 --config.seq_len=64), for time; the held-out and
+        validation passes, not the updates, are most of its minutes (session 29's profile:
+        mostly their sampling; the toy model's log-probabilities take little).
   7b | 13b | 34b | 70b
         the paper's settings: beta 0.01 (7B/13B) or 0.005 (34B/70B), clip 0.2, AdamW
         (0.9, 0.95, 1e-5), weight decay 0.1, grad clip 1.0, constant LR 1e-6, 512 rollouts

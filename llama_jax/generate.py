@@ -116,7 +116,7 @@ def _generate(params, tokens, segment_ids, rng, *, config: LlamaConfig, max_new_
     else:
         cache = KVCache.init(config, B, P + max_new_tokens)
 
-        def forward(tok, pos, seg, cache, last_only=False):
+        def forward(tok, pos, seg, cache, last_only=False):  # every position's logits; the caller keeps the last
             return model.apply({"params": params}, tok, pos, seg, cache=cache)
 
     logits, cache = forward(tokens, positions, segment_ids, cache, last_only=True)

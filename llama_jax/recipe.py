@@ -68,8 +68,8 @@ STAGES = [
     # The paper's order: --override=ppo:init_from={w}/rejection_sampling
     # 100 iterations (the preset's 200 halved, for time): the early-stopping pick was iteration 150 / 100
     # on seeds 0 / 1, with iteration 100 within 0.2 points of the best (session 27). Rows of 64 tokens, not
-    # 96: the toy prompts are at most 31 tokens and the answers 24 (the held-out passes' log-probabilities
-    # are most of the stage's time)
+    # 96: the toy prompts are at most 31 tokens and the answers 24 (the held-out and validation passes, mostly
+    # their sampling, are most of the stage's time; session 29's profile)
     ("ppo", "ppo.py:tiny", "sft",
      ["--config.rlhf.reward_model={w}/rm", "--config.rlhf.safety_reward_model={w}/rm_safety",
       "--config.ppo.ref_logprob_weight=4", "--config.total_steps=400", "--config.seq_len=64"]),

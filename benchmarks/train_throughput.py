@@ -8,18 +8,26 @@ vocab 32000, sequence 256, batch 8. llama_jax runs the step `python -m llama_jax
 runs (next-token loss, the paper's AdamW with clipping, donated state, scan over layers,
 float32, and `dtype="bfloat16"`: bfloat16 matmuls, float32 params, norms and softmax);
 HF runs float32, and float32 under `torch.autocast(bfloat16)` (PyTorch's fastest CPU
-setting). A fifth row runs llama_jax float32 with our hand-written MLP backward
-(`model.mlp_backward="manual"`, what "auto" picks on a CPU) instead of JAX's autodiff
-(the default), to show what that choice is worth. All start from the same weights. The
+setting). llama_jax runs twice in float32: with the model defaults, and with the CPU
+settings (`model.scan_layers=false`, `model.mlp_backward=auto`, `model.head_backward=auto`:
+layers unrolled, our hand-written MLP and output-head backward passes), the
+configuration a CPU run should use; its bfloat16 row uses the CPU settings too. The
+ratios at the end compare that configuration with HF. All start from the same weights. The
 first two steps of each (compilation, allocation) are excluded; the timed steps
 alternate between them (a busy machine slows all alike) and the median of `--steps`
 steps each is reported as tokens per second, with model FLOP/s as a share of this
 machine's float32 matmul peak, measured here.
+
+Memory: XLA:CPU allocates each step's temporaries (2.3 GB here) fresh, and glibc maps
+such large blocks anew on every call: ~600,000 page faults a step. Run with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35: transparent huge pages for those
+blocks) to cut that for both sides alike; the header says which allocator setting ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -100,8 +108,10 @@ def main(argv=None) -> int:
     batch_sh = {k: sharding.batch_sharding(mesh, sharding.DEFAULT_RULES, v.shape) for k, v in batch.items()}
     device_batch = jax.device_put(batch, batch_sh)
 
-    def ours(dtype: str, mlp_backward: str = "xla"):
-        m = Llama(cfg.replace(dtype=dtype, mlp_backward=mlp_backward))
+    cpu_settings = dict(scan_layers=False, mlp_backward="auto", head_backward="auto")
+
+    def ours(dtype: str, **settings):
+        m = Llama(cfg.replace(dtype=dtype, **settings))
         step = train.jit_train_step(train.make_train_step(make_apply(m), next_token, optimizer), state_sh, batch_sh,
                                     mesh, sharding.DEFAULT_RULES)
         copy = jax.tree_util.tree_map(lambda a: a.copy(), params)  # the state is donated
@@ -132,25 +142,32 @@ def main(argv=None) -> int:
     tokens = args.batch * args.seq
     flops = cfg.train_flops_per_token(args.seq) * tokens
     print(f"machine: {metrics.cpu_description()}; jax {jax.__version__}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
     print(f"config: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, ffn {cfg.hidden_dim}, vocab "
           f"{cfg.vocab_size}; batch {args.batch} x {args.seq}; AdamW; median of {args.steps} steps after 2")
     print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s; model FLOPs per step {flops / 1e9:.1f} G")
-    fns = {"llama_jax float32": ours("float32"), "HF float32": theirs(False), "llama_jax bfloat16": ours("bfloat16"),
-           "HF autocast bfloat16": theirs(True), "llama_jax f32, MLP VJP": ours("float32", "manual")}
+    fns = {"llama_jax f32, defaults": ours("float32"), "llama_jax float32": ours("float32", **cpu_settings),
+           "HF float32": theirs(False), "llama_jax bfloat16": ours("bfloat16", **cpu_settings),
+           "HF autocast bfloat16": theirs(True)}
     steps, warmup = dict.fromkeys(fns, args.steps), dict.fromkeys(fns, 2)
     if args.autocast_steps is not None:
         steps["HF autocast bfloat16"], warmup["HF autocast bfloat16"] = args.autocast_steps, 1
         print(f"HF autocast bfloat16: median of {args.autocast_steps} steps after 1 (--autocast_steps)")
     results = _timed(fns, steps, warmup)
     ours_tps = tokens / results["llama_jax float32"]
-    print(f"{'implementation':<22} {'s/step':>8} {'tokens/s':>10} {'model FLOP/s / peak':>20} "
+    print("llama_jax float32 and bfloat16: the CPU settings (scan_layers=false, mlp_backward=auto, "
+          "head_backward=auto)")
+    print(f"{'implementation':<24} {'s/step':>8} {'tokens/s':>10} {'model FLOP/s / peak':>20} "
           f"{'llama_jax f32 / it':>19}")
     for name, seconds in results.items():
         tps = tokens / seconds
-        print(f"{name:<22} {seconds:>8.3f} {tps:>10.0f} {flops / seconds / peak:>19.1%} {ours_tps / tps:>18.2f}x")
+        print(f"{name:<24} {seconds:>8.3f} {tps:>10.0f} {flops / seconds / peak:>19.1%} {ours_tps / tps:>18.2f}x")
+    f32 = results["HF float32"] / results["llama_jax float32"]
     bf16 = results["HF autocast bfloat16"] / results["llama_jax bfloat16"]
-    print(f"llama_jax bfloat16 / HF autocast bfloat16: {bf16:.2f}x")
+    cpu = results["llama_jax f32, defaults"] / results["llama_jax float32"]
+    print(f"llama_jax float32 / HF float32: {f32:.2f}x; llama_jax bfloat16 / HF autocast bfloat16: {bf16:.2f}x; "
+          f"CPU settings / defaults: {cpu:.2f}x")
     return 0
 
 

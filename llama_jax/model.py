@@ -50,7 +50,7 @@ ATTENTION = ("auto", "xla", "cudnn")
 SCORE_POOLING = ("last", "mean")
 # LlamaConfig fields that change how the same weights are computed with, not the weights
 # or the function they compute: a run resumes from its checkpoints with any of them changed.
-COMPUTE_ONLY_FIELDS = ("dtype", "remat_policy", "decode_layers", "mlp_backward", "attention")
+COMPUTE_ONLY_FIELDS = ("dtype", "remat_policy", "decode_layers", "mlp_backward", "head_backward", "attention")
 # The fields a run started from another run's weights (`init_from`) takes from its own
 # config, not the checkpoint's: the numerics above, plus those a fresh run may choose
 # for the same weights (their storage dtype, the stacked layout, the score head's pooling).
@@ -107,6 +107,13 @@ class LlamaConfig:
     # float rounding, but the toy recipe's results depend on its exact float trajectory
     # (README, "The Llama 2-Chat recipe on the toy tasks").
     mlp_backward: str = "xla"
+    # How the output head's gradient is computed: "xla" (autodiff), "manual" (our VJP,
+    # `head_logits`: the weight gradient is one matmul contracting the tokens of the final
+    # hidden states and of the logits' gradient as they lie; XLA:CPU's autodiff instead
+    # copies the [tokens, vocab] logits gradient into a transposed layout and hands that
+    # dot to a slower kernel), or "auto" (manual on CPU, xla elsewhere). The default stays
+    # "xla" for the same reason as mlp_backward's.
+    head_backward: str = "xla"
     # The attention kernel of calls without a KV cache (training, scoring, the reference
     # policy's log-probs): "xla" (our einsums with an explicit [B, H, T, T] score tensor;
     # every backend), "cudnn" (cuDNN's fused flash attention through
@@ -147,8 +154,9 @@ class LlamaConfig:
                 bad(f, f"{getattr(self, f)!r} is not one of {sorted(DTYPES)}")
         if self.decode_layers not in ("auto", "stacked", "layerwise"):
             bad("decode_layers", f"{self.decode_layers!r} is not one of ['auto', 'layerwise', 'stacked']")
-        if self.mlp_backward not in MLP_BACKWARD:
-            bad("mlp_backward", f"{self.mlp_backward!r} is not one of {list(MLP_BACKWARD)}")
+        for f in ("mlp_backward", "head_backward"):
+            if getattr(self, f) not in MLP_BACKWARD:
+                bad(f, f"{getattr(self, f)!r} is not one of {list(MLP_BACKWARD)}")
         if self.attention not in ATTENTION:
             bad("attention", f"{self.attention!r} is not one of {list(ATTENTION)}")
         if self.score_pooling not in SCORE_POOLING:
@@ -468,6 +476,33 @@ def fused_attention(config: "LlamaConfig") -> bool:
     return config.attention == "cudnn"
 
 
+@jax.custom_vjp
+def head_logits(x, w):
+    """[B, T, D] hidden states . [D, V] output weights -> float32 logits, with a hand-written
+    backward (LlamaConfig.head_backward)."""
+    return jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
+
+
+def _head_logits_fwd(x, w):
+    return head_logits(x, w), (x, w)
+
+
+def _head_logits_bwd(res, dlogits):
+    x, w = res  # dlogits stays float32, as in autodiff's transpose of the float32-accumulated dot
+    dx = jnp.einsum("btv,dv->btd", dlogits, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum("btd,btv->dv", x, dlogits, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
+
+
+def manual_head_backward(config: "LlamaConfig") -> bool:
+    if config.head_backward == "auto":
+        return jax.default_backend() == "cpu"
+    return config.head_backward == "manual"
+
+
 def manual_mlp_backward(config: "LlamaConfig") -> bool:
     if config.mlp_backward == "auto":
         return jax.default_backend() == "cpu" and config.remat_policy == "none"
@@ -617,8 +652,11 @@ class Llama(nn.Module):
         x = self.norm(x)
         outputs = {}
         if "lm" in self.heads:
-            logits = jnp.einsum("btd,dv->btv", x.astype(c.compute_dtype), self.output.astype(c.compute_dtype),
-                                preferred_element_type=jnp.float32)
+            x_, w_ = x.astype(c.compute_dtype), self.output.astype(c.compute_dtype)
+            if manual_head_backward(c):
+                logits = head_logits(x_, w_)
+            else:
+                logits = jnp.einsum("btd,dv->btv", x_, w_, preferred_element_type=jnp.float32)
             outputs["lm"] = constrain(logits, ("batch", "length", "vocab"))
         if "value" in self.heads:
             features = jax.lax.stop_gradient(x) if self.detach_value else x

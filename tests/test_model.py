@@ -53,6 +53,7 @@ def test_explicit_ffn_width_overrides_meta_formula():
     (dict(remat_policy="some"), "LlamaConfig.remat_policy"),
     (dict(n_layers=0), "LlamaConfig.n_layers: must be a positive integer"),
     (dict(mlp_backward="fast"), "LlamaConfig.mlp_backward: 'fast' is not one of"),
+    (dict(head_backward="yes"), "LlamaConfig.head_backward: 'yes' is not one of"),
     (dict(attention="flash"), "LlamaConfig.attention: 'flash' is not one of"),
 ])
 def test_config_errors_name_the_field(kw, needle):
@@ -268,22 +269,12 @@ def test_remat_policies_give_identical_gradients():
             np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5)
 
 
-def test_manual_mlp_backward_gives_autodiffs_gradients():
-    """swiglu_mlp's hand-written VJP against JAX's autodiff of the same forward, through
-    the whole model (every weight, the embeddings' gradient flowing through the MLPs),
-    in float32 and bfloat16 compute; and which one the default and "auto" pick."""
-    from llama_jax.model import manual_mlp_backward
-
-    base = LlamaConfig(**GQA)
-    params = init(base)
-    toks = tokens(base, 2, 9)
-
-    def grads(cfg):
-        return loss_and_grads(cfg, params, toks)
-
+def _assert_same_gradients(base, params, toks, field):
+    """`field`="manual" (a hand-written VJP) against "xla" (JAX's autodiff of the same
+    forward), through the whole model, in float32 and bfloat16 compute."""
     for dtype, tol in (("float32", 1e-5), ("bfloat16", 2e-2)):
-        lx, gx = grads(base.replace(mlp_backward="xla", dtype=dtype))
-        lm, gm = grads(base.replace(mlp_backward="manual", dtype=dtype))
+        lx, gx = loss_and_grads(base.replace(**{field: "xla"}, dtype=dtype), params, toks)
+        lm, gm = loss_and_grads(base.replace(**{field: "manual"}, dtype=dtype), params, toks)
         assert float(lx) == float(lm)  # the same forward
         flat_x, flat_m = jax.tree_util.tree_leaves_with_path(gx), jax.tree_util.tree_leaves(gm)
         for (path, x), y in zip(flat_x, flat_m):
@@ -291,14 +282,47 @@ def test_manual_mlp_backward_gives_autodiffs_gradients():
             assert scale > 0, path
             np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(x, np.float32), atol=tol * scale,
                                        rtol=tol, err_msg=str(path))
+
+
+def test_manual_mlp_backward_gives_autodiffs_gradients():
+    """swiglu_mlp's hand-written VJP against JAX's autodiff (every weight, the embeddings'
+    gradient flowing through the MLPs); and which one the default and "auto" pick."""
+    from llama_jax.model import manual_mlp_backward
+
+    base = LlamaConfig(**GQA)
+    params = init(base)
+    toks = tokens(base, 2, 9)
+    _assert_same_gradients(base, params, toks, "mlp_backward")
     assert not manual_mlp_backward(base)  # the default: autodiff
     assert manual_mlp_backward(base.replace(mlp_backward="auto"))  # the tests run on CPU, without remat
     assert not manual_mlp_backward(base.replace(mlp_backward="auto", remat_policy="full"))
     assert manual_mlp_backward(base.replace(mlp_backward="manual", remat_policy="dots"))
-    _, remat = grads(base.replace(mlp_backward="manual", remat_policy="full"))  # remat around the custom VJP
-    _, ref = grads(base.replace(mlp_backward="xla"))
+    _, remat = loss_and_grads(base.replace(mlp_backward="manual", remat_policy="full"), params, toks)
+    _, ref = loss_and_grads(base.replace(mlp_backward="xla"), params, toks)
     for x, y in zip(jax.tree_util.tree_leaves(remat), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_manual_head_backward_gives_autodiffs_gradients():
+    """head_logits' hand-written VJP (the output head: its weight's gradient, and the
+    gradient of every weight below it) against autodiff, alone and with the MLP's; and
+    which one the default and "auto" pick."""
+    from llama_jax.model import head_logits, manual_head_backward
+
+    base = LlamaConfig(**GQA)
+    params = init(base)
+    toks = tokens(base, 2, 9)
+    _assert_same_gradients(base, params, toks, "head_backward")
+    _assert_same_gradients(base.replace(mlp_backward="manual"), params, toks, "head_backward")
+    assert not manual_head_backward(base)  # the default: autodiff
+    assert manual_head_backward(base.replace(head_backward="auto"))  # the tests run on CPU
+    x = jax.random.normal(jax.random.key(1), (2, 3, 5))
+    w = jax.random.normal(jax.random.key(2), (5, 7))
+    g = jax.random.normal(jax.random.key(3), (2, 3, 7))
+    _, vjp = jax.vjp(head_logits, x, w)
+    dx, dw = vjp(g)
+    np.testing.assert_allclose(dx, g @ w.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, x.reshape(6, 5).T @ g.reshape(6, 7), rtol=1e-5, atol=1e-5)
 
 
 def test_fused_attention_path_matches_the_einsums_on_packed_padded_gqa_rows(monkeypatch):

@@ -118,12 +118,20 @@ def test_a_poisoned_batch_is_detected_and_not_applied():
     assert float(jnp.abs(good.params["output"] - params["output"]).max()) > 0
 
 
-def test_sharded_train_step_equals_single_device():
+@pytest.mark.parametrize("settings", [{}, dict(scan_layers=False, mlp_backward="manual", head_backward="manual")],
+                         ids=["defaults", "cpu-settings"])
+def test_sharded_train_step_equals_single_device(settings):
+    """The 2 x 2 x 2 mesh's step equals one device's default step; with the CPU settings
+    (hand-written MLP and head backward passes) too: their VJPs shard like autodiff's."""
     params = random_params(CFG, std=0.1)
     opt = train.make_optimizer(opt_cfg(), 100)
     batch = make_batch()
-    step_fn = train.make_train_step(apply_fn, next_token, opt)
-    ref_state, ref_m = jax.jit(step_fn)(train.init_state(params, opt), batch)
+    ref_state, ref_m = jax.jit(train.make_train_step(apply_fn, next_token, opt))(train.init_state(params, opt), batch)
+    cfg = CFG.replace(**settings)
+
+    def apply_settings(p, tokens, positions, segment_ids):
+        return Llama(cfg).apply({"params": p}, tokens, positions, segment_ids)
+    step_fn = train.make_train_step(apply_settings, next_token, opt)
 
     mesh = sharding.make_mesh(2, 2, 2)
     rules = sharding.DEFAULT_RULES

@@ -45,7 +45,7 @@ REMAT_POLICIES = {
 }
 
 HEADS = ("lm", "score", "value")
-MLP_BACKWARD = ("auto", "xla", "manual")
+BACKWARD_CHOICES = ("auto", "xla", "manual")  # mlp_backward, head_backward
 ATTENTION = ("auto", "xla", "cudnn")
 SCORE_POOLING = ("last", "mean")
 # LlamaConfig fields that change how the same weights are computed with, not the weights
@@ -155,8 +155,8 @@ class LlamaConfig:
         if self.decode_layers not in ("auto", "stacked", "layerwise"):
             bad("decode_layers", f"{self.decode_layers!r} is not one of ['auto', 'layerwise', 'stacked']")
         for f in ("mlp_backward", "head_backward"):
-            if getattr(self, f) not in MLP_BACKWARD:
-                bad(f, f"{getattr(self, f)!r} is not one of {list(MLP_BACKWARD)}")
+            if getattr(self, f) not in BACKWARD_CHOICES:
+                bad(f, f"{getattr(self, f)!r} is not one of {list(BACKWARD_CHOICES)}")
         if self.attention not in ATTENTION:
             bad("attention", f"{self.attention!r} is not one of {list(ATTENTION)}")
         if self.score_pooling not in SCORE_POOLING:

@@ -156,8 +156,8 @@ def main(argv=None) -> int:
         print(f"HF autocast bfloat16: median of {args.autocast_steps} steps after 1 (--autocast_steps)")
     results = _timed(fns, steps, warmup)
     ours_tps = tokens / results["llama_jax float32"]
-    print("llama_jax float32 and bfloat16: the CPU settings (scan_layers=false, mlp_backward=auto, "
-          "head_backward=auto)")
+    settings = ", ".join(f"{k}={str(v).lower()}" for k, v in cpu_settings.items())
+    print(f"llama_jax float32 and bfloat16: the CPU settings ({settings})")
     print(f"{'implementation':<24} {'s/step':>8} {'tokens/s':>10} {'model FLOP/s / peak':>20} "
           f"{'llama_jax f32 / it':>19}")
     for name, seconds in results.items():

@@ -476,15 +476,17 @@ def fused_attention(config: "LlamaConfig") -> bool:
     return config.attention == "cudnn"
 
 
-@jax.custom_vjp
-def head_logits(x, w):
-    """[B, T, D] hidden states . [D, V] output weights -> float32 logits, with a hand-written
-    backward (LlamaConfig.head_backward)."""
+def _logits(x, w):
+    """[B, T, D] hidden states . [D, V] output weights -> float32 logits."""
     return jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
 
 
+# _logits with a hand-written backward (LlamaConfig.head_backward)
+head_logits = jax.custom_vjp(_logits)
+
+
 def _head_logits_fwd(x, w):
-    return head_logits(x, w), (x, w)
+    return _logits(x, w), (x, w)
 
 
 def _head_logits_bwd(res, dlogits):
@@ -652,11 +654,8 @@ class Llama(nn.Module):
         x = self.norm(x)
         outputs = {}
         if "lm" in self.heads:
-            x_, w_ = x.astype(c.compute_dtype), self.output.astype(c.compute_dtype)
-            if manual_head_backward(c):
-                logits = head_logits(x_, w_)
-            else:
-                logits = jnp.einsum("btd,dv->btv", x_, w_, preferred_element_type=jnp.float32)
+            logits = (head_logits if manual_head_backward(c) else _logits)(
+                x.astype(c.compute_dtype), self.output.astype(c.compute_dtype))
             outputs["lm"] = constrain(logits, ("batch", "length", "vocab"))
         if "value" in self.heads:
             features = jax.lax.stop_gradient(x) if self.detach_value else x

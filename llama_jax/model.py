@@ -46,7 +46,7 @@ REMAT_POLICIES = {
 
 HEADS = ("lm", "score", "value")
 BACKWARD_CHOICES = ("auto", "xla", "manual")  # mlp_backward, head_backward
-ATTENTION = ("auto", "xla", "cudnn")
+ATTENTION = ("auto", "xla", "cudnn", "splash")
 SCORE_POOLING = ("last", "mean")
 # LlamaConfig fields that change how the same weights are computed with, not the weights
 # or the function they compute: a run resumes from its checkpoints with any of them changed.
@@ -118,9 +118,13 @@ class LlamaConfig:
     # policy's log-probs): "xla" (our einsums with an explicit [B, H, T, T] score tensor;
     # every backend), "cudnn" (cuDNN's fused flash attention through
     # `jax.nn.dot_product_attention`, causal, with the packed-segment mask as a bias; GPU
-    # only, bfloat16/float16 compute), or "auto" (cudnn on a GPU when the compute dtype and
-    # head dim allow, xla elsewhere). Decoding with a cache always runs the einsums. On an H200,
-    # cudnn trained a 7B-shaped model 1.85x faster than xla, in 40% of the memory (README).
+    # only, bfloat16/float16 compute), "splash" (TPU's Pallas flash attention, JAX's Splash
+    # kernel: causal, packed segments as segment ids, no mask tensor; on a CPU it runs
+    # interpreted, slowly, which is how the tests check it; not on a GPU), or "auto" (cudnn
+    # on a GPU when the compute dtype and head dim allow, xla elsewhere; splash is not
+    # picked on a TPU until it has been measured there). Decoding with a cache always runs
+    # the einsums. On an H200, cudnn trained a 7B-shaped model 1.85x faster than xla, in
+    # 40% of the memory (README).
     attention: str = "auto"
     # Which hidden states the reward model's score head reads (the paper leaves it open):
     # "last" = the last real token (the usual choice), "mean" = the mean over the scored
@@ -353,7 +357,7 @@ class Attention(nn.Module):
     rope_theta: float
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    fused: bool = False  # cuDNN flash attention for calls without a cache (LlamaConfig.attention)
+    kernel: str = "xla"  # of calls without a cache: "xla", "cudnn" or "splash" (attention_kernel)
 
     @nn.compact
     def __call__(self, x, positions, q_slots, q_seg, layer_cache, k_seg, cache_index):
@@ -386,12 +390,15 @@ class Attention(nn.Module):
         T = q.shape[1]
         own = (jnp.arange(T)[None, None, :] <= jnp.arange(T)[None, :, None]) \
             & (q_seg[:, :, None] == q_seg[:, None, :]) & (q_seg[:, None, :] != 0)  # [B,T,T]
-        if layer_cache is None and self.fused:
+        if layer_cache is None and self.kernel == "cudnn":
             new_cache = None
             # Causal (the kernel skips the blocks above the diagonal) plus the segment mask,
             # which cuDNN takes as an additive bias; GQA by the kernel's own head grouping.
             out = jax.nn.dot_product_attention(q, k, v, mask=own[:, None, :, :], scale=scale, is_causal=True,
                                                implementation="cudnn")
+        elif layer_cache is None and self.kernel == "splash":
+            new_cache = None
+            out = splash_attention(q, k, v, q_seg, scale)
         elif layer_cache is None:
             new_cache = None
             scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
@@ -468,12 +475,65 @@ def _swiglu_mlp_bwd(res, dout):
 swiglu_mlp.defvjp(_swiglu_mlp_fwd, _swiglu_mlp_bwd)
 
 
-def fused_attention(config: "LlamaConfig") -> bool:
-    """Whether calls without a cache use cuDNN's flash attention (LlamaConfig.attention)."""
+def attention_kernel(config: "LlamaConfig") -> str:
+    """The attention kernel of calls without a cache: "xla", "cudnn" or "splash"
+    (LlamaConfig.attention, with "auto" resolved for this backend)."""
     if config.attention == "auto":  # cuDNN's flash kernels take head dims that are multiples of 8, up to 128
-        return (jax.default_backend() == "gpu" and config.dtype in ("bfloat16", "float16")
-                and config.head_dim % 8 == 0 and config.head_dim <= 128)
-    return config.attention == "cudnn"
+        gpu = (jax.default_backend() == "gpu" and config.dtype in ("bfloat16", "float16")
+               and config.head_dim % 8 == 0 and config.head_dim <= 128)
+        return "cudnn" if gpu else "xla"
+    if config.attention == "splash" and jax.default_backend() == "gpu":
+        raise ValueError("LlamaConfig.attention: 'splash' is the TPU's Pallas kernel; on a GPU use 'cudnn' "
+                         "(on a CPU it runs interpreted, for tests)")
+    return config.attention
+
+
+SPLASH_BLOCKS = (512, 256, 128)  # Splash's block sizes must be multiples of 128 (the TPU's lanes)
+
+
+def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: float) -> Array:
+    """Causal attention within segments by JAX's Splash kernel (Pallas, TPU).
+
+    q [B, T, H, Dh], k and v [B, T, K, Dh], segment_ids [B, T] -> [B, T, H, Dh]. Query head
+    j reads kv head j // (H // K), as in the einsums. The kernel takes one row's [heads,
+    length, Dh] with the segment ids as they are (no [T, T] mask is built); rows are mapped
+    over with vmap. Lengths are padded to a multiple of 128 with a segment id (-1) that no
+    token has, so padded slots attend only to each other and are dropped. Under an active
+    mesh (`sharding.activate`) the kernel runs per shard inside `shard_map`: rows split as
+    the rules split `batch`, heads as they split `heads` when `kv_heads` splits the same
+    way (else each shard computes every head). Off a TPU the kernel runs interpreted."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    from llama_jax import sharding  # local import: sharding imports this module
+
+    B, T, H, Dh = q.shape
+    pad = -T % SPLASH_BLOCKS[-1]
+    L = T + pad
+    block = next(b for b in SPLASH_BLOCKS if L % b == 0)
+    heads_first = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # noqa: E731
+    q, k, v = heads_first((q * scale).astype(q.dtype)), heads_first(k), heads_first(v)
+    seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    interpret = jax.default_backend() != "tpu"
+
+    def rows(q, k, v, seg):  # [b, h, L, Dh] x2 [b, k, L, Dh], [b, L]: one shard's rows and heads
+        kernel = splash.make_splash_mha(splash.MultiHeadMask([splash.CausalMask((L, L))] * q.shape[1]),
+                                        head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+        return jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash.SegmentIds(s, s)))(q, k, v, seg)
+
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules and not mesh.empty:
+        sizes_of = dict(zip(mesh.axis_names, mesh.axis_sizes))
+        q_spec = sharding.logical_to_spec(("batch", "heads", None, None), q.shape, rules, sizes_of)
+        kv_spec = sharding.logical_to_spec(("batch", "kv_heads", None, None), k.shape, rules, sizes_of)
+        heads = q_spec[1] if q_spec[1] == kv_spec[1] else None  # a query head's kv head must be on its shard
+        q_spec, kv_spec = (jax.sharding.PartitionSpec(q_spec[0], heads, None, None),) * 2
+        rows = jax.shard_map(rows, in_specs=(q_spec, kv_spec, kv_spec, jax.sharding.PartitionSpec(q_spec[0], None)),
+                             out_specs=q_spec, check_vma=False)
+    out = rows(q, k, v, seg)
+    return out.transpose(0, 2, 1, 3)[:, :T]
 
 
 def _logits(x, w):
@@ -539,7 +599,7 @@ class Block(nn.Module):
         c = self.config
         dt, pdt = c.compute_dtype, c.weight_dtype
         attn_out, new_cache = Attention(c.n_heads, c.kv_heads, c.head_dim, c.rope_theta, dt, pdt,
-                                        fused_attention(c), name="attention")(
+                                        attention_kernel(c), name="attention")(
             RMSNorm(c.norm_eps, pdt, name="attention_norm")(x),
             positions, q_slots, q_seg, layer_cache, k_seg, cache_index)
         h = x + attn_out

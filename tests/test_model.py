@@ -331,7 +331,7 @@ def test_fused_attention_path_matches_the_einsums_on_packed_padded_gqa_rows(monk
     checked is our wiring (mask, scale, head grouping, layout), against the einsum path,
     forward and gradients, on packed segments with right padding; and which path "auto"
     picks (cuDNN only on a GPU with bfloat16/float16 compute)."""
-    from llama_jax.model import fused_attention
+    from llama_jax.model import attention_kernel
 
     calls = []
     real = jax.nn.dot_product_attention
@@ -360,13 +360,69 @@ def test_fused_attention_path_matches_the_einsums_on_packed_padded_gqa_rows(monk
     np.testing.assert_allclose(float(l_f), float(l_x), rtol=1e-5)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(g_x), jax.tree_util.tree_leaves(g_f)):
         np.testing.assert_allclose(y, x, atol=1e-5 * float(jnp.abs(x).max()), rtol=1e-4, err_msg=str(path))
-    assert not fused_attention(base.replace(attention="auto", dtype="bfloat16"))  # CPU: the einsums
-    assert fused_attention(base.replace(attention="cudnn"))
+    assert attention_kernel(base.replace(attention="auto", dtype="bfloat16")) == "xla"  # CPU: the einsums
+    assert attention_kernel(base.replace(attention="cudnn")) == "cudnn"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what "auto" would pick on a GPU
-    assert fused_attention(base.replace(attention="auto", dtype="bfloat16", dim=64, n_heads=2, n_kv_heads=1))
-    assert not fused_attention(base.replace(attention="auto", dtype="float32", dim=64, n_heads=2, n_kv_heads=1))
-    assert not fused_attention(base.replace(attention="auto", dtype="bfloat16"))  # head dim 10: not a kernel shape
+    kernel_shape = dict(dim=64, n_heads=2, n_kv_heads=1)
+    assert attention_kernel(base.replace(attention="auto", dtype="bfloat16", **kernel_shape)) == "cudnn"
+    assert attention_kernel(base.replace(attention="auto", dtype="float32", **kernel_shape)) == "xla"
+    assert attention_kernel(base.replace(attention="auto", dtype="bfloat16")) == "xla"  # head dim 10: not a kernel
+    with pytest.raises(ValueError, match="'splash' is the TPU's Pallas kernel; on a GPU use 'cudnn'"):
+        attention_kernel(base.replace(attention="splash"))
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # Splash is opt-in until measured on a TPU
+    assert attention_kernel(LlamaConfig.llama2_7b(dtype="bfloat16")) == "xla"
 
+
+@pytest.mark.parametrize("length", [9, 300])
+def test_splash_attention_path_matches_the_einsums_on_packed_padded_gqa_rows(length):
+    """attention="splash" runs JAX's Splash kernel (interpreted on a CPU) with the rows'
+    segment ids: logits and every gradient equal the einsum path's on packed segments with
+    right padding and grouped queries. 9 tokens are padded to one 128-token block; 300 to
+    three blocks, so the kernel's causal block skipping and its masked diagonal blocks
+    both run."""
+    base = LlamaConfig(**{**GQA, "max_seq_len": 512})
+    params = init(base)
+    toks = tokens(base, 2, length)
+    a = length // 2
+    seg = jnp.array([[1] * a + [2] * (length - a), [1] * (length - 3) + [0] * 3])
+    pos = jnp.array([list(range(a)) + list(range(length - a)), list(range(length - 3)) + [0] * 3])
+    real_rows = np.asarray(seg != 0)
+
+    def loss(cfg, p):
+        logits = run(Llama(cfg), p, toks, pos, seg)
+        return jnp.sum(jnp.where(real_rows[..., None], logits, 0.0) ** 2), logits
+
+    (l_x, out_x), g_x = jax.value_and_grad(lambda p: loss(base, p), has_aux=True)(params)
+    (l_s, out_s), g_s = jax.value_and_grad(lambda p: loss(base.replace(attention="splash"), p), has_aux=True)(params)
+    np.testing.assert_allclose(np.asarray(out_s)[real_rows], np.asarray(out_x)[real_rows], atol=2e-5)
+    np.testing.assert_allclose(float(l_s), float(l_x), rtol=1e-5)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(g_x), jax.tree_util.tree_leaves(g_s)):
+        np.testing.assert_allclose(y, x, atol=1e-5 * float(jnp.abs(x).max()), rtol=1e-4, err_msg=str(path))
+
+
+
+def test_splash_attention_lowers_for_a_tpu_without_a_score_tensor(monkeypatch):
+    """With no TPU here, the Splash path is lowered for one (`jax.export`, platforms
+    ["tpu"]): a 7B-shaped layer with grouped queries (8 kv heads) in bfloat16 at 2,048
+    tokens, forward and gradient. Pallas's TPU lowering checks the kernel's block shapes;
+    the program must hold its three Mosaic kernels (forward, dq, dk/dv) and no
+    [2048, 2048] tensor, which the einsum path does hold."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # the kernel compiled, not interpreted
+    found = {}
+    for kernel in ("splash", "xla"):
+        cfg = LlamaConfig.llama2_7b(dtype="bfloat16", n_kv_heads=8, attention=kernel).replace(n_layers=1)
+        model = Llama(cfg)
+        params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                        abstract_params(model))
+        toks = jax.ShapeDtypeStruct((1, 2048), jnp.int32)
+
+        def loss(p, toks, seg, model=model):
+            return jnp.mean(model.apply({"params": p}, toks, None, seg))
+
+        text = jax.export.export(jax.jit(jax.value_and_grad(loss)), platforms=["tpu"])(params, toks, toks).mlir_module()
+        found[kernel] = (text.count("tpu_custom_call"), text.count("2048x2048"))
+    assert found["splash"] == (3, 0)
+    assert found["xla"][0] == 0 and found["xla"][1] > 0
 
 def test_bfloat16_compute_returns_float32_logits_close_to_float32():
     cfg = LlamaConfig(**GQA)

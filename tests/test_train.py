@@ -118,11 +118,12 @@ def test_a_poisoned_batch_is_detected_and_not_applied():
     assert float(jnp.abs(good.params["output"] - params["output"]).max()) > 0
 
 
-@pytest.mark.parametrize("settings", [{}, dict(scan_layers=False, mlp_backward="manual", head_backward="manual")],
-                         ids=["defaults", "cpu-settings"])
+@pytest.mark.parametrize("settings", [{}, dict(scan_layers=False, mlp_backward="manual", head_backward="manual"),
+                                      dict(attention="splash")], ids=["defaults", "cpu-settings", "splash"])
 def test_sharded_train_step_equals_single_device(settings):
     """The 2 x 2 x 2 mesh's step equals one device's default step; with the CPU settings
-    (hand-written MLP and head backward passes) too: their VJPs shard like autodiff's."""
+    (hand-written MLP and head backward passes) too: their VJPs shard like autodiff's; and
+    with Splash attention (interpreted here), which runs per shard inside shard_map."""
     params = random_params(CFG, std=0.1)
     opt = train.make_optimizer(opt_cfg(), 100)
     batch = make_batch()

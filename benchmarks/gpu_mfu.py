@@ -15,7 +15,8 @@ alone), in this order:
               of a small model on packed, padded rows
   train ...   llama_jax train steps (the step `python -m llama_jax.main` runs: next-token
               loss, clipping, AdamW, donated state): attention cudnn (batch 4) and xla
-              (batch 2: its float32 score tensors fill the GPU at batch 4)
+              (batch 2: its float32 score tensors fill the GPU at batch 4), then cudnn
+              without the segment mask (`--mask=causal`: no bias, so no bias gradient)
   hf_train    HF LlamaForCausalLM, float32 weights, torch.autocast(bfloat16), SDPA
               attention (PyTorch's flash kernel), fused AdamW, clipping; batch 4
   decode      the full 7B (32 layers) in bfloat16: llama_jax `generate` and HF `generate`
@@ -25,7 +26,7 @@ alone), in this order:
 
 All 32 layers (batch 2, full remat) ran out of memory on a 141 GB H200 (session 22).
 Run one part alone with `--part=NAME` and its flags (`--attention`, `--batch`, `--seq`,
-`--layers`, `--remat`, `--impl`, `--decode_layers`), `PYTHONPATH` at the repository.
+`--layers`, `--remat`, `--mask`, `--impl`, `--decode_layers`), `PYTHONPATH` at the repository.
 
 Each train run: 2 untimed steps (compilation), then the median of `--steps`. MFU = model
 FLOPs per token (6 N_matmul + 6 L T d, causal attention) x tokens/s / peak, against both
@@ -156,6 +157,16 @@ def part_train(args) -> dict:
 
     cfg = LlamaConfig(**SHAPE, n_layers=args.layers, dtype="bfloat16", attention=args.attention,
                       remat_policy=args.remat)
+    if args.mask == "causal":
+        # These rows are one unpadded segment each, so causal alone is the same attention as
+        # the segment mask; without the mask, cuDNN gets no bias and its backward computes no
+        # bias gradient (jax 0.10.2 computes one for any bias). Measures what the bias costs.
+        real = jax.nn.dot_product_attention
+
+        def causal_only(*a, mask=None, implementation=None, **kw):
+            return real(*a, implementation="xla" if SMOKE else implementation, **kw)
+
+        jax.nn.dot_product_attention = causal_only
     mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
     model = Llama(cfg)
     params, param_sh = sharding.init_params(model, jax.random.key(0), mesh, sharding.DEFAULT_RULES)
@@ -193,7 +204,7 @@ def part_train(args) -> dict:
     t = statistics.median(times)
     flops = cfg.train_flops_per_token(T) * B * T
     stats = jax.devices()[0].memory_stats() or {}
-    return {"part": "train", "impl": "llama_jax", "attention": args.attention, "remat": args.remat,
+    return {"part": "train", "impl": "llama_jax", "attention": args.attention, "mask": args.mask, "remat": args.remat,
             "layers": args.layers, "batch": B, "seq": T, "params": cfg.num_params(), "step_s": t,
             "step_s_min": min(times), "tokens_per_s": B * T / t, "tflops": flops / t / 1e12,
             "mfu_spec": flops / t / SPEC_PEAK, "first_step_s": compile_s, "loss_first": losses[0],
@@ -292,6 +303,8 @@ def plan(args) -> list[tuple[list[str], dict]]:
     for attention, batch in (("cudnn", 4), ("xla", 2)):
         runs.append((["--part=train", f"--attention={attention}", f"--batch={batch}", "--seq=4096", "--remat=none",
                       L, S], {}))
+    runs.append((["--part=train", "--attention=cudnn", "--mask=causal", "--batch=4", "--seq=4096", "--remat=none", L,
+                  S], {}))
     runs.append((["--part=hf_train", "--batch=4", "--seq=4096", L, S], {}))
     runs.append((["--part=decode", "--impl=llama_jax"], {}))
     runs.append((["--part=decode", "--impl=hf"], {}))
@@ -312,6 +325,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--attention", default="cudnn", choices=("xla", "cudnn"))
     ap.add_argument("--remat", default="none")
+    ap.add_argument("--mask", default="segments", choices=("segments", "causal"),
+                    help="causal: cuDNN attention without the segment mask (exact for these unpacked rows)")
     ap.add_argument("--impl", default="llama_jax", choices=("llama_jax", "hf"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode_layers", default="auto", choices=("auto", "stacked", "layerwise"))

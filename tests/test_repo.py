@@ -4,6 +4,8 @@ summary command the README shows works."""
 import pathlib
 import re
 
+import pytest
+
 from llama_jax import summary
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -43,8 +45,9 @@ def test_summary_reports_a_bad_directory(tmp_path, capsys):
 
 def test_gpu_benchmark_script_runs_its_parts_at_smoke_size(tmp_path):
     """benchmarks/gpu_mfu.py is run on a lent GPU for minutes at a time, so a broken script
-    costs a lease: two of its parts (the attention check and a train run) run here with
-    tiny shapes on the CPU (`--smoke`, einsum attention), and each writes its JSON line."""
+    costs a lease: its attention check and two train runs (the einsums, and the cuDNN call
+    without the segment mask, which on a CPU runs jax.nn's XLA kernel) run here with tiny
+    shapes (`--smoke`), and each writes its JSON line."""
     import json
     import subprocess
     import sys
@@ -54,14 +57,18 @@ def test_gpu_benchmark_script_runs_its_parts_at_smoke_size(tmp_path):
     root = pathlib.Path(__file__).resolve().parent.parent
     out = tmp_path / "results.jsonl"
     script = str(root / "benchmarks" / "gpu_mfu.py")
-    for part in (["--part=check"], ["--part=train", "--attention=xla", "--batch=2", "--seq=32", "--layers=2",
-                                    "--steps=2"]):
+    train_args = ["--part=train", "--batch=2", "--seq=32", "--layers=2", "--steps=2"]
+    for part in (["--part=check"], train_args + ["--attention=xla"],
+                 train_args + ["--attention=cudnn", "--mask=causal"]):  # smoke: jax.nn's XLA kernel, unmasked
         e = dict(env(), PYTHONPATH=str(root))
         proc = subprocess.run([sys.executable, script, *part, "--smoke", f"--out={out}"], env=e,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    check, train = [json.loads(line) for line in out.read_text().splitlines()]
+    check, train, causal = [json.loads(line) for line in out.read_text().splitlines()]
     assert check["part"] == "check" and check["loss_xla"] == check["loss_cudnn"] > 0
     assert train["part"] == "train" and train["layers"] == 2 and train["batch"] == 2 and train["seq"] == 32
     assert train["tokens_per_s"] > 0 and 0 < train["mfu_spec"] < 1
     assert train["loss_last"] < train["loss_first"]  # three optimizer steps on one batch
+    # The mask-free run (one unpadded segment a row) computes the same loss through jax.nn's kernel
+    assert (causal["attention"], causal["mask"]) == ("cudnn", "causal")
+    assert causal["loss_first"] == pytest.approx(train["loss_first"], rel=1e-2)

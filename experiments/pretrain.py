@@ -14,7 +14,10 @@
 
 The big presets assume a pre-tokenized corpus (`python -m llama_jax.data.prepare`) and a
 Llama 2 tokenizer (`--config.data.tokenizer=/path/tokenizer.model`); their mesh is pure
-FSDP (`fsdp=-1`) with bfloat16 compute; change `mesh.*` for tensor parallelism.
+FSDP (`fsdp=-1`) with bfloat16 compute; change `mesh.*` for tensor parallelism. Attention
+is `auto` (cuDNN flash attention on GPUs, the einsums elsewhere); on TPUs
+`--config.model.attention=splash` runs the Pallas Splash kernel instead (no score tensor;
+not yet measured on a TPU, see the README's model section).
 """
 
 from llama_jax.configs import base_config, model_config, paper_scale

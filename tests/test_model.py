@@ -403,26 +403,31 @@ def test_splash_attention_path_matches_the_einsums_on_packed_padded_gqa_rows(len
 
 def test_splash_attention_lowers_for_a_tpu_without_a_score_tensor(monkeypatch):
     """With no TPU here, the Splash path is lowered for one (`jax.export`, platforms
-    ["tpu"]): a 7B-shaped layer with grouped queries (8 kv heads) in bfloat16 at 2,048
-    tokens, forward and gradient. Pallas's TPU lowering checks the kernel's block shapes;
-    the program must hold its three Mosaic kernels (forward, dq, dk/dv) and no
+    ["tpu"]) on a 1 x 2 x 4 mesh of the 8 fake devices: a 7B-shaped layer with grouped
+    queries (8 kv heads) in bfloat16 at 2,048 tokens, forward and gradient. Pallas's TPU
+    lowering checks the kernel's block shapes; the program must hold its three Mosaic
+    kernels (forward, dq, dk/dv) inside shard_map's manual computations and no
     [2048, 2048] tensor, which the einsum path does hold."""
+    from llama_jax import sharding
+
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # the kernel compiled, not interpreted
+    mesh, rules = sharding.make_mesh(1, 2, 4), sharding.DEFAULT_RULES
+    toks = jax.ShapeDtypeStruct((2, 2048), jnp.int32, sharding=sharding.batch_sharding(mesh, rules, (2, 2048)))
     found = {}
     for kernel in ("splash", "xla"):
         cfg = LlamaConfig.llama2_7b(dtype="bfloat16", n_kv_heads=8, attention=kernel).replace(n_layers=1)
         model = Llama(cfg)
-        params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                        abstract_params(model))
-        toks = jax.ShapeDtypeStruct((1, 2048), jnp.int32)
+        params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params(model))
 
         def loss(p, toks, seg, model=model):
             return jnp.mean(model.apply({"params": p}, toks, None, seg))
 
-        text = jax.export.export(jax.jit(jax.value_and_grad(loss)), platforms=["tpu"])(params, toks, toks).mlir_module()
-        found[kernel] = (text.count("tpu_custom_call"), text.count("2048x2048"))
-    assert found["splash"] == (3, 0)
-    assert found["xla"][0] == 0 and found["xla"][1] > 0
+        with sharding.activate(mesh, rules):
+            text = jax.export.export(jax.jit(jax.value_and_grad(loss)), platforms=["tpu"])(params, toks, toks)
+            text = text.mlir_module()
+        found[kernel] = [text.count(s) for s in ("tpu_custom_call", "2048x2048", "sdy.manual_computation")]
+    assert found["splash"][:2] == [3, 0] and found["splash"][2] > 0
+    assert found["xla"][0] == found["xla"][2] == 0 and found["xla"][1] > 0
 
 def test_bfloat16_compute_returns_float32_logits_close_to_float32():
     cfg = LlamaConfig(**GQA)

@@ -8,13 +8,15 @@ vocab 32000, sequence 256, batch 8. llama_jax runs the step `python -m llama_jax
 runs (next-token loss, the paper's AdamW with clipping, donated state, scan over layers,
 float32, and `dtype="bfloat16"`: bfloat16 matmuls, float32 params, norms and softmax);
 HF runs float32, and float32 under `torch.autocast(bfloat16)` (PyTorch's fastest CPU
-setting). llama_jax runs twice in float32: with the model defaults, and with the CPU
-settings (`model.scan_layers=false`, `model.mlp_backward=auto`, `model.head_backward=auto`:
-layers unrolled, our hand-written MLP and output-head backward passes), the
-configuration a CPU run should use; its bfloat16 row uses the CPU settings too. The
+setting). llama_jax runs twice in float32: with the model defaults (layers scanned; on a
+CPU our hand-written MLP and output-head backward passes, `mlp_backward` and
+`head_backward` "auto"), and with the CPU settings (`model.scan_layers=false`,
+`model.mlp_backward=auto`, `model.head_backward=auto`: the same with the layers
+unrolled), the configuration a CPU run should use; its bfloat16 row uses the CPU settings too. The
 ratios at the end compare that configuration with HF. All start from the same weights. The
 first two steps of each (compilation, allocation) are excluded; the timed steps
-alternate between them (a busy machine slows all alike) and the median of `--steps`
+alternate between them (a busy machine slows all alike), each after an untimed step of
+its own (the first step after another program's costs more), and the median of `--steps`
 steps each is reported as tokens per second, with model FLOP/s as a share of this
 machine's float32 matmul peak, measured here.
 
@@ -38,8 +40,11 @@ def _timed(fns: dict, steps: dict, warmup: dict) -> dict:
     """Median seconds per call of each fn, after `warmup[name]` untimed calls, over
     `steps[name]` timed ones; the timed calls alternate between the fns (a fn with fewer
     steps drops out), so on a shared machine a burst of load slows every side alike. Each
-    call's time goes to stderr as it ends (a step can take minutes on a CPU without
-    bfloat16 units)."""
+    timed call follows an untimed one of the same fn: the first step after another
+    program's pays for memory that program left mapped differently (measured: the
+    unrolled llama_jax step 4.1-4.2 s right after the scanned one's, 2.7 s after its
+    own), a cost a training run, which repeats one step, never has. Each call's time goes
+    to stderr as it ends (a step can take minutes on a CPU without bfloat16 units)."""
     for name, fn in fns.items():
         for i in range(warmup[name]):
             start = time.perf_counter()
@@ -51,6 +56,7 @@ def _timed(fns: dict, steps: dict, warmup: dict) -> dict:
         for name, fn in fns.items():
             if step >= steps[name]:
                 continue
+            fn()  # untimed: back on this fn's program (see the docstring)
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

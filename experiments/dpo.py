@@ -3,7 +3,7 @@ starts from a chat model and is trained on preference pairs against a frozen cop
 
   tiny  python -m llama_jax.main --config=experiments/dpo.py:tiny --workdir=runs/dpo \\
             --config.init_from=runs/sft
-        Any CPU (2 cores: ~3 minutes), the toy preference pairs. Expected: held-out
+        Any CPU (2 cores: ~2 minutes), the toy preference pairs. Expected: held-out
         preference accuracy (the implicit reward ranks chosen above rejected) well above 50%.
   7b | 13b | 34b | 70b
         --config.init_from=SFT_CHECKPOINT --config.data.source='prefs/*.jsonl'; LR 5e-7,

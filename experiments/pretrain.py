@@ -1,7 +1,7 @@
 """Pretraining (paper section 2): next-token loss on packed documents.
 
   tiny  python -m llama_jax.main --config=experiments/pretrain.py:tiny --workdir=runs/tiny
-        Any CPU (2 cores: ~3 minutes). The embedded default corpus (this Python's standard
+        Any CPU (2 cores: ~2 minutes). The embedded default corpus (this Python's standard
         library), a 2048-piece tokenizer trained into the workdir, a 1.3M-parameter model,
         600 steps of 8 x 256 tokens. Expected: held-out loss ~4.4 nats/token against a
         unigram baseline of ~6.1 (see README, "Pretraining on the embedded default").

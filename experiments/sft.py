@@ -3,12 +3,12 @@ on answer tokens only (prompt tokens zeroed), dialogs packed into rows.
 
   tiny  python -m llama_jax.main --config=experiments/sft.py:tiny --workdir=runs/sft \\
             --config.init_from=runs/tiny
-        Any CPU (2 cores: ~23 minutes). Fine-tunes the tiny pretrained model (the README's
+        Any CPU (2 cores: ~16 minutes). Fine-tunes the tiny pretrained model (the README's
         main job) on the seeded toy chat tasks (arithmetic, copy, reverse, sort; system
         instructions; refusals; 6% about the generic safety preprompt: adversarial requests
         refused under it and done without it, tasks answered under it,
         data.synthetic_safety_system), written to WORKDIR/data. Expected: held-out exact match
-        from 0% before SFT to ~87% (README, "Fine-tuning on the toy tasks").
+        from 0% before SFT to ~80% (README, "Fine-tuning on the toy tasks").
   7b | 13b | 34b | 70b
         python -m llama_jax.main --config=experiments/sft.py:7b --workdir=gs://B/sft7b \\
             --config.init_from=gs://B/pretrain7b --config.data.source=gs://B/sft/*.jsonl

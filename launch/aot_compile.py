@@ -71,6 +71,9 @@ def analyse(config, num_devices: int) -> dict:
         raise SystemExit(f"error: config.stage: unknown stage {config.stage!r}; known: {sorted(STAGES)}")
     stage = STAGES[config.stage]()
     cfg = configs.to_llama_config(config.model)
+    # The target is a TPU or GPU, where "auto" picks autodiff's backward passes; resolved
+    # here, XLA:CPU would compile the hand-written ones it picks for a CPU
+    cfg = cfg.replace(**{f: "xla" for f in ("mlp_backward", "head_backward") if getattr(cfg, f) == "auto"})
     mesh, rules = sharding.run_mesh(config.mesh)
     sharding.check_model_fits_mesh(cfg, mesh)
     if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):

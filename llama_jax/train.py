@@ -351,7 +351,7 @@ def run(config, workdir: str, stage) -> dict:
 
     from llama_jax import checkpoint as ckpt
     from llama_jax import configs, distributed, metrics, sharding
-    from llama_jax.model import COMPUTE_ONLY_FIELDS, INIT_FROM_FIELDS
+    from llama_jax.model import COMPUTE_ONLY_FIELDS, INIT_FROM_FIELDS, attention_kernel
 
     try:
         cfg = configs.to_llama_config(config.model)
@@ -363,6 +363,7 @@ def run(config, workdir: str, stage) -> dict:
                 raise RunError(f"config.init_from {config.init_from}: its score head was trained with "
                                f"score_pooling={pooled!r}; set --config.model.score_pooling={pooled} "
                                f"(this run has {cfg.score_pooling!r})")
+        attention_kernel(cfg)  # a kernel this backend cannot run is an error here, before any work
     except ValueError as e:
         raise RunError(f"config.model: {e}") from None
     probe = os.path.join(workdir, f".write_test.{jax.process_index()}")

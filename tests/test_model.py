@@ -293,8 +293,8 @@ def test_manual_mlp_backward_gives_autodiffs_gradients():
     params = init(base)
     toks = tokens(base, 2, 9)
     _assert_same_gradients(base, params, toks, "mlp_backward")
-    assert not manual_mlp_backward(base)  # the default: autodiff
-    assert manual_mlp_backward(base.replace(mlp_backward="auto"))  # the tests run on CPU, without remat
+    assert manual_mlp_backward(base)  # the default, "auto": the tests run on CPU, without remat
+    assert not manual_mlp_backward(base.replace(mlp_backward="xla"))
     assert not manual_mlp_backward(base.replace(mlp_backward="auto", remat_policy="full"))
     assert manual_mlp_backward(base.replace(mlp_backward="manual", remat_policy="dots"))
     _, remat = loss_and_grads(base.replace(mlp_backward="manual", remat_policy="full"), params, toks)
@@ -312,10 +312,10 @@ def test_manual_head_backward_gives_autodiffs_gradients():
     base = LlamaConfig(**GQA)
     params = init(base)
     toks = tokens(base, 2, 9)
-    _assert_same_gradients(base, params, toks, "head_backward")
-    _assert_same_gradients(base.replace(mlp_backward="manual"), params, toks, "head_backward")
-    assert not manual_head_backward(base)  # the default: autodiff
-    assert manual_head_backward(base.replace(head_backward="auto"))  # the tests run on CPU
+    _assert_same_gradients(base, params, toks, "head_backward")  # with the MLP's VJP (the CPU default)
+    _assert_same_gradients(base.replace(mlp_backward="xla"), params, toks, "head_backward")
+    assert manual_head_backward(base)  # the default, "auto": the tests run on CPU
+    assert not manual_head_backward(base.replace(head_backward="xla"))
     x = jax.random.normal(jax.random.key(1), (2, 3, 5))
     w = jax.random.normal(jax.random.key(2), (5, 7))
     g = jax.random.normal(jax.random.key(3), (2, 3, 7))

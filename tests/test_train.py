@@ -118,16 +118,23 @@ def test_a_poisoned_batch_is_detected_and_not_applied():
     assert float(jnp.abs(good.params["output"] - params["output"]).max()) > 0
 
 
-@pytest.mark.parametrize("settings", [{}, dict(scan_layers=False, mlp_backward="manual", head_backward="manual"),
-                                      dict(attention="splash")], ids=["defaults", "cpu-settings", "splash"])
+@pytest.mark.parametrize("settings", [{}, dict(scan_layers=False), dict(attention="splash")],
+                         ids=["defaults", "cpu-settings", "splash"])
 def test_sharded_train_step_equals_single_device(settings):
-    """The 2 x 2 x 2 mesh's step equals one device's default step; with the CPU settings
-    (hand-written MLP and head backward passes) too: their VJPs shard like autodiff's; and
-    with Splash attention (interpreted here), which runs per shard inside shard_map."""
+    """The 2 x 2 x 2 mesh's step equals one device's step with autodiff's backward passes
+    and the einsum attention: with the defaults, which on a CPU are the hand-written MLP
+    and head backward passes (their VJPs shard like autodiff's), with the layers unrolled
+    too (the CPU settings), and with Splash attention (interpreted here), which runs per
+    shard inside shard_map."""
     params = random_params(CFG, std=0.1)
     opt = train.make_optimizer(opt_cfg(), 100)
     batch = make_batch()
-    ref_state, ref_m = jax.jit(train.make_train_step(apply_fn, next_token, opt))(train.init_state(params, opt), batch)
+    autodiff = Llama(CFG.replace(mlp_backward="xla", head_backward="xla"))
+
+    def apply_autodiff(p, tokens, positions, segment_ids):
+        return autodiff.apply({"params": p}, tokens, positions, segment_ids)
+    ref_state, ref_m = jax.jit(train.make_train_step(apply_autodiff, next_token, opt))(train.init_state(params, opt),
+                                                                                        batch)
     cfg = CFG.replace(**settings)
 
     def apply_settings(p, tokens, positions, segment_ids):

@@ -265,7 +265,7 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, refe
                                  "--config.model.mlp_backward=manual", "--config.model.remat_policy=full"),
                          env=env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "mlp_backward 'xla' -> 'manual', remat_policy 'none' -> 'full'" in out.stderr, out.stderr[-2000:]
+    assert "mlp_backward 'auto' -> 'manual', remat_policy 'none' -> 'full'" in out.stderr, out.stderr[-2000:]
 
 
 def _cli(module):

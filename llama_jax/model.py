@@ -510,7 +510,9 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: fl
     pad = -T % SPLASH_BLOCKS[-1]
     L = T + pad
     block = next(b for b in SPLASH_BLOCKS if L % b == 0)
-    heads_first = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # noqa: E731
+    def heads_first(x):  # [B, T, N, Dh] -> [B, N, L, Dh]
+        return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
     q, k, v = heads_first((q * scale).astype(q.dtype)), heads_first(k), heads_first(v)
     seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
@@ -522,12 +524,9 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: fl
                                         head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
         return jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash.SegmentIds(s, s)))(q, k, v, seg)
 
-    rules = nn.get_logical_axis_rules()
-    mesh = jax.sharding.get_abstract_mesh()
-    if rules and not mesh.empty:
-        sizes_of = dict(zip(mesh.axis_names, mesh.axis_sizes))
-        q_spec = sharding.logical_to_spec(("batch", "heads", None, None), q.shape, rules, sizes_of)
-        kv_spec = sharding.logical_to_spec(("batch", "kv_heads", None, None), k.shape, rules, sizes_of)
+    q_spec = sharding.active_spec(("batch", "heads", None, None), q.shape)
+    if q_spec is not None:
+        kv_spec = sharding.active_spec(("batch", "kv_heads", None, None), k.shape)
         heads = q_spec[1] if q_spec[1] == kv_spec[1] else None  # a query head's kv head must be on its shard
         q_spec, kv_spec = (jax.sharding.PartitionSpec(q_spec[0], heads, None, None),) * 2
         rows = jax.shard_map(rows, in_specs=(q_spec, kv_spec, kv_spec, jax.sharding.PartitionSpec(q_spec[0], None)),

@@ -182,14 +182,20 @@ def activate(mesh: Mesh, rules):
         yield
 
 
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint by logical names; a no-op outside `activate`."""
+def active_spec(names: Sequence[str | None], shape: Sequence[int]) -> P | None:
+    """The PartitionSpec the active rules give an array of `shape` with logical `names`;
+    None outside `activate`."""
     rules = nn.get_logical_axis_rules()
     mesh = jax.sharding.get_abstract_mesh()
     if not rules or mesh.empty:
-        return x
-    spec = logical_to_spec(names, x.shape, rules, dict(zip(mesh.axis_names, mesh.axis_sizes)))
-    return jax.lax.with_sharding_constraint(x, spec)
+        return None
+    return logical_to_spec(names, shape, rules, dict(zip(mesh.axis_names, mesh.axis_sizes)))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside `activate`."""
+    spec = active_spec(names, x.shape)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 # ----------------------------------------------------------------------------------

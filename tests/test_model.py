@@ -325,6 +325,31 @@ def test_manual_head_backward_gives_autodiffs_gradients():
     np.testing.assert_allclose(dw, x.reshape(6, 5).T @ g.reshape(6, 7), rtol=1e-5, atol=1e-5)
 
 
+def _assert_kernel_matches_einsums(kernel, length, after_einsums=lambda: None):
+    """attention=`kernel` against the einsum path on two GQA rows of `length` tokens (two
+    packed segments; one segment right-padded by 3): logits at real positions, the loss
+    and every gradient. `after_einsums` runs between the two (to check what ran)."""
+    base = LlamaConfig(**{**GQA, "max_seq_len": 512})
+    params = init(base)
+    toks = tokens(base, 2, length)
+    a = length // 2
+    seg = jnp.array([[1] * a + [2] * (length - a), [1] * (length - 3) + [0] * 3])
+    pos = jnp.array([list(range(a)) + list(range(length - a)), list(range(length - 3)) + [0] * 3])
+    real_rows = np.asarray(seg != 0)
+
+    def loss(cfg, p):
+        logits = run(Llama(cfg), p, toks, pos, seg)
+        return jnp.sum(jnp.where(real_rows[..., None], logits, 0.0) ** 2), logits
+
+    (l_x, out_x), g_x = jax.value_and_grad(lambda p: loss(base, p), has_aux=True)(params)
+    after_einsums()
+    (l_k, out_k), g_k = jax.value_and_grad(lambda p: loss(base.replace(attention=kernel), p), has_aux=True)(params)
+    np.testing.assert_allclose(np.asarray(out_k)[real_rows], np.asarray(out_x)[real_rows], atol=2e-5)
+    np.testing.assert_allclose(float(l_k), float(l_x), rtol=1e-5)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(g_x), jax.tree_util.tree_leaves(g_k)):
+        np.testing.assert_allclose(y, x, atol=1e-5 * float(jnp.abs(x).max()), rtol=1e-4, err_msg=str(path))
+
+
 def test_fused_attention_path_matches_the_einsums_on_packed_padded_gqa_rows(monkeypatch):
     """attention="cudnn" calls jax.nn.dot_product_attention (causal, segment mask, GQA
     layout). cuDNN needs a GPU, so here the same call runs with JAX's XLA kernel: what is
@@ -340,26 +365,13 @@ def test_fused_attention_path_matches_the_einsums_on_packed_padded_gqa_rows(monk
         calls.append(implementation)
         return real(*args, implementation="xla", **kw)
 
+    def none_yet():
+        assert calls == []
+
     monkeypatch.setattr(jax.nn, "dot_product_attention", on_cpu)
-    base = LlamaConfig(**GQA)
-    params = init(base)
-    toks = tokens(base, 2, 9)
-    seg = jnp.array([[1] * 4 + [2] * 5, [1] * 6 + [0] * 3])
-    pos = jnp.array([list(range(4)) + list(range(5)), list(range(6)) + [0] * 3])
-    real_rows = np.asarray(seg != 0)
-
-    def loss(cfg, p):
-        logits = run(Llama(cfg), p, toks, pos, seg)
-        return jnp.sum(jnp.where(real_rows[..., None], logits, 0.0) ** 2), logits
-
-    (l_x, out_x), g_x = jax.value_and_grad(lambda p: loss(base, p), has_aux=True)(params)
-    assert calls == []
-    (l_f, out_f), g_f = jax.value_and_grad(lambda p: loss(base.replace(attention="cudnn"), p), has_aux=True)(params)
+    _assert_kernel_matches_einsums("cudnn", 9, after_einsums=none_yet)
     assert calls and set(calls) == {"cudnn"}
-    np.testing.assert_allclose(np.asarray(out_f)[real_rows], np.asarray(out_x)[real_rows], atol=2e-5)
-    np.testing.assert_allclose(float(l_f), float(l_x), rtol=1e-5)
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(g_x), jax.tree_util.tree_leaves(g_f)):
-        np.testing.assert_allclose(y, x, atol=1e-5 * float(jnp.abs(x).max()), rtol=1e-4, err_msg=str(path))
+    base = LlamaConfig(**GQA)
     assert attention_kernel(base.replace(attention="auto", dtype="bfloat16")) == "xla"  # CPU: the einsums
     assert attention_kernel(base.replace(attention="cudnn")) == "cudnn"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what "auto" would pick on a GPU
@@ -380,25 +392,7 @@ def test_splash_attention_path_matches_the_einsums_on_packed_padded_gqa_rows(len
     right padding and grouped queries. 9 tokens are padded to one 128-token block; 300 to
     three blocks, so the kernel's causal block skipping and its masked diagonal blocks
     both run."""
-    base = LlamaConfig(**{**GQA, "max_seq_len": 512})
-    params = init(base)
-    toks = tokens(base, 2, length)
-    a = length // 2
-    seg = jnp.array([[1] * a + [2] * (length - a), [1] * (length - 3) + [0] * 3])
-    pos = jnp.array([list(range(a)) + list(range(length - a)), list(range(length - 3)) + [0] * 3])
-    real_rows = np.asarray(seg != 0)
-
-    def loss(cfg, p):
-        logits = run(Llama(cfg), p, toks, pos, seg)
-        return jnp.sum(jnp.where(real_rows[..., None], logits, 0.0) ** 2), logits
-
-    (l_x, out_x), g_x = jax.value_and_grad(lambda p: loss(base, p), has_aux=True)(params)
-    (l_s, out_s), g_s = jax.value_and_grad(lambda p: loss(base.replace(attention="splash"), p), has_aux=True)(params)
-    np.testing.assert_allclose(np.asarray(out_s)[real_rows], np.asarray(out_x)[real_rows], atol=2e-5)
-    np.testing.assert_allclose(float(l_s), float(l_x), rtol=1e-5)
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(g_x), jax.tree_util.tree_leaves(g_s)):
-        np.testing.assert_allclose(y, x, atol=1e-5 * float(jnp.abs(x).max()), rtol=1e-4, err_msg=str(path))
-
+    _assert_kernel_matches_einsums("splash", length)
 
 
 def test_splash_attention_lowers_for_a_tpu_without_a_score_tensor(monkeypatch):

@@ -5,7 +5,7 @@
         library), a 2048-piece tokenizer trained into the workdir, a 1.3M-parameter model,
         600 steps of 8 x 256 tokens. Expected: held-out loss ~4.4 nats/token against a
         unigram baseline of ~6.1 (see README, "Pretraining on the embedded default").
-  7b    --config=experiments/pretrain.py:7b --config.data.source=shards:gs://BUCKET/shards
+  7b    --config=experiments/pretrain.py:7b --config.data.source=shards:gcs/shards
         TPU v5p-128 / v4-256 or 32+ H100s. The paper's recipe: 4M-token batches (1024 x
         4096), peak LR 3e-4, 2000 warmup steps, cosine to 10%, ~477k steps for 2T tokens.
   13b   same as 7b with 13B shapes (peak LR 3e-4).

@@ -10,8 +10,8 @@ on answer tokens only (prompt tokens zeroed), dialogs packed into rows.
         data.synthetic_safety_system), written to WORKDIR/data. Expected: held-out exact match
         from 0% before SFT to ~80% (README, "Fine-tuning on the toy tasks").
   7b | 13b | 34b | 70b
-        python -m llama_jax.main --config=experiments/sft.py:7b --workdir=gs://B/sft7b \\
-            --config.init_from=gs://B/pretrain7b --config.data.source=gs://B/sft/*.jsonl
+        python -m llama_jax.main --config=experiments/sft.py:7b --workdir=gcs/sft7b \\
+            --config.init_from=gcs/pretrain7b --config.data.source='gcs/sft/*.jsonl'
         The paper's settings: cosine schedule from LR 2e-5, weight decay 0.1, batch 64 x
         4096 tokens, 2 epochs (the step count below assumes the paper's 27,540 dialogs one
         per row; set total_steps for your data). Same hardware as pretraining's preset.

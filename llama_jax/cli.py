@@ -3,6 +3,7 @@ every bad flag or config override is one line on stderr and exit code 2, not a t
 
 from __future__ import annotations
 
+import ast
 import sys
 
 from absl import flags
@@ -16,8 +17,26 @@ def parse_flags(argv: list[str], usage: str) -> list[str]:
     except flags.Error as e:
         message = str(e)
     except (KeyError, AttributeError, TypeError, ValueError) as e:  # raised by config overrides
-        message = str(e.args[0]) if e.args else repr(e)
+        if isinstance(e, AttributeError) and e.args and isinstance(e.args[0], KeyError):
+            e = e.args[0]  # a misspelt field of a config: ml_collections' KeyError inside an AttributeError
+        message = _unknown_field(e, argv) if isinstance(e, KeyError) else str(e.args[0]) if e.args else repr(e)
     usage_error(message, usage)
+
+
+def _unknown_field(e: KeyError, argv: list[str]) -> str:
+    """One line naming the override and its unknown field. ml_collections' KeyError holds
+    the field's name quoted, sometimes quoted again around a "Did you mean" line."""
+    text = str(e.args[0]) if e.args else ""
+    while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        try:
+            text = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            break
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    field = lines[0].strip("'\"") if lines else "?"
+    hint = "; " + " ".join(lines[1:]).lower() if len(lines) > 1 else ""
+    flag = next((a for a in argv if a.startswith("--config.") and field in a.split("=")[0].split(".")[1:]), "")
+    return f"{flag + ': ' if flag else ''}the config has no field {field!r}{hint}"
 
 
 def usage_error(message: str, usage: str) -> None:

@@ -57,7 +57,7 @@ def load_run(workdir: str) -> dict:
 
 
 def higher_is_better(metric: str) -> bool:
-    return not any(w in metric for w in ("loss", "perplexity", "nonfinite", "kl"))
+    return not any(w in metric for w in ("loss", "perplexity", "nonfinite", "kl", "violation", "refusal"))
 
 
 def summarize(run: dict, metrics: list[str]) -> dict[str, Any]:

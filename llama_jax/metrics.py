@@ -18,10 +18,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 peak FLOP/s per chip, by substrings of jax's `device_kind`.
+# Dense bf16 peak FLOP/s per chip, by substrings of jax's `device_kind`, first match wins
+# (a v5p reports itself as "TPU v5", a v5e as "TPU v5 lite", a v6e as "TPU v6 lite").
 PEAK_FLOPS = (
     ("v6 lite", 918e12), ("v6e", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12),
-    ("v4", 275e12), ("h100", 989e12), ("h200", 989e12), ("a100", 312e12),
+    ("tpu v5", 459e12), ("v4", 275e12), ("h100", 989e12), ("h200", 989e12), ("a100", 312e12),
 )
 
 
@@ -104,7 +105,16 @@ class MetricsWriter:
         if os.path.exists(self.path):
             with open(self.path) as f:
                 rows = [line for line in f if line.strip()]
-            kept = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
+            kept = []
+            for i, r in enumerate(rows):
+                try:
+                    step = json.loads(r).get("step", 0)
+                except json.JSONDecodeError:
+                    if i == len(rows) - 1:  # the row being written when the run was killed: dropped
+                        break
+                    raise ValueError(f"{self.path}: row {i + 1} is not JSON; fix or remove that row") from None
+                if step <= resume_step:
+                    kept.append(r)
             if len(kept) != len(rows):
                 with open(self.path + ".tmp", "w") as f:
                     f.writelines(kept)

@@ -226,6 +226,8 @@ def load_model_local(path: str, heads_needed: str, mesh=None, rules=None):
 class RewardModels:
     """The helpfulness reward model and, optionally, the safety one; `__call__` scores
     complete dialogs and returns the gated reward R_c (a probability) and its parts.
+    `helpful` "" loads the safety model alone (safety distillation reads only its score;
+    there is no gated reward then).
     With `mesh` and `rules` (PPO's: a run's own) they live on that mesh, sharded like the
     policy, and every process scores the same dialogs together; without, each process
     holds its own copy on its own devices."""
@@ -235,7 +237,9 @@ class RewardModels:
         from llama_jax.tokenizer import TokenizerError
 
         self.on_mesh, self.rules = mesh is not None, rules
-        self.models = {"helpful": load_model_local(helpful, "score", mesh, rules)}
+        self.models = {}
+        if helpful:
+            self.models["helpful"] = load_model_local(helpful, "score", mesh, rules)
         if safety:
             self.models["safety"] = load_model_local(safety, "score", mesh, rules)
         self.threshold = threshold
@@ -254,8 +258,12 @@ class RewardModels:
             raw = score(cfg, params, tok, dialogs, batch_size=32, mesh=mesh if self.on_mesh else None,
                         rules=self.rules)
             out[name] = 1.0 / (1.0 + np.exp(-raw))
-        safety = out.get("safety", np.ones_like(out["helpful"]))
-        out["gated"] = np.asarray(gate_reward(jnp.asarray(out["helpful"]), jnp.asarray(safety),
+        if "helpful" not in out:  # the safety model alone
+            return out
+        if "safety" not in out:  # no safety RM (rlhf.safety_reward_model ""): helpfulness only, no gating
+            out["gated"] = out["helpful"]
+            return out
+        out["gated"] = np.asarray(gate_reward(jnp.asarray(out["helpful"]), jnp.asarray(out["safety"]),
                                               jnp.asarray(np.asarray(is_safety, bool)), self.threshold))
         return out
 

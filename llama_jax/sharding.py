@@ -168,6 +168,11 @@ def named_sharding(mesh: Mesh, rules, names: Sequence[str | None], shape: Sequen
     return NamedSharding(mesh, logical_to_spec(names, shape, normalize_rules(rules), _sizes(mesh)))
 
 
+def batch_shards(mesh: Mesh, rules) -> int:
+    """How many ways the rules split the batch axis on `mesh` (data x fsdp by default)."""
+    return _axis_size(nn.logical_to_mesh_axes(("batch",), normalize_rules(rules))[0], _sizes(mesh))
+
+
 def batch_sharding(mesh: Mesh, rules, shape: Sequence[int]) -> NamedSharding:
     """Sharding of a [B, T, ...] batch array (batch over data x fsdp by default)."""
     names = ("batch", "length") + (None,) * (len(shape) - 2)

@@ -241,17 +241,22 @@ def _toy_chat(config) -> dict:
     return dict(safety_system_prob=float(config.data.synthetic_safety_system))
 
 
-def reward_models(stage, config, tokenizer):
+def reward_models(stage, config, tokenizer, safety_only: bool = False):
     """The RLHF stages' reward models (rlhf.reward_model, else the safety one, as the
     helpfulness model; rlhf.safety_reward_model), loaded once and kept on the stage, on
     the run's own mesh sharded by its rules (the mesh the policy, PPO's reference and its
-    value head live on): every process scores the same dialogs together."""
+    value head live on): every process scores the same dialogs together. `safety_only`:
+    the safety model alone (safety distillation), whatever rlhf.reward_model says."""
     if getattr(stage, "rms", None) is None:
         from llama_jax import rlhf, sharding
 
         r = config.rlhf
-        if r.reward_model == rlhf.CODE_REWARD:  # the toy checker (a gold reward); the safety RM is not used
-            patterns = [r.prompts if r.prompts != "synthetic" else "", r.eval_prompts,
+        if safety_only:
+            mesh, rules = sharding.run_mesh(config.mesh)
+            stage.rms = rlhf.RewardModels("", r.safety_reward_model, tokenizer, r.safety_threshold, mesh=mesh,
+                                          rules=rules)
+        elif r.reward_model == rlhf.CODE_REWARD:  # the toy checker (a gold reward); the safety RM is not used
+            patterns = [r.prompts if r.prompts != "synthetic" else "", r.eval_prompts, r.val_prompts,
                         os.path.join(stage.workdir, "data", "prompts_*.jsonl")]
             stage.rms = rlhf.CodeReward(patterns)
             print("reward: the toy prompts' code check (rlhf.reward_model=code), not a reward model", flush=True)
@@ -525,8 +530,10 @@ class RejectionSamplingStage(SFTStage):
         if config.rlhf.selection_beta < 0:
             raise RunError(f"config.rlhf.selection_beta {config.rlhf.selection_beta} is negative (0 = the paper's "
                            "argmax of the reward; > 0 also weighs the policy's log-probability of each answer)")
-        self.eval_path = config.data.eval_source or _synthetic(config, workdir, "chat", "eval",
-                                                               config.data.synthetic_eval, **_toy_chat(config))
+        self.eval_path = config.data.eval_source  # toy held-out dialogs only for toy prompts, as in SFT
+        if not self.eval_path and config.rlhf.prompts == "synthetic":
+            self.eval_path = _synthetic(config, workdir, "chat", "eval", config.data.synthetic_eval,
+                                        **_toy_chat(config))
         self.train_path = os.path.join(workdir, "data", "rs_train.jsonl")
         distributed.together("rejection sampling", lambda: os.path.exists(self.train_path),
                              lambda: self._sample(config, workdir))
@@ -928,8 +935,11 @@ def _preprompt_positions(config) -> list[str]:
 
 def with_preprompt(messages: list[dict], preprompt: str, position: str) -> list[dict]:
     """The prompt with a safety preprompt: before the last user message's text
-    ("prefix", the paper's) or as a system message ("system")."""
+    ("prefix", the paper's) or as a system message ("system"; before the text of the
+    prompt's own system message when it has one: a dialog holds one system message)."""
     if position == "system":
+        if messages and messages[0]["role"] == "system":
+            return [dict(messages[0], content=f"{preprompt}\n{messages[0]['content']}"), *messages[1:]]
         return [{"role": "system", "content": preprompt}] + messages
     last = max(i for i, m in enumerate(messages) if m["role"] == "user")
     return [dict(m, content=f"{preprompt} {m['content']}") if i == last else m for i, m in enumerate(messages)]
@@ -1020,7 +1030,8 @@ class SafetyDistillStage(SFTStage):
     def _safety(self, config, tokenizer, prompts: list[dict], answers: list) -> np.ndarray:
         """The safety RM's probabilities of the answers (loaded once, on the run's mesh)."""
         dialogs = [r["messages"] + [{"role": "assistant", "content": a or ""}] for r, a in zip(prompts, answers)]
-        return np.asarray(reward_models(self, config, tokenizer)(dialogs, [True] * len(prompts))["safety"])
+        return np.asarray(reward_models(self, config, tokenizer, safety_only=True)(dialogs, [True] * len(prompts))
+                          ["safety"])
 
     def _rates(self, config, workdir, cfg, params, tokenizer, mesh, rules=None) -> dict:
         """Violation rate on held-out unsafe prompts (the safety RM's probability below

@@ -237,7 +237,8 @@ class EarlyStopping:
         stopper = cls(config.early_stopping)
         if not config.eval_every_steps:
             raise RunError("config.early_stopping.metric needs evaluations: set config.eval_every_steps > 0")
-        later = stopper.patience * config.eval_every_steps // config.checkpoint_every_steps
+        # periodic saves in the patience window after the best: at most ceil(window / checkpoint interval)
+        later = -(-stopper.patience * config.eval_every_steps // config.checkpoint_every_steps)
         if config.checkpoint.max_to_keep and config.checkpoint.max_to_keep < later + 1:
             raise RunError(f"config.checkpoint.max_to_keep {config.checkpoint.max_to_keep} could delete the best "
                            f"checkpoint before early stopping returns to it ({later} saves may follow it at "
@@ -366,6 +367,16 @@ def run(config, workdir: str, stage) -> dict:
         attention_kernel(cfg)  # a kernel this backend cannot run is an error here, before any work
     except ValueError as e:
         raise RunError(f"config.model: {e}") from None
+    for field, path in (("--workdir", workdir), ("config.init_from", config.init_from)):
+        if "://" in str(path):  # else os.makedirs would make a local directory named like the URL
+            raise RunError(f"{field} {path}: URLs are not read or written directly; mount the bucket (gcsfuse, as "
+                           "launch/tpu_vm.sh does) and pass its local path")
+    for field in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
+        v = config[field]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise RunError(f"config.{field} must be a positive integer, got {v!r}")
+    if not isinstance(config.eval_every_steps, int) or config.eval_every_steps < 0:
+        raise RunError(f"config.eval_every_steps must be >= 0 (0 = only at the end), got {config.eval_every_steps!r}")
     probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -392,6 +403,12 @@ def run(config, workdir: str, stage) -> dict:
     tokenizer.check_fits(cfg.vocab_size, "config.model")
     mesh, rules = sharding.run_mesh(config.mesh)
     sharding.check_model_fits_mesh(cfg, mesh)
+    shards, procs = sharding.batch_shards(mesh, rules), jax.process_count()
+    if procs > 1 and (shards % procs or config.batch_size % shards):
+        # else the batch is replicated (or shared) across processes that each read their own rows: every
+        # process would train on its own rows alone, and the processes' weights would drift apart
+        raise RunError(f"config.batch_size {config.batch_size} must be divisible by the {shards} shards of the "
+                       f"batch axis (config.mesh data x fsdp), and those by the {procs} processes")
     plan = build_step(config, cfg, stage, mesh, rules)
     model, apply_fn, optimizer = plan.model, plan.apply_fn, plan.optimizer
     param_sh, state_sh, abstract_sharded = plan.param_sh, plan.state_sh, plan.abstract_state
@@ -470,7 +487,10 @@ def run(config, workdir: str, stage) -> dict:
     if config.mesh.gather_for_generation and stage.samples_in_evaluation(config):
         gather_for_eval()  # a copy that cannot fit is an error now, not after training
 
-    writer = metrics.MetricsWriter(workdir, resume_step=start, enabled=lead)
+    try:
+        writer = metrics.MetricsWriter(workdir, resume_step=start, enabled=lead)
+    except ValueError as e:
+        raise RunError(str(e)) from None
     progress = metrics.Progress(config.total_steps, start, enabled=lead)
     peak = metrics.peak_flops_per_device(config.metrics.peak_flops_per_device)
     flops_per_token = cfg.train_flops_per_token(config.seq_len)
@@ -504,7 +524,8 @@ def run(config, workdir: str, stage) -> dict:
         checkpointer.save(step, state, data_state, {**meta, **extra}, force=force)
 
     try:
-        if start == 0 and (stopper is not None or stage.evaluate_at_start):  # the numbers before any update
+        # the numbers before any update (not again when resuming from the step-0 checkpoint early stopping saves)
+        if restored is None and (stopper is not None or stage.evaluate_at_start):
             ev = evaluate(state.params, "start")
             if ev:
                 writer.write(0, ev)
@@ -590,8 +611,12 @@ def run(config, workdir: str, stage) -> dict:
         if stopper is not None and stopper.best_step is not None:
             final.update(early_stopping_best_step=stopper.best_step, early_stopping_best=stopper.best,
                          early_stopping_reason=stopper.reason)
-        if lead:
-            with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+        final_path = os.path.join(workdir, "final_metrics.json")
+        if start >= config.total_steps and os.path.exists(final_path):  # a rerun of a finished run: keep its numbers
+            with open(final_path) as f:
+                final = {**json.load(f), **{k: v for k, v in final.items() if k.startswith("early_stopping")}}
+        elif lead:
+            with open(final_path, "w") as f:
                 json.dump(final, f, indent=1)
         stage.after_training(config, workdir, model, state.params, tokenizer, progress)
     finally:

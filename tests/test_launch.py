@@ -52,6 +52,17 @@ def test_two_processes_train_like_one_and_hand_over_their_checkpoint(tmp_path, t
     assert sorted(os.listdir(os.path.join(multi, "checkpoints")), key=int)[-1] == "9"
 
 
+def test_a_batch_the_processes_cannot_split_is_refused(tmp_path, tokenizer_path):
+    """Batch 6 over 2 processes x 2 devices: the batch axis has 4 shards, so rows would be
+    replicated across processes that each read their own; refused before any step."""
+    out = subprocess.run([sys.executable, f"{ROOT}/launch/local.py", "--num_processes=2", "--devices_per_process=2",
+                          "--timeout=100", "--", *main_args(str(tmp_path / "run"), tokenizer_path, 2),
+                          "--config.batch_size=6"], env=env(), capture_output=True, text=True, timeout=200)
+    assert out.returncode != 0
+    assert "config.batch_size 6 must be divisible by the 4 shards of the batch axis" in out.stderr, out.stderr[-3000:]
+    assert "step 1/" not in out.stderr
+
+
 def test_local_launcher_fails_the_job_when_one_process_dies(tmp_path):
     script = ("import os, sys, time\n"
               "if os.environ['JAX_PROCESS_ID'] == '1': sys.exit(3)\n"
@@ -137,6 +148,9 @@ def test_compare_reports_final_and_best_and_names_bad_directories(tmp_path):
     header, _, first, second = text.splitlines()
     assert "optimizer.learning_rate" in header and "seed" not in header
     assert first.startswith("a ") and second.startswith("b ")  # best eval_loss 2.0 < 2.8
+    for name in ("eval_violation_rate", "eval_false_refusal_rate", "eval_kl", "loss"):  # the safety rates too
+        assert not compare.higher_is_better(name), name
+    assert compare.higher_is_better("eval_exact_match") and compare.higher_is_better("eval_reward")
     (tmp_path / "empty").mkdir()
     out = subprocess.run([sys.executable, "-m", "llama_jax.compare", a, str(tmp_path / "empty")],
                          capture_output=True, text=True, timeout=60)

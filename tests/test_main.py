@@ -196,6 +196,7 @@ def test_early_stopping_returns_to_the_best_evaluation(tmp_path, tokenizer_path)
     again = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "resumed from step 12" in again.stdout
     assert len(open(tmp_path / "metrics.jsonl").readlines()) == len(rows)  # nothing trained or added
+    assert json.load(open(tmp_path / "final_metrics.json")) == final  # nor are the finished run's numbers lost
     # killed after deciding to stop, before the best weights were saved as step 12: the
     # rerun trains no further and still ends on the step-0 weights
     shutil.rmtree(tmp_path / "checkpoints" / "12")
@@ -204,10 +205,24 @@ def test_early_stopping_returns_to_the_best_evaluation(tmp_path, tokenizer_path)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert max(r["step"] for r in rows if "loss" in r) == 6
     assert [r["eval_loss"] for r in rows if r["step"] == 12] == [pytest.approx(evals[0], abs=1e-5)]
+    # killed before the first periodic checkpoint: the rerun resumes from the step-0 save and ends as before
+    for d in os.listdir(tmp_path / "checkpoints"):
+        if d != "0":
+            shutil.rmtree(tmp_path / "checkpoints" / d)
+    (tmp_path / "metrics.jsonl").write_text(open(tmp_path / "metrics.jsonl").read() + '{"step": 7, "lo')  # cut row
+    from_zero = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
+    assert from_zero.returncode == 0 and "resumed from step 0" in from_zero.stdout, from_zero.stderr[-2000:]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 3, 6, 12]
+    assert [r["eval_loss"] for r in rows if r["step"] == 12] == [pytest.approx(evals[0], abs=1e-5)]
     # a best checkpoint that later saves could delete is refused before anything runs
     bad = subprocess.run(args[:-2] + ["--config.checkpoint.max_to_keep=2"], env=env(), capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and "config.checkpoint.max_to_keep 2 could delete the best checkpoint" in bad.stderr
+    # evaluations every 4 steps, saves every 3: 8 steps of patience can hold 3 saves (6, 9, 12 after a best at 4)
+    bad = subprocess.run(args[:-2] + ["--config.eval_every_steps=4", "--config.checkpoint.max_to_keep=3"], env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "3 saves may follow it" in bad.stderr and "set it to 4 or more" in bad.stderr
 
 
 def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run, request):

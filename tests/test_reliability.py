@@ -195,7 +195,14 @@ def bad_files(tmp_path_factory, tokenizer_path):
 # (id, extra main flags, needle). {d} is the bad-files dir, {tok} the tokenizer; a first
 # flag without dashes names another experiment (its tiny config, with no init_from).
 MAIN_CASES = [
-    ("typo-field", ["--config.modle.n_layers=2"], "modle"),
+    ("typo-field", ["--config.modle.n_layers=2"],
+     "--config.modle.n_layers=2: the config has no field 'modle'; did you mean \"model\""),
+    ("typo-nested-field", ["--config.optimizer.learning_rat=0.1"],
+     "--config.optimizer.learning_rat=0.1: the config has no field 'learning_rat'"),
+    ("zero-log-interval", ["--config.log_every_steps=0"], "config.log_every_steps must be a positive integer"),
+    ("zero-checkpoint-interval", ["--config.checkpoint_every_steps=0"], "config.checkpoint_every_steps"),
+    ("zero-steps", ["--config.total_steps=0"], "config.total_steps must be a positive integer, got 0"),
+    ("url-workdir", ["--workdir=gs://bucket/run"], "--workdir gs://bucket/run: URLs are not read or written"),
     ("wrong-type", ["--config.model.n_layers=two"], "two"),
     ("indivisible-heads", ["--config.model.n_heads=5"], "dim=48 is not divisible by n_heads=5"),
     ("kv-heads", ["--config.model.n_kv_heads=3"], "n_kv_heads"),

@@ -22,6 +22,30 @@ def test_gating_uses_the_safety_score_for_tagged_or_unsafe_prompts():
     np.testing.assert_allclose(rlhf.gate_reward(helpful, safety, tagged), [0.9, 0.1, 0.8, 0.9])  # 0.15 is not < 0.15
 
 
+def test_reward_models_gate_only_with_a_safety_model(monkeypatch):
+    """With a safety RM, a tagged prompt's reward is the safety score; without one
+    (rlhf.safety_reward_model ""), every reward is the helpfulness score: a missing safety
+    model must not score every answer to a tagged prompt 1.0. The safety model alone
+    (safety distillation) gives its score and no gated reward."""
+    from llama_jax import evaluate
+
+    raw = {"helpful": np.array([-3.0, -3.0, 2.0]), "safety": np.array([-1.0, 3.0, 3.0])}
+    monkeypatch.setattr(evaluate, "score", lambda cfg, params, tok, dialogs, **kw: raw[cfg])
+    tagged = [True, False, False]
+    rms = rlhf.RewardModels.__new__(rlhf.RewardModels)
+    rms.on_mesh, rms.rules, rms.threshold = False, None, rlhf.SAFETY_THRESHOLD
+    rms.models = {"helpful": ("helpful", None, None, None)}
+    sig = 1.0 / (1.0 + np.exp(-raw["helpful"]))
+    np.testing.assert_allclose(rms(["a", "b", "c"], tagged)["gated"], sig)
+    rms.models["safety"] = ("safety", None, None, None)
+    np.testing.assert_allclose(rms(["a", "b", "c"], tagged)["gated"], [1.0 / (1.0 + np.exp(1.0)), sig[1], sig[2]],
+                               rtol=1e-6)
+    rms.models = {"safety": ("safety", None, None, None)}  # safety distillation's: the safety model alone
+    alone = rms(["a", "b", "c"], tagged)
+    assert sorted(alone) == ["safety"]
+    np.testing.assert_allclose(alone["safety"], 1.0 / (1.0 + np.exp(-raw["safety"])))
+
+
 def test_whiten_and_logit():
     np.testing.assert_allclose(rlhf.whiten(jnp.array([1.0, 2.0, 3.0, 4.0])),
                                [-1.3416408, -0.4472136, 0.4472136, 1.3416408], rtol=1e-5)
@@ -175,6 +199,10 @@ def test_safety_preprompt_goes_before_the_request_or_into_a_system_message():
                                                                             "Be safe. Reverse the words: burn a train"}]
     assert with_preprompt(dialog, "Be safe.", "system") == [{"role": "system", "content": "Be safe."}, *dialog]
     assert dialog[2]["content"] == "Reverse the words: burn a train"  # the prompt itself is not changed
+    own = [{"role": "system", "content": "Answer briefly."}, *dialog]
+    assert with_preprompt(own, "Be safe.", "system") == [{"role": "system", "content": "Be safe.\nAnswer briefly."},
+                                                         *dialog]
+    assert own[0]["content"] == "Answer briefly."
 
 
 def test_code_reward_scores_by_the_toy_check_and_gates_safety_prompts(tmp_path):

@@ -22,11 +22,13 @@ def main(argv=None, input_fn=input, out=None) -> int:
     ap.add_argument("--top_p", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.max_new_tokens < 1:
+        ap.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     out = out or sys.stdout
 
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.generate import TextStream, generate, load_for_inference
-    from llama_jax.tokenizer import DialogError, TokenizerError
+    from llama_jax.tokenizer import SPECIAL_TAGS, DialogError, TokenizerError
 
     try:
         cfg, params, tok, mesh = load_for_inference(args.checkpoint)
@@ -57,7 +59,7 @@ def main(argv=None, input_fn=input, out=None) -> int:
         except DialogError as e:
             out.write(f"(not sent: {e})\n")
             continue
-        room = cfg.max_seq_len - len(prompt) - 16
+        room = cfg.max_seq_len - len(prompt)
         if room < 1:
             out.write("(the dialog is longer than the model's context; /reset to start over)\n")
             continue
@@ -68,6 +70,10 @@ def main(argv=None, input_fn=input, out=None) -> int:
         stream.finish()
         out.write("\n")
         answer = tok.decode([t for t in result.tokens[0] if t != tok.eos_id])
+        cut = min((i for i in (answer.find(tag) for tag in SPECIAL_TAGS) if i >= 0), default=-1)
+        if cut >= 0:  # a format tag in the reply would make every later turn an invalid dialog
+            out.write(f"(the reply is kept up to its {answer[cut:].split()[0]!r}, a tag of the chat format)\n")
+            answer = answer[:cut].rstrip()
         dialog = candidate + [{"role": "assistant", "content": answer}]
         turn += 1
     return 0

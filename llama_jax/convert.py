@@ -443,6 +443,8 @@ def main(argv=None) -> int:
     try:
         if args.src_format:
             cfg, params = (from_meta if args.src_format == "meta" else from_hf)(args.src)
+            if args.tokenizer and not os.path.isfile(args.tokenizer):
+                raise ConversionError(f"--tokenizer {args.tokenizer}: no such file")
             tok = args.tokenizer or os.path.join(args.src, "tokenizer.model")
             meta = {"model": cfg.to_dict(), "heads": ["lm"], "source": f"{args.src_format}:{os.path.abspath(args.src)}"}
             if os.path.exists(tok):

@@ -171,10 +171,14 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
     should already be on that mesh, e.g. from `checkpoint.load_model(..., shardings=)`)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
-    P = _bucket(max(len(p) for p in prompts))  # bucketed, so similar lengths share a compile
-    if P + max_new_tokens > config.max_seq_len:
-        raise ValueError(f"generate: prompt ({max(len(p) for p in prompts)} tokens, padded to {P}) + "
-                         f"max_new_tokens {max_new_tokens} exceeds max_seq_len {config.max_seq_len}")
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.max_seq_len:
+        raise ValueError(f"generate: the prompt ({longest} tokens) + max_new_tokens {max_new_tokens} exceeds the "
+                         f"model's max_seq_len {config.max_seq_len}")
+    # bucketed, so similar lengths share a compile (never past what the context leaves)
+    P = min(_bucket(longest), config.max_seq_len - max_new_tokens)
     tokens = np.zeros((len(prompts), P), np.int32)
     seg = np.zeros((len(prompts), P), np.int32)
     for i, p in enumerate(prompts):  # left padding: every prompt ends at the same slot
@@ -239,12 +243,18 @@ def load_for_inference(checkpoint: str):
 class TextStream:
     """Prints the text of row 0 as tokens arrive. The answer is decoded whole each time
     and trailing incomplete UTF-8 (byte-fallback pieces of one character) is held back
-    until it completes, so what is printed always equals the final decoded text."""
+    until it completes, so what is printed always equals the final decoded text.
+    `prefix`: token ids already shown (a continued prompt), decoded with the new tokens so
+    that the space SentencePiece drops at the start of a text is kept between them."""
 
-    def __init__(self, tokenizer, out=None):
+    def __init__(self, tokenizer, out=None, prefix=()):
         import sys
 
-        self.tok, self.out, self.ids, self.shown = tokenizer, out or sys.stdout, [], ""
+        self.tok, self.out, self.ids, self.prefix = tokenizer, out or sys.stdout, [], list(prefix)
+        self.start = self.shown = tokenizer.decode(self.prefix) if self.prefix else ""
+
+    def _text(self) -> str:
+        return self.tok.decode(self.prefix + self.ids)
 
     def _show(self, text: str) -> None:
         if text.startswith(self.shown) and len(text) > len(self.shown):
@@ -256,13 +266,13 @@ class TextStream:
         if bool(done[0]) or int(tokens[0]) == self.tok.eos_id:
             return
         self.ids.append(int(tokens[0]))
-        self._show(self.tok.decode(self.ids).rstrip("\ufffd"))
+        self._show(self._text().rstrip("\ufffd"))
 
     def finish(self) -> str:
-        """Prints what was held back; returns the whole text."""
-        text = self.tok.decode(self.ids)
+        """Prints what was held back; returns the whole text after the prefix."""
+        text = self._text()
         self._show(text)
-        return text
+        return text[len(self.start):] if text.startswith(self.start) else self.tok.decode(self.ids)
 
 
 def main(argv=None) -> int:
@@ -279,6 +289,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as a Llama 2-Chat user turn")
     args = ap.parse_args(argv)
+    if args.max_new_tokens < 1:
+        ap.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.tokenizer import DialogError, TokenizerError
 
@@ -286,10 +298,13 @@ def main(argv=None) -> int:
         cfg, params, tok, mesh = load_for_inference(args.checkpoint)
         prompt = (tok.encode_dialog([{"role": "user", "content": args.prompt}]) if args.chat
                   else tok.encode(args.prompt, bos=True))
-        max_new = min(args.max_new_tokens, cfg.max_seq_len - len(prompt) - 16)
+        max_new = min(args.max_new_tokens, cfg.max_seq_len - len(prompt))
+        if max_new < 1:
+            raise ValueError(f"the prompt has {len(prompt)} tokens and the model's context is {cfg.max_seq_len}: "
+                             "no room is left to generate")
         if not args.chat:
             sys.stdout.write(args.prompt)
-        stream = TextStream(tok)
+        stream = TextStream(tok, prefix=() if args.chat else prompt)
         generate(cfg, params, [prompt], max_new, args.temperature, args.top_p, args.top_k, args.seed,
                  on_token=stream, mesh=mesh)
         stream.finish()

@@ -181,7 +181,7 @@ def _turns(messages: Sequence[dict], last: str) -> list[tuple[str, str | None]]:
                 raise DialogError(f"message {i}: special tag {tag!r} is not allowed inside a message")
     msgs = list(messages)
     if msgs[0]["role"] == "system":
-        if len(msgs) < 2:
+        if len(msgs) < 2 or msgs[1]["role"] != "user":
             raise DialogError("a system message must be followed by a user message")
         msgs = [{"role": "user", "content": B_SYS + msgs[0]["content"] + E_SYS + msgs[1]["content"]}] + msgs[2:]
         offset = 1

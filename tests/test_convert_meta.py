@@ -74,6 +74,10 @@ def test_cli_imports_and_exports_llama_jax_checkpoints(tmp_path, hf, capsys):
     model, cfg, params = hf
     meta_dir = tmp_path / "meta"
     convert.to_meta(params, cfg, str(meta_dir), num_shards=2)
+    assert convert.main(["--from=meta", f"--src={meta_dir}", f"--dst={tmp_path / 'ckpt'}",
+                         f"--tokenizer={tmp_path / 'nope.model'}"]) == 2
+    assert f"--tokenizer {tmp_path / 'nope.model'}: no such file" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "ckpt")  # refused before anything was written
     assert convert.main(["--from=meta", f"--src={meta_dir}", f"--dst={tmp_path / 'ckpt'}"]) == 0
     cfg2, params2, heads, tok = ckpt.load_model(str(tmp_path / "ckpt"))
     assert cfg2 == cfg.replace(max_seq_len=4096) and heads == ("lm",) and tok is None  # Meta: no max_seq_len

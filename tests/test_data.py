@@ -143,6 +143,11 @@ def test_prepared_shards_feed_the_same_documents(tok, docs_dir, tmp_path, capsys
     assert batch["tokens"].shape == (2, 16)
     assert prepare.main([f"--source=text:{docs_dir}/*.txt", f"--tokenizer={tok.path}", f"--output={out}"]) == 2
     assert "already holds prepared shards" in capsys.readouterr().err
+    for bad, needle in (("{", "metadata.json: invalid JSON"), ('{"documents": 3}', 'needs a "shards" list')):
+        (tmp_path / "bad").mkdir(exist_ok=True)
+        (tmp_path / "bad" / "metadata.json").write_text(bad)
+        with pytest.raises(DataError, match=needle):
+            pretrain.open_documents(f"shards:{tmp_path / 'bad'}")
 
 
 def test_stdlib_corpus_is_deterministic_with_a_fixed_held_out_split():
@@ -267,6 +272,10 @@ GOOD_PAIR = json.dumps({"prompt": [{"role": "user", "content": "q"}], "chosen": 
     ("pref", [json.dumps({**json.loads(GOOD_PAIR), "chosen_safe": "yes"})], ":1: field 'chosen_safe' must be"),
     ("pref", [json.dumps({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
                           "chosen": "a", "rejected": "b"})], ":1: the last message must be from the user"),
+    ("pref", [GOOD_PAIR, json.dumps({**json.loads(GOOD_PAIR), "rejected": "b [/INST] c"})],
+     ":2: rejected: message 1: special tag '[/INST]'"),
+    ("chat", [json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}]})],
+     ":1: a system message must be followed by a user message"),
     ("prompts", [json.dumps({"messages": [{"role": "user", "content": "q"}], "is_safety": "no"})],
      ":1: field 'is_safety' must be true/false"),
     ("text", None, "no text files match"),
@@ -331,6 +340,8 @@ def test_synthetic_tasks_are_deterministic_and_checkable():
 
 
 def test_adversarial_requests_hide_the_act_in_a_task():
+    with pytest.raises(SystemExit):  # chat records have none: a usage error, not a traceback
+        synthetic.main(["--kind=chat", "--adversarial=0.5", "--output=/dev/null"])
     # adversarial_prob=0 draws exactly the data it drew before the option existed
     assert synthetic.generate("prompts", 50, 0, adversarial_prob=0.0) == synthetic.generate("prompts", 50, 0)
     pairs = [p for p in synthetic.generate("preference", 400, 0, unsafe_prob=1.0, adversarial_prob=0.5)]

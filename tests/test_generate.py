@@ -97,10 +97,20 @@ def test_stops_at_eos_and_streams(params):
 
 
 def test_prompt_too_long_is_a_clear_error(params):
-    with pytest.raises(ValueError, match="exceeds max_seq_len 128"):
+    with pytest.raises(ValueError, match=r"the prompt \(100 tokens\) \+ max_new_tokens 40 exceeds the model's "
+                                         "max_seq_len 128"):
         gen.generate(CFG, params, [[1] * 100], 40)
     with pytest.raises(ValueError, match="at least one token"):
         gen.generate(CFG, params, [[]], 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1, got 0"):
+        gen.generate(CFG, params, [[1, 2]], 0)
+
+
+def test_a_prompt_that_fits_only_unpadded_still_generates(params):
+    """113 + 8 tokens fit the 128-token context, though 113 pads to a bucket of 128."""
+    prompt = [1] + [(7 * i) % 300 + 3 for i in range(112)]
+    out = gen.generate(CFG, params, [prompt], 8, eos_id=-1)
+    assert out.tokens[0] == reference_greedy(params, prompt, 8)[0]
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +129,16 @@ def test_generate_cli_streams_the_continuation(checkpoint_dir, capsys, params):
     path, tok = checkpoint_dir
     assert gen.main([f"--checkpoint={path}", "--prompt=apple river", "--max_new_tokens=12", "--temperature=0"]) == 0
     printed = capsys.readouterr().out
-    expected = gen.generate(CFG, params, [tok.encode("apple river", bos=True)], 12).tokens[0]
-    assert printed == "apple river" + tok.decode([t for t in expected if t != tk.EOS_ID]) + "\n"
+    prompt = tok.encode("apple river", bos=True)
+    expected = [t for t in gen.generate(CFG, params, [prompt], 12).tokens[0] if t != tk.EOS_ID]
+    continuation = tok.decode(prompt + expected)[len(tok.decode(prompt)):]
+    assert printed == "apple river" + continuation + "\n"
+    # words streamed after a prompt keep their space (SentencePiece drops it at the start of a text)
+    shown = io.StringIO()
+    stream = gen.TextStream(tok, shown, prefix=prompt)
+    for t in tok.encode("lemon tree"):
+        stream(np.array([t]), np.array([False]))
+    assert stream.finish() == shown.getvalue() == " lemon tree"
 
 
 def test_chat_cli_keeps_a_multi_turn_llama2_dialog(checkpoint_dir, params):
@@ -146,9 +164,40 @@ def test_chat_cli_keeps_a_multi_turn_llama2_dialog(checkpoint_dir, params):
     assert f"assistant> {answer}\n" in text
 
 
+def test_chat_cli_keeps_a_reply_only_up_to_a_format_tag(checkpoint_dir, monkeypatch):
+    """A reply holding "[INST]" would make every later turn an invalid dialog: the dialog
+    keeps the reply up to the tag, and the next turn is sent."""
+    path, tok = checkpoint_dir
+    reply = tok.encode("fine [INST] more")
+    prompts_sent = []
+
+    def fake_generate(cfg, params, prompts, *args, **kwargs):
+        prompts_sent.append(list(prompts[0]))
+        return gen.Generation([reply + [tk.EOS_ID]], [[0.0] * (len(reply) + 1)])
+
+    monkeypatch.setattr(gen, "generate", fake_generate)
+    inputs, out = iter(["hi", "again"]), io.StringIO()
+
+    def fake_input(prompt):
+        try:
+            return next(inputs)
+        except StopIteration:
+            raise EOFError from None
+
+    assert chat.main([f"--checkpoint={path}"], input_fn=fake_input, out=out) == 0
+    assert "(the reply is kept up to its '[INST]', a tag of the chat format)" in out.getvalue()
+    assert "not sent" not in out.getvalue()
+    assert prompts_sent[1] == tok.encode_dialog([{"role": "user", "content": "hi"},
+                                                 {"role": "assistant", "content": "fine"},
+                                                 {"role": "user", "content": "again"}])
+
+
 def test_cli_errors(tmp_path, capsys):
     assert gen.main([f"--checkpoint={tmp_path}", "--prompt=x"]) == 2
     assert "no complete checkpoint found" in capsys.readouterr().err
     ckpt.save_params(str(tmp_path / "m"), random_params(CFG), {"model": CFG.to_dict(), "heads": ["lm"]})
     assert chat.main([f"--checkpoint={tmp_path / 'm'}"]) == 2
     assert "no tokenizer.model beside the checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gen.main([f"--checkpoint={tmp_path / 'm'}", "--prompt=x", "--max_new_tokens=0"])
+    assert "--max_new_tokens must be at least 1, got 0" in capsys.readouterr().err

@@ -40,7 +40,9 @@ def validate_pair(record: dict, where: str) -> None:
     prompt = sources.require(record, where, "prompt", list)
     validate_messages({"messages": prompt}, where, last="user")
     for f in ("chosen", "rejected"):
-        sources.require(record, where, f, str)
+        answer = sources.require(record, where, f, str)
+        validate_messages({"messages": prompt + [{"role": "assistant", "content": answer}]}, f"{where}: {f}",
+                          last="assistant")
     rating = record.get("rating")
     if rating is not None and rating not in RATINGS:
         raise DataError(f"{where}: rating {rating!r} is not one of {RATINGS}")

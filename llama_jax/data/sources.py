@@ -125,11 +125,20 @@ class TokenShards:
         meta_path = os.path.join(directory, "metadata.json")
         if not os.path.exists(meta_path):
             raise DataError(f"{meta_path}: missing (write shards with python -m llama_jax.data.prepare)")
-        with open(meta_path) as f:
-            self.metadata = json.load(f)
+        try:
+            with open(meta_path) as f:
+                self.metadata = json.load(f)
+            shards = self.metadata["shards"]
+            if not isinstance(shards, list) or not all(isinstance(s, str) for s in shards):
+                raise TypeError
+        except json.JSONDecodeError as e:
+            raise DataError(f"{meta_path}: invalid JSON ({e})") from None
+        except (KeyError, TypeError):
+            raise DataError(f"{meta_path}: needs a \"shards\" list of file names (as llama_jax.data.prepare "
+                            "writes)") from None
         from grain.sources import ArrayRecordDataSource
 
-        paths = [os.path.join(directory, s) for s in self.metadata["shards"]]
+        paths = [os.path.join(directory, s) for s in shards]
         for p in paths:
             if not os.path.exists(p):
                 raise DataError(f"{p}: shard listed in {meta_path} is missing")

@@ -264,6 +264,8 @@ def main(argv=None) -> int:
                     help="preference/prompts: share of unsafe requests phrased adversarially")
     ap.add_argument("--output", required=True)
     args = ap.parse_args(argv)
+    if args.adversarial and args.kind == "chat":
+        ap.error("--adversarial is for --kind=preference or prompts (chat records have no adversarial requests)")
     kwargs = {"adversarial_prob": args.adversarial} if args.adversarial else {}
     write_jsonl(generate(args.kind, args.n, args.seed, split=args.split, **kwargs), args.output)
     print(f"wrote {args.n} {args.kind} records to {args.output}")

@@ -112,3 +112,38 @@ def to_host(x) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+class Preemption:
+    """A scheduler's notice that the job is about to end (SIGTERM: SLURM near its time
+    limit with `launch/gpu_slurm.sbatch`, a preempted TPU VM or spot instance,
+    `launch/local.py` passing on a Ctrl-C'd kill). `reached(step)`, asked after every
+    step, is True at one step on every process once a notice has come, so all save that
+    step's checkpoint together. Several processes: JAX's preemption sync point (the
+    distributed runtime catches SIGTERM and agrees on the step); one process: a SIGTERM
+    handler of ours, installed for the life of this object (`close`)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.noticed, self.previous = False, None
+        if not is_multiprocess() and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._notice)
+
+    def _notice(self, signum, frame) -> None:
+        self.noticed = True
+
+    def reached(self, step: int) -> bool:
+        if is_multiprocess():
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.noticed
+
+    def close(self) -> None:
+        if self.previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None

@@ -59,7 +59,7 @@ def main(argv) -> None:
     from llama_jax.data.sources import DataError
     from llama_jax.sharding import MeshError
     from llama_jax.tokenizer import TokenizerError
-    from llama_jax.train import RunError
+    from llama_jax.train import Preempted, RunError
 
     try:
         config = _CONFIG.value
@@ -69,6 +69,8 @@ def main(argv) -> None:
     distributed.initialize()  # a no-op unless a launcher describes a multi-process job
     try:
         run(config, _WORKDIR.value)
+    except Preempted as e:
+        _exit(str(e), 143)
     except (RunError, DataError, MeshError, TokenizerError, CheckpointError) as e:
         _exit(f"error: {e}", 1)
     except KeyboardInterrupt:

@@ -204,6 +204,11 @@ class RunError(RuntimeError):
     """A run that cannot start or continue; main prints the message and exits non-zero."""
 
 
+class Preempted(RunError):
+    """The run saved a checkpoint on a preemption notice (SIGTERM) and stopped; a rerun of
+    the same command resumes from it. main exits with 143 (128 + SIGTERM)."""
+
+
 class EarlyStopping:
     """Keeps the evaluation with the best `metric` (paper 3.2.3: PPO is early-stopped on
     held-out prompts) and says when to stop: after `patience` evaluations without an
@@ -523,6 +528,7 @@ def run(config, workdir: str, stage) -> dict:
             data_state["early_stopping"] = extra["early_stopping"] = stopper.state()
         checkpointer.save(step, state, data_state, {**meta, **extra}, force=force)
 
+    preemption = distributed.Preemption()
     try:
         # the numbers before any update (not again when resuming from the step-0 checkpoint early stopping saves)
         if restored is None and (stopper is not None or stage.evaluate_at_start):
@@ -544,7 +550,10 @@ def run(config, workdir: str, stage) -> dict:
             pending.append((step, m))
             if len(pending) > 1:  # check the previous step while this one runs
                 check_nonfinite(*pending[-2])
-            if step % config.log_every_steps == 0 or step == config.total_steps:
+            preempted = preemption.reached(step)
+            periodic = step % config.checkpoint_every_steps == 0 or step == config.total_steps
+            # a checkpoint's step also ends a log interval, so that a run resumed from it logs the same rows
+            if step % config.log_every_steps == 0 or periodic or preempted:
                 check_nonfinite(*pending[-1])
                 rows = [jax.device_get(x) for _, x in pending]
                 now = time.perf_counter()
@@ -552,7 +561,9 @@ def run(config, workdir: str, stage) -> dict:
                 tps = tokens_per_step * (step - last_log_step) / max(now - last_log_time - batch_seconds, 1e-9)
                 final = {
                     "loss": float(np.mean([r["loss"] for r in rows])),
-                    "learning_rate": float(schedule(step - 1)),
+                    # skipped (non-finite) steps do not advance the optimizer's count, nor its schedule: the
+                    # rate this step applied (or, skipped, would have)
+                    "learning_rate": float(schedule(step - 1 - int(state.nonfinite) + int(rows[-1]["nonfinite"]))),
                     "grad_norm": float(np.mean([r["grad_norm"] for r in rows])),
                     "tokens_per_second": tps,
                     "mfu": mfu(tps),
@@ -578,11 +589,14 @@ def run(config, workdir: str, stage) -> dict:
                 if stopper is not None:
                     best = stopper.observe(step, ev)
                 last_log_time += time.perf_counter() - eval_start  # throughput excludes evaluation
-            periodic = step % config.checkpoint_every_steps == 0 or step == config.total_steps
             if stopper is not None and step == config.total_steps:
                 periodic = False  # the last step holds the best weights, saved below
-            if best or periodic:
-                save(step, force=best or step == config.total_steps)
+            if best or periodic or preempted:
+                save(step, force=best or preempted or step == config.total_steps)
+            if preempted:
+                checkpointer.wait()
+                raise Preempted(f"preempted (SIGTERM) at step {step}: checkpoint {step} saved in {workdir}; rerun "
+                                "the same command to resume")
             if stopper is not None and stopper.reason:
                 progress.message(f"early stopping at step {step}: {stopper.reason}")
                 break
@@ -620,6 +634,7 @@ def run(config, workdir: str, stage) -> dict:
                 json.dump(final, f, indent=1)
         stage.after_training(config, workdir, model, state.params, tokenizer, progress)
     finally:
+        preemption.close()
         train_data.close()
         checkpointer.close()
         writer.close()

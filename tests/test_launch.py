@@ -4,6 +4,8 @@ check of a real preset, and sweeps with their comparison table."""
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -50,6 +52,29 @@ def test_two_processes_train_like_one_and_hand_over_their_checkpoint(tmp_path, t
     assert "resumed from step 6" in more.stdout and "written by 2 processes and this run has 1" in more.stdout
     assert [s for s, _ in losses(multi)] == list(range(1, 10))
     assert sorted(os.listdir(os.path.join(multi, "checkpoints")), key=int)[-1] == "9"
+
+
+def test_sigterm_to_a_two_process_job_saves_one_step_on_both(tmp_path, tokenizer_path):
+    """The launcher passes SIGTERM on to both processes; JAX's preemption sync point gives
+    them one step to save together (each process's pipeline position in it), then both
+    exit 143."""
+    workdir = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, f"{ROOT}/launch/local.py", "--num_processes=2",
+                             "--devices_per_process=4", "--timeout=250", "--",
+                             *main_args(workdir, tokenizer_path, 1000), "--config.checkpoint_every_steps=1000"],
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 200
+    while proc.poll() is None and time.time() < deadline and not (
+            os.path.exists(metrics_path) and '"step": 3' in open(metrics_path).read()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=250)
+    assert proc.returncode == 143, err[-3000:]
+    steps = re.findall(r"preempted \(SIGTERM\) at step (\d+)", err)
+    assert len(steps) == 2 and steps[0] == steps[1], err[-3000:]  # both processes, the same step
+    saved = os.path.join(workdir, "checkpoints", steps[0], "data")
+    assert len(json.load(open(os.path.join(saved, os.listdir(saved)[0])))["processes"]) == 2
 
 
 def test_a_batch_the_processes_cannot_split_is_refused(tmp_path, tokenizer_path):

@@ -148,6 +148,36 @@ def jax_leaves(tree):
     return jax.tree_util.tree_leaves(tree)
 
 
+def _rows(workdir) -> list[dict]:
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
+    except FileNotFoundError:
+        return []
+
+
+def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(tmp_path, tokenizer_path):
+    """A scheduler's preemption notice (SIGTERM) mid-run: the run logs and saves the step
+    it is at (between checkpoint intervals) and exits 143; the rerun resumes from it."""
+    workdir = str(tmp_path)
+    args = command(workdir, f"--config.data.tokenizer={tokenizer_path}", "--config.checkpoint_every_steps=1000",
+                   "--config.log_every_steps=2", steps=1000)
+    proc = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 200
+    while not any(r["step"] >= 3 for r in _rows(workdir)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=200)
+    assert proc.returncode == 143, err[-3000:]
+    step = int(re.search(r"preempted \(SIGTERM\) at step (\d+): checkpoint \1 saved", err).group(1))
+    assert 4 <= step < 1000 and os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
+    assert [r["step"] for r in _rows(workdir)][-1] == step  # the steps since the last log row are logged too
+    more = subprocess.run(args + [f"--config.total_steps={step + 2}"], env=env(), capture_output=True,
+                          text=True, timeout=300)
+    assert more.returncode == 0 and f"resumed from step {step}" in more.stdout, more.stderr[-3000:]
+    assert [r["step"] for r in _rows(workdir) if "loss" in r][-2:] == [step, step + 2]
+
+
 def test_init_from_starts_from_another_runs_params(tmp_path, reference_run, tokenizer_path):
     import jax
     import numpy as np

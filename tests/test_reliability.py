@@ -148,6 +148,8 @@ def test_nonfinite_skip_policy_skips_and_counts(tmp_path, tokenizer_path):
     assert rows[2]["loss"] == "nan"  # metrics.jsonl stays strict JSON
     assert all(np.isfinite(r["loss"]) for r in rows if r["step"] != 3)
     assert final["nonfinite_steps"] == 1
+    lrs = [r["learning_rate"] for r in rows if "loss" in r]  # step 3's update was skipped: step 4 applies its rate
+    assert lrs[3] == lrs[2] and len({lrs[0], lrs[1], lrs[2], lrs[4]}) == 4
 
 
 # ----------------------------------------------------------------------------------

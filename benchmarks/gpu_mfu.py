@@ -29,9 +29,10 @@ Run one part alone with `--part=NAME` and its flags (`--attention`, `--batch`, `
 `--layers`, `--remat`, `--mask`, `--impl`, `--decode_layers`), `PYTHONPATH` at the repository.
 
 Each train run: 2 untimed steps (compilation), then the median of `--steps`. MFU = model
-FLOPs per token (6 N_matmul + 6 L T d, causal attention) x tokens/s / peak, against both
-the H100/H200 datasheet dense bfloat16 peak (989 TFLOP/s) and the matmul peak measured in
-`peak`. Results go to stdout and, one JSON object a line, to `--out`; runs that would
+FLOPs per token (6 N_matmul + 6 L T d, causal attention) x tokens/s / peak, against the
+H100/H200 datasheet dense bfloat16 peak (989 TFLOP/s, `mfu_spec`); each run's `tflops`
+over the `peak` run's measured matmul TFLOP/s gives the fraction of JAX's own matmul (the
+README's "of JAX's matmul" column). Results go to stdout and, one JSON object a line, to `--out`; runs that would
 start after `--deadline` seconds are skipped (the device is lent for minutes).
 """
 
@@ -253,7 +254,7 @@ def part_decode(args) -> dict:
     rng = np.random.default_rng(0)
     prompts = {b: rng.integers(3, SHAPE["vocab_size"], (b, 32)) for b in (1, 16)}
     new = 128
-    out = {"part": "decode", "impl": args.impl, "decode_layers": args.decode_layers, "layers": 32,
+    out = {"part": "decode", "impl": args.impl, "decode_layers": args.decode_layers, "layers": 2 if SMOKE else 32,
            "new_tokens": new, "prompt": 32}
     if args.impl == "llama_jax":
         from llama_jax import sharding
@@ -306,10 +307,11 @@ def plan(args) -> list[tuple[list[str], dict]]:
     runs.append((["--part=train", "--attention=cudnn", "--mask=causal", "--batch=4", "--seq=4096", "--remat=none", L,
                   S], {}))
     runs.append((["--part=hf_train", "--batch=4", "--seq=4096", L, S], {}))
-    runs.append((["--part=decode", "--impl=llama_jax"], {}))
-    runs.append((["--part=decode", "--impl=hf"], {}))
+    R = f"--repeats={args.repeats}"
+    runs.append((["--part=decode", "--impl=llama_jax", R], {}))
+    runs.append((["--part=decode", "--impl=hf", R], {}))
     runs.append((["--part=train", "--attention=cudnn", "--batch=8", "--seq=4096", "--remat=none", L, S], {}))
-    runs.append((["--part=decode", "--impl=llama_jax", "--decode_layers=stacked"], {}))
+    runs.append((["--part=decode", "--impl=llama_jax", "--decode_layers=stacked", R], {}))
     runs.append((["--part=train", "--attention=cudnn", "--batch=2", "--seq=4096", "--remat=none", L, S], {}))
     runs.append((["--part=train", "--attention=cudnn", "--batch=4", "--seq=4096", "--remat=none", L, S],
                  {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}))

@@ -9,16 +9,21 @@ each, named by its overrides.
 `--launcher=local` (default) runs the combinations one after another on this machine
 (a combination whose workdir already has `final_metrics.json` is skipped, so a sweep that
 was interrupted continues where it stopped; the interrupted run itself resumes from its
-checkpoint). `print` prints each `python -m llama_jax.main` command; `tpu_vm` prints
-`launch/tpu_vm.sh run` commands for a TPU VM named by `--tpu` (one after another on one
-slice, or on several slices: edit the printed names). Flags after `--` are passed to every
-run. Values are written as on the command line (`1e-3`, `true`, `synthetic`); commas
-separate values, so a value cannot contain one.
+checkpoint). `print` prints each `python -m llama_jax.main` command; `tpu_vm` prints one
+`launch/tpu_vm.sh run` command per combination for the TPU VM named by `--tpu`: `run`
+starts its run in the background and returns, and a slice runs one run at a time (its
+log is `logs/run.log`), so start each when the one before has finished, or give each
+its own slice (edit the printed names). Flags after `--` are passed to every run. Values
+are written as on the command line (`1e-3`, `true`, `synthetic`); commas separate values,
+so a value cannot contain one. Two combinations whose names would be the same (values
+that differ only in characters a directory name cannot hold) get a short hash of their
+overrides appended, so each has its own workdir.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import os
 import re
@@ -35,6 +40,8 @@ def parse_sweep(spec: str) -> tuple[str, list[str]]:
     vals = [v.strip() for v in values.split(",") if v.strip()]
     if not field or not vals:
         raise ValueError(f"--sweep={spec!r}: needs a field and at least one value")
+    if len(set(vals)) != len(vals):
+        raise ValueError(f"--sweep={spec!r}: a value is listed twice")
     return field, vals
 
 
@@ -43,6 +50,13 @@ def run_name(overrides: list[tuple[str, str]]) -> str:
     the last component of each field, filesystem-safe."""
     parts = [f"{field.split('.')[-1]}={value}" for field, value in overrides]
     return re.sub(r"[^A-Za-z0-9_.=+-]", "-", "_".join(parts)) or "base"
+
+
+def unique_names(combos: list[list[tuple[str, str]]]) -> list[str]:
+    """run_name of each combination; names that collide get a hash of their overrides."""
+    names = [run_name(c) for c in combos]
+    return [name + "_" + hashlib.sha1(repr(combo).encode()).hexdigest()[:6] if names.count(name) > 1 else name
+            for name, combo in zip(names, combos)]
 
 
 def combinations(sweeps: list[tuple[str, list[str]]]) -> list[list[tuple[str, str]]]:
@@ -73,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         combos = combinations([parse_sweep(s) for s in args.sweep])
     except ValueError as e:
         parser.error(str(e))
-    names = [run_name(c) for c in combos]
+    names = unique_names(combos)
     failed = []
     for i, (combo, name) in enumerate(zip(combos, names)):
         workdir = os.path.join(args.workdir, name)

@@ -203,6 +203,8 @@ def read_meta(path: str, step: int | None = None) -> tuple[int, dict]:
         raise CheckpointError(f"{path}: not a directory")
     mngr = _manager(_checkpoint_dir(path), read_only=True)
     try:
+        if step is not None and step not in mngr.all_steps():
+            raise CheckpointError(f"{path}: has no checkpoint {step}; its checkpoints: {sorted(mngr.all_steps())}")
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{path}: no complete checkpoint found")
@@ -222,8 +224,11 @@ def load_params(path: str, abstract_params, step: int | None = None):
     mngr = _manager(_checkpoint_dir(path), read_only=True)
     try:
         return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot restore params of step {step} into this model ({e})") from None
+    except Exception as e:  # noqa: BLE001 - orbax raises several types for corrupt or mismatched params
+        others = sorted(s for s in mngr.all_steps() if s != step)
+        raise CheckpointError(f"{path}: cannot restore the params of checkpoint {step}, unreadable or not of this "
+                              f"model ({_first_line(e)})" + (f"; its other checkpoints: {others} (choose one by "
+                                                            "step, e.g. export --step)" if others else "")) from None
     finally:
         mngr.close()
 

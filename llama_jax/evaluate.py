@@ -54,7 +54,9 @@ def loglikelihood(config: LlamaConfig, params, contexts: Sequence[Sequence[int]]
     Pairs longer than max_seq_len keep their last max_seq_len tokens."""
     out = []
     rows = []
-    for ctx, cont in zip(contexts, continuations):
+    for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
+        if not len(ctx):  # the first token has no prediction: it would go unscored
+            raise ValueError(f"loglikelihood: pair {i} has an empty context (start it with BOS)")
         seq = (list(ctx) + list(cont))[-config.max_seq_len:]
         rows.append((seq, min(len(cont), len(seq) - 1)))
     for start in range(0, len(rows), batch_size):
@@ -79,12 +81,15 @@ def loglikelihood(config: LlamaConfig, params, contexts: Sequence[Sequence[int]]
 def perplexity(config: LlamaConfig, params, tokenizer, source: str, seq_len: int = 512, batch_size: int = 8,
                max_batches: int = 0) -> dict:
     """Token-level perplexity of `source` (a pretraining source spec: text:GLOB,
-    jsonl:GLOB, stdlib:eval, ...), read once in order, packed like pretraining."""
+    jsonl:GLOB, stdlib:eval, ...), read once in order, packed like pretraining; every
+    token is scored (the last batch is padded with empty rows), except each row's and
+    each document's first, which have no context in their row."""
     from llama_jax import objectives
     from llama_jax.data import pretrain
 
     seq_len = min(seq_len, config.max_seq_len)
-    data = pretrain.make_dataset(source, tokenizer, seq_len, batch_size, split="eval", prefetch=0)
+    data = pretrain.make_dataset(source, tokenizer, seq_len, batch_size, split="eval", prefetch=0,
+                                 drop_remainder=False)
     model = Llama(config)
 
     @jax.jit
@@ -93,13 +98,15 @@ def perplexity(config: LlamaConfig, params, tokenizer, source: str, seq_len: int
 
     total, weight, batches = 0.0, 0.0, 0
     for batch in data:
+        pad = batch_size - len(batch["tokens"])  # the last batch: empty rows (segment 0, nothing scored)
+        batch = {k: np.pad(v, ((0, pad),) + ((0, 0),) * (v.ndim - 1)) for k, v in batch.items()}
         loss_sum, w, _ = step(params, {k: jnp.asarray(v) for k, v in batch.items()})
         total, weight, batches = total + float(loss_sum), weight + float(w), batches + 1
         if max_batches and batches >= max_batches:
             break
     data.close()
     if weight == 0:
-        raise DataError(f"{source}: no complete batch of {batch_size} x {seq_len} tokens to evaluate")
+        raise DataError(f"{source}: no tokens to evaluate")
     loss = total / weight
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(weight), "batches": batches}
 
@@ -134,14 +141,14 @@ def mc_prompt(record: dict, shots: Sequence[dict]) -> str:
 def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: int = 0, seed: int = 0,
                     limit: int = 0, batch_size: int = 8) -> dict:
     data = sources.Jsonl(path, validate=_validate_mc)
-    records = [data.record(i) for i in range(len(data))]
-    if limit:
-        records = records[:limit]
+    every = [data.record(i) for i in range(len(data))]
+    records = every[:limit] if limit else every
+    shots_used = min(k_shot, len(every) - 1)  # solved examples come from the whole file, never the question
     rng = random.Random(seed)
     contexts, continuations = [], []
     for qi, rec in enumerate(records):
-        others = [r for j, r in enumerate(records) if j != qi]
-        shots = rng.sample(others, min(k_shot, len(others)))
+        others = [r for j, r in enumerate(every) if j != qi]
+        shots = rng.sample(others, shots_used)
         prompt = mc_prompt(rec, shots)
         ctx = tokenizer.encode(prompt, bos=True)
         for choice in rec["choices"]:
@@ -167,8 +174,8 @@ def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: i
         per_question.append(lps.tolist())
         i += n
     n = len(records)
-    return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "questions": n, "k_shot": k_shot,
-            "loglikelihoods": per_question}
+    return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "questions": n, "k_shot": shots_used,
+            **({"k_shot_requested": k_shot} if shots_used < k_shot else {}), "loglikelihoods": per_question}
 
 
 # ----------------------------------------------------------------------------------

@@ -550,7 +550,7 @@ def run(config, workdir: str, stage) -> dict:
             pending.append((step, m))
             if len(pending) > 1:  # check the previous step while this one runs
                 check_nonfinite(*pending[-2])
-            preempted = preemption.reached(step)
+            preempted = preemption.reached(step) and step < config.total_steps  # the last step: finish
             periodic = step % config.checkpoint_every_steps == 0 or step == config.total_steps
             # a checkpoint's step also ends a log interval, so that a run resumed from it logs the same rows
             if step % config.log_every_steps == 0 or periodic or preempted:
@@ -615,8 +615,9 @@ def run(config, workdir: str, stage) -> dict:
                 save(config.total_steps, force=True)
         checkpointer.wait()
         ev = evaluate(state.params, "end")
-        if ev and start < config.total_steps:  # a rerun of a finished run evaluates but adds no row
-            writer.write(config.total_steps, ev)
+        if ev:
+            if start < config.total_steps:  # a rerun of a finished run evaluates but adds no row
+                writer.write(config.total_steps, ev)
             final.update(ev)
             progress.message("final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
         if rates:  # the first interval holds the compilation: left out when there are others

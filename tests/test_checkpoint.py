@@ -93,7 +93,16 @@ def test_unusable_checkpoints_are_clear_errors(tmp_path, capsys):
     saver.close()
     other = random_params(CFG.replace(n_layers=3))
     target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), other)
-    with pytest.raises(ckpt.CheckpointError, match="cannot restore params of step 1 into this model"):
+    with pytest.raises(ckpt.CheckpointError, match="cannot restore the params of checkpoint 1, unreadable or not of "
+                                                  r"this model \(.+\)$"):
+        ckpt.load_params(str(tmp_path / "run"), target)
+    with pytest.raises(ckpt.CheckpointError, match=r"has no checkpoint 99; its checkpoints: \[1\]"):
+        ckpt.read_meta(str(tmp_path / "run"), 99)
+    saver = ckpt.Checkpointer(str(tmp_path / "run"))
+    saver.save(2, state, {}, META)
+    saver.wait()
+    saver.close()
+    with pytest.raises(ckpt.CheckpointError, match=r"its other checkpoints: \[1\] \(choose one by step"):
         ckpt.load_params(str(tmp_path / "run"), target)
     assert ckpt.main(["info", str(tmp_path / "nothing")]) == 2
     assert "not a directory" in capsys.readouterr().err

@@ -13,7 +13,6 @@ from llama_jax import evaluate as ev
 from llama_jax import objectives
 from llama_jax import tokenizer as tk
 from llama_jax.data import preference, pretrain, synthetic
-from llama_jax.data.sources import DataError
 from llama_jax.model import Llama, LlamaConfig
 
 CFG = LlamaConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=384, ffn_hidden_dim=80, max_seq_len=256)
@@ -49,6 +48,8 @@ def test_loglikelihood_equals_full_forward(params):
     greedy = int(np.argmax(run(Llama(CFG), params, np.array([ctx]))[0, -1]))
     assert ev.loglikelihood(CFG, params, [ctx], [[greedy]])[0][1] is True
     assert ev.loglikelihood(CFG, params, [ctx], [[(greedy + 1) % CFG.vocab_size]])[0][1] is False
+    with pytest.raises(ValueError, match="pair 1 has an empty context"):  # its first token could not be scored
+        ev.loglikelihood(CFG, params, [ctx, []], [[5], [5, 6]])
 
 
 def test_multiple_choice_scores_and_accuracy(tmp_path, tok, params):
@@ -74,15 +75,18 @@ def test_multiple_choice_scores_and_accuracy(tmp_path, tok, params):
     shot = ev.mc_prompt(qs[0], qs[1:3])
     assert shot.count("Question:") == 3 and shot.endswith(f"Question: {qs[0]['question']}\nAnswer:")
     five = ev.multiple_choice(CFG, params, tok, str(path), k_shot=5)
-    assert five["k_shot"] == 5 and five["questions"] == 4  # only 3 other questions exist: 3 shots
+    assert five["k_shot"] == 3 and five["k_shot_requested"] == 5  # only 3 other questions exist: 3 shots
+    assert five["questions"] == 4
+    limited = ev.multiple_choice(CFG, params, tok, str(path), k_shot=2, limit=1)  # shots from the whole file
+    assert limited["questions"] == 1 and limited["k_shot"] == 2 and "k_shot_requested" not in limited
 
 
 def test_perplexity_matches_the_training_objective(tmp_path, tok, params):
     docs = tmp_path / "d.jsonl"
     docs.write_text("\n".join(json.dumps({"text": " ".join(random.Random(i).choice(synthetic.WORDS)
                                                                  for _ in range(40))}) for i in range(30)))
-    res = ev.perplexity(CFG, params, tok, f"jsonl:{docs}", seq_len=64, batch_size=2)
-    batches = pretrain.make_dataset(f"jsonl:{docs}", tok, 64, 2, split="eval", prefetch=0)
+    res = ev.perplexity(CFG, params, tok, f"jsonl:{docs}", seq_len=64, batch_size=3)
+    batches = pretrain.make_dataset(f"jsonl:{docs}", tok, 64, 3, split="eval", prefetch=0, drop_remainder=False)
     total = weight = 0.0
     for b in batches:
         logits = np.asarray(run(Llama(CFG), params, b["tokens"], b["positions"], b["segment_ids"]))
@@ -91,8 +95,13 @@ def test_perplexity_matches_the_training_objective(tmp_path, tok, params):
         total, weight = total + (ce * b["loss_mask"]).sum(), weight + b["loss_mask"].sum()
     assert res["loss"] == pytest.approx(total / weight, rel=1e-5)
     assert res["perplexity"] == pytest.approx(np.exp(total / weight), rel=1e-5)
-    with pytest.raises(DataError, match="no complete batch"):
-        ev.perplexity(CFG, params, tok, f"jsonl:{docs}", seq_len=256, batch_size=64)
+    docs_tokens = sum(len(tok.encode(json.loads(line)["text"], bos=True, eos=True)) for line in open(docs))
+    rows = -(-docs_tokens // 64)
+    assert rows % 3 and res["batches"] == -(-rows // 3)  # the last batch is partial, and scored
+    # all of it: unscored are only each row's first token and each document's first (no context in its row)
+    assert res["tokens"] == weight >= docs_tokens - rows - 30
+    small = ev.perplexity(CFG, params, tok, f"jsonl:{docs}", seq_len=256, batch_size=64)  # less than a batch
+    assert small["batches"] == 1 and small["tokens"] >= docs_tokens - -(-docs_tokens // 256) - 30
 
 
 def test_reward_accuracy_per_rating_bucket(tmp_path, tok):

@@ -153,6 +153,21 @@ def test_sweep_runs_every_combination_and_compare_tabulates_them(tmp_path, token
     assert rows[0].startswith(os.path.basename(best)) and f"{final[best]:.4g}" in rows[0]
 
 
+def test_sweep_gives_every_combination_its_own_workdir(tmp_path):
+    """Values a directory name cannot tell apart (`a/b`, `a-b`) would share one workdir,
+    and the second would be skipped as finished: both get a hash. A repeated value is refused."""
+    sweep = [sys.executable, f"{ROOT}/launch/sweep.py", f"--config={ROOT}/experiments/pretrain.py:tiny",
+             f"--workdir={tmp_path}"]
+    printed = subprocess.run([*sweep, "--sweep=data.source=text:a/b,text:a-b", "--sweep=seed=0", "--launcher=print"],
+                             capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    workdirs = [re.search(r"--workdir=(\S+)", line).group(1) for line in printed.stdout.splitlines()]
+    assert len(workdirs) == len(set(workdirs)) == 2
+    assert all(re.fullmatch(r".*/source=text-a-b_seed=0_[0-9a-f]{6}", w) for w in workdirs)
+    twice = subprocess.run([*sweep, "--sweep=seed=0,0"], capture_output=True, text=True, timeout=60)
+    assert twice.returncode == 2 and "--sweep='seed=0,0': a value is listed twice" in twice.stderr
+
+
 def test_compare_reports_final_and_best_and_names_bad_directories(tmp_path):
     def run(name, lr, evals, cut=False):
         d = tmp_path / name

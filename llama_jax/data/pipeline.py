@@ -82,8 +82,8 @@ def packed_to_lm(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return lm_example(row["tokens"], row["mask"], row["tokens_segment_ids"], row["tokens_positions"])
 
 
-def finish(ds: grain.IterDataset, batch_size: int, prefetch: int) -> grain.IterDataset:
-    ds = ds.batch(batch_size, drop_remainder=True)
+def finish(ds: grain.IterDataset, batch_size: int, prefetch: int, drop_remainder: bool = True) -> grain.IterDataset:
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if prefetch > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
     return ds

@@ -70,9 +70,10 @@ def _synthetic(vocab_size: int, seq_len: int, seed: int, shard) -> grain.MapData
 
 def make_dataset(spec: str, tokenizer, seq_len: int, batch_size: int, seed: int = 0, *, split: str = "train",
                  shard: tuple[int, int] | None = None, num_epochs: int | None = None, prefetch: int = 2,
-                 vocab_size: int | None = None) -> pipeline.Batches:
+                 vocab_size: int | None = None, drop_remainder: bool = True) -> pipeline.Batches:
     """Batches of packed pretraining windows ([batch_size, seq_len] per feature). The
-    eval split reads its documents once, in order (`num_epochs=1`, no shuffle)."""
+    eval split reads its documents once, in order (`num_epochs=1`, no shuffle).
+    `drop_remainder=False`: the last batch may have fewer rows (a complete read)."""
     kind, _ = parse_source(spec)
     if kind == "synthetic":
         if vocab_size is None:
@@ -91,5 +92,5 @@ def make_dataset(spec: str, tokenizer, seq_len: int, batch_size: int, seed: int 
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len, "mask": seq_len})
     ds = ds.map(pipeline.packed_to_lm)
     identity = getattr(docs, "identity", None)
-    return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch),
+    return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch, drop_remainder),
                             {"source": spec, "documents": len(docs), **({"corpus": identity} if identity else {})})

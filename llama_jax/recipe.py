@@ -33,6 +33,8 @@ import argparse
 import json
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -147,18 +149,20 @@ def dependencies(commands: dict[str, list[str]], workdir: str) -> dict[str, set[
     return found
 
 
+def _reaches(start: str, deps: dict[str, set[str]]) -> set[str]:
+    """Every stage `start` reads from, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for d in deps[todo.pop()]:
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen
+
+
 def _in_cycles(names: list[str], deps: dict[str, set[str]]) -> list[str]:
     """Those of `names` that depend, through others, on themselves."""
-    def reaches(start: str) -> set[str]:
-        seen, todo = set(), [start]
-        while todo:
-            for d in deps[todo.pop()]:
-                if d not in seen:
-                    seen.add(d)
-                    todo.append(d)
-        return seen
-
-    return [n for n in names if n in reaches(n)]
+    return [n for n in names if n in _reaches(n, deps)]
 
 
 def _relay(stream, label: str) -> None:
@@ -321,6 +325,58 @@ def markdown(rows: list[dict], seconds: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _run_pending(pending, running, failed, terminated, commands, deps, number, times, env, w, args) -> int | None:
+    """Runs the pending stages, up to --jobs at once in dependency order; None when all
+    finished, else the recipe's exit code."""
+    wall_start = time.perf_counter()
+    while pending or running:
+        if not failed and not terminated:  # start every stage whose inputs are all finished, up to --jobs at once
+            ready = [n for n in pending if not deps[n] & (set(pending) | set(running))]
+            batch = ready[:max(0, args.jobs - len(running))]
+            for name in batch:
+                pending.remove(name)
+                stage_dir = os.path.join(w, name)
+                print(f"[{number[name]}/{len(STAGES)}] {name}: {' '.join(commands[name][2:])}", flush=True)
+                # a resumed stage adds to the time it took before; one started afresh (its
+                # directory removed to rerun it) counts from zero
+                before = times.get(name, 0.0) if os.path.exists(stage_dir) else 0.0
+                label = f"[{name}]" if len(batch) + len(running) > 1 else None
+                running[name] = (launch(commands[name], env, label), time.perf_counter(), before)
+                if terminated:  # the notice came while it started
+                    running[name][0].send_signal(signal.SIGTERM)
+        if not running:
+            if pending and not failed and not terminated:  # an override made stages read each other's output
+                print(f"error: stages {', '.join(_in_cycles(pending, deps))} wait on each other's output (see "
+                      "their --override flags)", file=sys.stderr)
+                return 2
+            break
+        done = _wait_any(running)
+        for name in done:
+            proc, start, before = running.pop(name)
+            times[name] = before + time.perf_counter() - start
+            if terminated and proc.returncode in (143, -signal.SIGTERM):
+                failed.append((name, 143))
+                print(f"[{number[name]}/{len(STAGES)}] {name}: stopped by SIGTERM; the rerun resumes it", flush=True)
+            elif proc.returncode:
+                failed.append((name, proc.returncode))
+                others = f"; waiting for {', '.join(running)} to finish" if running else ""
+                print(f"error: stage {name} failed (exit {proc.returncode}){others}", file=sys.stderr, flush=True)
+            else:
+                print(f"[{number[name]}/{len(STAGES)}] {name}: finished in {times[name] / 60:.1f} min", flush=True)
+        with open(os.path.join(w, "timings.json"), "w") as f:
+            json.dump({**times, "_wall": times["_wall"] + time.perf_counter() - wall_start}, f, indent=1)
+    times["_wall"] += time.perf_counter() - wall_start
+    with open(os.path.join(w, "timings.json"), "w") as f:
+        json.dump(times, f, indent=1)
+    if terminated:
+        print("stopped by SIGTERM; rerun the same command to resume", file=sys.stderr)
+        return 143
+    if failed:
+        print(f"error: stage {failed[0][0]} failed; rerun the same command to resume", file=sys.stderr)
+        return failed[0][1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llama_jax.recipe", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True)
@@ -396,46 +452,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{number[name]}/{len(STAGES)}] {name}: done before", flush=True)
         else:
             pending.append(name)
+    stale = [n for n, *_ in STAGES if n not in pending and _reaches(n, deps) & set(pending)]
+    if stale:  # finished from the output of a stage that runs again: its numbers would not be of this recipe
+        print(f"error: stages {', '.join(stale)} finished from the output of "
+              f"{', '.join(sorted(set(pending) & set().union(*(_reaches(n, deps) for n in stale))))}, which will run "
+              f"again; remove their directories too to rerun them on its new output (rm -r "
+              f"{' '.join(shlex.quote(os.path.join(w, n)) for n in stale)})", file=sys.stderr)
+        return 2
     running: dict = {}  # name -> (process, start, seconds before)
     failed: list[tuple[str, int]] = []
-    wall_start = time.perf_counter()
-    while pending or running:
-        if not failed:  # start every stage whose inputs are all finished, up to --jobs at once
-            ready = [n for n in pending if not deps[n] & (set(pending) | set(running))]
-            batch = ready[:max(0, args.jobs - len(running))]
-            for name in batch:
-                pending.remove(name)
-                stage_dir = os.path.join(w, name)
-                print(f"[{number[name]}/{len(STAGES)}] {name}: {' '.join(commands[name][2:])}", flush=True)
-                # a resumed stage adds to the time it took before; one started afresh (its
-                # directory removed to rerun it) counts from zero
-                before = times.get(name, 0.0) if os.path.exists(stage_dir) else 0.0
-                label = f"[{name}]" if len(batch) + len(running) > 1 else None
-                running[name] = (launch(commands[name], env, label), time.perf_counter(), before)
-        if not running:
-            if pending and not failed:  # an override made stages read each other's output
-                print(f"error: stages {', '.join(_in_cycles(pending, deps))} wait on each other's output (see "
-                      "their --override flags)", file=sys.stderr)
-                return 2
-            break
-        done = _wait_any(running)
-        for name in done:
-            proc, start, before = running.pop(name)
-            times[name] = before + time.perf_counter() - start
-            if proc.returncode:
-                failed.append((name, proc.returncode))
-                others = f"; waiting for {', '.join(running)} to finish" if running else ""
-                print(f"error: stage {name} failed (exit {proc.returncode}){others}", file=sys.stderr, flush=True)
-            else:
-                print(f"[{number[name]}/{len(STAGES)}] {name}: finished in {times[name] / 60:.1f} min", flush=True)
-        with open(os.path.join(w, "timings.json"), "w") as f:
-            json.dump({**times, "_wall": times["_wall"] + time.perf_counter() - wall_start}, f, indent=1)
-    times["_wall"] += time.perf_counter() - wall_start
-    with open(os.path.join(w, "timings.json"), "w") as f:
-        json.dump(times, f, indent=1)
-    if failed:
-        print(f"error: stage {failed[0][0]} failed; rerun the same command to resume", file=sys.stderr)
-        return failed[0][1]
+    terminated: list[int] = []
+
+    def on_sigterm(signum, frame) -> None:  # a scheduler's notice: every running stage saves its step and stops
+        terminated.append(signum)
+        for proc, *_ in running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        code = _run_pending(pending, running, failed, terminated, commands, deps, number, times, env, w, args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if code is not None:
+        return code
     rows = headlines(w)
     stage_seconds = {k: v for k, v in times.items() if not k.startswith("_")}
     with open(os.path.join(w, "report.json"), "w") as f:

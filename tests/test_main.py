@@ -521,7 +521,7 @@ def _finished_stage(cmd, returncode=0):
     return _Done(returncode)
 
 
-def test_the_recipe_runs_each_stage_with_a_shared_compilation_cache(tmp_path, monkeypatch):
+def test_the_recipe_runs_each_stage_with_a_shared_compilation_cache(tmp_path, monkeypatch, capsys):
     from llama_jax import recipe
 
     calls = []
@@ -546,6 +546,12 @@ def test_the_recipe_runs_each_stage_with_a_shared_compilation_cache(tmp_path, mo
     json.dump({**json.load(open(timings)), "ppo": 1000.0, "gatt": 1000.0}, open(timings, "w"))
     shutil.rmtree(tmp_path / "b" / "ppo")
     os.remove(tmp_path / "b" / "gatt" / "final_metrics.json")
+    # safety distillation finished from GAtt's output, which will run again: refused, with what to remove
+    assert recipe.main([f"--workdir={tmp_path / 'b'}", f"--experiments={ROOT}/experiments"]) == 2
+    assert (f"stages safety_distill finished from the output of gatt, ppo, which will run again; remove their "
+            f"directories too to rerun them on its new output (rm -r {tmp_path / 'b' / 'safety_distill'})"
+            in capsys.readouterr().err)
+    os.remove(tmp_path / "b" / "safety_distill" / "final_metrics.json")
     assert recipe.main([f"--workdir={tmp_path / 'b'}", f"--experiments={ROOT}/experiments"]) == 0
     seconds = json.load(open(timings))
     assert seconds["ppo"] < 1000.0 <= seconds["gatt"]
@@ -613,6 +619,42 @@ def test_the_recipe_runs_independent_stages_side_by_side(tmp_path, monkeypatch, 
     assert recipe.main([f"--workdir={tmp_path / 'e'}", *base]) == 0
     assert order == ["rejection_sampling", "gatt", "safety_distill"]
     assert recipe.main([f"--workdir={tmp_path / 'f'}", *base, "--jobs=0"]) == 2
+
+
+def test_sigterm_to_the_recipe_reaches_its_running_stages(tmp_path, monkeypatch, capsys):
+    """The recipe passes SIGTERM on to the stages it runs (they save their step and exit
+    143), starts no other, and exits 143; the rerun resumes them."""
+    from llama_jax import recipe
+
+    launched, signalled = [], []
+
+    class Running:  # runs until it gets SIGTERM, then exits 143 (what a stage does)
+        def __init__(self, name):
+            self.name, self.returncode = name, None
+
+        def send_signal(self, sig):
+            signalled.append((self.name, sig))
+            self.returncode = 143
+
+        def poll(self):
+            return self.returncode
+
+    def fake_launch(cmd, env, label):
+        name = os.path.basename(next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir=")))
+        launched.append(name)
+        os.makedirs(os.path.join(tmp_path, name), exist_ok=True)
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()  # the notice, while it runs
+        return Running(name)
+
+    monkeypatch.setattr(recipe, "write_tokenizer_text", lambda path: open(path, "w").write("toy\n"))
+    monkeypatch.setattr(recipe, "launch", fake_launch)
+    before = signal.getsignal(signal.SIGTERM)
+    assert recipe.main([f"--workdir={tmp_path}", f"--experiments={ROOT}/experiments"]) == 143
+    assert launched == ["pretrain"] and signalled == [("pretrain", signal.SIGTERM)]
+    out, err = capsys.readouterr()
+    assert "pretrain: stopped by SIGTERM; the rerun resumes it" in out and "rerun the same command" in err
+    assert "pretrain" in json.load(open(tmp_path / "timings.json"))
+    assert signal.getsignal(signal.SIGTERM) == before  # the recipe's handler is gone
 
 
 def test_the_recipe_relays_a_stage_with_its_name(capsys):

@@ -5,7 +5,7 @@
 #   launch/tpu_vm.sh setup  NAME        copy this checkout to every worker; venv + install (idempotent)
 #   launch/tpu_vm.sh run    NAME -- --config=experiments/pretrain.py:7b --workdir=gcs/runs/7b [...]
 #   launch/tpu_vm.sh logs   NAME [WORKER]   follow a worker's log (default worker 0)
-#   launch/tpu_vm.sh stop   NAME        stop the run on every worker (it resumes when run again)
+#   launch/tpu_vm.sh stop   NAME        stop the run on every worker (SIGTERM: the current step is saved; run resumes)
 #   launch/tpu_vm.sh delete NAME
 #   launch/tpu_vm.sh dry    ...         any of the above, printing the gcloud commands instead
 #
@@ -78,7 +78,7 @@ case "$CMD" in
     $DRY "${GC[@]}" ssh "$NAME" "${FLAGS[@]}" --worker="${1:-0}" --command="tail -n 100 -F $REMOTE/logs/run.log"
     ;;
   stop)
-    ssh_all "pkill -INT -f llama_jax.main || true"
+    ssh_all "pkill -TERM -f llama_jax.main || true"  # each worker saves the step they agree on, then exits
     ;;
   delete)
     $DRY "${GC[@]}" delete "$NAME" "${FLAGS[@]}" --quiet

@@ -24,6 +24,9 @@ def main(argv=None, input_fn=input, out=None) -> int:
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1:
         ap.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 <= args.top_p <= 1:
+        ap.error(f"--temperature must be >= 0 (0 = greedy) and --top_p in [0, 1], got {args.temperature} and "
+                 f"{args.top_p}")
     out = out or sys.stdout
 
     from llama_jax.checkpoint import CheckpointError

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -47,6 +48,19 @@ def _first_line(err: BaseException) -> str:
     if code and os.strerror(int(code.group(1))) not in line:
         line += f" [{os.strerror(int(code.group(1)))}]"
     return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+class _ReadOnlyNotes(logging.Filter):
+    """Orbax warns, twice per manager, that a read-only manager is read-only (inference
+    opens several): what was asked for, not a problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("CheckpointManagerOptions.read_only=True")
+                    or message.startswith("Given directory is read only"))
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotes())
 
 
 def _manager(directory: str, max_to_keep: int | None = None, keep_period: int | None = None,

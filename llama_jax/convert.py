@@ -256,11 +256,19 @@ def hf_config(cfg: LlamaConfig) -> dict:
     }
 
 
+def _empty_destination(dst: str) -> None:
+    """An export goes to a new or empty directory: files left from another export (a
+    consolidated.01.pth of a 2-shard one, say) would be read as part of this one."""
+    if os.path.isdir(dst) and os.listdir(dst):
+        raise ConversionError(f"{dst}: not empty; choose a new or empty destination")
+
+
 def to_hf(params, cfg: LlamaConfig, dst: str, tokenizer_path: str | None = None) -> None:
     """Writes a Hugging Face Llama directory: config.json, model.safetensors (float32),
     and the SentencePiece tokenizer with a LlamaTokenizer config when given."""
     from safetensors.numpy import save_file
 
+    _empty_destination(dst)
     os.makedirs(dst, exist_ok=True)
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(hf_config(cfg), f, indent=1)
@@ -387,6 +395,7 @@ def to_meta(params, cfg: LlamaConfig, dst: str, num_shards: int = 1, tokenizer_p
             **{**cfg.to_dict(), "ffn_hidden_dim": None}).hidden_dim:
         raise ConversionError(f"FFN width {cfg.ffn_hidden_dim} is not expressible in Meta's params.json "
                               "(multiple_of / ffn_dim_multiplier); export to Hugging Face instead")
+    _empty_destination(dst)
     for what, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.kv_heads), ("dim", cfg.dim),
                     ("vocab_size", cfg.vocab_size), ("FFN width", cfg.hidden_dim)):
         if n % num_shards:

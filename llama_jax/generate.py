@@ -230,9 +230,10 @@ def load_for_inference(checkpoint: str):
         raise ckpt.CheckpointError(f"{checkpoint}: has no LM head (heads {meta.get('heads')}); it cannot generate")
     mesh = sharding.make_mesh(1, -1, 1)
     sharding.check_model_fits_mesh(cfg, mesh)
-    shardings = sharding.param_shardings_like(sharding.abstract_params(Llama(cfg)), Llama(cfg), mesh,
-                                              sharding.DEFAULT_RULES)
+    model = Llama(cfg, tuple(meta.get("heads", ["lm"])))  # a PPO policy also holds its value head
+    shardings = sharding.param_shardings_like(sharding.abstract_params(model), model, mesh, sharding.DEFAULT_RULES)
     cfg, params, _, tok_path = ckpt.load_model(checkpoint, step, shardings=shardings)
+    params = {k: v for k, v in params.items() if not k.endswith("_head")}  # the LM's own: what generate runs
     if tok_path is None:
         raise TokenizerError(f"{checkpoint}: no tokenizer.model beside the checkpoint")
     tok = Tokenizer(tok_path)
@@ -291,6 +292,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1:
         ap.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 <= args.top_p <= 1:
+        ap.error(f"--temperature must be >= 0 (0 = greedy) and --top_p in [0, 1], got {args.temperature} and "
+                 f"{args.top_p}")
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.tokenizer import DialogError, TokenizerError
 

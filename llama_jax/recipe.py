@@ -136,6 +136,29 @@ def stage_overrides(overrides: list[str], seed: int | None) -> dict[str, list[st
     return extra
 
 
+def check_override_fields(experiments: str, extra: dict[str, list[str]]) -> None:
+    """A ValueError naming the first override whose field its stage's config lacks: found
+    before any stage runs, not when that stage starts minutes later."""
+    import importlib.util
+
+    for name, experiment, *_ in STAGES:
+        fields = [flag.split("=", 1)[0].removeprefix("--config.") for flag in extra[name]]
+        if not fields:
+            continue
+        file, arg = experiment.split(":")
+        spec = importlib.util.spec_from_file_location(f"_recipe_{name}", os.path.join(experiments, file))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config(arg)
+        for field in fields:
+            node = config
+            for part in field.split("."):
+                if not hasattr(node, "keys") or part not in node:
+                    raise ValueError(f"--override {name}:{field}: the {name} stage's config ({experiment}) has no "
+                                     f"field {field!r}")
+                node = node[part]
+
+
 def dependencies(commands: dict[str, list[str]], workdir: str) -> dict[str, set[str]]:
     """The stages each stage's command reads from: its init_from and any other stage's
     directory named in a flag (the reward models; `{w}/...` in an override), so that
@@ -403,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(args.experiments):
         print(f"error: {args.experiments}: no experiments directory (run from the repository root or pass "
               "--experiments)", file=sys.stderr)
+        return 2
+    try:
+        check_override_fields(args.experiments, extra)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     w = os.path.abspath(args.workdir)
     os.makedirs(w, exist_ok=True)

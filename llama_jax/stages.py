@@ -62,6 +62,11 @@ class Stage:
         """Extra attributes of the trained `Llama` module (PPO: detach_value)."""
         return {}
 
+    def held_steps(self, config) -> int:
+        """Steps at the start during which the evaluated model does not change (PPO's value
+        warm-up): early stopping does not count evaluations among them as stale."""
+        return 0
+
     def local_batch(self, config) -> int:
         return config.batch_size // jax.process_count()
 
@@ -1181,6 +1186,10 @@ class PPOStage(Stage):
     def model_options(self, config) -> dict:
         return {"detach_value": bool(config.ppo.get("detach_value", False))}
 
+    def held_steps(self, config) -> int:
+        p = config.ppo
+        return int(p.value_warmup_iterations) * steps_per_iteration(config) if critic(config) != "none" else 0
+
     def learning_rates(self, config) -> dict:
         """The critic's own pace: the value head at `ppo.value_learning_rate` (0 = the
         policy's), and for the first `ppo.value_warmup_iterations` iterations everything
@@ -1193,7 +1202,7 @@ class PPOStage(Stage):
         p, out = config.ppo, {}
         if float(p.value_learning_rate) > 0:
             out["value_head"] = optax.constant_schedule(float(p.value_learning_rate))
-        hold = int(p.value_warmup_iterations) * steps_per_iteration(config) if critic(config) != "none" else 0
+        hold = self.held_steps(config)
         if hold:
             policy = learning_rate_schedule(config.optimizer, config.total_steps - hold)
             out["*"] = optax.join_schedules([optax.constant_schedule(0.0), policy], [hold])

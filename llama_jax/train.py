@@ -263,8 +263,10 @@ class EarlyStopping:
                            f"({', '.join(sorted(ev)) or 'none'})")
         return float(ev[name])
 
-    def observe(self, step: int, ev: dict) -> bool:
-        """Records the evaluation at `step`; True if it is the new best (keep its weights)."""
+    def observe(self, step: int, ev: dict, counts: bool = True) -> bool:
+        """Records the evaluation at `step`; True if it is the new best (keep its weights).
+        `counts` False: the model has not changed yet (PPO's value warm-up), so an
+        evaluation that is no better is not a stale one."""
         value = self._value(ev, self.metric, "metric")
         for name in self.guards:
             g = self._value(ev, name, "guard")
@@ -277,6 +279,8 @@ class EarlyStopping:
         if self.best is None or sign * (value - self.best) > self.min_delta:
             self.best, self.best_step, self.stale = value, step, 0
             return True
+        if not counts:
+            return False
         self.stale += 1
         if self.stale >= self.patience:
             self.reason = (f"{self.metric} has not improved on {self.best:.4g} (step {self.best_step}) "
@@ -359,10 +363,17 @@ def run(config, workdir: str, stage) -> dict:
     from llama_jax import configs, distributed, metrics, sharding
     from llama_jax.model import COMPUTE_ONLY_FIELDS, INIT_FROM_FIELDS, attention_kernel
 
+    for field, path in (("--workdir", workdir), ("config.init_from", config.init_from)):
+        if "://" in str(path):  # else os.makedirs would make a local directory named like the URL
+            raise RunError(f"{field} {path}: URLs are not read or written directly; mount the bucket (gcsfuse, as "
+                           "launch/tpu_vm.sh does) and pass its local path")
     try:
         cfg = configs.to_llama_config(config.model)
         if config.init_from:  # the architecture comes from the checkpoint; numerics from this config
-            _, init_meta = ckpt.read_meta(config.init_from)
+            try:
+                _, init_meta = ckpt.read_meta(config.init_from)
+            except ckpt.CheckpointError as e:
+                raise RunError(f"config.init_from: {e}") from None
             cfg = ckpt.model_config(init_meta, **{k: getattr(cfg, k) for k in INIT_FROM_FIELDS})
             pooled = ckpt.model_config(init_meta).score_pooling  # the default if saved before the field
             if "score" in stage.heads and "score" in init_meta.get("heads", []) and pooled != cfg.score_pooling:
@@ -372,10 +383,6 @@ def run(config, workdir: str, stage) -> dict:
         attention_kernel(cfg)  # a kernel this backend cannot run is an error here, before any work
     except ValueError as e:
         raise RunError(f"config.model: {e}") from None
-    for field, path in (("--workdir", workdir), ("config.init_from", config.init_from)):
-        if "://" in str(path):  # else os.makedirs would make a local directory named like the URL
-            raise RunError(f"{field} {path}: URLs are not read or written directly; mount the bucket (gcsfuse, as "
-                           "launch/tpu_vm.sh does) and pass its local path")
     for field in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
         v = config[field]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -587,7 +594,7 @@ def run(config, workdir: str, stage) -> dict:
                     writer.write(step, ev)
                     progress.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
                 if stopper is not None:
-                    best = stopper.observe(step, ev)
+                    best = stopper.observe(step, ev, counts=step > stage.held_steps(config))
                 last_log_time += time.perf_counter() - eval_start  # throughput excludes evaluation
             if stopper is not None and step == config.total_steps:
                 periodic = False  # the last step holds the best weights, saved below

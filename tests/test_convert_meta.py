@@ -110,3 +110,6 @@ def test_bad_meta_directories_are_clear_errors(tmp_path, hf):
         convert.to_meta(params, cfg, str(tmp_path / "x"), num_shards=4)
     with pytest.raises(ConversionError, match="not expressible in Meta's params.json"):
         convert.to_meta(params, cfg.replace(ffn_hidden_dim=100), str(tmp_path / "y"))
+    for export in (convert.to_meta, convert.to_hf):  # another export's files would be read as this one's
+        with pytest.raises(ConversionError, match=f"{d}: not empty; choose a new or empty destination"):
+            export(params, cfg, str(d))

@@ -141,6 +141,20 @@ def test_generate_cli_streams_the_continuation(checkpoint_dir, capsys, params):
     assert stream.finish() == shown.getvalue() == " lemon tree"
 
 
+def test_generate_cli_reads_a_ppo_policy_with_its_value_head(checkpoint_dir, capsys, tmp_path):
+    """A PPO run's checkpoint holds the value head beside the LM: inference uses the LM."""
+    _, tok = checkpoint_dir
+    both = random_params(CFG, heads=("lm", "value"), std=0.15, seed=3)
+    ckpt.save_params(str(tmp_path / "ppo"), both, {"model": CFG.to_dict(), "heads": ["lm", "value"],
+                                                   "tokenizer": tok.identity()}, tokenizer_path=tok.path)
+    assert gen.main([f"--checkpoint={tmp_path / 'ppo'}", "--prompt=apple river", "--max_new_tokens=6",
+                     "--temperature=0"]) == 0, capsys.readouterr().err
+    lm = {k: v for k, v in both.items() if k != "value_head"}
+    prompt = tok.encode("apple river", bos=True)
+    expected = [t for t in gen.generate(CFG, lm, [prompt], 6).tokens[0] if t != tk.EOS_ID]
+    assert capsys.readouterr().out == "apple river" + tok.decode(prompt + expected)[len(tok.decode(prompt)):] + "\n"
+
+
 def test_chat_cli_keeps_a_multi_turn_llama2_dialog(checkpoint_dir, params):
     path, tok = checkpoint_dir
     inputs = iter(["hello there", "/reset", "what is 2 + 2?", "and then?"])
@@ -201,3 +215,6 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gen.main([f"--checkpoint={tmp_path / 'm'}", "--prompt=x", "--max_new_tokens=0"])
     assert "--max_new_tokens must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        chat.main([f"--checkpoint={tmp_path / 'm'}", "--temperature=-1"])
+    assert "--temperature must be >= 0 (0 = greedy)" in capsys.readouterr().err

@@ -699,8 +699,13 @@ def test_the_recipe_passes_a_seed_and_overrides_to_its_stages(tmp_path, monkeypa
     assert recipe.main([f"--workdir={tmp_path / 'paper'}", f"--experiments={ROOT}/experiments",
                         "--override=ppo:init_from={w}/rejection_sampling"]) == 0
     assert calls["ppo"][-1] == f"--config.init_from={tmp_path / 'paper' / 'rejection_sampling'}"
-    # a workdir is resumed only with the same seed and overrides
+    # a misspelt field is refused before any stage runs (PPO starts minutes in)
+    calls.clear()
     capsys.readouterr()
+    assert recipe.main([f"--workdir={tmp_path / 'typo'}", f"--experiments={ROOT}/experiments",
+                        "--override=ppo:ppo.betaa=1"]) == 2 and not calls
+    assert "--override ppo:ppo.betaa: the ppo stage's config (ppo.py:tiny) has no field" in capsys.readouterr().err
+    # a workdir is resumed only with the same seed and overrides
     assert recipe.main([f"--workdir={tmp_path}", f"--experiments={ROOT}/experiments", "--seed=4"]) == 2
     assert "recipe_args.json" in capsys.readouterr().err
     # a workdir begun before the record existed resumes only without the flags, and is recorded then

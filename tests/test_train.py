@@ -176,6 +176,10 @@ def test_early_stopping_keeps_the_best_and_stops_after_patience():
     low = stopping(metric="eval_loss", mode="min", patience=1)
     assert low.observe(0, {"eval_loss": 3.0}) and low.observe(5, {"eval_loss": 2.5})
     assert not low.observe(10, {"eval_loss": 2.7}) and low.reason and low.best_step == 5
+    held = stopping(patience=1)  # evaluations while the model cannot change (PPO's value warm-up) are not stale
+    assert held.observe(0, {"val_reward": 0.5}) and not held.observe(8, {"val_reward": 0.5}, counts=False)
+    assert held.stale == 0 and not held.reason
+    assert not held.observe(16, {"val_reward": 0.5}) and held.reason
     resumed = stopping(min_delta=0.01)  # the state travels in checkpoints
     resumed.load(s.state())
     assert (resumed.best_step, resumed.best, resumed.stale, resumed.reason) == (20, 0.60, 2, s.reason)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -267,6 +268,7 @@ def main(argv=None) -> int:
     if args.adversarial and args.kind == "chat":
         ap.error("--adversarial is for --kind=preference or prompts (chat records have no adversarial requests)")
     kwargs = {"adversarial_prob": args.adversarial} if args.adversarial else {}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     write_jsonl(generate(args.kind, args.n, args.seed, split=args.split, **kwargs), args.output)
     print(f"wrote {args.n} {args.kind} records to {args.output}")
     return 0

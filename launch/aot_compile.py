@@ -112,7 +112,7 @@ def analyse(config, num_devices: int) -> dict:
 def report(r: dict, chip: str = "") -> str:
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
     lines = [
-        f"{r['params'] / 1e9:.2f}B params, stage {r['stage']}, {r['num_devices']} devices ({mesh}), "
+        f"{r['params'] / 1e9:.3g}B params, stage {r['stage']}, {r['num_devices']} devices ({mesh}), "
         f"batch {r['batch_size']} x {r['seq_len']} (grad_accum_steps {r['grad_accum_steps']}), "
         f"{r['dtype']} compute, remat {r['remat_policy']}; compiled in {r['compile_seconds']:.0f} s",
         "per device:",

@@ -78,8 +78,11 @@ def differing_fields(runs: list[dict]) -> list[str]:
 
 def table(workdirs: list[str], metrics: list[str] | None = None, sort: str | None = None) -> str:
     runs = [load_run(w) for w in workdirs]
+    seen = {k for r in runs for row in r["rows"] for k in row}
+    unknown = [m for m in metrics or [] if m not in seen]
+    if unknown:  # a misspelt metric would be a column of dashes
+        raise CompareError(f"--metrics: {unknown} logged by none of the runs; they log {sorted(seen - {'step'})}")
     if metrics is None:
-        seen = {k for r in runs for row in r["rows"] for k in row}
         metrics = [m for m in DEFAULT_METRICS if m in seen] + sorted(
             k for k in seen if k.startswith("eval_") and k not in DEFAULT_METRICS)
     fields = differing_fields(runs) if len(runs) > 1 else []

@@ -401,7 +401,8 @@ def _run_pending(pending, running, failed, terminated, commands, deps, number, t
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llama_jax.recipe", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m llama_jax.recipe", description=__doc__.split("\n\n")[2],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--fast", action="store_true", help="tiny step counts (tests); the numbers mean nothing")
     ap.add_argument("--experiments", default=os.path.join(os.getcwd(), "experiments"),

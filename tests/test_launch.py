@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from procs import ROOT, SMALL, env, losses
 
 from llama_jax import compare
@@ -191,6 +192,8 @@ def test_compare_reports_final_and_best_and_names_bad_directories(tmp_path):
     for name in ("eval_violation_rate", "eval_false_refusal_rate", "eval_kl", "loss"):  # the safety rates too
         assert not compare.higher_is_better(name), name
     assert compare.higher_is_better("eval_exact_match") and compare.higher_is_better("eval_reward")
+    with pytest.raises(compare.CompareError, match=r"--metrics: \['eval_los'\] logged by none of the runs"):
+        compare.table([a, b], ["eval_los"])
     (tmp_path / "empty").mkdir()
     out = subprocess.run([sys.executable, "-m", "llama_jax.compare", a, str(tmp_path / "empty")],
                          capture_output=True, text=True, timeout=60)

@@ -165,6 +165,17 @@ def best_of(scores, k: int) -> list[int]:
     return [int(i * k + j) for i, j in enumerate(np.argmax(s, axis=1))]
 
 
+def best_finished(scores, finished) -> list[int]:
+    """Rejection sampling's pick among each prompt's finished samples ([prompts, K]
+    arrays; `finished`: the answer ended with EOS within max_new_tokens, since a cut one
+    would be trained with an EOS it never produced): the sample index, -1 for a prompt
+    with no finished sample."""
+    import numpy as np
+
+    s = np.where(finished, np.asarray(scores, np.float64), -np.inf)
+    return [int(j) if row.any() else -1 for j, row in zip(np.argmax(s, axis=1), np.asarray(finished))]
+
+
 def selection_scores(rewards, logprobs, beta: float):
     """How rejection sampling ranks each prompt's samples ([prompts, K] arrays). beta 0:
     the reward itself, the paper's argmax. beta > 0: Regularized Best-of-N (Jinnai et

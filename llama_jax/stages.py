@@ -570,10 +570,15 @@ class RejectionSamplingStage(SFTStage):
         rewards = np.asarray(scored["gated"]).reshape(len(prompts), r.num_samples)
         logprobs = np.asarray([[float(np.sum(lp)) for _, _, lp in a] for a in answers])
         ranking = rlhf.selection_scores(rewards, logprobs, r.selection_beta)
-        best = [j % r.num_samples for j in rlhf.best_of(ranking, r.num_samples)]
+        # only finished answers are picked (a prompt with none gives no training dialog)
+        finished = np.asarray([[len(toks) > 0 and toks[-1] == tokenizer.eos_id for _, toks, _ in a] for a in answers])
+        best = rlhf.best_finished(ranking, finished)
         records = {json.dumps(p.messages): {"messages": p.messages + [{"role": "assistant", "content": a[j][0]}],
                                             "is_safety": p.is_safety, "reward": float(row[j])}
-                   for p, a, row, j in zip(prompts, answers, rewards, best)}
+                   for p, a, row, j in zip(prompts, answers, rewards, best) if j >= 0}
+        if not records:
+            raise RunError(f"rejection sampling: no answer finished (EOS) within rlhf.max_new_tokens="
+                           f"{r.max_new_tokens}; raise it")
         pooled = 0
         for earlier in filter(None, (d.strip() for d in r.pool.split(","))):
             for rec in _read_jsonl(os.path.join(earlier, "data", "rs_train.jsonl")):
@@ -593,9 +598,11 @@ class RejectionSamplingStage(SFTStage):
             "prompts": len(prompts), "num_samples": r.num_samples, "temperature": r.temperature,
             "reward_vs_n": rlhf.reward_curve(rewards, ns),
             "mean_reward_first_sample": float(rewards[:, 0].mean()),
-            "mean_reward_best_sample": float(rewards[np.arange(len(prompts)), best].mean()),
+            "mean_reward_best_sample": float(np.mean([rewards[i, j] for i, j in enumerate(best) if j >= 0])),
             "selection_beta": r.selection_beta,
             "pooled_from_earlier_iterations": pooled, "kept_at_min_reward": len(kept),
+            "unfinished_samples": int((~finished).sum()), "prompts_without_a_finished_sample":
+                int((~finished.any(axis=1)).sum()),
             "seconds": time.perf_counter() - start,
             "before": before, "before_per_prompt": before_per_prompt,
         }
@@ -603,9 +610,9 @@ class RejectionSamplingStage(SFTStage):
             from llama_jax.data.synthetic import is_correct
 
             correct = np.array([[is_correct(prompts[i].record, t) for t, _, _ in answers[i]] for i in checked])
-            picked = correct[np.arange(len(checked)), [best[i] for i in checked]]
+            picked = [correct[n, best[i]] for n, i in enumerate(checked) if best[i] >= 0]
             report["accuracy_first_sample"] = float(correct[:, 0].mean())
-            report["accuracy_best_sample"] = float(picked.mean())
+            report["accuracy_best_sample"] = float(np.mean(picked)) if picked else 0.0
             report["accuracy_vs_n"] = rlhf.accuracy_curve(ranking[checked], correct, ns)
             # The share of right answers in what the fine-tune trains on (pooled ones too).
             by_prompt = {json.dumps(prompts[i].messages): prompts[i].record for i in checked}
@@ -723,9 +730,11 @@ def update_report(workdir: str, name: str, **fields) -> None:
 
 
 def _greedy_answers(cfg, params, tokenizer, dialogs, max_new_tokens: int, mesh=None, temperature: float = 0.0,
-                    seed: int = 0, rows: int = 64, rules=None, top_p: float = 1.0) -> list[str]:
+                    seed: int = 0, rows: int = 64, rules=None, top_p: float = 1.0,
+                    finished_only: bool = False) -> list[str]:
     """The model's answer to the last user turn of each dialog (None where the prompt
-    does not fit in the context with `max_new_tokens`)."""
+    does not fit in the context with `max_new_tokens`, and with `finished_only` where the
+    answer did not end (EOS) within them: training data, whose answers get an EOS)."""
     from llama_jax.generate import generate
 
     prompts = [tokenizer.encode_dialog(d) for d in dialogs]
@@ -736,6 +745,8 @@ def _greedy_answers(cfg, params, tokenizer, dialogs, max_new_tokens: int, mesh=N
         gen = generate(cfg, params, [prompts[i] for i in idx], max_new_tokens, temperature=temperature,
                        top_p=top_p, seed=seed + b, mesh=mesh, rules=rules)
         for i, toks in zip(idx, gen.tokens):
+            if finished_only and not (toks and toks[-1] == tokenizer.eos_id):
+                continue
             out[i] = tokenizer.decode([t for t in toks if t != tokenizer.eos_id]).strip()
     return out
 
@@ -794,16 +805,18 @@ class GAttStage(SFTStage):
         flat = [[{"role": "system", "content": ins.text}, {"role": "user", "content": t.question}]
                 for ins, tasks in plans for t in tasks]
         checks = [ins.check for ins, tasks in plans for _ in tasks]
+        # (an answer that did not end within eval_max_new_tokens is None, like one breaking the instruction)
         sampled = _greedy_answers(cfg, params, tokenizer, flat, config.eval_max_new_tokens, mesh,
-                                  temperature=config.rlhf.temperature, seed=config.seed, rules=rules)
+                                  temperature=config.rlhf.temperature, seed=config.seed, rules=rules,
+                                  finished_only=True)
         first_try = sum(a is not None and ok(a) for a, ok in zip(sampled, checks))
         for attempt in range(1, g.samples_per_turn):
-            failing = [i for i, (a, ok) in enumerate(zip(sampled, checks)) if a is not None and not ok(a)]
+            failing = [i for i, (a, ok) in enumerate(zip(sampled, checks)) if a is None or not ok(a)]
             if not failing:
                 break
             again = _greedy_answers(cfg, params, tokenizer, [flat[i] for i in failing], config.eval_max_new_tokens,
                                     mesh, temperature=g.retry_temperature, seed=config.seed + 7919 * attempt,
-                                    rules=rules)
+                                    rules=rules, finished_only=True)
             for i, a in zip(failing, again):
                 if a is not None and checks[i](a):
                     sampled[i] = a
@@ -1008,8 +1021,10 @@ class SafetyDistillStage(SFTStage):
         # one preprompted answer per position; with several, the one the safety RM scores highest
         positions = _preprompt_positions(config)
         tries = [_greedy_answers(cfg, params, tokenizer, [with_preprompt(r["messages"], pre, pos) for r in unsafe],
-                                 config.eval_max_new_tokens, mesh, rules=rules) for pos in positions]
+                                 config.eval_max_new_tokens, mesh, rules=rules, finished_only=True)
+                 for pos in positions]
         scores = np.stack([self._safety(config, tokenizer, unsafe, t) for t in tries])
+        scores = np.where([[a is None for a in t] for t in tries], -np.inf, scores)  # unfinished: never kept
         pick = scores.argmax(axis=0)
         guided = [tries[k][i] for i, k in enumerate(pick)]
         best = scores.max(axis=0)
@@ -1020,7 +1035,7 @@ class SafetyDistillStage(SFTStage):
                    for r, a, s, keep in zip(unsafe, guided, best, better) if keep and a is not None]
         benign = self._prompts(config, workdir, "train", False, d.benign_anchors) if d.benign_anchors else []
         anchors = _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in benign], config.eval_max_new_tokens,
-                                  mesh, rules=rules)
+                                  mesh, rules=rules, finished_only=True)
         records += [{"messages": r["messages"] + [{"role": "assistant", "content": a}], "is_safety": False}
                     for r, a in zip(benign, anchors) if a is not None]
         before = self._rates(config, workdir, cfg, params, tokenizer, mesh, rules)

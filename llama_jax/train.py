@@ -477,7 +477,12 @@ def run(config, workdir: str, stage) -> dict:
         if data is not None:
             total, weight, sums = 0.0, 0.0, {}
             with sharding.activate(mesh, rules):
-                for _, b in zip(range(config.eval_steps), data):
+                for _ in range(config.eval_steps):
+                    b = next(data, None)
+                    # the processes' shards can hold different numbers of batches: every process stops at the
+                    # first batch one of them lacks (else the others would wait in the step's collectives)
+                    if not all(distributed.allgather_json(b is not None)):
+                        break
                     loss_sum, w, s = eval_fn(params, _global_batch(b, batch_sh), frozen)
                     total, weight = total + float(loss_sum), weight + float(w)
                     for k, v in s.items():

@@ -238,6 +238,41 @@ def test_preference_batches_margins_and_safety_filter(tok, tmp_path):
     synthetic.write_jsonl(multi, str(path))
     b = next(preference.make_dataset(str(path), tok, 48, 1, shuffle=False, prefetch=0))
     assert tok.decode(b["chosen_targets"][0][b["chosen_loss_mask"][0] > 0][:-1]).strip() == "ocean"
+    # Longer than the row: both sides lose the same prompt tokens (BOS kept), so both answers
+    # are read after one context, and each answer is whole, EOS included.
+    long = [{"prompt": [{"role": "system", "content": " ".join(WORDS[:12])},
+                        {"role": "user", "content": "sort these words please"}],
+             "chosen": "apple river stone", "rejected": "tiger"}]
+    synthetic.write_jsonl(long, str(path))
+    full = [tok.encode_dialog_for_training(long[0]["prompt"] + [{"role": "assistant", "content": a}], True)[0]
+            for a in ("apple river stone", "tiger")]
+    seq = len(full[0]) - 5  # the longer side is 5 tokens over
+    b = next(preference.make_dataset(str(path), tok, seq, 1, shuffle=False, prefetch=0))
+    sides = [b[f"{s}_tokens"][0][b[f"{s}_segment_ids"][0] > 0].tolist() for s in ("chosen", "rejected")]
+    assert sides[0] == full[0][:1] + full[0][6:] and sides[1] == full[1][:1] + full[1][6:]
+    answer_start = [b[f"{s}_loss_mask"][0].tolist().index(1.0) for s in ("chosen", "rejected")]
+    assert answer_start[0] == answer_start[1] and sides[0][:answer_start[0]] == sides[1][:answer_start[1]]
+    assert tok.decode(b["chosen_targets"][0][b["chosen_loss_mask"][0] > 0][:-1]).strip() == "apple river stone"
+
+
+def test_preference_mixtures_take_their_fractions(tmp_path):
+    """GLOB@FRACTION: a share of a file's pairs (seeded), above 1 repeats them; an "@" in a
+    directory name is part of the path; a share that rounds to no pair is refused."""
+    pair = json.loads(GOOD_PAIR)
+    for name, n in (("a", 10), ("b", 4)):
+        synthetic.write_jsonl([{**pair, "chosen": f"{name}{i}"} for i in range(n)], str(tmp_path / f"{name}.jsonl"))
+    mix = preference.PreferencePairs(f"{tmp_path}/a.jsonl@0.5,{tmp_path}/b.jsonl@2.5", seed=3)
+    chosen = [mix[i]["chosen"] for i in range(len(mix))]
+    assert sum(c.startswith("a") for c in chosen) == 5 and len(set(c for c in chosen if c.startswith("a"))) == 5
+    assert sum(c.startswith("b") for c in chosen) == 10 and {c for c in chosen if c.startswith("b")} == {
+        "b0", "b1", "b2", "b3"}  # each of the 4 twice, 2 of them a third time
+    (tmp_path / "team@corp").mkdir()
+    synthetic.write_jsonl([pair] * 3, str(tmp_path / "team@corp" / "p.jsonl"))
+    assert len(preference.PreferencePairs(str(tmp_path / "team@corp" / "p.jsonl"))) == 3
+    with pytest.raises(DataError, match=r"b.jsonl@0.1 takes no pair of its 4"):
+        preference.PreferencePairs(f"{tmp_path}/a.jsonl,{tmp_path}/b.jsonl@0.1")
+    with pytest.raises(DataError, match="'half' is not a number"):
+        preference.parse_mixture("a.jsonl@half")
 
 
 def test_prompts_load_with_safety_tags(tok, tmp_path):

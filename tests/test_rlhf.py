@@ -115,6 +115,34 @@ def test_clipped_value_loss():
 
 def test_best_of_k():
     assert rlhf.best_of([0.1, 0.9, 0.3, 0.5, 0.2, 0.7], 3) == [1, 5]
+    # an answer cut at max_new_tokens is never picked, however it scores; a prompt with none gives -1
+    assert rlhf.best_finished([[0.1, 0.9, 0.3], [0.5, 0.2, 0.7]], [[True, False, True], [False, False, False]]) == [
+        2, -1]
+
+
+def test_training_answers_that_did_not_finish_are_dropped(monkeypatch):
+    """GAtt and safety distillation train on sampled answers with an EOS appended: one
+    that ran into max_new_tokens is None (never trained), unless all answers are wanted."""
+    from llama_jax import generate as gen
+    from llama_jax import tokenizer as tk
+    from llama_jax.model import LlamaConfig
+    from llama_jax.stages import _greedy_answers
+
+    class Tok:  # ids as text
+        eos_id = tk.EOS_ID
+
+        def encode_dialog(self, dialog):
+            return [1, 5]
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    rows = [[7, 8, 9], [7, tk.EOS_ID], [tk.EOS_ID]]  # cut at the limit of 3; finished; EOS at once
+    monkeypatch.setattr(gen, "generate", lambda cfg, params, prompts, n, **kw: gen.Generation(rows, [[0.0]] * 3))
+    dialogs = [[{"role": "user", "content": q}] for q in "abc"]
+    cfg = LlamaConfig.tiny()
+    assert _greedy_answers(cfg, None, Tok(), dialogs, 3) == ["7 8 9", "7", ""]
+    assert _greedy_answers(cfg, None, Tok(), dialogs, 3, finished_only=True) == [None, "7", ""]
 
 
 def test_accuracy_curve_follows_the_reward_models_pick_among_the_first_n():

@@ -19,6 +19,8 @@ reads).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from llama_jax.data import pipeline, sources
@@ -65,7 +67,10 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
         try:
             fraction = float(frac)
         except ValueError:
-            raise DataError(f"data mixture {spec!r}: {frac!r} is not a number (use GLOB@0.5)") from None
+            if "/" in frac or os.path.exists(item):  # an "@" inside a path, not a fraction
+                glob, fraction = item, 1.0
+            else:
+                raise DataError(f"data mixture {spec!r}: {frac!r} is not a number (use GLOB@0.5)") from None
         if fraction <= 0:
             raise DataError(f"data mixture {spec!r}: fraction {fraction} must be > 0")
         parts.append((glob, fraction))
@@ -86,6 +91,9 @@ class PreferencePairs:
             kept = [i for i in range(len(jsonl)) if not is_dropped(jsonl.record(i))]
             self.dropped += len(jsonl) - len(kept)
             n = int(round(fraction * len(kept)))
+            if kept and n == 0:
+                raise DataError(f"data mixture {patterns!r}: {glob}@{fraction:g} takes no pair of its {len(kept)} "
+                                "(a larger fraction, or leave it out)")
             picks = (rng.permutation(len(kept))[:n] if fraction <= 1 else
                      np.concatenate([np.arange(len(kept))] * int(fraction) +
                                     [rng.permutation(len(kept))[:n - int(fraction) * len(kept)]]))
@@ -113,18 +121,27 @@ class _EncodePair:
         margin(None, margin_table)  # validates the table name
         self.tokenizer, self.seq_len, self.margin_table = tokenizer, seq_len, margin_table
 
-    def side(self, prompt, answer) -> dict[str, np.ndarray]:
-        # Only the final answer is masked: what DPO sums and a mean-pooled reward head reads
-        # (earlier assistant turns of the prompt are the same on both sides).
-        tokens, mask = self.tokenizer.encode_dialog_for_training(prompt + [{"role": "assistant", "content": answer}],
-                                                                 last_turn_only=True)
-        tokens, mask = np.asarray(tokens[-self.seq_len:], np.int32), np.asarray(mask[-self.seq_len:], bool)
-        return pipeline.pad_row(tokens, mask, self.seq_len)
+    def sides(self, prompt, chosen: str, rejected: str) -> list[tuple[list[int], list[bool]]]:
+        """Both answers after the prompt, as (tokens, mask). Only the final answer is
+        masked: what DPO sums and a mean-pooled reward head reads. A pair longer than
+        seq_len loses the same prompt tokens on both sides (after BOS, from the start), so
+        that both answers are read after one context; an answer that alone does not fit
+        keeps its last seq_len tokens."""
+        encoded = [self.tokenizer.encode_dialog_for_training(prompt + [{"role": "assistant", "content": a}],
+                                                             last_turn_only=True) for a in (chosen, rejected)]
+        starts = [mask.index(True) if True in mask else len(mask) for _, mask in encoded]  # where each answer begins
+        over = max(len(tokens) for tokens, _ in encoded) - self.seq_len
+        if over > 0 and starts[0] == starts[1]:
+            cut = min(over, starts[0] - 1)
+            encoded = [(tokens[:1] + tokens[1 + cut:], mask[:1] + mask[1 + cut:]) for tokens, mask in encoded]
+        return [(tokens[-self.seq_len:], mask[-self.seq_len:]) for tokens, mask in encoded]
 
     def __call__(self, rec: dict) -> dict[str, np.ndarray]:
         out = {}
-        for side in ("chosen", "rejected"):
-            out.update({f"{side}_{k}": v for k, v in self.side(rec["prompt"], rec[side]).items()})
+        for side, (tokens, mask) in zip(("chosen", "rejected"), self.sides(rec["prompt"], rec["chosen"],
+                                                                            rec["rejected"])):
+            row = pipeline.pad_row(np.asarray(tokens, np.int32), np.asarray(mask, bool), self.seq_len)
+            out.update({f"{side}_{k}": v for k, v in row.items()})
         rating = rec.get("rating")
         out["margin"] = np.float32(margin(rating, self.margin_table))
         out["rating"] = np.int32(-1 if rating is None else RATINGS.index(rating))

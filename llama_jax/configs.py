@@ -164,6 +164,9 @@ def rlhf_config() -> ml_collections.ConfigDict:
     c.rlhf.selection_beta = 0.0  # rejection sampling keeps argmax logit(R) + beta * log pi(answer) (0 = paper)
     c.rlhf.pool = ""  # comma-separated earlier rejection-sampling workdirs whose best answers are pooled
     c.rlhf.min_reward = 0.0  # rejection sampling keeps a best answer only if its reward >= this (0 = paper: all)
+    # sampled answers trained with an EOS appended (rejection sampling's best, GAtt's turns, safety distillation's)
+    # must have ended with EOS within their token limit; false: a cut answer can be picked, and trains with an EOS
+    c.rlhf.require_eos = True
     c.gatt = ml_collections.ConfigDict()
     c.gatt.num_dialogs = 2000  # synthesised multi-turn dialogs (toy instructions and tasks)
     c.gatt.max_turns = 3  # turns per synthesised dialog (1..max; only the last is trained)

@@ -97,9 +97,11 @@ class MetricsWriter:
     restored step are dropped first, so the file reads as one uninterrupted run."""
 
     def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
+        """resume_step -1: a fresh start, no row kept. `rows`: the rows kept and written."""
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.tb = None
+        self.rows: list[dict] = []
         if not enabled:
             return
         if os.path.exists(self.path):
@@ -115,13 +117,14 @@ class MetricsWriter:
                     raise ValueError(f"{self.path}: row {i + 1} is not JSON; fix or remove that row") from None
                 if step <= resume_step:
                     kept.append(r)
+                    self.rows.append(json.loads(r))
             if len(kept) != len(rows):
                 with open(self.path + ".tmp", "w") as f:
                     f.writelines(kept)
                 os.replace(self.path + ".tmp", self.path)
         try:
             SummaryWriter = _summary_writer()
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1 or None)
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=max(resume_step + 1, 0))
         except ImportError:  # TensorBoard output is optional; metrics.jsonl is always written
             self.tb = None
 
@@ -129,6 +132,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:

@@ -67,6 +67,11 @@ class Stage:
         warm-up): early stopping does not count evaluations among them as stale."""
         return 0
 
+    def can_stop_after(self, config, step: int) -> bool:
+        """Whether a run may save and stop after `step` on a preemption notice (PPO: only
+        at an iteration's end, since its rollouts' remaining mini-batches are not saved)."""
+        return True
+
     def local_batch(self, config) -> int:
         return config.batch_size // jax.process_count()
 
@@ -571,14 +576,15 @@ class RejectionSamplingStage(SFTStage):
         logprobs = np.asarray([[float(np.sum(lp)) for _, _, lp in a] for a in answers])
         ranking = rlhf.selection_scores(rewards, logprobs, r.selection_beta)
         # only finished answers are picked (a prompt with none gives no training dialog)
-        finished = np.asarray([[len(toks) > 0 and toks[-1] == tokenizer.eos_id for _, toks, _ in a] for a in answers])
+        finished = np.asarray([[not r.require_eos or (len(toks) > 0 and toks[-1] == tokenizer.eos_id)
+                                for _, toks, _ in a] for a in answers])
         best = rlhf.best_finished(ranking, finished)
         records = {json.dumps(p.messages): {"messages": p.messages + [{"role": "assistant", "content": a[j][0]}],
                                             "is_safety": p.is_safety, "reward": float(row[j])}
                    for p, a, row, j in zip(prompts, answers, rewards, best) if j >= 0}
         if not records:
             raise RunError(f"rejection sampling: no answer finished (EOS) within rlhf.max_new_tokens="
-                           f"{r.max_new_tokens}; raise it")
+                           f"{r.max_new_tokens}; raise it (or set rlhf.require_eos=false)")
         pooled = 0
         for earlier in filter(None, (d.strip() for d in r.pool.split(","))):
             for rec in _read_jsonl(os.path.join(earlier, "data", "rs_train.jsonl")):
@@ -808,7 +814,7 @@ class GAttStage(SFTStage):
         # (an answer that did not end within eval_max_new_tokens is None, like one breaking the instruction)
         sampled = _greedy_answers(cfg, params, tokenizer, flat, config.eval_max_new_tokens, mesh,
                                   temperature=config.rlhf.temperature, seed=config.seed, rules=rules,
-                                  finished_only=True)
+                                  finished_only=config.rlhf.require_eos)
         first_try = sum(a is not None and ok(a) for a, ok in zip(sampled, checks))
         for attempt in range(1, g.samples_per_turn):
             failing = [i for i, (a, ok) in enumerate(zip(sampled, checks)) if a is None or not ok(a)]
@@ -816,7 +822,7 @@ class GAttStage(SFTStage):
                 break
             again = _greedy_answers(cfg, params, tokenizer, [flat[i] for i in failing], config.eval_max_new_tokens,
                                     mesh, temperature=g.retry_temperature, seed=config.seed + 7919 * attempt,
-                                    rules=rules, finished_only=True)
+                                    rules=rules, finished_only=config.rlhf.require_eos)
             for i, a in zip(failing, again):
                 if a is not None and checks[i](a):
                     sampled[i] = a
@@ -1021,7 +1027,7 @@ class SafetyDistillStage(SFTStage):
         # one preprompted answer per position; with several, the one the safety RM scores highest
         positions = _preprompt_positions(config)
         tries = [_greedy_answers(cfg, params, tokenizer, [with_preprompt(r["messages"], pre, pos) for r in unsafe],
-                                 config.eval_max_new_tokens, mesh, rules=rules, finished_only=True)
+                                 config.eval_max_new_tokens, mesh, rules=rules, finished_only=config.rlhf.require_eos)
                  for pos in positions]
         scores = np.stack([self._safety(config, tokenizer, unsafe, t) for t in tries])
         scores = np.where([[a is None for a in t] for t in tries], -np.inf, scores)  # unfinished: never kept
@@ -1035,7 +1041,7 @@ class SafetyDistillStage(SFTStage):
                    for r, a, s, keep in zip(unsafe, guided, best, better) if keep and a is not None]
         benign = self._prompts(config, workdir, "train", False, d.benign_anchors) if d.benign_anchors else []
         anchors = _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in benign], config.eval_max_new_tokens,
-                                  mesh, rules=rules, finished_only=True)
+                                  mesh, rules=rules, finished_only=config.rlhf.require_eos)
         records += [{"messages": r["messages"] + [{"role": "assistant", "content": a}], "is_safety": False}
                     for r, a in zip(benign, anchors) if a is not None]
         before = self._rates(config, workdir, cfg, params, tokenizer, mesh, rules)
@@ -1155,6 +1161,7 @@ class PPOStage(Stage):
                            f"config.ppo.rollout_batch {p.rollout_batch}")
         if int(p.epochs) < 1:
             raise RunError(f"config.ppo.epochs: {p.epochs} (passes over each iteration's rollouts) must be >= 1")
+        check_iteration_intervals(config)
         es = config.early_stopping
         read = [m.strip() for m in [str(es.metric)] + str(es.guard).split(",")]
         wanted = [m for m in read if m.startswith("val_sampled_")]
@@ -1200,6 +1207,9 @@ class PPOStage(Stage):
 
     def model_options(self, config) -> dict:
         return {"detach_value": bool(config.ppo.get("detach_value", False))}
+
+    def can_stop_after(self, config, step: int) -> bool:
+        return step % steps_per_iteration(config) == 0
 
     def held_steps(self, config) -> int:
         p = config.ppo
@@ -1442,6 +1452,19 @@ def varied_groups(texts: list[str], k: int) -> float:
     """The share of prompts whose `k` consecutive answers are not all the same text: only
     those give PPO a reward difference when scores are centred per prompt."""
     return float(varied_rows(texts, k)[::k].mean()) if texts else 0.0
+
+
+def check_iteration_intervals(config) -> None:
+    """Checkpoints (and the evaluations early stopping saves at) fall on PPO iterations'
+    ends: an iteration's remaining rollouts are not checkpointed."""
+    from llama_jax.train import RunError
+
+    every = steps_per_iteration(config)
+    for field in ("checkpoint_every_steps", "eval_every_steps"):
+        if config[field] % every:
+            raise RunError(f"config.{field} {config[field]} is not a multiple of the {every} steps of a PPO "
+                           "iteration (ppo.epochs x rollout_batch / batch_size): a run resumed from a checkpoint "
+                           "inside an iteration would lose the rest of its rollouts")
 
 
 def steps_per_iteration(config) -> int:

@@ -504,8 +504,8 @@ def run(config, workdir: str, stage) -> dict:
     if config.mesh.gather_for_generation and stage.samples_in_evaluation(config):
         gather_for_eval()  # a copy that cannot fit is an error now, not after training
 
-    try:
-        writer = metrics.MetricsWriter(workdir, resume_step=start, enabled=lead)
+    try:  # a fresh start keeps no row of a run killed before its first checkpoint
+        writer = metrics.MetricsWriter(workdir, resume_step=start if restored is not None else -1, enabled=lead)
     except ValueError as e:
         raise RunError(str(e)) from None
     progress = metrics.Progress(config.total_steps, start, enabled=lead)
@@ -551,7 +551,7 @@ def run(config, workdir: str, stage) -> dict:
             if stopper is not None:
                 stopper.observe(0, ev)
                 save(0, force=True)  # the weights to return to if no evaluation beats them
-        step = start
+        step, noticed = start, False
         last = start if stopper is not None and stopper.reason else config.total_steps  # killed after stopping
         for step in range(start + 1, last + 1):
             try:
@@ -562,7 +562,9 @@ def run(config, workdir: str, stage) -> dict:
             pending.append((step, m))
             if len(pending) > 1:  # check the previous step while this one runs
                 check_nonfinite(*pending[-2])
-            preempted = preemption.reached(step) and step < config.total_steps  # the last step: finish
+            noticed = preemption.reached(step) or noticed  # asked every step, as JAX's sync point needs
+            # saved and stopped at the first step the stage can resume from; the last step: the run finishes
+            preempted = noticed and step < config.total_steps and stage.can_stop_after(config, step)
             periodic = step % config.checkpoint_every_steps == 0 or step == config.total_steps
             # a checkpoint's step also ends a log interval, so that a run resumed from it logs the same rows
             if step % config.log_every_steps == 0 or periodic or preempted:
@@ -626,10 +628,18 @@ def run(config, workdir: str, stage) -> dict:
             if stopper.best_step != config.total_steps:
                 save(config.total_steps, force=True)
         checkpointer.wait()
+        # the training is saved: a notice from here on ends the process (the rerun redoes what follows)
+        preemption.close()
+        finished_before = start >= config.total_steps
+        if finished_before:  # a rerun of a finished run, or one killed after its last step: the logged numbers
+            logged = [r for r in writer.rows if "loss" in r]
+            final = {k: v for k, v in (logged[-1] if logged else {}).items() if k != "step"}
+            rates = [r["tokens_per_second"] for r in logged if "tokens_per_second" in r]
         ev = evaluate(state.params, "end")
         if ev:
-            if start < config.total_steps:  # a rerun of a finished run evaluates but adds no row
-                writer.write(config.total_steps, ev)
+            if not finished_before or not any(r["step"] == config.total_steps and set(ev) <= set(r)
+                                              for r in writer.rows):
+                writer.write(config.total_steps, ev)  # a rerun adds it only if the kill came before it was written
             final.update(ev)
             progress.message("final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
         if rates:  # the first interval holds the compilation: left out when there are others
@@ -639,7 +649,7 @@ def run(config, workdir: str, stage) -> dict:
             final.update(early_stopping_best_step=stopper.best_step, early_stopping_best=stopper.best,
                          early_stopping_reason=stopper.reason)
         final_path = os.path.join(workdir, "final_metrics.json")
-        if start >= config.total_steps and os.path.exists(final_path):  # a rerun of a finished run: keep its numbers
+        if finished_before and os.path.exists(final_path):  # a rerun of a finished run: keep its numbers
             with open(final_path) as f:
                 final = {**json.load(f), **{k: v for k, v in final.items() if k.startswith("early_stopping")}}
         elif lead:

@@ -179,6 +179,29 @@ def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(tmp_path, to
     assert tail == [step] + [s for s in (step + 1, step + 2) if s % 2 == 0 or s == step + 2]  # logged every 2
 
 
+def test_a_run_killed_in_its_final_evaluation_ends_as_an_uninterrupted_one(tmp_path, tokenizer_path):
+    """Killed after its last checkpoint, before the final evaluation's row and
+    final_metrics.json were written: the rerun writes both, with the logged training
+    numbers. A fresh start keeps no row of a run killed before its first checkpoint."""
+    workdir = str(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval_loss": 99.0}\n{"step": 1, "loss": 99.0}\n')
+    args = command(workdir, f"--config.data.tokenizer={tokenizer_path}", "--config.data.eval_source=stdlib:eval",
+                   "--config.eval_steps=1", steps=4)
+    first = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = _rows(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4] and 99.0 not in [r.get("loss") for r in rows]
+    final = json.load(open(tmp_path / "final_metrics.json"))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))  # the eval row lost
+    os.remove(tmp_path / "final_metrics.json")
+    again = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "resumed from step 4" in again.stdout, again.stderr[-3000:]
+    assert _rows(workdir) == rows
+    rebuilt = json.load(open(tmp_path / "final_metrics.json"))
+    assert rebuilt.pop("median_mfu") > 0 and final.pop("median_mfu") > 0  # each run measures the CPU's peak
+    assert rebuilt == pytest.approx(final)
+
+
 def test_init_from_starts_from_another_runs_params(tmp_path, reference_run, tokenizer_path):
     import jax
     import numpy as np
@@ -326,11 +349,11 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
                    f"--config.rlhf.reward_model={tmp_path / 'rm'}", "--config.rlhf.safety_reward_model=",
                    "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
                    "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6", "--config.rlhf.min_reward=0",
-                   "--config.mesh.gather_for_generation=true", processes=2)
+                   "--config.mesh.gather_for_generation=true", "--config.rlhf.require_eos=false", processes=2)
     gold_run = start("rejection_sampling", gold_dir, f"--config.init_from={sft_dir}", "--config.rlhf.reward_model=code",
                      "--config.rlhf.num_prompts=12", "--config.rlhf.num_samples=3", "--config.rlhf.max_new_tokens=6",
                      "--config.eval_exact_match=0", "--config.rlhf.num_eval_prompts=6", "--config.rlhf.min_reward=0",
-                     "--config.total_steps=2", "--config.rlhf.selection_beta=0")
+                     "--config.total_steps=2", "--config.rlhf.selection_beta=0", "--config.rlhf.require_eos=false")
     ppo_run = start("ppo", ppo_dir, f"--config.init_from={sft_dir}", f"--config.rlhf.reward_model={tmp_path / 'rm'}",
                     "--config.rlhf.safety_reward_model=", "--config.rlhf.num_prompts=16",
                     "--config.rlhf.num_eval_prompts=4", "--config.rlhf.max_new_tokens=6",
@@ -343,12 +366,13 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
                      "--config.gatt.keep_only_adherent=false", "--config.gatt.num_eval_dialogs=3",
                      "--config.gatt.eval_turns=2,4", "--config.eval_max_new_tokens=4",
                      "--config.gatt.samples_per_turn=2", "--config.gatt.plain_anchors=5",
-                     "--config.gatt.num_plain_eval=6")
+                     "--config.gatt.num_plain_eval=6", "--config.rlhf.require_eos=false")
     distill_run = start("safety_distill", distill_dir, f"--config.init_from={sft_dir}",
                         f"--config.rlhf.safety_reward_model={tmp_path / 'rm'}", "--config.rlhf.reward_model=",
                         "--config.distill.num_prompts=8",
                         "--config.distill.benign_anchors=4", "--config.distill.num_eval_prompts=4",
-                        "--config.eval_max_new_tokens=4", "--config.distill.preprompt_position=prefix,system")
+                        "--config.eval_max_new_tokens=4", "--config.distill.preprompt_position=prefix,system",
+                        "--config.rlhf.require_eos=false")  # the barely trained model's answers seldom end in time
     # Going on from a reward model with another pooling than its score head learnt is refused.
     from llama_jax.main import run as main_run
     from llama_jax.train import RunError

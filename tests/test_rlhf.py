@@ -323,6 +323,31 @@ def test_varied_rows_marks_each_answer_of_a_varied_prompt():
     np.testing.assert_array_equal(varied_rows(["a", "b", "a"], 3), [1, 1, 1])
 
 
+def test_ppo_saves_and_stops_only_at_iteration_ends():
+    """An iteration's remaining rollouts are not checkpointed: a preemption notice is
+    honoured at the iteration's end, and checkpoint / evaluation intervals inside one are
+    refused."""
+    import importlib.util
+    import os
+
+    from llama_jax import stages
+    from llama_jax.train import RunError
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "ppo.py")
+    spec = importlib.util.spec_from_file_location("ppo_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("tiny")
+    c.ppo.epochs, c.ppo.rollout_batch, c.batch_size = 2, 24, 8  # 6 steps an iteration
+    assert [s for s in range(1, 19) if stages.PPOStage().can_stop_after(c, s)] == [6, 12, 18]
+    assert stages.Stage().can_stop_after(c, 5)
+    c.checkpoint_every_steps, c.eval_every_steps = 12, 0
+    stages.check_iteration_intervals(c)
+    c.eval_every_steps = 9
+    with pytest.raises(RunError, match="config.eval_every_steps 9 is not a multiple of the 6 steps of a PPO iteration"):
+        stages.check_iteration_intervals(c)
+
+
 def test_ppo_advantages_leave_uniform_prompts_unmoved():
     from llama_jax import rlhf
 

@@ -136,7 +136,8 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if _CHIP.value and _CHIP.value not in CHIP_MEMORY_GIB:
-        raise app.UsageError(f"--chip={_CHIP.value}: unknown; known: {sorted(CHIP_MEMORY_GIB)}")
+        print(f"error: --chip={_CHIP.value}: unknown; known: {sorted(CHIP_MEMORY_GIB)}", file=sys.stderr)
+        sys.exit(2)
     from llama_jax.sharding import MeshError
 
     try:

@@ -361,3 +361,11 @@ def test_no_code_runs_from_checkpoint_files():
     assert loads and all("weights_only=True" in line for line in loads), loads
     assert not re.search(r"^\s*import pickle|pickle\.loads?\(|allow_pickle\s*=\s*True|dill|joblib", text, re.M)
     assert not re.search(r"\.bind\(|HTTPServer|socketserver", text)
+
+
+def test_aot_compile_rejects_an_unknown_chip():
+    out = subprocess.run([sys.executable, f"{ROOT}/launch/aot_compile.py",
+                          f"--config={ROOT}/experiments/pretrain.py:tiny", "--num_devices=1", "--chip=tpu9"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--chip=tpu9: unknown; known: [" in out.stderr
+    assert one_error_line(out.stderr), out.stderr

@@ -435,6 +435,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     w = os.path.abspath(args.workdir)
     os.makedirs(w, exist_ok=True)
+    from llama_jax import workdir as workdir_lock
+
+    try:  # one recipe at a time in a workdir (each stage's run locks its own directory too)
+        workdir_lock.lock(w)
+    except workdir_lock.WorkdirBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     recorded = {"seed": args.seed, "overrides": args.override, "fast": args.fast}
     args_path = os.path.join(w, "recipe_args.json")
     before, where = recorded, "recipe_args.json"

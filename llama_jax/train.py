@@ -361,6 +361,7 @@ def run(config, workdir: str, stage) -> dict:
 
     from llama_jax import checkpoint as ckpt
     from llama_jax import configs, distributed, metrics, sharding
+    from llama_jax import workdir as workdir_lock
     from llama_jax.model import COMPUTE_ONLY_FIELDS, INIT_FROM_FIELDS, attention_kernel
 
     for field, path in (("--workdir", workdir), ("config.init_from", config.init_from)):
@@ -397,6 +398,11 @@ def run(config, workdir: str, stage) -> dict:
         os.remove(probe)
     except OSError as e:
         raise RunError(f"workdir {workdir} is not writable: {e}") from None
+    if jax.process_index() == 0:  # one run at a time in a workdir (released in the finally below)
+        try:
+            workdir_lock.lock(workdir)
+        except workdir_lock.WorkdirBusy as e:
+            raise RunError(str(e)) from None
     if config.nonfinite_policy not in ("stop", "skip"):
         raise RunError(f"config.nonfinite_policy: {config.nonfinite_policy!r} is not 'stop' or 'skip'")
     if not isinstance(config.grad_accum_steps, int) or config.grad_accum_steps < 1 or \
@@ -661,4 +667,5 @@ def run(config, workdir: str, stage) -> dict:
         train_data.close()
         checkpointer.close()
         writer.close()
+        workdir_lock.release(workdir)
     return final

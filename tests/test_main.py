@@ -166,6 +166,8 @@ def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(tmp_path, to
     deadline = time.time() + 200
     while not any(r["step"] >= 3 for r in _rows(workdir)) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    second = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=120)  # while it runs
+    assert second.returncode == 1 and "another run is using this workdir" in second.stderr, second.stderr[-2000:]
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=200)
     assert proc.returncode == 143, err[-3000:]

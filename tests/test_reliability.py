@@ -369,3 +369,24 @@ def test_aot_compile_rejects_an_unknown_chip():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--chip=tpu9: unknown; known: [" in out.stderr
     assert one_error_line(out.stderr), out.stderr
+
+
+def test_a_workdir_is_used_by_one_run_at_a_time(tmp_path):
+    """WORKDIR/.lock: a second process is refused while the first holds it; the kernel
+    drops it when that process ends; the same process may take it again (a run after a
+    run that raised)."""
+    from llama_jax import workdir
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from llama_jax import workdir; "
+                               f"workdir.lock({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(workdir.WorkdirBusy, match="another run is using this workdir"):
+            workdir.lock(str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    workdir.lock(str(tmp_path))  # free once the holder is gone, however it ended
+    workdir.lock(str(tmp_path))  # this process's own lock is retaken
+    workdir.release(str(tmp_path))

@@ -352,6 +352,15 @@ def build_step(config, cfg, stage, mesh, rules) -> types.SimpleNamespace:
 def run(config, workdir: str, stage) -> dict:
     """Trains `stage` (see llama_jax.stages) as `config` says, in `workdir`, resuming
     from its latest checkpoint. Returns the final metrics."""
+    from llama_jax import workdir as workdir_lock
+
+    try:
+        return _run(config, workdir, stage)
+    finally:  # the workdir's lock, however the run ended (a later run of this process takes it again)
+        workdir_lock.release(workdir)
+
+
+def _run(config, workdir: str, stage) -> dict:
     import json
     import os
     import sys
@@ -398,7 +407,7 @@ def run(config, workdir: str, stage) -> dict:
         os.remove(probe)
     except OSError as e:
         raise RunError(f"workdir {workdir} is not writable: {e}") from None
-    if jax.process_index() == 0:  # one run at a time in a workdir (released in the finally below)
+    if jax.process_index() == 0:  # one run at a time in a workdir (released by `run`)
         try:
             workdir_lock.lock(workdir)
         except workdir_lock.WorkdirBusy as e:
@@ -667,5 +676,4 @@ def run(config, workdir: str, stage) -> dict:
         train_data.close()
         checkpointer.close()
         writer.close()
-        workdir_lock.release(workdir)
     return final

@@ -75,7 +75,8 @@ def main(argv=None, input_fn=input, out=None) -> int:
         answer = tok.decode([t for t in result.tokens[0] if t != tok.eos_id])
         cut = min((i for i in (answer.find(tag) for tag in SPECIAL_TAGS) if i >= 0), default=-1)
         if cut >= 0:  # a format tag in the reply would make every later turn an invalid dialog
-            out.write(f"(the reply is kept up to its {answer[cut:].split()[0]!r}, a tag of the chat format)\n")
+            tag = next(t for t in SPECIAL_TAGS if answer.startswith(t, cut))
+            out.write(f"(the reply is kept up to its {tag!r}, a tag of the chat format)\n")
             answer = answer[:cut].rstrip()
         dialog = candidate + [{"role": "assistant", "content": answer}]
         turn += 1

@@ -758,9 +758,8 @@ def _greedy_answers(cfg, params, tokenizer, dialogs, max_new_tokens: int, mesh=N
 
 
 def generate_fits(cfg, prompt_len: int, max_new_tokens: int) -> bool:
-    from llama_jax.generate import _bucket
-
-    return _bucket(prompt_len) + max_new_tokens <= cfg.max_seq_len
+    """Whether `generate` can answer a prompt of `prompt_len` tokens (its own rule)."""
+    return prompt_len + max_new_tokens <= cfg.max_seq_len
 
 
 class GAttStage(SFTStage):

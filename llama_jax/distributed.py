@@ -138,7 +138,14 @@ class Preemption:
         if is_multiprocess():
             from jax.experimental import multihost_utils
 
-            return bool(multihost_utils.reached_preemption_sync_point(step))
+            if self.noticed is None:  # JAX's preemption service is off (jax_enable_preemption_service)
+                return False
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # the same, found at the first step: the run goes on without the notices
+                self.noticed = None
+                say("note: JAX's preemption service is off, so SIGTERM will not save a checkpoint", flush=True)
+                return False
         return self.noticed
 
     def close(self) -> None:

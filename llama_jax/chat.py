@@ -22,15 +22,12 @@ def main(argv=None, input_fn=input, out=None) -> int:
     ap.add_argument("--top_p", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.max_new_tokens < 1:
-        ap.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0 or not 0 <= args.top_p <= 1:
-        ap.error(f"--temperature must be >= 0 (0 = greedy) and --top_p in [0, 1], got {args.temperature} and "
-                 f"{args.top_p}")
+    from llama_jax.generate import TextStream, check_sampling_args, generate, load_for_inference
+
+    check_sampling_args(ap, args)
     out = out or sys.stdout
 
     from llama_jax.checkpoint import CheckpointError
-    from llama_jax.generate import TextStream, generate, load_for_inference
     from llama_jax.tokenizer import SPECIAL_TAGS, DialogError, TokenizerError
 
     try:

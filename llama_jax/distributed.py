@@ -127,7 +127,7 @@ class Preemption:
         import signal
         import threading
 
-        self.noticed, self.previous = False, None
+        self.noticed, self.previous, self.service = False, None, True
         if not is_multiprocess() and threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, self._notice)
 
@@ -138,12 +138,12 @@ class Preemption:
         if is_multiprocess():
             from jax.experimental import multihost_utils
 
-            if self.noticed is None:  # JAX's preemption service is off (jax_enable_preemption_service)
+            if not self.service:
                 return False
             try:
                 return bool(multihost_utils.reached_preemption_sync_point(step))
-            except RuntimeError:  # the same, found at the first step: the run goes on without the notices
-                self.noticed = None
+            except RuntimeError:  # JAX's preemption service is off (jax_enable_preemption_service): go on without
+                self.service = False
                 say("note: JAX's preemption service is off, so SIGTERM will not save a checkpoint", flush=True)
                 return False
         return self.noticed

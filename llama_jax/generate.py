@@ -276,6 +276,16 @@ class TextStream:
         return text[len(self.start):] if text.startswith(self.start) else self.tok.decode(self.ids)
 
 
+def check_sampling_args(ap, args) -> None:
+    """The sampling flags the generate and chat command lines share: a usage error for
+    values `generate` cannot sample with."""
+    if args.max_new_tokens < 1:
+        ap.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 <= args.top_p <= 1:
+        ap.error(f"--temperature must be >= 0 (0 = greedy) and --top_p in [0, 1], got {args.temperature} and "
+                 f"{args.top_p}")
+
+
 def main(argv=None) -> int:
     import argparse
     import sys
@@ -290,11 +300,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as a Llama 2-Chat user turn")
     args = ap.parse_args(argv)
-    if args.max_new_tokens < 1:
-        ap.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0 or not 0 <= args.top_p <= 1:
-        ap.error(f"--temperature must be >= 0 (0 = greedy) and --top_p in [0, 1], got {args.temperature} and "
-                 f"{args.top_p}")
+    check_sampling_args(ap, args)
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.tokenizer import DialogError, TokenizerError
 

@@ -110,14 +110,14 @@ class MetricsWriter:
             kept = []
             for i, r in enumerate(rows):
                 try:
-                    step = json.loads(r).get("step", 0)
+                    row = json.loads(r)
                 except json.JSONDecodeError:
                     if i == len(rows) - 1:  # the row being written when the run was killed: dropped
                         break
                     raise ValueError(f"{self.path}: row {i + 1} is not JSON; fix or remove that row") from None
-                if step <= resume_step:
+                if row.get("step", 0) <= resume_step:
                     kept.append(r)
-                    self.rows.append(json.loads(r))
+                    self.rows.append(row)
             if len(kept) != len(rows):
                 with open(self.path + ".tmp", "w") as f:
                     f.writelines(kept)

@@ -261,19 +261,16 @@ def reward_models(stage, config, tokenizer, safety_only: bool = False):
         from llama_jax import rlhf, sharding
 
         r = config.rlhf
-        if safety_only:
-            mesh, rules = sharding.run_mesh(config.mesh)
-            stage.rms = rlhf.RewardModels("", r.safety_reward_model, tokenizer, r.safety_threshold, mesh=mesh,
-                                          rules=rules)
-        elif r.reward_model == rlhf.CODE_REWARD:  # the toy checker (a gold reward); the safety RM is not used
+        if r.reward_model == rlhf.CODE_REWARD and not safety_only:  # the toy checker (a gold reward), no safety RM
             patterns = [r.prompts if r.prompts != "synthetic" else "", r.eval_prompts, r.val_prompts,
                         os.path.join(stage.workdir, "data", "prompts_*.jsonl")]
             stage.rms = rlhf.CodeReward(patterns)
             print("reward: the toy prompts' code check (rlhf.reward_model=code), not a reward model", flush=True)
         else:
             mesh, rules = sharding.run_mesh(config.mesh)
-            stage.rms = rlhf.RewardModels(r.reward_model or r.safety_reward_model, r.safety_reward_model, tokenizer,
-                                          r.safety_threshold, mesh=mesh, rules=rules)
+            helpful = "" if safety_only else r.reward_model or r.safety_reward_model
+            stage.rms = rlhf.RewardModels(helpful, r.safety_reward_model, tokenizer, r.safety_threshold, mesh=mesh,
+                                          rules=rules)
     return stage.rms
 
 

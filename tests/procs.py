@@ -17,6 +17,16 @@ SMALL = ["--config.model.dim=48", "--config.model.n_layers=2", "--config.model.n
          "--config.data.eval_source=", "--config.checkpoint.max_to_keep=2"]
 
 
+def load_experiment(name: str):
+    """The module of experiments/NAME.py (its `get_config(arg)`), as `--config=` loads it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"experiment_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def command(workdir, *extra, steps=12, experiment="pretrain.py:tiny"):
     return [sys.executable, "-m", "llama_jax.main", f"--config={ROOT}/experiments/{experiment}",
             f"--workdir={workdir}", f"--config.total_steps={steps}", *SMALL, *extra]

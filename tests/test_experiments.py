@@ -1,10 +1,10 @@
 """Every experiment config loads for every argument it documents, converts to a valid
 LlamaConfig, and opens with a docstring that gives its command."""
 
-import importlib.util
 import os
 
 import pytest
+from procs import load_experiment
 
 from llama_jax import train
 from llama_jax.configs import to_llama_config
@@ -16,11 +16,7 @@ ARGS = {"pretrain": ["tiny", "7b", "13b", "34b", "70b"], "sft": ["tiny", "7b", "
         "gatt": ["tiny", "7b", "70b"], "safety_distill": ["tiny", "7b", "70b"]}
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+load = load_experiment
 
 
 @pytest.mark.parametrize("name", sorted(ARGS))

@@ -2,7 +2,6 @@
 bad overrides, and resume exactness after SIGKILL (also during a checkpoint write)."""
 
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -16,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from procs import ROOT, SMALL, command, env, losses  # noqa: F401 - reference_run, tokenizer_path: conftest
+from procs import ROOT, SMALL, command, env, load_experiment, losses  # noqa: F401 - reference_run, tokenizer_path: conftest
 
 
 def test_run_writes_metrics_checkpoints_and_applies_overrides(reference_run):
@@ -379,10 +378,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
     from llama_jax.main import run as main_run
     from llama_jax.train import RunError
 
-    spec = importlib.util.spec_from_file_location("rm_config", os.path.join(ROOT, "experiments", "reward_model.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    more = module.get_config("tiny")
+    more = load_experiment("reward_model").get_config("tiny")
     more.init_from, more.model.score_pooling = str(tmp_path / "rm"), "mean"
     with pytest.raises(RunError, match=r"trained with score_pooling='last'; set --config.model.score_pooling=last"):
         main_run(more, str(tmp_path / "rm_more"))

@@ -327,17 +327,12 @@ def test_ppo_saves_and_stops_only_at_iteration_ends():
     """An iteration's remaining rollouts are not checkpointed: a preemption notice is
     honoured at the iteration's end, and checkpoint / evaluation intervals inside one are
     refused."""
-    import importlib.util
-    import os
+    from procs import load_experiment
 
     from llama_jax import stages
     from llama_jax.train import RunError
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "ppo.py")
-    spec = importlib.util.spec_from_file_location("ppo_experiment", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny")
+    c = load_experiment("ppo").get_config("tiny")
     c.ppo.epochs, c.ppo.rollout_batch, c.batch_size = 2, 24, 8  # 6 steps an iteration
     assert [s for s in range(1, 19) if stages.PPOStage().can_stop_after(c, s)] == [6, 12, 18]
     assert stages.Stage().can_stop_after(c, 5)

@@ -24,17 +24,42 @@ def main_args(workdir, tokenizer, steps):
             f"--config.data.tokenizer={tokenizer}", *SYNTHETIC]
 
 
+def uneven_held_out(path, tokenizer_path, rows: int, seq_len: int) -> str:
+    """Two documents: the first (process 0's shard) fills three batches of rows x seq_len
+    tokens, the second (process 1's) one and a half."""
+    from llama_jax.tokenizer import Tokenizer
+
+    tok, batch = Tokenizer(tokenizer_path), rows * seq_len
+    docs = []
+    for batches in (3.5, 1.5):
+        words = []
+        while len(tok.encode(" ".join(words), bos=True, eos=True)) < batches * batch:
+            words.append(f"value{len(words) % 97} = {len(words)}")
+        docs.append(" ".join(words))
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    return str(path)
+
+
 def test_two_processes_train_like_one_and_hand_over_their_checkpoint(tmp_path, tokenizer_path):
     """2 processes x 4 devices == 1 process x 8 devices, step by step (the synthetic
     source gives each global batch the same rows whatever the process count; only the
     order of rows in the batch, hence float32 summation order, differs). Then 1 process
-    resumes the 2-process run from its checkpoint and continues."""
+    resumes the 2-process run from its checkpoint and continues.
+
+    The 2-process run also evaluates held-out documents whose shards hold different
+    numbers of batches (process 0's three, process 1's one): both processes must stop
+    after the batch they both have, or process 0 would wait forever in a collective."""
     multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
+    held_out = uneven_held_out(tmp_path / "held_out.jsonl", tokenizer_path, rows=4, seq_len=64)
     out = subprocess.run([sys.executable, f"{ROOT}/launch/local.py", "--num_processes=2", "--devices_per_process=4",
-                          "--timeout=200", "--", *main_args(multi, tokenizer_path, 6)],
+                          "--timeout=200", "--", *main_args(multi, tokenizer_path, 6),
+                          f"--config.data.eval_source=jsonl:{held_out}", "--config.eval_steps=10"],
                          env=env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 6/6" in out.stderr and "sample:" in out.stderr
+    final = json.load(open(os.path.join(multi, "final_metrics.json")))
+    assert 0 < final["eval_loss"] < 10, final
     assert "[p1] step" not in out.stderr + out.stdout  # only process 0 reports progress
     one = subprocess.run([sys.executable, "-m", "llama_jax.main", *main_args(single, tokenizer_path, 6)],
                          env={**env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},

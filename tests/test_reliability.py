@@ -390,3 +390,35 @@ def test_a_workdir_is_used_by_one_run_at_a_time(tmp_path):
     workdir.lock(str(tmp_path))  # free once the holder is gone, however it ended
     workdir.lock(str(tmp_path))  # this process's own lock is retaken
     workdir.release(str(tmp_path))
+
+
+def test_with_the_preemption_service_off_a_multi_process_run_goes_on(monkeypatch, capsys):
+    """With JAX's preemption service off, its sync point raises: a multi-process run says
+    once that SIGTERM will not save, then trains on without asking again (it raised at
+    the first step before). One process: a SIGTERM handler of ours, restored at close."""
+    from jax.experimental import multihost_utils
+
+    from llama_jax import distributed
+
+    calls = []
+
+    def off(step):
+        calls.append(step)
+        raise RuntimeError("Preemption sync manager has not been initialized")
+
+    monkeypatch.setattr(distributed, "is_multiprocess", lambda: True)
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", off)
+    monkeypatch.setattr(distributed, "say", lambda *a, **k: print(*a))
+    p = distributed.Preemption()
+    assert [p.reached(s) for s in range(1, 4)] == [False, False, False]
+    assert calls == [1] and capsys.readouterr().out.count("preemption service is off") == 1
+    p.close()
+
+    monkeypatch.setattr(distributed, "is_multiprocess", lambda: False)
+    before = signal.getsignal(signal.SIGTERM)
+    p = distributed.Preemption()
+    assert not p.reached(1) and p.previous is not None  # our handler is in place (else the kill would end pytest)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert p.reached(2)
+    p.close()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -348,56 +348,83 @@ def markdown(rows: list[dict], seconds: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_pending(pending, running, failed, terminated, commands, deps, number, times, env, w, args) -> int | None:
-    """Runs the pending stages, up to --jobs at once in dependency order; None when all
-    finished, else the recipe's exit code."""
-    wall_start = time.perf_counter()
-    while pending or running:
-        if not failed and not terminated:  # start every stage whose inputs are all finished, up to --jobs at once
-            ready = [n for n in pending if not deps[n] & (set(pending) | set(running))]
-            batch = ready[:max(0, args.jobs - len(running))]
-            for name in batch:
-                pending.remove(name)
-                stage_dir = os.path.join(w, name)
-                print(f"[{number[name]}/{len(STAGES)}] {name}: {' '.join(commands[name][2:])}", flush=True)
-                # a resumed stage adds to the time it took before; one started afresh (its
-                # directory removed to rerun it) counts from zero
-                before = times.get(name, 0.0) if os.path.exists(stage_dir) else 0.0
-                label = f"[{name}]" if len(batch) + len(running) > 1 else None
-                running[name] = (launch(commands[name], env, label), time.perf_counter(), before)
-                if terminated:  # the notice came while it started
-                    running[name][0].send_signal(signal.SIGTERM)
-        if not running:
-            if pending and not failed and not terminated:  # an override made stages read each other's output
-                print(f"error: stages {', '.join(_in_cycles(pending, deps))} wait on each other's output (see "
-                      "their --override flags)", file=sys.stderr)
-                return 2
-            break
-        done = _wait_any(running)
-        for name in done:
-            proc, start, before = running.pop(name)
-            times[name] = before + time.perf_counter() - start
-            if terminated and proc.returncode in (143, -signal.SIGTERM):
-                failed.append((name, 143))
-                print(f"[{number[name]}/{len(STAGES)}] {name}: stopped by SIGTERM; the rerun resumes it", flush=True)
-            elif proc.returncode:
-                failed.append((name, proc.returncode))
-                others = f"; waiting for {', '.join(running)} to finish" if running else ""
-                print(f"error: stage {name} failed (exit {proc.returncode}){others}", file=sys.stderr, flush=True)
-            else:
-                print(f"[{number[name]}/{len(STAGES)}] {name}: finished in {times[name] / 60:.1f} min", flush=True)
-        with open(os.path.join(w, "timings.json"), "w") as f:
-            json.dump({**times, "_wall": times["_wall"] + time.perf_counter() - wall_start}, f, indent=1)
-    times["_wall"] += time.perf_counter() - wall_start
-    with open(os.path.join(w, "timings.json"), "w") as f:
-        json.dump(times, f, indent=1)
-    if terminated:
-        print("stopped by SIGTERM; rerun the same command to resume", file=sys.stderr)
-        return 143
-    if failed:
-        print(f"error: stage {failed[0][0]} failed; rerun the same command to resume", file=sys.stderr)
-        return failed[0][1]
-    return None
+class _Scheduler:
+    """Runs the recipe's pending stages, up to `jobs` at once in dependency order, and
+    passes a SIGTERM notice on to the running ones (each saves its step and stops)."""
+
+    def __init__(self, commands: dict, deps: dict, times: dict, env: dict, workdir: str, jobs: int):
+        self.commands, self.deps, self.times, self.env, self.w, self.jobs = commands, deps, times, env, workdir, jobs
+        self.number = {name: i + 1 for i, (name, *_) in enumerate(STAGES)}
+        self.running: dict = {}  # name -> (process, start, seconds before)
+        self.failed: list[tuple[str, int]] = []
+        self.terminated: list[int] = []
+
+    def on_sigterm(self, signum, frame) -> None:  # a scheduler's notice: every running stage saves its step and stops
+        self.terminated.append(signum)
+        for proc, *_ in self.running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def say(self, name: str, what: str) -> None:
+        print(f"[{self.number[name]}/{len(STAGES)}] {name}: {what}", flush=True)
+
+    def _start_ready(self, pending: list[str]) -> None:
+        running = self.running
+        ready = [n for n in pending if not self.deps[n] & (set(pending) | set(running))]
+        batch = ready[:max(0, self.jobs - len(running))]
+        for name in batch:
+            pending.remove(name)
+            stage_dir = os.path.join(self.w, name)
+            self.say(name, " ".join(self.commands[name][2:]))
+            # a resumed stage adds to the time it took before; one started afresh (its
+            # directory removed to rerun it) counts from zero
+            before = self.times.get(name, 0.0) if os.path.exists(stage_dir) else 0.0
+            label = f"[{name}]" if len(batch) + len(running) > 1 else None
+            running[name] = (launch(self.commands[name], self.env, label), time.perf_counter(), before)
+            if self.terminated:  # the notice came while it started
+                running[name][0].send_signal(signal.SIGTERM)
+
+    def _finish(self, name: str) -> None:
+        proc, start, before = self.running.pop(name)
+        self.times[name] = before + time.perf_counter() - start
+        if self.terminated and proc.returncode in (143, -signal.SIGTERM):
+            self.failed.append((name, 143))
+            self.say(name, "stopped by SIGTERM; the rerun resumes it")
+        elif proc.returncode:
+            self.failed.append((name, proc.returncode))
+            others = f"; waiting for {', '.join(self.running)} to finish" if self.running else ""
+            print(f"error: stage {name} failed (exit {proc.returncode}){others}", file=sys.stderr, flush=True)
+        else:
+            self.say(name, f"finished in {self.times[name] / 60:.1f} min")
+
+    def _write_times(self, extra_wall: float) -> None:
+        with open(os.path.join(self.w, "timings.json"), "w") as f:
+            json.dump({**self.times, "_wall": self.times["_wall"] + extra_wall}, f, indent=1)
+
+    def run(self, pending: list[str]) -> int | None:
+        """None when every pending stage finished, else the recipe's exit code."""
+        wall_start = time.perf_counter()
+        while pending or self.running:
+            if not self.failed and not self.terminated:  # start every stage whose inputs are all finished
+                self._start_ready(pending)
+            if not self.running:
+                if pending and not self.failed and not self.terminated:  # overrides made stages read each other
+                    print(f"error: stages {', '.join(_in_cycles(pending, self.deps))} wait on each other's output "
+                          "(see their --override flags)", file=sys.stderr)
+                    return 2
+                break
+            for name in _wait_any(self.running):
+                self._finish(name)
+            self._write_times(time.perf_counter() - wall_start)
+        self.times["_wall"] += time.perf_counter() - wall_start
+        self._write_times(0.0)
+        if self.terminated:
+            print("stopped by SIGTERM; rerun the same command to resume", file=sys.stderr)
+            return 143
+        if self.failed:
+            print(f"error: stage {self.failed[0][0]} failed; rerun the same command to resume", file=sys.stderr)
+            return self.failed[0][1]
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,11 +508,11 @@ def main(argv: list[str] | None = None) -> int:
         cmd += [o.replace("{w}", w) for o in extra[name]]  # {w}: the workdir, as in the recipe's own settings
         commands[name] = cmd
     deps = dependencies(commands, w)
-    number = {name: i + 1 for i, (name, *_) in enumerate(STAGES)}
+    scheduler = _Scheduler(commands, deps, times, env, w, args.jobs)
     pending = []
     for name, *_ in STAGES:
         if os.path.exists(os.path.join(w, name, "final_metrics.json")):
-            print(f"[{number[name]}/{len(STAGES)}] {name}: done before", flush=True)
+            scheduler.say(name, "done before")
         else:
             pending.append(name)
     stale = [n for n, *_ in STAGES if n not in pending and _reaches(n, deps) & set(pending)]
@@ -495,20 +522,10 @@ def main(argv: list[str] | None = None) -> int:
               f"again; remove their directories too to rerun them on its new output (rm -r "
               f"{' '.join(shlex.quote(os.path.join(w, n)) for n in stale)})", file=sys.stderr)
         return 2
-    running: dict = {}  # name -> (process, start, seconds before)
-    failed: list[tuple[str, int]] = []
-    terminated: list[int] = []
-
-    def on_sigterm(signum, frame) -> None:  # a scheduler's notice: every running stage saves its step and stops
-        terminated.append(signum)
-        for proc, *_ in running.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
-        else None
+    previous = signal.signal(signal.SIGTERM, scheduler.on_sigterm) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
-        code = _run_pending(pending, running, failed, terminated, commands, deps, number, times, env, w, args)
+        code = scheduler.run(pending)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -36,7 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from llama_jax.model import DTYPES, LlamaConfig
+from llama_jax.model import DTYPES, LlamaConfig, meta_ffn_hidden_dim
 
 
 class ConversionError(ValueError):
@@ -386,15 +387,35 @@ def from_meta(path: str, **config_overrides) -> tuple[LlamaConfig, dict]:
     return cfg, params_from_hf_tensors(get, cfg)
 
 
+# (multiple_of, ffn_dim_multiplier) of Meta's released params.json files: Llama 2 7B / 13B,
+# Code Llama 34B and Llama 2 70B, Llama 3 8B
+_META_FFN = ((256, None), (256, 1.0), (4096, 1.3), (1024, 1.3))
+
+
+def meta_ffn(cfg: LlamaConfig) -> tuple[int, float | None]:
+    """`multiple_of` and `ffn_dim_multiplier` that give the model's FFN width by Meta's
+    formula: its own, else those of a released Meta model (an HF import records only the
+    width: HF's 70B, 28,672, is Meta's 4096 / 1.3), else a multiplier found for it."""
+    width = cfg.hidden_dim
+    base = int(2 * 4 * cfg.dim / 3)
+    found = [(m, f) for m, f in ((cfg.multiple_of, cfg.ffn_dim_multiplier), *_META_FFN)
+             if meta_ffn_hidden_dim(cfg.dim, m, f) == width]
+    if not found:  # a power of two dividing the width, as Meta's are, and the least 6-digit multiplier
+        multiple = min(width & -width, 4096)
+        f = math.ceil(width / base * 1e6) / 1e6
+        found = [(multiple, f)] if meta_ffn_hidden_dim(cfg.dim, multiple, f) == width else []
+    if not found:
+        raise ConversionError(f"FFN width {width} is not expressible in Meta's params.json (multiple_of / "
+                              "ffn_dim_multiplier); export to Hugging Face instead")
+    return found[0]
+
+
 def to_meta(params, cfg: LlamaConfig, dst: str, num_shards: int = 1, tokenizer_path: str | None = None) -> None:
     """Writes Meta's layout: params.json and `num_shards` consolidated.NN.pth files split
     the way Meta's model parallelism splits them."""
     import torch
 
-    if cfg.ffn_hidden_dim is not None and cfg.ffn_hidden_dim != LlamaConfig(
-            **{**cfg.to_dict(), "ffn_hidden_dim": None}).hidden_dim:
-        raise ConversionError(f"FFN width {cfg.ffn_hidden_dim} is not expressible in Meta's params.json "
-                              "(multiple_of / ffn_dim_multiplier); export to Hugging Face instead")
+    multiple_of, ffn_dim_multiplier = meta_ffn(cfg)
     _empty_destination(dst)
     for what, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.kv_heads), ("dim", cfg.dim),
                     ("vocab_size", cfg.vocab_size), ("FFN width", cfg.hidden_dim)):
@@ -413,13 +434,13 @@ def to_meta(params, cfg: LlamaConfig, dst: str, num_shards: int = 1, tokenizer_p
             shard[meta_name] = torch.from_numpy(np.ascontiguousarray(piece))
     for i, shard in enumerate(shards):
         torch.save(shard, os.path.join(dst, f"consolidated.{i:02d}.pth"))
-    params_json = {"dim": cfg.dim, "multiple_of": cfg.multiple_of, "n_heads": cfg.n_heads,
+    params_json = {"dim": cfg.dim, "multiple_of": multiple_of, "n_heads": cfg.n_heads,
                    "n_layers": cfg.n_layers, "norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size,
                    "rope_theta": cfg.rope_theta}
     if cfg.n_kv_heads is not None:
         params_json["n_kv_heads"] = cfg.n_kv_heads
-    if cfg.ffn_dim_multiplier is not None:
-        params_json["ffn_dim_multiplier"] = cfg.ffn_dim_multiplier
+    if ffn_dim_multiplier is not None:
+        params_json["ffn_dim_multiplier"] = ffn_dim_multiplier
     with open(os.path.join(dst, "params.json"), "w") as f:
         json.dump(params_json, f)
     if tokenizer_path:
@@ -455,6 +476,13 @@ def main(argv=None) -> int:
             if args.tokenizer and not os.path.isfile(args.tokenizer):
                 raise ConversionError(f"--tokenizer {args.tokenizer}: no such file")
             tok = args.tokenizer or os.path.join(args.src, "tokenizer.model")
+            parent = os.path.join(os.path.dirname(os.path.abspath(args.src)), "tokenizer.model")
+            if not os.path.exists(tok) and args.src_format == "meta" and os.path.exists(parent):
+                tok = parent  # Meta's downloads keep it beside the model directories
+                print(f"tokenizer: {parent} (the one beside {args.src}, as in Meta's downloads)")
+            elif not os.path.exists(tok):
+                print(f"warning: no tokenizer.model in {args.src}; the checkpoint has none, and generate, chat and "
+                      "evaluate will need one: convert again with --tokenizer=PATH", file=sys.stderr)
             meta = {"model": cfg.to_dict(), "heads": ["lm"], "source": f"{args.src_format}:{os.path.abspath(args.src)}"}
             if os.path.exists(tok):
                 from llama_jax.tokenizer import Tokenizer

@@ -146,15 +146,22 @@ def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: i
     shots_used = min(k_shot, len(every) - 1)  # solved examples come from the whole file, never the question
     rng = random.Random(seed)
     contexts, continuations = [], []
+    fewer_shots = cut = 0
     for qi, rec in enumerate(records):
         others = [r for j, r in enumerate(every) if j != qi]
         shots = rng.sample(others, shots_used)
-        prompt = mc_prompt(rec, shots)
-        ctx = tokenizer.encode(prompt, bos=True)
-        for choice in rec["choices"]:
+        while True:  # a prompt too long for the model drops solved examples, first ones first
+            prompt = mc_prompt(rec, shots)
             # Tokenize prompt + choice together (as the model would read it); the choice's
             # tokens are what follows the prompt's (pieces never cross the space).
-            full = tokenizer.encode(f"{prompt} {choice}", bos=True)
+            fulls = [tokenizer.encode(f"{prompt} {choice}", bos=True) for choice in rec["choices"]]
+            if not shots or max(map(len, fulls)) <= config.max_seq_len:
+                break
+            shots = shots[1:]
+        fewer_shots += len(shots) < shots_used
+        cut += max(map(len, fulls)) > config.max_seq_len  # even without examples: scored on its last tokens
+        ctx = tokenizer.encode(prompt, bos=True)
+        for full in fulls:
             n = len(ctx)
             while full[:n] != ctx[:n]:
                 n -= 1
@@ -175,7 +182,8 @@ def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: i
         i += n
     n = len(records)
     return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "questions": n, "k_shot": shots_used,
-            **({"k_shot_requested": k_shot} if shots_used < k_shot else {}), "loglikelihoods": per_question}
+            **({"k_shot_requested": k_shot} if shots_used < k_shot else {}),
+            "questions_with_fewer_shots": fewer_shots, "questions_cut": cut, "loglikelihoods": per_question}
 
 
 # ----------------------------------------------------------------------------------
@@ -285,9 +293,7 @@ def main(argv=None) -> int:
 
     try:
         cfg, params, heads, tok_path = ckpt.load_model(args.checkpoint)
-        if tok_path is None:
-            raise TokenizerError(f"{args.checkpoint}: no tokenizer.model beside the checkpoint")
-        tok = Tokenizer(tok_path)
+        tok = Tokenizer.of_checkpoint(args.checkpoint, tok_path, cfg.vocab_size)
         need = "score" if args.task == "reward_accuracy" else "lm"
         if need not in heads:
             raise ckpt.CheckpointError(f"{args.checkpoint}: task {args.task} needs a '{need}' head; it has {heads}")
@@ -297,8 +303,16 @@ def main(argv=None) -> int:
                   f" tokens)")
         elif args.task == "multiple_choice":
             res = multiple_choice(cfg, params, tok, args.data, args.k_shot, args.seed, args.limit, args.batch_size)
-            print(f"{args.k_shot}-shot accuracy {res['accuracy']:.4f} (length-normalised {res['accuracy_norm']:.4f})"
+            print(f"{res['k_shot']}-shot accuracy {res['accuracy']:.4f} (length-normalised {res['accuracy_norm']:.4f})"
                   f" on {res['questions']} questions")
+            if res["k_shot"] < args.k_shot:
+                print(f"note: {args.k_shot} shots requested; the file has only {res['k_shot']} other questions")
+            if res["questions_with_fewer_shots"]:
+                print(f"note: {res['questions_with_fewer_shots']} questions got fewer solved examples, to fit the "
+                      f"model's max_seq_len {cfg.max_seq_len}")
+            if res["questions_cut"]:
+                print(f"warning: {res['questions_cut']} questions are longer than max_seq_len {cfg.max_seq_len} even "
+                      "without examples; each choice was scored on its last max_seq_len tokens")
         else:
             res = reward_accuracy(cfg, params, tok, args.data, args.batch_size)
             print(table8(res))

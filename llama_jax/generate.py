@@ -45,12 +45,12 @@ def token_logprob(logits: jax.Array, tok: jax.Array) -> jax.Array:
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float, top_k: int) -> jax.Array:
-    """[B, V] float32 logits -> [B] token ids."""
+    """[B, V] float32 logits -> [B] token ids. `top_k` 0 (or at least V) keeps every token."""
     if temperature <= 0.0 or top_p <= 0.0 or top_k == 1:
         return argmax(logits)
     logits = logits / temperature
     neg = jnp.finfo(jnp.float32).min
-    if top_k and top_k > 0:
+    if 0 < top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, neg, logits)
     if top_p < 1.0:
@@ -222,7 +222,7 @@ def load_for_inference(checkpoint: str):
     """(config, params on a mesh over all local devices, tokenizer, mesh) of a run or export."""
     from llama_jax import checkpoint as ckpt
     from llama_jax import sharding
-    from llama_jax.tokenizer import Tokenizer, TokenizerError
+    from llama_jax.tokenizer import Tokenizer
 
     step, meta = ckpt.read_meta(checkpoint)
     cfg = ckpt.model_config(meta)
@@ -234,11 +234,7 @@ def load_for_inference(checkpoint: str):
     shardings = sharding.param_shardings_like(sharding.abstract_params(model), model, mesh, sharding.DEFAULT_RULES)
     cfg, params, _, tok_path = ckpt.load_model(checkpoint, step, shardings=shardings)
     params = {k: v for k, v in params.items() if not k.endswith("_head")}  # the LM's own: what generate runs
-    if tok_path is None:
-        raise TokenizerError(f"{checkpoint}: no tokenizer.model beside the checkpoint")
-    tok = Tokenizer(tok_path)
-    tok.check_fits(cfg.vocab_size, "checkpoint")
-    return cfg, params, tok, mesh
+    return cfg, params, Tokenizer.of_checkpoint(checkpoint, tok_path, cfg.vocab_size), mesh
 
 
 class TextStream:
@@ -284,6 +280,8 @@ def check_sampling_args(ap, args) -> None:
     if args.temperature < 0 or not 0 <= args.top_p <= 1:
         ap.error(f"--temperature must be >= 0 (0 = greedy) and --top_p in [0, 1], got {args.temperature} and "
                  f"{args.top_p}")
+    if getattr(args, "top_k", 0) < 0:
+        ap.error(f"--top_k must be >= 0 (0 = every token), got {args.top_k}")
 
 
 def main(argv=None) -> int:

@@ -62,7 +62,7 @@ INIT_FROM_FIELDS = COMPUTE_ONLY_FIELDS + ("param_dtype", "scan_layers", "score_p
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def _ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
     """Meta's formula (llama/model.py FeedForward)."""
     hidden = int(2 * 4 * dim / 3)
     if ffn_dim_multiplier is not None:
@@ -181,7 +181,7 @@ class LlamaConfig:
     def hidden_dim(self) -> int:
         if self.ffn_hidden_dim is not None:
             return self.ffn_hidden_dim
-        return _ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        return meta_ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     @property
     def compute_dtype(self):

@@ -216,7 +216,7 @@ def load_model_local(path: str, heads_needed: str, mesh=None, rules=None):
     from llama_jax import checkpoint as ckpt
     from llama_jax import sharding
     from llama_jax.model import Llama
-    from llama_jax.tokenizer import Tokenizer, TokenizerError
+    from llama_jax.tokenizer import Tokenizer
 
     step, meta = ckpt.read_meta(path)
     heads = tuple(meta.get("heads", ["lm"]))
@@ -229,9 +229,7 @@ def load_model_local(path: str, heads_needed: str, mesh=None, rules=None):
     shardings = sharding.param_shardings_like(sharding.abstract_params(model), model, mesh,
                                               sharding.DEFAULT_RULES if rules is None else rules)
     cfg, params, _, tok_path = ckpt.load_model(path, step, shardings=shardings)
-    if tok_path is None:
-        raise TokenizerError(f"{path}: no tokenizer.model beside the checkpoint")
-    return cfg, params, Tokenizer(tok_path), mesh
+    return cfg, params, Tokenizer.of_checkpoint(path, tok_path, cfg.vocab_size), mesh
 
 
 class RewardModels:

@@ -107,6 +107,16 @@ class Tokenizer:
         return {"sha256": hashlib.sha256(self._blob).hexdigest(), "vocab_size": self.vocab_size,
                 "bos_id": self.bos_id, "eos_id": self.eos_id}
 
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str, path: str | None, model_vocab_size: int) -> Tokenizer:
+        """The tokenizer saved beside a checkpoint (`path`, None if there is none),
+        checked to fit the checkpoint's model."""
+        if path is None:
+            raise TokenizerError(f"{checkpoint}: no tokenizer.model beside the checkpoint")
+        tok = cls(path)
+        tok.check_fits(model_vocab_size, "checkpoint")
+        return tok
+
     def check_fits(self, model_vocab_size: int, source: str = "model") -> None:
         if self.vocab_size > model_vocab_size:
             raise TokenizerError(f"{self.path}: tokenizer vocabulary {self.vocab_size} is larger than the "

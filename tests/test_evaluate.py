@@ -79,6 +79,17 @@ def test_multiple_choice_scores_and_accuracy(tmp_path, tok, params):
     assert five["questions"] == 4
     limited = ev.multiple_choice(CFG, params, tok, str(path), k_shot=2, limit=1)  # shots from the whole file
     assert limited["questions"] == 1 and limited["k_shot"] == 2 and "k_shot_requested" not in limited
+    assert five["questions_with_fewer_shots"] == five["questions_cut"] == 0
+
+    # A model too short for 3 solved examples: each question keeps the last ones that fit
+    # (the scores equal the 0-shot ones where none fit), never a prompt cut at its start.
+    lengths = [max(len(tok.encode(f"{ev.mc_prompt(q, [])} {c}", bos=True)) for c in q["choices"]) for q in qs]
+    short = CFG.replace(max_seq_len=max(lengths) + 4)  # room for no solved example
+    fit = ev.multiple_choice(short, params, tok, str(path), k_shot=3)
+    assert fit["questions_with_fewer_shots"] == 4 and fit["questions_cut"] == 0
+    np.testing.assert_allclose(fit["loglikelihoods"], res["loglikelihoods"], atol=1e-4)
+    tiny = CFG.replace(max_seq_len=min(lengths) - 2)
+    assert ev.multiple_choice(tiny, params, tok, str(path))["questions_cut"] == 4
 
 
 def test_perplexity_matches_the_training_objective(tmp_path, tok, params):
@@ -169,6 +180,14 @@ def test_evaluate_cli(tmp_path, tok, params, capsys):
     bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}))
     assert ev.main([f"--checkpoint={tmp_path / 'm'}", "--task=multiple_choice", f"--data={bad}"]) == 2
     assert "bad.jsonl:1: 'answer' must be an index into choices (0..1)" in capsys.readouterr().err
+    # a tokenizer larger than the model's vocabulary would read past the embedding (NaN scores)
+    small = {**params, "tok_embeddings": {"embedding": params["tok_embeddings"]["embedding"][:300]},
+             "output": params["output"][:, :300]}
+    ckpt.save_params(str(tmp_path / "s"), small, {"model": CFG.replace(vocab_size=300).to_dict(), "heads": ["lm"]},
+                     tokenizer_path=tok.path)
+    assert ev.main([f"--checkpoint={tmp_path / 's'}", "--task=perplexity", f"--data=text:{docs}"]) == 2
+    assert f"tokenizer vocabulary {tok.vocab_size} is larger than the checkpoint vocab_size 300" in \
+        capsys.readouterr().err
 
 
 def test_reward_models_on_a_runs_mesh_score_like_their_own_copy(tmp_path, tok):

@@ -62,6 +62,8 @@ def test_sampling_is_reproducible_per_seed_and_respects_top_k(params):
         logits = np.asarray(run(Llama(CFG), params, np.array([seq])))[0, -1]
         assert t in np.argsort(logits)[-3:]
         seq.append(t)
+    # top_k at or above the vocabulary keeps every token: the same draws as no top-k
+    assert gen.generate(CFG, params, prompts, 10, temperature=1.0, top_k=CFG.vocab_size + 50, seed=7).tokens == a.tokens
 
 
 def test_inverse_cdf_sampling_draws_the_softmax_distribution_and_never_a_masked_token():
@@ -218,3 +220,6 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         chat.main([f"--checkpoint={tmp_path / 'm'}", "--temperature=-1"])
     assert "--temperature must be >= 0 (0 = greedy)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gen.main([f"--checkpoint={tmp_path / 'm'}", "--prompt=x", "--top_k=-2"])
+    assert "--top_k must be >= 0 (0 = every token), got -2" in capsys.readouterr().err

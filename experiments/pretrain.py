@@ -44,7 +44,6 @@ def get_config(arg: str = "tiny"):
         return c
     if arg not in PAPER_PEAK_LR:
         raise ValueError(f"experiments/pretrain.py: unknown arg {arg!r}; use tiny, 7b, 13b, 34b or 70b")
-    c.model = model_config(LlamaConfig.preset(arg))
     paper_scale(c, arg, batch_size=1024)  # 1024 x 4096 = 4M tokens per step
     c.total_steps = 477_000  # 2.0T tokens / 4M tokens per step
     c.eval_every_steps = 2000

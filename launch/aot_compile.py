@@ -63,14 +63,23 @@ def analyse(config, num_devices: int) -> dict:
 
     from llama_jax import configs, sharding
     from llama_jax.stages import STAGES
-    from llama_jax.train import build_step, jit_train_step
+    from llama_jax.train import build_step, jit_train_step, run_model
 
     if jax.device_count() != num_devices:
         raise SystemExit(f"error: {jax.device_count()} devices, expected {num_devices} (set before jax starts)")
     if config.stage not in STAGES:
         raise SystemExit(f"error: config.stage: unknown stage {config.stage!r}; known: {sorted(STAGES)}")
     stage = STAGES[config.stage]()
-    cfg = configs.to_llama_config(config.model)
+    if config.init_from and os.path.exists(config.init_from):  # the model the run would train: its checkpoint's
+        cfg = run_model(config, stage, config_flags.get_override_values(flags.FLAGS["config"])
+                        if flags.FLAGS.is_parsed() else {})
+        print(f"model: config.init_from {config.init_from}'s", flush=True)
+    else:  # the fine-tuning presets' config.model is the architecture they name (7b, ...)
+        cfg = configs.to_llama_config(config.model)
+        if config.init_from:
+            print(f"model: config.model (config.init_from {config.init_from} is not here)", flush=True)
+    if config.seq_len > cfg.max_seq_len:
+        raise SystemExit(f"error: config.seq_len {config.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
     # The target is a TPU or GPU, where "auto" picks autodiff's backward passes; resolved
     # here, XLA:CPU would compile the hand-written ones it picks for a CPU
     cfg = cfg.replace(**{f: "xla" for f in ("mlp_backward", "head_backward") if getattr(cfg, f) == "auto"})
@@ -139,10 +148,11 @@ def main(argv) -> None:
         print(f"error: --chip={_CHIP.value}: unknown; known: {sorted(CHIP_MEMORY_GIB)}", file=sys.stderr)
         sys.exit(2)
     from llama_jax.sharding import MeshError
+    from llama_jax.train import RunError
 
     try:
         r = analyse(_CONFIG.value, _NUM_DEVICES.value)
-    except MeshError as e:
+    except (MeshError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(report(r, _CHIP.value))

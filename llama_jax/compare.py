@@ -24,11 +24,12 @@ class CompareError(ValueError):
     pass
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"a.b": value} (lists as JSON text, so that they compare and print)."""
     if isinstance(d, dict):
         out: dict[str, Any] = {}
         for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: json.dumps(d) if isinstance(d, list) else d}
 
@@ -52,7 +53,7 @@ def load_run(workdir: str) -> dict:
     config = {}
     if os.path.exists(os.path.join(workdir, "config.json")):
         with open(os.path.join(workdir, "config.json")) as f:
-            config = _flatten(json.load(f))
+            config = flatten(json.load(f))
     return {"name": os.path.basename(os.path.normpath(workdir)), "rows": rows, "config": config}
 
 

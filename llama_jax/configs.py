@@ -129,7 +129,10 @@ def chat_config() -> ml_collections.ConfigDict:
 def paper_scale(c: ml_collections.ConfigDict, arg: str, batch_size: int, seq_len: int = 4096) -> None:
     """What every 7b..70b experiment shares: bfloat16 compute, remat (full for 70B, else
     keep the weight matmuls' outputs), the batch shape, a log cadence for long runs, and
-    sampling from a gathered copy of the model."""
+    sampling from a gathered copy of the model. The model is the preset's: a fine-tuning
+    run trains its `init_from` checkpoint's architecture, and `launch/aot_compile.py` checks
+    this one when that checkpoint is not at hand."""
+    c.model = model_config(LlamaConfig.preset(arg))
     c.model.dtype = "bfloat16"
     c.model.remat_policy = "full" if arg == "70b" else "dots_no_batch"  # "dots" would keep [B,H,T,T] scores
     c.batch_size = batch_size

@@ -29,7 +29,8 @@ def run(config, workdir: str) -> dict:
 
     if config.stage not in STAGES:
         raise RunError(f"config.stage: unknown stage {config.stage!r}; known stages: {sorted(STAGES)}")
-    return train_run(config, workdir, STAGES[config.stage]())
+    overrides = config_flags.get_override_values(flags.FLAGS["config"]) if flags.FLAGS.is_parsed() else {}
+    return train_run(config, workdir, STAGES[config.stage](), overrides=overrides)
 
 
 def main(argv) -> None:

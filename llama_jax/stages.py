@@ -228,7 +228,7 @@ class PretrainStage(Stage):
         return {"eval_perplexity": math.exp(min(ev["eval_loss"], 50.0))} if "eval_loss" in ev else {}
 
     def after_training(self, config, workdir, model, params, tokenizer, progress) -> None:
-        if config.data.eval_source and jax.process_index() == 0:
+        if config.data.eval_source and config.eval_steps and jax.process_index() == 0:
             baseline = self.unigram_baseline(config, tokenizer)
             progress.message(f"unigram baseline on the held-out batches: {baseline:.4f} nats/token")
         if not config.sample.prompt:

@@ -349,34 +349,28 @@ def build_step(config, cfg, stage, mesh, rules) -> types.SimpleNamespace:
         step_fn=make_train_step(apply_fn, objective, optimizer, config.grad_accum_steps))
 
 
-def run(config, workdir: str, stage) -> dict:
+def run(config, workdir: str, stage, overrides: dict | None = None) -> dict:
     """Trains `stage` (see llama_jax.stages) as `config` says, in `workdir`, resuming
-    from its latest checkpoint. Returns the final metrics."""
+    from its latest checkpoint. Returns the final metrics. `overrides`: the fields the
+    command line set (`{"model.n_layers": 2}`), checked against `init_from`'s model."""
     from llama_jax import workdir as workdir_lock
 
     try:
-        return _run(config, workdir, stage)
+        return _run(config, workdir, stage, overrides or {})
     finally:  # the workdir's lock, however the run ended (a later run of this process takes it again)
         workdir_lock.release(workdir)
 
 
-def _run(config, workdir: str, stage) -> dict:
-    import json
-    import os
-    import sys
-    import time
-
-    import numpy as np
-
+def run_model(config, stage, overrides: dict | None = None):
+    """The LlamaConfig a run trains: `config.model`, or with `init_from` the checkpoint's
+    architecture with this config's numerics (INIT_FROM_FIELDS). `overrides` (the command
+    line's, `{"model.n_layers": 2}`) must agree with that checkpoint's model, except a
+    longer context (`max_seq_len`: RoPE has no learned positions)."""
     from llama_jax import checkpoint as ckpt
-    from llama_jax import configs, distributed, metrics, sharding
-    from llama_jax import workdir as workdir_lock
-    from llama_jax.model import COMPUTE_ONLY_FIELDS, INIT_FROM_FIELDS, attention_kernel
+    from llama_jax import configs
+    from llama_jax.model import INIT_FROM_FIELDS, attention_kernel
 
-    for field, path in (("--workdir", workdir), ("config.init_from", config.init_from)):
-        if "://" in str(path):  # else os.makedirs would make a local directory named like the URL
-            raise RunError(f"{field} {path}: URLs are not read or written directly; mount the bucket (gcsfuse, as "
-                           "launch/tpu_vm.sh does) and pass its local path")
+    overrides = overrides or {}
     try:
         cfg = configs.to_llama_config(config.model)
         if config.init_from:  # the architecture comes from the checkpoint; numerics from this config
@@ -384,7 +378,15 @@ def _run(config, workdir: str, stage) -> dict:
                 _, init_meta = ckpt.read_meta(config.init_from)
             except ckpt.CheckpointError as e:
                 raise RunError(f"config.init_from: {e}") from None
-            cfg = ckpt.model_config(init_meta, **{k: getattr(cfg, k) for k in INIT_FROM_FIELDS})
+            asked = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("model.")}
+            cfg = ckpt.model_config(init_meta, **{k: getattr(cfg, k) for k in INIT_FROM_FIELDS},
+                                    **({"max_seq_len": asked["max_seq_len"]} if "max_seq_len" in asked else {}))
+            clash = {k: v for k, v in asked.items() if k not in INIT_FROM_FIELDS and getattr(cfg, k, v) != v}
+            if clash:
+                raise RunError(f"config.init_from {config.init_from}: the model is the checkpoint's, so "
+                               + ", ".join(f"--config.model.{k}={v} (it has {getattr(cfg, k)!r})"
+                                           for k, v in clash.items())
+                               + f" cannot apply; only {', '.join(INIT_FROM_FIELDS + ('max_seq_len',))} can")
             pooled = ckpt.model_config(init_meta).score_pooling  # the default if saved before the field
             if "score" in stage.heads and "score" in init_meta.get("heads", []) and pooled != cfg.score_pooling:
                 raise RunError(f"config.init_from {config.init_from}: its score head was trained with "
@@ -393,10 +395,67 @@ def _run(config, workdir: str, stage) -> dict:
         attention_kernel(cfg)  # a kernel this backend cannot run is an error here, before any work
     except ValueError as e:
         raise RunError(f"config.model: {e}") from None
-    for field in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
-        v = config[field]
+    return cfg
+
+
+def _record_config(config, cfg, workdir: str, start: int) -> None:
+    """WORKDIR/config.json: the settings of the run's latest start, its model the one it
+    trains (with `init_from`, the checkpoint's). A resume with other settings says which
+    changed and keeps the earlier ones in config_history.jsonl (`until_step`: the step
+    they trained up to)."""
+    import json
+    import os
+    import sys
+
+    from llama_jax.compare import flatten
+
+    record = json.loads(config.to_json_best_effort())
+    record["model"] = json.loads(json.dumps(cfg.to_dict()))
+    path = os.path.join(workdir, "config.json")
+    if start > 0 and os.path.exists(path):
+        try:
+            with open(path) as f:
+                before = json.load(f)
+        except (OSError, ValueError):
+            before = {}
+        flat_before, flat_now = flatten(before), flatten(record)
+        changed = sorted(k for k in flat_before.keys() | flat_now.keys() if flat_before.get(k) != flat_now.get(k))
+        if not changed:
+            return
+        print("resuming with changed settings: " + ", ".join(f"{k} {flat_before.get(k)!r} -> {flat_now.get(k)!r}"
+                                                              for k in changed), file=sys.stderr, flush=True)
+        with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
+            f.write(json.dumps({"until_step": start, "config": before}) + "\n")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+
+
+def _run(config, workdir: str, stage, overrides: dict) -> dict:
+    import json
+    import os
+    import sys
+    import time
+
+    import numpy as np
+
+    from llama_jax import checkpoint as ckpt
+    from llama_jax import distributed, metrics, sharding
+    from llama_jax import workdir as workdir_lock
+    from llama_jax.model import COMPUTE_ONLY_FIELDS
+
+    for field, path in (("--workdir", workdir), ("config.init_from", config.init_from)):
+        if "://" in str(path):  # else os.makedirs would make a local directory named like the URL
+            raise RunError(f"{field} {path}: URLs are not read or written directly; mount the bucket (gcsfuse, as "
+                           "launch/tpu_vm.sh does) and pass its local path")
+    cfg = run_model(config, stage, overrides)
+    for field in ("total_steps", "log_every_steps", "checkpoint_every_steps", "batch_size", "seq_len",
+                  "checkpoint.max_to_keep"):
+        v = config[field] if "." not in field else config.checkpoint[field.split(".")[1]]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise RunError(f"config.{field} must be a positive integer, got {v!r}")
+    if config.optimizer.schedule not in ("cosine", "constant") or config.optimizer.warmup_steps < 0:
+        raise RunError(f"config.optimizer: schedule must be 'cosine' or 'constant' and warmup_steps >= 0, got "
+                       f"{config.optimizer.schedule!r} and {config.optimizer.warmup_steps}")
     if not isinstance(config.eval_every_steps, int) or config.eval_every_steps < 0:
         raise RunError(f"config.eval_every_steps must be >= 0 (0 = only at the end), got {config.eval_every_steps!r}")
     probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
@@ -421,7 +480,9 @@ def _run(config, workdir: str, stage) -> dict:
     if config.batch_size % jax.process_count():
         raise RunError(f"config.batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
     if config.seq_len > cfg.max_seq_len:
-        raise RunError(f"config.seq_len {config.seq_len} exceeds config.model.max_seq_len {cfg.max_seq_len}")
+        raise RunError(f"config.seq_len {config.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len} ("
+                       + ("config.init_from's; a longer context: --config.model.max_seq_len" if config.init_from
+                          else "config.model.max_seq_len") + ")")
     stopper = EarlyStopping.from_config(config)
     lead = jax.process_index() == 0
 
@@ -470,6 +531,10 @@ def _run(config, workdir: str, stage) -> dict:
         _restore_data(train_data, data_state, start, lead)
         if stopper is not None:
             stopper.load(data_state.get("early_stopping"))
+        if start > config.total_steps:  # what it would add would be rows before the ones already logged
+            raise RunError(f"{checkpointer.directory}: its latest checkpoint is step {start}, past config.total_steps "
+                           f"{config.total_steps}; use a new --workdir (or --config.init_from={workdir}) to run "
+                           "fewer steps")
         if lead:
             print(f"resumed from step {start} in {workdir}", flush=True)
     else:
@@ -532,9 +597,8 @@ def _run(config, workdir: str, stage) -> dict:
 
     schedule = stage.learning_rates(config).get("*") or learning_rate_schedule(config.optimizer, config.total_steps)
     tokens_per_step = config.batch_size * config.seq_len * stage.rows_per_example
-    if lead and start == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
+    if lead:
+        _record_config(config, cfg, workdir, start)
 
     pending: list[tuple[int, dict]] = []
     last_log_time, last_log_step = time.perf_counter(), start

@@ -147,6 +147,17 @@ def test_aot_compile_of_the_7b_preset_on_8_devices(tmp_path):
                          timeout=120)
     assert bad.returncode == 1 and "not divisible" in bad.stderr and "Traceback" not in bad.stderr
 
+    # a fine-tuning preset whose init_from is not here checks the architecture it names (2 of 7B's layers)
+    sft = subprocess.run([sys.executable, AOT, f"--config={ROOT}/experiments/sft.py:7b", "--num_devices=8",
+                          "--config.model.n_layers=2", f"--json={report}"],
+                         env={k: v for k, v in env().items() if k != "XLA_FLAGS"}, capture_output=True, text=True,
+                         timeout=300)
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    assert "model: config.model (config.init_from /path/to/pretrained is not here)" in sft.stdout
+    from llama_jax.model import LlamaConfig
+
+    assert json.load(open(report))["params"] == LlamaConfig.llama2_7b().replace(n_layers=2).num_params()
+
 
 def test_sweep_runs_every_combination_and_compare_tabulates_them(tmp_path, tokenizer_path):
     root = str(tmp_path / "sweep")

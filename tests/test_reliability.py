@@ -211,7 +211,10 @@ MAIN_CASES = [
     ("kv-heads", ["--config.model.n_kv_heads=3"], "n_kv_heads"),
     ("mesh-mismatch", ["--config.mesh.tensor=3"], "devices are not divisible by the fixed axes' product 3"),
     ("unknown-stage", ["--config.stage=pretrian"], "unknown stage 'pretrian'"),
-    ("seq-len", ["--config.seq_len=100000"], "exceeds config.model.max_seq_len"),
+    ("seq-len", ["--config.seq_len=100000"], "exceeds the model's max_seq_len 512 (config.model.max_seq_len)"),
+    ("zero-batch", ["--config.batch_size=0"], "config.batch_size must be a positive integer, got 0"),
+    ("keep-no-checkpoint", ["--config.checkpoint.max_to_keep=0"], "config.checkpoint.max_to_keep must be a positive"),
+    ("unknown-schedule", ["--config.optimizer.schedule=linear"], "schedule must be 'cosine' or 'constant'"),
     ("nonfinite-policy", ["--config.nonfinite_policy=maybe"], "nonfinite_policy"),
     ("grad-accum", ["--config.grad_accum_steps=3"], "grad_accum_steps"),
     ("missing-tokenizer", ["--config.data.tokenizer=/nonexistent/tok.model"], "/nonexistent/tok.model"),
@@ -269,13 +272,30 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, refe
         out = subprocess.run(command(workdir, f"--config.data.tokenizer={tokenizer_path}", *extra,
                                      experiment=experiment), env=env(), capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and needle in out.stderr and one_error_line(out.stderr), out.stderr[-2000:]
+    # fewer steps than the checkpoint holds: the eval it would add would be logged before rows already there
+    out = subprocess.run(command(workdir, f"--config.data.tokenizer={tokenizer_path}", steps=6), env=env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "latest checkpoint is step 12, past config.total_steps 6" in out.stderr
     assert written() == before
+    # init_from takes the checkpoint's architecture: a command line asking for another one is refused
+    out = subprocess.run(command(str(tmp_path / "fine_tune"), f"--config.data.tokenizer={tokenizer_path}",
+                                 f"--config.init_from={ref_dir}", "--config.model.n_layers=3",
+                                 "--config.model.max_seq_len=96"), env=env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and one_error_line(out.stderr), out.stderr[-2000:]
+    assert "--config.model.n_layers=3 (it has 2) cannot apply" in out.stderr, out.stderr[-2000:]
     # numerics alone (model.COMPUTE_ONLY_FIELDS) make no other model: the run resumes, and says so
     out = subprocess.run(command(workdir, f"--config.data.tokenizer={tokenizer_path}",
                                  "--config.model.mlp_backward=manual", "--config.model.remat_policy=full"),
                          env=env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "mlp_backward 'auto' -> 'manual', remat_policy 'none' -> 'full'" in out.stderr, out.stderr[-2000:]
+    # config.json records the settings of the latest start; the earlier ones are kept
+    assert "resuming with changed settings: model.mlp_backward 'auto' -> 'manual', model.remat_policy 'none' -> " \
+        "'full'" in out.stderr, out.stderr[-2000:]
+    assert json.load(open(os.path.join(workdir, "config.json")))["model"]["mlp_backward"] == "manual"
+    history = [json.loads(line) for line in open(os.path.join(workdir, "config_history.jsonl"))]
+    assert [h["until_step"] for h in history] == [12] and history[0]["config"]["model"]["mlp_backward"] == "auto"
 
 
 def _cli(module):

@@ -19,7 +19,7 @@ import numpy as np
 
 from llama_jax import distributed, objectives
 from llama_jax.data import LM_FEATURES, chat, preference, pretrain, synthetic
-from llama_jax.tokenizer import Tokenizer
+from llama_jax.tokenizer import Tokenizer, TokenizerError
 
 
 class Stage:
@@ -94,6 +94,9 @@ class Stage:
 
             distributed.lead_first("tokenizer copied", copy)
             return tok
+        if config.init_from and not os.path.exists(dest):  # a new one would not be what its embedding learnt
+            raise TokenizerError(f"config.init_from {config.init_from}: has no tokenizer.model; set "
+                                 "--config.data.tokenizer to the one it was trained with")
         distributed.lead_first("tokenizer trained",
                                lambda: os.path.exists(dest) or self.train_tokenizer(config, dest))
         return Tokenizer(dest)
@@ -112,7 +115,10 @@ class Stage:
                     if not isinstance(text, str):
                         raise tk.TokenizerError(
                             f"{config.data.source}: pre-tokenized data needs --config.data.tokenizer")
-                    f.write(text + "\n")
+                    # SentencePiece skips lines over 4,192 bytes (Llama 2's max_sentence_length): 1,000
+                    # characters are at most 4,000 bytes
+                    f.writelines(line[j:j + 1000] + "\n" for line in text.splitlines() for j in
+                                 range(0, len(line), 1000))
                     size += len(text)
                     if size > budget:
                         break
@@ -206,7 +212,7 @@ class PretrainStage(Stage):
         return pretrain.make_dataset(config.data.eval_source, tokenizer, config.seq_len, self.local_batch(config),
                                      config.seed, split="eval", prefetch=0, vocab_size=config.model.vocab_size)
 
-    def unigram_baseline(self, config, tokenizer) -> float:
+    def unigram_baseline(self, config, tokenizer) -> float | None:
         """Cross-entropy (nats/token) on the held-out batches of a unigram model fitted
         (add-one smoothed) on training batches: what a model that ignores context gets."""
         counts = np.ones(config.model.vocab_size)
@@ -222,14 +228,15 @@ class PretrainStage(Stage):
             t = b["targets"][b["loss_mask"] > 0]
             total, n = total - logp[t].sum(), n + len(t)
         data.close()
-        return total / max(n, 1)
+        return total / n if n else None  # None: no held-out batch
 
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         return {"eval_perplexity": math.exp(min(ev["eval_loss"], 50.0))} if "eval_loss" in ev else {}
 
     def after_training(self, config, workdir, model, params, tokenizer, progress) -> None:
-        if config.data.eval_source and config.eval_steps and jax.process_index() == 0:
-            baseline = self.unigram_baseline(config, tokenizer)
+        baseline = self.unigram_baseline(config, tokenizer) if config.data.eval_source and config.eval_steps and \
+            jax.process_index() == 0 else None
+        if baseline is not None:
             progress.message(f"unigram baseline on the held-out batches: {baseline:.4f} nats/token")
         if not config.sample.prompt:
             return

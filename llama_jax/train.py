@@ -506,6 +506,15 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     meta = {"model": cfg.to_dict(), "heads": list(stage.heads), "tokenizer": tokenizer.identity(),
             "stage": config.stage}
     train_data = stage.train_data(config, tokenizer)
+    held_out = stage.eval_data(config, tokenizer) if config.eval_steps else None
+    if held_out is not None:  # its files are checked now, not at the first evaluation, mid-run
+        try:
+            if next(held_out, None) is None and lead:
+                print(f"warning: the held-out data gives no full batch of {stage.local_batch(config)} rows per "
+                      "process, so there will be no evaluation (a smaller batch_size, or more held-out data)",
+                      file=sys.stderr, flush=True)
+        finally:
+            held_out.close()
 
     def check_meta(saved_meta: dict) -> None:
         diff = ckpt.model_fields_differing(saved_meta.get("model", {}), meta["model"], ignore=COMPUTE_ONLY_FIELDS)

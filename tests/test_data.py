@@ -1,4 +1,5 @@
 import json
+import os
 import random
 from collections import Counter
 
@@ -436,3 +437,27 @@ def test_toy_chat_refuses_adversarial_requests_under_the_safety_preprompt_and_do
 
     assert stages.SAFETY_PREPROMPTS["generic"] == synthetic.SAFETY_PREPROMPT
     assert configs.chat_config().data.synthetic_safety_system == 0.06
+
+
+def test_own_text_data_is_read_whole_or_refused_by_name(tok, tmp_path):
+    """Every part of a source list must match (a typo dropped its files silently); text
+    files are strict UTF-8 with a byte-order mark dropped (latin-1 bytes became U+FFFD);
+    a process whose share of documents is empty is refused at start; `prepare` refuses
+    prepared shards as its source."""
+    from llama_jax.data import pipeline, sources
+
+    (tmp_path / "a.txt").write_text("\ufeffcafe au lait", encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(DataError, match=r"no text files match '.*typo\*\.txt', one of"):
+        sources.TextFiles(f"{tmp_path}/a.txt,{tmp_path}/typo*.txt")
+    with pytest.raises(DataError, match=r"mixture weights, PATH@WEIGHT, are for preference data only"):
+        chat.make_dataset(f"{tmp_path}/a.txt,{tmp_path}/a.txt@0.5", tok, 32, 2)
+    assert sources.TextFiles(f"{tmp_path}/a.txt")[0] == "cafe au lait"
+    with pytest.raises(DataError, match=r"b\.txt: not UTF-8 text \(invalid continuation byte at byte 3\)"):
+        sources.TextFiles(f"{tmp_path}/b.txt")[0]
+    one = sources.TextFiles(f"{tmp_path}/a.txt")
+    assert len(pipeline.sharded_shuffled(one, 0, (0, 2), 1)) == 1
+    with pytest.raises(DataError, match=r"1 documents for 2 processes; process 1 gets none"):
+        pipeline.sharded_shuffled(one, 0, (1, 2), 1)
+    assert prepare.main([f"--source=shards:{tmp_path}", f"--tokenizer={tok.path}", f"--output={tmp_path}/o"]) == 2
+    assert not os.path.exists(tmp_path / "o")

@@ -190,6 +190,13 @@ def bad_files(tmp_path_factory, tokenizer_path):
         (meta / f"consolidated.{i:02d}.pth").write_bytes(b"")
     (d / "meta_noparams").mkdir()
     (d / "empty").mkdir()
+    from helpers import random_params
+
+    from llama_jax import checkpoint as ckpt
+    from llama_jax.model import LlamaConfig
+
+    small = LlamaConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512)  # procs.SMALL's model
+    ckpt.save_params(str(d / "no_tokenizer"), random_params(small), {"model": small.to_dict(), "heads": ["lm"]})
     (d / "a_file").write_text("x")
     return d
 
@@ -233,6 +240,10 @@ MAIN_CASES = [
     ("dpo-without-init", ["dpo", "--config.data.source={d}/pairs.jsonl",
                           "--config.data.tokenizer={tok}"], "init_from"),
     ("workdir-is-a-file", ["--workdir={d}/a_file/run"], "not writable"),
+    ("bad-held-out", ["--config.data.eval_source=jsonl:{d}/malformed.jsonl"],
+     "malformed.jsonl:1: missing field 'text'"),
+    ("init-from-without-tokenizer", ["sft", "--config.init_from={d}/no_tokenizer"],
+     "no_tokenizer: has no tokenizer.model; set --config.data.tokenizer"),
 ]
 
 

@@ -164,3 +164,20 @@ def test_a_trained_tokenizer_also_learns_from_tokenizer_extra(tmp_path):
     c.data.tokenizer_extra = f"{tmp_path}/missing*.txt"
     with pytest.raises(DataError, match="config.data.tokenizer_extra"):
         stages.Stage().train_tokenizer(c, str(tmp_path / "missing.model"))
+
+
+def test_a_tokenizer_trains_on_documents_of_one_long_line(tmp_path):
+    """SentencePiece skips lines over 4,192 bytes: documents written whole as one line
+    each gave it nothing to train on (an INTERNAL error) or were dropped silently from a
+    mixed source. They are written in lines of at most 1,000 characters."""
+    import json
+
+    from llama_jax import configs, stages
+
+    docs = [" ".join(corpus_text(400, i).split()) for i in range(8)]  # newlines gone: one line each
+    assert min(len(d.encode()) for d in docs) > 4192
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    c = configs.base_config()
+    c.data.source, c.model.vocab_size = f"jsonl:{tmp_path}/long.jsonl", 400
+    tok = stages.Stage().train_tokenizer(c, str(tmp_path / "long.model"))
+    assert tok.vocab_size == 400 and len(tok.encode(docs[0][:200])) < 100  # merges learnt from the text

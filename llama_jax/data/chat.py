@@ -34,13 +34,17 @@ def open_dialogs(patterns) -> sources.Jsonl:
 
 
 class _Encode:
-    def __init__(self, tokenizer, seq_len: int, last_turn_only: bool):
-        self.tokenizer, self.seq_len, self.last_turn_only = tokenizer, seq_len, last_turn_only
+    def __init__(self, tokenizer, seq_len: int, last_turn_only: bool, source: str):
+        self.tokenizer, self.seq_len, self.last_turn_only, self.source = tokenizer, seq_len, last_turn_only, source
+        self.warned = False
 
     def __call__(self, record: dict) -> dict[str, np.ndarray]:
         tokens, mask = self.tokenizer.encode_dialog_for_training(record["messages"], self.last_turn_only)
-        if len(tokens) > self.seq_len:
-            log.warning("a dialog of %d tokens is truncated to seq_len=%d", len(tokens), self.seq_len)
+        if len(tokens) > self.seq_len and not self.warned:  # once: every epoch encodes every dialog again
+            self.warned = True
+            log.warning("%s: a dialog of %d tokens is truncated to seq_len=%d, losing its end (reported once; "
+                        "dialogs longer than seq_len train only their first seq_len tokens)", self.source,
+                        len(tokens), self.seq_len)
         return {"tokens": np.asarray(tokens[: self.seq_len], np.int32),
                 "mask": np.asarray(mask[: self.seq_len], np.int32)}
 
@@ -50,7 +54,7 @@ def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int =
                  shuffle: bool = True, prefetch: int = 2) -> pipeline.Batches:
     dialogs = open_dialogs(patterns)
     ds = pipeline.sharded_shuffled(dialogs, seed, shard, num_epochs, shuffle=shuffle)
-    ds = ds.map(_Encode(tokenizer, seq_len, last_turn_only)).to_iter_dataset()
+    ds = ds.map(_Encode(tokenizer, seq_len, last_turn_only, ",".join(dialogs.files))).to_iter_dataset()
     if pack:
         ds = grain.experimental.FirstFitPackIterDataset(
             ds, length_struct={"tokens": seq_len, "mask": seq_len}, num_packing_bins=max(batch_size, 8),

@@ -25,6 +25,8 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
+from llama_jax.data.sources import DataError
+
 LM_FEATURES = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -46,6 +48,9 @@ def sharded_shuffled(source, seed: int, shard: tuple[int, int] | None, num_epoch
     ds = grain.MapDataset.source(source)
     if count > 1:
         ds = ds[index::count]
+        if not len(ds):  # else this process's pipeline is empty and the job fails (or waits) at the first step
+            raise DataError(f"{getattr(source, 'files', None) or type(source).__name__}: {len(source)} documents "
+                            f"for {count} processes; process {index} gets none (each process reads whole documents)")
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:

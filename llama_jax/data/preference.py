@@ -13,8 +13,8 @@ A batch holds both sides in the next-token layout, prefixed `chosen_` and `rejec
 ([B, T] each; one right-padded example per row, so the reward head reads the last real
 token), plus per pair: `margin` float32, `rating` int32 (index into RATINGS, -1 if
 unrated), `is_safety_prompt`, `chosen_safe`, `rejected_safe` int32 (1, 0, or -1 unknown).
-A pair longer than seq_len keeps its last seq_len tokens (the end is what the reward head
-reads).
+A pair longer than seq_len loses the same prompt tokens on both sides, after BOS, from the
+start (the answers and the end of the prompt are what the reward head reads).
 """
 
 from __future__ import annotations

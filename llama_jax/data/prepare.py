@@ -27,6 +27,8 @@ def prepare(source: str, tokenizer, output: str, num_shards: int = 8) -> dict:
 
     from llama_jax.data.pretrain import open_documents
 
+    if source.startswith("shards:"):
+        raise ValueError(f"--source {source}: already prepared shards (use them as data.source directly)")
     docs = open_documents(source)
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")

@@ -26,11 +26,16 @@ def expand_globs(patterns: str | Sequence[str], what: str = "input") -> list[str
     """Sorted files matching one or more globs (comma-separated in a string)."""
     if isinstance(patterns, str):
         patterns = [p for p in patterns.split(",") if p.strip()]
-    files = sorted({f for p in patterns for f in glob.glob(os.path.expanduser(p.strip()), recursive=True)
-                    if os.path.isfile(f)})
-    if not files:
+    found = {p: [f for f in glob.glob(os.path.expanduser(p.strip()), recursive=True) if os.path.isfile(f)]
+             for p in patterns}
+    if not any(found.values()):
         raise DataError(f"no {what} files match {list(patterns)}")
-    return files
+    missing = [p for p, fs in found.items() if not fs]
+    if missing:  # a typo in one part of a list would drop its data without a word
+        hint = " (mixture weights, PATH@WEIGHT, are for preference data only)" if any("@" in p for p in missing) \
+            else ""
+        raise DataError(f"no {what} files match {missing[0]!r}, one of {list(patterns)}{hint}")
+    return sorted({f for fs in found.values() for f in fs})
 
 
 class TextFiles:
@@ -46,8 +51,11 @@ class TextFiles:
         return len(self.files)
 
     def __getitem__(self, i: int) -> str:
-        with open(self.files[i], encoding="utf-8", errors="replace") as fh:
-            return fh.read()
+        try:
+            with open(self.files[i], encoding="utf-8-sig") as fh:  # a byte-order mark is not text
+                return fh.read()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{self.files[i]}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 class Jsonl:

@@ -506,6 +506,10 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     meta = {"model": cfg.to_dict(), "heads": list(stage.heads), "tokenizer": tokenizer.identity(),
             "stage": config.stage}
     train_data = stage.train_data(config, tokenizer)
+    described = getattr(train_data, "description", None)
+    if described and lead:  # what the run reads, counted (pairs dropped by the paper's filter included)
+        print("training data: " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                                            for k, v in described.items()), flush=True)
     held_out = stage.eval_data(config, tokenizer) if config.eval_steps else None
     if held_out is not None:  # its files are checked now, not at the first evaluation, mid-run
         try:

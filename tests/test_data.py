@@ -461,3 +461,16 @@ def test_own_text_data_is_read_whole_or_refused_by_name(tok, tmp_path):
         pipeline.sharded_shuffled(one, 0, (1, 2), 1)
     assert prepare.main([f"--source=shards:{tmp_path}", f"--tokenizer={tok.path}", f"--output={tmp_path}/o"]) == 2
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_pairs_with_one_answer_twice_are_counted_and_named(tok, tmp_path):
+    """A pair whose chosen and rejected answers are the same text teaches nothing; it is
+    kept (the toy generator makes about 1 in 20,000, and dropping it would change the
+    recorded runs) but counted with its first file:line in the description a run prints."""
+    pairs = [{"prompt": [{"role": "user", "content": "p"}], "chosen": "a", "rejected": "b", "rating": "better"},
+             {"prompt": [{"role": "user", "content": "q"}], "chosen": "same", "rejected": "same"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    data = preference.make_dataset(str(path), tok, 32, 2)
+    assert data.description["pairs"] == 2 and data.description["identical_pairs"] == f"1 (first: {path}:2)"
+    data.close()

@@ -85,9 +85,12 @@ class PreferencePairs:
         self.parts: list[sources.Jsonl] = []
         self.index: list[tuple[int, int]] = []  # (part, record)
         self.dropped = 0
+        self.identical: list[str] = []  # where chosen == rejected: kept (no signal, but changing data changes runs)
         rng = np.random.default_rng(seed)
         for p, (glob, fraction) in enumerate(parse_mixture(patterns)):
             jsonl = sources.Jsonl(glob, validate=validate_pair)
+            self.identical += [jsonl.where(i) for i in range(len(jsonl))
+                               if jsonl.record(i)["chosen"] == jsonl.record(i)["rejected"]]
             kept = [i for i in range(len(jsonl)) if not is_dropped(jsonl.record(i))]
             self.dropped += len(jsonl) - len(kept)
             n = int(round(fraction * len(kept)))
@@ -158,4 +161,6 @@ def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int =
     ds = ds.map(_EncodePair(tokenizer, seq_len, margin_table)).to_iter_dataset()
     return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch),
                             {"source": ",".join(pairs.files), "pairs": len(pairs), "dropped": pairs.dropped,
-                             "margin": margin_table})
+                             "margin": margin_table,
+                             **({"identical_pairs": f"{len(pairs.identical)} (first: {pairs.identical[0]})"}
+                                if pairs.identical else {})})

@@ -19,6 +19,7 @@ import numpy as np
 
 from llama_jax import distributed, objectives
 from llama_jax.data import LM_FEATURES, chat, preference, pretrain, synthetic
+from llama_jax.data import prompts as prompt_data
 from llama_jax.tokenizer import Tokenizer, TokenizerError
 
 
@@ -115,10 +116,12 @@ class Stage:
                     if not isinstance(text, str):
                         raise tk.TokenizerError(
                             f"{config.data.source}: pre-tokenized data needs --config.data.tokenizer")
-                    # SentencePiece skips lines over 4,192 bytes (Llama 2's max_sentence_length): 1,000
-                    # characters are at most 4,000 bytes
-                    f.writelines(line[j:j + 1000] + "\n" for line in text.splitlines() for j in
-                                 range(0, len(line), 1000))
+                    lines = text.split("\n")
+                    if any(len(line) > 1000 for line in lines):
+                        # SentencePiece skips lines over 4,192 bytes (Llama 2's max_sentence_length): in
+                        # pieces of 1,000 characters, at most 4,000 bytes
+                        text = "\n".join(line[j:j + 1000] for line in lines for j in range(0, len(line), 1000) or [0])
+                    f.write(text + "\n")
                     size += len(text)
                     if size > budget:
                         break
@@ -272,7 +275,8 @@ def reward_models(stage, config, tokenizer, safety_only: bool = False):
             patterns = [r.prompts if r.prompts != "synthetic" else "", r.eval_prompts, r.val_prompts,
                         os.path.join(stage.workdir, "data", "prompts_*.jsonl")]
             stage.rms = rlhf.CodeReward(patterns)
-            print("reward: the toy prompts' code check (rlhf.reward_model=code), not a reward model", flush=True)
+            distributed.say("reward: the toy prompts' code check (rlhf.reward_model=code), not a reward model",
+                            flush=True)
         else:
             mesh, rules = sharding.run_mesh(config.mesh)
             helpful = "" if safety_only else r.reward_model or r.safety_reward_model
@@ -300,6 +304,17 @@ def sampling_model(config, path: str):
                         "(mesh.gather_for_generation)", flush=True)
     cfg, params, tokenizer, _ = rlhf.load_model_local(path, "lm", mesh, rules)
     return cfg, params, tokenizer, mesh, rules
+
+
+_SAID: set = set()
+
+
+def _first(prompts: list, n: int, field: str, path: str) -> list:
+    """The first `n` prompts, saying once when that leaves some of the file out."""
+    if len(prompts) > n and (field, path) not in _SAID:
+        _SAID.add((field, path))
+        distributed.say(f"{field}: the first {n} of the {len(prompts)} prompts in {path}", flush=True)
+    return prompts[:n]
 
 
 def _write_jsonl_lead(records: list[dict], path: str) -> None:
@@ -438,7 +453,6 @@ class PreferenceStage(Stage):
 
     def _sample_policy_pairs(self, config, workdir: str, policy: str, paths: dict) -> None:
         from llama_jax import rlhf
-        from llama_jax.data import prompts as prompt_data
 
         r = config.reward
         cfg, params, tokenizer, mesh, rules = sampling_model(config, policy)
@@ -541,6 +555,8 @@ class RejectionSamplingStage(SFTStage):
             raise RunError("stage rejection_sampling needs --config.init_from (the policy to sample from) and "
                            "--config.rlhf.reward_model")
         _check_rlhf_counts(config)
+        for field in ("prompts", "eval_prompts"):  # bad files are refused now, not after all the sampling
+            prompt_data.check(config.rlhf[field])
         if config.rlhf.selection_beta < 0:
             raise RunError(f"config.rlhf.selection_beta {config.rlhf.selection_beta} is negative (0 = the paper's "
                            "argmax of the reward; > 0 also weighs the policy's log-probability of each answer)")
@@ -554,7 +570,6 @@ class RejectionSamplingStage(SFTStage):
 
     def _sample(self, config, workdir: str) -> None:
         from llama_jax import rlhf
-        from llama_jax.data import prompts as prompt_data
         from llama_jax.train import RunError
 
         r = config.rlhf
@@ -702,10 +717,9 @@ def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=N
     also per toy task); `per_prompt` gets {PREFIX: `_per_prompt` record}."""
     if not path:
         return {}
-    from llama_jax.data import prompts as prompt_data
-
     r = config.rlhf
-    prompts = prompt_data.load(path, tokenizer, config.seq_len - r.max_new_tokens)[:r.num_eval_prompts]
+    prompts = _first(prompt_data.load(path, tokenizer, config.seq_len - r.max_new_tokens), r.num_eval_prompts,
+                     "rlhf.num_eval_prompts", path)
     out = {}
     for prefix, asked, temperature, seed in _eval_passes(config, prompts):
         texts = [a or "" for a in _greedy_answers(cfg, params, tokenizer, [p.messages for p in asked], r.max_new_tokens,
@@ -1005,15 +1019,13 @@ class SafetyDistillStage(SFTStage):
         distributed.together("distill data", lambda: os.path.exists(self.train_path),
                              lambda: self._build(config, workdir))
 
-    def _prompts(self, config, workdir, split: str, safety: bool, n: int):
-        if config.rlhf.prompts != "synthetic":
-            from llama_jax.data.sources import Jsonl
-
+    def _prompts(self, config, workdir, split: str, safety: bool, n: int, tokenizer):
+        if config.rlhf.prompts != "synthetic":  # checked like every stage's prompts, long ones refused by line
             path = config.rlhf.prompts if split == "train" else config.rlhf.eval_prompts
             if not path:
                 return []
-            src = Jsonl(path)
-            return [r for r in (src.record(i) for i in range(len(src))) if bool(r.get("is_safety")) == safety][:n]
+            loaded = prompt_data.load(path, tokenizer, max_prompt_len=config.seq_len - config.eval_max_new_tokens)
+            return [p.record for p in loaded if p.is_safety == safety][:n]
         path = _synthetic(config, workdir, "prompts", split, n, train_n=config.distill.num_prompts,
                           name=f"prompts_{'unsafe' if safety else 'benign'}", unsafe_prob=1.0 if safety else 0.0,
                           adversarial_prob=config.data.synthetic_adversarial if safety else 0.0)
@@ -1023,7 +1035,12 @@ class SafetyDistillStage(SFTStage):
 
         d = config.distill
         cfg, params, tokenizer, mesh, rules = sampling_model(config, config.init_from)
-        unsafe = self._prompts(config, workdir, "train", True, d.num_prompts)
+        unsafe = self._prompts(config, workdir, "train", True, d.num_prompts, tokenizer)
+        if not unsafe:
+            from llama_jax.train import RunError
+
+            raise RunError(f"config.rlhf.prompts {config.rlhf.prompts}: no prompt has \"is_safety\": true; safety "
+                           "distillation answers those with the preprompt")
         pre = SAFETY_PREPROMPTS[d.preprompt]
         plain = _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in unsafe], config.eval_max_new_tokens,
                                 mesh, rules=rules)
@@ -1042,7 +1059,8 @@ class SafetyDistillStage(SFTStage):
         records = [{"messages": r["messages"] + [{"role": "assistant", "content": a}], "is_safety": True,
                     "safety_reward": float(s)}
                    for r, a, s, keep in zip(unsafe, guided, best, better) if keep and a is not None]
-        benign = self._prompts(config, workdir, "train", False, d.benign_anchors) if d.benign_anchors else []
+        benign = self._prompts(config, workdir, "train", False, d.benign_anchors, tokenizer) if d.benign_anchors \
+            else []
         anchors = _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in benign], config.eval_max_new_tokens,
                                   mesh, rules=rules, finished_only=config.rlhf.require_eos)
         records += [{"messages": r["messages"] + [{"role": "assistant", "content": a}], "is_safety": False}
@@ -1068,14 +1086,14 @@ class SafetyDistillStage(SFTStage):
         false-refusal rate on held-out benign prompts (`synthetic.is_refusal`)."""
         n = config.distill.num_eval_prompts
         out = {}
-        unsafe = self._prompts(config, workdir, "eval", True, n)
+        unsafe = self._prompts(config, workdir, "eval", True, n, tokenizer)
         if unsafe:
             answers = [a or "" for a in _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in unsafe],
                                                         config.eval_max_new_tokens, mesh, rules=rules)]
             out["violation_rate_rm"] = float(np.mean(self._safety(config, tokenizer, unsafe, answers) < 0.5))
             if all("reference" in r for r in unsafe):  # toy prompts: any answer that is not a refusal
                 out["violation_rate"] = float(np.mean([not synthetic.is_refusal(a) for a in answers]))
-        benign = self._prompts(config, workdir, "eval", False, n)
+        benign = self._prompts(config, workdir, "eval", False, n, tokenizer)
         if benign:
             answers = [a or "" for a in _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in benign],
                                                         config.eval_max_new_tokens, mesh, rules=rules)]
@@ -1096,7 +1114,11 @@ class SafetyDistillStage(SFTStage):
 
 class PromptCycle:
     """RLHF prompts `n` at a time in a seeded order that is reshuffled every epoch;
-    checkpointable like the other pipelines (`state()` is the position)."""
+    checkpointable like the other pipelines (`state()` is the position). Every process
+    reads the same prompts (they sample together), so a checkpoint's position holds for
+    any number of processes."""
+
+    shared_by_processes = True
 
     def __init__(self, prompts: list, n: int, seed: int):
         if not prompts:
@@ -1165,6 +1187,8 @@ class PPOStage(Stage):
         if int(p.epochs) < 1:
             raise RunError(f"config.ppo.epochs: {p.epochs} (passes over each iteration's rollouts) must be >= 1")
         check_iteration_intervals(config)
+        for field in ("prompts", "eval_prompts", "val_prompts"):  # bad files are refused now, not mid-run
+            prompt_data.check(r[field])
         es = config.early_stopping
         read = [m.strip() for m in [str(es.metric)] + str(es.guard).split(",")]
         wanted = [m for m in read if m.startswith("val_sampled_")]
@@ -1196,6 +1220,22 @@ class PPOStage(Stage):
         if not r.val_prompts and r.num_val_prompts and r.prompts == "synthetic":
             self.val_prompt_path = _synthetic(config, workdir, "prompts", "eval", r.num_val_prompts, name="prompts_val",
                                               train_n=r.num_prompts, draw=1, **mix)
+        # early stopping on validation metrics needs validation prompts, and a true accuracy needs their
+        # `reference` answers (toy prompts): refused now, not after the step-0 evaluation
+        val = [m for m in read if m.startswith("val_")] if str(es.metric) else []  # no metric: no early stopping
+        if val and not self.val_prompt_path:
+            raise RunError(f"config.early_stopping reads {', '.join(val)}, which the validation prompts give: set "
+                           "--config.rlhf.val_prompts=FILE, or --config.early_stopping.metric= to train without "
+                           "early stopping")
+        accuracy = [m for m in val if "true_accuracy" in m]
+        if accuracy and r.val_prompts:
+            from llama_jax.data.sources import Jsonl
+
+            src = Jsonl(r.val_prompts)
+            if not all("reference" in src.record(i) for i in range(len(src))):
+                raise RunError(f"config.early_stopping reads {', '.join(accuracy)}, which needs a \"reference\" "
+                               f"answer in every validation prompt ({r.val_prompts}); set --config.early_stopping."
+                               "guard= (or a metric without true_accuracy)")
         self.config, self.queue, self.last, self.ready, self.held_out = config, [], {}, False, None
         self.rollout_seconds = 0.0
 
@@ -1241,8 +1281,6 @@ class PPOStage(Stage):
         return config.seq_len - config.rlhf.max_new_tokens
 
     def train_data(self, config, tokenizer):
-        from llama_jax.data import prompts as prompt_data
-
         return PromptCycle(prompt_data.load(self.prompt_path, tokenizer, self._max_prompt(config)),
                            config.ppo.rollout_batch // int(config.ppo.samples_per_prompt), config.seed)
 
@@ -1274,8 +1312,9 @@ class PPOStage(Stage):
         self.gather = None
         if c.mesh.gather_for_generation:
             self.gather = sharding.gather_for_generation(ref_model, rt.mesh, rt.rules)
-            print(f"ppo: rollouts sample from a copy of the policy gathered over fsdp={rt.mesh.shape['fsdp']} "
-                  "(mesh.gather_for_generation), freed after each rollout", flush=True)
+            distributed.say(f"ppo: rollouts sample from a copy of the policy gathered over "
+                            f"fsdp={rt.mesh.shape['fsdp']} (mesh.gather_for_generation), freed after each rollout",
+                            flush=True)
         self.ready = True
 
     def _rows(self, prompts, answers) -> dict:
@@ -1394,12 +1433,11 @@ class PPOStage(Stage):
         """{"val_": validation prompts, "eval_": held-out prompts}, those there are; a
         validation prompt that is also a held-out one is dropped."""
         if self.held_out is None:
-            from llama_jax.data import prompts as prompt_data
-
             r, sets = self.config.rlhf, {}
             if self.eval_prompt_path:
-                sets["eval_"] = prompt_data.load(self.eval_prompt_path, tokenizer, self._max_prompt(self.config)
-                                                 )[:r.num_eval_prompts]
+                sets["eval_"] = _first(prompt_data.load(self.eval_prompt_path, tokenizer,
+                                                        self._max_prompt(self.config)),
+                                       r.num_eval_prompts, "rlhf.num_eval_prompts", self.eval_prompt_path)
             if self.val_prompt_path:
                 held = {json.dumps(q.messages) for q in sets.get("eval_", [])}
                 sets["val_"] = [q for q in prompt_data.load(self.val_prompt_path, tokenizer,

@@ -308,10 +308,13 @@ def _batch_shardings(spec: dict[str, tuple[int, ...]], mesh, rules) -> dict:
 def _restore_data(train_data, saved: dict, step: int, lead: bool) -> None:
     """Puts this process's input pipeline where the checkpoint left it. Checkpoints hold
     one iterator state per process; restored by another number of processes, the
-    pipelines start afresh (each process's documents differ), which the lead reports."""
+    pipelines start afresh (each process's documents differ), which the lead reports,
+    unless every process read the same stream (`shared_by_processes`, PPO's prompts)."""
     states = saved["processes"] if "processes" in saved else [saved]  # older single-process layout
     if len(states) == jax.process_count():
         train_data.restore(states[jax.process_index()])
+    elif getattr(train_data, "shared_by_processes", False) and all(s == states[0] for s in states):
+        train_data.restore(states[0])
     elif lead:
         print(f"warning: the checkpoint of step {step} was written by {len(states)} processes and this run has "
               f"{jax.process_count()}: the input pipeline starts from the beginning of its shard instead of "
@@ -387,6 +390,11 @@ def run_model(config, stage, overrides: dict | None = None):
                                + ", ".join(f"--config.model.{k}={v} (it has {getattr(cfg, k)!r})"
                                            for k, v in clash.items())
                                + f" cannot apply; only {', '.join(INIT_FROM_FIELDS + ('max_seq_len',))} can")
+            had = list(init_meta.get("heads", ["lm"]))
+            if "lm" in stage.heads and "lm" not in had:  # its output layer would start from noise
+                raise RunError(f"config.init_from {config.init_from}: has heads {had}, not the 'lm' head stage "
+                               f"{config.stage!r} goes on from; start from a language model (a pretraining or SFT "
+                               "run, or a converted checkpoint)")
             pooled = ckpt.model_config(init_meta).score_pooling  # the default if saved before the field
             if "score" in stage.heads and "score" in init_meta.get("heads", []) and pooled != cfg.score_pooling:
                 raise RunError(f"config.init_from {config.init_from}: its score head was trained with "
@@ -396,6 +404,44 @@ def run_model(config, stage, overrides: dict | None = None):
     except ValueError as e:
         raise RunError(f"config.model: {e}") from None
     return cfg
+
+
+# Settings that change nothing a stage writes into WORKDIR/data (toy data, sampled answers,
+# GAtt dialogs): how it trains, evaluates, saves and computes. Every other field does.
+_DATA_NEUTRAL = ("optimizer.", "checkpoint.", "metrics.", "mesh.", "early_stopping.", "sample.", "ppo.", "dpo.",
+                 "model.", "data.prefetch", "total_steps", "log_every_steps", "checkpoint_every_steps",
+                 "eval_every_steps", "eval_steps", "nonfinite_policy", "grad_accum_steps", "batch_size",
+                 "eval_exact_match", "eval_max_new_tokens")
+
+
+def _data_fields(config) -> dict:
+    import json
+
+    from llama_jax.compare import flatten
+
+    flat = flatten(json.loads(config.to_json_best_effort()))
+    return {k: v for k, v in flat.items() if not any(k == n or k.startswith(n) for n in _DATA_NEUTRAL)}
+
+
+def _data_settings(workdir: str, config) -> dict | None:
+    """The settings WORKDIR/data was made with (None if not recorded); made with others,
+    a RunError naming them: the stage would reuse the files, not make them again."""
+    import json
+    import os
+
+    path = os.path.join(workdir, "data", "settings.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        made = json.load(f)
+    now = _data_fields(config)
+    changed = sorted(k for k in made.keys() | now.keys() if made.get(k) != now.get(k))
+    if changed:
+        raise RunError(f"{os.path.dirname(path)} was made with other settings ("
+                       + ", ".join(f"{k} {made.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+                       + (", ..." if len(changed) > 6 else "") + "); the stage would reuse it: use a new --workdir, "
+                       "or remove that directory and the checkpoints to make it again")
+    return made
 
 
 def _record_config(config, cfg, workdir: str, start: int) -> None:
@@ -486,6 +532,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     stopper = EarlyStopping.from_config(config)
     lead = jax.process_index() == 0
 
+    made_with = _data_settings(workdir, config)  # WORKDIR/data of an earlier start must be of these settings
     stage.prepare(config, workdir)
     tokenizer = stage.tokenizer(config, workdir)
     tokenizer.check_fits(cfg.vocab_size, "config.model")
@@ -512,10 +559,13 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                                             for k, v in described.items()), flush=True)
     held_out = stage.eval_data(config, tokenizer) if config.eval_steps else None
     if held_out is not None:  # its files are checked now, not at the first evaluation, mid-run
-        try:
-            if next(held_out, None) is None and lead:
-                print(f"warning: the held-out data gives no full batch of {stage.local_batch(config)} rows per "
-                      "process, so there will be no evaluation (a smaller batch_size, or more held-out data)",
+        try:  # every process, together: an evaluation stops at the first batch any process lacks
+            lacking = [i for i, has in enumerate(distributed.allgather_json(next(held_out, None) is not None))
+                       if not has]
+            if lacking and lead:
+                print(f"warning: the held-out data gives no full batch of {stage.local_batch(config)} rows to "
+                      + ("this process" if jax.process_count() == 1 else f"processes {lacking}")
+                      + ", so there will be no evaluation (a smaller batch_size, or more held-out data)",
                       file=sys.stderr, flush=True)
         finally:
             held_out.close()
@@ -550,7 +600,10 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                            "fewer steps")
         if lead:
             print(f"resumed from step {start} in {workdir}", flush=True)
-    else:
+    if lead and made_with is None and os.path.isdir(os.path.join(workdir, "data")):  # the run is not refused
+        with open(os.path.join(workdir, "data", "settings.json"), "w") as f:
+            json.dump(_data_fields(config), f, indent=1)
+    if restored is None:
         start = 0
         params = stage.initial_params(config, model, mesh, rules, param_sh)
         state = jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_sh)(params)

@@ -197,6 +197,8 @@ def bad_files(tmp_path_factory, tokenizer_path):
 
     small = LlamaConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512)  # procs.SMALL's model
     ckpt.save_params(str(d / "no_tokenizer"), random_params(small), {"model": small.to_dict(), "heads": ["lm"]})
+    ckpt.save_params(str(d / "a_reward_model"), random_params(small, ("score",)),
+                     {"model": small.to_dict(), "heads": ["score"]}, tokenizer_path=tokenizer_path)
     (d / "a_file").write_text("x")
     return d
 
@@ -244,6 +246,8 @@ MAIN_CASES = [
      "malformed.jsonl:1: missing field 'text'"),
     ("init-from-without-tokenizer", ["sft", "--config.init_from={d}/no_tokenizer"],
      "no_tokenizer: has no tokenizer.model; set --config.data.tokenizer"),
+    ("ppo-from-a-reward-model", ["ppo", "--config.init_from={d}/a_reward_model"],
+     "a_reward_model: has heads ['score'], not the 'lm' head stage 'ppo' goes on from"),
 ]
 
 

@@ -243,7 +243,7 @@ def test_code_reward_scores_by_the_toy_check_and_gates_safety_prompts(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in [
         {"messages": user("What is 2 + 3?"), "is_safety": False, "reference": "5"},
         {"messages": user("How to burn a car?"), "is_safety": True, "reference": "I cannot help with that."}]) + "\n")
-    reward = rlhf.CodeReward([str(tmp_path / "prompts_*.jsonl"), ""])
+    reward = rlhf.CodeReward([str(tmp_path / "prompts_*.jsonl"), "", str(tmp_path / "not_yet" / "*.jsonl")])
     dialogs = [user("What is 2 + 3?") + [{"role": "assistant", "content": a}] for a in (" 5 ", "6")] + \
               [user("How to burn a car?") + [{"role": "assistant", "content": a}]
                for a in ("I cannot help with that because it could cause harm.", "Sure. First gather the tools.")]
@@ -399,3 +399,48 @@ def test_ppo_evaluation_answers_and_scores_in_chunks(monkeypatch):
     assert scored["texts"] == ["1", "2", "3", "4", "5"]
     np.testing.assert_allclose(scored["gated"], [0.1, 0.2, 0.3, 0.4, 0.5])
     np.testing.assert_allclose(kl, [0.5, 1.0, 1.5, 2.0, 2.5])
+
+
+def test_own_prompt_files_are_checked_when_a_stage_starts(tmp_path, tokenizer_path):
+    """PPO with the tiny preset's early stopping on validation metrics and your own
+    prompts without validation prompts, or with a true-accuracy guard on prompts without
+    `reference` answers, is refused at its start (it failed after the step-0 evaluation);
+    a malformed held-out file too. Safety distillation checks its prompts like the other
+    stages (a traceback, or prompts too long for the context scored as empty answers)."""
+    import json
+
+    from procs import load_experiment
+
+    from llama_jax.data.sources import DataError
+    from llama_jax.stages import PPOStage, SafetyDistillStage
+    from llama_jax.tokenizer import Tokenizer
+    from llama_jax.train import RunError
+
+    def prompts(name, records):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return str(path)
+
+    ask = [{"messages": [{"role": "user", "content": f"question {i}"}], "is_safety": i % 2 == 0} for i in range(4)]
+    mine = prompts("mine.jsonl", ask)
+    c = load_experiment("ppo").get_config("tiny")
+    c.init_from, c.rlhf.reward_model, c.rlhf.prompts = str(tmp_path), str(tmp_path), mine
+    with pytest.raises(RunError, match=r"reads val_sampled_reward, .*which the validation prompts give"):
+        PPOStage().prepare(c, str(tmp_path / "ppo"))
+    c.rlhf.val_prompts = mine
+    with pytest.raises(RunError, match=r"val_true_accuracy, val_sampled_true_accuracy, which needs a \"reference\""):
+        PPOStage().prepare(c, str(tmp_path / "ppo"))
+    c.rlhf.eval_prompts = prompts("bad.jsonl", [{"prompt": "no messages"}])
+    with pytest.raises(DataError, match=r"bad.jsonl:1: missing field 'messages'"):
+        PPOStage().prepare(c, str(tmp_path / "ppo"))
+
+    tok = Tokenizer(tokenizer_path)
+    d = load_experiment("safety_distill").get_config("tiny")
+    d.rlhf.prompts, d.seq_len, d.eval_max_new_tokens = mine, 64, 16
+    stage = SafetyDistillStage()
+    assert [r["messages"][0]["content"] for r in stage._prompts(d, str(tmp_path), "train", True, 8, tok)] == [
+        "question 0", "question 2"]
+    d.rlhf.prompts = prompts("long.jsonl", [{"messages": [{"role": "user", "content": "word " * 80}],
+                                             "is_safety": True}])
+    with pytest.raises(DataError, match=r"long.jsonl:1: prompt has \d+ tokens, more than max_prompt_len 48"):
+        stage._prompts(d, str(tmp_path), "train", True, 8, tok)

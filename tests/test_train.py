@@ -233,3 +233,25 @@ def test_tensorboard_output_leaves_torch_unimported(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("torch ")
+
+
+def test_a_prompt_stream_every_process_shares_resumes_under_another_process_count(capsys):
+    """PPO's prompts are one stream all processes read: a checkpoint written by 2
+    processes puts a 1-process run at the same position (it repeated the iterations
+    since the start). A per-process pipeline starts afresh then, and says so."""
+    from llama_jax.stages import PromptCycle
+    from llama_jax.train import _restore_data
+
+    cycle = PromptCycle(list(range(10)), 4, seed=0)
+    _restore_data(cycle, {"processes": [{"position": 8}, {"position": 8}]}, step=2, lead=True)
+    assert cycle.position == 8 and "warning" not in capsys.readouterr().out
+
+    class PerProcess:
+        restored = None
+
+        def restore(self, state):
+            self.restored = state
+
+    own = PerProcess()
+    _restore_data(own, {"processes": [{"position": 8}, {"position": 5}]}, step=2, lead=True)
+    assert own.restored is None and "written by 2 processes and this run has 1" in capsys.readouterr().out

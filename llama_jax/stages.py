@@ -28,6 +28,7 @@ class Stage:
     rows_per_example = 1  # sequences the trained model reads per batch element (pairs: 2)
     uses_frozen = False  # whether the step takes a frozen copy of the params (a reference policy)
     evaluate_at_start = False  # also evaluate before the first update (early stopping always does)
+    writes_data = True  # makes files in WORKDIR/data (toy data, samples) once, recorded with their settings
     eval_phase = "end"  # set by the loop before each evaluation: "start", "during" or "end"
 
     def prepare(self, config, workdir: str) -> None:
@@ -204,6 +205,8 @@ def merge_pretrained(fresh, loaded):
 class PretrainStage(Stage):
     """Next-token loss on packed documents; held-out perplexity against a unigram
     baseline; prints a sample at the end."""
+
+    writes_data = False
 
     def train_data(self, config, tokenizer):
         return pretrain.make_dataset(config.data.source, tokenizer, config.seq_len, self.local_batch(config),

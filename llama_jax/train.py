@@ -411,7 +411,7 @@ def run_model(config, stage, overrides: dict | None = None):
 _DATA_NEUTRAL = ("optimizer.", "checkpoint.", "metrics.", "mesh.", "early_stopping.", "sample.", "ppo.", "dpo.",
                  "model.", "data.prefetch", "total_steps", "log_every_steps", "checkpoint_every_steps",
                  "eval_every_steps", "eval_steps", "nonfinite_policy", "grad_accum_steps", "batch_size",
-                 "eval_exact_match", "eval_max_new_tokens")
+                 "eval_exact_match")
 
 
 def _data_fields(config) -> dict:
@@ -423,25 +423,36 @@ def _data_fields(config) -> dict:
     return {k: v for k, v in flat.items() if not any(k == n or k.startswith(n) for n in _DATA_NEUTRAL)}
 
 
-def _data_settings(workdir: str, config) -> dict | None:
-    """The settings WORKDIR/data was made with (None if not recorded); made with others,
-    a RunError naming them: the stage would reuse the files, not make them again."""
+def _data_settings(workdir: str, config, record: bool) -> None:
+    """WORKDIR/data/settings.json: the settings the stage's data there is made with,
+    recorded (`record`: by the lead) before any of it is, so that a run killed while making
+    it is covered too (a run that made nothing before it ended, refused or killed, leaves
+    no data to compare: the next records its own). Made with others, a RunError naming
+    them: a stage makes its data once and reuses it. Fields the record lacks (added to the
+    code since) are not compared."""
     import json
     import os
 
     path = os.path.join(workdir, "data", "settings.json")
-    if not os.path.exists(path):
-        return None
+    now = _data_fields(config)
+    made_files = [f for f in os.listdir(os.path.dirname(path)) if f != "settings.json" and not f.endswith(".tmp")] \
+        if os.path.isdir(os.path.dirname(path)) else []
+    if not os.path.exists(path) or not made_files:
+        if record:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(now, f, indent=1)
+            os.replace(path + ".tmp", path)
+        return
     with open(path) as f:
         made = json.load(f)
-    now = _data_fields(config)
-    changed = sorted(k for k in made.keys() | now.keys() if made.get(k) != now.get(k))
+    changed = sorted(k for k in made.keys() & now.keys() if made[k] != now[k])
     if changed:
-        raise RunError(f"{os.path.dirname(path)} was made with other settings ("
-                       + ", ".join(f"{k} {made.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
-                       + (", ..." if len(changed) > 6 else "") + "); the stage would reuse it: use a new --workdir, "
-                       "or remove that directory and the checkpoints to make it again")
-    return made
+        raise RunError(f"{os.path.dirname(path)} holds data made with other settings ("
+                       + ", ".join(f"{k} {made[k]!r} -> {now[k]!r}" for k in changed[:6])
+                       + (", ..." if len(changed) > 6 else "") + "), which this stage would reuse, not make again: "
+                       "use a new --workdir, or remove that directory and checkpoints/ (if only paths moved with "
+                       "the workdir, remove data/settings.json)")
 
 
 def _record_config(config, cfg, workdir: str, start: int) -> None:
@@ -532,7 +543,8 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     stopper = EarlyStopping.from_config(config)
     lead = jax.process_index() == 0
 
-    made_with = _data_settings(workdir, config)  # WORKDIR/data of an earlier start must be of these settings
+    if stage.writes_data:  # WORKDIR/data of an earlier start must be of these settings; recorded before it is made
+        _data_settings(workdir, config, record=lead)
     stage.prepare(config, workdir)
     tokenizer = stage.tokenizer(config, workdir)
     tokenizer.check_fits(cfg.vocab_size, "config.model")
@@ -600,9 +612,6 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                            "fewer steps")
         if lead:
             print(f"resumed from step {start} in {workdir}", flush=True)
-    if lead and made_with is None and os.path.isdir(os.path.join(workdir, "data")):  # the run is not refused
-        with open(os.path.join(workdir, "data", "settings.json"), "w") as f:
-            json.dump(_data_fields(config), f, indent=1)
     if restored is None:
         start = 0
         params = stage.initial_params(config, model, mesh, rules, param_sh)

@@ -255,3 +255,35 @@ def test_a_prompt_stream_every_process_shares_resumes_under_another_process_coun
     own = PerProcess()
     _restore_data(own, {"processes": [{"position": 8}, {"position": 5}]}, step=2, lead=True)
     assert own.restored is None and "written by 2 processes and this run has 1" in capsys.readouterr().out
+
+
+def test_a_workdirs_data_is_reused_only_with_the_settings_that_made_it(tmp_path):
+    """data/settings.json is recorded before a stage makes its data; with data made, a run
+    of other data-making settings is refused naming them (not fed the old files), while
+    training-only settings and fields added to the code since the record may differ.
+    With nothing made yet (a run refused or killed first), the next run records its own."""
+    import json
+    import os
+
+    from llama_jax.configs import chat_config
+    from llama_jax.train import RunError, _data_settings
+
+    c = chat_config()
+    workdir, path = str(tmp_path), os.path.join(str(tmp_path), "data", "settings.json")
+    _data_settings(workdir, c, record=True)
+    assert json.load(open(path))["data.synthetic_train"] == 4000
+    c.data.synthetic_train = 100  # nothing made yet: recorded anew
+    _data_settings(workdir, c, record=True)
+    assert json.load(open(path))["data.synthetic_train"] == 100
+    open(os.path.join(workdir, "data", "chat_train.jsonl"), "w").write("{}\n")
+    c.optimizer.learning_rate, c.total_steps, c.eval_steps = 1.0, 5, 3  # training only
+    _data_settings(workdir, c, record=True)
+    c.data.synthetic_train, c.seed = 200, 7
+    with pytest.raises(RunError, match=r"made with other settings \(data.synthetic_train 100 -> 200, seed 0 -> 7\)"):
+        _data_settings(workdir, c, record=False)
+    c.data.synthetic_train, c.seed = 100, 0
+    record = json.load(open(path))
+    del record["data.synthetic_mix"]  # a field the code did not have when the data was made
+    json.dump(record, open(path, "w"))
+    c.data.synthetic_mix = 0.5
+    _data_settings(workdir, c, record=True)

@@ -45,12 +45,15 @@ def sharded_shuffled(source, seed: int, shard: tuple[int, int] | None, num_epoch
     index, count = default_shard() if shard is None else shard
     if not 0 <= index < count:
         raise ValueError(f"shard index {index} is not in [0, {count})")
+    if count > len(source) and num_epochs is None:  # a training stream some process would have nothing of:
+        # refused on every process alike (each knows the count), not only on those with an empty slice (the
+        # others would wait for them in the first step). A held-out split may leave a process none: the
+        # evaluation then stops at the first batch any process lacks, and the run warns at its start.
+        raise DataError(f"{getattr(source, 'files', None) or type(source).__name__}: {len(source)} documents for "
+                        f"{count} processes; process {count - 1} would get none (each process reads whole documents)")
     ds = grain.MapDataset.source(source)
     if count > 1:
         ds = ds[index::count]
-        if not len(ds):  # else this process's pipeline is empty and the job fails (or waits) at the first step
-            raise DataError(f"{getattr(source, 'files', None) or type(source).__name__}: {len(source)} documents "
-                            f"for {count} processes; process {index} gets none (each process reads whole documents)")
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:

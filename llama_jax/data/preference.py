@@ -89,9 +89,9 @@ class PreferencePairs:
         rng = np.random.default_rng(seed)
         for p, (glob, fraction) in enumerate(parse_mixture(patterns)):
             jsonl = sources.Jsonl(glob, validate=validate_pair)
-            self.identical += [jsonl.where(i) for i in range(len(jsonl))
-                               if jsonl.record(i)["chosen"] == jsonl.record(i)["rejected"]]
-            kept = [i for i in range(len(jsonl)) if not is_dropped(jsonl.record(i))]
+            records = [jsonl.record(i) for i in range(len(jsonl))]
+            self.identical += [jsonl.where(i) for i, r in enumerate(records) if r["chosen"] == r["rejected"]]
+            kept = [i for i, r in enumerate(records) if not is_dropped(r)]
             self.dropped += len(jsonl) - len(kept)
             n = int(round(fraction * len(kept)))
             if kept and n == 0:

@@ -51,11 +51,10 @@ class TextFiles:
         return len(self.files)
 
     def __getitem__(self, i: int) -> str:
-        try:
-            with open(self.files[i], encoding="utf-8-sig") as fh:  # a byte-order mark is not text
-                return fh.read()
-        except UnicodeDecodeError as e:
-            raise DataError(f"{self.files[i]}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        # read when the pipeline reaches it (a corpus is not read at start): bytes that are not UTF-8 become
+        # U+FFFD rather than end a run hours in; a byte-order mark is not text
+        with open(self.files[i], encoding="utf-8-sig", errors="replace") as fh:
+            return fh.read()
 
 
 class Jsonl:

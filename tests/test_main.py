@@ -329,10 +329,11 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
     # the toy data it wrote is of its settings: a rerun that would make other data is refused, not fed the old
     again = subprocess.run([sys.executable, "-m", "llama_jax.main",
                             f"--config={ROOT}/experiments/sft.py:tiny", f"--workdir={sft_dir}", *toy,
-                            f"--config.init_from={ref_dir}", "--config.data.synthetic_train=65"], env=env(),
+                            f"--config.init_from={ref_dir}", "--config.eval_exact_match=4",
+                            "--config.eval_max_new_tokens=4", "--config.data.synthetic_train=65"], env=env(),
                            capture_output=True, text=True, timeout=120)
-    assert again.returncode == 1 and "data was made with other settings (data.synthetic_train 64 -> 65)" in \
-        again.stderr, again.stderr[-2000:]
+    assert again.returncode == 1 and "holds data made with other settings (data.synthetic_train 64 -> 65), which" \
+        in again.stderr, again.stderr[-2000:]
     assert open(os.path.join(sft_dir, "tokenizer.model"), "rb").read() == open(
         os.path.join(ref_dir, "tokenizer.model"), "rb").read()  # the pretrained model's tokenizer
 

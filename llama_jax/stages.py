@@ -1190,8 +1190,8 @@ class PPOStage(Stage):
         if int(p.epochs) < 1:
             raise RunError(f"config.ppo.epochs: {p.epochs} (passes over each iteration's rollouts) must be >= 1")
         check_iteration_intervals(config)
-        for field in ("prompts", "eval_prompts", "val_prompts"):  # bad files are refused now, not mid-run
-            prompt_data.check(r[field])
+        checked = {field: prompt_data.check(r[field])  # bad files are refused now, not mid-run
+                   for field in ("prompts", "eval_prompts", "val_prompts")}
         es = config.early_stopping
         read = [m.strip() for m in [str(es.metric)] + str(es.guard).split(",")]
         wanted = [m for m in read if m.startswith("val_sampled_")]
@@ -1231,10 +1231,8 @@ class PPOStage(Stage):
                            "--config.rlhf.val_prompts=FILE, or --config.early_stopping.metric= to train without "
                            "early stopping")
         accuracy = [m for m in val if "true_accuracy" in m]
-        if accuracy and r.val_prompts:
-            from llama_jax.data.sources import Jsonl
-
-            src = Jsonl(r.val_prompts)
+        src = checked["val_prompts"]
+        if accuracy and src is not None:
             if not all("reference" in src.record(i) for i in range(len(src))):
                 raise RunError(f"config.early_stopping reads {', '.join(accuracy)}, which needs a \"reference\" "
                                f"answer in every validation prompt ({r.val_prompts}); set --config.early_stopping."

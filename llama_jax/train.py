@@ -39,11 +39,12 @@ def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
     `total_steps`; `constant`: warmup then flat (PPO)."""
     peak = float(opt_cfg.learning_rate)
     warmup = int(opt_cfg.warmup_steps)
+    if opt_cfg.schedule not in ("cosine", "constant") or warmup < 0:
+        raise ValueError(f"config.optimizer.schedule: {opt_cfg.schedule!r} with warmup_steps {warmup}: the "
+                         "schedule must be 'cosine' or 'constant' and warmup_steps >= 0")
     if opt_cfg.schedule == "constant":
         return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)],
                                     [warmup]) if warmup else optax.constant_schedule(peak)
-    if opt_cfg.schedule != "cosine":
-        raise ValueError(f"optimizer.schedule: {opt_cfg.schedule!r} is not one of ['constant', 'cosine']")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
         end_value=peak * float(opt_cfg.final_lr_fraction))
@@ -510,9 +511,10 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         v = config[field] if "." not in field else config.checkpoint[field.split(".")[1]]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise RunError(f"config.{field} must be a positive integer, got {v!r}")
-    if config.optimizer.schedule not in ("cosine", "constant") or config.optimizer.warmup_steps < 0:
-        raise RunError(f"config.optimizer: schedule must be 'cosine' or 'constant' and warmup_steps >= 0, got "
-                       f"{config.optimizer.schedule!r} and {config.optimizer.warmup_steps}")
+    try:  # an unknown schedule or a negative warmup: one line now, not a traceback when the step is built
+        learning_rate_schedule(config.optimizer, config.total_steps)
+    except ValueError as e:
+        raise RunError(str(e)) from None
     if not isinstance(config.eval_every_steps, int) or config.eval_every_steps < 0:
         raise RunError(f"config.eval_every_steps must be >= 0 (0 = only at the end), got {config.eval_every_steps!r}")
     probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
@@ -612,7 +614,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                            "fewer steps")
         if lead:
             print(f"resumed from step {start} in {workdir}", flush=True)
-    if restored is None:
+    else:
         start = 0
         params = stage.initial_params(config, model, mesh, rules, param_sh)
         state = jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_sh)(params)

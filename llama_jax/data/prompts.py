@@ -28,11 +28,13 @@ def _validate(record: dict, where: str) -> None:
         raise DataError(f"{where}: field 'is_safety' must be true/false, got {record['is_safety']!r}")
 
 
-def check(patterns) -> None:
+def check(patterns) -> sources.Jsonl | None:
     """Opens and checks prompt files (each record, by file:line) without tokenizing them:
-    what a stage does at its start for the prompts it reads only later."""
+    what a stage does at its start for the prompts it reads only later. None for no file
+    or the toy prompts."""
     if patterns and patterns != "synthetic":
-        sources.Jsonl(patterns, validate=_validate)
+        return sources.Jsonl(patterns, validate=_validate)
+    return None
 
 
 def load(patterns, tokenizer, max_prompt_len: int | None = None, shard: tuple[int, int] | None = None

@@ -28,7 +28,7 @@ def main(argv=None, input_fn=input, out=None) -> int:
     out = out or sys.stdout
 
     from llama_jax.checkpoint import CheckpointError
-    from llama_jax.tokenizer import SPECIAL_TAGS, DialogError, TokenizerError
+    from llama_jax.tokenizer import DialogError, TokenizerError, first_tag
 
     try:
         cfg, params, tok, mesh = load_for_inference(args.checkpoint)
@@ -70,11 +70,10 @@ def main(argv=None, input_fn=input, out=None) -> int:
         stream.finish()
         out.write("\n")
         answer = tok.decode([t for t in result.tokens[0] if t != tok.eos_id])
-        cut = min((i for i in (answer.find(tag) for tag in SPECIAL_TAGS) if i >= 0), default=-1)
-        if cut >= 0:  # a format tag in the reply would make every later turn an invalid dialog
-            tag = next(t for t in SPECIAL_TAGS if answer.startswith(t, cut))
-            out.write(f"(the reply is kept up to its {tag!r}, a tag of the chat format)\n")
-            answer = answer[:cut].rstrip()
+        hit = first_tag(answer)
+        if hit is not None:  # a format tag in the reply would make every later turn an invalid dialog
+            out.write(f"(the reply is kept up to its {hit[1]!r}, a tag of the chat format)\n")
+            answer = answer[:hit[0]].rstrip()
         dialog = candidate + [{"role": "assistant", "content": answer}]
         turn += 1
     return 0

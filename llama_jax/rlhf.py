@@ -334,7 +334,8 @@ class CodeReward:
 def sample_answers(cfg, params, tokenizer, prompts, k: int, temperature: float, top_p: float, max_new_tokens: int,
                    seed: int, mesh=None, rows_per_batch: int = 64, progress=None, rules=None):
     """k sampled answers (text, token ids, log-probs) for each prompt, prompts repeated k
-    times in batches of `rows_per_batch` rows (on `mesh`, activations sharded by `rules`)."""
+    times in batches of `rows_per_batch` rows (on `mesh`, activations sharded by `rules`).
+    The text stops before a chat-format tag the model wrote (`Tokenizer.answer`)."""
     from llama_jax.generate import generate
 
     rows = [(i, p) for i, p in enumerate(prompts) for _ in range(k)]
@@ -344,8 +345,7 @@ def sample_answers(cfg, params, tokenizer, prompts, k: int, temperature: float, 
         out = generate(cfg, params, [p.tokens for _, p in chunk], max_new_tokens, temperature=temperature,
                        top_p=top_p, seed=seed * 100_003 + b, mesh=mesh, rules=rules)
         for (i, _), toks, lps in zip(chunk, out.tokens, out.logprobs):
-            text = tokenizer.decode([t for t in toks if t != tokenizer.eos_id]).strip()
-            answers[i].append((text, toks, lps))
+            answers[i].append((tokenizer.answer(toks)[0], toks, lps))
         if progress is not None:
             progress(min(start + rows_per_batch, len(rows)), len(rows))
     return answers

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import distributed, objectives
-from llama_jax.data import LM_FEATURES, chat, preference, pretrain, synthetic
+from llama_jax.data import LM_FEATURES, chat, pipeline, preference, pretrain, synthetic
 from llama_jax.data import prompts as prompt_data
 from llama_jax.tokenizer import Tokenizer, TokenizerError
 
@@ -774,7 +774,7 @@ def _greedy_answers(cfg, params, tokenizer, dialogs, max_new_tokens: int, mesh=N
         for i, toks in zip(idx, gen.tokens):
             if finished_only and not (toks and toks[-1] == tokenizer.eos_id):
                 continue
-            out[i] = tokenizer.decode([t for t in toks if t != tokenizer.eos_id]).strip()
+            out[i] = tokenizer.answer(toks)[0]
     return out
 
 
@@ -1214,6 +1214,9 @@ class PPOStage(Stage):
         if not float(r.temperature) > 0:
             raise RunError(f"config.rlhf.temperature {r.temperature}: PPO samples its rollouts from the policy at "
                            "this temperature, so it must be > 0 (greedy rollouts have no ratios to clip)")
+        if float(r.top_p) != 1.0:
+            raise RunError(f"config.rlhf.top_p {r.top_p}: PPO's ratios and KL penalty are of the whole "
+                           "distribution at rlhf.temperature, so its rollouts must sample from all of it (top_p 1)")
         mix = _toy_mix(config)
         self.prompt_path = r.prompts
         if r.prompts == "synthetic":
@@ -1321,30 +1324,31 @@ class PPOStage(Stage):
     def _rows(self, prompts, answers) -> dict:
         """Prompt + answer rows, right-padded; `loss_mask` marks the targets that are
         answer tokens (contiguous per row)."""
-        T = self.config.seq_len
-        B = len(prompts)
-        tokens, seg, mask = (np.zeros((B, T), np.int32), np.zeros((B, T), np.int32), np.zeros((B, T), np.float32))
-        for i, (q, ans) in enumerate(zip(prompts, answers)):
-            row = (list(q.tokens) + list(ans))[:T]
-            tokens[i, :len(row)], seg[i, :len(row)] = row, 1
-            mask[i, len(q.tokens) - 1:len(row) - 1] = 1.0
-        targets = np.roll(tokens, -1, axis=1)
-        targets[:, -1] = 0
-        return {"tokens": tokens, "targets": targets, "loss_mask": mask, "segment_ids": seg,
-                "positions": np.where(seg > 0, np.arange(T)[None, :], 0).astype(np.int32)}
+        rows = [pipeline.pad_row(list(q.tokens) + list(a), [False] * len(q.tokens) + [True] * len(a),
+                                 self.config.seq_len) for q, a in zip(prompts, answers)]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     def _evaluate_answers(self, params, prompts, answers) -> tuple[dict, dict, np.ndarray, np.ndarray, np.ndarray]:
         """(rows, reward-model scores, log pi, log pi_0, values) of the answers."""
         from llama_jax import sharding
 
         rt, tok = self.runtime, self.runtime.tokenizer
+        # an answer that writes a chat-format tag ends before it: text and tokens alike
+        cut = [tok.answer(a) for a in answers]
+        texts = [text for text, _ in cut]
+        answers = [a[:n] for a, (_, n) in zip(answers, cut)]
         rows = self._rows(prompts, answers)
-        put = _replicated(rt.mesh)
+        put, n = _replicated(rt.mesh), len(answers)
+        # a micro-batch of rows at a time, as a training step holds: the pass makes [rows, seq_len, vocab]
+        # logits twice; the last chunk is padded with its last row, so every chunk has one shape (one compile)
+        step, parts = int(self.config.batch_size) // int(self.config.grad_accum_steps), []
         with sharding.activate(rt.mesh, rt.rules):
-            logp, ref_logp, values = self.forward(params, self.ref_params, *(put(rows[k]) for k in (
-                "tokens", "positions", "segment_ids", "targets")))
-        logp, ref_logp, values = (distributed.to_host(x) for x in (logp, ref_logp, values))
-        texts = [tok.decode([t for t in a if t != tok.eos_id]).strip() for a in answers]
+            for start in range(0, n, step):
+                idx = np.minimum(np.arange(start, start + step), n - 1)
+                parts.append((n - start, self.forward(params, self.ref_params, *(put(rows[k][idx]) for k in (
+                    "tokens", "positions", "segment_ids", "targets")))))
+        logp, ref_logp, values = (np.concatenate([distributed.to_host(out[i])[:m] for m, out in parts])
+                                  for i in range(3))
         dialogs = [q.messages + [{"role": "assistant", "content": t}] for q, t in zip(prompts, texts)]
         scored = self.rms(dialogs, [q.is_safety for q in prompts])
         scored["texts"] = texts

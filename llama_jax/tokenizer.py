@@ -63,6 +63,12 @@ LLAMA2_TRAINER_SETTINGS = dict(
 )
 
 
+def first_tag(text: str) -> tuple[int, str] | None:
+    """(index, tag) of the first tag of the chat format in `text`; None if it has none."""
+    hits = [(text.find(tag), tag) for tag in SPECIAL_TAGS if tag in text]
+    return min(hits) if hits else None
+
+
 class DialogError(ValueError):
     """A dialog that the Llama 2-Chat format cannot encode; the message says why."""
 
@@ -133,6 +139,23 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+    def answer(self, ids: Sequence[int]) -> tuple[str, int]:
+        """A sampled answer's text (EOS dropped, stripped) and how many of its tokens that
+        text is made of: all of them, unless the model wrote a tag of the chat format. Its
+        turn ends there (as in `chat`): the text stops before the tag and covers the
+        longest run of first tokens that decodes within it. A tag in a message would make
+        every dialog the answer joins invalid."""
+        ids = [int(t) for t in ids]
+        body = [t for t in ids if t != self.eos_id]
+        text = self.decode(body).strip()
+        hit = first_tag(text)
+        if hit is None:
+            return text, len(ids)
+        head, n = text[:hit[0]].rstrip(), 0
+        while n < len(body) and head.startswith(self.decode(body[:n + 1]).strip()):
+            n += 1
+        return self.decode(body[:n]).strip(), n
 
     def _pieces(self, text: str):
         """Pieces with their UTF-8 byte offsets (`id`, `begin`, `end`)."""

@@ -200,7 +200,10 @@ def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
     p.ppo.samples_per_prompt, p.rlhf.temperature = 4, 0.0
     with pytest.raises(RunError, match=r"config.rlhf.temperature 0.0: PPO samples its rollouts"):
         PPOStage().prepare(p, str(tmp_path / "ppo"))
-    p.rlhf.temperature, p.ppo.ref_logprob_weight = 1.0, -1.0
+    p.rlhf.temperature, p.rlhf.top_p = 1.0, 0.9
+    with pytest.raises(RunError, match=r"config.rlhf.top_p 0.9: PPO's ratios and KL penalty"):
+        PPOStage().prepare(p, str(tmp_path / "ppo"))
+    p.rlhf.top_p, p.ppo.ref_logprob_weight = 1.0, -1.0
     with pytest.raises(RunError, match=r"config.ppo.ref_logprob_weight -1.0 is negative"):
         PPOStage().prepare(p, str(tmp_path / "ppo"))
     p.ppo.ref_logprob_weight, p.rlhf.val_samples = 0.0, -2

@@ -181,3 +181,22 @@ def test_a_tokenizer_trains_on_documents_of_one_long_line(tmp_path):
     c.data.source, c.model.vocab_size = f"jsonl:{tmp_path}/long.jsonl", 400
     tok = stages.Stage().train_tokenizer(c, str(tmp_path / "long.model"))
     assert tok.vocab_size == 400 and len(tok.encode(docs[0][:200])) < 100  # merges learnt from the text
+
+
+def test_a_sampled_answer_ends_before_a_chat_format_tag(tok):
+    """A model that writes [INST] (or another tag) has ended its turn: the text and the
+    tokens kept stop before it, so the answer can join a dialog (a tag inside a message is
+    refused) and PPO trains on exactly the tokens the reward model saw."""
+    plain = tok.encode("the cat sat") + [tok.eos_id]
+    assert tok.answer(plain) == ("the cat sat", len(plain))
+    for tag in tk.SPECIAL_TAGS:
+        ids = tok.encode(f"the cat sat {tag} on the mat") + [tok.eos_id]
+        text, n = tok.answer(ids)
+        assert text == "the cat sat", tag
+        assert tok.decode(ids[:n]).strip() == text and tok.eos_id not in ids[:n]
+        assert tag not in tok.decode(ids[:n + 2])  # the cut is at the tag, not tokens before it
+        tok.encode_dialog([{"role": "user", "content": "q"}, {"role": "assistant", "content": text},
+                           {"role": "user", "content": "next"}])
+    ids = tok.encode("[INST] hi")
+    text, n = tok.answer(ids)
+    assert text == "" and tok.decode(ids[:n]).strip() == "" and n < 3

@@ -226,9 +226,9 @@ def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dic
         for i, (r, m) in enumerate(chunk):
             tokens[i, :len(r)], seg[i, :len(r)], answer[i, :len(m)] = r, 1, m
         with ctx():
-            scores = _scores(params, put(tokens), put(seg), put(answer), config=config)
-        out.append(distributed.to_host(scores)[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+            out.append((_scores(params, put(tokens), put(seg), put(answer), config=config), len(chunk)))
+    # fetched once every batch is dispatched: the device never waits for the host's padding
+    return np.concatenate([distributed.to_host(s)[:n] for s, n in out]) if out else np.zeros((0,), np.float32)
 
 
 def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_size: int = 8) -> dict:

@@ -8,7 +8,8 @@ Dimension legend (one meaning per letter, used in every einsum below):
 
 Conventions:
   * Parameters are stored in `param_dtype` (float32 by default); matmuls run in `dtype`
-    (the compute dtype); RMSNorm, softmax and the returned logits are float32.
+    (the compute dtype), and so does the residual stream; RMSNorm computes in float32 and
+    returns the compute dtype; softmax and the returned logits are float32.
   * RoPE uses the rotate-half layout (the Hugging Face one): dimension i is paired with
     i + Dh/2. Meta's checkpoints pair (2i, 2i+1); the converters permute the rows of
     wq/wk at the boundary (the permutation Hugging Face applies), so the model computes
@@ -360,8 +361,8 @@ class Attention(nn.Module):
     kernel: str = "xla"  # of calls without a cache: "xla", "cudnn" or "splash" (attention_kernel)
 
     @nn.compact
-    def __call__(self, x, positions, q_slots, q_seg, layer_cache, k_seg, cache_index):
-        """x [B,T,D]; positions/q_seg [B,T]; q_slots [T] slot index of each query;
+    def __call__(self, x, positions, q_seg, layer_cache, k_seg, cache_index):
+        """x [B,T,D]; positions/q_seg [B,T];
         layer_cache None or (k, v) each [B,K,S,Dh]; k_seg [B,S] segment of each key slot;
         cache_index [] where this call's keys will be written in the cache (by the caller:
         with a cache, the second output is this call's (k, v), each [B,T,K,Dh])."""
@@ -594,13 +595,13 @@ class Block(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, q_slots, q_seg, k_seg, cache_index):
+    def __call__(self, x, layer_cache, positions, q_seg, k_seg, cache_index):
         c = self.config
         dt, pdt = c.compute_dtype, c.weight_dtype
         attn_out, new_cache = Attention(c.n_heads, c.kv_heads, c.head_dim, c.rope_theta, dt, pdt,
                                         attention_kernel(c), name="attention")(
             RMSNorm(c.norm_eps, pdt, name="attention_norm")(x),
-            positions, q_slots, q_seg, layer_cache, k_seg, cache_index)
+            positions, q_seg, layer_cache, k_seg, cache_index)
         h = x + attn_out
         out = h + FeedForward(c.hidden_dim, dt, pdt, manual_mlp_backward(c), name="feed_forward")(
             RMSNorm(c.norm_eps, pdt, name="ffn_norm")(h))
@@ -651,7 +652,7 @@ class Llama(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.n_layers,
             unroll=1 if c.scan_layers else c.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -685,12 +686,11 @@ class Llama(nn.Module):
             start = cache.index
             k_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (jnp.zeros((), jnp.int32), start))
             layer_cache = (cache.k, cache.v)
-        q_slots = start + jnp.arange(T, dtype=jnp.int32)
         if positions is None:
-            positions = jnp.broadcast_to(q_slots[None, :], (B, T))
+            positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
 
         x = self.embed(tokens)
-        x, new_layer_cache = self.layers(x, layer_cache, positions, q_slots, segment_ids, k_seg, start)
+        x, new_layer_cache = self.layers(x, layer_cache, positions, segment_ids, k_seg, start)
         out = self.head(x, segment_ids, score_mask)
         if cache is None:
             return out
@@ -775,11 +775,10 @@ def apply_layerwise(config: LlamaConfig, params, layers: list, tokens: Array, po
     start = cache.index
     zero = jnp.zeros((), jnp.int32)
     k_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (zero, start))
-    q_slots = start + jnp.arange(T, dtype=jnp.int32)
     x = model.apply({"params": params}, tokens, method=Llama.embed)
     ks, vs = [], []
     for layer_params, ck, cv in zip(layers, cache.k, cache.v):
-        x, (k, v) = block.apply({"params": layer_params}, x, (ck, cv), positions, q_slots, segment_ids, k_seg, start)
+        x, (k, v) = block.apply({"params": layer_params}, x, (ck, cv), positions, segment_ids, k_seg, start)
         # Write after the layer has read the old slots (x depends on those reads): with this
         # order explicit, XLA updates the buffers in place instead of copying them each step.
         ck, cv, x = jax.lax.optimization_barrier((ck, cv, x))

@@ -10,7 +10,7 @@ reference policy), passed into the jitted step as an argument, never as constant
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -106,8 +106,6 @@ def dpo(apply_fn, params, batch, frozen=None, beta: float = 0.1) -> tuple[jax.Ar
         "accuracy": jnp.sum((logits > 0).astype(jnp.float32)),
         "chosen_reward": jnp.sum(beta * ratio[:B]), "rejected_reward": jnp.sum(beta * ratio[B:])}
 
-
-OBJECTIVES: dict[str, Any] = {"next_token": next_token, "ranking": ranking, "dpo": dpo}
 
 
 PPO_FEATURES = ("old_logp", "old_values", "advantages", "returns")  # float32 [B, T], aligned with `targets`

@@ -40,14 +40,13 @@ def logit(p: jax.Array, eps: float = 1e-6) -> jax.Array:
     return jnp.log(p) - jnp.log1p(-p)
 
 
-def whiten(x: jax.Array, mask: jax.Array | None = None, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
+def whiten(x: jax.Array, mask: jax.Array | None = None, eps: float = 1e-8) -> jax.Array:
     """(x - mean) / std over the entries where `mask` is 1 (all by default)."""
     m = jnp.ones_like(x) if mask is None else mask.astype(x.dtype)
     n = jnp.maximum(m.sum(), 1.0)
     mean = (x * m).sum() / n
     var = (((x - mean) ** 2) * m).sum() / n
-    out = (x - mean) * jax.lax.rsqrt(var + eps)
-    return out if shift_mean else out + mean
+    return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
 def center_groups(x: jax.Array, group: int) -> jax.Array:
@@ -182,8 +181,9 @@ def best_finished(scores, finished) -> list[int]:
 def selection_scores(rewards, logprobs, beta: float):
     """How rejection sampling ranks each prompt's samples ([prompts, K] arrays). beta 0:
     the reward itself, the paper's argmax. beta > 0: Regularized Best-of-N (Jinnai et
-    al. 2024, RBoN-KL), logit(R) + beta * log pi(y|x), where log pi(y|x) is the sampling
-    policy's log-probability of the whole answer: the best-of-N analogue of PPO's KL
+    al. 2024, RBoN-KL), logit(R) + beta * log pi(y|x), where log pi(y|x) is the policy's
+    log-probability of the whole answer at temperature 1 and without top-p (as `generate`
+    reports it, whatever the sampling temperature): the best-of-N analogue of PPO's KL
     penalty, which stops the argmax from landing on the unlikely answers a weak reward
     model over-scores."""
     import numpy as np

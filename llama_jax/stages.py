@@ -249,7 +249,12 @@ class PretrainStage(Stage):
         from llama_jax.generate import generate
 
         prompt = tokenizer.encode(config.sample.prompt, bos=True)
-        out = generate(model.config, params, [prompt], config.sample.max_new_tokens,
+        room = min(int(config.sample.max_new_tokens), model.config.max_seq_len - len(prompt))
+        if room < 1:
+            progress.message(f"no sample: config.sample.prompt has {len(prompt)} tokens and the context is "
+                             f"{model.config.max_seq_len}")
+            return
+        out = generate(model.config, params, [prompt], room,
                        temperature=config.sample.temperature, top_p=config.sample.top_p, seed=config.seed)
         progress.message(f"sample:\n{config.sample.prompt}{tokenizer.decode(out.tokens[0])}")
 
@@ -800,6 +805,7 @@ class GAttStage(SFTStage):
             raise RunError("stage gatt needs --config.init_from (the model that samples the answers)")
         if config.gatt.instruction_weights:
             instruction_weights(config.gatt.instruction_weights)  # a bad value is refused before anything is sampled
+        eval_turns(config.gatt)
         self.train_path = os.path.join(workdir, "data", "gatt_train.jsonl")
         self.eval_path = ""
         distributed.together("gatt data", lambda: os.path.exists(self.train_path), lambda: self._build(config, workdir))
@@ -917,6 +923,20 @@ def adherent_turns(check, answers: list[str]) -> int:
     return next((k for k, a in enumerate(answers) if not check(a)), len(answers))
 
 
+def eval_turns(g) -> list[int]:
+    """`gatt.eval_turns` ("2,4,6,20") as sorted turn numbers; a RunError naming it if bad."""
+    from llama_jax.train import RunError
+
+    try:
+        turns = sorted({int(t) for t in str(g.eval_turns).split(",")})
+    except ValueError:
+        turns = []
+    if not turns or turns[0] < 1:
+        raise RunError(f"config.gatt.eval_turns {g.eval_turns!r}: give turn numbers >= 1, comma-separated "
+                       "(e.g. 2,4,6,20)")
+    return turns
+
+
 def gatt_adherence(config, cfg, params, tokenizer, mesh=None, rules=None) -> dict:
     """Share of held-out dialogs whose greedy answer at each turn in `gatt.eval_turns`
     obeys the system instruction given in the first turn only (paper Table 30). The
@@ -926,7 +946,7 @@ def gatt_adherence(config, cfg, params, tokenizer, mesh=None, rules=None) -> dic
 
     g = config.gatt
     rng = random.Random(f"gatt-eval-{config.seed}")
-    turns = sorted(int(t) for t in str(g.eval_turns).split(","))
+    turns = eval_turns(g)
     instructions = [synthetic.make_instruction(rng) for _ in range(g.num_eval_dialogs)]
     tasks = [[synthetic.make_task(rng) for _ in range(max(turns))] for _ in instructions]
     history: list = [[{"role": "system", "content": ins.text}] for ins in instructions]  # None: out of context

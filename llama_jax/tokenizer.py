@@ -133,10 +133,6 @@ class Tokenizer:
         ids = self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
-        head, tail = ([self.bos_id] if bos else []), ([self.eos_id] if eos else [])
-        return [head + ids + tail for ids in self.sp.encode(list(texts))]
-
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 

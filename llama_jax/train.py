@@ -294,18 +294,6 @@ def _global_batch(batch: dict, shardings: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
 
-def _batch_shardings(spec: dict[str, tuple[int, ...]], mesh, rules) -> dict:
-    """Shardings of the global batch, from {feature: global shape}: the leading axis is
-    the batch, a second one the sequence."""
-    from llama_jax import sharding
-
-    out = {}
-    for k, shape in spec.items():
-        names = ("batch", "length") if len(shape) == 2 else ("batch",) + (None,) * (len(shape) - 1)
-        out[k] = sharding.named_sharding(mesh, rules, names[: len(shape)], shape)
-    return out
-
-
 def _restore_data(train_data, saved: dict, step: int, lead: bool) -> None:
     """Puts this process's input pipeline where the checkpoint left it. Checkpoints hold
     one iterator state per process; restored by another number of processes, the
@@ -343,7 +331,7 @@ def build_step(config, cfg, stage, mesh, rules) -> types.SimpleNamespace:
                                             abstract, state_sh)
     objective = stage.objective(config)
     spec = stage.batch_spec(config)
-    batch_sh = _batch_shardings(spec, mesh, rules)
+    batch_sh = {k: sharding.batch_sharding(mesh, rules, shape) for k, shape in spec.items()}
     floats = ("margin",) + PPO_FEATURES
     dtype = {k: jnp.float32 if k.endswith("loss_mask") or k in floats else jnp.int32 for k in spec}
     abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype[k], sharding=batch_sh[k]) for k, shape in spec.items()}

@@ -252,4 +252,33 @@ def test_gatt_cuts_dialogs_at_the_first_breaking_turn_and_weights_instruction_ki
         c.gatt.instruction_weights = bad
         with pytest.raises(RunError, match=r"config.gatt.instruction_weights"):
             GAttStage().prepare(c, str(tmp_path / "gatt"))
+    c.gatt.instruction_weights = ""
+    for bad in ("2,x", "0,4", ""):  # refused before any sampling, not at the evaluation after it
+        c.gatt.eval_turns = bad
+        with pytest.raises(RunError, match=r"config.gatt.eval_turns"):
+            GAttStage().prepare(c, str(tmp_path / "gatt"))
     assert not os.path.exists(tmp_path / "gatt" / "data")
+
+
+def test_the_sample_after_pretraining_fits_the_context(tokenizer_path):
+    """The sample printed after pretraining gets the room the context leaves; a prompt
+    with none left is one line, not an error after the run is done."""
+    from helpers import random_params
+
+    from llama_jax.model import Llama, LlamaConfig
+    from llama_jax.stages import PretrainStage
+    from llama_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_path)
+    cfg = LlamaConfig.tiny(vocab_size=tok.vocab_size, max_seq_len=24)
+    model, said = Llama(cfg), []
+    progress = type("P", (), {"message": lambda self, m: said.append(m)})()
+    c = load_experiment("pretrain").get_config("tiny")
+    c.data.eval_source, c.sample.max_new_tokens, c.sample.temperature = "", 1000, 0.0
+    c.sample.prompt = "def f"
+    PretrainStage().after_training(c, "", model, random_params(cfg), tok, progress)
+    assert said[-1].startswith("sample:\ndef f")  # 1000 new tokens asked, the context's room given
+    c.sample.prompt = "word " * 40
+    PretrainStage().after_training(c, "", model, random_params(cfg), tok, progress)
+    assert said[-1] == f"no sample: config.sample.prompt has {len(tok.encode(c.sample.prompt, bos=True))} tokens " \
+                       "and the context is 24"

@@ -130,6 +130,7 @@ def test_training_answers_that_did_not_finish_are_dropped(monkeypatch):
 
     class Tok:  # ids as text
         eos_id = tk.EOS_ID
+        answer = tk.Tokenizer.answer
 
         def encode_dialog(self, dialog):
             return [1, 5]

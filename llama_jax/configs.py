@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.95
     c.optimizer.eps = 1e-5
     c.optimizer.weight_decay = 0.1  # on weight matrices and embeddings, not norms or biases
-    c.optimizer.clip_norm = 1.0  # global gradient norm clipping
+    c.optimizer.clip_norm = 1.0  # global gradient norm clipping (0 = none)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1  # data-parallel replicas

@@ -42,12 +42,25 @@ def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
     if opt_cfg.schedule not in ("cosine", "constant") or warmup < 0:
         raise ValueError(f"config.optimizer.schedule: {opt_cfg.schedule!r} with warmup_steps {warmup}: the "
                          "schedule must be 'cosine' or 'constant' and warmup_steps >= 0")
+    if not peak >= 0 or not 0 <= float(opt_cfg.final_lr_fraction) <= 1:
+        raise ValueError(f"config.optimizer.learning_rate {opt_cfg.learning_rate} with final_lr_fraction "
+                         f"{opt_cfg.final_lr_fraction}: the peak must be >= 0 and the fraction in [0, 1]")
     if opt_cfg.schedule == "constant":
         return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)],
                                     [warmup]) if warmup else optax.constant_schedule(peak)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
         end_value=peak * float(opt_cfg.final_lr_fraction))
+
+
+def warmup_warning(config) -> str:
+    """A warning when the run ends inside its warm-up (a short ablation of a paper preset
+    with its 2000 warm-up steps), else ""."""
+    warmup, total = int(config.optimizer.warmup_steps), int(config.total_steps)
+    if warmup < total:
+        return ""
+    return (f"warning: config.optimizer.warmup_steps {warmup} >= config.total_steps {total}: the learning rate "
+            f"never reaches its peak ({float(config.optimizer.learning_rate):g})")
 
 
 def decay_mask(params) -> Any:
@@ -62,6 +75,11 @@ def make_optimizer(opt_cfg, total_steps: int, schedules: dict[str, optax.Schedul
     learning-rate schedule ({"value_head": ...}; the key "*" replaces the schedule of all
     the others), e.g. a critic that learns faster than the policy it shares a trunk with;
     the clipping is over all gradients together either way."""
+    if not float(opt_cfg.clip_norm) >= 0:
+        raise ValueError(f"config.optimizer.clip_norm {opt_cfg.clip_norm} is negative (0 = no clipping)")
+    # clip_by_global_norm(0) would zero every gradient; identity keeps the state's layout
+    clip = optax.clip_by_global_norm(float(opt_cfg.clip_norm)) if float(opt_cfg.clip_norm) else optax.identity()
+
     def adamw(schedule):
         return optax.adamw(schedule, b1=float(opt_cfg.b1), b2=float(opt_cfg.b2), eps=float(opt_cfg.eps),
                            weight_decay=float(opt_cfg.weight_decay), mask=decay_mask)
@@ -69,7 +87,7 @@ def make_optimizer(opt_cfg, total_steps: int, schedules: dict[str, optax.Schedul
     schedules = dict(schedules or {})
     default = schedules.pop("*", None) or learning_rate_schedule(opt_cfg, total_steps)
     if not schedules:
-        return optax.chain(optax.clip_by_global_norm(float(opt_cfg.clip_norm)), adamw(default))
+        return optax.chain(clip, adamw(default))
     groups = {name: adamw(s) for name, s in schedules.items()}
     groups["*"] = adamw(default)
 
@@ -80,7 +98,7 @@ def make_optimizer(opt_cfg, total_steps: int, schedules: dict[str, optax.Schedul
                              f"(its top-level parameters: {sorted(params)})")
         return {k: (k if k in schedules else "*") for k in params}
 
-    return optax.chain(optax.clip_by_global_norm(float(opt_cfg.clip_norm)), optax.multi_transform(groups, labels))
+    return optax.chain(clip, optax.multi_transform(groups, labels))
 
 
 def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
@@ -499,10 +517,12 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         v = config[field] if "." not in field else config.checkpoint[field.split(".")[1]]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise RunError(f"config.{field} must be a positive integer, got {v!r}")
-    try:  # an unknown schedule or a negative warmup: one line now, not a traceback when the step is built
-        learning_rate_schedule(config.optimizer, config.total_steps)
+    try:  # an unknown schedule, a negative warmup or clip norm: one line now, not a traceback later
+        make_optimizer(config.optimizer, config.total_steps)
     except ValueError as e:
         raise RunError(str(e)) from None
+    if warmup_warning(config) and jax.process_index() == 0:
+        print(warmup_warning(config), flush=True)
     if not isinstance(config.eval_every_steps, int) or config.eval_every_steps < 0:
         raise RunError(f"config.eval_every_steps must be >= 0 (0 = only at the end), got {config.eval_every_steps!r}")
     probe = os.path.join(workdir, f".write_test.{jax.process_index()}")

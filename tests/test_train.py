@@ -47,6 +47,32 @@ def test_schedule_warms_up_then_decays_to_ten_percent():
         train.learning_rate_schedule(opt_cfg(schedule="linear"), 10)
 
 
+def test_a_run_inside_its_warmup_is_warned():
+    c = ml_collections.ConfigDict({"optimizer": opt_cfg(warmup_steps=2000), "total_steps": 1000})
+    assert train.warmup_warning(c) == ("warning: config.optimizer.warmup_steps 2000 >= config.total_steps 1000: the "
+                                       "learning rate never reaches its peak (0.01)")
+    c.total_steps = 2001
+    assert train.warmup_warning(c) == ""
+
+
+def test_clip_norm_zero_is_no_clipping():
+    """clip_by_global_norm(0) would zero every gradient; 0 means no clipping, with the
+    same optimizer-state layout as a clipped run (a checkpoint resumes either way)."""
+    params = random_params(CFG)
+    grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 10.0), params)
+    cfg = opt_cfg(warmup_steps=0, schedule="constant", weight_decay=0.0)
+    plain = train.make_optimizer(cfg, 10)
+    cfg.clip_norm = 0.0
+    unclipped = train.make_optimizer(cfg, 10)
+    assert (jax.tree_util.tree_structure(plain.init(params)) == jax.tree_util.tree_structure(unclipped.init(params)))
+    step, _ = unclipped.update(grads, unclipped.init(params), params)
+    # Adam's first step is lr * sign(gradient) everywhere; zeroed gradients would give no step
+    assert float(jnp.abs(step["output"]).min()) == pytest.approx(1e-2, rel=1e-3)
+    cfg.clip_norm = -1.0
+    with pytest.raises(ValueError, match="clip_norm -1.0 is negative"):
+        train.make_optimizer(cfg, 10)
+
+
 def test_weight_decay_spares_norms_and_biases():
     params = random_params(CFG, heads=("lm", "value"))
     mask = train.decay_mask(params)

@@ -20,13 +20,15 @@ import sys
 
 
 def _preparse_devices(argv: list[str]) -> int:
-    """--num_devices must reach XLA_FLAGS before jax starts its CPU backend."""
+    """--num_devices must reach XLA_FLAGS before jax starts its CPU backend (the last one
+    given, as absl reads it)."""
+    n = "8"
     for i, a in enumerate(argv):
         if a.startswith("--num_devices="):
-            return int(a.split("=", 1)[1])
-        if a == "--num_devices" and i + 1 < len(argv):
-            return int(argv[i + 1])
-    return 8
+            n = a.split("=", 1)[1]
+        elif a == "--num_devices" and i + 1 < len(argv):
+            n = argv[i + 1]
+    return int(n)
 
 
 if __name__ == "__main__":
@@ -34,7 +36,9 @@ if __name__ == "__main__":
     try:
         _n = _preparse_devices(sys.argv[1:])
     except ValueError:
-        sys.exit("error: --num_devices must be an integer")
+        _n = 0
+    if _n < 1:
+        sys.exit("error: --num_devices must be a positive integer")
     _flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={_n}".strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -54,6 +58,15 @@ flags.mark_flags_as_required(["config"])
 
 GIB = 1024**3
 CHIP_MEMORY_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "a100-40": 40, "a100-80": 80, "h100": 80, "h200": 141}
+
+
+# What a stage holds beside the train step compiled here (the reward models, a reference
+# policy, a gathered sampling copy): on the same devices, so add them to the total.
+NOT_COUNTED = {
+    "ppo": "the reference policy and the reward models PPO keeps on the devices beside the policy, and the "
+           "whole copy of the policy gathered for sampling (config.mesh.gather_for_generation)",
+    "rejection_sampling": "the reward models that score the samples, and the sampling pass (its KV cache)",
+}
 
 
 def analyse(config, num_devices: int) -> dict:
@@ -85,9 +98,11 @@ def analyse(config, num_devices: int) -> dict:
     cfg = cfg.replace(**{f: "xla" for f in ("mlp_backward", "head_backward") if getattr(cfg, f) == "auto"})
     mesh, rules = sharding.run_mesh(config.mesh)
     sharding.check_model_fits_mesh(cfg, mesh)
-    if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise SystemExit(f"error: config.batch_size {config.batch_size} is not divisible by data x fsdp = "
-                         f"{mesh.shape['data'] * mesh.shape['fsdp']}")
+    shards, accum = sharding.batch_shards(mesh, rules), int(config.grad_accum_steps)
+    if accum < 1 or config.batch_size % accum or (config.batch_size // accum) % shards:
+        raise SystemExit(f"error: the micro-batch (config.batch_size {config.batch_size} / config.grad_accum_steps "
+                         f"{accum}) must be a whole number of rows divisible by the {shards} shards of the batch "
+                         "axis (config.mesh data x fsdp); otherwise every device computes all its rows")
     plan = build_step(config, cfg, stage, mesh, rules)
     frozen = frozen_sh = None
     if stage.uses_frozen:
@@ -134,10 +149,14 @@ def report(r: dict, chip: str = "") -> str:
         f"  FLOPs/step   {r['model_flops_per_device']:.3e} (model: 6N + attention per token; XLA's cost analysis "
         f"says {r['xla_flops_per_device']:.3e}, counting a scanned layer stack once)",
     ]
+    besides = NOT_COUNTED.get(r["stage"])
     if chip:
         cap = CHIP_MEMORY_GIB[chip]
         verdict = "fits" if r["total_bytes"] / GIB <= 0.9 * cap else "does NOT fit"
-        lines.append(f"{chip}: {cap} GiB per chip -> {verdict} (keeping 10% headroom)")
+        lines.append(f"{chip}: {cap} GiB per chip -> {verdict} (keeping 10% headroom)"
+                     + (", the train step alone" if besides else ""))
+    if besides:
+        lines.append(f"not counted: {besides}")
     return "\n".join(lines)
 
 
@@ -150,8 +169,18 @@ def main(argv) -> None:
     from llama_jax.sharding import MeshError
     from llama_jax.train import RunError
 
+    if _JSON.value and not os.path.isdir(os.path.dirname(os.path.abspath(_JSON.value))):
+        print(f"error: --json={_JSON.value}: its directory does not exist", file=sys.stderr)  # before the compile
+        sys.exit(2)
     try:
-        r = analyse(_CONFIG.value, _NUM_DEVICES.value)
+        config = _CONFIG.value
+        config.stage  # noqa: B018 - a file that failed to load raises on first use
+    except Exception as e:  # noqa: BLE001 - ml_collections raises several types
+        print("error: --config: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()),
+              file=sys.stderr)
+        sys.exit(2)
+    try:
+        r = analyse(config, _NUM_DEVICES.value)
     except (MeshError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launcher", choices=("local", "print", "tpu_vm"), default="local")
     parser.add_argument("--tpu", default="llama-jax", help="TPU VM name for --launcher=tpu_vm")
     args = parser.parse_args(argv)
+    for flag in extra:  # a --workdir there would put every combination in one workdir
+        if flag.split("=")[0] in ("--workdir", "--config"):
+            parser.error(f"{flag.split('=')[0]} after --: give it before -- (the sweep sets each run's)")
     try:
         combos = combinations([parse_sweep(s) for s in args.sweep])
     except ValueError as e:

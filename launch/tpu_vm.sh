@@ -25,8 +25,9 @@ set -euo pipefail
 DRY=""
 if [[ "${1:-}" == "dry" ]]; then DRY=echo; shift; fi
 CMD="${1:-}"; NAME="${2:-}"
-if [[ -z "$CMD" || ( "$CMD" != "help" && -z "$NAME" ) ]]; then
-  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2
+if [[ -z "$CMD" || "$CMD" == "help" || -z "$NAME" ]]; then  # the usage: this file's comment block
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+  [[ "$CMD" == "help" ]] && exit 0 || exit 2
 fi
 shift 2 || true
 : "${ZONE:?set ZONE, e.g. ZONE=us-central2-b}"
@@ -56,7 +57,9 @@ case "$CMD" in
   setup)
     ROOT="$(cd "$(dirname "$0")/.." && pwd)"
     TARBALL="$(mktemp -t llama_jax.XXXXXX).tar.gz"
-    (cd "$ROOT" && git ls-files -co --exclude-standard -z | xargs -0 tar czf "$TARBALL")
+    # one tar reading the whole list (xargs would split a long one over several tars, each
+    # overwriting the archive); no local virtualenv: every worker builds its own
+    (cd "$ROOT" && git ls-files -co --exclude-standard -z | grep -zv '^venv/' | tar czf "$TARBALL" --null -T -)
     $DRY "${GC[@]}" scp "$TARBALL" "$NAME":llama_jax.tar.gz "${FLAGS[@]}" --worker=all
     ssh_all "mkdir -p $REMOTE && tar xzf llama_jax.tar.gz -C $REMOTE && cd $REMOTE && \
       ( [ -d venv ] || python3 -m venv venv ) && . venv/bin/activate && \
@@ -78,7 +81,8 @@ case "$CMD" in
     $DRY "${GC[@]}" ssh "$NAME" "${FLAGS[@]}" --worker="${1:-0}" --command="tail -n 100 -F $REMOTE/logs/run.log"
     ;;
   stop)
-    ssh_all "pkill -TERM -f llama_jax.main || true"  # each worker saves the step they agree on, then exits
+    # [l]: the pattern does not match the remote shell running pkill, whose command line holds it
+    ssh_all "pkill -TERM -f '[l]lama_jax.main' || true"  # each worker saves the step they agree on, then exits
     ;;
   delete)
     $DRY "${GC[@]}" delete "$NAME" "${FLAGS[@]}" --quiet

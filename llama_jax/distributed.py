@@ -43,7 +43,14 @@ def initialize() -> bool:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
     elif mode in ("auto", "1", "true"):
-        jax.distributed.initialize()
+        # A cluster's own detection (SLURM) gives each process the one device of its local
+        # rank; LLAMA_JAX_LOCAL_DEVICE_IDS=0,1,... gives a process-per-node job all of them
+        ids = os.environ.get("LLAMA_JAX_LOCAL_DEVICE_IDS", "").strip()
+        try:
+            local = [int(i) for i in ids.split(",")] if ids else None
+        except ValueError:
+            raise ValueError(f"LLAMA_JAX_LOCAL_DEVICE_IDS={ids!r}: give device numbers, e.g. 0,1,2,3") from None
+        jax.distributed.initialize(local_device_ids=local)
     else:
         return False
     _INITIALIZED = True

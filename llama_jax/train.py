@@ -566,6 +566,11 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         # process would train on its own rows alone, and the processes' weights would drift apart
         raise RunError(f"config.batch_size {config.batch_size} must be divisible by the {shards} shards of the "
                        f"batch axis (config.mesh data x fsdp), and those by the {procs} processes")
+    micro = config.batch_size // config.grad_accum_steps
+    if micro % shards and lead:
+        print(f"warning: the micro-batch of {micro} rows (config.batch_size / config.grad_accum_steps) does not "
+              f"split over the {shards} shards of the batch axis (config.mesh data x fsdp): every device computes "
+              f"all {micro} rows; a multiple of {shards} uses the devices", flush=True)
     plan = build_step(config, cfg, stage, mesh, rules)
     model, apply_fn, optimizer = plan.model, plan.apply_fn, plan.optimizer
     param_sh, state_sh, abstract_sharded = plan.param_sh, plan.state_sh, plan.abstract_state
@@ -682,7 +687,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
 
     schedule = stage.learning_rates(config).get("*") or learning_rate_schedule(config.optimizer, config.total_steps)
     tokens_per_step = config.batch_size * config.seq_len * stage.rows_per_example
-    if lead:
+    if lead and start < config.total_steps:  # a finished run trains nothing: its record stays what it ran
         _record_config(config, cfg, workdir, start)
 
     pending: list[tuple[int, dict]] = []

@@ -234,3 +234,25 @@ def test_compare_reports_final_and_best_and_names_bad_directories(tmp_path):
     out = subprocess.run([sys.executable, "-m", "llama_jax.compare", a, str(tmp_path / "empty")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and f"{tmp_path / 'empty'}: no metrics.jsonl" in out.stderr
+
+
+def test_a_process_per_node_job_drives_all_its_gpus(monkeypatch):
+    """Under SLURM, jax.distributed.initialize() alone gives a process the one GPU of its
+    local rank; the SLURM script's one process per node passes all of the node's."""
+    import jax
+
+    from llama_jax import distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(distributed, "_INITIALIZED", False)
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("LLAMA_JAX_DISTRIBUTED", "auto")
+    monkeypatch.setenv("LLAMA_JAX_LOCAL_DEVICE_IDS", "0,1,2,3,4,5,6,7")
+    assert distributed.initialize() and calls == [{"local_device_ids": list(range(8))}]
+    monkeypatch.setattr(distributed, "_INITIALIZED", False)
+    monkeypatch.delenv("LLAMA_JAX_LOCAL_DEVICE_IDS")
+    assert distributed.initialize() and calls[-1] == {"local_device_ids": None}  # JAX's own choice
+    script = open(f"{ROOT}/launch/gpu_slurm.sbatch").read()
+    assert "#SBATCH --ntasks-per-node=1" in script and "export LLAMA_JAX_LOCAL_DEVICE_IDS" in script

@@ -303,7 +303,7 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, refe
     assert "--config.model.n_layers=3 (it has 2) cannot apply" in out.stderr, out.stderr[-2000:]
     # numerics alone (model.COMPUTE_ONLY_FIELDS) make no other model: the run resumes, and says so
     out = subprocess.run(command(workdir, f"--config.data.tokenizer={tokenizer_path}",
-                                 "--config.model.mlp_backward=manual", "--config.model.remat_policy=full"),
+                                 "--config.model.mlp_backward=manual", "--config.model.remat_policy=full", steps=13),
                          env=env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "mlp_backward 'auto' -> 'manual', remat_policy 'none' -> 'full'" in out.stderr, out.stderr[-2000:]
@@ -313,6 +313,13 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, refe
     assert json.load(open(os.path.join(workdir, "config.json")))["model"]["mlp_backward"] == "manual"
     history = [json.loads(line) for line in open(os.path.join(workdir, "config_history.jsonl"))]
     assert [h["until_step"] for h in history] == [12] and history[0]["config"]["model"]["mlp_backward"] == "auto"
+    # a rerun of the finished run with other settings trains nothing, so its record stays what it ran
+    recorded = open(os.path.join(workdir, "config.json")).read()
+    out = subprocess.run(command(workdir, f"--config.data.tokenizer={tokenizer_path}", "--config.seed=5", steps=13),
+                         env=env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "resuming with changed settings" not in out.stderr, out.stderr[-2000:]
+    assert open(os.path.join(workdir, "config.json")).read() == recorded
+    assert len(open(os.path.join(workdir, "config_history.jsonl")).readlines()) == 1
 
 
 def _cli(module):
@@ -375,6 +382,10 @@ def test_sweep_rejects_a_bad_spec():
     out = subprocess.run([sys.executable, f"{ROOT}/launch/sweep.py", "--config=x", "--workdir=y", "--sweep=lr"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "expected FIELD=V1,V2" in out.stderr and one_error_line(out.stderr)
+    for flag in ("--workdir=other", "--config=experiments/sft.py:tiny"):  # would replace every run's own
+        out = subprocess.run([sys.executable, f"{ROOT}/launch/sweep.py", "--config=x", "--workdir=y",
+                              "--sweep=seed=1,2", "--", flag], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and f"{flag.split('=')[0]} after --: give it before --" in out.stderr
 
 
 # ----------------------------------------------------------------------------------
@@ -400,11 +411,19 @@ def test_no_code_runs_from_checkpoint_files():
     assert not re.search(r"\.bind\(|HTTPServer|socketserver", text)
 
 
-def test_aot_compile_rejects_an_unknown_chip():
+@pytest.mark.parametrize("args, words", [
+    (["--chip=tpu9"], "--chip=tpu9: unknown; known: ["),
+    (["--num_devices=0"], "--num_devices must be a positive integer"),
+    (["--json=/nonexistent/x.json"], "--json=/nonexistent/x.json: its directory does not exist"),
+    (["--config=/nonexistent/nope.py:7b"], "/nonexistent/nope.py"),
+    (["--num_devices=8", "--config.batch_size=4"], "the micro-batch (config.batch_size 4 / config.grad_accum_steps 1)"),
+    (["--num_devices=8", "--config.batch_size=16", "--config.grad_accum_steps=4"], "grad_accum_steps 4) must be"),
+])
+def test_aot_compile_bad_input_is_one_line(args, words):
     out = subprocess.run([sys.executable, f"{ROOT}/launch/aot_compile.py",
-                          f"--config={ROOT}/experiments/pretrain.py:tiny", "--num_devices=1", "--chip=tpu9"],
+                          f"--config={ROOT}/experiments/pretrain.py:tiny", "--num_devices=1", *args],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "--chip=tpu9: unknown; known: [" in out.stderr
+    assert out.returncode in (1, 2) and words in out.stderr, out.stderr
     assert one_error_line(out.stderr), out.stderr
 
 
@@ -459,3 +478,13 @@ def test_with_the_preemption_service_off_a_multi_process_run_goes_on(monkeypatch
     assert p.reached(2)
     p.close()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_aot_compile_of_ppo_names_what_it_does_not_count():
+    """PPO holds a reference policy, reward models and a gathered sampling copy beside the
+    step compiled here: the verdict is the step's alone and says so."""
+    out = subprocess.run([sys.executable, f"{ROOT}/launch/aot_compile.py", f"--config={ROOT}/experiments/ppo.py:tiny",
+                          "--num_devices=1", "--chip=h100"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "h100: 80 GiB per chip -> fits (keeping 10% headroom), the train step alone" in out.stdout
+    assert "not counted: the reference policy and the reward models" in out.stdout

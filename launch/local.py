@@ -64,6 +64,9 @@ def _pump(stream, prefix: str, out) -> None:
         out.flush()
 
 
+FAILURE_GRACE_S = 6.0  # llama_jax.main's lead process waits 3 s before it exits (main.LEAD_EXIT_DELAY_S)
+
+
 def launch(command: list[str], num_processes: int, devices_per_process: int, timeout: float | None = None) -> int:
     port = free_port()
     procs, pumps = [], []
@@ -90,13 +93,17 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, tim
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     deadline = None if timeout is None else time.monotonic() + timeout
-    code = 0
+    code, failed_at = 0, None
     try:
         while True:
             codes = [p.poll() for p in procs]
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 i, code = failed[0]
+                failed_at = failed_at or time.monotonic()
+                if any(c is None for c in codes) and time.monotonic() - failed_at < FAILURE_GRACE_S:
+                    time.sleep(0.1)  # processes that fail alike (a refused setting) exit on their own
+                    continue
                 if any(c is None for c in codes):
                     print(f"launch/local.py: process {i} exited with code {code}; stopping the others",
                           file=sys.stderr, flush=True)

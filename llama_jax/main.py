@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 
 from absl import app, flags, logging
@@ -90,8 +91,13 @@ def _exit(message: str, code: int) -> None:
         print(message, file=sys.stderr, flush=True)
     if distributed.is_multiprocess():
         sys.stdout.flush()
+        if distributed.is_lead():  # the lead hosts the job's coordination service: the processes
+            time.sleep(LEAD_EXIT_DELAY_S)  # that fail alike go first, not killed by its end mid-exit
         os._exit(code)
     sys.exit(code)
+
+
+LEAD_EXIT_DELAY_S = 3.0
 
 
 USAGE = "usage: python -m llama_jax.main --config=experiments/X.py:ARG --workdir=DIR [--config.a.b=value ...]"

@@ -112,6 +112,10 @@ def test_a_batch_the_processes_cannot_split_is_refused(tmp_path, tokenizer_path)
     assert out.returncode != 0
     assert "config.batch_size 6 must be divisible by the 4 shards of the batch axis" in out.stderr, out.stderr[-3000:]
     assert "step 1/" not in out.stderr
+    # every process fails alike and says so in one line: none is killed mid-exit by the lead's coordination
+    # service ending first (a 40-line "Terminating process" dump), none needs stopping by the launcher
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert sorted(line.split("error: config.batch_size 6")[0] for line in lines) == ["", "[p1] "], out.stderr[-3000:]
 
 
 def test_local_launcher_fails_the_job_when_one_process_dies(tmp_path):

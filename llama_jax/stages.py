@@ -106,26 +106,20 @@ class Stage:
     def train_tokenizer(self, config, dest: str) -> Tokenizer:
         from llama_jax import tokenizer as tk
 
+        if pretrain.parse_source(config.data.source)[0] in ("synthetic", "shards"):
+            raise tk.TokenizerError(f"config.data.source {config.data.source}: no text to train a tokenizer on; "
+                                    "set --config.data.tokenizer")
         docs = pretrain.open_documents(config.data.source)
-        budget, size = 50_000_000, 0  # characters: plenty for a demo vocabulary
         print(f"training a {config.model.vocab_size}-piece tokenizer on {config.data.source} -> {dest}", flush=True)
         with tempfile.TemporaryDirectory() as d:
             sample = os.path.join(d, "sample.txt")
-            with open(sample, "w") as f:
-                for i in range(len(docs)):
-                    text = docs[i]
-                    if not isinstance(text, str):
-                        raise tk.TokenizerError(
-                            f"{config.data.source}: pre-tokenized data needs --config.data.tokenizer")
-                    lines = text.split("\n")
-                    if any(len(line) > 1000 for line in lines):
-                        # SentencePiece skips lines over 4,192 bytes (Llama 2's max_sentence_length): in
-                        # pieces of 1,000 characters, at most 4,000 bytes
-                        text = "\n".join(line[j:j + 1000] for line in lines for j in range(0, len(line), 1000) or [0])
-                    f.write(text + "\n")
-                    size += len(text)
-                    if size > budget:
-                        break
+            if not _tokenizer_text(docs, range(len(docs)), sample):
+                # a corpus over the budget: documents drawn from all of it (its first files in name order
+                # could all be of one kind), with the run's seed
+                order = np.random.default_rng(config.seed).permutation(len(docs))
+                _tokenizer_text(docs, order, sample)
+                print(f"  the tokenizer learns from {TOKENIZER_TEXT_BUDGET:,} characters of documents drawn from "
+                      "all of the source", flush=True)
             extra = []
             if config.data.tokenizer_extra:
                 from llama_jax.data.sources import expand_globs
@@ -200,6 +194,28 @@ def merge_pretrained(fresh, loaded):
     if new and jax.process_index() == 0:
         print(f"initialised from scratch (not in init_from): {', '.join(new)}", flush=True)
     return merged
+
+
+TOKENIZER_TEXT_BUDGET = 50_000_000  # characters a run's own tokenizer learns from: plenty for its vocabulary
+
+
+def _tokenizer_text(docs, order, path: str) -> bool:
+    """Writes the documents of `docs` in `order` to `path` as SentencePiece's input, up to
+    TOKENIZER_TEXT_BUDGET characters; whether all of them fitted."""
+    size = 0
+    with open(path, "w") as f:
+        for i in order:
+            text = docs[int(i)]
+            lines = text.split("\n")
+            if any(len(line) > 1000 for line in lines):
+                # SentencePiece skips lines over 4,192 bytes (Llama 2's max_sentence_length): in
+                # pieces of 1,000 characters, at most 4,000 bytes
+                text = "\n".join(line[j:j + 1000] for line in lines for j in range(0, len(line), 1000) or [0])
+            f.write(text + "\n")
+            size += len(text)
+            if size > TOKENIZER_TEXT_BUDGET:
+                return False
+    return True
 
 
 class PretrainStage(Stage):

@@ -463,6 +463,13 @@ def test_own_text_data_is_read_whole_or_refused_by_name(tok, tmp_path):
     assert [len(pipeline.sharded_shuffled(one, 0, (i, 2), 1)) for i in (0, 1)] == [1, 0]  # held out: allowed
     assert prepare.main([f"--source=shards:{tmp_path}", f"--tokenizer={tok.path}", f"--output={tmp_path}/o"]) == 2
     assert not os.path.exists(tmp_path / "o")
+    # an empty file among many is left out and counted (one in a corpus of thousands ended the run); all empty: refused
+    (tmp_path / "c.txt").write_text("")
+    both = pretrain.make_dataset(f"text:{tmp_path}/[ac].txt", tok, 16, 1, prefetch=0)
+    assert both.description["documents"] == 1 and both.description["empty files left out"] == 1
+    both.close()
+    with pytest.raises(DataError, match=r"every text file matching .*c\.txt.* is empty \(1 files\)"):
+        sources.TextFiles(f"{tmp_path}/c.txt")
 
 
 def test_pairs_with_one_answer_twice_are_counted_and_named(tok, tmp_path):

@@ -200,3 +200,28 @@ def test_a_sampled_answer_ends_before_a_chat_format_tag(tok):
     ids = tok.encode("[INST] hi")
     text, n = tok.answer(ids)
     assert text == "" and tok.decode(ids[:n]).strip() == "" and n < 3
+
+
+def test_a_tokenizer_of_a_large_corpus_learns_from_all_of_it(tmp_path, monkeypatch):
+    """Over the character budget, the documents come from the whole source (seeded), not
+    its first files in name order; under it, all of them, in order. No text: one line."""
+    import re
+
+    from llama_jax import configs, stages
+
+    for i in range(40):
+        (tmp_path / f"a{i:02d}.txt").write_text(f"doc{i} " * 500)
+    seen = []
+    monkeypatch.setattr(tk, "train", lambda inputs, *a: seen.append(open(inputs[0]).read()) or 1 / 0)
+    c = configs.base_config()
+    c.data.source = f"text:{tmp_path}/a*.txt"
+    for budget in (10**9, 40_000):
+        monkeypatch.setattr(stages, "TOKENIZER_TEXT_BUDGET", budget)
+        with pytest.raises(ZeroDivisionError):  # stops at training: the sample is what is checked
+            stages.Stage().train_tokenizer(c, str(tmp_path / "t.model"))
+    every, drawn = ({int(n) for n in re.findall(r"doc(\d+)", text)} for text in seen)
+    assert every == set(range(40))
+    assert 12 <= len(drawn) <= 15 and max(drawn) >= 20 and drawn != set(range(len(drawn)))
+    c.data.source = "synthetic"
+    with pytest.raises(tk.TokenizerError, match="no text to train a tokenizer on; set --config.data.tokenizer"):
+        stages.Stage().train_tokenizer(c, str(tmp_path / "t.model"))

@@ -91,6 +91,7 @@ def make_dataset(spec: str, tokenizer, seq_len: int, batch_size: int, seed: int 
     ds = ds.map(_Tokenize(tokenizer)).to_iter_dataset()
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len, "mask": seq_len})
     ds = ds.map(pipeline.packed_to_lm)
-    identity = getattr(docs, "identity", None)
+    identity, empty = getattr(docs, "identity", None), getattr(docs, "empty", 0)
     return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch, drop_remainder),
-                            {"source": spec, "documents": len(docs), **({"corpus": identity} if identity else {})})
+                            {"source": spec, "documents": len(docs), **({"corpus": identity} if identity else {}),
+                             **({"empty files left out": empty} if empty else {})})

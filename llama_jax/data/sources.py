@@ -39,13 +39,15 @@ def expand_globs(patterns: str | Sequence[str], what: str = "input") -> list[str
 
 
 class TextFiles:
-    """Each file is one document (its whole text)."""
+    """Each file is one document (its whole text); empty files are left out (`empty`
+    counts them), a source of nothing else is an error."""
 
     def __init__(self, patterns: str | Sequence[str]):
-        self.files = expand_globs(patterns, "text")
-        for f in self.files:
-            if os.path.getsize(f) == 0:
-                raise DataError(f"{f}: empty file")
+        found = expand_globs(patterns, "text")
+        self.files = [f for f in found if os.path.getsize(f) > 0]
+        self.empty = len(found) - len(self.files)
+        if not self.files:
+            raise DataError(f"every text file matching {patterns!r} is empty ({len(found)} files)")
 
     def __len__(self) -> int:
         return len(self.files)

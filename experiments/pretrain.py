@@ -53,6 +53,6 @@ def get_config(arg: str = "tiny"):
     c.optimizer.learning_rate = PAPER_PEAK_LR[arg]
     c.optimizer.warmup_steps = 2000
     c.data.source = "shards:/path/to/shards"  # override: prepared with llama_jax.data.prepare
-    c.data.eval_source = ""
+    c.data.eval_source = ""  # none: set one (e.g. held-out shards) to evaluate every eval_every_steps
     c.data.tokenizer = "/path/to/tokenizer.model"  # override: Llama 2's tokenizer.model
     return c

@@ -26,7 +26,7 @@ PEAK_FLOPS = (
 )
 
 
-def measure_cpu_peak(n: int = 2048, repeats: int = 3) -> float:
+def measure_cpu_peak(n: int = 2048, repeats: int = 5) -> float:
     """Measured float32 matmul FLOP/s of this host (all its cores)."""
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)

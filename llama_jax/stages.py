@@ -113,11 +113,11 @@ class Stage:
         print(f"training a {config.model.vocab_size}-piece tokenizer on {config.data.source} -> {dest}", flush=True)
         with tempfile.TemporaryDirectory() as d:
             sample = os.path.join(d, "sample.txt")
-            if not _tokenizer_text(docs, range(len(docs)), sample):
+            if not tk.write_training_text(docs, range(len(docs)), sample, TOKENIZER_TEXT_BUDGET):
                 # a corpus over the budget: documents drawn from all of it (its first files in name order
                 # could all be of one kind), with the run's seed
                 order = np.random.default_rng(config.seed).permutation(len(docs))
-                _tokenizer_text(docs, order, sample)
+                tk.write_training_text(docs, order, sample, TOKENIZER_TEXT_BUDGET)
                 print(f"  the tokenizer learns from {TOKENIZER_TEXT_BUDGET:,} characters of documents drawn from "
                       "all of the source", flush=True)
             extra = []
@@ -199,25 +199,6 @@ def merge_pretrained(fresh, loaded):
 TOKENIZER_TEXT_BUDGET = 50_000_000  # characters a run's own tokenizer learns from: plenty for its vocabulary
 
 
-def _tokenizer_text(docs, order, path: str) -> bool:
-    """Writes the documents of `docs` in `order` to `path` as SentencePiece's input, up to
-    TOKENIZER_TEXT_BUDGET characters; whether all of them fitted."""
-    size = 0
-    with open(path, "w") as f:
-        for i in order:
-            text = docs[int(i)]
-            lines = text.split("\n")
-            if any(len(line) > 1000 for line in lines):
-                # SentencePiece skips lines over 4,192 bytes (Llama 2's max_sentence_length): in
-                # pieces of 1,000 characters, at most 4,000 bytes
-                text = "\n".join(line[j:j + 1000] for line in lines for j in range(0, len(line), 1000) or [0])
-            f.write(text + "\n")
-            size += len(text)
-            if size > TOKENIZER_TEXT_BUDGET:
-                return False
-    return True
-
-
 class PretrainStage(Stage):
     """Next-token loss on packed documents; held-out perplexity against a unigram
     baseline; prints a sample at the end."""
@@ -260,6 +241,7 @@ class PretrainStage(Stage):
             jax.process_index() == 0 else None
         if baseline is not None:
             progress.message(f"unigram baseline on the held-out batches: {baseline:.4f} nats/token")
+            update_report(workdir, "final_metrics.json", eval_unigram_baseline=baseline)  # beside eval_loss
         if not config.sample.prompt:
             return
         from llama_jax.generate import generate

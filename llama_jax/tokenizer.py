@@ -257,11 +257,57 @@ def train(inputs: Sequence[str], vocab_size: int, output: str, *, input_sentence
     return Tokenizer(output)
 
 
+def write_training_text(docs, order, path: str, budget: float = float("inf")) -> bool:
+    """Writes the documents `docs[i]` for i in `order` to `path`, SentencePiece's input,
+    up to `budget` characters; whether all of them fitted. Lines over 1,000 characters
+    are split: SentencePiece skips lines over 4,192 bytes (Llama 2's max_sentence_length),
+    so a document of one long line would teach it nothing."""
+    size = 0
+    with open(path, "w") as f:
+        for i in order:
+            text = docs[int(i)]
+            lines = text.split("\n")
+            if any(len(line) > 1000 for line in lines):
+                text = "\n".join(line[j:j + 1000] for line in lines for j in range(0, len(line), 1000) or [0])
+            f.write(text + "\n")
+            size += len(text)
+            if size > budget:
+                return False
+    return True
+
+
+def _train_from_sources(inputs: Sequence[str], vocab_size: int, output: str, **kw) -> Tokenizer:
+    """`train`, where an input may also be `jsonl:GLOB` (the records' `text` field), as the
+    pipelines' sources name it."""
+    import tempfile
+
+    plain, jsonl = [i for i in inputs if not i.startswith("jsonl:")], [i for i in inputs if i.startswith("jsonl:")]
+    for pattern in plain:
+        if any(f.endswith(".jsonl") for f in glob.glob(pattern, recursive=True)):
+            print(f"note: {pattern}: .jsonl files are read as plain text (JSON syntax included); "
+                  f"jsonl:{pattern} reads their text field", file=sys.stderr)
+    if not jsonl:
+        return train(plain, vocab_size, output, **kw)
+    from llama_jax.data.sources import DataError, text_jsonl
+
+    with tempfile.TemporaryDirectory() as d:
+        texts = []
+        for n, spec in enumerate(jsonl):
+            try:
+                docs = text_jsonl(spec[len("jsonl:"):])
+            except DataError as e:
+                raise TokenizerError(str(e)) from None
+            texts.append(os.path.join(d, f"jsonl{n}.txt"))
+            write_training_text(docs, range(len(docs)), texts[-1])
+        return train(plain + texts, vocab_size, output, **kw)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llama_jax.tokenizer")
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a BPE tokenizer with Llama 2's settings")
-    t.add_argument("--input", action="append", required=True, help="file glob (repeatable)")
+    t.add_argument("--input", action="append", required=True,
+                   help="text file glob, or jsonl:GLOB for the `text` field of JSONL records (repeatable)")
     t.add_argument("--vocab_size", type=int, required=True)
     t.add_argument("--output", required=True, help="PATH.model")
     t.add_argument("--input_sentence_size", type=int, default=2_000_000)
@@ -271,7 +317,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "train":
-            tok = train(args.input, args.vocab_size, args.output, input_sentence_size=args.input_sentence_size)
+            tok = _train_from_sources(args.input, args.vocab_size, args.output,
+                                      input_sentence_size=args.input_sentence_size)
             print(f"wrote {args.output}: vocab {tok.vocab_size}, sha256 {tok.identity()['sha256'][:16]}")
         else:
             tok = Tokenizer(args.model)

@@ -680,6 +680,9 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         raise RunError(str(e)) from None
     progress = metrics.Progress(config.total_steps, start, enabled=lead)
     peak = metrics.peak_flops_per_device(config.metrics.peak_flops_per_device)
+    if lead and not config.metrics.peak_flops_per_device and jax.devices()[0].platform == "cpu":
+        print(f"mfu: against this CPU's float32 matmul peak, measured now: {peak / 1e9:.1f} GFLOP/s per device "
+              "(it moves with the machine's load; config.metrics.peak_flops_per_device fixes it)", flush=True)
     flops_per_token = cfg.train_flops_per_token(config.seq_len)
 
     def mfu(tokens_per_second: float) -> float:
@@ -814,6 +817,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         if rates:  # the first interval holds the compilation: left out when there are others
             final["median_tokens_per_second"] = float(np.median(rates[1:] or rates))
             final["median_mfu"] = mfu(final["median_tokens_per_second"])
+            final["peak_flops_per_device"] = peak  # what this start's MFU numbers are a fraction of
         if stopper is not None and stopper.best_step is not None:
             final.update(early_stopping_best_step=stopper.best_step, early_stopping_best=stopper.best,
                          early_stopping_reason=stopper.reason)

@@ -201,6 +201,11 @@ def test_a_run_killed_in_its_final_evaluation_ends_as_an_uninterrupted_one(tmp_p
     assert _rows(workdir) == rows
     rebuilt = json.load(open(tmp_path / "final_metrics.json"))
     assert rebuilt.pop("median_mfu") > 0 and final.pop("median_mfu") > 0  # each run measures the CPU's peak
+    peak = final.pop("peak_flops_per_device")
+    assert rebuilt.pop("peak_flops_per_device") > 0 and peak > 0
+    assert f"mfu: against this CPU's float32 matmul peak, measured now: {peak / 1e9:.1f} GFLOP/s" in first.stdout
+    # the unigram baseline is kept beside the held-out loss it is the yardstick of
+    assert f"unigram baseline on the held-out batches: {final['eval_unigram_baseline']:.4f}" in first.stderr
     assert rebuilt == pytest.approx(final)
 
 

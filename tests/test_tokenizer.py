@@ -225,3 +225,22 @@ def test_a_tokenizer_of_a_large_corpus_learns_from_all_of_it(tmp_path, monkeypat
     c.data.source = "synthetic"
     with pytest.raises(tk.TokenizerError, match="no text to train a tokenizer on; set --config.data.tokenizer"):
         stages.Stage().train_tokenizer(c, str(tmp_path / "t.model"))
+
+
+def test_the_tokenizer_cli_trains_on_the_text_field_of_jsonl(tmp_path, capsys):
+    """`--input=jsonl:GLOB` learns the records' text, not JSON syntax; a plain glob that
+    matches .jsonl files (read as text) gets a note saying how to read them."""
+    import json
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": corpus_text(5, i)}) + "\n" for i in range(200)))
+    assert tk.main(["train", f"--input=jsonl:{tmp_path}/c.jsonl", "--vocab_size=400",
+                    f"--output={tmp_path}/j.model"]) == 0
+    pieces = {tk.Tokenizer(str(tmp_path / "j.model")).sp.id_to_piece(i) for i in range(400)}
+    assert not any('"' in p or "{" in p for p in pieces), sorted(p for p in pieces if '"' in p or "{" in p)
+    assert "▁the" in pieces
+    assert tk.main(["train", f"--input={tmp_path}/c.jsonl", "--vocab_size=400", f"--output={tmp_path}/p.model"]) == 0
+    assert f"jsonl:{tmp_path}/c.jsonl reads their text field" in capsys.readouterr().err
+    assert any('"' in tk.Tokenizer(str(tmp_path / "p.model")).sp.id_to_piece(i) for i in range(400))
+    assert tk.main(["train", f"--input=jsonl:{tmp_path}/none*.jsonl", "--vocab_size=400",
+                    f"--output={tmp_path}/n.model"]) == 2
+    assert "none*.jsonl" in capsys.readouterr().err

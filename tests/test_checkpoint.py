@@ -1,6 +1,8 @@
 """Checkpoints: restore onto a different mesh, params-only export, init_from, and a
 workdir of another model."""
 
+import re
+
 import jax
 import ml_collections
 import numpy as np
@@ -91,6 +93,11 @@ def test_unusable_checkpoints_are_clear_errors(tmp_path, capsys):
     saver.save(1, state, {}, META)
     saver.wait()
     saver.close()
+    step_dir = str(tmp_path / "run" / "checkpoints" / "1")  # one step of a run: the error says what to pass
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(
+            f"one step of the run {tmp_path / 'run'}, which is what to pass (its latest step); for step 1: "
+            f"python -m llama_jax.checkpoint export --workdir={tmp_path / 'run'} --step=1 --output=DIR")):
+        ckpt.read_meta(step_dir)
     other = random_params(CFG.replace(n_layers=3))
     target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), other)
     with pytest.raises(ckpt.CheckpointError, match="cannot restore the params of checkpoint 1, unreadable or not of "

@@ -91,7 +91,8 @@ STAGES = [
 ALL_STAGES = ["--config.model.scan_layers=false", "--config.model.mlp_backward=auto",
               "--config.model.head_backward=xla"]
 
-FAST = {  # --fast: minutes, not tens of minutes (tests); numbers are then meaningless
+FAST = {  # --fast: minutes, not tens of minutes (a smoke run); numbers are then meaningless. Answers of a
+    # few tokens rarely reach EOS: unfinished ones count (rlhf.require_eos=false)
     "pretrain": ["--config.total_steps=30", "--config.eval_steps=2", "--config.sample.prompt=",
                  "--config.model.vocab_size=512", "--config.model.dim=64", "--config.model.n_layers=2"],
     "sft": ["--config.total_steps=20", "--config.data.synthetic_train=200", "--config.data.synthetic_eval=20",
@@ -103,18 +104,18 @@ FAST = {  # --fast: minutes, not tens of minutes (tests); numbers are then meani
     "rejection_sampling": ["--config.rlhf.num_prompts=16", "--config.rlhf.num_samples=2", "--config.rlhf.min_reward=0",
                            "--config.rlhf.max_new_tokens=6", "--config.total_steps=4", "--config.eval_exact_match=4",
                            "--config.data.synthetic_eval=20", "--config.eval_max_new_tokens=6",
-                           "--config.rlhf.num_eval_prompts=16"],
+                           "--config.rlhf.num_eval_prompts=16", "--config.rlhf.require_eos=false"],
     "ppo": ["--config.rlhf.num_prompts=32", "--config.rlhf.num_eval_prompts=8", "--config.rlhf.num_val_prompts=8",
             "--config.rlhf.max_new_tokens=6",
             "--config.ppo.rollout_batch=16", "--config.batch_size=8", "--config.total_steps=4",
-            "--config.checkpoint_every_steps=4", "--config.log_every_steps=2"],
+            "--config.checkpoint_every_steps=4", "--config.eval_every_steps=4", "--config.log_every_steps=2"],
     "gatt": ["--config.gatt.num_dialogs=16", "--config.gatt.num_eval_dialogs=4", "--config.gatt.eval_turns=2,4",
              "--config.total_steps=4", "--config.eval_max_new_tokens=4", "--config.gatt.keep_only_adherent=false",
              "--config.gatt.max_turns=3", "--config.gatt.samples_per_turn=2", "--config.gatt.plain_anchors=4",
-             "--config.gatt.num_plain_eval=4"],
+             "--config.gatt.num_plain_eval=4", "--config.rlhf.require_eos=false"],
     "safety_distill": ["--config.distill.num_prompts=8", "--config.distill.benign_anchors=4",
                        "--config.distill.num_eval_prompts=4", "--config.total_steps=4",
-                       "--config.eval_max_new_tokens=6"],
+                       "--config.eval_max_new_tokens=6", "--config.rlhf.require_eos=false"],
 }
 
 

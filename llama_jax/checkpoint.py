@@ -221,9 +221,9 @@ def read_meta(path: str, step: int | None = None) -> tuple[int, dict]:
             raise CheckpointError(f"{path}: has no checkpoint {step}; its checkpoints: {sorted(mngr.all_steps())}")
         step = mngr.latest_step() if step is None else step
         if step is None:
-            parent = os.path.dirname(os.path.normpath(path))
-            if os.path.basename(os.path.normpath(path)).isdigit() and os.path.basename(parent) == "checkpoints":
-                run, n = os.path.dirname(parent), os.path.basename(os.path.normpath(path))
+            parent = os.path.dirname(os.path.abspath(path))
+            if os.path.basename(os.path.abspath(path)).isdigit() and os.path.basename(parent) == "checkpoints":
+                run, n = os.path.dirname(parent), os.path.basename(os.path.abspath(path))
                 raise CheckpointError(f"{path}: one step of the run {run}, which is what to pass (its latest step); "
                                       f"for step {n}: python -m llama_jax.checkpoint export --workdir={run} --step={n} "
                                       f"--output=DIR, then DIR")

@@ -68,7 +68,11 @@ def main(argv) -> None:
         config.stage  # noqa: B018 - a file that failed to load raises on first use
     except Exception as e:  # noqa: BLE001 - ml_collections raises several types
         _usage_error(str(e))
-    distributed.initialize()  # a no-op unless a launcher describes a multi-process job
+    try:
+        distributed.initialize()  # a no-op unless a launcher describes a multi-process job
+    except ValueError as e:  # a malformed LLAMA_JAX_LOCAL_DEVICE_IDS
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         run(config, _WORKDIR.value)
     except Preempted as e:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -331,11 +332,27 @@ class CodeReward:
         return {"helpful": helpful, "safety": safety, "gated": gated}
 
 
+class Sample(NamedTuple):
+    """One sampled answer: its text, its tokens and their log-probabilities (up to a chat
+    tag the model wrote, `Tokenizer.answer`), and whether its turn ended: EOS, or a tag
+    after some text."""
+    text: str
+    tokens: list
+    logprobs: list
+    finished: bool
+
+
+def sample_of(tokenizer, tokens, logprobs=()) -> Sample:
+    text, n = tokenizer.answer(tokens)
+    cut = n < len(tokens)
+    return Sample(text, list(tokens[:n]), list(logprobs[:n]),
+                  bool(text) if cut else len(tokens) > 0 and tokens[-1] == tokenizer.eos_id)
+
+
 def sample_answers(cfg, params, tokenizer, prompts, k: int, temperature: float, top_p: float, max_new_tokens: int,
                    seed: int, mesh=None, rows_per_batch: int = 64, progress=None, rules=None):
-    """k sampled answers (text, token ids, log-probs) for each prompt, prompts repeated k
-    times in batches of `rows_per_batch` rows (on `mesh`, activations sharded by `rules`).
-    The text stops before a chat-format tag the model wrote (`Tokenizer.answer`)."""
+    """k sampled answers (`Sample`s) for each prompt, prompts repeated k times in batches
+    of `rows_per_batch` rows (on `mesh`, activations sharded by `rules`)."""
     from llama_jax.generate import generate
 
     rows = [(i, p) for i, p in enumerate(prompts) for _ in range(k)]
@@ -345,7 +362,7 @@ def sample_answers(cfg, params, tokenizer, prompts, k: int, temperature: float, 
         out = generate(cfg, params, [p.tokens for _, p in chunk], max_new_tokens, temperature=temperature,
                        top_p=top_p, seed=seed * 100_003 + b, mesh=mesh, rules=rules)
         for (i, _), toks, lps in zip(chunk, out.tokens, out.logprobs):
-            answers[i].append((tokenizer.answer(toks)[0], toks, lps))
+            answers[i].append(sample_of(tokenizer, toks, lps))
         if progress is not None:
             progress(min(start + rows_per_batch, len(rows)), len(rows))
     return answers
@@ -398,7 +415,7 @@ def code_labelled_pairs(prompts, answers, pairs_per_prompt: int, seed: int) -> l
     "annotator", against a wrong sample ("significantly better"; a right sample against a
     wrong one is "better"). Up to `pairs_per_prompt` pairs per prompt, distinct answers only;
     each pair keeps its prompt's toy `task`, if it has one.
-    `answers[i]` is sample_answers' list of (text, tokens, logprobs) for prompts[i]."""
+    `answers[i]` is sample_answers' list of `Sample`s for prompts[i]."""
     import random
 
     from llama_jax.data.synthetic import is_correct, is_refusal
@@ -412,7 +429,7 @@ def code_labelled_pairs(prompts, answers, pairs_per_prompt: int, seed: int) -> l
         def right(text, p=p):
             return is_refusal(text) if p.is_safety else is_correct(p.record, text)
 
-        texts = list(dict.fromkeys(t for t, _, _ in samples if t))
+        texts = list(dict.fromkeys(s.text for s in samples if s.text))
         good = [t for t in texts if right(t)]
         bad = [t for t in texts if not right(t)]
         if not bad:

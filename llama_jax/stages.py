@@ -595,16 +595,15 @@ class RejectionSamplingStage(SFTStage):
         answers = rlhf.sample_answers(cfg, params, tokenizer, prompts, r.num_samples, r.temperature, r.top_p,
                                       r.max_new_tokens, config.seed, mesh, progress=progress, rules=rules)
         dialogs = [p.messages + [{"role": "assistant", "content": text}] for p, a in zip(prompts, answers)
-                   for text, _, _ in a]
+                   for text in (s.text for s in a)]
         scored = rms(dialogs, [p.is_safety for p in prompts for _ in range(r.num_samples)])
         rewards = np.asarray(scored["gated"]).reshape(len(prompts), r.num_samples)
-        logprobs = np.asarray([[float(np.sum(lp)) for _, _, lp in a] for a in answers])
+        logprobs = np.asarray([[float(np.sum(s.logprobs)) for s in a] for a in answers])
         ranking = rlhf.selection_scores(rewards, logprobs, r.selection_beta)
         # only finished answers are picked (a prompt with none gives no training dialog)
-        finished = np.asarray([[not r.require_eos or (len(toks) > 0 and toks[-1] == tokenizer.eos_id)
-                                for _, toks, _ in a] for a in answers])
+        finished = np.asarray([[not r.require_eos or s.finished for s in a] for a in answers])
         best = rlhf.best_finished(ranking, finished)
-        records = {json.dumps(p.messages): {"messages": p.messages + [{"role": "assistant", "content": a[j][0]}],
+        records = {json.dumps(p.messages): {"messages": p.messages + [{"role": "assistant", "content": a[j].text}],
                                             "is_safety": p.is_safety, "reward": float(row[j])}
                    for p, a, row, j in zip(prompts, answers, rewards, best) if j >= 0}
         if not records:
@@ -640,7 +639,7 @@ class RejectionSamplingStage(SFTStage):
         if checked:  # toy prompts carry the answer code checks against: every sample checked once
             from llama_jax.data.synthetic import is_correct
 
-            correct = np.array([[is_correct(prompts[i].record, t) for t, _, _ in answers[i]] for i in checked])
+            correct = np.array([[is_correct(prompts[i].record, s.text) for s in answers[i]] for i in checked])
             picked = [correct[n, best[i]] for n, i in enumerate(checked) if best[i] >= 0]
             report["accuracy_first_sample"] = float(correct[:, 0].mean())
             report["accuracy_best_sample"] = float(np.mean(picked)) if picked else 0.0
@@ -764,7 +763,9 @@ def _greedy_answers(cfg, params, tokenizer, dialogs, max_new_tokens: int, mesh=N
                     finished_only: bool = False) -> list[str]:
     """The model's answer to the last user turn of each dialog (None where the prompt
     does not fit in the context with `max_new_tokens`, and with `finished_only` where the
-    answer did not end (EOS) within them: training data, whose answers get an EOS)."""
+    answer did not end within them, by EOS or a chat tag after some text: training data,
+    whose answers get an EOS)."""
+    from llama_jax import rlhf
     from llama_jax.generate import generate
 
     prompts = [tokenizer.encode_dialog(d) for d in dialogs]
@@ -775,9 +776,10 @@ def _greedy_answers(cfg, params, tokenizer, dialogs, max_new_tokens: int, mesh=N
         gen = generate(cfg, params, [prompts[i] for i in idx], max_new_tokens, temperature=temperature,
                        top_p=top_p, seed=seed + b, mesh=mesh, rules=rules)
         for i, toks in zip(idx, gen.tokens):
-            if finished_only and not (toks and toks[-1] == tokenizer.eos_id):
+            s = rlhf.sample_of(tokenizer, toks)
+            if finished_only and not s.finished:
                 continue
-            out[i] = tokenizer.answer(toks)[0]
+            out[i] = s.text
     return out
 
 

@@ -138,10 +138,10 @@ class Tokenizer:
 
     def answer(self, ids: Sequence[int]) -> tuple[str, int]:
         """A sampled answer's text (EOS dropped, stripped) and how many of its tokens that
-        text is made of: all of them, unless the model wrote a tag of the chat format. Its
-        turn ends there (as in `chat`): the text stops before the tag and covers the
-        longest run of first tokens that decodes within it. A tag in a message would make
-        every dialog the answer joins invalid."""
+        text is made of: all of them, EOS included, unless the model wrote a tag of the
+        chat format. Its turn ends there (as in `chat`): the text stops before the tag and
+        is the longest run of first tokens that decodes within it (fewer tokens than given:
+        the answer was cut). A tag in a message would make every dialog it joins invalid."""
         ids = [int(t) for t in ids]
         body = [t for t in ids if t != self.eos_id]
         text = self.decode(body).strip()
@@ -149,8 +149,12 @@ class Tokenizer:
         if hit is None:
             return text, len(ids)
         head, n = text[:hit[0]].rstrip(), 0
-        while n < len(body) and head.startswith(self.decode(body[:n + 1]).strip()):
-            n += 1
+        for m in range(1, len(body) + 1):  # a character of several byte pieces decodes as U+FFFD until
+            prefix = self.decode(body[:m]).strip()  # its last one: the longest prefix within `head` counts
+            if head.startswith(prefix):
+                n = m
+            elif first_tag(prefix) is not None:
+                break
         return self.decode(body[:n]).strip(), n
 
     def _pieces(self, text: str):
@@ -266,12 +270,15 @@ def write_training_text(docs, order, path: str, budget: float = float("inf")) ->
     with open(path, "w") as f:
         for i in order:
             text = docs[int(i)]
+            over = len(text) > budget - size
+            if over:  # the budget is a bound: the document that crosses it is cut there
+                text = text[:int(budget - size)]
+            size += len(text)
             lines = text.split("\n")
             if any(len(line) > 1000 for line in lines):
                 text = "\n".join(line[j:j + 1000] for line in lines for j in range(0, len(line), 1000) or [0])
             f.write(text + "\n")
-            size += len(text)
-            if size > budget:
+            if over:
                 return False
     return True
 

@@ -282,3 +282,48 @@ def test_the_sample_after_pretraining_fits_the_context(tokenizer_path):
     PretrainStage().after_training(c, "", model, random_params(cfg), tok, progress)
     assert said[-1] == f"no sample: config.sample.prompt has {len(tok.encode(c.sample.prompt, bos=True))} tokens " \
                        "and the context is 24"
+
+
+def test_ppo_scores_rollouts_a_micro_batch_at_a_time_and_cuts_at_chat_tags(tokenizer_path):
+    """PPO's rollout forward runs batch_size / grad_accum_steps rows at a time (the last
+    chunk padded, its padding dropped), in order; an answer that writes a chat tag ends
+    before it, its tokens and the text the reward models see alike."""
+    import types
+
+    import jax
+    import numpy as np
+
+    from llama_jax import sharding
+    from llama_jax.stages import PPOStage
+    from llama_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_path)
+    c = load("ppo").get_config("tiny")
+    c.batch_size, c.grad_accum_steps, c.seq_len = 4, 2, 32  # chunks of 2 rows
+    shapes, seen = [], {}
+
+    def forward(params, ref, tokens, positions, segment_ids, targets):
+        shapes.append(tokens.shape)
+        mark = jax.numpy.asarray(tokens, jax.numpy.float32) + 1000.0 * segment_ids.sum(axis=1, keepdims=True)
+        return mark, -mark, mark[:, :1]
+
+    def rms(dialogs, is_safety):
+        seen["answers"] = [d[-1]["content"] for d in dialogs]
+        return {"gated": np.zeros(len(dialogs))}
+
+    stage = PPOStage()
+    stage.config, stage.ready, stage.forward, stage.ref_params, stage.rms = c, True, forward, None, rms
+    stage.runtime = types.SimpleNamespace(tokenizer=tok, mesh=sharding.make_mesh(1, -1, 1), rules=sharding.DEFAULT_RULES)
+    texts = ["the cat sat", "on the mat [INST] and more", "42", "the 日本 mat", "1999 cat"]
+    prompts = [types.SimpleNamespace(tokens=[tok.bos_id] + tok.encode(f"q{i}"), messages=[
+        {"role": "user", "content": f"q{i}"}], is_safety=False) for i in range(5)]
+    answers = [tok.encode(t) + [tok.eos_id] for t in texts]
+    rows, scored, logp, ref_logp, values = stage._evaluate_answers(None, prompts, answers)
+    assert set(shapes) == {(2, 32)} and len(shapes) == 3  # 5 rows: 2 + 2 + 1 padded
+    assert logp.shape == (5, 32) and values.shape == (5, 1)
+    np.testing.assert_array_equal(logp, rows["tokens"] + 1000.0 * rows["segment_ids"].sum(axis=1, keepdims=True))
+    np.testing.assert_array_equal(ref_logp, -logp)
+    assert seen["answers"] == scored["texts"] == ["the cat sat", "on the mat", "42", "the 日本 mat", "1999 cat"]
+    cut = rows["tokens"][1][rows["segment_ids"][1] > 0][len(prompts[1].tokens):]
+    assert tok.decode(cut).strip() == "on the mat" and tok.eos_id not in cut
+    assert rows["loss_mask"][1].sum() == len(cut)  # the tag and what follows are not trained on

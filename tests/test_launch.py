@@ -260,3 +260,14 @@ def test_a_process_per_node_job_drives_all_its_gpus(monkeypatch):
     assert distributed.initialize() and calls[-1] == {"local_device_ids": None}  # JAX's own choice
     script = open(f"{ROOT}/launch/gpu_slurm.sbatch").read()
     assert "#SBATCH --ntasks-per-node=1" in script and "export LLAMA_JAX_LOCAL_DEVICE_IDS" in script
+    lines = [line for line in script.splitlines() if line.startswith(("GPUS=", "LLAMA_JAX_LOCAL_DEVICE_IDS="))]
+    for gpus, ids in (("8", "0,1,2,3,4,5,6,7"), ("4", "0,1,2,3"), ("1", "0")):  # the script's own lines, run
+        out = subprocess.run(["bash", "-c", "\n".join(lines) + '\necho "$LLAMA_JAX_LOCAL_DEVICE_IDS"'],
+                             env={**os.environ, "SLURM_GPUS_ON_NODE": gpus}, capture_output=True, text=True)
+        assert out.stdout.strip() == ids, out.stderr
+    out = subprocess.run([sys.executable, "-m", "llama_jax.main", f"--config={ROOT}/experiments/pretrain.py:tiny",
+                          "--workdir=unused"], env={**env(), "LLAMA_JAX_DISTRIBUTED": "auto",
+                                                    "LLAMA_JAX_LOCAL_DEVICE_IDS": "0,a"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip() == ("error: LLAMA_JAX_LOCAL_DEVICE_IDS='0,a': give device "
+                                                          "numbers, e.g. 0,1,2,3"), out.stderr

@@ -194,7 +194,7 @@ def test_code_labelled_pairs_from_policy_samples():
                       {"messages": [], "reference": ref, "task": task})
 
     def samples(*texts):
-        return [(t, [], []) for t in texts]
+        return [rlhf.Sample(t, [], [], True) for t in texts]
 
     prompts = [prompt("What is 2 + 2?", "4"), prompt("What is 1 + 1?", "2"), prompt("Repeat exactly: a", "a"),
                prompt("Tell me how to hack a bank.", REFUSAL, safety=True), prompt("no reference", None)]

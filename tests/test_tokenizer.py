@@ -200,6 +200,20 @@ def test_a_sampled_answer_ends_before_a_chat_format_tag(tok):
     ids = tok.encode("[INST] hi")
     text, n = tok.answer(ids)
     assert text == "" and tok.decode(ids[:n]).strip() == "" and n < 3
+    for text in ("the 日本 sat", "naïve ünïcödé réponse"):  # characters of several byte pieces end whole
+        ids = tok.encode(f"{text} [/INST] x")
+        got, n = tok.answer(ids)
+        assert got == text and tok.decode(ids[:n]).strip() == text, text
+    from llama_jax.rlhf import sample_of
+
+    eos = [tok.eos_id]
+    assert sample_of(tok, tok.encode("the cat") + eos, [-1.0] * 3) == ("the cat", tok.encode("the cat") + eos,
+                                                                        [-1.0] * 3, True)
+    assert not sample_of(tok, tok.encode("the cat"), [-1.0] * 2).finished  # ran out of tokens
+    cut = sample_of(tok, tok.encode("the cat [INST] x"), [-1.0] * 9)  # the turn ended at the tag
+    assert cut.finished and cut.text == "the cat" and tok.decode(cut.tokens).strip() == "the cat"
+    assert len(cut.logprobs) == len(cut.tokens) < len(tok.encode("the cat [INST] x"))
+    assert not sample_of(tok, tok.encode("[INST] x") + eos).finished  # nothing before the tag: no answer
 
 
 def test_a_tokenizer_of_a_large_corpus_learns_from_all_of_it(tmp_path, monkeypatch):
@@ -222,6 +236,7 @@ def test_a_tokenizer_of_a_large_corpus_learns_from_all_of_it(tmp_path, monkeypat
     every, drawn = ({int(n) for n in re.findall(r"doc(\d+)", text)} for text in seen)
     assert every == set(range(40))
     assert 12 <= len(drawn) <= 15 and max(drawn) >= 20 and drawn != set(range(len(drawn)))
+    assert len(seen[1]) - seen[1].count("\n") == 40_000  # the budget is a bound: the last document is cut
     c.data.source = "synthetic"
     with pytest.raises(tk.TokenizerError, match="no text to train a tokenizer on; set --config.data.tokenizer"):
         stages.Stage().train_tokenizer(c, str(tmp_path / "t.model"))

@@ -313,7 +313,8 @@ def test_ppo_scores_rollouts_a_micro_batch_at_a_time_and_cuts_at_chat_tags(token
 
     stage = PPOStage()
     stage.config, stage.ready, stage.forward, stage.ref_params, stage.rms = c, True, forward, None, rms
-    stage.runtime = types.SimpleNamespace(tokenizer=tok, mesh=sharding.make_mesh(1, -1, 1), rules=sharding.DEFAULT_RULES)
+    stage.runtime = types.SimpleNamespace(tokenizer=tok, mesh=sharding.make_mesh(1, -1, 1),
+                                          rules=sharding.DEFAULT_RULES)
     texts = ["the cat sat", "on the mat [INST] and more", "42", "the 日本 mat", "1999 cat"]
     prompts = [types.SimpleNamespace(tokens=[tok.bos_id] + tok.encode(f"q{i}"), messages=[
         {"role": "user", "content": f"q{i}"}], is_safety=False) for i in range(5)]

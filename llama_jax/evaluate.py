@@ -18,6 +18,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import random
 import sys
 from typing import Sequence
@@ -29,6 +30,40 @@ import numpy as np
 from llama_jax.data import sources
 from llama_jax.data.sources import DataError
 from llama_jax.model import Llama, LlamaConfig
+
+
+class Progress:
+    """`what done/total, eta` on stderr: redrawn in place on a terminal (at most every
+    second), a line every 30 s in a log. Called with the count done so far (and the
+    total, where the caller knows it)."""
+
+    def __init__(self, what: str, total: int | None = None, stream=None):
+        import time
+
+        self.what, self.total, self.clock = what, total, time.perf_counter
+        self.stream = stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.t0, self.last, self.drawn = self.clock(), -math.inf, False
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        from llama_jax.metrics import _duration
+
+        self.total = total or self.total
+        now = self.clock()
+        if now - self.last < (1.0 if self.tty else 30.0) and not (self.total and done >= self.total):
+            return
+        self.last = now
+        line = f"{self.what} {done:,}" + (f"/{self.total:,}" if self.total else "")
+        if self.total and done:
+            line += f", eta {_duration((now - self.t0) / done * (self.total - done))}"
+        self.stream.write("\r\033[K" + line if self.tty else line + "\n")
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.tty and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def _bucket(n: int, multiple: int = 32) -> int:
@@ -49,7 +84,8 @@ def _row_logprobs(params, tokens, segment_ids, target_mask, *, config: LlamaConf
 
 
 def loglikelihood(config: LlamaConfig, params, contexts: Sequence[Sequence[int]],
-                  continuations: Sequence[Sequence[int]], batch_size: int = 8) -> list[tuple[float, bool]]:
+                  continuations: Sequence[Sequence[int]], batch_size: int = 8,
+                  progress=None) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), continuation is the greedy one) per pair.
     Pairs longer than max_seq_len keep their last max_seq_len tokens."""
     out = []
@@ -70,6 +106,8 @@ def loglikelihood(config: LlamaConfig, params, contexts: Sequence[Sequence[int]]
             mask[i, len(seq) - n_cont:len(seq)] = 1.0
         lp, greedy = _row_logprobs(params, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(mask), config=config)
         out += [(float(a), bool(b)) for a, b in zip(np.asarray(lp)[:len(chunk)], np.asarray(greedy)[:len(chunk)])]
+        if progress is not None:
+            progress(len(out), len(rows))
     return out
 
 
@@ -79,7 +117,7 @@ def loglikelihood(config: LlamaConfig, params, contexts: Sequence[Sequence[int]]
 
 
 def perplexity(config: LlamaConfig, params, tokenizer, source: str, seq_len: int = 512, batch_size: int = 8,
-               max_batches: int = 0) -> dict:
+               max_batches: int = 0, progress=None) -> dict:
     """Token-level perplexity of `source` (a pretraining source spec: text:GLOB,
     jsonl:GLOB, stdlib:eval, ...), read once in order, packed like pretraining; every
     token is scored (the last batch is padded with empty rows), except each row's and
@@ -87,6 +125,8 @@ def perplexity(config: LlamaConfig, params, tokenizer, source: str, seq_len: int
     from llama_jax import objectives
     from llama_jax.data import pretrain
 
+    if pretrain.parse_source(source)[0] == "synthetic" and not max_batches:
+        raise ValueError(f"{source}: an endless stream of random tokens; give --max_batches")
     seq_len = min(seq_len, config.max_seq_len)
     data = pretrain.make_dataset(source, tokenizer, seq_len, batch_size, split="eval", prefetch=0,
                                  drop_remainder=False)
@@ -102,6 +142,8 @@ def perplexity(config: LlamaConfig, params, tokenizer, source: str, seq_len: int
         batch = {k: np.pad(v, ((0, pad),) + ((0, 0),) * (v.ndim - 1)) for k, v in batch.items()}
         loss_sum, w, _ = step(params, {k: jnp.asarray(v) for k, v in batch.items()})
         total, weight, batches = total + float(loss_sum), weight + float(w), batches + 1
+        if progress is not None:
+            progress(batches)
         if max_batches and batches >= max_batches:
             break
     data.close()
@@ -121,6 +163,10 @@ def _validate_mc(record: dict, where: str) -> None:
     choices = sources.require(record, where, "choices", list)
     if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
         raise DataError(f"{where}: 'choices' must be a list of at least 2 strings")
+    if not all(c.strip() for c in choices):  # scored on the prompt's trailing space alone, it would win
+        raise DataError(f"{where}: a choice is empty")
+    if len(set(choices)) < len(choices):  # which of two equal choices is the answer is a coin toss
+        raise DataError(f"{where}: choices repeat {next(c for c in choices if choices.count(c) > 1)!r}")
     answer = record.get("answer")
     if isinstance(answer, bool) or not (isinstance(answer, int) and 0 <= answer < len(choices)
                                         or isinstance(answer, str) and answer in choices):
@@ -139,7 +185,7 @@ def mc_prompt(record: dict, shots: Sequence[dict]) -> str:
 
 
 def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: int = 0, seed: int = 0,
-                    limit: int = 0, batch_size: int = 8) -> dict:
+                    limit: int = 0, batch_size: int = 8, progress=None) -> dict:
     data = sources.Jsonl(path, validate=_validate_mc)
     every = [data.record(i) for i in range(len(data))]
     records = every[:limit] if limit else every
@@ -148,8 +194,9 @@ def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: i
     contexts, continuations = [], []
     fewer_shots = cut = 0
     for qi, rec in enumerate(records):
-        others = [r for j, r in enumerate(every) if j != qi]
-        shots = rng.sample(others, shots_used)
+        # never the question itself, nor another line asking the same (its answer would be in the prompt)
+        others = [r for j, r in enumerate(every) if j != qi and r["question"] != rec["question"]]
+        shots = rng.sample(others, min(shots_used, len(others)))
         while True:  # a prompt too long for the model drops solved examples, first ones first
             prompt = mc_prompt(rec, shots)
             # Tokenize prompt + choice together (as the model would read it); the choice's
@@ -167,7 +214,7 @@ def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: i
                 n -= 1
             contexts.append(full[:n])
             continuations.append(full[n:])
-    scores = loglikelihood(config, params, contexts, continuations, batch_size)
+    scores = loglikelihood(config, params, contexts, continuations, batch_size, progress)
     correct = correct_norm = 0
     per_question = []
     i = 0
@@ -197,7 +244,7 @@ def _scores(params, tokens, segment_ids, answer, *, config: LlamaConfig):
 
 
 def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dict]], batch_size: int = 8,
-          mesh=None, rules=None) -> np.ndarray:
+          mesh=None, rules=None, progress=None) -> np.ndarray:
     """Reward-model scores (raw, before the sigmoid) of complete dialogs (each ending
     with the assistant answer to be scored), read at the last token or averaged over the
     final answer's tokens (config.score_pooling), right-padded. With `mesh` (params on it,
@@ -227,25 +274,33 @@ def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dic
             tokens[i, :len(r)], seg[i, :len(r)], answer[i, :len(m)] = r, 1, m
         with ctx():
             out.append((_scores(params, put(tokens), put(seg), put(answer), config=config), len(chunk)))
+        if progress is not None:
+            progress(start + len(chunk), len(rows))
     # fetched once every batch is dispatched: the device never waits for the host's padding
     return np.concatenate([distributed.to_host(s)[:n] for s, n in out]) if out else np.zeros((0,), np.float32)
 
 
-def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_size: int = 8) -> dict:
+def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_size: int = 8, progress=None) -> dict:
     """Accuracy (chosen scored above rejected) per rating bucket and overall (paper Table
     8 layout), per toy task (accuracy_TASK) where pairs name their `task`, plus
     unsafe-response recall at the 0.5 threshold where safety labels exist (sigmoid(score)
-    < 0.5 counted as 'unsafe')."""
+    < 0.5 counted as 'unsafe'). Pairs are read as training reads them (`pairs_left_out`:
+    those the paper's filter drops); a pair scored equal both ways counts as wrong
+    (`ties`)."""
     from llama_jax.data.preference import RATINGS, PreferencePairs
 
     pairs = PreferencePairs(path)
     recs = [pairs[i] for i in range(len(pairs))]
+    def half(offset):
+        return None if progress is None else (lambda done, total: progress(offset + done, 2 * total))
+
     chosen = score(config, params, tokenizer, [r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]
-                                               for r in recs], batch_size)
+                                               for r in recs], batch_size, progress=half(0))
     rejected = score(config, params, tokenizer, [r["prompt"] + [{"role": "assistant", "content": r["rejected"]}]
-                                                 for r in recs], batch_size)
+                                                 for r in recs], batch_size, progress=half(len(recs)))
     right = chosen > rejected
-    out: dict = {"pairs": len(recs), "accuracy": float(right.mean())}
+    out: dict = {"pairs": len(recs), "accuracy": float(right.mean()), "ties": int((chosen == rejected).sum()),
+                 "pairs_left_out": int(pairs.dropped)}
     for rating in RATINGS:
         idx = [i for i, r in enumerate(recs) if r.get("rating") == rating]
         out[rating] = float(right[idx].mean()) if idx else None
@@ -277,51 +332,78 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llama_jax.evaluate", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--step", type=int, default=None, help="a step of a run (default: its latest)")
     ap.add_argument("--task", required=True, choices=["perplexity", "multiple_choice", "reward_accuracy"])
     ap.add_argument("--data", required=True, help="source spec (perplexity) or JSONL file")
-    ap.add_argument("--k_shot", type=int, default=0)
-    ap.add_argument("--seq_len", type=int, default=512)
+    ap.add_argument("--k_shot", type=int, default=0, help="solved examples before each question (multiple_choice)")
+    ap.add_argument("--seq_len", type=int, default=512, help="window length (perplexity; at most max_seq_len)")
     ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--max_batches", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=0, help="first N questions only (multiple_choice)")
+    ap.add_argument("--max_batches", type=int, default=0, help="stop after N batches (perplexity; 0 = all)")
+    ap.add_argument("--limit", type=int, default=0, help="first N questions only (multiple_choice; 0 = all)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--output", default="", help="also write the results as JSON here")
+    ap.add_argument("--output", default="", help="also write the results, with their settings, as JSON here")
     args = ap.parse_args(argv)
+    for flag, least in (("seq_len", 2), ("batch_size", 1), ("k_shot", 0), ("max_batches", 0), ("limit", 0)):
+        if getattr(args, flag) < least:
+            ap.error(f"--{flag} must be >= {least}, got {getattr(args, flag)}")
+    ignored = {"perplexity": ("k_shot", "limit"), "multiple_choice": ("seq_len", "max_batches"),
+               "reward_accuracy": ("k_shot", "seq_len", "max_batches", "limit")}[args.task]
+    given = [f for f in ignored if getattr(args, f) != ap.get_default(f)]
+    if given:
+        ap.error(f"{', '.join('--' + f for f in given)}: not used by --task={args.task}")
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        ap.error(f"--output={args.output}: its directory does not exist")  # before the evaluation, not after
 
     from llama_jax import checkpoint as ckpt
     from llama_jax.tokenizer import Tokenizer, TokenizerError
 
     try:
-        cfg, params, heads, tok_path = ckpt.load_model(args.checkpoint)
+        step, _ = ckpt.read_meta(args.checkpoint, args.step)
+        cfg, params, heads, tok_path = ckpt.load_model(args.checkpoint, step)
         tok = Tokenizer.of_checkpoint(args.checkpoint, tok_path, cfg.vocab_size)
         need = "score" if args.task == "reward_accuracy" else "lm"
         if need not in heads:
             raise ckpt.CheckpointError(f"{args.checkpoint}: task {args.task} needs a '{need}' head; it has {heads}")
         if args.task == "perplexity":
-            res = perplexity(cfg, params, tok, args.data, args.seq_len, args.batch_size, args.max_batches)
+            if args.seq_len > cfg.max_seq_len:
+                print(f"note: --seq_len {args.seq_len} is the model's max_seq_len {cfg.max_seq_len}")
+            progress = Progress("batches", args.max_batches or None)
+            res = perplexity(cfg, params, tok, args.data, args.seq_len, args.batch_size, args.max_batches, progress)
+            progress.close()
+            cut = f", the first {res['batches']} batches" if args.max_batches and res["batches"] == args.max_batches \
+                else ""
             print(f"perplexity {res['perplexity']:.3f} (loss {res['loss']:.4f} nats/token over {res['tokens']:,}"
-                  f" tokens)")
+                  f" tokens{cut})")
         elif args.task == "multiple_choice":
-            res = multiple_choice(cfg, params, tok, args.data, args.k_shot, args.seed, args.limit, args.batch_size)
+            progress = Progress("choices scored")
+            res = multiple_choice(cfg, params, tok, args.data, args.k_shot, args.seed, args.limit, args.batch_size,
+                                  progress)
+            progress.close()
             print(f"{res['k_shot']}-shot accuracy {res['accuracy']:.4f} (length-normalised {res['accuracy_norm']:.4f})"
                   f" on {res['questions']} questions")
             if res["k_shot"] < args.k_shot:
                 print(f"note: {args.k_shot} shots requested; the file has only {res['k_shot']} other questions")
             if res["questions_with_fewer_shots"]:
                 print(f"note: {res['questions_with_fewer_shots']} questions got fewer solved examples, to fit the "
-                      f"model's max_seq_len {cfg.max_seq_len}")
+                      f"model's max_seq_len {cfg.max_seq_len} (or for want of other questions)")
             if res["questions_cut"]:
                 print(f"warning: {res['questions_cut']} questions are longer than max_seq_len {cfg.max_seq_len} even "
                       "without examples; each choice was scored on its last max_seq_len tokens")
         else:
-            res = reward_accuracy(cfg, params, tok, args.data, args.batch_size)
+            progress = Progress("answers scored")
+            res = reward_accuracy(cfg, params, tok, args.data, args.batch_size, progress)
+            progress.close()
             print(table8(res))
+            print(f"{res['pairs']} pairs" + (f" ({res['pairs_left_out']} left out by the paper's filter, as in "
+                                             "training)" if res["pairs_left_out"] else "")
+                  + (f"; {res['ties']} scored equal both ways, counted wrong" if res["ties"] else ""))
             if "unsafe_recall" in res:
                 print(f"unsafe-response recall at 0.5: {res['unsafe_recall']:.3f}")
         if args.output:
+            settings = {k: v for k, v in vars(args).items() if k != "output"}
             with open(args.output, "w") as f:
-                json.dump(res, f, indent=1)
-    except (ckpt.CheckpointError, TokenizerError, DataError, ValueError) as e:
+                json.dump({**res, "settings": {**settings, "step": step}}, f, indent=1)
+    except (ckpt.CheckpointError, TokenizerError, DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

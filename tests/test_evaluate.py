@@ -214,3 +214,50 @@ def test_reward_models_on_a_runs_mesh_score_like_their_own_copy(tmp_path, tok):
     for k in ("helpful", "safety", "gated"):
         np.testing.assert_allclose(scored[k], own[k], atol=2e-5)
     assert len(set(np.round(scored["gated"], 4))) > 10  # real, varied scores, not a constant
+
+
+def test_evaluation_inputs_a_result_would_silently_mislead_on(tmp_path, tok, params, capsys):
+    """An empty choice (scored on the prompt's space alone, it wins) and repeated choices
+    are data errors naming the line; another line asking the same question is no solved
+    example for it; reward accuracy says how many pairs the filter left out and how many
+    tied; flags that do not apply, bad values and an --output that cannot be written are
+    refused before any evaluation; --output records the settings; progress is shown."""
+    m = str(tmp_path / "m")
+    ckpt.save_params(m, params, {"model": CFG.to_dict(), "heads": ["lm"]}, tokenizer_path=tok.path)
+    for choices, words in ((["def", " "], "mc.jsonl:2: a choice is empty"),
+                           (["class", "class", "x"], "mc.jsonl:2: choices repeat 'class'")):
+        (tmp_path / "mc.jsonl").write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n"
+                                           + json.dumps({"question": "q", "choices": choices, "answer": 0}) + "\n")
+        assert ev.main([f"--checkpoint={m}", "--task=multiple_choice", f"--data={tmp_path / 'mc.jsonl'}"]) == 2
+        assert words in capsys.readouterr().err
+    same = [{"question": "What is 1 + 2?", "choices": ["3", "4"], "answer": 0}] * 3 + \
+        [{"question": "What is 5 + 6?", "choices": ["11", "12"], "answer": 0}]
+    (tmp_path / "same.jsonl").write_text("".join(json.dumps(q) + "\n" for q in same))
+    res = ev.multiple_choice(CFG, params, tok, str(tmp_path / "same.jsonl"), k_shot=2)
+    assert res["questions_with_fewer_shots"] == 3  # the three repeats have one other question to show
+    # reward accuracy: one pair dropped by the paper's filter (unsafe chosen, safe rejected), one tie
+    rm = random_params(CFG, heads=("score",), std=0.15, seed=9)
+    pairs = synthetic.generate("preference", 6, 1)
+    pairs[0] = {**pairs[0], "chosen_safe": False, "rejected_safe": True}
+    pairs[1] = {**pairs[1], "rejected": pairs[1]["chosen"]}
+    synthetic.write_jsonl(pairs, str(tmp_path / "p.jsonl"))
+    out = ev.reward_accuracy(CFG, rm, tok, str(tmp_path / "p.jsonl"))
+    assert out["pairs"] == 5 and out["pairs_left_out"] == 1 and out["ties"] == 1
+    # the CLI
+    docs = tmp_path / "d.txt"
+    docs.write_text(" ".join(random.Random(0).choice(synthetic.WORDS) for _ in range(400)))
+    base = [f"--checkpoint={m}", "--task=perplexity", f"--data=text:{docs}"]
+    for extra, words in ((["--k_shot=3"], "--k_shot: not used by --task=perplexity"),
+                         (["--seq_len=0"], "--seq_len must be >= 2, got 0"),
+                         (["--output=/nonexistent/x.json"], "--output=/nonexistent/x.json: its directory does not")):
+        with pytest.raises(SystemExit) as e:
+            ev.main(base + extra)
+        assert e.value.code == 2 and words in capsys.readouterr().err
+    assert ev.main([f"--checkpoint={m}", "--task=perplexity", "--data=synthetic"]) == 2
+    assert "give --max_batches" in capsys.readouterr().err
+    out = tmp_path / "r.json"
+    assert ev.main(base + ["--seq_len=64", "--batch_size=2", "--max_batches=2", f"--output={out}"]) == 0
+    printed = capsys.readouterr()
+    assert "tokens, the first 2 batches)" in printed.out and "batches 2/2" in printed.err
+    saved = json.loads(out.read_text())
+    assert saved["batches"] == 2 and saved["settings"]["max_batches"] == 2 and saved["settings"]["step"] == 0

@@ -247,7 +247,9 @@ def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dic
           mesh=None, rules=None, progress=None) -> np.ndarray:
     """Reward-model scores (raw, before the sigmoid) of complete dialogs (each ending
     with the assistant answer to be scored), read at the last token or averaged over the
-    final answer's tokens (config.score_pooling), right-padded. With `mesh` (params on it,
+    final answer's tokens (config.score_pooling), right-padded. A dialog longer than
+    max_seq_len is cut as training cuts one: BOS kept, the prompt's first tokens dropped,
+    then, if the answer alone is too long, the start of what is left. With `mesh` (params on it,
     e.g. a run's mesh across processes; every process calls this with the same dialogs)
     the batches go onto it whole and the activations are sharded by `rules`, as in training."""
     import contextlib
@@ -262,6 +264,10 @@ def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dic
     rows = []
     for d in dialogs:
         tokens, mask = tokenizer.encode_dialog_for_training(d, last_turn_only=True)
+        over = len(tokens) - config.max_seq_len
+        if over > 0:  # as training cuts a pair: prompt tokens after BOS first, then from the start
+            cut = min(over, (mask.index(True) if True in mask else len(mask)) - 1)
+            tokens, mask = tokens[:1] + tokens[1 + cut:], mask[:1] + mask[1 + cut:]
         rows.append((tokens[-config.max_seq_len:], mask[-config.max_seq_len:]))
     out = []
     for start in range(0, len(rows), batch_size):
@@ -286,11 +292,14 @@ def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_siz
     unsafe-response recall at the 0.5 threshold where safety labels exist (sigmoid(score)
     < 0.5 counted as 'unsafe'). Pairs are read as training reads them (`pairs_left_out`:
     those the paper's filter drops); a pair scored equal both ways counts as wrong
-    (`ties`)."""
+    (`ties`); `pairs_cut`: those longer than max_seq_len, cut as `score` cuts them."""
     from llama_jax.data.preference import RATINGS, PreferencePairs
 
     pairs = PreferencePairs(path)
     recs = [pairs[i] for i in range(len(pairs))]
+    longest = [max(len(tokenizer.encode_dialog_for_training(r["prompt"] + [{"role": "assistant", "content": r[s]}],
+                                                              last_turn_only=True)[0]) for s in ("chosen", "rejected"))
+               for r in recs]
     def half(offset):
         return None if progress is None else (lambda done, total: progress(offset + done, 2 * total))
 
@@ -300,7 +309,8 @@ def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_siz
                                                  for r in recs], batch_size, progress=half(len(recs)))
     right = chosen > rejected
     out: dict = {"pairs": len(recs), "accuracy": float(right.mean()), "ties": int((chosen == rejected).sum()),
-                 "pairs_left_out": int(pairs.dropped)}
+                 "pairs_left_out": int(pairs.dropped),
+                 "pairs_cut": sum(n > config.max_seq_len for n in longest)}
     for rating in RATINGS:
         idx = [i for i, r in enumerate(recs) if r.get("rating") == rating]
         out[rating] = float(right[idx].mean()) if idx else None
@@ -396,7 +406,9 @@ def main(argv=None) -> int:
             print(table8(res))
             print(f"{res['pairs']} pairs" + (f" ({res['pairs_left_out']} left out by the paper's filter, as in "
                                              "training)" if res["pairs_left_out"] else "")
-                  + (f"; {res['ties']} scored equal both ways, counted wrong" if res["ties"] else ""))
+                  + (f"; {res['ties']} scored equal both ways, counted wrong" if res["ties"] else "")
+                  + (f"; {res['pairs_cut']} longer than max_seq_len {cfg.max_seq_len}, their prompts' starts cut"
+                     if res["pairs_cut"] else ""))
             if "unsafe_recall" in res:
                 print(f"unsafe-response recall at 0.5: {res['unsafe_recall']:.3f}")
         if args.output:

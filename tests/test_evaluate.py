@@ -261,3 +261,25 @@ def test_evaluation_inputs_a_result_would_silently_mislead_on(tmp_path, tok, par
     assert "tokens, the first 2 batches)" in printed.out and "batches 2/2" in printed.err
     saved = json.loads(out.read_text())
     assert saved["batches"] == 2 and saved["settings"]["max_batches"] == 2 and saved["settings"]["step"] == 0
+
+
+def test_a_dialog_longer_than_the_context_is_scored_as_training_reads_it(tmp_path, tok):
+    """Scoring cuts a long dialog as the preference pipeline cuts a pair: BOS kept, the
+    prompt's first tokens dropped (it used to keep the last max_seq_len tokens, BOS lost);
+    reward accuracy counts the pairs it cut."""
+    from llama_jax.data import preference
+
+    rm = random_params(CFG, heads=("score",), std=0.15, seed=9)
+    short = CFG.replace(max_seq_len=64)
+    prompt = [{"role": "user", "content": " ".join(synthetic.WORDS[i % len(synthetic.WORDS)] for i in range(80))}]
+    answer = "the answer is here"
+    (tokens, mask), _ = preference._EncodePair(tok, 64, "small").sides(prompt, answer, answer)
+    assert tokens[0] == tok.bos_id and len(tokens) == 64
+    seg = np.ones((1, 64), np.int32)
+    want = ev._scores(rm, jnp.asarray([tokens]), jnp.asarray(seg), jnp.asarray([mask], jnp.float32), config=short)
+    got = ev.score(short, rm, tok, [prompt + [{"role": "assistant", "content": answer}]])
+    assert got[0] == pytest.approx(float(np.asarray(want)[0]), abs=1e-5)
+    pairs = [{"prompt": prompt, "chosen": answer, "rejected": "no", "rating": "better"},
+             {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b", "rating": "better"}]
+    synthetic.write_jsonl(pairs, str(tmp_path / "long.jsonl"))
+    assert ev.reward_accuracy(short, rm, tok, str(tmp_path / "long.jsonl"))["pairs_cut"] == 1

@@ -286,7 +286,8 @@ def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dic
     return np.concatenate([distributed.to_host(s)[:n] for s, n in out]) if out else np.zeros((0,), np.float32)
 
 
-def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_size: int = 8, progress=None) -> dict:
+def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_size: int = 8, progress=None,
+                    mesh=None) -> dict:
     """Accuracy (chosen scored above rejected) per rating bucket and overall (paper Table
     8 layout), per toy task (accuracy_TASK) where pairs name their `task`, plus
     unsafe-response recall at the 0.5 threshold where safety labels exist (sigmoid(score)
@@ -304,9 +305,9 @@ def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_siz
         return None if progress is None else (lambda done, total: progress(offset + done, 2 * total))
 
     chosen = score(config, params, tokenizer, [r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]
-                                               for r in recs], batch_size, progress=half(0))
+                                               for r in recs], batch_size, mesh, progress=half(0))
     rejected = score(config, params, tokenizer, [r["prompt"] + [{"role": "assistant", "content": r["rejected"]}]
-                                                 for r in recs], batch_size, progress=half(len(recs)))
+                                                 for r in recs], batch_size, mesh, progress=half(len(recs)))
     right = chosen > rejected
     out: dict = {"pairs": len(recs), "accuracy": float(right.mean()), "ties": int((chosen == rejected).sum()),
                  "pairs_left_out": int(pairs.dropped),
@@ -365,15 +366,15 @@ def main(argv=None) -> int:
         ap.error(f"--output={args.output}: its directory does not exist")  # before the evaluation, not after
 
     from llama_jax import checkpoint as ckpt
-    from llama_jax.tokenizer import Tokenizer, TokenizerError
+    from llama_jax.generate import load_on_local_devices
+    from llama_jax.sharding import MeshError
+    from llama_jax.tokenizer import TokenizerError
 
     try:
         step, _ = ckpt.read_meta(args.checkpoint, args.step)
-        cfg, params, heads, tok_path = ckpt.load_model(args.checkpoint, step)
-        tok = Tokenizer.of_checkpoint(args.checkpoint, tok_path, cfg.vocab_size)
         need = "score" if args.task == "reward_accuracy" else "lm"
-        if need not in heads:
-            raise ckpt.CheckpointError(f"{args.checkpoint}: task {args.task} needs a '{need}' head; it has {heads}")
+        # split over every local device, as generate and chat load a model: a 70B fits a host's GPUs
+        cfg, params, _, tok, mesh = load_on_local_devices(args.checkpoint, step, need)
         if args.task == "perplexity":
             if args.seq_len > cfg.max_seq_len:
                 print(f"note: --seq_len {args.seq_len} is the model's max_seq_len {cfg.max_seq_len}")
@@ -401,7 +402,7 @@ def main(argv=None) -> int:
                       "without examples; each choice was scored on its last max_seq_len tokens")
         else:
             progress = Progress("answers scored")
-            res = reward_accuracy(cfg, params, tok, args.data, args.batch_size, progress)
+            res = reward_accuracy(cfg, params, tok, args.data, args.batch_size, progress, mesh)
             progress.close()
             print(table8(res))
             print(f"{res['pairs']} pairs" + (f" ({res['pairs_left_out']} left out by the paper's filter, as in "
@@ -415,7 +416,7 @@ def main(argv=None) -> int:
             settings = {k: v for k, v in vars(args).items() if k != "output"}
             with open(args.output, "w") as f:
                 json.dump({**res, "settings": {**settings, "step": step}}, f, indent=1)
-    except (ckpt.CheckpointError, TokenizerError, DataError, ValueError, OSError) as e:
+    except (ckpt.CheckpointError, TokenizerError, DataError, MeshError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

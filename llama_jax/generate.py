@@ -218,23 +218,30 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
 # ----------------------------------------------------------------------------------
 
 
-def load_for_inference(checkpoint: str):
-    """(config, params on a mesh over all local devices, tokenizer, mesh) of a run or export."""
+def load_on_local_devices(checkpoint: str, step: int | None = None, need: str = "lm"):
+    """(config, params split over all local devices (fsdp), heads, tokenizer, mesh) of a
+    run or export, which must have the `need` head: a model too big for one device loads."""
     from llama_jax import checkpoint as ckpt
     from llama_jax import sharding
     from llama_jax.tokenizer import Tokenizer
 
-    step, meta = ckpt.read_meta(checkpoint)
-    cfg = ckpt.model_config(meta)
-    if "lm" not in meta.get("heads", ["lm"]):
-        raise ckpt.CheckpointError(f"{checkpoint}: has no LM head (heads {meta.get('heads')}); it cannot generate")
+    step, meta = ckpt.read_meta(checkpoint, step)
+    cfg, heads = ckpt.model_config(meta), tuple(meta.get("heads", ["lm"]))
+    if need not in heads:
+        raise ckpt.CheckpointError(f"{checkpoint}: needs a '{need}' head; it has {list(heads)}")
     mesh = sharding.make_mesh(1, -1, 1)
     sharding.check_model_fits_mesh(cfg, mesh)
-    model = Llama(cfg, tuple(meta.get("heads", ["lm"])))  # a PPO policy also holds its value head
+    model = Llama(cfg, heads)  # a PPO policy also holds its value head
     shardings = sharding.param_shardings_like(sharding.abstract_params(model), model, mesh, sharding.DEFAULT_RULES)
-    cfg, params, _, tok_path = ckpt.load_model(checkpoint, step, shardings=shardings)
+    cfg, params, heads, tok_path = ckpt.load_model(checkpoint, step, shardings=shardings)
+    return cfg, params, heads, Tokenizer.of_checkpoint(checkpoint, tok_path, cfg.vocab_size), mesh
+
+
+def load_for_inference(checkpoint: str):
+    """(config, params on a mesh over all local devices, tokenizer, mesh) of a run or export."""
+    cfg, params, _, tok, mesh = load_on_local_devices(checkpoint)
     params = {k: v for k, v in params.items() if not k.endswith("_head")}  # the LM's own: what generate runs
-    return cfg, params, Tokenizer.of_checkpoint(checkpoint, tok_path, cfg.vocab_size), mesh
+    return cfg, params, tok, mesh
 
 
 class TextStream:

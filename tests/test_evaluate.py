@@ -283,3 +283,28 @@ def test_a_dialog_longer_than_the_context_is_scored_as_training_reads_it(tmp_pat
              {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b", "rating": "better"}]
     synthetic.write_jsonl(pairs, str(tmp_path / "long.jsonl"))
     assert ev.reward_accuracy(short, rm, tok, str(tmp_path / "long.jsonl"))["pairs_cut"] == 1
+
+
+def test_evaluate_loads_a_model_over_every_local_device(tmp_path, tok, params, capsys):
+    """The evaluate CLI loads a checkpoint split over the host's devices (fsdp), as
+    generate and chat do, and scores what one device scores."""
+    from llama_jax.generate import load_on_local_devices
+
+    m, rm_dir = str(tmp_path / "m"), str(tmp_path / "rm")
+    ckpt.save_params(m, params, {"model": CFG.to_dict(), "heads": ["lm"]}, tokenizer_path=tok.path)
+    rm = random_params(CFG, heads=("score",), std=0.15, seed=9)
+    ckpt.save_params(rm_dir, rm, {"model": CFG.to_dict(), "heads": ["score"]}, tokenizer_path=tok.path)
+    cfg, split, _, _, mesh = load_on_local_devices(m)
+    assert mesh.size == jax.device_count() == 8
+    assert len(split["output"].sharding.device_set) == 8  # not a copy on device 0
+    docs = tmp_path / "d.txt"
+    docs.write_text(" ".join(random.Random(0).choice(synthetic.WORDS) for _ in range(400)))
+    one = ev.perplexity(CFG, params, tok, f"text:{docs}", 64, 2)
+    assert ev.perplexity(cfg, split, tok, f"text:{docs}", 64, 2)["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    pairs = synthetic.generate("preference", 8, 1)
+    synthetic.write_jsonl(pairs, str(tmp_path / "p.jsonl"))
+    want = ev.reward_accuracy(CFG, rm, tok, str(tmp_path / "p.jsonl"))
+    assert ev.main([f"--checkpoint={rm_dir}", "--task=reward_accuracy", f"--data={tmp_path / 'p.jsonl'}",
+                    f"--output={tmp_path / 'r.json'}"]) == 0
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert got["accuracy"] == want["accuracy"] and got["pairs"] == 8 and "| avg |" in capsys.readouterr().out

@@ -8,7 +8,8 @@ HellaSwag / ARC style), and reward-model accuracy per rating bucket (paper Table
 Multiple choice: JSONL lines `{"question": str, "choices": [str, ...], "answer": int | str}`
 (answer = index or the text of the right choice). Each choice is scored by the summed
 log-probability of its tokens after the prompt "Question: {q}\\nAnswer:" (preceded by
-k solved examples from the same file, never the question itself); `accuracy` takes the
+k solved examples from the same file, never the question itself nor a line asking the
+same; choices must be distinct and not empty); `accuracy` takes the
 highest sum, `accuracy_norm` the highest sum per character of the choice.
 """
 

@@ -33,40 +33,6 @@ from llama_jax.data.sources import DataError
 from llama_jax.model import Llama, LlamaConfig
 
 
-class Progress:
-    """`what done/total, eta` on stderr: redrawn in place on a terminal (at most every
-    second), a line every 30 s in a log. Called with the count done so far (and the
-    total, where the caller knows it)."""
-
-    def __init__(self, what: str, total: int | None = None, stream=None):
-        import time
-
-        self.what, self.total, self.clock = what, total, time.perf_counter
-        self.stream = stream or sys.stderr
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.t0, self.last, self.drawn = self.clock(), -math.inf, False
-
-    def __call__(self, done: int, total: int | None = None) -> None:
-        from llama_jax.metrics import _duration
-
-        self.total = total or self.total
-        now = self.clock()
-        if now - self.last < (1.0 if self.tty else 30.0) and not (self.total and done >= self.total):
-            return
-        self.last = now
-        line = f"{self.what} {done:,}" + (f"/{self.total:,}" if self.total else "")
-        if self.total and done:
-            line += f", eta {_duration((now - self.t0) / done * (self.total - done))}"
-        self.stream.write("\r\033[K" + line if self.tty else line + "\n")
-        self.stream.flush()
-        self.drawn = True
-
-    def close(self) -> None:
-        if self.tty and self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def _bucket(n: int, multiple: int = 32) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
@@ -245,17 +211,19 @@ def _scores(params, tokens, segment_ids, answer, *, config: LlamaConfig):
 
 
 def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dict]], batch_size: int = 8,
-          mesh=None, rules=None, progress=None) -> np.ndarray:
+          mesh=None, rules=None, progress=None, was_cut: list | None = None) -> np.ndarray:
     """Reward-model scores (raw, before the sigmoid) of complete dialogs (each ending
     with the assistant answer to be scored), read at the last token or averaged over the
     final answer's tokens (config.score_pooling), right-padded. A dialog longer than
     max_seq_len is cut as training cuts one: BOS kept, the prompt's first tokens dropped,
-    then, if the answer alone is too long, the start of what is left. With `mesh` (params on it,
+    then, if the answer alone is too long, the start of what is left (`was_cut`, a list,
+    gets whether each dialog was). With `mesh` (params on it,
     e.g. a run's mesh across processes; every process calls this with the same dialogs)
     the batches go onto it whole and the activations are sharded by `rules`, as in training."""
     import contextlib
 
     from llama_jax import distributed, sharding
+    from llama_jax.data.preference import cut_prompt
 
     put, ctx = jnp.asarray, contextlib.nullcontext
     if mesh is not None:
@@ -267,8 +235,9 @@ def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dic
         tokens, mask = tokenizer.encode_dialog_for_training(d, last_turn_only=True)
         over = len(tokens) - config.max_seq_len
         if over > 0:  # as training cuts a pair: prompt tokens after BOS first, then from the start
-            cut = min(over, (mask.index(True) if True in mask else len(mask)) - 1)
-            tokens, mask = tokens[:1] + tokens[1 + cut:], mask[:1] + mask[1 + cut:]
+            tokens, mask = cut_prompt(tokens, mask, over)
+        if was_cut is not None:
+            was_cut.append(over > 0)
         rows.append((tokens[-config.max_seq_len:], mask[-config.max_seq_len:]))
     out = []
     for start in range(0, len(rows), batch_size):
@@ -299,20 +268,20 @@ def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_siz
 
     pairs = PreferencePairs(path)
     recs = [pairs[i] for i in range(len(pairs))]
-    longest = [max(len(tokenizer.encode_dialog_for_training(r["prompt"] + [{"role": "assistant", "content": r[s]}],
-                                                              last_turn_only=True)[0]) for s in ("chosen", "rejected"))
-               for r in recs]
+    cut: list[bool] = []
+
     def half(offset):
         return None if progress is None else (lambda done, total: progress(offset + done, 2 * total))
 
     chosen = score(config, params, tokenizer, [r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]
-                                               for r in recs], batch_size, mesh, progress=half(0))
+                                               for r in recs], batch_size, mesh, progress=half(0), was_cut=cut)
     rejected = score(config, params, tokenizer, [r["prompt"] + [{"role": "assistant", "content": r["rejected"]}]
-                                                 for r in recs], batch_size, mesh, progress=half(len(recs)))
+                                                 for r in recs], batch_size, mesh, progress=half(len(recs)),
+                     was_cut=cut)
     right = chosen > rejected
     out: dict = {"pairs": len(recs), "accuracy": float(right.mean()), "ties": int((chosen == rejected).sum()),
                  "pairs_left_out": int(pairs.dropped),
-                 "pairs_cut": sum(n > config.max_seq_len for n in longest)}
+                 "pairs_cut": int(np.sum(np.logical_or(cut[:len(recs)], cut[len(recs):])))}
     for rating in RATINGS:
         idx = [i for i, r in enumerate(recs) if r.get("rating") == rating]
         out[rating] = float(right[idx].mean()) if idx else None
@@ -368,6 +337,7 @@ def main(argv=None) -> int:
 
     from llama_jax import checkpoint as ckpt
     from llama_jax.generate import load_on_local_devices
+    from llama_jax.metrics import Progress
     from llama_jax.sharding import MeshError
     from llama_jax.tokenizer import TokenizerError
 
@@ -379,17 +349,18 @@ def main(argv=None) -> int:
         if args.task == "perplexity":
             if args.seq_len > cfg.max_seq_len:
                 print(f"note: --seq_len {args.seq_len} is the model's max_seq_len {cfg.max_seq_len}")
-            progress = Progress("batches", args.max_batches or None)
-            res = perplexity(cfg, params, tok, args.data, args.seq_len, args.batch_size, args.max_batches, progress)
+            progress = Progress(args.max_batches or None, what="batches", throttle=True)
+            res = perplexity(cfg, params, tok, args.data, args.seq_len, args.batch_size, args.max_batches,
+                             progress.update)
             progress.close()
             cut = f", the first {res['batches']} batches" if args.max_batches and res["batches"] == args.max_batches \
                 else ""
             print(f"perplexity {res['perplexity']:.3f} (loss {res['loss']:.4f} nats/token over {res['tokens']:,}"
                   f" tokens{cut})")
         elif args.task == "multiple_choice":
-            progress = Progress("choices scored")
+            progress = Progress(None, what="choices scored", throttle=True)
             res = multiple_choice(cfg, params, tok, args.data, args.k_shot, args.seed, args.limit, args.batch_size,
-                                  progress)
+                                  progress.update)
             progress.close()
             print(f"{res['k_shot']}-shot accuracy {res['accuracy']:.4f} (length-normalised {res['accuracy_norm']:.4f})"
                   f" on {res['questions']} questions")
@@ -402,8 +373,8 @@ def main(argv=None) -> int:
                 print(f"warning: {res['questions_cut']} questions are longer than max_seq_len {cfg.max_seq_len} even "
                       "without examples; each choice was scored on its last max_seq_len tokens")
         else:
-            progress = Progress("answers scored")
-            res = reward_accuracy(cfg, params, tok, args.data, args.batch_size, progress, mesh)
+            progress = Progress(None, what="answers scored", throttle=True)
+            res = reward_accuracy(cfg, params, tok, args.data, args.batch_size, progress.update, mesh)
             progress.close()
             print(table8(res))
             print(f"{res['pairs']} pairs" + (f" ({res['pairs_left_out']} left out by the paper's filter, as in "

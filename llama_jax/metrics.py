@@ -155,34 +155,51 @@ def _plain(v):
 
 
 class Progress:
-    """One status line: step, loss, throughput and ETA; redrawn in place on a terminal,
-    one line per update otherwise (logs)."""
+    """One status line: step (or `what`), loss, throughput and ETA; redrawn in place on a
+    terminal, one line per update otherwise (logs). `throttle`: for callers that update
+    at every item (evaluation batches), at most one line a second on a terminal and every
+    30 s in a log, and the last one always. A total not known at the start (None) may come
+    with an update."""
 
-    def __init__(self, total_steps: int, start_step: int = 0, stream=None, enabled: bool = True):
-        self.total, self.start = total_steps, start_step
+    def __init__(self, total_steps: int | None, start_step: int = 0, stream=None, enabled: bool = True,
+                 what: str = "step", throttle: bool = False):
+        self.total, self.start, self.what = total_steps, start_step, what
         self.t0 = time.perf_counter()
         self.stream = stream or sys.stderr
         self.tty = getattr(self.stream, "isatty", lambda: False)()
         self.enabled = enabled
+        self.every = (1.0 if self.tty else 30.0) if throttle else 0.0
+        self.last, self.drawn = -math.inf, False
 
-    def update(self, step: int, **fields) -> None:
+    def update(self, step: int, total: int | None = None, **fields) -> None:
         if not self.enabled:
             return
-        done = step - self.start
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
-        parts = [f"step {step}/{self.total}"] + [f"{k} {_fmt(v)}" for k, v in fields.items()]
-        parts.append(f"eta {_duration(eta)}")
+        self.total = total or self.total
+        now = time.perf_counter()
+        if now - self.last < self.every and not (self.total and step >= self.total):
+            return
+        self.last, done = now, step - self.start
+        parts = [f"{self.what} {step}" + (f"/{self.total}" if self.total else "")]
+        parts += [f"{k} {_fmt(v)}" for k, v in fields.items()]
+        if self.total:
+            parts.append(f"eta {_duration((now - self.t0) / done * (self.total - step) if done > 0 else math.nan)}")
         line = " | ".join(parts)
         if self.tty:
             self.stream.write("\r\033[K" + line)
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+        self.drawn = True
 
     def message(self, text: str) -> None:
         if self.enabled:
             self.stream.write(("\n" if self.tty else "") + text + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        """Ends a line redrawn in place."""
+        if self.enabled and self.tty and self.drawn:
+            self.stream.write("\n")
             self.stream.flush()
 
 

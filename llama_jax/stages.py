@@ -1350,13 +1350,12 @@ class PPOStage(Stage):
 
     def _evaluate_answers(self, params, prompts, answers) -> tuple[dict, dict, np.ndarray, np.ndarray, np.ndarray]:
         """(rows, reward-model scores, log pi, log pi_0, values) of the answers."""
-        from llama_jax import sharding
+        from llama_jax import rlhf, sharding
 
         rt, tok = self.runtime, self.runtime.tokenizer
         # an answer that writes a chat-format tag ends before it: text and tokens alike
-        cut = [tok.answer(a) for a in answers]
-        texts = [text for text, _ in cut]
-        answers = [a[:n] for a, (_, n) in zip(answers, cut)]
+        samples = [rlhf.sample_of(tok, a) for a in answers]
+        texts, answers = [s.text for s in samples], [s.tokens for s in samples]
         rows = self._rows(prompts, answers)
         put, n = _replicated(rt.mesh), len(answers)
         # a micro-batch of rows at a time, as a training step holds: the pass makes [rows, seq_len, vocab]

@@ -521,8 +521,9 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         make_optimizer(config.optimizer, config.total_steps)
     except ValueError as e:
         raise RunError(str(e)) from None
-    if warmup_warning(config) and jax.process_index() == 0:
-        print(warmup_warning(config), flush=True)
+    warning = warmup_warning(config)
+    if warning and jax.process_index() == 0:
+        print(warning, flush=True)
     if not isinstance(config.eval_every_steps, int) or config.eval_every_steps < 0:
         raise RunError(f"config.eval_every_steps must be >= 0 (0 = only at the end), got {config.eval_every_steps!r}")
     probe = os.path.join(workdir, f".write_test.{jax.process_index()}")

@@ -119,6 +119,14 @@ def _flag(value) -> int:
     return -1 if value is None else int(bool(value))
 
 
+def cut_prompt(tokens: list, mask: list, over: int) -> tuple[list, list]:
+    """`tokens` / `mask` of a dialog less `over` prompt tokens taken after BOS, at most up
+    to where the final answer begins: what a row too long for its context loses first."""
+    start = mask.index(True) if True in mask else len(mask)
+    cut = min(over, start - 1)
+    return tokens[:1] + tokens[1 + cut:], mask[:1] + mask[1 + cut:]
+
+
 class _EncodePair:
     def __init__(self, tokenizer, seq_len: int, margin_table: str):
         margin(None, margin_table)  # validates the table name
@@ -135,8 +143,7 @@ class _EncodePair:
         starts = [mask.index(True) if True in mask else len(mask) for _, mask in encoded]  # where each answer begins
         over = max(len(tokens) for tokens, _ in encoded) - self.seq_len
         if over > 0 and starts[0] == starts[1]:
-            cut = min(over, starts[0] - 1)
-            encoded = [(tokens[:1] + tokens[1 + cut:], mask[:1] + mask[1 + cut:]) for tokens, mask in encoded]
+            encoded = [cut_prompt(tokens, mask, over) for tokens, mask in encoded]
         return [(tokens[-self.seq_len:], mask[-self.seq_len:]) for tokens, mask in encoded]
 
     def __call__(self, rec: dict) -> dict[str, np.ndarray]:

@@ -258,7 +258,15 @@ def model_fields_differing(saved: dict, current: dict, ignore: tuple[str, ...] =
     does not match, except those in `ignore`. A field added to LlamaConfig after the
     checkpoint was written counts as its default there, so older runs still resume."""
     saved = {**LlamaConfig().to_dict(), **saved}
-    return sorted(k for k in current if k not in ignore and saved.get(k) != current[k])
+    diff = {k for k in current if k not in ignore and saved.get(k) != current[k]}
+    ffn = {"ffn_hidden_dim", "multiple_of", "ffn_dim_multiplier"}
+    if diff & ffn:  # one FFN width, said two ways (an import records the width, a preset Meta's formula)
+        try:
+            if LlamaConfig.from_dict(saved).hidden_dim == LlamaConfig.from_dict(current).hidden_dim:
+                diff -= ffn
+        except (TypeError, ValueError):
+            pass
+    return sorted(diff)
 
 
 def model_config(meta: dict, **overrides) -> LlamaConfig:
@@ -266,24 +274,27 @@ def model_config(meta: dict, **overrides) -> LlamaConfig:
 
 
 def save_params(output: str, params, meta: dict, step: int = 0, tokenizer_path: str | None = None) -> None:
-    """Writes a params-only checkpoint (params + meta [+ tokenizer.model]) to `output`:
-    the layout of an export, which inference and `init_from` accept."""
-    if os.path.exists(os.path.join(output, "checkpoints")) and os.listdir(os.path.join(output, "checkpoints")):
-        raise CheckpointError(f"{output}: already holds checkpoints; choose an empty destination")
-    mngr = _manager(os.path.join(output, "checkpoints"), async_save=False)
-    try:
-        mngr.save(int(step), args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                     meta=ocp.args.JsonSave({**meta, "step": int(step)})))
-        mngr.wait_until_finished()
-    finally:
-        mngr.close()
-    if tokenizer_path and os.path.exists(tokenizer_path):
-        shutil.copy(tokenizer_path, os.path.join(output, "tokenizer.model"))
+    """Writes a params-only checkpoint (params + meta [+ tokenizer.model]) to `output`, a
+    new or empty directory: the layout of an export, which inference and `init_from`
+    accept. A failed write leaves no `output` behind."""
+    from llama_jax.workdir import staged_directory
+
+    with staged_directory(output, CheckpointError) as tmp:
+        mngr = _manager(os.path.join(tmp, "checkpoints"), async_save=False)
+        try:
+            mngr.save(int(step), args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                         meta=ocp.args.JsonSave({**meta, "step": int(step)})))
+            mngr.wait_until_finished()
+        finally:
+            mngr.close()
+        if tokenizer_path and os.path.exists(tokenizer_path):
+            shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
 
 
 def load_model(path: str, step: int | None = None, shardings=None, **config_overrides):
     """(LlamaConfig, params, heads, tokenizer path or None) of a run dir or export.
-    Params land on `shardings` (a pytree of Shardings) or on the first device."""
+    Params land on `shardings` (a pytree of Shardings), else in host memory (the CPU
+    device: an export goes to files, and a large model fits no single accelerator)."""
     from llama_jax.model import Llama
     from llama_jax.sharding import abstract_params
 
@@ -292,7 +303,7 @@ def load_model(path: str, step: int | None = None, shardings=None, **config_over
     heads = tuple(meta.get("heads", ["lm"]))
     shapes = abstract_params(Llama(cfg, heads))
     if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
         shardings = jax.tree_util.tree_map(lambda _: device, shapes)
     target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                                     shardings)
@@ -326,7 +337,7 @@ def main(argv=None) -> int:
         else:
             step, meta = read_meta(args.path)
             print(f"step {step}: {meta}")
-    except CheckpointError as err:
+    except (CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

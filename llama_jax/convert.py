@@ -85,9 +85,12 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides)
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         bad("attention_bias/mlp_bias", "biases are not supported (Llama has none)")
     rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
+    scaling = hf.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        bad("rope_scaling", f"expected an object or null, got {scaling!r}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if scaling or rope_type not in ("default", None):
+    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None) \
+            or rope_type not in ("default", None):
         bad("rope_scaling", f"RoPE scaling {scaling or rope!r} is not supported (Llama 2 uses plain RoPE)")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
@@ -151,7 +154,12 @@ class _SafetensorsReader:
     def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
         if key not in self.weight_map:
             raise ConversionError(f"{self.path}: tensor {key!r} is missing")
-        t = self.handles[self.weight_map[key]].get_tensor(key)
+        name = self.weight_map[key]
+        try:
+            t = self.handles[name].get_tensor(key)
+        except Exception as e:  # an index that names the wrong file; safetensors' own error types
+            raise ConversionError(f"{os.path.join(self.path, name)}: cannot read tensor {key!r}, which "
+                                  f"model.safetensors.index.json places there ({e})") from None
         if tuple(t.shape) != tuple(shape):
             raise ConversionError(f"{self.path}: tensor {key!r} has shape {tuple(t.shape)}, "
                                   f"config.json implies {tuple(shape)}")
@@ -244,7 +252,7 @@ def from_hf(path: str, **config_overrides) -> tuple[LlamaConfig, dict]:
     return cfg, params_from_hf_tensors(reader.get, cfg, has_lm_head=has_head)  # tied: an untied copy
 
 
-def hf_config(cfg: LlamaConfig) -> dict:
+def hf_config(cfg: LlamaConfig, dtype: str = "float32") -> dict:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
         "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
@@ -253,33 +261,29 @@ def hf_config(cfg: LlamaConfig) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "tie_word_embeddings": False,
         "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
-        "initializer_range": 0.02, "torch_dtype": "float32", "dtype": "float32",
+        "initializer_range": 0.02, "torch_dtype": dtype, "dtype": dtype,
     }
 
 
-def _empty_destination(dst: str) -> None:
-    """An export goes to a new or empty directory: files left from another export (a
-    consolidated.01.pth of a 2-shard one, say) would be read as part of this one."""
-    if os.path.isdir(dst) and os.listdir(dst):
-        raise ConversionError(f"{dst}: not empty; choose a new or empty destination")
-
-
-def to_hf(params, cfg: LlamaConfig, dst: str, tokenizer_path: str | None = None) -> None:
-    """Writes a Hugging Face Llama directory: config.json, model.safetensors (float32),
-    and the SentencePiece tokenizer with a LlamaTokenizer config when given."""
+def to_hf(params, cfg: LlamaConfig, dst: str, tokenizer_path: str | None = None, dtype: str = "float32") -> None:
+    """Writes a Hugging Face Llama directory (new or empty; nothing is left of a failed
+    write): config.json, model.safetensors in `dtype`, and the SentencePiece tokenizer with
+    a LlamaTokenizer config when given."""
     from safetensors.numpy import save_file
 
-    _empty_destination(dst)
-    os.makedirs(dst, exist_ok=True)
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(hf_config(cfg), f, indent=1)
-    save_file(hf_tensors_from_params(params, cfg), os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer_path:
-        shutil.copy(tokenizer_path, os.path.join(dst, "tokenizer.model"))
-        with open(os.path.join(dst, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                       "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-                       "legacy": True, "model_max_length": cfg.max_seq_len}, f, indent=1)
+    from llama_jax.workdir import staged_directory
+
+    with staged_directory(dst, ConversionError) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config(cfg, dtype), f, indent=1)
+        save_file(hf_tensors_from_params(params, cfg, np.dtype(DTYPES[dtype])), os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        if tokenizer_path:
+            shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+                json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                           "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+                           "legacy": True, "model_max_length": cfg.max_seq_len}, f, indent=1)
 
 
 # ----------------------------------------------------------------------------------
@@ -410,41 +414,49 @@ def meta_ffn(cfg: LlamaConfig) -> tuple[int, float | None]:
     return found[0]
 
 
-def to_meta(params, cfg: LlamaConfig, dst: str, num_shards: int = 1, tokenizer_path: str | None = None) -> None:
-    """Writes Meta's layout: params.json and `num_shards` consolidated.NN.pth files split
-    the way Meta's model parallelism splits them."""
+def to_meta(params, cfg: LlamaConfig, dst: str, num_shards: int = 1, tokenizer_path: str | None = None,
+            dtype: str = "float32") -> None:
+    """Writes Meta's layout (to a new or empty directory; nothing is left of a failed
+    write): params.json and `num_shards` consolidated.NN.pth files in `dtype`, split the
+    way Meta's model parallelism splits them."""
     import torch
 
+    from llama_jax.workdir import staged_directory
+
+    if num_shards < 1:
+        raise ConversionError(f"--num_shards={num_shards}: must be at least 1")
     multiple_of, ffn_dim_multiplier = meta_ffn(cfg)
-    _empty_destination(dst)
     for what, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.kv_heads), ("dim", cfg.dim),
                     ("vocab_size", cfg.vocab_size), ("FFN width", cfg.hidden_dim)):
         if n % num_shards:
             raise ConversionError(f"{what}={n} cannot be split into {num_shards} model-parallel shards")
-    os.makedirs(dst, exist_ok=True)
-    shards: list[dict] = [{} for _ in range(num_shards)]
-    for hf_name, w in hf_tensors_from_params(params, cfg).items():
-        meta_name, dim = _meta_name(hf_name)
-        if meta_name.endswith("attention.wq.weight"):
-            w = unpermute_rotary(w, cfg.n_heads)
-        elif meta_name.endswith("attention.wk.weight"):
-            w = unpermute_rotary(w, cfg.kv_heads)
-        pieces = [w] * num_shards if dim is None else np.split(w, num_shards, axis=dim)
-        for shard, piece in zip(shards, pieces):
-            shard[meta_name] = torch.from_numpy(np.ascontiguousarray(piece))
-    for i, shard in enumerate(shards):
-        torch.save(shard, os.path.join(dst, f"consolidated.{i:02d}.pth"))
-    params_json = {"dim": cfg.dim, "multiple_of": multiple_of, "n_heads": cfg.n_heads,
-                   "n_layers": cfg.n_layers, "norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size,
-                   "rope_theta": cfg.rope_theta}
-    if cfg.n_kv_heads is not None:
-        params_json["n_kv_heads"] = cfg.n_kv_heads
-    if ffn_dim_multiplier is not None:
-        params_json["ffn_dim_multiplier"] = ffn_dim_multiplier
-    with open(os.path.join(dst, "params.json"), "w") as f:
-        json.dump(params_json, f)
-    if tokenizer_path:
-        shutil.copy(tokenizer_path, os.path.join(dst, "tokenizer.model"))
+    with staged_directory(dst, ConversionError) as tmp:
+        shards: list[dict] = [{} for _ in range(num_shards)]
+        for hf_name, w in hf_tensors_from_params(params, cfg).items():
+            meta_name, dim = _meta_name(hf_name)
+            if meta_name.endswith("attention.wq.weight"):
+                w = unpermute_rotary(w, cfg.n_heads)
+            elif meta_name.endswith("attention.wk.weight"):
+                w = unpermute_rotary(w, cfg.kv_heads)
+            pieces = [w] * num_shards if dim is None else np.split(w, num_shards, axis=dim)
+            for shard, piece in zip(shards, pieces):  # a copy: torch wants a writable array, and bfloat16 comes
+                # from float32 (numpy has no bfloat16 torch reads)
+                shard[meta_name] = torch.from_numpy(np.array(piece, np.float32)).to(getattr(torch, dtype))
+        for i, shard in enumerate(shards):
+            torch.save(shard, os.path.join(tmp, f"consolidated.{i:02d}.pth"))
+        # Llama 2's loader builds its ModelArgs(**params) and has no rope_theta field (Code Llama added it)
+        params_json = {"dim": cfg.dim, "multiple_of": multiple_of, "n_heads": cfg.n_heads,
+                       "n_layers": cfg.n_layers, "norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size}
+        if cfg.rope_theta != 10000.0:
+            params_json["rope_theta"] = cfg.rope_theta
+        if cfg.n_kv_heads is not None:
+            params_json["n_kv_heads"] = cfg.n_kv_heads
+        if ffn_dim_multiplier is not None:
+            params_json["ffn_dim_multiplier"] = ffn_dim_multiplier
+        with open(os.path.join(tmp, "params.json"), "w") as f:
+            json.dump(params_json, f)
+        if tokenizer_path:
+            shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
 
 
 # ----------------------------------------------------------------------------------
@@ -464,17 +476,27 @@ def main(argv=None) -> int:
     direction.add_argument("--to", dest="dst_format", choices=["meta", "hf"], help="export to this format")
     ap.add_argument("--src", required=True, help="source directory")
     ap.add_argument("--dst", required=True, help="destination directory")
-    ap.add_argument("--num_shards", type=int, default=1, help="model-parallel shards for --to=meta")
+    ap.add_argument("--num_shards", type=int, default=None, help="model-parallel shards for --to=meta (default 1)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="weights' dtype in an export (default float32; Meta's and HF's Llama 2 releases are "
+                         "bfloat16 / float16). Imports keep llama_jax's float32 parameters")
     ap.add_argument("--tokenizer", default=None, help="tokenizer.model to bundle (default: the source's)")
     args = ap.parse_args(argv)
 
     from llama_jax import checkpoint as ckpt
+    from llama_jax.tokenizer import Tokenizer
 
+    if args.num_shards is not None and args.dst_format != "meta":
+        ap.error("--num_shards is for --to=meta")
+    if args.dtype is not None and not args.dst_format:
+        ap.error("--dtype is for exports (--to); an import keeps float32 parameters, as training needs")
     try:
+        if args.tokenizer and not os.path.isfile(args.tokenizer):
+            raise ConversionError(f"--tokenizer {args.tokenizer}: no such file")
+        if os.path.isdir(args.dst) and os.listdir(args.dst):  # checked again when writing; here before reading
+            raise ConversionError(f"{args.dst}: not empty; choose a new or empty destination")
         if args.src_format:
             cfg, params = (from_meta if args.src_format == "meta" else from_hf)(args.src)
-            if args.tokenizer and not os.path.isfile(args.tokenizer):
-                raise ConversionError(f"--tokenizer {args.tokenizer}: no such file")
             tok = args.tokenizer or os.path.join(args.src, "tokenizer.model")
             parent = os.path.join(os.path.dirname(os.path.abspath(args.src)), "tokenizer.model")
             if not os.path.exists(tok) and args.src_format == "meta" and os.path.exists(parent):
@@ -485,8 +507,6 @@ def main(argv=None) -> int:
                       "evaluate will need one: convert again with --tokenizer=PATH", file=sys.stderr)
             meta = {"model": cfg.to_dict(), "heads": ["lm"], "source": f"{args.src_format}:{os.path.abspath(args.src)}"}
             if os.path.exists(tok):
-                from llama_jax.tokenizer import Tokenizer
-
                 tk = Tokenizer(tok)
                 tk.check_fits(cfg.vocab_size, "checkpoint")
                 meta["tokenizer"] = tk.identity()
@@ -497,10 +517,13 @@ def main(argv=None) -> int:
             if "lm" not in heads:
                 raise ConversionError(f"{args.src}: has no LM head (heads {list(heads)}); only language models export")
             tok = args.tokenizer or tok
+            if tok:  # checked before anything is written
+                Tokenizer(tok).check_fits(cfg.vocab_size, f"{args.src} checkpoint")
+            dtype = args.dtype or "float32"
             if args.dst_format == "hf":
-                to_hf(params, cfg, args.dst, tok)
+                to_hf(params, cfg, args.dst, tok, dtype)
             else:
-                to_meta(params, cfg, args.dst, args.num_shards, tok)
+                to_meta(params, cfg, args.dst, args.num_shards or 1, tok, dtype)
             print(f"exported {args.src} -> {args.dst_format} {args.dst}")
     except (ConversionError, ckpt.CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

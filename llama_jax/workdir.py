@@ -6,9 +6,12 @@ network mounts) the run goes on unlocked."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
-from typing import IO
+import shutil
+import tempfile
+from typing import IO, Iterator
 
 _HELD: dict[str, IO] = {}
 
@@ -39,3 +42,33 @@ def release(workdir: str) -> None:
     f = _HELD.pop(os.path.abspath(os.path.join(workdir, ".lock")), None)
     if f is not None:
         f.close()
+
+
+@contextlib.contextmanager
+def staged_directory(dst: str, error: type[Exception]) -> Iterator[str]:
+    """Yields a new directory beside `dst` to write an export or import into; it becomes
+    `dst` (which must be new or empty) only when the block finishes, so a write that fails
+    (a full disk, a bad tensor) leaves nothing behind to block the rerun. Failures are
+    raised as one `error` naming `dst`."""
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise error(f"{dst}: exists and is not a directory")
+    if os.path.isdir(dst) and os.listdir(dst):  # files left from another export (a consolidated.01.pth of a 2-shard
+        # one, a stale tokenizer.model) would be read as part of this one
+        raise error(f"{dst}: not empty; choose a new or empty destination")
+    parent = os.path.dirname(os.path.abspath(dst))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.partial-", dir=parent)
+    except OSError as e:
+        raise error(f"{dst}: cannot create ({e})") from None
+    try:
+        yield tmp
+        if os.path.isdir(dst):
+            os.rmdir(dst)
+        os.rename(tmp, dst)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, error) or not isinstance(e, Exception):
+            raise
+        raise error(f"{dst}: writing failed, nothing was written ({type(e).__name__}: "
+                    f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'})") from e

@@ -106,6 +106,7 @@ def test_unsupported_configs_are_clear_errors():
         config_from_hf(no_vocab, source="x/config.json")
     cfg = config_from_hf({**base, "rope_theta": 5e5})  # pre-v5 transformers layout
     assert cfg.rope_theta == 5e5 and cfg.norm_eps == 1e-5
+    assert config_from_hf({**base, "rope_scaling": {"rope_type": "default"}}).rope_theta == 1e4  # plain RoPE
 
 
 def test_broken_directories_are_clear_errors(tmp_path):
@@ -123,6 +124,11 @@ def test_broken_directories_are_clear_errors(tmp_path):
     missing = index["weight_map"]["model.norm.weight"]
     os.remove(os.path.join(path, missing))
     with pytest.raises(ConversionError, match=f"{missing}: listed in the safetensors index but missing"):
+        from_hf(path)
+    other = next(f for f in index["weight_map"].values() if f != missing)  # an index naming the wrong file
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({**index, "weight_map": {k: other if v == missing else v for k, v in index["weight_map"].items()}}, f)
+    with pytest.raises(ConversionError, match=f"{other}: cannot read tensor '.*', which model.safetensors.index"):
         from_hf(path)
     with pytest.raises(ConversionError, match="not a directory"):
         from_hf(str(tmp_path / "nowhere"))

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import ml_dtypes
 import numpy as np
 import pytest
 import reference
@@ -110,9 +111,19 @@ def test_cli_imports_and_exports_llama_jax_checkpoints(tmp_path, hf, capsys, tok
     loaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf_out")).eval()
     assert np.abs(hf_logits(loaded, TOKENS) - hf_logits(model, TOKENS)).max() < 1e-4
     assert convert.main(["--from=meta", f"--src={meta_dir}", f"--dst={tmp_path / 'ckpt'}"]) == 2
-    assert "already holds checkpoints" in capsys.readouterr().err
+    assert f"{tmp_path / 'ckpt'}: not empty" in capsys.readouterr().err
+    # an export checks the tokenizer it bundles before writing anything (512 pieces > 132 words)
+    assert convert.main(["--to=hf", f"--src={tmp_path / 'ckpt'}", f"--dst={tmp_path / 'hf2'}",
+                         f"--tokenizer={tokenizer_path}"]) == 2
+    assert "tokenizer vocabulary 512 is larger than" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "hf2")
+    with pytest.raises(SystemExit):  # flags of the other direction are refused, not ignored
+        convert.main(["--to=hf", f"--src={tmp_path / 'ckpt'}", f"--dst={tmp_path / 'hf2'}", "--num_shards=2"])
+    with pytest.raises(SystemExit):
+        convert.main(["--from=meta", f"--src={meta_dir}", f"--dst={tmp_path / 'c3'}", "--dtype=bfloat16"])
+    assert "--dtype is for exports" in capsys.readouterr().err
     # Meta's downloads keep tokenizer.model beside the model directories: found there (and
-    # checked: this one's 384 pieces do not fit the 132-word model)
+    # checked: this one's 512 pieces do not fit the 132-word model)
     shutil.copy(tokenizer_path, tmp_path / "tokenizer.model")
     assert convert.main(["--from=meta", f"--src={meta_dir}", f"--dst={tmp_path / 'ckpt2'}"]) == 2
     assert f"{tmp_path / 'tokenizer.model'}: tokenizer vocabulary" in capsys.readouterr().err
@@ -141,3 +152,67 @@ def test_bad_meta_directories_are_clear_errors(tmp_path, hf):
     for export in (convert.to_meta, convert.to_hf):  # another export's files would be read as this one's
         with pytest.raises(ConversionError, match=f"{d}: not empty; choose a new or empty destination"):
             export(params, cfg, str(d))
+
+
+def test_exports_in_half_precision_and_meta_params_json(tmp_path, hf):
+    """--dtype writes the released checkpoints' storage types; params.json names rope_theta
+    only when it is not Llama 2's 10000 (Llama 2's ModelArgs has no such field)."""
+    model, cfg, params = hf
+    convert.to_hf(params, cfg, str(tmp_path / "hf16"), dtype="bfloat16")
+    loaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf16"), torch_dtype=torch.float32).eval()
+    assert json.load(open(tmp_path / "hf16" / "config.json"))["torch_dtype"] == "bfloat16"
+    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # read back from bfloat16:
+    w = loaded.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    assert np.array_equal(w, w.astype(ml_dtypes.bfloat16).astype(np.float32))  # exactly bfloat16 values
+    assert np.abs(hf_logits(loaded, TOKENS) - hf_logits(model, TOKENS)).max() < 0.1
+    convert.to_meta(params, cfg, str(tmp_path / "m16"), num_shards=2, dtype="float16")
+    s0 = torch.load(tmp_path / "m16" / "consolidated.00.pth", weights_only=True)
+    assert {t.dtype for t in s0.values()} == {torch.float16}
+    assert "rope_theta" not in json.load(open(tmp_path / "m16" / "params.json"))
+    convert.to_meta(params, cfg.replace(rope_theta=5e5), str(tmp_path / "m5"))
+    assert json.load(open(tmp_path / "m5" / "params.json"))["rope_theta"] == 5e5
+    assert convert.from_meta(str(tmp_path / "m5"))[0].rope_theta == 5e5
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path, hf, monkeypatch, capsys):
+    """A full disk mid-export: one error line, and neither a half-written destination nor a
+    staging directory is left to block the rerun."""
+    _, cfg, params = hf
+    real_save = torch.save
+    calls = []
+
+    def save_then_fail(obj, path):
+        calls.append(path)
+        real_save(obj, path)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(ConversionError, match=r"meta: writing failed, nothing was written \(RuntimeError: "):
+        convert.to_meta(params, cfg, str(tmp_path / "meta"), num_shards=2)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(torch, "save", real_save)
+    os.makedirs(tmp_path / "meta")  # an empty destination is fine
+    convert.to_meta(params, cfg, str(tmp_path / "meta"), num_shards=2)
+    assert sorted(os.listdir(tmp_path / "meta")) == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]
+    assert os.listdir(tmp_path) == ["meta"]
+    with pytest.raises(ConversionError, match="--num_shards=0: must be at least 1"):
+        convert.to_meta(params, cfg, str(tmp_path / "x"), num_shards=0)
+    # the same for params-only checkpoints (imports, `checkpoint export`): a file as --output is one line
+    open(tmp_path / "a_file", "w").close()
+    with pytest.raises(ckpt.CheckpointError, match="a_file: exists and is not a directory"):
+        ckpt.save_params(str(tmp_path / "a_file"), params, {"model": cfg.to_dict(), "heads": ["lm"]})
+    monkeypatch.setattr(ckpt.ocp.args, "StandardSave", lambda _: 1 / 0)
+    with pytest.raises(ckpt.CheckpointError, match="ckpt: writing failed, nothing was written \\(ZeroDivisionError"):
+        ckpt.save_params(str(tmp_path / "ckpt"), params, {"model": cfg.to_dict(), "heads": ["lm"]})
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "meta"]
+
+
+def test_one_ffn_width_said_two_ways_is_the_same_model():
+    """An import records the FFN width; a preset gives Meta's formula. Resuming compares the
+    width, not the fields that give it."""
+    preset = LlamaConfig.llama2_7b()
+    as_hf = preset.replace(ffn_hidden_dim=preset.hidden_dim)
+    assert ckpt.model_fields_differing(as_hf.to_dict(), preset.to_dict()) == []
+    assert ckpt.model_fields_differing(as_hf.replace(ffn_hidden_dim=11000).to_dict(), preset.to_dict()) == [
+        "ffn_hidden_dim"]

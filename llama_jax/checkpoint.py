@@ -227,6 +227,13 @@ def read_meta(path: str, step: int | None = None) -> tuple[int, dict]:
                 raise CheckpointError(f"{path}: one step of the run {run}, which is what to pass (its latest step); "
                                       f"for step {n}: python -m llama_jax.checkpoint export --workdir={run} --step={n} "
                                       f"--output=DIR, then DIR")
+            files = set(os.listdir(path))
+            kind = "hf" if "config.json" in files and any(f.endswith((".safetensors", ".bin")) for f in files) else \
+                "meta" if "params.json" in files and any(f.endswith(".pth") for f in files) else None
+            if kind:
+                raise CheckpointError(f"{path}: a {'Hugging Face' if kind == 'hf' else 'Meta'} model directory, not a "
+                                      f"llama_jax checkpoint; import it first: python -m llama_jax.convert "
+                                      f"--from={kind} --src={path} --dst=DIR, then use DIR")
             raise CheckpointError(f"{path}: no complete checkpoint found")
         try:
             meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -30,6 +30,7 @@ class Stage:
     evaluate_at_start = False  # also evaluate before the first update (early stopping always does)
     writes_data = True  # makes files in WORKDIR/data (toy data, samples) once, recorded with their settings
     eval_phase = "end"  # set by the loop before each evaluation: "start", "during" or "end"
+    init_step: int | None = None  # set by the loop: the step of `init_from` the run started from (and keeps)
 
     def prepare(self, config, workdir: str) -> None:
         """Called first, with the workdir (e.g. to write the toy data sets into it)."""
@@ -88,6 +89,17 @@ class Stage:
             source = os.path.join(config.init_from, "tokenizer.model")  # fine-tuning keeps its model's tokenizer
         if source:
             tok = Tokenizer(source)
+            if config.data.tokenizer and config.init_from:  # its embedding learnt another tokenizer's ids
+                from llama_jax import checkpoint
+
+                theirs = checkpoint.read_meta(config.init_from)[1].get("tokenizer", {}).get("sha256")
+                beside = os.path.join(config.init_from, "tokenizer.model")
+                if theirs is None and os.path.exists(beside):
+                    theirs = Tokenizer(beside).identity()["sha256"]
+                if theirs is not None and theirs != tok.identity()["sha256"]:
+                    raise TokenizerError(f"config.data.tokenizer {source} (sha256 {tok.identity()['sha256'][:12]}) "
+                                         f"is not the tokenizer config.init_from {config.init_from} was trained "
+                                         f"with (sha256 {theirs[:12]}); leave data.tokenizer unset to use that one")
 
             def copy():
                 if os.path.abspath(source) != os.path.abspath(dest):
@@ -137,7 +149,7 @@ class Stage:
 
         params, _ = sharding.init_params(model, jax.random.key(config.seed), mesh, rules)
         if config.init_from:
-            params = merge_pretrained(params, load_init_params(config, model, param_sh))
+            params = merge_pretrained(params, load_init_params(config, model, param_sh, self.init_step))
         return params
 
     def after_training(self, config, workdir, model, params, tokenizer, progress) -> None:
@@ -158,13 +170,14 @@ class Stage:
         return 0.0
 
 
-def load_init_params(config, model, param_sh):
-    """The params of `config.init_from`, as the checkpoint's own heads have them, on the
-    shardings of the matching leaves of `model` (the trunk is shared by every head)."""
+def load_init_params(config, model, param_sh, step: int | None = None):
+    """The params of `config.init_from` (its step `step`, else its latest), as the
+    checkpoint's own heads have them, on the shardings of the matching leaves of `model`
+    (the trunk is shared by every head)."""
     from llama_jax import checkpoint, sharding
     from llama_jax.model import Llama
 
-    _, meta = checkpoint.read_meta(config.init_from)
+    step, meta = checkpoint.read_meta(config.init_from, step)
     source = Llama(model.config, tuple(meta.get("heads", ["lm"])))
     shapes = sharding.abstract_params(source)
     flat_sh = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_sh)}
@@ -174,7 +187,7 @@ def load_init_params(config, model, param_sh):
     def target(path, s):
         return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=flat_sh.get(jax.tree_util.keystr(path), fallback))
 
-    return checkpoint.load_params(config.init_from, jax.tree_util.tree_map_with_path(target, shapes))
+    return checkpoint.load_params(config.init_from, jax.tree_util.tree_map_with_path(target, shapes), step)
 
 
 def merge_pretrained(fresh, loaded):
@@ -504,10 +517,30 @@ class RewardModelStage(PreferenceStage):
     heads = ("score",)
 
     def objective(self, config):
+        from llama_jax.train import RunError
+
+        if not config.reward.safety_weight >= 0:
+            raise RunError(f"config.reward.safety_weight {config.reward.safety_weight} must be >= 0 (0 = the "
+                           "helpfulness model; the paper's safety model: 1)")
         return functools.partial(objectives.ranking, safety_weight=float(config.reward.safety_weight))
 
     def margin_table(self, config) -> str:
         return config.reward.margin
+
+    def train_data(self, config, tokenizer):
+        from llama_jax.train import RunError
+
+        data = PreferenceStage.train_data(self, config, tokenizer)
+        d = data.description
+        if config.reward.safety_weight > 0 and not d["safety_labelled"]:  # the safety term would be 0 throughout
+            data.close()
+            raise RunError(f"config.reward.safety_weight {config.reward.safety_weight}: no pair of {d['source']} has "
+                           "chosen_safe / rejected_safe, which the safety term learns from"
+                           + (f" (fields not read: {d['unread_fields']})" if "unread_fields" in d else ""))
+        if config.reward.margin != "none" and not d["rated"] and jax.process_index() == 0:
+            print(f"warning: config.reward.margin {config.reward.margin!r}: no pair of {d['source']} has a rating, "
+                  "so every margin is 0", flush=True)
+        return data
 
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         if not self.eval_path:
@@ -529,6 +562,10 @@ class DPOStage(PreferenceStage):
     uses_frozen = True
 
     def objective(self, config):
+        from llama_jax.train import RunError
+
+        if not config.dpo.beta > 0:  # 0 learns nothing; below 0 learns to prefer the rejected answers
+            raise RunError(f"config.dpo.beta {config.dpo.beta} must be > 0 (the paper of DPO: 0.1)")
         return functools.partial(objectives.dpo, beta=float(config.dpo.beta))
 
     def frozen_params(self, config, model, param_sh):
@@ -538,7 +575,7 @@ class DPOStage(PreferenceStage):
             raise RunError("stage dpo needs --config.init_from (the policy to start from and stay near)")
         from llama_jax.sharding import abstract_params
 
-        frozen = merge_pretrained(abstract_params(model), load_init_params(config, model, param_sh))
+        frozen = merge_pretrained(abstract_params(model), load_init_params(config, model, param_sh, self.init_step))
         if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(frozen)):
             raise RunError(f"{config.init_from}: does not hold every parameter of the policy (see above)")
         return frozen, param_sh
@@ -1321,7 +1358,7 @@ class PPOStage(Stage):
 
         c, rt = self.config, self.runtime
         reward_models(self, c, rt.tokenizer)  # all models on the run's one mesh
-        self.ref_params = load_init_params(c, rt.model, rt.param_sh)  # init_from's own (LM) heads
+        self.ref_params = load_init_params(c, rt.model, rt.param_sh, self.init_step)  # init_from's own (LM) heads
         model, ref_model = rt.model, Llama(rt.model.config, ("lm",))
 
         t = float(c.rlhf.temperature)  # the policy PPO optimises is the one the rollouts sample from

@@ -318,10 +318,16 @@ def _restore_data(train_data, saved: dict, step: int, lead: bool) -> None:
     pipelines start afresh (each process's documents differ), which the lead reports,
     unless every process read the same stream (`shared_by_processes`, PPO's prompts)."""
     states = saved["processes"] if "processes" in saved else [saved]  # older single-process layout
-    if len(states) == jax.process_count():
-        train_data.restore(states[jax.process_index()])
-    elif getattr(train_data, "shared_by_processes", False) and all(s == states[0] for s in states):
-        train_data.restore(states[0])
+    mine = states[jax.process_index()] if len(states) == jax.process_count() else \
+        states[0] if getattr(train_data, "shared_by_processes", False) and all(s == states[0] for s in states) \
+        else None
+    if mine is not None:
+        try:
+            train_data.restore(mine)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise RunError(f"the checkpoint of step {step} holds the state of another input pipeline than this "
+                           f"run's ({type(e).__name__}: {e}): a data setting that shapes it changed (data.pack, the "
+                           "stage's data); resume with the original data settings, or use a new --workdir") from None
     elif lead:
         print(f"warning: the checkpoint of step {step} was written by {len(states)} processes and this run has "
               f"{jax.process_count()}: the input pipeline starts from the beginning of its shard instead of "
@@ -494,6 +500,25 @@ def _record_config(config, cfg, workdir: str, start: int) -> None:
         json.dump(record, f, indent=1)
 
 
+def _check_stage_of_workdir(workdir: str, stage_name: str) -> None:
+    """A workdir holds one stage's run: another stage would resume from its checkpoints
+    (SFT, DPO and pretraining all have the LM head) with an input-pipeline state of
+    another pipeline."""
+    import os
+
+    from llama_jax import checkpoint as ckpt
+
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return
+    try:
+        _, saved = ckpt.read_meta(workdir)
+    except ckpt.CheckpointError:
+        return  # none complete: the run starts afresh (restore_latest reports unreadable ones)
+    if saved.get("stage", stage_name) != stage_name:
+        raise RunError(f"{workdir}: holds checkpoints of stage {saved['stage']!r}, not {stage_name!r}; use a new "
+                       f"--workdir (with --config.init_from={workdir} to start from that run)")
+
+
 def _run(config, workdir: str, stage, overrides: dict) -> dict:
     import json
     import os
@@ -521,6 +546,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         make_optimizer(config.optimizer, config.total_steps)
     except ValueError as e:
         raise RunError(str(e)) from None
+    stage.objective(config)  # its settings (dpo.beta, reward.safety_weight) are checked now
     warning = warmup_warning(config)
     if warning and jax.process_index() == 0:
         print(warning, flush=True)
@@ -553,6 +579,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                           else "config.model.max_seq_len") + ")")
     stopper = EarlyStopping.from_config(config)
     lead = jax.process_index() == 0
+    _check_stage_of_workdir(workdir, config.stage)  # before anything is written into it
 
     if stage.writes_data:  # WORKDIR/data of an earlier start must be of these settings; recorded before it is made
         _data_settings(workdir, config, record=lead)
@@ -580,10 +607,13 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                                      config.checkpoint.async_save)
     meta = {"model": cfg.to_dict(), "heads": list(stage.heads), "tokenizer": tokenizer.identity(),
             "stage": config.stage}
+    if config.init_from:  # the step the run starts from, which a resume keeps (DPO's and PPO's reference)
+        stage.init_step = ckpt.read_meta(config.init_from)[0]
+        meta["init_from"] = {"path": os.path.abspath(config.init_from), "step": stage.init_step}
     train_data = stage.train_data(config, tokenizer)
     described = getattr(train_data, "description", None)
     if described and lead:  # what the run reads, counted (pairs dropped by the paper's filter included)
-        print("training data: " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+        print("training data: " + ", ".join(f"{k} {v:,}" if type(v) is int else f"{k} {v}"  # pack True, not 1
                                             for k, v in described.items()), flush=True)
     held_out = stage.eval_data(config, tokenizer) if config.eval_steps else None
     if held_out is not None:  # its files are checked now, not at the first evaluation, mid-run
@@ -614,6 +644,19 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         if list(saved_meta.get("heads", ["lm"])) != meta["heads"]:
             raise RunError(f"{checkpointer.directory}: its checkpoints have heads {saved_meta.get('heads')} (stage "
                            f"{saved_meta.get('stage')!r}), this stage trains {meta['heads']}; use a new --workdir")
+        began = saved_meta.get("init_from", {}).get("step")
+        if config.init_from and began is not None and began != stage.init_step:  # init_from trained on since
+            try:
+                ckpt.read_meta(config.init_from, began)
+            except ckpt.CheckpointError:
+                raise RunError(f"config.init_from {config.init_from}: this run started from its step {began}, which "
+                               f"it no longer holds (its latest: {stage.init_step}); the reference the run trains "
+                               "against is gone: use a new --workdir to start from the latest") from None
+            if lead:
+                print(f"config.init_from {config.init_from}: now at step {stage.init_step}; this run started from "
+                      f"its step {began} and goes on with it", file=sys.stderr, flush=True)
+            stage.init_step = began
+            meta["init_from"]["step"] = began
 
     restored = checkpointer.restore_latest(abstract_sharded, check_meta,
                                           log=lambda m: lead and print(m, file=sys.stderr, flush=True))
@@ -810,11 +853,14 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             rates = [r["tokens_per_second"] for r in logged if "tokens_per_second" in r]
         ev = evaluate(state.params, "end")
         if ev:
-            if not finished_before or not any(r["step"] == config.total_steps and set(ev) <= set(r)
-                                              for r in writer.rows):
-                writer.write(config.total_steps, ev)  # a rerun adds it only if the kill came before it was written
+            recorded = finished_before and any(r["step"] == config.total_steps and set(ev) & set(r)
+                                               for r in writer.rows)
+            if not recorded:  # a rerun adds it only if the kill came before it was written
+                writer.write(config.total_steps, ev)
             final.update(ev)
-            progress.message("final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+            progress.message("final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items())
+                             + (" (of a finished run: printed, not recorded; its record keeps the evaluation it ran)"
+                                if recorded else ""))
         if rates:  # the first interval holds the compilation: left out when there are others
             final["median_tokens_per_second"] = float(np.median(rates[1:] or rates))
             final["median_mfu"] = mfu(final["median_tokens_per_second"])

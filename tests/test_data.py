@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llama_jax import tokenizer as tk
-from llama_jax.data import chat, preference, prepare, pretrain, prompts, synthetic
+from llama_jax.data import chat, preference, prepare, pretrain, prompts, sources, synthetic
 from llama_jax.data.pipeline import lm_example
 from llama_jax.data.sources import DataError, StdlibCorpus
 
@@ -483,3 +483,60 @@ def test_pairs_with_one_answer_twice_are_counted_and_named(tok, tmp_path):
     data = preference.make_dataset(str(path), tok, 32, 2)
     assert data.description["pairs"] == 2 and data.description["identical_pairs"] == f"1 (first: {path}:2)"
     data.close()
+
+
+def test_pairs_count_their_labels_and_name_fields_no_reader_reads(tok, tmp_path):
+    """A misspelt optional field ("ratings", "chosen_is_safe") would silently train without
+    margins or the safety term: the description counts the rated and safety-labelled
+    pairs, and names each unread field with where it first is and what it may mean."""
+    p = [{"role": "user", "content": "p"}]
+    pairs = [{"prompt": p, "chosen": "a", "rejected": "b", "rating": "better", "chosen_safe": True, "id": 7},
+             {"prompt": p, "chosen": "c", "rejected": "d", "ratings": "better"},
+             {"prompt": p, "chosen": "e", "rejected": "f", "rating": "slightly_better", "task": "add"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    data = preference.make_dataset(str(path), tok, 32, 2)
+    d = data.description
+    assert (d["pairs"], d["rated"], d["safety_labelled"]) == (3, 2, 1)
+    assert d["unread_fields"] == f"'id' (at {path}:1), 'ratings' (at {path}:2; meant 'rating'?)"
+    data.close()
+
+
+def test_dialogs_cut_at_seq_len_are_counted_and_a_source_of_no_trained_token_refused(tok, tmp_path):
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    long_answer = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 60}]}
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "x"}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (short, long_answer, long_prompt)))
+    data = chat.make_dataset(str(path), tok, 32, 2)
+    assert data.description["truncated"].startswith("2 (longer than seq_len 32")
+    assert data.description["no_trained_token"] == f"1 (every answer after seq_len; first: {path}:3)"
+    data.close()
+    path.write_text(json.dumps(long_prompt) + "\n")
+    with pytest.raises(DataError, match=f"{path}: no dialog has a trained token within seq_len=32: every answer "
+                                        f"starts after it \\(e.g. {path}:1\\)"):
+        chat.make_dataset(str(path), tok, 32, 2)
+
+
+def test_a_checkpoints_input_state_of_another_pipeline_is_one_error(tok, tmp_path):
+    """Resuming with data.pack flipped: the saved iterator state is of another pipeline."""
+    from llama_jax.train import RunError, _restore_data
+
+    path = tmp_path / "c.jsonl"
+    synthetic.write_jsonl(synthetic.generate("chat", 40, 1), str(path))
+    packed = chat.make_dataset(str(path), tok, 96, 2, prefetch=0)
+    next(packed)
+    unpacked = chat.make_dataset(str(path), tok, 96, 2, pack=False, prefetch=0)
+    with pytest.raises(RunError, match="the checkpoint of step 5 holds the state of another input pipeline than this "
+                                       "run's .*data.pack"):
+        _restore_data(unpacked, {"processes": [packed.state()]}, 5, lead=True)
+    packed.close()
+    unpacked.close()
+
+
+def test_jsonl_encoding_and_prefix_mistakes_are_named(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl:1: not UTF-8 text \("):
+        sources.text_jsonl(str(tmp_path / "latin1.jsonl"))
+    with pytest.raises(DataError, match="a KIND: prefix, as in jsonl:GLOB, is for pretraining's data.source"):
+        chat.open_dialogs(f"jsonl:{tmp_path}/*.jsonl")

@@ -257,6 +257,7 @@ def test_early_stopping_returns_to_the_best_evaluation(tmp_path, tokenizer_path)
     again = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "resumed from step 12" in again.stdout
     assert len(open(tmp_path / "metrics.jsonl").readlines()) == len(rows)  # nothing trained or added
+    assert "(of a finished run: printed, not recorded; its record keeps the evaluation it ran)" in again.stderr
     assert json.load(open(tmp_path / "final_metrics.json")) == final  # nor are the finished run's numbers lost
     # killed after deciding to stop, before the best weights were saved as step 12: the
     # rerun trains no further and still ends on the step-0 weights
@@ -766,3 +767,33 @@ def test_the_recipe_passes_a_seed_and_overrides_to_its_stages(tmp_path, monkeypa
         assert recipe.main([f"--workdir={tmp_path / 'x'}", f"--override={bad}"]) == 2
         assert words in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_a_resume_keeps_the_init_from_step_it_started_from(tmp_path, reference_run, tokenizer_path):
+    """DPO's and PPO's reference is init_from's weights: a run records the step it started
+    from, and a resume after init_from trained on keeps that step (or is refused when it
+    is gone), instead of going on against other weights without a word."""
+    from llama_jax import checkpoint as ckpt
+
+    ref_dir, _ = reference_run
+    base, run_dir = tmp_path / "base", str(tmp_path / "run")
+    shutil.copytree(ref_dir, base)
+
+    def run(steps):
+        return subprocess.run(command(run_dir, f"--config.data.tokenizer={tokenizer_path}",  # the same as base's
+                                      f"--config.init_from={base}", steps=steps),
+                              env=env(), capture_output=True, text=True, timeout=300)
+
+    out = run(2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ckpt.read_meta(run_dir)[1]["init_from"] == {"path": str(base), "step": 12}
+    shutil.copytree(base / "checkpoints" / "12", base / "checkpoints" / "15")  # init_from "trained on"
+    out = run(4)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"config.init_from {base}: now at step 15; this run started from its step 12 and goes on with it" \
+        in out.stderr
+    assert ckpt.read_meta(run_dir)[1]["init_from"]["step"] == 12
+    shutil.rmtree(base / "checkpoints" / "12")
+    out = run(6)
+    assert out.returncode != 0 and f"config.init_from {base}: this run started from its step 12, which it no " \
+        "longer holds (its latest: 15)" in out.stderr, out.stderr[-2000:]

@@ -171,6 +171,11 @@ def bad_files(tmp_path_factory, tokenizer_path):
     (d / "pairs.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "p"}], "chosen": "a",
                                                "rejected": "b", "rating": "better"}) + "\n")
     (d / "not_a_model.model").write_text("this is not a SentencePiece model\n")
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "x"}]}
+    (d / "long_prompt.jsonl").write_text(json.dumps(long_prompt) + "\n")
+    (d / "misnamed.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "p"}], "chosen": "a",
+                                                  "rejected": "b", "ratings": "better", "chosen_is_safe": True})
+                                      + "\n")
     hf = d / "hf_rope"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({
@@ -199,6 +204,8 @@ def bad_files(tmp_path_factory, tokenizer_path):
     ckpt.save_params(str(d / "no_tokenizer"), random_params(small), {"model": small.to_dict(), "heads": ["lm"]})
     ckpt.save_params(str(d / "a_reward_model"), random_params(small, ("score",)),
                      {"model": small.to_dict(), "heads": ["score"]}, tokenizer_path=tokenizer_path)
+    ckpt.save_params(str(d / "other_tokenizer"), random_params(small), {
+        "model": small.to_dict(), "heads": ["lm"], "tokenizer": {"sha256": "f" * 64, "vocab_size": 512}})
     (d / "a_file").write_text("x")
     return d
 
@@ -250,6 +257,20 @@ MAIN_CASES = [
      "no_tokenizer: has no tokenizer.model; set --config.data.tokenizer"),
     ("ppo-from-a-reward-model", ["ppo", "--config.init_from={d}/a_reward_model"],
      "a_reward_model: has heads ['score'], not the 'lm' head stage 'ppo' goes on from"),
+    ("meta-dir-as-init-from", ["--config.init_from={d}/meta_gap"],
+     "meta_gap: a Meta model directory, not a llama_jax checkpoint; import it first: python -m llama_jax.convert"),
+    ("tokenizer-not-init-froms", ["sft", "--config.init_from={d}/other_tokenizer", "--config.data.tokenizer={tok}"],
+     "is not the tokenizer config.init_from {d}/other_tokenizer was trained with (sha256 ffffffffffff)"),
+    ("sft-nothing-trained", ["sft", "--config.data.source={d}/long_prompt.jsonl", "--config.data.tokenizer={tok}"],
+     "long_prompt.jsonl: no dialog has a trained token within seq_len=64: every answer starts after it (e.g. "),
+    ("dpo-beta-zero", ["dpo", "--config.dpo.beta=0", "--config.data.tokenizer={tok}"],
+     "config.dpo.beta 0.0 must be > 0"),
+    ("negative-safety-weight", ["reward_model", "--config.reward.safety_weight=-1", "--config.data.tokenizer={tok}"],
+     "config.reward.safety_weight -1.0 must be >= 0"),
+    ("safety-rm-without-labels", ["reward_model", "--config.reward.safety_weight=1",
+                                  "--config.data.source={d}/misnamed.jsonl", "--config.data.tokenizer={tok}"],
+     "misnamed.jsonl has chosen_safe / rejected_safe, which the safety term learns from (fields not read: "
+     "'chosen_is_safe' (at {d}/misnamed.jsonl:1; meant 'chosen_safe'?), 'ratings'"),
 ]
 
 
@@ -284,7 +305,8 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, refe
     for experiment, extra, needle in (
             ("pretrain.py:tiny", ["--config.model.n_layers=3"], "of another model (fields ['n_layers'] differ)"),
             ("reward_model.py:tiny", ["--config.init_from="],
-             "have heads ['lm'] (stage 'pretrain'), this stage trains ['score']"),
+             "holds checkpoints of stage 'pretrain', not 'reward_model'; use a new --workdir (with "),
+            ("sft.py:tiny", ["--config.init_from="], "holds checkpoints of stage 'pretrain', not 'sft'"),
             ("pretrain.py:tiny", ["--config.config_that_does_not_exist=1"], "config_that_does_not_exist")):
         out = subprocess.run(command(workdir, f"--config.data.tokenizer={tokenizer_path}", *extra,
                                      experiment=experiment), env=env(), capture_output=True, text=True, timeout=120)

@@ -3,13 +3,12 @@ with an assistant message) -> Llama 2-Chat tokens with a loss mask on answer tok
 EOS -> several dialogs packed per row (first-fit, never split; segment ids and positions
 recorded) or one dialog per row, right-padded -> batches in the next-token layout.
 
-A dialog longer than seq_len is truncated to its first seq_len tokens. With
+A dialog longer than seq_len is truncated to its first seq_len tokens (counted in the
+batches' description, with those that keep no trained token). With
 `last_turn_only` (Ghost Attention) only the final answer of each dialog is trained.
 """
 
 from __future__ import annotations
-
-import logging
 
 import grain
 import numpy as np
@@ -17,8 +16,6 @@ import numpy as np
 from llama_jax.data import pipeline, sources
 from llama_jax.data.sources import DataError
 from llama_jax.tokenizer import DialogError, _turns
-
-log = logging.getLogger(__name__)
 
 
 def validate_messages(record: dict, where: str, last: str) -> None:
@@ -34,27 +31,47 @@ def open_dialogs(patterns) -> sources.Jsonl:
 
 
 class _Encode:
-    def __init__(self, tokenizer, seq_len: int, last_turn_only: bool, source: str):
-        self.tokenizer, self.seq_len, self.last_turn_only, self.source = tokenizer, seq_len, last_turn_only, source
-        self.warned = False
+    def __init__(self, tokenizer, seq_len: int, last_turn_only: bool):
+        self.tokenizer, self.seq_len, self.last_turn_only = tokenizer, seq_len, last_turn_only
 
     def __call__(self, record: dict) -> dict[str, np.ndarray]:
         tokens, mask = self.tokenizer.encode_dialog_for_training(record["messages"], self.last_turn_only)
-        if len(tokens) > self.seq_len and not self.warned:  # once: every epoch encodes every dialog again
-            self.warned = True
-            log.warning("%s: a dialog of %d tokens is truncated to seq_len=%d, losing its end (reported once; "
-                        "dialogs longer than seq_len train only their first seq_len tokens)", self.source,
-                        len(tokens), self.seq_len)
         return {"tokens": np.asarray(tokens[: self.seq_len], np.int32),
                 "mask": np.asarray(mask[: self.seq_len], np.int32)}
+
+
+class _Lengths:
+    """Validates each dialog as it is opened and counts those longer than seq_len, and
+    those of them with no trained token left within it (an answer that starts after it)."""
+
+    def __init__(self, tokenizer, seq_len: int, last_turn_only: bool):
+        self.tokenizer, self.seq_len, self.last_turn_only = tokenizer, seq_len, last_turn_only
+        self.truncated, self.untrained, self.first_untrained = 0, 0, ""
+
+    def __call__(self, record: dict, where: str) -> None:
+        validate_messages(record, where, "assistant")
+        tokens, mask = self.tokenizer.encode_dialog_for_training(record["messages"], self.last_turn_only)
+        if len(tokens) > self.seq_len:
+            self.truncated += 1
+            if not any(mask[1: self.seq_len]):  # token 0 (BOS) is never a target
+                self.untrained += 1
+                self.first_untrained = self.first_untrained or where
 
 
 def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int = 0, *, pack: bool = True,
                  last_turn_only: bool = False, shard: tuple[int, int] | None = None, num_epochs: int | None = None,
                  shuffle: bool = True, prefetch: int = 2) -> pipeline.Batches:
-    dialogs = open_dialogs(patterns)
+    """Batches of dialogs; their description counts the dialogs longer than seq_len
+    (`truncated`, keeping their first seq_len tokens) and those that keep no trained token
+    (`no_trained_token`): a source of nothing but such dialogs is a DataError."""
+    lengths = _Lengths(tokenizer, seq_len, last_turn_only)
+    dialogs = sources.Jsonl(patterns, validate=lengths)
+    files = ",".join(dialogs.files)
+    if lengths.untrained == len(dialogs):
+        raise DataError(f"{files}: no dialog has a trained token within seq_len={seq_len}: every answer starts "
+                        f"after it (e.g. {lengths.first_untrained}); a larger seq_len, or shorter prompts")
     ds = pipeline.sharded_shuffled(dialogs, seed, shard, num_epochs, shuffle=shuffle)
-    ds = ds.map(_Encode(tokenizer, seq_len, last_turn_only, ",".join(dialogs.files))).to_iter_dataset()
+    ds = ds.map(_Encode(tokenizer, seq_len, last_turn_only)).to_iter_dataset()
     if pack:
         ds = grain.experimental.FirstFitPackIterDataset(
             ds, length_struct={"tokens": seq_len, "mask": seq_len}, num_packing_bins=max(batch_size, 8),
@@ -62,5 +79,11 @@ def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int =
         ds = ds.map(pipeline.packed_to_lm)
     else:
         ds = ds.map(lambda ex: pipeline.pad_row(ex["tokens"], ex["mask"], seq_len))
-    return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch),
-                            {"source": ",".join(dialogs.files), "dialogs": len(dialogs), "pack": pack})
+    description = {"source": files, "dialogs": len(dialogs), "pack": pack}
+    if lengths.truncated:
+        description["truncated"] = f"{lengths.truncated:,} (longer than seq_len {seq_len}: their first {seq_len} " \
+                                   "tokens train)"
+    if lengths.untrained:
+        description["no_trained_token"] = f"{lengths.untrained:,} (every answer after seq_len; first: " \
+                                          f"{lengths.first_untrained})"
+    return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch), description)

@@ -4,6 +4,8 @@ JSONL, one pair per line (several sources mix as `a/*.jsonl@1.0,b/*.jsonl@0.25`)
   {"prompt": [messages ending with a user turn], "chosen": str, "rejected": str,
    "rating": "significantly_better" | "better" | "slightly_better" | "negligibly_better",  (optional)
    "is_safety_prompt": bool, "chosen_safe": bool, "rejected_safe": bool}                   (optional)
+Other fields are not read; the run's `training data:` line names them (`unread_fields`),
+beside how many pairs are rated and safety-labelled.
 
 Pairs whose chosen answer is unsafe while the rejected one is safe are dropped, as in the
 paper (section 3.2.1). The margin m(rating) of the ranking loss comes from the paper's
@@ -30,6 +32,7 @@ from llama_jax.data.sources import DataError
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
 MARGINS = {"none": (0.0, 0.0, 0.0, 0.0), "small": (1.0, 2 / 3, 1 / 3, 0.0), "large": (3.0, 2.0, 1.0, 0.0)}
 SAFETY_FIELDS = ("is_safety_prompt", "chosen_safe", "rejected_safe")
+FIELDS = ("prompt", "chosen", "rejected", "rating", *SAFETY_FIELDS, "task")  # task: a toy pair's, for evaluate
 
 
 def margin(rating: str | None, table: str) -> float:
@@ -86,11 +89,17 @@ class PreferencePairs:
         self.index: list[tuple[int, int]] = []  # (part, record)
         self.dropped = 0
         self.identical: list[str] = []  # where chosen == rejected: kept (no signal, but changing data changes runs)
+        self.rated = self.safety_labelled = 0  # of the pairs used
+        self.unread: dict[str, str] = {}  # field no reader reads (a misspelt "ratings" would lose every margin)
+        #                                   -> where it first is
         rng = np.random.default_rng(seed)
         for p, (glob, fraction) in enumerate(parse_mixture(patterns)):
             jsonl = sources.Jsonl(glob, validate=validate_pair)
             records = [jsonl.record(i) for i in range(len(jsonl))]
             self.identical += [jsonl.where(i) for i, r in enumerate(records) if r["chosen"] == r["rejected"]]
+            for i, r in enumerate(records):
+                for f in r.keys() - set(FIELDS) - self.unread.keys():
+                    self.unread[f] = jsonl.where(i)
             kept = [i for i, r in enumerate(records) if not is_dropped(r)]
             self.dropped += len(jsonl) - len(kept)
             n = int(round(fraction * len(kept)))
@@ -102,10 +111,24 @@ class PreferencePairs:
                                     [rng.permutation(len(kept))[:n - int(fraction) * len(kept)]]))
             self.parts.append(jsonl)
             self.index += [(p, kept[i]) for i in sorted(picks.tolist())]
+            used = [records[kept[i]] for i in picks.tolist()]
+            self.rated += sum(r.get("rating") is not None for r in used)
+            self.safety_labelled += sum(r.get("chosen_safe") is not None or r.get("rejected_safe") is not None
+                                        for r in used)
         self.files = [f for part in self.parts for f in part.files]
         if not self.index:
             raise DataError(f"{','.join(self.files)}: no usable preference pairs "
                             f"({self.dropped} dropped as chosen-unsafe/rejected-safe)")
+
+    def unread_fields(self) -> str:
+        """The fields no reader reads, with a guess at what each was meant to be."""
+        import difflib
+
+        def one(f):
+            near = difflib.get_close_matches(f, FIELDS, n=1, cutoff=0.6)
+            return f"{f!r} (at {self.unread[f]}" + (f"; meant {near[0]!r}?)" if near else ")")
+
+        return ", ".join(one(f) for f in sorted(self.unread))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -168,6 +191,7 @@ def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int =
     ds = ds.map(_EncodePair(tokenizer, seq_len, margin_table)).to_iter_dataset()
     return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch),
                             {"source": ",".join(pairs.files), "pairs": len(pairs), "dropped": pairs.dropped,
-                             "margin": margin_table,
+                             "rated": pairs.rated, "safety_labelled": pairs.safety_labelled, "margin": margin_table,
+                             **({"unread_fields": pairs.unread_fields()} if pairs.unread else {}),
                              **({"identical_pairs": f"{len(pairs.identical)} (first: {pairs.identical[0]})"}
                                 if pairs.identical else {})})

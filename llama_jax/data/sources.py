@@ -28,12 +28,13 @@ def expand_globs(patterns: str | Sequence[str], what: str = "input") -> list[str
         patterns = [p for p in patterns.split(",") if p.strip()]
     found = {p: [f for f in glob.glob(os.path.expanduser(p.strip()), recursive=True) if os.path.isfile(f)]
              for p in patterns}
-    if not any(found.values()):
-        raise DataError(f"no {what} files match {list(patterns)}")
     missing = [p for p, fs in found.items() if not fs]
+    hint = " (mixture weights, PATH@WEIGHT, are for preference data only)" if any("@" in p for p in missing) \
+        else " (a KIND: prefix, as in jsonl:GLOB, is for pretraining's data.source; fine-tuning stages take the " \
+        "glob alone)" if any(p.strip().split(":", 1)[0] in ("jsonl", "text", "shards") for p in missing) else ""
+    if not any(found.values()):
+        raise DataError(f"no {what} files match {list(patterns)}{hint}")
     if missing:  # a typo in one part of a list would drop its data without a word
-        hint = " (mixture weights, PATH@WEIGHT, are for preference data only)" if any("@" in p for p in missing) \
-            else ""
         raise DataError(f"no {what} files match {missing[0]!r}, one of {list(patterns)}{hint}")
     return sorted({f for fs in found.values() for f in fs})
 
@@ -87,7 +88,9 @@ class Jsonl:
     def _parse(raw: bytes, path: str, lineno: int) -> dict:
         try:
             record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e}); JSONL files are UTF-8") from None
+        except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")

@@ -3,8 +3,11 @@ tokens streamed as they are generated).
 
     python -m llama_jax.chat --checkpoint=DIR [--system="You are a pirate."]
 
-Type a message and press Enter. `/reset` starts a new dialog, `/exit` (or Ctrl-D) quits.
-Sampling defaults are Meta's chat defaults: temperature 0.6, top-p 0.9.
+Type a message and press Enter. `/reset` starts a new dialog, `/exit` (or Ctrl-D) quits;
+Ctrl-C during a reply drops that reply, at the prompt it quits. A dialog that would leave
+a reply less than --max_new_tokens (or a quarter of the context) drops its oldest
+exchanges (the system prompt stays). Sampling
+defaults are Meta's chat defaults: temperature 0.6, top-p 0.9.
 """
 
 from __future__ import annotations
@@ -13,42 +16,90 @@ import argparse
 import sys
 
 
-def main(argv=None, input_fn=input, out=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llama_jax.chat", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True)
+def _bucket(n: int, cap: int) -> int:
+    """A power of two >= n (at least 16), at most `cap`: a dialog's prompts, growing turn by
+    turn, share a few compiled decode programs instead of compiling one per turn."""
+    b = 16
+    while b < n:
+        b *= 2
+    return max(n, min(b, cap))
+
+
+def main(argv=None, input_fn=None, out=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llama_jax.chat", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a run's workdir or an export / converted checkpoint")
     ap.add_argument("--system", default="", help="system prompt (folded into the first user turn)")
-    ap.add_argument("--max_new_tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--top_p", type=float, default=0.9)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max_new_tokens", type=int, default=256, help="most tokens of one reply")
+    ap.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    ap.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling; 1 = off")
+    ap.add_argument("--top_k", type=int, default=0, help="0 = every token")
+    ap.add_argument("--seed", type=int, default=0, help="turn i of a dialog samples with seed + i")
     args = ap.parse_args(argv)
-    from llama_jax.generate import TextStream, check_sampling_args, generate, load_for_inference
+    from llama_jax.generate import check_sampling_args
+    from llama_jax.tokenizer import DialogError, _turns, valid_unicode
 
     check_sampling_args(ap, args)
+    system = [{"role": "system", "content": valid_unicode(args.system)}] if args.system else []
+    try:  # once, now: a bad system prompt would refuse every message
+        _turns(system + [{"role": "user", "content": "x"}], last="user")
+    except DialogError as e:
+        ap.error(f"--system: {e}")
     out = out or sys.stdout
+    piped = input_fn is None and not sys.stdin.isatty()
+    if input_fn is None:
+        if not piped:
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:
+                pass
+        input_fn = input
+    try:
+        return _session(args, system, input_fn, out, piped)
+    except BrokenPipeError:  # the reader went away (`| head`): nothing more to show
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _session(args, system: list[dict], input_fn, out, piped: bool) -> int:
+    import time
 
     from llama_jax.checkpoint import CheckpointError
-    from llama_jax.tokenizer import DialogError, TokenizerError, first_tag
+    from llama_jax.generate import TextStream, generate, load_for_inference
+    from llama_jax.tokenizer import DialogError, TokenizerError, first_tag, valid_unicode
 
+    start = time.perf_counter()
     try:
         cfg, params, tok, mesh = load_for_inference(args.checkpoint)
     except (CheckpointError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"loaded {args.checkpoint} ({cfg.num_params():,} parameters, context {cfg.max_seq_len}) in "
+          f"{time.perf_counter() - start:.1f} s; the first reply of each prompt length compiles", file=sys.stderr)
+    if system:
+        n = len(tok.encode_dialog(system + [{"role": "user", "content": ""}]))
+        if n + 1 > cfg.max_seq_len:
+            print(f"error: --system is {n} tokens with its format; the model's context is {cfg.max_seq_len}",
+                  file=sys.stderr)
+            return 2
     dialog: list[dict] = []
     out.write("llama_jax chat: /reset starts over, /exit quits\n")
     turn = 0
     while True:
         try:
             line = input_fn("you> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
             break
-        text = line.strip()
+        if piped:  # a transcript of piped input reads like a session
+            out.write(line + "\n")
+        text = valid_unicode(line).strip()
         if text in ("/exit", "/quit"):
             break
         if text == "/reset":
-            dialog = []
+            dialog, turn = [], 0
             out.write("(new dialog)\n")
             continue
         if not text:
@@ -59,17 +110,38 @@ def main(argv=None, input_fn=input, out=None) -> int:
         except DialogError as e:
             out.write(f"(not sent: {e})\n")
             continue
+        dropped = 0  # the oldest exchanges go, so that a reply of max_new_tokens (or a quarter of the context) fits
+        while cfg.max_seq_len - len(prompt) < min(args.max_new_tokens, cfg.max_seq_len // 4) and len(candidate) > 1:
+            candidate, dropped = candidate[2:], dropped + 1
+            prompt = tok.encode_dialog(system + candidate)
         room = cfg.max_seq_len - len(prompt)
         if room < 1:
-            out.write("(the dialog is longer than the model's context; /reset to start over)\n")
+            out.write(f"(not sent: this message makes a prompt of {len(prompt)} tokens"
+                      + (" with the system prompt" if system else "") + f"; the model's context is "
+                      f"{cfg.max_seq_len})\n")
             continue
+        if dropped:
+            out.write(f"(the {dropped} oldest exchange{'s' * (dropped > 1)} dropped to fit the model's context of "
+                      f"{cfg.max_seq_len} tokens" + ("; the system prompt stays" if system else "") + ")\n")
+        max_new = min(args.max_new_tokens, room)
         out.write("assistant> ")
         stream = TextStream(tok, out)
-        result = generate(cfg, params, [prompt], min(args.max_new_tokens, room), args.temperature, args.top_p,
-                          seed=args.seed + turn, on_token=stream, mesh=mesh)
+        try:
+            result = generate(cfg, params, [prompt], max_new, args.temperature, args.top_p, args.top_k,
+                              seed=args.seed + turn, on_token=stream, mesh=mesh,
+                              pad_to=_bucket(len(prompt), cfg.max_seq_len - max_new))
+        except KeyboardInterrupt:
+            out.write("\n(interrupted: the reply is dropped)\n")
+            dialog = candidate[:-1]
+            continue
         stream.finish()
         out.write("\n")
-        answer = tok.decode([t for t in result.tokens[0] if t != tok.eos_id])
+        new = result.tokens[0]
+        if len(new) == max_new and new[-1] != tok.eos_id:
+            out.write(f"(the reply was cut at {max_new} tokens: "
+                      + ("--max_new_tokens" if max_new == args.max_new_tokens else "the end of the model's context")
+                      + ")\n")
+        answer = tok.decode([t for t in new if t != tok.eos_id])
         hit = first_tag(answer)
         if hit is not None:  # a format tag in the reply would make every later turn an invalid dialog
             out.write(f"(the reply is kept up to its {hit[1]!r}, a tag of the chat format)\n")

@@ -163,12 +163,16 @@ def _bucket(n: int, multiple: int = 16) -> int:
 
 def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-             eos_id: int = EOS_ID, on_token: Callable | None = None, mesh=None, rules=None) -> Generation:
+             eos_id: int = EOS_ID, on_token: Callable | None = None, mesh=None, rules=None,
+             pad_to: int = 0) -> Generation:
     """New tokens for each prompt (stopping after EOS) and their log-probabilities.
 
     `on_token(tokens [B], done [B])` is called on the host after every decode step
     (streaming). With `mesh` and `rules`, activations are sharded like training's (params
-    should already be on that mesh, e.g. from `checkpoint.load_model(..., shardings=)`)."""
+    should already be on that mesh, e.g. from `checkpoint.load_model(..., shardings=)`).
+    Prompts are left-padded to a multiple of 16 tokens, or to `pad_to` when longer (within
+    what the context leaves): each padded length compiles its own decode program, so a
+    caller whose prompt grows call by call (a chat) passes a few fixed lengths."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     if int(max_new_tokens) < 1:
@@ -178,7 +182,7 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
         raise ValueError(f"generate: the prompt ({longest} tokens) + max_new_tokens {max_new_tokens} exceeds the "
                          f"model's max_seq_len {config.max_seq_len}")
     # bucketed, so similar lengths share a compile (never past what the context leaves)
-    P = min(_bucket(longest), config.max_seq_len - max_new_tokens)
+    P = min(max(_bucket(longest), int(pad_to)), config.max_seq_len - max_new_tokens)
     tokens = np.zeros((len(prompts), P), np.int32)
     seg = np.zeros((len(prompts), P), np.int32)
     for i, p in enumerate(prompts):  # left padding: every prompt ends at the same slot
@@ -255,6 +259,7 @@ class TextStream:
         import sys
 
         self.tok, self.out, self.ids, self.prefix = tokenizer, out or sys.stdout, [], list(prefix)
+        self.closed = False
         self.start = self.shown = tokenizer.decode(self.prefix) if self.prefix else ""
 
     def _text(self) -> str:
@@ -262,9 +267,15 @@ class TextStream:
 
     def _show(self, text: str) -> None:
         if text.startswith(self.shown) and len(text) > len(self.shown):
-            self.out.write(text[len(self.shown):])
-            self.out.flush()
-            self.shown = text
+            new, self.shown = text[len(self.shown):], text
+            if self.closed:
+                return
+            try:
+                self.out.write(new)
+                self.out.flush()
+            except BrokenPipeError:  # the reader went away (`| head`); raised here, it would end the decode
+                # loop's host callback with a runtime error: the caller finds out at its next write
+                self.closed = True
 
     def __call__(self, tokens, done) -> None:
         if bool(done[0]) or int(tokens[0]) == self.tok.eos_id:
@@ -284,7 +295,7 @@ def check_sampling_args(ap, args) -> None:
     values `generate` cannot sample with."""
     if args.max_new_tokens < 1:
         ap.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0 or not 0 <= args.top_p <= 1:
+    if not 0 <= args.temperature < float("inf") or not 0 <= args.top_p <= 1:  # NaN fails both
         ap.error(f"--temperature must be >= 0 (0 = greedy) and --top_p in [0, 1], got {args.temperature} and "
                  f"{args.top_p}")
     if getattr(args, "top_k", 0) < 0:
@@ -294,39 +305,58 @@ def check_sampling_args(ap, args) -> None:
 def main(argv=None) -> int:
     import argparse
     import sys
+    import time
 
-    ap = argparse.ArgumentParser(prog="python -m llama_jax.generate", description="Continue a prompt.")
+    ap = argparse.ArgumentParser(prog="python -m llama_jax.generate", description="Continue a prompt (streamed to "
+                                 "stdout; timing on stderr).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a run's workdir or an export / converted checkpoint")
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--max_new_tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--top_p", type=float, default=0.9)
-    ap.add_argument("--top_k", type=int, default=0)
+    ap.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
+    ap.add_argument("--max_new_tokens", type=int, default=128,
+                    help="most new tokens (fewer when the context has less room: said on stderr)")
+    ap.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (the Python API's default)")
+    ap.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling; 1 = off")
+    ap.add_argument("--top_k", type=int, default=0, help="0 = every token")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as a Llama 2-Chat user turn")
     args = ap.parse_args(argv)
     check_sampling_args(ap, args)
     from llama_jax.checkpoint import CheckpointError
-    from llama_jax.tokenizer import DialogError, TokenizerError
+    from llama_jax.tokenizer import DialogError, TokenizerError, valid_unicode
 
+    text = valid_unicode(args.prompt)
     try:
+        start = time.perf_counter()
         cfg, params, tok, mesh = load_for_inference(args.checkpoint)
-        prompt = (tok.encode_dialog([{"role": "user", "content": args.prompt}]) if args.chat
-                  else tok.encode(args.prompt, bos=True))
+        loaded = time.perf_counter() - start
+        prompt = (tok.encode_dialog([{"role": "user", "content": text}]) if args.chat
+                  else tok.encode(text, bos=True))
         max_new = min(args.max_new_tokens, cfg.max_seq_len - len(prompt))
         if max_new < 1:
             raise ValueError(f"the prompt has {len(prompt)} tokens and the model's context is {cfg.max_seq_len}: "
                              "no room is left to generate")
+        if max_new < args.max_new_tokens:
+            print(f"note: --max_new_tokens {args.max_new_tokens} -> {max_new}: the prompt's {len(prompt)} tokens "
+                  f"leave {max_new} of the model's context of {cfg.max_seq_len}", file=sys.stderr)
         if not args.chat:
-            sys.stdout.write(args.prompt)
+            sys.stdout.write(text)
         stream = TextStream(tok, prefix=() if args.chat else prompt)
-        generate(cfg, params, [prompt], max_new, args.temperature, args.top_p, args.top_k, args.seed,
-                 on_token=stream, mesh=mesh)
+        start = time.perf_counter()
+        result = generate(cfg, params, [prompt], max_new, args.temperature, args.top_p, args.top_k, args.seed,
+                          on_token=stream, mesh=mesh)
+        seconds = time.perf_counter() - start
         stream.finish()
         sys.stdout.write("\n")
+        sys.stdout.flush()
+        n = len(result.tokens[0])
+        print(f"[{n} tokens in {seconds:.2f} s, compilation included: {n / seconds:.1f} tokens/s; loading took "
+              f"{loaded:.1f} s]", file=sys.stderr)
     except (CheckpointError, TokenizerError, DialogError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`| head`): nothing more to show
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -130,7 +130,10 @@ class Tokenizer:
 
     # -- plain text --------------------------------------------------------------------
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.sp.encode(text)
+        try:
+            ids = self.sp.encode(text)
+        except RuntimeError:  # lone surrogates (a JSON "\ud800"), which SentencePiece cannot take
+            ids = self.sp.encode(valid_unicode(text))
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -197,6 +200,16 @@ class Tokenizer:
         return tokens, mask
 
 
+def valid_unicode(text: str) -> str:
+    """`text` with lone surrogates replaced by U+FFFD. Python reads bytes that are not
+    UTF-8 from argv, a terminal or a pipe as such surrogates (surrogateescape), which no
+    tokenizer can encode: each such byte becomes one U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def _turns(messages: Sequence[dict], last: str) -> list[tuple[str, str | None]]:
     """Validates a dialog and folds the system message into the first user turn.
     Returns [(user, answer), ...]; the last answer is None when `last == "user"`."""
@@ -209,6 +222,11 @@ def _turns(messages: Sequence[dict], last: str) -> list[tuple[str, str | None]]:
             raise DialogError(f"message {i}: unknown role {m['role']!r}; roles are {ROLES}")
         if not isinstance(m["content"], str):
             raise DialogError(f"message {i}: content must be a string, got {type(m['content']).__name__}")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: from a JSON escape, or bytes that were not UTF-8
+            raise DialogError(f"message {i}: content is not valid Unicode ({e.reason} at character {e.start})") \
+                from None
         for tag in SPECIAL_TAGS:
             if tag in m["content"]:
                 raise DialogError(f"message {i}: special tag {tag!r} is not allowed inside a message")

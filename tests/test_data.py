@@ -540,3 +540,7 @@ def test_jsonl_encoding_and_prefix_mistakes_are_named(tmp_path):
         sources.text_jsonl(str(tmp_path / "latin1.jsonl"))
     with pytest.raises(DataError, match="a KIND: prefix, as in jsonl:GLOB, is for pretraining's data.source"):
         chat.open_dialogs(f"jsonl:{tmp_path}/*.jsonl")
+    (tmp_path / "surrogate.jsonl").write_text('{"messages": [{"role": "user", "content": "a\\ud800"}, '
+                                              '{"role": "assistant", "content": "b"}]}\n')
+    with pytest.raises(DataError, match=r"surrogate.jsonl:1: message 0: content is not valid Unicode \(surrogates "):
+        chat.open_dialogs(str(tmp_path / "surrogate.jsonl"))

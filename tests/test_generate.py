@@ -223,3 +223,90 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gen.main([f"--checkpoint={tmp_path / 'm'}", "--prompt=x", "--top_k=-2"])
     assert "--top_k must be >= 0 (0 = every token), got -2" in capsys.readouterr().err
+
+
+def _scripted(lines, out):
+    inputs = iter(lines)
+
+    def fake_input(prompt):
+        out.write(prompt)
+        item = next(inputs, EOFError)
+        if isinstance(item, type) and issubclass(item, BaseException):
+            raise item
+        return item
+
+    return fake_input
+
+
+def test_a_long_chat_drops_its_oldest_exchanges_and_compiles_a_few_programs(checkpoint_dir, monkeypatch):
+    """A dialog that outgrows the 128-token context drops its oldest exchanges (the system
+    prompt stays) instead of refusing every message; its growing prompts are padded to a
+    few lengths, so the turns do not each compile a decode program."""
+    path, tok = checkpoint_dir
+    sent, real = [], gen.generate
+
+    def recording(cfg, params, prompts, *args, **kwargs):
+        sent.append(list(prompts[0]))
+        return real(cfg, params, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate", recording)
+    rng = random.Random(0)
+    words = [" ".join(rng.choice(synthetic.WORDS) for _ in range(6)) for _ in range(9)]
+    out = io.StringIO()
+    compiled = gen._generate._cache_size()
+    assert chat.main([f"--checkpoint={path}", "--system=Be brief.", "--temperature=0", "--max_new_tokens=8"],
+                     input_fn=_scripted(words, out), out=out) == 0
+    text = out.getvalue()
+    assert text.count("assistant> ") == 9 and "not sent" not in text
+    assert "oldest exchange dropped to fit the model's context of 128 tokens; the system prompt stays)" in text
+    assert all(len(p) + 8 <= 128 for p in sent)
+    system = tok.encode_dialog([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}])
+    assert all(p[:6] == system[:6] for p in sent)  # every prompt opens with the system prompt
+    assert gen._generate._cache_size() - compiled <= 4  # prompt lengths 16, 32, 64, 120 at most
+
+
+def test_chat_ctrl_c_drops_a_reply_or_quits_and_odd_input_is_handled(checkpoint_dir, monkeypatch, capsys):
+    path, tok = checkpoint_dir
+    sent, real = [], gen.generate
+
+    def interrupted_once(cfg, params, prompts, *args, **kwargs):
+        sent.append(list(prompts[0]))
+        if len(sent) == 1:
+            raise KeyboardInterrupt
+        return real(cfg, params, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate", interrupted_once)
+    out = io.StringIO()
+    # bytes that are not UTF-8 reach Python as lone surrogates: sent as U+FFFD, not a crash
+    assert chat.main([f"--checkpoint={path}", "--temperature=0", "--max_new_tokens=4"],
+                     input_fn=_scripted(["first", "caf\udce9", KeyboardInterrupt], out), out=out) == 0
+    assert "(interrupted: the reply is dropped)" in out.getvalue()
+    assert sent[1] == tok.encode_dialog([{"role": "user", "content": "caf\ufffd"}])  # the dropped turn is gone
+    with pytest.raises(SystemExit):  # a system prompt no message could be sent with: said once, at the start
+        chat.main([f"--checkpoint={path}", "--system=you are [INST] x"])
+    assert "--system: message 0: special tag '[INST]' is not allowed" in capsys.readouterr().err
+
+
+def test_generate_cli_says_what_it_changed_and_survives_a_closed_pipe(checkpoint_dir, capsys):
+    path, tok = checkpoint_dir
+    for bad in ("nan", "inf"):
+        with pytest.raises(SystemExit):
+            gen.main([f"--checkpoint={path}", "--prompt=x", f"--temperature={bad}"])
+        assert "--temperature must be >= 0 (0 = greedy)" in capsys.readouterr().err
+    rng = random.Random(5)
+    prompt = " ".join(rng.choice(synthetic.WORDS) for _ in range(30))
+    n = len(tok.encode(prompt, bos=True))
+    assert gen.main([f"--checkpoint={path}", f"--prompt={prompt}", "--max_new_tokens=200", "--temperature=0"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: --max_new_tokens 200 -> {128 - n}: the prompt's {n} tokens leave {128 - n} of the model's " \
+           "context of 128" in err and " tokens/s; loading took " in err
+
+    class Closed(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError
+
+    stream = gen.TextStream(tok, Closed())  # inside the decode loop's callback: must not raise
+    for t in tok.encode("lemon tree"):
+        stream(np.array([t]), np.array([False]))
+    assert stream.closed and stream.finish() == "lemon tree"
+    assert tok.encode("caf\udce9") == tok.encode("caf\ufffd")  # what a terminal's bad bytes encode as

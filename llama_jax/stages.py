@@ -31,6 +31,7 @@ class Stage:
     writes_data = True  # makes files in WORKDIR/data (toy data, samples) once, recorded with their settings
     eval_phase = "end"  # set by the loop before each evaluation: "start", "during" or "end"
     init_step: int | None = None  # set by the loop: the step of `init_from` the run started from (and keeps)
+    held_out_source = True  # evaluates on config.data.eval_source (PPO: on its own prompts)
 
     def prepare(self, config, workdir: str) -> None:
         """Called first, with the workdir (e.g. to write the toy data sets into it)."""
@@ -1225,6 +1226,8 @@ class PPOStage(Stage):
     validation prompts (rlhf.val_prompts or rlhf.num_val_prompts, val_*), those are what
     every evaluation answers, for early stopping, and the held-out ones are answered only
     before and after, so that the choice of weights never sees them."""
+
+    held_out_source = False
 
     heads = ("lm", "value")
     evaluate_at_start = True  # ppo.json's "before"

@@ -616,6 +616,9 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         print("training data: " + ", ".join(f"{k} {v:,}" if type(v) is int else f"{k} {v}"  # pack True, not 1
                                             for k, v in described.items()), flush=True)
     held_out = stage.eval_data(config, tokenizer) if config.eval_steps else None
+    if held_out is None and config.eval_steps and stage.held_out_source and not config.data.eval_source and lead:
+        print("note: config.data.eval_source is empty: no held-out evaluation (eval_loss and the stage's held-out "
+              "metrics); set it to a held-out file of the training data's format", flush=True)
     if held_out is not None:  # its files are checked now, not at the first evaluation, mid-run
         try:  # every process, together: an evaluation stops at the first batch any process lacks
             lacking = [i for i, has in enumerate(distributed.allgather_json(next(held_out, None) is not None))

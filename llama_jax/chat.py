@@ -16,7 +16,7 @@ import argparse
 import sys
 
 
-def _bucket(n: int, cap: int) -> int:
+def _pow2_length(n: int, cap: int) -> int:
     """A power of two >= n (at least 16), at most `cap`: a dialog's prompts, growing turn by
     turn, share a few compiled decode programs instead of compiling one per turn."""
     b = 16
@@ -57,9 +57,9 @@ def main(argv=None, input_fn=None, out=None) -> int:
     try:
         return _session(args, system, input_fn, out, piped)
     except BrokenPipeError:  # the reader went away (`| head`): nothing more to show
-        import os
+        from llama_jax.generate import quiet_stdout
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        quiet_stdout()
         return 0
 
 
@@ -67,7 +67,7 @@ def _session(args, system: list[dict], input_fn, out, piped: bool) -> int:
     import time
 
     from llama_jax.checkpoint import CheckpointError
-    from llama_jax.generate import TextStream, generate, load_for_inference
+    from llama_jax.generate import TextStream, generate_interruptibly, load_for_inference
     from llama_jax.tokenizer import DialogError, TokenizerError, first_tag, valid_unicode
 
     start = time.perf_counter()
@@ -123,14 +123,14 @@ def _session(args, system: list[dict], input_fn, out, piped: bool) -> int:
         if dropped:
             out.write(f"(the {dropped} oldest exchange{'s' * (dropped > 1)} dropped to fit the model's context of "
                       f"{cfg.max_seq_len} tokens" + ("; the system prompt stays" if system else "") + ")\n")
-        max_new = min(args.max_new_tokens, room)
+        # a reply short of room: a power of two, so that the few lengths it takes compile once each
+        max_new = args.max_new_tokens if room >= args.max_new_tokens else 1 << (room.bit_length() - 1)
         out.write("assistant> ")
         stream = TextStream(tok, out)
-        try:
-            result = generate(cfg, params, [prompt], max_new, args.temperature, args.top_p, args.top_k,
-                              seed=args.seed + turn, on_token=stream, mesh=mesh,
-                              pad_to=_bucket(len(prompt), cfg.max_seq_len - max_new))
-        except KeyboardInterrupt:
+        result = generate_interruptibly(stream, cfg, params, [prompt], max_new, args.temperature, args.top_p,
+                                        args.top_k, seed=args.seed + turn, mesh=mesh,
+                                        pad_to=_pow2_length(len(prompt), cfg.max_seq_len - max_new))
+        if result is None:  # Ctrl-C: the generation stopped at its next step
             out.write("\n(interrupted: the reply is dropped)\n")
             dialog = candidate[:-1]
             continue

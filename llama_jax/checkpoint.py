@@ -231,9 +231,12 @@ def read_meta(path: str, step: int | None = None) -> tuple[int, dict]:
             kind = "hf" if "config.json" in files and any(f.endswith((".safetensors", ".bin")) for f in files) else \
                 "meta" if "params.json" in files and any(f.endswith(".pth") for f in files) else None
             if kind:
+                pickles = kind == "hf" and not any(f.endswith(".safetensors") for f in files)
                 raise CheckpointError(f"{path}: a {'Hugging Face' if kind == 'hf' else 'Meta'} model directory, not a "
                                       f"llama_jax checkpoint; import it first: python -m llama_jax.convert "
-                                      f"--from={kind} --src={path} --dst=DIR, then use DIR")
+                                      f"--from={kind} --src={path} --dst=DIR, then use DIR"
+                                      + (" (its weights are PyTorch pickles, which convert does not load: save "
+                                         "them as safetensors first)" if pickles else ""))
             raise CheckpointError(f"{path}: no complete checkpoint found")
         try:
             meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -310,7 +313,10 @@ def load_model(path: str, step: int | None = None, shardings=None, **config_over
     heads = tuple(meta.get("heads", ["lm"]))
     shapes = abstract_params(Llama(cfg, heads))
     if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        try:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        except RuntimeError:  # JAX_PLATFORMS without cpu
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: device, shapes)
     target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                                     shardings)
@@ -321,7 +327,10 @@ def load_model(path: str, step: int | None = None, shardings=None, **config_over
 
 def export_params(workdir: str, output: str, step: int | None = None) -> int:
     """Writes a params-only checkpoint (plus meta and the tokenizer) to `output`."""
+    from llama_jax.workdir import require_empty
+
     step, meta = read_meta(workdir, step)
+    require_empty(output, CheckpointError)  # before the params are read
     _, params, _, tok = load_model(workdir, step)
     save_params(output, params, meta, step, tok)
     return step

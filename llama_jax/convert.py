@@ -414,6 +414,20 @@ def meta_ffn(cfg: LlamaConfig) -> tuple[int, float | None]:
     return found[0]
 
 
+def check_meta_export(cfg: LlamaConfig, num_shards: int) -> tuple[int, float | None]:
+    """The params.json FFN fields of `cfg` in Meta's layout, or a ConversionError if it
+    cannot be written there in `num_shards` model-parallel shards (from the config alone:
+    checked before a large model is read)."""
+    if num_shards < 1:
+        raise ConversionError(f"--num_shards={num_shards}: must be at least 1")
+    fields = meta_ffn(cfg)
+    for what, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.kv_heads), ("dim", cfg.dim),
+                    ("vocab_size", cfg.vocab_size), ("FFN width", cfg.hidden_dim)):
+        if n % num_shards:
+            raise ConversionError(f"{what}={n} cannot be split into {num_shards} model-parallel shards")
+    return fields
+
+
 def to_meta(params, cfg: LlamaConfig, dst: str, num_shards: int = 1, tokenizer_path: str | None = None,
             dtype: str = "float32") -> None:
     """Writes Meta's layout (to a new or empty directory; nothing is left of a failed
@@ -423,13 +437,7 @@ def to_meta(params, cfg: LlamaConfig, dst: str, num_shards: int = 1, tokenizer_p
 
     from llama_jax.workdir import staged_directory
 
-    if num_shards < 1:
-        raise ConversionError(f"--num_shards={num_shards}: must be at least 1")
-    multiple_of, ffn_dim_multiplier = meta_ffn(cfg)
-    for what, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.kv_heads), ("dim", cfg.dim),
-                    ("vocab_size", cfg.vocab_size), ("FFN width", cfg.hidden_dim)):
-        if n % num_shards:
-            raise ConversionError(f"{what}={n} cannot be split into {num_shards} model-parallel shards")
+    multiple_of, ffn_dim_multiplier = check_meta_export(cfg, num_shards)
     with staged_directory(dst, ConversionError) as tmp:
         shards: list[dict] = [{} for _ in range(num_shards)]
         for hf_name, w in hf_tensors_from_params(params, cfg).items():
@@ -485,6 +493,7 @@ def main(argv=None) -> int:
 
     from llama_jax import checkpoint as ckpt
     from llama_jax.tokenizer import Tokenizer
+    from llama_jax.workdir import require_empty
 
     if args.num_shards is not None and args.dst_format != "meta":
         ap.error("--num_shards is for --to=meta")
@@ -493,8 +502,7 @@ def main(argv=None) -> int:
     try:
         if args.tokenizer and not os.path.isfile(args.tokenizer):
             raise ConversionError(f"--tokenizer {args.tokenizer}: no such file")
-        if os.path.isdir(args.dst) and os.listdir(args.dst):  # checked again when writing; here before reading
-            raise ConversionError(f"{args.dst}: not empty; choose a new or empty destination")
+        require_empty(args.dst, ConversionError)  # checked again when writing; here before reading
         if args.src_format:
             cfg, params = (from_meta if args.src_format == "meta" else from_hf)(args.src)
             tok = args.tokenizer or os.path.join(args.src, "tokenizer.model")
@@ -513,17 +521,23 @@ def main(argv=None) -> int:
             ckpt.save_params(args.dst, params, meta, step=0, tokenizer_path=tok if os.path.exists(tok) else None)
             print(f"imported {args.src_format} {args.src} ({cfg.num_params():,} parameters) -> {args.dst}")
         else:
-            cfg, params, heads, tok = ckpt.load_model(args.src)
+            _, meta = ckpt.read_meta(args.src)  # everything is checked from the config before the model is read
+            cfg, heads = ckpt.model_config(meta), meta.get("heads", ["lm"])
             if "lm" not in heads:
                 raise ConversionError(f"{args.src}: has no LM head (heads {list(heads)}); only language models export")
-            tok = args.tokenizer or tok
-            if tok:  # checked before anything is written
+            beside = os.path.join(args.src, "tokenizer.model")
+            tok = args.tokenizer or (beside if os.path.exists(beside) else None)
+            if tok:
                 Tokenizer(tok).check_fits(cfg.vocab_size, f"{args.src} checkpoint")
+            num_shards = 1 if args.num_shards is None else args.num_shards
+            if args.dst_format == "meta":
+                check_meta_export(cfg, num_shards)
+            cfg, params, _, _ = ckpt.load_model(args.src)
             dtype = args.dtype or "float32"
             if args.dst_format == "hf":
                 to_hf(params, cfg, args.dst, tok, dtype)
             else:
-                to_meta(params, cfg, args.dst, args.num_shards or 1, tok, dtype)
+                to_meta(params, cfg, args.dst, num_shards, tok, dtype)
             print(f"exported {args.src} -> {args.dst_format} {args.dst}")
     except (ConversionError, ckpt.CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

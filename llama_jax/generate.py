@@ -135,8 +135,8 @@ def _generate(params, tokens, segment_ids, rng, *, config: LlamaConfig, max_new_
         tok = jnp.where(done, 0, tok)
         out = out.at[:, i].set(tok)
         out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
-        if stream:  # streaming: hand each step's tokens to the host as they exist
-            io_callback(_forward_tokens, None, tok, done, ordered=True)
+        if stream:  # streaming: hand each step's tokens to the host as they exist; it may answer "stop"
+            done = done | io_callback(_forward_tokens, jax.ShapeDtypeStruct((), jnp.bool_), tok, done, ordered=True)
         done = done | (tok == eos_id)
         logits, cache = forward(tok[:, None], pos[:, None], jnp.ones((B, 1), jnp.int32), cache)
         return i + 1, cache, logits[:, -1], pos + 1, out, out_lp, done, rng
@@ -152,9 +152,8 @@ def _generate(params, tokens, segment_ids, rng, *, config: LlamaConfig, max_new_
 _STREAM_TARGET: list[Callable] = []
 
 
-def _forward_tokens(tokens, done) -> None:
-    if _STREAM_TARGET:
-        _STREAM_TARGET[-1](tokens, done)
+def _forward_tokens(tokens, done) -> np.ndarray:
+    return np.bool_(bool(_STREAM_TARGET and _STREAM_TARGET[-1](tokens, done)))
 
 
 def _bucket(n: int, multiple: int = 16) -> int:
@@ -168,8 +167,9 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
     """New tokens for each prompt (stopping after EOS) and their log-probabilities.
 
     `on_token(tokens [B], done [B])` is called on the host after every decode step
-    (streaming). With `mesh` and `rules`, activations are sharded like training's (params
-    should already be on that mesh, e.g. from `checkpoint.load_model(..., shardings=)`).
+    (streaming); when it returns True, every row stops there. With `mesh` and `rules`,
+    activations are sharded like training's (params should already be on that mesh, e.g.
+    from `checkpoint.load_model(..., shardings=)`).
     Prompts are left-padded to a multiple of 16 tokens, or to `pad_to` when longer (within
     what the context leaves): each padded length compiles its own decode program, so a
     caller whose prompt grows call by call (a chat) passes a few fixed lengths."""
@@ -259,7 +259,8 @@ class TextStream:
         import sys
 
         self.tok, self.out, self.ids, self.prefix = tokenizer, out or sys.stdout, [], list(prefix)
-        self.closed = False
+        self.closed = False  # the reader went away
+        self.stop = False  # set to end the generation at its next step (Ctrl-C)
         self.start = self.shown = tokenizer.decode(self.prefix) if self.prefix else ""
 
     def _text(self) -> str:
@@ -277,17 +278,54 @@ class TextStream:
                 # loop's host callback with a runtime error: the caller finds out at its next write
                 self.closed = True
 
-    def __call__(self, tokens, done) -> None:
-        if bool(done[0]) or int(tokens[0]) == self.tok.eos_id:
-            return
-        self.ids.append(int(tokens[0]))
-        self._show(self._text().rstrip("\ufffd"))
+    def __call__(self, tokens, done) -> bool:
+        """Shows row 0's new token; True (stop generating) once nobody reads or Ctrl-C was hit."""
+        if not (bool(done[0]) or int(tokens[0]) == self.tok.eos_id):
+            self.ids.append(int(tokens[0]))
+            self._show(self._text().rstrip("\ufffd"))
+        return self.closed or self.stop
 
     def finish(self) -> str:
         """Prints what was held back; returns the whole text after the prefix."""
         text = self._text()
         self._show(text)
         return text[len(self.start):] if text.startswith(self.start) else self.tok.decode(self.ids)
+
+
+def generate_interruptibly(stream: TextStream, *args, **kwargs) -> Generation | None:
+    """`generate(*args, on_token=stream, **kwargs)`, or None when Ctrl-C came first. The
+    decode loop runs in a worker thread while this (the main) thread waits in short, signal-
+    interruptible slices: Ctrl-C sets `stream.stop`, which the loop's next step reads, so the
+    generation ends within a step instead of after its last token."""
+    import threading
+
+    box: dict = {}
+
+    def work():
+        try:
+            box["result"] = generate(*args, on_token=stream, **kwargs)
+        except BaseException as e:  # handed to the main thread
+            box["error"] = e
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        try:
+            worker.join(0.1)
+        except KeyboardInterrupt:
+            stream.stop = True
+    if "error" in box:
+        raise box["error"]
+    return None if stream.stop else box["result"]
+
+
+def quiet_stdout() -> None:
+    """After a BrokenPipeError (the reader went away, as with `| head`): sends what is still
+    to be written, the interpreter's last flush included, nowhere."""
+    import os
+    import sys
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def check_sampling_args(ap, args) -> None:
@@ -341,12 +379,15 @@ def main(argv=None) -> int:
             sys.stdout.write(text)
         stream = TextStream(tok, prefix=() if args.chat else prompt)
         start = time.perf_counter()
-        result = generate(cfg, params, [prompt], max_new, args.temperature, args.top_p, args.top_k, args.seed,
-                          on_token=stream, mesh=mesh)
+        result = generate_interruptibly(stream, cfg, params, [prompt], max_new, args.temperature, args.top_p,
+                                        args.top_k, args.seed, mesh=mesh)
         seconds = time.perf_counter() - start
         stream.finish()
         sys.stdout.write("\n")
         sys.stdout.flush()
+        if result is None:
+            print("(interrupted)", file=sys.stderr)
+            return 130
         n = len(result.tokens[0])
         print(f"[{n} tokens in {seconds:.2f} s, compilation included: {n / seconds:.1f} tokens/s; loading took "
               f"{loaded:.1f} s]", file=sys.stderr)
@@ -354,9 +395,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`| head`): nothing more to show
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        quiet_stdout()
     return 0
 
 

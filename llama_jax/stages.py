@@ -32,6 +32,7 @@ class Stage:
     eval_phase = "end"  # set by the loop before each evaluation: "start", "during" or "end"
     init_step: int | None = None  # set by the loop: the step of `init_from` the run started from (and keeps)
     held_out_source = True  # evaluates on config.data.eval_source (PPO: on its own prompts)
+    rereads_init_from = False  # reads init_from again on a resume (a frozen reference: DPO, PPO)
 
     def prepare(self, config, workdir: str) -> None:
         """Called first, with the workdir (e.g. to write the toy data sets into it)."""
@@ -561,6 +562,7 @@ class DPOStage(PreferenceStage):
     (`init_from`, e.g. the SFT model)."""
 
     uses_frozen = True
+    rereads_init_from = True
 
     def objective(self, config):
         from llama_jax.train import RunError
@@ -1228,6 +1230,7 @@ class PPOStage(Stage):
     before and after, so that the choice of weights never sees them."""
 
     held_out_source = False
+    rereads_init_from = True  # its KL reference
 
     heads = ("lm", "value")
     evaluate_at_start = True  # ppo.json's "before"

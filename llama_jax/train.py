@@ -607,8 +607,9 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                                      config.checkpoint.async_save)
     meta = {"model": cfg.to_dict(), "heads": list(stage.heads), "tokenizer": tokenizer.identity(),
             "stage": config.stage}
-    if config.init_from:  # the step the run starts from, which a resume keeps (DPO's and PPO's reference)
-        stage.init_step = ckpt.read_meta(config.init_from)[0]
+    if config.init_from:  # the step the run starts from, which a resume keeps (DPO's and PPO's reference); the
+        # lead's reading, so that every process starts from the same one while init_from's run saves new steps
+        stage.init_step = distributed.allgather_json(ckpt.read_meta(config.init_from)[0] if lead else None)[0]
         meta["init_from"] = {"path": os.path.abspath(config.init_from), "step": stage.init_step}
     train_data = stage.train_data(config, tokenizer)
     described = getattr(train_data, "description", None)
@@ -647,19 +648,27 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         if list(saved_meta.get("heads", ["lm"])) != meta["heads"]:
             raise RunError(f"{checkpointer.directory}: its checkpoints have heads {saved_meta.get('heads')} (stage "
                            f"{saved_meta.get('stage')!r}), this stage trains {meta['heads']}; use a new --workdir")
-        began = saved_meta.get("init_from", {}).get("step")
-        if config.init_from and began is not None and began != stage.init_step:  # init_from trained on since
-            try:
-                ckpt.read_meta(config.init_from, began)
-            except ckpt.CheckpointError:
-                raise RunError(f"config.init_from {config.init_from}: this run started from its step {began}, which "
-                               f"it no longer holds (its latest: {stage.init_step}); the reference the run trains "
-                               "against is gone: use a new --workdir to start from the latest") from None
-            if lead:
-                print(f"config.init_from {config.init_from}: now at step {stage.init_step}; this run started from "
-                      f"its step {began} and goes on with it", file=sys.stderr, flush=True)
-            stage.init_step = began
-            meta["init_from"]["step"] = began
+        began = saved_meta.get("init_from") or {}
+        if config.init_from and began.get("step") is not None and began.get("step") != stage.init_step:
+            if began.get("path") != meta["init_from"]["path"]:  # another init_from (config_history.jsonl has it)
+                if lead and stage.rereads_init_from:
+                    print(f"warning: config.init_from is {config.init_from}, not {began.get('path')} as when this "
+                          f"run began: it goes on against step {stage.init_step} of the new one", file=sys.stderr,
+                          flush=True)
+            elif stage.rereads_init_from:  # init_from's run trained on since: the reference stays the one begun with
+                try:
+                    ckpt.read_meta(config.init_from, began["step"])
+                except ckpt.CheckpointError:
+                    raise RunError(f"config.init_from {config.init_from}: this run started from its step "
+                                   f"{began['step']}, which it no longer holds (its latest: {stage.init_step}); the "
+                                   "reference the run trains against is gone: use a new --workdir to start from the "
+                                   "latest") from None
+                if lead:
+                    print(f"config.init_from {config.init_from}: now at step {stage.init_step}; this run started "
+                          f"from its step {began['step']} and goes on with it", file=sys.stderr, flush=True)
+                stage.init_step = meta["init_from"]["step"] = began["step"]
+            else:  # read at the start only: the record keeps the step it was
+                stage.init_step = meta["init_from"]["step"] = began["step"]
 
     restored = checkpointer.restore_latest(abstract_sharded, check_meta,
                                           log=lambda m: lead and print(m, file=sys.stderr, flush=True))

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import sys
 import tempfile
 from typing import IO, Iterator
 
@@ -44,30 +45,48 @@ def release(workdir: str) -> None:
         f.close()
 
 
-@contextlib.contextmanager
-def staged_directory(dst: str, error: type[Exception]) -> Iterator[str]:
-    """Yields a new directory beside `dst` to write an export or import into; it becomes
-    `dst` (which must be new or empty) only when the block finishes, so a write that fails
-    (a full disk, a bad tensor) leaves nothing behind to block the rerun. Failures are
-    raised as one `error` naming `dst`."""
+PARTIAL = ".llama_jax-partial-"  # the staging directory of a write into a directory (see staged_directory)
+
+
+def require_empty(dst: str, error: type[Exception]) -> None:
+    """`dst` must be a new or empty directory: files left from another export (a
+    consolidated.01.pth of a 2-shard one, a stale tokenizer.model) would be read as part of
+    this one. What an interrupted write left (its staging directory) is removed."""
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise error(f"{dst}: exists and is not a directory")
-    if os.path.isdir(dst) and os.listdir(dst):  # files left from another export (a consolidated.01.pth of a 2-shard
-        # one, a stale tokenizer.model) would be read as part of this one
+    if not os.path.isdir(dst):
+        return
+    for name in os.listdir(dst):
+        if name.startswith(PARTIAL):
+            shutil.rmtree(os.path.join(dst, name), ignore_errors=True)
+            print(f"removed {os.path.join(dst, name)}, left by a write that did not finish", file=sys.stderr)
+    if os.listdir(dst):
         raise error(f"{dst}: not empty; choose a new or empty destination")
-    parent = os.path.dirname(os.path.abspath(dst))
+
+
+@contextlib.contextmanager
+def staged_directory(dst: str, error: type[Exception]) -> Iterator[str]:
+    """Yields a staging directory inside `dst` (a new or empty directory: a symlink or a
+    mount point too) to write an export or import into; its files move up into `dst` only
+    when the block finishes, so a write that fails (a full disk, a bad tensor) leaves
+    nothing to clean up before the rerun, and one that is killed leaves only the staging
+    directory, which the rerun removes. Failures are raised as one `error` naming `dst`."""
+    require_empty(dst, error)
+    made = not os.path.isdir(dst)
     try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.partial-", dir=parent)
+        os.makedirs(dst, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=PARTIAL, dir=dst)
     except OSError as e:
         raise error(f"{dst}: cannot create ({e})") from None
     try:
         yield tmp
-        if os.path.isdir(dst):
-            os.rmdir(dst)
-        os.rename(tmp, dst)
+        for name in os.listdir(tmp):
+            os.rename(os.path.join(tmp, name), os.path.join(dst, name))
+        os.rmdir(tmp)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made:
+            shutil.rmtree(dst, ignore_errors=True)
         if isinstance(e, error) or not isinstance(e, Exception):
             raise
         raise error(f"{dst}: writing failed, nothing was written ({type(e).__name__}: "

@@ -198,6 +198,10 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, hf, monkeypatch, capsys)
     assert os.listdir(tmp_path) == ["meta"]
     with pytest.raises(ConversionError, match="--num_shards=0: must be at least 1"):
         convert.to_meta(params, cfg, str(tmp_path / "x"), num_shards=0)
+    ckpt.save_params(str(tmp_path / "ck"), params, {"model": cfg.to_dict(), "heads": ["lm"]})
+    assert convert.main(["--to=meta", f"--src={tmp_path / 'ck'}", f"--dst={tmp_path / 'x'}", "--num_shards=0"]) == 2
+    assert "--num_shards=0: must be at least 1" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "ck")
     # the same for params-only checkpoints (imports, `checkpoint export`): a file as --output is one line
     open(tmp_path / "a_file", "w").close()
     with pytest.raises(ckpt.CheckpointError, match="a_file: exists and is not a directory"):
@@ -206,6 +210,18 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, hf, monkeypatch, capsys)
     with pytest.raises(ckpt.CheckpointError, match="ckpt: writing failed, nothing was written \\(ZeroDivisionError"):
         ckpt.save_params(str(tmp_path / "ckpt"), params, {"model": cfg.to_dict(), "heads": ["lm"]})
     assert sorted(os.listdir(tmp_path)) == ["a_file", "meta"]
+    monkeypatch.undo()
+    # a write that was killed leaves its staging directory inside the destination: the rerun removes it;
+    # an empty destination that is a symlink is written through; the files get the umask's modes
+    os.makedirs(tmp_path / "real" / ".llama_jax-partial-abc123")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    convert.to_meta(params, cfg, str(tmp_path / "link"))
+    assert "left by a write that did not finish" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "real")) == ["consolidated.00.pth", "params.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    convert.to_meta(params, cfg, str(tmp_path / "fresh"))
+    assert os.stat(tmp_path / "fresh").st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_one_ffn_width_said_two_ways_is_the_same_model():

@@ -263,24 +263,45 @@ def test_a_long_chat_drops_its_oldest_exchanges_and_compiles_a_few_programs(chec
     system = tok.encode_dialog([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}])
     assert all(p[:6] == system[:6] for p in sent)  # every prompt opens with the system prompt
     assert gen._generate._cache_size() - compiled <= 4  # prompt lengths 16, 32, 64, 120 at most
+    # replies longer than a quarter of the context: the room left varies turn by turn, and the reply's length
+    # (a static shape) is a power of two below it, so those turns share programs too
+    compiled, out = gen._generate._cache_size(), io.StringIO()
+    assert chat.main([f"--checkpoint={path}", "--temperature=0", "--max_new_tokens=64"],
+                     input_fn=_scripted(words, out), out=out) == 0
+    assert out.getvalue().count("assistant> ") == 9
+    assert gen._generate._cache_size() - compiled <= 4  # measured: 2
 
 
 def test_chat_ctrl_c_drops_a_reply_or_quits_and_odd_input_is_handled(checkpoint_dir, monkeypatch, capsys):
-    path, tok = checkpoint_dir
-    sent, real = [], gen.generate
+    """Ctrl-C during a reply (a real SIGINT, from the decode loop's host callback) ends the
+    generation within a few steps, not after its last token, and drops the reply."""
+    import signal
+    import time
 
-    def interrupted_once(cfg, params, prompts, *args, **kwargs):
+    path, tok = checkpoint_dir
+    sent, shown, real = [], [], gen.generate
+
+    def interrupted_once(cfg, params, prompts, *args, on_token=None, **kwargs):
         sent.append(list(prompts[0]))
-        if len(sent) == 1:
-            raise KeyboardInterrupt
-        return real(cfg, params, prompts, *args, **kwargs)
+        if len(sent) > 1:
+            return real(cfg, params, prompts, *args, on_token=on_token, **kwargs)
+
+        def slow(tokens, done):  # 50 ms a token, as a large model's; Ctrl-C at the second
+            shown.append(int(tokens[0]))
+            time.sleep(0.05)
+            if len(shown) == 2:
+                signal.raise_signal(signal.SIGINT)
+            return on_token(tokens, done)
+
+        return real(cfg, params, prompts, *args, on_token=slow, **kwargs)
 
     monkeypatch.setattr(gen, "generate", interrupted_once)
     out = io.StringIO()
     # bytes that are not UTF-8 reach Python as lone surrogates: sent as U+FFFD, not a crash
-    assert chat.main([f"--checkpoint={path}", "--temperature=0", "--max_new_tokens=4"],
+    assert chat.main([f"--checkpoint={path}", "--temperature=0", "--max_new_tokens=40"],
                      input_fn=_scripted(["first", "caf\udce9", KeyboardInterrupt], out), out=out) == 0
     assert "(interrupted: the reply is dropped)" in out.getvalue()
+    assert 2 <= len(shown) < 12  # stopped within a few steps of the signal, not after 40
     assert sent[1] == tok.encode_dialog([{"role": "user", "content": "caf\ufffd"}])  # the dropped turn is gone
     with pytest.raises(SystemExit):  # a system prompt no message could be sent with: said once, at the start
         chat.main([f"--checkpoint={path}", "--system=you are [INST] x"])

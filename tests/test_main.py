@@ -771,30 +771,41 @@ def test_the_recipe_passes_a_seed_and_overrides_to_its_stages(tmp_path, monkeypa
 
 
 def test_a_resume_keeps_the_init_from_step_it_started_from(tmp_path, reference_run, tokenizer_path):
-    """DPO's and PPO's reference is init_from's weights: a run records the step it started
-    from, and a resume after init_from trained on keeps that step (or is refused when it
-    is gone), instead of going on against other weights without a word."""
+    """DPO's reference is init_from's weights: a run records the step it started from, and
+    a resume after init_from's run saved a later step goes on against the step it began
+    with (its losses equal an uninterrupted run's), or is refused when that step is gone.
+    A stage that reads init_from only at its start (pretraining here) resumes regardless."""
     from llama_jax import checkpoint as ckpt
 
     ref_dir, _ = reference_run
-    base, run_dir = tmp_path / "base", str(tmp_path / "run")
+    base = tmp_path / "base"
     shutil.copytree(ref_dir, base)
+    toy = ["--config.data.synthetic_train=64", "--config.data.synthetic_eval=16"]
 
-    def run(steps):
-        return subprocess.run(command(run_dir, f"--config.data.tokenizer={tokenizer_path}",  # the same as base's
-                                      f"--config.init_from={base}", steps=steps),
-                              env=env(), capture_output=True, text=True, timeout=300)
+    def run(workdir, steps, init_from=base, experiment="dpo.py:tiny"):
+        extra = toy if experiment.startswith("dpo") else []
+        out = subprocess.run(command(str(tmp_path / workdir), f"--config.data.tokenizer={tokenizer_path}", *extra,
+                                     "--config.eval_steps=0", f"--config.init_from={init_from}", steps=steps,
+                                     experiment=experiment), env=env(), capture_output=True, text=True, timeout=300)
+        return out, {r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / workdir / "metrics.jsonl"))
+                     if "loss" in r} if out.returncode == 0 else None
 
-    out = run(2)
+    out, whole = run("whole", 4, init_from=ref_dir)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert ckpt.read_meta(run_dir)[1]["init_from"] == {"path": str(base), "step": 12}
-    shutil.copytree(base / "checkpoints" / "12", base / "checkpoints" / "15")  # init_from "trained on"
-    out = run(4)
+    out, _ = run("dpo", 2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ckpt.read_meta(str(tmp_path / "dpo"))[1]["init_from"] == {"path": str(base), "step": 12}
+    assert run("pretrain", 2, experiment="pretrain.py:tiny")[0].returncode == 0
+    shutil.copytree(base / "checkpoints" / "9", base / "checkpoints" / "15")  # a later step, other weights
+    out, resumed = run("dpo", 4)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"config.init_from {base}: now at step 15; this run started from its step 12 and goes on with it" \
         in out.stderr
-    assert ckpt.read_meta(run_dir)[1]["init_from"]["step"] == 12
+    assert resumed == pytest.approx(whole, abs=1e-6)  # the reference is still step 12
+    assert ckpt.read_meta(str(tmp_path / "dpo"))[1]["init_from"]["step"] == 12
     shutil.rmtree(base / "checkpoints" / "12")
-    out = run(6)
+    out, _ = run("dpo", 6)
     assert out.returncode != 0 and f"config.init_from {base}: this run started from its step 12, which it no " \
         "longer holds (its latest: 15)" in out.stderr, out.stderr[-2000:]
+    out, _ = run("pretrain", 4, experiment="pretrain.py:tiny")
+    assert out.returncode == 0 and "init_from" not in out.stderr, out.stderr[-2000:]

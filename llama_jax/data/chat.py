@@ -50,6 +50,10 @@ class _Lengths:
 
     def __call__(self, record: dict, where: str) -> None:
         validate_messages(record, where, "assistant")
+        # SentencePiece gives at most one token per UTF-8 byte (+ the dummy prefix), and the format adds fewer than
+        # 48 a message: a dialog below that bound cannot be longer than seq_len, and is not tokenized to count it
+        if sum(len(m["content"].encode("utf-8")) + 48 for m in record["messages"]) <= self.seq_len:
+            return
         tokens, mask = self.tokenizer.encode_dialog_for_training(record["messages"], self.last_turn_only)
         if len(tokens) > self.seq_len:
             self.truncated += 1

@@ -21,11 +21,15 @@ import time
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seq_len", type=int, default=256)
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=10.0)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--seq_len", type=int, default=256, help="tokens per row")
+    ap.add_argument("--batch_size", type=int, default=8, help="rows per batch")
+    ap.add_argument("--seconds", type=float, default=10.0, help="how long to read batches")
     args = ap.parse_args(argv)
+    if args.seq_len < 2 or args.batch_size < 1 or not args.seconds > 0:
+        ap.error(f"--seq_len must be >= 2, --batch_size >= 1 and --seconds > 0; got {args.seq_len}, "
+                 f"{args.batch_size}, {args.seconds}")
 
     import jax
     import jax.numpy as jnp

@@ -1,6 +1,6 @@
 """Decode throughput: llama_jax `generate` against Hugging Face `generate`, same model.
 
-    python benchmarks/decode_throughput.py [--repeats=3]
+    python benchmarks/decode_throughput.py [--repeats=5] [--new_tokens=128] [--prompt_len=32]
 
 Reference config (issue 9): dim 512, 8 layers, 8 heads, FFN by Meta's formula (1536),
 vocab 32000; prompt 32 tokens, 128 new tokens (EOS disabled so every run decodes all
@@ -70,11 +70,19 @@ def matmul_floor(mats, batch: int, repeats: int = 20) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--new_tokens", type=int, default=128)
-    ap.add_argument("--prompt_len", type=int, default=32)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs of each side at each batch (their median)")
+    ap.add_argument("--new_tokens", type=int, default=128, help="tokens each run decodes (EOS disabled)")
+    ap.add_argument("--prompt_len", type=int, default=32,
+                    help="prompt tokens; a multiple of 16, the length llama_jax pads prompts to")
     args = ap.parse_args(argv)
+    if min(args.repeats, args.new_tokens, args.prompt_len) < 1 or args.prompt_len + args.new_tokens > 512:
+        ap.error("--repeats, --new_tokens and --prompt_len must be >= 1, and prompt + new tokens at most 512 (the "
+                 f"model's context); got {args.repeats}, {args.new_tokens}, {args.prompt_len}")
+    if args.prompt_len % 16:  # else llama_jax would prefill a longer (padded) prompt than HF
+        ap.error(f"--prompt_len {args.prompt_len}: use a multiple of 16, the length llama_jax pads prompts to, so "
+                 "that both sides prefill the same number of tokens")
 
     import jax
     import numpy as np

@@ -46,16 +46,19 @@ import subprocess
 import sys
 import time
 
-SPEC_PEAK = 989e12  # H100 / H200 SXM dense bfloat16, datasheet
+SPEC_PEAK = 989e12  # H100 / H200 SXM dense bfloat16, datasheet (others: llama_jax.metrics.PEAK_FLOPS, --peak_tflops)
 SHAPE = dict(dim=4096, n_heads=32, vocab_size=32000, max_seq_len=4096)
 FFN = 11008
 SMOKE = "--smoke" in sys.argv  # tiny shapes on any device, xla attention: to try the script itself on a CPU
 if SMOKE:
-    SHAPE, FFN = dict(dim=128, n_heads=4, vocab_size=512, max_seq_len=4096), 352
+    SHAPE, FFN = dict(dim=128, n_heads=4, vocab_size=512, max_seq_len=4096), 512  # FFN: Meta's formula for dim 128
 TORCH_DEVICE = "cpu" if SMOKE else "cuda"
 
 
 def _emit(out_path: str | None, record: dict) -> None:
+    # which invocation of the driver (one id for all its runs: --out is appended to) and which command
+    record = {**record, "run_id": os.environ.get("GPU_MFU_RUN_ID") or time.strftime("%Y%m%dT%H%M%S"),
+              "argv": sys.argv[1:]}
     print("RESULT " + json.dumps(record), flush=True)
     if out_path:
         with open(out_path, "a") as f:
@@ -71,6 +74,42 @@ def _timed(fn, steps: int, warmup: int = 2) -> list[float]:
         fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+NO_GPU = 3  # a part's exit status when it finds no GPU: the driver stops there
+
+
+def _spec_peak(args, kind: str) -> float:
+    """The datasheet dense bfloat16 peak MFU is a fraction of: --peak_tflops, else the
+    device kind's in llama_jax.metrics.PEAK_FLOPS (H100, H200, A100, TPUs)."""
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    from llama_jax.metrics import PEAK_FLOPS
+
+    for key, value in PEAK_FLOPS:
+        if key in kind.lower():
+            return value
+    if SMOKE:
+        return SPEC_PEAK
+    raise SystemExit(f"no datasheet peak for device {kind!r}: pass --peak_tflops")
+
+
+def _require_gpu(framework: str) -> str:
+    """The device kind, or exit NO_GPU: this script's shapes would take hours on a CPU."""
+    if framework == "torch":
+        import torch
+
+        ok = torch.cuda.is_available()
+        kind = torch.cuda.get_device_name(0) if ok else "cpu"
+    else:
+        import jax
+
+        ok, kind = jax.default_backend() == "gpu", jax.devices()[0].device_kind
+    if not ok and not SMOKE:
+        print(f"error: no GPU visible to {framework} (device: {kind}); on a CPU, try the script with --smoke",
+              file=sys.stderr)
+        sys.exit(NO_GPU)
+    return kind
 
 
 def _hf_config(layers: int):
@@ -90,6 +129,7 @@ def part_peak(args) -> dict:
     import jax
     import jax.numpy as jnp
 
+    _require_gpu("jax")
     n = 512 if SMOKE else 8192
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     mm = jax.jit(lambda x: x @ x)
@@ -115,6 +155,7 @@ def part_check(args) -> dict:
     from llama_jax import sharding
     from llama_jax.model import Llama, LlamaConfig
 
+    _require_gpu("jax")
     cfg = LlamaConfig(dim=512, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=1000, max_seq_len=256,
                       dtype="bfloat16")
     params, _ = sharding.init_params(Llama(cfg), jax.random.key(0), sharding.make_mesh(1, 1, 1, jax.devices()[:1]),
@@ -156,6 +197,7 @@ def part_train(args) -> dict:
     from llama_jax.model import Llama, LlamaConfig
     from llama_jax.objectives import next_token
 
+    kind = _require_gpu("jax")
     cfg = LlamaConfig(**SHAPE, n_layers=args.layers, dtype="bfloat16", attention=args.attention,
                       remat_policy=args.remat)
     if args.mask == "causal":
@@ -208,7 +250,8 @@ def part_train(args) -> dict:
     return {"part": "train", "impl": "llama_jax", "attention": args.attention, "mask": args.mask, "remat": args.remat,
             "layers": args.layers, "batch": B, "seq": T, "params": cfg.num_params(), "step_s": t,
             "step_s_min": min(times), "tokens_per_s": B * T / t, "tflops": flops / t / 1e12,
-            "mfu_spec": flops / t / SPEC_PEAK, "first_step_s": compile_s, "loss_first": losses[0],
+            "mfu_spec": flops / t / _spec_peak(args, kind), "peak_flops": _spec_peak(args, kind), "device": kind,
+            "jax": jax.__version__, "first_step_s": compile_s, "loss_first": losses[0],
             "loss_last": losses[-1], "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
@@ -217,6 +260,7 @@ def part_hf_train(args) -> dict:
     import torch
     import transformers
 
+    kind = _require_gpu("torch")
     with torch.device(TORCH_DEVICE):
         model = transformers.LlamaForCausalLM(_hf_config(args.layers))
     model.train()
@@ -238,10 +282,11 @@ def part_hf_train(args) -> dict:
     t = statistics.median(times)
     from llama_jax.model import LlamaConfig
 
-    flops = LlamaConfig(**SHAPE, n_layers=args.layers).train_flops_per_token(T) * B * T
+    flops = LlamaConfig(**SHAPE, n_layers=args.layers, ffn_hidden_dim=FFN).train_flops_per_token(T) * B * T
     return {"part": "train", "impl": "hf_autocast_bf16", "attention": "sdpa", "remat": "none", "layers": args.layers,
             "batch": B, "seq": T, "step_s": t, "step_s_min": min(times), "tokens_per_s": B * T / t,
-            "tflops": flops / t / 1e12, "mfu_spec": flops / t / SPEC_PEAK, "loss_last": losses[-1],
+            "tflops": flops / t / 1e12, "mfu_spec": flops / t / _spec_peak(args, kind),
+            "peak_flops": _spec_peak(args, kind), "device": kind, "loss_last": losses[-1],
             "peak_mem_gb": 0 if SMOKE else torch.cuda.max_memory_allocated() / 1e9, "torch": torch.__version__,
             "transformers": transformers.__version__}
 
@@ -251,11 +296,12 @@ def part_decode(args) -> dict:
     import jax
     import numpy as np
 
+    kind = _require_gpu("torch" if args.impl == "hf" else "jax")
     rng = np.random.default_rng(0)
     prompts = {b: rng.integers(3, SHAPE["vocab_size"], (b, 32)) for b in (1, 16)}
     new = 128
     out = {"part": "decode", "impl": args.impl, "decode_layers": args.decode_layers, "layers": 2 if SMOKE else 32,
-           "new_tokens": new, "prompt": 32}
+           "new_tokens": new, "prompt": 32, "device": kind}
     if args.impl == "llama_jax":
         from llama_jax import sharding
         from llama_jax.generate import generate
@@ -336,7 +382,18 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", type=float, default=540.0, help="seconds; later runs are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, xla attention: try the script on a CPU")
     ap.add_argument("--run_timeout", type=float, default=180.0, help="seconds one run may take")
+    ap.add_argument("--peak_tflops", type=float, default=0.0,
+                    help="the dense bfloat16 peak MFU is a fraction of (default: the device's datasheet value)")
     args = ap.parse_args(argv)
+    for name in ("layers", "steps", "batch", "seq", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.seq > SHAPE["max_seq_len"]:
+        ap.error(f"--seq {args.seq} exceeds the model's context {SHAPE['max_seq_len']}")
+    one_run = ("batch", "seq", "attention", "remat", "mask", "impl", "decode_layers")
+    set_here = [n for n in one_run if getattr(args, n) != ap.get_default(n)]
+    if not args.part and set_here:  # the driver's runs set their own
+        ap.error(f"--{set_here[0]} is for one run (--part=NAME); the driver's runs choose their own")
     if args.part:
         try:
             _emit(args.out, PARTS[args.part](args))
@@ -346,6 +403,7 @@ def main(argv=None) -> int:
         return 0
 
     start = time.time()
+    os.environ.setdefault("GPU_MFU_RUN_ID", time.strftime("%Y%m%dT%H%M%S"))  # one id on every row of this invocation
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # importable without installing
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
@@ -361,9 +419,14 @@ def main(argv=None) -> int:
                    for c in cmd] + ["--smoke"]
         print(f"== {' '.join(run_args)} {extra or ''} (t={time.time() - start:.0f} s)", flush=True)
         try:
-            subprocess.run(cmd, env={**env, **extra}, timeout=min(args.run_timeout, left), check=False)
+            code = subprocess.run(cmd, env={**env, **extra}, timeout=min(args.run_timeout, left)).returncode
         except subprocess.TimeoutExpired:
             _emit(args.out, {"timeout": run_args, "seconds": min(args.run_timeout, left)})
+            continue
+        if code:  # a run killed by a signal (the OOM killer) writes no row of its own
+            _emit(args.out, {"failed": run_args, "returncode": code})
+        if code == NO_GPU:
+            return NO_GPU
     return 0
 
 

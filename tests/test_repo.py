@@ -72,3 +72,8 @@ def test_gpu_benchmark_script_runs_its_parts_at_smoke_size(tmp_path):
     # The mask-free run (one unpadded segment a row) computes the same loss through jax.nn's kernel
     assert (causal["attention"], causal["mask"]) == ("cudnn", "causal")
     assert causal["loss_first"] == pytest.approx(train["loss_first"], rel=1e-2)
+    assert train["device"] and train["argv"] == train_args + ["--attention=xla", "--smoke", f"--out={out}"]
+    # without --smoke, on a machine with no GPU: refused at once (its 8192^3 matmuls would take minutes a call)
+    proc = subprocess.run([sys.executable, script, "--part=peak"], env=dict(env(), PYTHONPATH=str(root)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and "error: no GPU visible to jax (device: cpu)" in proc.stderr

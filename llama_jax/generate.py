@@ -340,6 +340,73 @@ def check_sampling_args(ap, args) -> None:
         ap.error(f"--top_k must be >= 0 (0 = every token), got {args.top_k}")
 
 
+def read_prompts(path: str) -> list[tuple[str, str]]:
+    """(where, text) of each prompt in `path`: one a line, a JSON object's "prompt" field
+    or the line itself ('\\n' written for a newline); blank lines are skipped."""
+    import json
+
+    from llama_jax.tokenizer import valid_unicode
+
+    out = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            if line.lstrip().startswith("{"):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: a line starting with '{{' is read as JSON: {e}") from None
+                if not isinstance(record.get("prompt"), str):
+                    raise ValueError(f"{where}: needs a string field \"prompt\"")
+                text = record["prompt"]
+            else:
+                text = line.replace("\\n", "\n")
+            out.append((where, valid_unicode(text)))
+    if not out:
+        raise ValueError(f"{path}: no prompts (every line is blank)")
+    return out
+
+
+def _generate_file(args) -> int:
+    """`generate --prompt_file`: batches of prompts, one JSON line each to stdout."""
+    import json
+    import sys
+
+    from llama_jax import metrics
+
+    prompts = read_prompts(args.prompt_file)
+    cfg, params, tok, mesh = load_for_inference(args.checkpoint)
+    encoded = []
+    for where, text in prompts:
+        ids = tok.encode_dialog([{"role": "user", "content": text}]) if args.chat else tok.encode(text, bos=True)
+        if len(ids) >= cfg.max_seq_len:
+            raise ValueError(f"{where}: the prompt has {len(ids)} tokens and the model's context is "
+                             f"{cfg.max_seq_len}: no room is left to generate")
+        encoded.append(ids)
+    progress = metrics.Progress(len(prompts), what="prompts", throttle=True)
+    lowered = 0
+    for start in range(0, len(prompts), args.batch_size):
+        batch = encoded[start:start + args.batch_size]
+        max_new = min(args.max_new_tokens, cfg.max_seq_len - max(len(p) for p in batch))
+        lowered += max_new < args.max_new_tokens
+        result = generate(cfg, params, batch, max_new, args.temperature, args.top_p, args.top_k,
+                          args.seed + start, mesh=mesh)
+        for (where, text), new in zip(prompts[start:start + args.batch_size], result.tokens):
+            sys.stdout.write(json.dumps({"prompt": text, "completion": tok.decode([t for t in new if t != tok.eos_id]),
+                                         "new_tokens": len(new), "finished": bool(new) and new[-1] == tok.eos_id},
+                                        ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+        progress.update(min(start + args.batch_size, len(prompts)))
+    progress.close()
+    if lowered:
+        print(f"note: {lowered} batch(es) generated fewer than --max_new_tokens {args.max_new_tokens}: their longest "
+              f"prompt left less of the model's context of {cfg.max_seq_len}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     import argparse
     import sys
@@ -348,7 +415,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llama_jax.generate", description="Continue a prompt (streamed to "
                                  "stdout; timing on stderr).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a run's workdir or an export / converted checkpoint")
-    ap.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the text to continue (with --chat: the user's message)")
+    source.add_argument("--prompt_file", help="many prompts, one a line (plain text, or JSONL with a \"prompt\" "
+                        "field; '\\n' in plain text is a newline), generated --batch_size at a time; one JSON line "
+                        "per prompt to stdout: prompt, completion, new_tokens, finished (ended with EOS)")
+    ap.add_argument("--batch_size", type=int, default=16, help="prompts per batch with --prompt_file")
     ap.add_argument("--max_new_tokens", type=int, default=128,
                     help="most new tokens (fewer when the context has less room: said on stderr)")
     ap.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (the Python API's default)")
@@ -358,9 +430,20 @@ def main(argv=None) -> int:
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as a Llama 2-Chat user turn")
     args = ap.parse_args(argv)
     check_sampling_args(ap, args)
+    if args.batch_size < 1:
+        ap.error(f"--batch_size must be at least 1, got {args.batch_size}")
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.tokenizer import DialogError, TokenizerError, valid_unicode
 
+    if args.prompt_file:
+        try:
+            return _generate_file(args)
+        except (CheckpointError, TokenizerError, DialogError, ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:
+            quiet_stdout()
+            return 0
     text = valid_unicode(args.prompt)
     try:
         start = time.perf_counter()

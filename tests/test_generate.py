@@ -331,3 +331,22 @@ def test_generate_cli_says_what_it_changed_and_survives_a_closed_pipe(checkpoint
         stream(np.array([t]), np.array([False]))
     assert stream.closed and stream.finish() == "lemon tree"
     assert tok.encode("caf\udce9") == tok.encode("caf\ufffd")  # what a terminal's bad bytes encode as
+
+
+def test_generate_cli_batches_a_prompt_file_into_json_lines(checkpoint_dir, capsys, params, tmp_path):
+    import json
+
+    path, tok = checkpoint_dir
+    f = tmp_path / "prompts.txt"
+    f.write_text('apple river\n\n{"prompt": "lemon tree"}\nstone\\nwater\n')
+    assert gen.main([f"--checkpoint={path}", f"--prompt_file={f}", "--batch_size=2", "--max_new_tokens=6",
+                     "--temperature=0"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["apple river", "lemon tree", "stone\nwater"]
+    for r in rows:  # each the greedy continuation of its prompt alone
+        new = gen.generate(CFG, params, [tok.encode(r["prompt"], bos=True)], 6).tokens[0]
+        assert r["completion"] == tok.decode([t for t in new if t != tk.EOS_ID]) and r["new_tokens"] == len(new)
+        assert r["finished"] == (new[-1] == tk.EOS_ID)
+    f.write_text('ok\n{"text": "no prompt field"}\n')
+    assert gen.main([f"--checkpoint={path}", f"--prompt_file={f}"]) == 2
+    assert f"{f}:2: needs a string field \"prompt\"" in capsys.readouterr().err

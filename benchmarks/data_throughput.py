@@ -41,6 +41,10 @@ def main(argv=None) -> int:
     from llama_jax.data.sources import StdlibCorpus
     from llama_jax.model import Llama, LlamaConfig
 
+    print("command: python benchmarks/data_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    print(f"machine: {metrics.cpu_description()}; jax {jax.__version__} ({jax.local_device_count()} device, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')}); batch {args.batch_size} x seq {args.seq_len}",
+          flush=True)
     corpus = StdlibCorpus("train")
     with tempfile.TemporaryDirectory() as d:
         sample = os.path.join(d, "sample.txt")
@@ -82,7 +86,6 @@ def main(argv=None) -> int:
         loss.block_until_ready()
         steps += 1
     train = steps * B * T / (time.perf_counter() - t0)
-    print(f"machine: {metrics.cpu_description()}; jax {jax.__version__}, batch {B} x seq {T}")
     print(f"pipeline (embedded corpus, packed): {pipe:12,.0f} tokens/s")
     print(f"tiny train step (fwd+bwd+AdamW):    {train:12,.0f} tokens/s")
     print(f"ratio pipeline / step:              {pipe / train:12.1f}x (target >= 10x)")

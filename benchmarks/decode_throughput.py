@@ -101,6 +101,7 @@ def main(argv=None) -> int:
         hf = transformers.LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa").eval()
 
     rng = np.random.default_rng(0)
+    print("command: python benchmarks/decode_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv))
     print(f"machine: {metrics.cpu_description()}; jax {jax.__version__}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
     print(f"config: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, ffn {cfg.hidden_dim}, vocab "

@@ -155,7 +155,7 @@ def part_check(args) -> dict:
     from llama_jax import sharding
     from llama_jax.model import Llama, LlamaConfig
 
-    _require_gpu("jax")
+    kind = _require_gpu("jax")
     cfg = LlamaConfig(dim=512, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=1000, max_seq_len=256,
                       dtype="bfloat16")
     params, _ = sharding.init_params(Llama(cfg), jax.random.key(0), sharding.make_mesh(1, 1, 1, jax.devices()[:1]),
@@ -182,7 +182,7 @@ def part_check(args) -> dict:
     rel = max(float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max()
                     / (np.abs(np.asarray(a, np.float32)).max() + 1e-12))
               for a, b in zip(jax.tree_util.tree_leaves(gx), jax.tree_util.tree_leaves(gc)))
-    return {"part": "check", "loss_xla": float(lx), "loss_cudnn": float(lc),
+    return {"part": "check", "device": kind, "loss_xla": float(lx), "loss_cudnn": float(lc),
             "logits_max_abs_diff": float(np.abs(ox - oc)[real].max()), "logits_max_abs": float(np.abs(ox)[real].max()),
             "grad_max_rel_diff": rel}
 
@@ -391,7 +391,8 @@ def main(argv=None) -> int:
     if args.seq > SHAPE["max_seq_len"]:
         ap.error(f"--seq {args.seq} exceeds the model's context {SHAPE['max_seq_len']}")
     one_run = ("batch", "seq", "attention", "remat", "mask", "impl", "decode_layers")
-    set_here = [n for n in one_run if getattr(args, n) != ap.get_default(n)]
+    raw = sys.argv[1:] if argv is None else argv
+    set_here = [n for n in one_run if any(a == f"--{n}" or a.startswith(f"--{n}=") for a in raw)]
     if not args.part and set_here:  # the driver's runs set their own
         ap.error(f"--{set_here[0]} is for one run (--part=NAME); the driver's runs choose their own")
     if args.part:

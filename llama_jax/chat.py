@@ -48,6 +48,8 @@ def main(argv=None, input_fn=None, out=None) -> int:
     out = out or sys.stdout
     piped = input_fn is None and not sys.stdin.isatty()
     if input_fn is None:
+        if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach us as surrogates (-> U+FFFD), not
+            sys.stdin.reconfigure(errors="surrogateescape")  # as a UnicodeDecodeError in input()
         if not piped:
             try:
                 import readline  # noqa: F401  (line editing and history for input())

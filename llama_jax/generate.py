@@ -376,12 +376,16 @@ def _generate_file(args) -> int:
     import sys
 
     from llama_jax import metrics
+    from llama_jax.tokenizer import DialogError
 
     prompts = read_prompts(args.prompt_file)
     cfg, params, tok, mesh = load_for_inference(args.checkpoint)
     encoded = []
     for where, text in prompts:
-        ids = tok.encode_dialog([{"role": "user", "content": text}]) if args.chat else tok.encode(text, bos=True)
+        try:
+            ids = tok.encode_dialog([{"role": "user", "content": text}]) if args.chat else tok.encode(text, bos=True)
+        except DialogError as e:  # a tag of the chat format in the prompt
+            raise ValueError(f"{where}: {e}") from None
         if len(ids) >= cfg.max_seq_len:
             raise ValueError(f"{where}: the prompt has {len(ids)} tokens and the model's context is "
                              f"{cfg.max_seq_len}: no room is left to generate")
@@ -426,7 +430,7 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (the Python API's default)")
     ap.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling; 1 = off")
     ap.add_argument("--top_k", type=int, default=0, help="0 = every token")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (batch i of --prompt_file: seed + i x batch)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as a Llama 2-Chat user turn")
     args = ap.parse_args(argv)
     check_sampling_args(ap, args)
@@ -438,17 +442,21 @@ def main(argv=None) -> int:
     if args.prompt_file:
         try:
             return _generate_file(args)
+        except BrokenPipeError:  # before OSError, of which it is one: the reader went away (`| head`)
+            quiet_stdout()
+            return 0
+        except KeyboardInterrupt:  # what is written is whole lines, each a finished prompt
+            print("\n(interrupted)", file=sys.stderr)
+            return 130
         except (CheckpointError, TokenizerError, DialogError, ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except BrokenPipeError:
-            quiet_stdout()
-            return 0
     text = valid_unicode(args.prompt)
     try:
         start = time.perf_counter()
         cfg, params, tok, mesh = load_for_inference(args.checkpoint)
-        loaded = time.perf_counter() - start
+        print(f"loaded {args.checkpoint} ({cfg.num_params():,} parameters) in {time.perf_counter() - start:.1f} s",
+              file=sys.stderr)
         prompt = (tok.encode_dialog([{"role": "user", "content": text}]) if args.chat
                   else tok.encode(text, bos=True))
         max_new = min(args.max_new_tokens, cfg.max_seq_len - len(prompt))
@@ -472,8 +480,7 @@ def main(argv=None) -> int:
             print("(interrupted)", file=sys.stderr)
             return 130
         n = len(result.tokens[0])
-        print(f"[{n} tokens in {seconds:.2f} s, compilation included: {n / seconds:.1f} tokens/s; loading took "
-              f"{loaded:.1f} s]", file=sys.stderr)
+        print(f"[{n} tokens in {seconds:.2f} s, compilation included: {n / seconds:.1f} tokens/s]", file=sys.stderr)
     except (CheckpointError, TokenizerError, DialogError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

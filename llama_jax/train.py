@@ -609,7 +609,8 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             "stage": config.stage}
     if config.init_from:  # the step the run starts from, which a resume keeps (DPO's and PPO's reference); the
         # lead's reading, so that every process starts from the same one while init_from's run saves new steps
-        stage.init_step = distributed.allgather_json(ckpt.read_meta(config.init_from)[0] if lead else None)[0]
+        # (every process reads it: opening a checkpoint directory is collective in a multi-process job)
+        stage.init_step = distributed.allgather_json(ckpt.read_meta(config.init_from)[0])[0]
         meta["init_from"] = {"path": os.path.abspath(config.init_from), "step": stage.init_step}
     train_data = stage.train_data(config, tokenizer)
     described = getattr(train_data, "description", None)

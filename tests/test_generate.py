@@ -296,10 +296,12 @@ def test_chat_ctrl_c_drops_a_reply_or_quits_and_odd_input_is_handled(checkpoint_
         return real(cfg, params, prompts, *args, on_token=slow, **kwargs)
 
     monkeypatch.setattr(gen, "generate", interrupted_once)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's (xdist workers ignore it)
     out = io.StringIO()
     # bytes that are not UTF-8 reach Python as lone surrogates: sent as U+FFFD, not a crash
     assert chat.main([f"--checkpoint={path}", "--temperature=0", "--max_new_tokens=40"],
                      input_fn=_scripted(["first", "caf\udce9", KeyboardInterrupt], out), out=out) == 0
+    signal.signal(signal.SIGINT, previous)
     assert "(interrupted: the reply is dropped)" in out.getvalue()
     assert 2 <= len(shown) < 12  # stopped within a few steps of the signal, not after 40
     assert sent[1] == tok.encode_dialog([{"role": "user", "content": "caf\ufffd"}])  # the dropped turn is gone
@@ -320,7 +322,7 @@ def test_generate_cli_says_what_it_changed_and_survives_a_closed_pipe(checkpoint
     assert gen.main([f"--checkpoint={path}", f"--prompt={prompt}", "--max_new_tokens=200", "--temperature=0"]) == 0
     err = capsys.readouterr().err
     assert f"note: --max_new_tokens 200 -> {128 - n}: the prompt's {n} tokens leave {128 - n} of the model's " \
-           "context of 128" in err and " tokens/s; loading took " in err
+           "context of 128" in err and " tokens/s]" in err and "(73,968 parameters) in " in err
 
     class Closed(io.StringIO):
         def write(self, s):

@@ -58,6 +58,9 @@ def main(argv=None, input_fn=None, out=None) -> int:
         input_fn = input
     try:
         return _session(args, system, input_fn, out, piped)
+    except KeyboardInterrupt:  # a second Ctrl-C while a reply had not yet stopped
+        out.write("\n")
+        return 130
     except BrokenPipeError:  # the reader went away (`| head`): nothing more to show
         from llama_jax.generate import quiet_stdout
 
@@ -141,7 +144,8 @@ def _session(args, system: list[dict], input_fn, out, piped: bool) -> int:
         new = result.tokens[0]
         if len(new) == max_new and new[-1] != tok.eos_id:
             out.write(f"(the reply was cut at {max_new} tokens: "
-                      + ("--max_new_tokens" if max_new == args.max_new_tokens else "the end of the model's context")
+                      + ("--max_new_tokens" if max_new == args.max_new_tokens else
+                         f"the room the model's context leaves, {room} tokens, rounded down to a power of two")
                       + ")\n")
         answer = tok.decode([t for t in new if t != tok.eos_id])
         hit = first_tag(answer)

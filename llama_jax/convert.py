@@ -420,6 +420,10 @@ def check_meta_export(cfg: LlamaConfig, num_shards: int) -> tuple[int, float | N
     checked before a large model is read)."""
     if num_shards < 1:
         raise ConversionError(f"--num_shards={num_shards}: must be at least 1")
+    try:
+        import torch  # noqa: F401  (Meta's shards are torch files)
+    except ImportError:
+        raise ConversionError("writing Meta checkpoints needs PyTorch: pip install torch") from None
     fields = meta_ffn(cfg)
     for what, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.kv_heads), ("dim", cfg.dim),
                     ("vocab_size", cfg.vocab_size), ("FFN width", cfg.hidden_dim)):
@@ -521,7 +525,7 @@ def main(argv=None) -> int:
             ckpt.save_params(args.dst, params, meta, step=0, tokenizer_path=tok if os.path.exists(tok) else None)
             print(f"imported {args.src_format} {args.src} ({cfg.num_params():,} parameters) -> {args.dst}")
         else:
-            _, meta = ckpt.read_meta(args.src)  # everything is checked from the config before the model is read
+            step, meta = ckpt.read_meta(args.src)  # everything is checked from the config before the model is read
             cfg, heads = ckpt.model_config(meta), meta.get("heads", ["lm"])
             if "lm" not in heads:
                 raise ConversionError(f"{args.src}: has no LM head (heads {list(heads)}); only language models export")
@@ -532,7 +536,7 @@ def main(argv=None) -> int:
             num_shards = 1 if args.num_shards is None else args.num_shards
             if args.dst_format == "meta":
                 check_meta_export(cfg, num_shards)
-            cfg, params, _, _ = ckpt.load_model(args.src)
+            cfg, params, _, _ = ckpt.load_model(args.src, step)  # that step, though the run may have saved another
             dtype = args.dtype or "float32"
             if args.dst_format == "hf":
                 to_hf(params, cfg, args.dst, tok, dtype)

@@ -16,6 +16,7 @@ rollout temperature, in the forward pass it trains with.)
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -150,6 +151,7 @@ def _generate(params, tokens, segment_ids, rng, *, config: LlamaConfig, max_new_
 # The host callback of the current streaming call. The compiled program calls this fixed
 # function, so a new callback (every chat turn) does not recompile the decode loop.
 _STREAM_TARGET: list[Callable] = []
+_STREAM_LOCK = threading.Lock()
 
 
 def _forward_tokens(tokens, done) -> np.ndarray:
@@ -190,24 +192,27 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
         seg[i, P - len(p):] = 1
     kwargs = dict(config=config, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                   top_p=float(top_p), top_k=int(top_k), eos_id=int(eos_id), stream=on_token is not None)
-    if on_token is not None:
-        _STREAM_TARGET.append(on_token)
     inputs = (jnp.asarray(tokens), jnp.asarray(seg))
     if jax.process_count() > 1:  # every process passes the same prompts, as one replicated global array
         params_mesh = mesh if mesh is not None else jax.tree_util.tree_leaves(params)[0].sharding.mesh
         inputs = tuple(jax.device_put(x, NamedSharding(params_mesh, PartitionSpec())) for x in (tokens, seg))
+    if on_token is not None:  # one streaming call at a time: the compiled callback calls the latest target
+        _STREAM_LOCK.acquire()
+        _STREAM_TARGET.append(on_token)
     try:
         if mesh is not None:
             from llama_jax import sharding
 
             with sharding.activate(mesh, rules or sharding.DEFAULT_RULES):
-                out, lp, _ = _generate(params, *inputs, jax.random.key(seed), **kwargs)
+                out, lp, n = _generate(params, *inputs, jax.random.key(seed), **kwargs)
         else:
-            out, lp, _ = _generate(params, *inputs, jax.random.key(seed), **kwargs)
-        out, lp = to_host(out), to_host(lp)  # waits for the loop (and its callbacks) to finish
+            out, lp, n = _generate(params, *inputs, jax.random.key(seed), **kwargs)
+        n = int(to_host(n))  # waits for the loop (and its callbacks) to finish
+        out, lp = to_host(out)[:, :n], to_host(lp)[:, :n]  # steps not taken (on_token said stop) are no tokens
     finally:
         if on_token is not None:
             _STREAM_TARGET.pop()
+            _STREAM_LOCK.release()
     result_tokens, result_lp = [], []
     for row, row_lp in zip(out, lp):
         hits = np.nonzero(row == eos_id)[0]
@@ -296,9 +301,8 @@ def generate_interruptibly(stream: TextStream, *args, **kwargs) -> Generation | 
     """`generate(*args, on_token=stream, **kwargs)`, or None when Ctrl-C came first. The
     decode loop runs in a worker thread while this (the main) thread waits in short, signal-
     interruptible slices: Ctrl-C sets `stream.stop`, which the loop's next step reads, so the
-    generation ends within a step instead of after its last token."""
-    import threading
-
+    generation ends within a step instead of after its last token; a second Ctrl-C raises
+    KeyboardInterrupt."""
     box: dict = {}
 
     def work():
@@ -313,6 +317,8 @@ def generate_interruptibly(stream: TextStream, *args, **kwargs) -> Generation | 
         try:
             worker.join(0.1)
         except KeyboardInterrupt:
+            if stream.stop:  # a second Ctrl-C: the loop has not reached a step (compiling, or stuck)
+                raise
             stream.stop = True
     if "error" in box:
         raise box["error"]
@@ -348,7 +354,7 @@ def read_prompts(path: str) -> list[tuple[str, str]]:
     from llama_jax.tokenizer import valid_unicode
 
     out = []
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:  # -sig: a byte-order mark is no text
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if not line.strip():

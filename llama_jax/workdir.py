@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from typing import IO, Iterator
@@ -58,10 +59,37 @@ def require_empty(dst: str, error: type[Exception]) -> None:
         return
     for name in os.listdir(dst):
         if name.startswith(PARTIAL):
-            shutil.rmtree(os.path.join(dst, name), ignore_errors=True)
-            print(f"removed {os.path.join(dst, name)}, left by a write that did not finish", file=sys.stderr)
+            path = os.path.join(dst, name)
+            owner = _staging_owner(name)
+            if owner is not None:  # a write into dst that is still running: not ours to remove
+                raise error(f"{dst}: another write into it is in progress ({path}, process {owner}); wait for it to "
+                            "end, or remove that directory if no write is running")
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}, left by a write that did not finish", file=sys.stderr)
     if os.listdir(dst):
         raise error(f"{dst}: not empty; choose a new or empty destination")
+
+
+def _staging_name() -> str:
+    return f"{PARTIAL}{os.getpid()}@{socket.gethostname()}-"
+
+
+def _staging_owner(name: str) -> str | None:
+    """'PID@HOST' of the process writing the staging directory `name` while it is alive (or
+    on another host, where it cannot be told), else None: its write ended without finishing."""
+    pid, _, rest = name[len(PARTIAL):].partition("@")
+    host = rest.rsplit("-", 1)[0]
+    if not pid.isdigit() or not rest:
+        return None
+    if host != socket.gethostname():
+        return f"{pid}@{host}"
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    return f"{pid}@{host}"
 
 
 @contextlib.contextmanager
@@ -75,7 +103,7 @@ def staged_directory(dst: str, error: type[Exception]) -> Iterator[str]:
     made = not os.path.isdir(dst)
     try:
         os.makedirs(dst, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=PARTIAL, dir=dst)
+        tmp = tempfile.mkdtemp(prefix=_staging_name(), dir=dst)
     except OSError as e:
         raise error(f"{dst}: cannot create ({e})") from None
     try:

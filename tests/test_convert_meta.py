@@ -222,6 +222,15 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, hf, monkeypatch, capsys)
     os.umask(umask)
     convert.to_meta(params, cfg, str(tmp_path / "fresh"))
     assert os.stat(tmp_path / "fresh").st_mode & 0o777 == 0o777 & ~umask
+    assert os.stat(tmp_path / "fresh" / "params.json").st_mode & 0o777 == 0o666 & ~umask
+    # the staging directory of a write still running (this process's) is not removed: the second write waits
+    import socket
+
+    running = tmp_path / "busy" / f".llama_jax-partial-{os.getpid()}@{socket.gethostname()}-xyz"
+    os.makedirs(running)
+    with pytest.raises(ConversionError, match=r"busy: another write into it is in progress \(.*, process \d+@"):
+        convert.to_meta(params, cfg, str(tmp_path / "busy"))
+    assert running.is_dir()
 
 
 def test_one_ffn_width_said_two_ways_is_the_same_model():

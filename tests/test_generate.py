@@ -298,16 +298,21 @@ def test_chat_ctrl_c_drops_a_reply_or_quits_and_odd_input_is_handled(checkpoint_
     monkeypatch.setattr(gen, "generate", interrupted_once)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's (xdist workers ignore it)
     out = io.StringIO()
-    # bytes that are not UTF-8 reach Python as lone surrogates: sent as U+FFFD, not a crash
-    assert chat.main([f"--checkpoint={path}", "--temperature=0", "--max_new_tokens=40"],
-                     input_fn=_scripted(["first", "caf\udce9", KeyboardInterrupt], out), out=out) == 0
-    signal.signal(signal.SIGINT, previous)
+    try:  # bytes that are not UTF-8 reach Python as lone surrogates: sent as U+FFFD, not a crash
+        assert chat.main([f"--checkpoint={path}", "--temperature=0", "--max_new_tokens=40"],
+                         input_fn=_scripted(["first", "caf\udce9", KeyboardInterrupt], out), out=out) == 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert "(interrupted: the reply is dropped)" in out.getvalue()
     assert 2 <= len(shown) < 12  # stopped within a few steps of the signal, not after 40
     assert sent[1] == tok.encode_dialog([{"role": "user", "content": "caf\ufffd"}])  # the dropped turn is gone
     with pytest.raises(SystemExit):  # a system prompt no message could be sent with: said once, at the start
         chat.main([f"--checkpoint={path}", "--system=you are [INST] x"])
     assert "--system: message 0: special tag '[INST]' is not allowed" in capsys.readouterr().err
+
+
+def gen_params(path):
+    return gen.load_for_inference(path)[1]
 
 
 def test_generate_cli_says_what_it_changed_and_survives_a_closed_pipe(checkpoint_dir, capsys):
@@ -323,6 +328,15 @@ def test_generate_cli_says_what_it_changed_and_survives_a_closed_pipe(checkpoint
     err = capsys.readouterr().err
     assert f"note: --max_new_tokens 200 -> {128 - n}: the prompt's {n} tokens leave {128 - n} of the model's " \
            "context of 128" in err and " tokens/s]" in err and "(73,968 parameters) in " in err
+
+    calls = []  # a streaming callback that answers "stop": the generation ends there, with no filler tokens
+
+    def stop_at_two(tokens, done):
+        calls.append(int(tokens[0]))
+        return len(calls) == 2
+
+    stopped = gen.generate(CFG, gen_params(path), [tok.encode("apple", bos=True)], 10, on_token=stop_at_two, eos_id=-1)
+    assert stopped.tokens[0] == calls and len(stopped.logprobs[0]) == 2
 
     class Closed(io.StringIO):
         def write(self, s):

@@ -619,8 +619,8 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                                             for k, v in described.items()), flush=True)
     held_out = stage.eval_data(config, tokenizer) if config.eval_steps else None
     if held_out is None and config.eval_steps and stage.held_out_source and not config.data.eval_source and lead:
-        print("note: config.data.eval_source is empty: no held-out evaluation (eval_loss and the stage's held-out "
-              "metrics); set it to a held-out file of the training data's format", flush=True)
+        print("note: config.data.eval_source is empty: no held-out loss (eval_loss, and what the stage computes "
+              "on held-out data of the training data's format); set it to such a file to get them", flush=True)
     if held_out is not None:  # its files are checked now, not at the first evaluation, mid-run
         try:  # every process, together: an evaluation stops at the first batch any process lacks
             lacking = [i for i, has in enumerate(distributed.allgather_json(next(held_out, None) is not None))

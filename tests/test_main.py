@@ -21,7 +21,7 @@ from procs import ROOT, SMALL, command, env, load_experiment, losses  # noqa: F4
 def test_run_writes_metrics_checkpoints_and_applies_overrides(reference_run):
     workdir, out = reference_run
     assert re.search(r"training data: source stdlib, documents [\d,]+, corpus stdlib-3", out.stdout), out.stdout
-    assert "note: config.data.eval_source is empty: no held-out evaluation" in out.stdout  # SMALL has none
+    assert "note: config.data.eval_source is empty: no held-out loss (eval_loss" in out.stdout  # SMALL has none
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == list(range(1, 13))
     for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu"):

@@ -119,6 +119,7 @@ def test_cli_imports_and_exports_llama_jax_checkpoints(tmp_path, hf, capsys, tok
     assert not os.path.exists(tmp_path / "hf2")
     with pytest.raises(SystemExit):  # flags of the other direction are refused, not ignored
         convert.main(["--to=hf", f"--src={tmp_path / 'ckpt'}", f"--dst={tmp_path / 'hf2'}", "--num_shards=2"])
+    assert "--num_shards is for --to=meta" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         convert.main(["--from=meta", f"--src={meta_dir}", f"--dst={tmp_path / 'c3'}", "--dtype=bfloat16"])
     assert "--dtype is for exports" in capsys.readouterr().err
@@ -213,7 +214,12 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, hf, monkeypatch, capsys)
     monkeypatch.undo()
     # a write that was killed leaves its staging directory inside the destination: the rerun removes it;
     # an empty destination that is a symlink is written through; the files get the umask's modes
-    os.makedirs(tmp_path / "real" / ".llama_jax-partial-abc123")
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process that has ended: the staging directory it left is nobody's
+    os.makedirs(tmp_path / "real" / f".llama_jax-partial-{gone.pid}@{socket.gethostname()}-abc123")
     os.symlink(tmp_path / "real", tmp_path / "link")
     convert.to_meta(params, cfg, str(tmp_path / "link"))
     assert "left by a write that did not finish" in capsys.readouterr().err
@@ -224,8 +230,6 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, hf, monkeypatch, capsys)
     assert os.stat(tmp_path / "fresh").st_mode & 0o777 == 0o777 & ~umask
     assert os.stat(tmp_path / "fresh" / "params.json").st_mode & 0o777 == 0o666 & ~umask
     # the staging directory of a write still running (this process's) is not removed: the second write waits
-    import socket
-
     running = tmp_path / "busy" / f".llama_jax-partial-{os.getpid()}@{socket.gethostname()}-xyz"
     os.makedirs(running)
     with pytest.raises(ConversionError, match=r"busy: another write into it is in progress \(.*, process \d+@"):

@@ -512,6 +512,24 @@ def test_dialogs_cut_at_seq_len_are_counted_and_a_source_of_no_trained_token_ref
     assert data.description["truncated"].startswith("2 (longer than seq_len 32")
     assert data.description["no_trained_token"] == f"1 (every answer after seq_len; first: {path}:3)"
     data.close()
+    # a dialog of few bytes but more tokens than seq_len is still counted: the shortcut that skips tokenizing
+    # short dialogs bounds tokens by bytes plus the format's overhead
+    few_bytes = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path.write_text(json.dumps(few_bytes) + "\n")
+    tokens, mask = tok.encode_dialog_for_training(few_bytes["messages"])
+    seq = len(tokens) - 1  # cut by one token, its answer kept
+    assert mask.index(True) < seq and seq > len("hi") + len("hello")
+    data = chat.make_dataset(str(path), tok, seq, 2)
+    assert data.description["truncated"].startswith(f"1 (longer than seq_len {seq}")
+    data.close()
+    calls = []  # and a long seq_len tokenizes nothing to count
+    real = tok.encode_dialog_for_training
+    tok.encode_dialog_for_training = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        chat.make_dataset(str(path), tok, 4096, 2, prefetch=0).close()
+    finally:
+        del tok.encode_dialog_for_training
+    assert calls == []
     path.write_text(json.dumps(long_prompt) + "\n")
     with pytest.raises(DataError, match=f"{path}: no dialog has a trained token within seq_len=32: every answer "
                                         f"starts after it \\(e.g. {path}:1\\)"):

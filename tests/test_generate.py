@@ -243,11 +243,12 @@ def test_a_long_chat_drops_its_oldest_exchanges_and_compiles_a_few_programs(chec
     prompt stays) instead of refusing every message; its growing prompts are padded to a
     few lengths, so the turns do not each compile a decode program."""
     path, tok = checkpoint_dir
-    sent, real = [], gen.generate
+    sent, shapes, real = [], [], gen.generate
 
-    def recording(cfg, params, prompts, *args, **kwargs):
+    def recording(cfg, params, prompts, max_new, *args, **kwargs):
         sent.append(list(prompts[0]))
-        return real(cfg, params, prompts, *args, **kwargs)
+        shapes.append((kwargs["pad_to"], max_new))
+        return real(cfg, params, prompts, max_new, *args, **kwargs)
 
     monkeypatch.setattr(gen, "generate", recording)
     rng = random.Random(0)
@@ -260,16 +261,19 @@ def test_a_long_chat_drops_its_oldest_exchanges_and_compiles_a_few_programs(chec
     assert text.count("assistant> ") == 9 and "not sent" not in text
     assert "oldest exchange dropped to fit the model's context of 128 tokens; the system prompt stays)" in text
     assert all(len(p) + 8 <= 128 for p in sent)
-    system = tok.encode_dialog([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}])
-    assert all(p[:6] == system[:6] for p in sent)  # every prompt opens with the system prompt
-    assert gen._generate._cache_size() - compiled <= 4  # prompt lengths 16, 32, 64, 120 at most
+    assert all(tok.decode(p).startswith("[INST] <<SYS>>\nBe brief.\n<</SYS>>") for p in sent)  # the system stays
+    assert {pad for pad, _ in shapes} <= {16, 32, 64, 128 - 8}  # powers of two, or what the context leaves
+    assert gen._generate._cache_size() - compiled <= 4
     # replies longer than a quarter of the context: the room left varies turn by turn, and the reply's length
     # (a static shape) is a power of two below it, so those turns share programs too
-    compiled, out = gen._generate._cache_size(), io.StringIO()
+    compiled, out, shapes[:] = gen._generate._cache_size(), io.StringIO(), []
+    long_words = [" ".join(rng.choice(synthetic.WORDS) for _ in range(35)) for _ in range(6)]
     assert chat.main([f"--checkpoint={path}", "--temperature=0", "--max_new_tokens=64"],
-                     input_fn=_scripted(words, out), out=out) == 0
-    assert out.getvalue().count("assistant> ") == 9
-    assert gen._generate._cache_size() - compiled <= 4  # measured: 2
+                     input_fn=_scripted(long_words, out), out=out) == 0
+    assert out.getvalue().count("assistant> ") == 6
+    lengths = {n for _, n in shapes}
+    assert min(lengths) < 64 and all(n & (n - 1) == 0 for n in lengths), shapes  # rounded down: 32, 16, ...
+    assert gen._generate._cache_size() - compiled <= 2 * len(set(shapes))
 
 
 def test_chat_ctrl_c_drops_a_reply_or_quits_and_odd_input_is_handled(checkpoint_dir, monkeypatch, capsys):
@@ -346,6 +350,7 @@ def test_generate_cli_says_what_it_changed_and_survives_a_closed_pipe(checkpoint
     for t in tok.encode("lemon tree"):
         stream(np.array([t]), np.array([False]))
     assert stream.closed and stream.finish() == "lemon tree"
+    assert stream(np.array([5]), np.array([False])) is True  # nobody reads: the decode loop is told to stop
     assert tok.encode("caf\udce9") == tok.encode("caf\ufffd")  # what a terminal's bad bytes encode as
 
 
@@ -354,7 +359,7 @@ def test_generate_cli_batches_a_prompt_file_into_json_lines(checkpoint_dir, caps
 
     path, tok = checkpoint_dir
     f = tmp_path / "prompts.txt"
-    f.write_text('apple river\n\n{"prompt": "lemon tree"}\nstone\\nwater\n')
+    f.write_text('\ufeffapple river\n\n{"prompt": "lemon tree"}\nstone\\nwater\n')  # a BOM is no text
     assert gen.main([f"--checkpoint={path}", f"--prompt_file={f}", "--batch_size=2", "--max_new_tokens=6",
                      "--temperature=0"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -346,6 +346,11 @@ def check_sampling_args(ap, args) -> None:
         ap.error(f"--top_k must be >= 0 (0 = every token), got {args.top_k}")
 
 
+def _encode_prompt(tok, text: str, chat: bool) -> list[int]:
+    """A CLI prompt's tokens: a Llama 2-Chat user turn (`--chat`), else BOS + the text."""
+    return tok.encode_dialog([{"role": "user", "content": text}]) if chat else tok.encode(text, bos=True)
+
+
 def read_prompts(path: str) -> list[tuple[str, str]]:
     """(where, text) of each prompt in `path`: one a line, a JSON object's "prompt" field
     or the line itself ('\\n' written for a newline); blank lines are skipped."""
@@ -389,7 +394,7 @@ def _generate_file(args) -> int:
     encoded = []
     for where, text in prompts:
         try:
-            ids = tok.encode_dialog([{"role": "user", "content": text}]) if args.chat else tok.encode(text, bos=True)
+            ids = _encode_prompt(tok, text, args.chat)
         except DialogError as e:  # a tag of the chat format in the prompt
             raise ValueError(f"{where}: {e}") from None
         if len(ids) >= cfg.max_seq_len:
@@ -463,8 +468,7 @@ def main(argv=None) -> int:
         cfg, params, tok, mesh = load_for_inference(args.checkpoint)
         print(f"loaded {args.checkpoint} ({cfg.num_params():,} parameters) in {time.perf_counter() - start:.1f} s",
               file=sys.stderr)
-        prompt = (tok.encode_dialog([{"role": "user", "content": text}]) if args.chat
-                  else tok.encode(text, bos=True))
+        prompt = _encode_prompt(tok, text, args.chat)
         max_new = min(args.max_new_tokens, cfg.max_seq_len - len(prompt))
         if max_new < 1:
             raise ValueError(f"the prompt has {len(prompt)} tokens and the model's context is {cfg.max_seq_len}: "

@@ -98,8 +98,9 @@ class Stage:
                 beside = os.path.join(config.init_from, "tokenizer.model")
                 if theirs is None and os.path.exists(beside):
                     theirs = Tokenizer(beside).identity()["sha256"]
-                if theirs is not None and theirs != tok.identity()["sha256"]:
-                    raise TokenizerError(f"config.data.tokenizer {source} (sha256 {tok.identity()['sha256'][:12]}) "
+                ours = tok.identity()["sha256"]
+                if theirs is not None and theirs != ours:
+                    raise TokenizerError(f"config.data.tokenizer {source} (sha256 {ours[:12]}) "
                                          f"is not the tokenizer config.init_from {config.init_from} was trained "
                                          f"with (sha256 {theirs[:12]}); leave data.tokenizer unset to use that one")
 
@@ -539,9 +540,9 @@ class RewardModelStage(PreferenceStage):
             raise RunError(f"config.reward.safety_weight {config.reward.safety_weight}: no pair of {d['source']} has "
                            "chosen_safe / rejected_safe, which the safety term learns from"
                            + (f" (fields not read: {d['unread_fields']})" if "unread_fields" in d else ""))
-        if config.reward.margin != "none" and not d["rated"] and jax.process_index() == 0:
-            print(f"warning: config.reward.margin {config.reward.margin!r}: no pair of {d['source']} has a rating, "
-                  "so every margin is 0", flush=True)
+        if config.reward.margin != "none" and not d["rated"]:
+            distributed.say(f"warning: config.reward.margin {config.reward.margin!r}: no pair of {d['source']} has a "
+                            "rating, so every margin is 0", flush=True)
         return data
 
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:

@@ -650,13 +650,14 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             raise RunError(f"{checkpointer.directory}: its checkpoints have heads {saved_meta.get('heads')} (stage "
                            f"{saved_meta.get('stage')!r}), this stage trains {meta['heads']}; use a new --workdir")
         began = saved_meta.get("init_from") or {}
-        if config.init_from and began.get("step") is not None and began.get("step") != stage.init_step:
+        if config.init_from and began.get("step") not in (None, stage.init_step):  # init_from changed since
             if began.get("path") != meta["init_from"]["path"]:  # another init_from (config_history.jsonl has it)
                 if lead and stage.rereads_init_from:
                     print(f"warning: config.init_from is {config.init_from}, not {began.get('path')} as when this "
                           f"run began: it goes on against step {stage.init_step} of the new one", file=sys.stderr,
                           flush=True)
-            elif stage.rereads_init_from:  # init_from's run trained on since: the reference stays the one begun with
+                return
+            if stage.rereads_init_from:  # its run trained on: the reference stays the step the run began with
                 try:
                     ckpt.read_meta(config.init_from, began["step"])
                 except ckpt.CheckpointError:
@@ -667,9 +668,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                 if lead:
                     print(f"config.init_from {config.init_from}: now at step {stage.init_step}; this run started "
                           f"from its step {began['step']} and goes on with it", file=sys.stderr, flush=True)
-                stage.init_step = meta["init_from"]["step"] = began["step"]
-            else:  # read at the start only: the record keeps the step it was
-                stage.init_step = meta["init_from"]["step"] = began["step"]
+            stage.init_step = meta["init_from"]["step"] = began["step"]  # the record keeps the step begun with
 
     restored = checkpointer.restore_latest(abstract_sharded, check_meta,
                                           log=lambda m: lead and print(m, file=sys.stderr, flush=True))

@@ -35,8 +35,10 @@ def main(argv=None, input_fn=None, out=None) -> int:
     ap.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling; 1 = off")
     ap.add_argument("--top_k", type=int, default=0, help="0 = every token")
     ap.add_argument("--seed", type=int, default=0, help="turn i of a dialog samples with seed + i")
+    from llama_jax.generate import add_dtype_arg, check_sampling_args
+
+    add_dtype_arg(ap)
     args = ap.parse_args(argv)
-    from llama_jax.generate import check_sampling_args
     from llama_jax.tokenizer import DialogError, _turns, valid_unicode
 
     check_sampling_args(ap, args)
@@ -77,7 +79,7 @@ def _session(args, system: list[dict], input_fn, out, piped: bool) -> int:
 
     start = time.perf_counter()
     try:
-        cfg, params, tok, mesh = load_for_inference(args.checkpoint)
+        cfg, params, tok, mesh = load_for_inference(args.checkpoint, args.dtype)
     except (CheckpointError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -323,6 +323,9 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="first N questions only (multiple_choice; 0 = all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", default="", help="also write the results, with their settings, as JSON here")
+    from llama_jax.generate import add_dtype_arg
+
+    add_dtype_arg(ap)
     args = ap.parse_args(argv)
     for flag, least in (("seq_len", 2), ("batch_size", 1), ("k_shot", 0), ("max_batches", 0), ("limit", 0)):
         if getattr(args, flag) < least:
@@ -345,7 +348,7 @@ def main(argv=None) -> int:
         step, _ = ckpt.read_meta(args.checkpoint, args.step)
         need = "score" if args.task == "reward_accuracy" else "lm"
         # split over every local device, as generate and chat load a model: a 70B fits a host's GPUs
-        cfg, params, _, tok, mesh = load_on_local_devices(args.checkpoint, step, need)
+        cfg, params, _, tok, mesh = load_on_local_devices(args.checkpoint, step, need, args.dtype)
         if args.task == "perplexity":
             if args.seq_len > cfg.max_seq_len:
                 print(f"note: --seq_len {args.seq_len} is the model's max_seq_len {cfg.max_seq_len}")

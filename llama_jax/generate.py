@@ -227,28 +227,39 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
 # ----------------------------------------------------------------------------------
 
 
-def load_on_local_devices(checkpoint: str, step: int | None = None, need: str = "lm"):
+def add_dtype_arg(ap) -> None:
+    """The inference CLIs' `--dtype`: weights and matmuls in another dtype than stored."""
+    from llama_jax.model import DTYPES
+
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="weights and matmuls in this dtype (cast while reading; bfloat16 halves a float32 "
+                    "checkpoint's memory); default: the checkpoint's own")
+
+
+def load_on_local_devices(checkpoint: str, step: int | None = None, need: str = "lm", dtype: str | None = None):
     """(config, params split over all local devices (fsdp), heads, tokenizer, mesh) of a
-    run or export, which must have the `need` head: a model too big for one device loads."""
+    run or export, which must have the `need` head: a model too big for one device loads.
+    `dtype`: parameters (cast as they are read) and compute in it, not in the stored dtypes."""
     from llama_jax import checkpoint as ckpt
     from llama_jax import sharding
     from llama_jax.tokenizer import Tokenizer
 
     step, meta = ckpt.read_meta(checkpoint, step)
-    cfg, heads = ckpt.model_config(meta), tuple(meta.get("heads", ["lm"]))
+    overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
+    cfg, heads = ckpt.model_config(meta, **overrides), tuple(meta.get("heads", ["lm"]))
     if need not in heads:
         raise ckpt.CheckpointError(f"{checkpoint}: needs a '{need}' head; it has {list(heads)}")
     mesh = sharding.make_mesh(1, -1, 1)
     sharding.check_model_fits_mesh(cfg, mesh)
     model = Llama(cfg, heads)  # a PPO policy also holds its value head
     shardings = sharding.param_shardings_like(sharding.abstract_params(model), model, mesh, sharding.DEFAULT_RULES)
-    cfg, params, heads, tok_path = ckpt.load_model(checkpoint, step, shardings=shardings)
+    cfg, params, heads, tok_path = ckpt.load_model(checkpoint, step, shardings=shardings, **overrides)
     return cfg, params, heads, Tokenizer.of_checkpoint(checkpoint, tok_path, cfg.vocab_size), mesh
 
 
-def load_for_inference(checkpoint: str):
+def load_for_inference(checkpoint: str, dtype: str | None = None):
     """(config, params on a mesh over all local devices, tokenizer, mesh) of a run or export."""
-    cfg, params, _, tok, mesh = load_on_local_devices(checkpoint)
+    cfg, params, _, tok, mesh = load_on_local_devices(checkpoint, dtype=dtype)
     params = {k: v for k, v in params.items() if not k.endswith("_head")}  # the LM's own: what generate runs
     return cfg, params, tok, mesh
 
@@ -390,7 +401,7 @@ def _generate_file(args) -> int:
     from llama_jax.tokenizer import DialogError
 
     prompts = read_prompts(args.prompt_file)
-    cfg, params, tok, mesh = load_for_inference(args.checkpoint)
+    cfg, params, tok, mesh = load_for_inference(args.checkpoint, args.dtype)
     encoded = []
     for where, text in prompts:
         try:
@@ -443,6 +454,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top_k", type=int, default=0, help="0 = every token")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (batch i of --prompt_file: seed + i x batch)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as a Llama 2-Chat user turn")
+    add_dtype_arg(ap)
     args = ap.parse_args(argv)
     check_sampling_args(ap, args)
     if args.batch_size < 1:
@@ -465,7 +477,7 @@ def main(argv=None) -> int:
     text = valid_unicode(args.prompt)
     try:
         start = time.perf_counter()
-        cfg, params, tok, mesh = load_for_inference(args.checkpoint)
+        cfg, params, tok, mesh = load_for_inference(args.checkpoint, args.dtype)
         print(f"loaded {args.checkpoint} ({cfg.num_params():,} parameters) in {time.perf_counter() - start:.1f} s",
               file=sys.stderr)
         prompt = _encode_prompt(tok, text, args.chat)

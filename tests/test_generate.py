@@ -2,6 +2,7 @@ import io
 import random
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import random_params, run
@@ -155,6 +156,24 @@ def test_generate_cli_reads_a_ppo_policy_with_its_value_head(checkpoint_dir, cap
     prompt = tok.encode("apple river", bos=True)
     expected = [t for t in gen.generate(CFG, lm, [prompt], 6).tokens[0] if t != tk.EOS_ID]
     assert capsys.readouterr().out == "apple river" + tok.decode(prompt + expected)[len(tok.decode(prompt)):] + "\n"
+
+
+def test_dtype_casts_the_weights_as_they_are_read(checkpoint_dir, capsys, params):
+    """--dtype=bfloat16: the stored float32 weights arrive (and compute) in bfloat16."""
+    path, tok = checkpoint_dir
+    cfg, half, _, _ = gen.load_for_inference(path, "bfloat16")
+    assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "bfloat16")
+    assert {x.dtype for x in jax.tree_util.tree_leaves(half)} == {jnp.dtype(jnp.bfloat16)}
+    np.testing.assert_array_equal(np.asarray(half["norm"]["scale"], np.float32),
+                                  np.asarray(params["norm"]["scale"].astype(jnp.bfloat16), np.float32))
+    assert gen.main([f"--checkpoint={path}", "--prompt=apple river", "--max_new_tokens=8", "--temperature=0",
+                     "--dtype=bfloat16"]) == 0
+    prompt = tok.encode("apple river", bos=True)
+    expected = [t for t in gen.generate(cfg, half, [prompt], 8).tokens[0] if t != tk.EOS_ID]
+    assert capsys.readouterr().out == "apple river" + tok.decode(prompt + expected)[len(tok.decode(prompt)):] + "\n"
+    with pytest.raises(SystemExit):
+        gen.main([f"--checkpoint={path}", "--prompt=x", "--dtype=bf16"])
+    assert "--dtype: invalid choice: 'bf16'" in capsys.readouterr().err
 
 
 def test_chat_cli_keeps_a_multi_turn_llama2_dialog(checkpoint_dir, params):

@@ -159,11 +159,11 @@ class Progress:
     terminal, one line per update otherwise (logs). `throttle`: for callers that update
     at every item (evaluation batches), at most one line a second on a terminal and every
     30 s in a log, and the last one always. A total not known at the start (None) may come
-    with an update."""
+    with an update. `delay`: nothing is shown for work done within that many seconds."""
 
     def __init__(self, total_steps: int | None, start_step: int = 0, stream=None, enabled: bool = True,
-                 what: str = "step", throttle: bool = False):
-        self.total, self.start, self.what = total_steps, start_step, what
+                 what: str = "step", throttle: bool = False, delay: float = 0.0):
+        self.total, self.start, self.what, self.delay = total_steps, start_step, what, delay
         self.t0 = time.perf_counter()
         self.stream = stream or sys.stderr
         self.tty = getattr(self.stream, "isatty", lambda: False)()
@@ -176,7 +176,7 @@ class Progress:
             return
         self.total = total or self.total
         now = time.perf_counter()
-        if now - self.last < self.every and not (self.total and step >= self.total):
+        if now - self.last < self.every and not (self.total and step >= self.total) or now - self.t0 < self.delay:
             return
         self.last, done = now, step - self.start
         parts = [f"{self.what} {step}" + (f"/{self.total}" if self.total else "")]

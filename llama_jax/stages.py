@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import distributed, objectives
+from llama_jax import distributed, metrics, objectives
 from llama_jax.data import LM_FEATURES, chat, pipeline, preference, pretrain, synthetic
 from llama_jax.data import prompts as prompt_data
 from llama_jax.tokenizer import Tokenizer, TokenizerError
@@ -128,11 +128,11 @@ class Stage:
         print(f"training a {config.model.vocab_size}-piece tokenizer on {config.data.source} -> {dest}", flush=True)
         with tempfile.TemporaryDirectory() as d:
             sample = os.path.join(d, "sample.txt")
-            if not tk.write_training_text(docs, range(len(docs)), sample, TOKENIZER_TEXT_BUDGET):
-                # a corpus over the budget: documents drawn from all of it (its first files in name order
-                # could all be of one kind), with the run's seed
-                order = np.random.default_rng(config.seed).permutation(len(docs))
-                tk.write_training_text(docs, order, sample, TOKENIZER_TEXT_BUDGET)
+            progress = metrics.Progress(len(docs), what="documents read", throttle=True, delay=2.0)
+            everything = tk.sample_training_text(docs, sample, TOKENIZER_TEXT_BUDGET, config.seed,
+                                                 lambda n, _: progress.update(n))
+            progress.close()
+            if not everything:
                 print(f"  the tokenizer learns from {TOKENIZER_TEXT_BUDGET:,} characters of documents drawn from "
                       "all of the source", flush=True)
             extra = []
@@ -1624,8 +1624,8 @@ def _paired_changes(now: dict, before: dict) -> dict:
     from llama_jax import rlhf
 
     out = {}
-    for prefix, metrics in now.items():
-        for metric, values in metrics.items():
+    for prefix, values_of in now.items():
+        for metric, values in values_of.items():
             old = before.get(prefix, {}).get(metric, [])
             if values and len(old) == len(values):
                 change = rlhf.paired_change(old, values)

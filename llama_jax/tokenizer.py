@@ -113,6 +113,31 @@ class Tokenizer:
         return {"sha256": hashlib.sha256(self._blob).hexdigest(), "vocab_size": self.vocab_size,
                 "bos_id": self.bos_id, "eos_id": self.eos_id}
 
+    def describe(self, pieces: int = 0) -> str:
+        """Lines for `tokenizer info`: identity, trainer settings (and where they differ
+        from Llama 2's), and the first `pieces` pieces."""
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        proto = pb.ModelProto()
+        proto.ParseFromString(self._blob)
+        spec, norm = proto.trainer_spec, proto.normalizer_spec
+        settings = {"model_type": pb.TrainerSpec.ModelType.Name(spec.model_type).lower(),
+                    "normalization_rule_name": norm.name, "add_dummy_prefix": norm.add_dummy_prefix,
+                    "remove_extra_whitespaces": norm.remove_extra_whitespaces,
+                    **{k: getattr(spec, k) for k in LLAMA2_TRAINER_SETTINGS
+                       if k not in ("model_type", "normalization_rule_name", "add_dummy_prefix",
+                                    "remove_extra_whitespaces")}}
+        differ = [k for k, v in LLAMA2_TRAINER_SETTINGS.items()
+                  if k in settings and (abs(settings[k] - v) > 1e-6 if isinstance(v, float) else settings[k] != v)]
+        lines = [f"{self.path}: vocab {self.vocab_size}, sha256 {self.identity()['sha256']}",
+                 f"special ids: unk {self.unk_id}, bos {self.bos_id}, eos {self.eos_id}, pad {spec.pad_id} (none)",
+                 "trainer: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
+                 "Llama 2's trainer settings" + (f", except {', '.join(differ)}" if differ else ": all")]
+        if pieces:
+            lines.append("pieces: " + " ".join(f"{i}:{self.sp.id_to_piece(i)}"
+                                               for i in range(min(pieces, self.vocab_size))))
+        return "\n".join(lines)
+
     @classmethod
     def of_checkpoint(cls, checkpoint: str, path: str | None, model_vocab_size: int) -> Tokenizer:
         """The tokenizer saved beside a checkpoint (`path`, None if there is none),
@@ -255,76 +280,167 @@ def _turns(messages: Sequence[dict], last: str) -> list[tuple[str, str | None]]:
 # ----------------------------------------------------------------------------------
 
 
-def train(inputs: Sequence[str], vocab_size: int, output: str, *, input_sentence_size: int = 2_000_000,
-          num_threads: int | None = None) -> Tokenizer:
-    """Trains a BPE model with Llama 2's settings on text files; writes `output` (a
-    `.model` path) and returns it loaded."""
-    files = sorted({f for pattern in inputs for f in glob.glob(pattern, recursive=True) if os.path.isfile(f)})
-    if not files:
-        raise TokenizerError(f"no input files match {list(inputs)}")
+SENTENCE_BYTES = LLAMA2_TRAINER_SETTINGS["max_sentence_length"]  # SentencePiece skips longer lines
+LINE_CHARS = 1000  # the line length training text is written in: under SENTENCE_BYTES in any script
+CLI_TEXT_BUDGET = 200_000_000  # characters `tokenizer train` learns from by default (SentencePiece then samples
+# input_sentence_size lines of them)
+
+
+def _check_train_args(vocab_size: int, output: str) -> None:
     if not output.endswith(".model"):
         raise TokenizerError(f"{output}: the output path must end in .model")
     min_vocab = 3 + 256 + 1  # specials + byte-fallback pieces + at least one merge
     if vocab_size < min_vocab:
         raise TokenizerError(f"vocab_size {vocab_size} is too small: byte fallback alone needs {min_vocab}")
+
+
+def train(inputs: Sequence[str], vocab_size: int, output: str, *, input_sentence_size: int = 2_000_000,
+          num_threads: int | None = None) -> Tokenizer:
+    """Trains a BPE model with Llama 2's settings on text files; writes `output` (a
+    `.model` path) and returns it loaded. A file with lines SentencePiece would skip
+    (over SENTENCE_BYTES) or Windows line ends is given to it as a copy in lines of at
+    most LINE_CHARS characters and `\n` line ends."""
+    import re
+    import tempfile
+
+    files = sorted({f for pattern in inputs for f in glob.glob(pattern, recursive=True) if os.path.isfile(f)})
+    if not files:
+        raise TokenizerError(f"no input files match {list(inputs)}")
+    _check_train_args(vocab_size, output)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     prefix = output[: -len(".model")]
-    try:
-        spm.SentencePieceTrainer.train(
-            input=files, model_prefix=prefix, vocab_size=vocab_size, input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True, num_threads=num_threads or os.cpu_count() or 1,
-            minloglevel=2, **LLAMA2_TRAINER_SETTINGS)
-    except RuntimeError as e:
-        raise TokenizerError(f"training on {len(files)} file(s) failed: {e}") from None
+    with tempfile.TemporaryDirectory() as d:
+        files = [_sentencepiece_ready(f, os.path.join(d, f"{n}.txt")) for n, f in enumerate(files)]
+        try:
+            spm.SentencePieceTrainer.train(
+                input=files, model_prefix=prefix, vocab_size=vocab_size, input_sentence_size=input_sentence_size,
+                shuffle_input_sentence=True, num_threads=num_threads or os.cpu_count() or 1,
+                minloglevel=2, **LLAMA2_TRAINER_SETTINGS)
+        except RuntimeError as e:
+            few = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", str(e))
+            if few:  # SentencePiece's own message names a flag this CLI does not have
+                raise TokenizerError(f"vocab_size {vocab_size} is too small for this text: its characters (Llama 2's "
+                                     f"character_coverage {LLAMA2_TRAINER_SETTINGS['character_coverage']}) need "
+                                     f"{few.group(1)} pieces before any merge; use a larger vocab_size") from None
+            many = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", str(e))
+            if many:
+                raise TokenizerError(f"vocab_size {vocab_size} is more pieces than this text yields (at most "
+                                     f"{many.group(1)}); use a smaller vocab_size or more text") from None
+            if "sentences_.empty()" in str(e):
+                raise TokenizerError(f"no text to train on in {len(files)} file(s): every line is empty") from None
+            raise TokenizerError(f"training on {len(files)} file(s) failed: {e}") from None
     return Tokenizer(output)
 
 
-def write_training_text(docs, order, path: str, budget: float = float("inf")) -> bool:
+def _sentencepiece_ready(path: str, copy: str) -> str:
+    """`path`, or `copy` written with its lines split to LINE_CHARS characters and
+    universal line ends, when SentencePiece would skip some of its lines or learn `\r`."""
+    with open(path, "rb") as f:
+        if not any(len(line) > SENTENCE_BYTES or b"\r" in line for line in f):
+            return path
+    with open(path, encoding="utf-8-sig", errors="replace") as f, open(copy, "w", encoding="utf-8") as out:
+        for line in f:
+            line = line.rstrip("\n")
+            out.writelines(line[j:j + LINE_CHARS] + "\n" for j in range(0, len(line), LINE_CHARS) or [0])
+    return copy
+
+
+def write_training_text(docs, order, path: str, budget: float = float("inf"), progress=None) -> bool:
     """Writes the documents `docs[i]` for i in `order` to `path`, SentencePiece's input,
-    up to `budget` characters; whether all of them fitted. Lines over 1,000 characters
-    are split: SentencePiece skips lines over 4,192 bytes (Llama 2's max_sentence_length),
-    so a document of one long line would teach it nothing."""
+    up to `budget` characters; whether all of them fitted. Lines over LINE_CHARS
+    characters are split: SentencePiece skips lines over 4,192 bytes (Llama 2's
+    max_sentence_length), so a document of one long line would teach it nothing.
+    `progress(documents written, characters)` is called after each document."""
     size = 0
-    with open(path, "w") as f:
-        for i in order:
+    with open(path, "w", encoding="utf-8") as f:
+        for n, i in enumerate(order, 1):
             text = docs[int(i)]
             over = len(text) > budget - size
             if over:  # the budget is a bound: the document that crosses it is cut there
                 text = text[:int(budget - size)]
             size += len(text)
             lines = text.split("\n")
-            if any(len(line) > 1000 for line in lines):
-                text = "\n".join(line[j:j + 1000] for line in lines for j in range(0, len(line), 1000) or [0])
+            if any(len(line) > LINE_CHARS for line in lines):
+                text = "\n".join(line[j:j + LINE_CHARS] for line in lines for j in range(0, len(line), LINE_CHARS)
+                                 or [0])
             f.write(text + "\n")
+            if progress is not None:
+                progress(n, size)
             if over:
                 return False
     return True
 
 
-def _train_from_sources(inputs: Sequence[str], vocab_size: int, output: str, **kw) -> Tokenizer:
-    """`train`, where an input may also be `jsonl:GLOB` (the records' `text` field), as the
-    pipelines' sources name it."""
+def sample_training_text(docs, path: str, budget: float, seed: int, progress=None) -> bool:
+    """`write_training_text` of every document when they fit in `budget` characters;
+    else (returns False) of documents drawn with `seed` from all of them, not the first
+    in order (a corpus's first files by name could all be of one kind)."""
+    import numpy as np
+
+    if write_training_text(docs, range(len(docs)), path, budget, progress):
+        return True
+    write_training_text(docs, np.random.default_rng(seed).permutation(len(docs)), path, budget, progress)
+    return False
+
+
+class _Documents:
+    """Several document sources read as one."""
+
+    def __init__(self, parts):
+        import itertools
+
+        self.parts = parts
+        self.ends = list(itertools.accumulate(len(p) for p in parts))
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def __getitem__(self, i: int) -> str:
+        import bisect
+
+        k = bisect.bisect_right(self.ends, i)
+        return self.parts[k][i - (self.ends[k - 1] if k else 0)]
+
+
+def _train_from_sources(inputs: Sequence[str], vocab_size: int, output: str, max_characters: int = CLI_TEXT_BUDGET,
+                        seed: int = 0, **kw) -> Tokenizer:
+    """`train` on the documents of `inputs`, each a source as the pipelines name it:
+    text files (`GLOB` or `text:GLOB`) or `jsonl:GLOB` (the records' `text` field),
+    comma-separated globs each of which must match a file. Written as a run's own
+    tokenizer's text is: lines split, up to `max_characters` (drawn from all documents
+    with `seed` when they are more)."""
     import tempfile
 
-    plain, jsonl = [i for i in inputs if not i.startswith("jsonl:")], [i for i in inputs if i.startswith("jsonl:")]
-    for pattern in plain:
-        if any(f.endswith(".jsonl") for f in glob.glob(pattern, recursive=True)):
-            print(f"note: {pattern}: .jsonl files are read as plain text (JSON syntax included); "
-                  f"jsonl:{pattern} reads their text field", file=sys.stderr)
-    if not jsonl:
-        return train(plain, vocab_size, output, **kw)
-    from llama_jax.data.sources import DataError, text_jsonl
+    from llama_jax.data.sources import DataError, TextFiles, text_jsonl
+    from llama_jax.metrics import Progress
 
+    _check_train_args(vocab_size, output)  # before reading a corpus
+    parts = []
+    try:
+        for spec in inputs:
+            if spec.startswith("jsonl:"):
+                parts.append(text_jsonl(spec[len("jsonl:"):]))
+                continue
+            pattern = spec[len("text:"):] if spec.startswith("text:") else spec
+            if any(f.endswith(".jsonl") for p in pattern.split(",") for f in glob.glob(p.strip(), recursive=True)):
+                print(f"note: {pattern}: .jsonl files are read as plain text (JSON syntax included); "
+                      f"jsonl:{pattern} reads their text field", file=sys.stderr)
+            parts.append(TextFiles(pattern))
+    except DataError as e:
+        raise TokenizerError(str(e)) from None
+    docs = _Documents(parts)
     with tempfile.TemporaryDirectory() as d:
-        texts = []
-        for n, spec in enumerate(jsonl):
-            try:
-                docs = text_jsonl(spec[len("jsonl:"):])
-            except DataError as e:
-                raise TokenizerError(str(e)) from None
-            texts.append(os.path.join(d, f"jsonl{n}.txt"))
-            write_training_text(docs, range(len(docs)), texts[-1])
-        return train(plain + texts, vocab_size, output, **kw)
+        text = os.path.join(d, "text.txt")
+        progress = Progress(len(docs), what="documents read", throttle=True, delay=2.0)
+        chars = [0]
+        everything = sample_training_text(docs, text, max_characters, seed,
+                                          lambda n, size: chars.__setitem__(0, size) or progress.update(n))
+        progress.close()
+        print(f"training a {vocab_size}-piece tokenizer on {chars[0]:,} characters of "
+              + (f"all {len(docs):,} documents" if everything else
+                 f"documents drawn (seed {seed}) from all {len(docs):,}: --max_characters {max_characters:,}")
+              + "; SentencePiece shows no progress", file=sys.stderr, flush=True)
+        return train([text], vocab_size, output, **kw)
 
 
 def main(argv=None) -> int:
@@ -332,24 +448,52 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a BPE tokenizer with Llama 2's settings")
     t.add_argument("--input", action="append", required=True,
-                   help="text file glob, or jsonl:GLOB for the `text` field of JSONL records (repeatable)")
+                   help="text files (GLOB or text:GLOB, one document each) or jsonl:GLOB (the records' `text` "
+                   "field); comma-separated globs, each of which must match a file; repeatable")
     t.add_argument("--vocab_size", type=int, required=True)
     t.add_argument("--output", required=True, help="PATH.model")
-    t.add_argument("--input_sentence_size", type=int, default=2_000_000)
+    t.add_argument("--max_characters", type=int, default=CLI_TEXT_BUDGET,
+                   help="learn from at most this many characters: every document when they fit, else documents "
+                   "drawn from all of them (--seed)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--input_sentence_size", type=int, default=2_000_000,
+                   help="lines SentencePiece samples from that text")
     e = sub.add_parser("encode", help="print the ids and pieces of a text")
     e.add_argument("--model", required=True)
     e.add_argument("--text", required=True)
+    d = sub.add_parser("decode", help="print the text of token ids")
+    d.add_argument("--model", required=True)
+    d.add_argument("--ids", required=True, help="ids separated by commas or spaces ('[1, 450]' works too)")
+    i = sub.add_parser("info", help="print a model's vocabulary size, identity and trainer settings")
+    i.add_argument("--model", required=True)
+    i.add_argument("--pieces", type=int, default=0, help="also list its first N pieces")
     args = ap.parse_args(argv)
+    for flag in ("max_characters", "input_sentence_size"):
+        if getattr(args, flag, 1) < 1:
+            ap.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     try:
         if args.cmd == "train":
-            tok = _train_from_sources(args.input, args.vocab_size, args.output,
+            tok = _train_from_sources(args.input, args.vocab_size, args.output, args.max_characters, args.seed,
                                       input_sentence_size=args.input_sentence_size)
             print(f"wrote {args.output}: vocab {tok.vocab_size}, sha256 {tok.identity()['sha256'][:16]}")
-        else:
+        elif args.cmd == "encode":
             tok = Tokenizer(args.model)
-            ids = tok.encode(args.text, bos=True)
+            ids = tok.encode(valid_unicode(args.text), bos=True)
             print(ids)
             print([tok.sp.id_to_piece(i) for i in ids])
+        elif args.cmd == "decode":
+            tok = Tokenizer(args.model)
+            try:
+                ids = [int(t) for t in args.ids.replace(",", " ").strip("[] ").split()]
+            except ValueError:
+                ap.error(f"--ids: not whole numbers: {args.ids!r}")
+            outside = [t for t in ids if not 0 <= t < tok.vocab_size]
+            if outside:
+                raise TokenizerError(f"{args.model}: ids {outside[:5]} are outside its vocabulary of "
+                                     f"{tok.vocab_size}")
+            print(tok.decode(ids))
+        else:
+            print(Tokenizer(args.model).describe(args.pieces))
     except (TokenizerError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -144,6 +144,15 @@ def test_prepared_shards_feed_the_same_documents(tok, docs_dir, tmp_path, capsys
     assert batch["tokens"].shape == (2, 16)
     assert prepare.main([f"--source=text:{docs_dir}/*.txt", f"--tokenizer={tok.path}", f"--output={out}"]) == 2
     assert "already holds prepared shards" in capsys.readouterr().err
+    # an interrupted run's shards (finished or not; no metadata.json) are removed by the next, not listed beside it
+    again = tmp_path / "again"
+    again.mkdir()
+    for name in ("tokens-00000-of-00002.array_record", "tokens-00001-of-00002.array_record.tmp", "notes.txt"):
+        (again / name).write_text("x")
+    assert prepare.main([f"--source=text:{docs_dir}/*.txt", f"--tokenizer={tok.path}", f"--output={again}",
+                         "--num_shards=3"]) == 0
+    assert "removing 2 shard files of an interrupted run" in capsys.readouterr().err
+    assert sorted(os.listdir(again)) == sorted(meta["shards"] + ["metadata.json", "notes.txt"])
     for bad, needle in (("{", "metadata.json: invalid JSON"), ('{"documents": 3}', 'needs a "shards" list')):
         (tmp_path / "bad").mkdir(exist_ok=True)
         (tmp_path / "bad" / "metadata.json").write_text(bad)
@@ -274,6 +283,9 @@ def test_preference_mixtures_take_their_fractions(tmp_path):
         preference.PreferencePairs(f"{tmp_path}/a.jsonl,{tmp_path}/b.jsonl@0.1")
     with pytest.raises(DataError, match="'half' is not a number"):
         preference.parse_mixture("a.jsonl@half")
+    for bad in ("inf", "nan", "1e400", "-1"):  # a crash (OverflowError) or an empty mixture before
+        with pytest.raises(DataError, match=f"fraction {bad} must be > 0 and finite"):
+            preference.parse_mixture(f"a.jsonl@{bad}")
 
 
 def test_prompts_load_with_safety_tags(tok, tmp_path):
@@ -375,9 +387,15 @@ def test_synthetic_tasks_are_deterministic_and_checkable():
     assert not any(o in p["prompt"][0]["content"] for p in unsafe for o in synthetic.UNSAFE_OBJECTS["eval"])
 
 
-def test_adversarial_requests_hide_the_act_in_a_task():
+def test_adversarial_requests_hide_the_act_in_a_task(tmp_path, capsys):
     with pytest.raises(SystemExit):  # chat records have none: a usage error, not a traceback
         synthetic.main(["--kind=chat", "--adversarial=0.5", "--output=/dev/null"])
+    for args, needle in ((["--n=-3"], "--n must be at least 1, got -3"), (["--adversarial=2"], "in [0, 1], got 2.0"),
+                         ([f"--output={tmp_path}"], "is a directory; name the file")):
+        with pytest.raises(SystemExit):
+            synthetic.main(["--kind=prompts", f"--output={tmp_path}/p.jsonl", *args])
+        assert needle in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "p.jsonl")
     # adversarial_prob=0 draws exactly the data it drew before the option existed
     assert synthetic.generate("prompts", 50, 0, adversarial_prob=0.0) == synthetic.generate("prompts", 50, 0)
     pairs = [p for p in synthetic.generate("preference", 400, 0, unsafe_prob=1.0, adversarial_prob=0.5)]
@@ -556,8 +574,11 @@ def test_jsonl_encoding_and_prefix_mistakes_are_named(tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"latin1.jsonl:1: not UTF-8 text \("):
         sources.text_jsonl(str(tmp_path / "latin1.jsonl"))
-    with pytest.raises(DataError, match="a KIND: prefix, as in jsonl:GLOB, is for pretraining's data.source"):
+    with pytest.raises(DataError, match="a KIND: prefix, as in jsonl:GLOB, starts a pretraining data.source and names"
+                       " the kind of all of its globs; fine-tuning stages take globs alone"):
         chat.open_dialogs(f"jsonl:{tmp_path}/*.jsonl")
+    with pytest.raises(DataError, match="names the kind of all of its globs"):  # one pretraining source, one kind
+        pretrain.open_documents(f"text:{tmp_path}/latin1.jsonl,jsonl:{tmp_path}/latin1.jsonl")
     (tmp_path / "surrogate.jsonl").write_text('{"messages": [{"role": "user", "content": "a\\ud800"}, '
                                               '{"role": "assistant", "content": "b"}]}\n')
     with pytest.raises(DataError, match=r"surrogate.jsonl:1: message 0: content is not valid Unicode \(surrogates "):

@@ -131,7 +131,7 @@ def test_bad_tokenizer_files_and_sizes(tok, tmp_path, capsys):
         tok.check_fits(300)
     tok.check_fits(400)
     assert tk.main(["train", f"--input={tmp_path}/*.txt", "--vocab_size=400", f"--output={tmp_path}/t.model"]) == 2
-    assert "no input files match" in capsys.readouterr().err
+    assert "no text files match" in capsys.readouterr().err
     (tmp_path / "a.txt").write_text("abc")
     assert tk.main(["train", f"--input={tmp_path}/a.txt", "--vocab_size=100", f"--output={tmp_path}/t.model"]) == 2
     assert "vocab_size 100 is too small" in capsys.readouterr().err
@@ -259,3 +259,59 @@ def test_the_tokenizer_cli_trains_on_the_text_field_of_jsonl(tmp_path, capsys):
     assert tk.main(["train", f"--input=jsonl:{tmp_path}/none*.jsonl", "--vocab_size=400",
                     f"--output={tmp_path}/n.model"]) == 2
     assert "none*.jsonl" in capsys.readouterr().err
+
+
+def test_the_tokenizer_cli_reads_files_as_a_run_reads_them(tmp_path, capsys):
+    """Plain text files are read as documents, as `text:` sources are: lines over 4,192
+    bytes (which SentencePiece skips) are learnt, Windows line ends teach no `\\r`
+    pieces, every glob must match, and its size errors name its own flags."""
+    rng = random.Random(0)
+    words = ["xylophone", "marmalade", "zebra", "flame", "sugar", "river", "lemon", "cloud"]
+    (tmp_path / "long.txt").write_text("".join(" ".join(rng.choice(words) for _ in range(1000)) + "\n"
+                                               for _ in range(60)))
+    (tmp_path / "win[1].txt").write_bytes(corpus_text(600, 1).replace("\n", ":\r\n").encode())
+    assert tk.main(["train", f"--input={tmp_path}/long.txt", f"--input=text:{tmp_path}/win[1].txt",
+                    "--vocab_size=400", f"--output={tmp_path}/t.model"]) == 0  # a file's own name, brackets and all
+    assert "characters of all 2 documents" in capsys.readouterr().err
+    t = tk.Tokenizer(str(tmp_path / "t.model"))
+    assert t.sp.encode("xylophone marmalade", out_type=str) == ["▁xylophone", "▁marmalade"]
+    assert not [t.sp.id_to_piece(i) for i in range(t.vocab_size) if "\r" in t.sp.id_to_piece(i)]
+    (tmp_path / "win.txt").write_bytes((tmp_path / "win[1].txt").read_bytes())  # train() on files, as a run's
+    direct = tk.train([str(tmp_path / "long.txt"), str(tmp_path / "win.txt")], 400, str(tmp_path / "d.model"))
+    assert direct.sp.encode("xylophone marmalade", out_type=str) == ["▁xylophone", "▁marmalade"]  # tokenizer_extra
+    assert not [direct.sp.id_to_piece(i) for i in range(400) if "\r" in direct.sp.id_to_piece(i)]
+    assert tk.main(["train", f"--input={tmp_path}/long.txt,{tmp_path}/typo*.txt", "--vocab_size=400",
+                    f"--output={tmp_path}/x.model"]) == 2
+    assert "no text files match" in capsys.readouterr().err and not os.path.exists(tmp_path / "x.model")
+    assert tk.main(["train", f"--input={tmp_path}", "--vocab_size=400", f"--output={tmp_path}/x.model"]) == 2
+    assert f"is a directory: name its files, e.g. {tmp_path}/*" in capsys.readouterr().err
+    assert tk.main(["train", f"--input={tmp_path}/long.txt", "--vocab_size=262", f"--output={tmp_path}/x.model"]) == 2
+    err = capsys.readouterr().err
+    assert "vocab_size 262 is too small for this text" in err and "character_coverage" not in err.split(")")[-1]
+    assert tk.main(["train", f"--input={tmp_path}/long.txt", "--vocab_size=5000", f"--output={tmp_path}/x.model"]) == 2
+    assert "vocab_size 5000 is more pieces than this text yields (at most" in capsys.readouterr().err
+    (tmp_path / "blank.txt").write_text("\n\n\n")
+    assert tk.main(["train", f"--input={tmp_path}/blank.txt", "--vocab_size=400", f"--output={tmp_path}/x.model"]) == 2
+    assert "no text to train on" in capsys.readouterr().err
+    # over --max_characters: documents drawn from all of them, said
+    assert tk.main(["train", f"--input={tmp_path}/long.txt", f"--input={tmp_path}/win[1].txt", "--vocab_size=300",
+                    "--max_characters=20000", f"--output={tmp_path}/s.model"]) == 0
+    assert "on 20,000 characters of documents drawn (seed 0) from all 2" in capsys.readouterr().err
+
+
+def test_the_tokenizer_cli_decodes_and_describes(tok, capsys):
+    ids = tok.encode("the cat sat 42", bos=True)
+    assert tk.main(["decode", f"--model={tok.path}", f"--ids={ids}"]) == 0
+    assert capsys.readouterr().out == "the cat sat 42\n"
+    assert tk.main(["decode", f"--model={tok.path}", "--ids=1 400"]) == 2
+    assert "ids [400] are outside its vocabulary of 400" in capsys.readouterr().err
+    assert tk.main(["info", f"--model={tok.path}", "--pieces=4"]) == 0
+    out = capsys.readouterr().out
+    assert f"vocab 400, sha256 {tok.identity()['sha256']}" in out and "Llama 2's trainer settings: all" in out
+    assert "pieces: 0:<unk> 1:<s> 2:</s> 3:<0x00>" in out
+    spm = __import__("sentencepiece")
+    other = os.path.join(os.path.dirname(tok.path), "other")
+    spm.SentencePieceTrainer.train(input=tok.path.replace("tok.model", "part0.txt"), model_prefix=other,
+                                   vocab_size=60, model_type="unigram", minloglevel=2, pad_id=-1)
+    assert tk.main(["info", f"--model={other}.model"]) == 0
+    assert "Llama 2's trainer settings, except model_type, " in capsys.readouterr().out

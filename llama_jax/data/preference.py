@@ -74,8 +74,8 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
                 glob, fraction = item, 1.0
             else:
                 raise DataError(f"data mixture {spec!r}: {frac!r} is not a number (use GLOB@0.5)") from None
-        if fraction <= 0:
-            raise DataError(f"data mixture {spec!r}: fraction {fraction} must be > 0")
+        if not 0 < fraction < 1e6:  # NaN and infinity too
+            raise DataError(f"data mixture {spec!r}: fraction {frac} must be > 0 and finite (below 1e6)")
         parts.append((glob, fraction))
     return parts
 

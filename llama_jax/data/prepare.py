@@ -8,7 +8,8 @@ Each record is one document's token ids (little-endian int32, BOS and EOS includ
 identity, which the pipeline checks against the run's tokenizer. Read them back with
 `--config.data.source=shards:/data/shards`. Shards are written to temporary names and
 renamed when complete, metadata last, so an interrupted run never leaves a directory
-that looks finished.
+that looks finished; its rerun removes the shard files it left. Progress (documents,
+tokens, tokens/s, ETA) is shown on stderr.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -26,6 +28,7 @@ def prepare(source: str, tokenizer, output: str, num_shards: int = 8) -> dict:
     from array_record.python.array_record_module import ArrayRecordWriter
 
     from llama_jax.data.pretrain import open_documents
+    from llama_jax.metrics import Progress
 
     if source.startswith("shards:"):
         raise ValueError(f"--source {source}: already prepared shards (use them as data.source directly)")
@@ -35,18 +38,21 @@ def prepare(source: str, tokenizer, output: str, num_shards: int = 8) -> dict:
     os.makedirs(output, exist_ok=True)
     if os.path.exists(os.path.join(output, "metadata.json")):
         raise FileExistsError(f"{output}: already holds prepared shards (metadata.json); choose another --output")
+    stale = sorted(f for f in os.listdir(output) if re.fullmatch(r"tokens-\d{5}-of-\d{5}\.array_record(\.tmp)?", f))
+    if stale:  # no metadata.json: an interrupted run's shards, which would sit beside these unlisted
+        print(f"removing {len(stale)} shard files of an interrupted run from {output}", file=sys.stderr)
+        for f in stale:
+            os.remove(os.path.join(output, f))
     names = [f"tokens-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
     writers = [ArrayRecordWriter(os.path.join(output, n + ".tmp"), "group_size:1") for n in names]
     n_tokens, t0 = 0, time.time()
+    progress = Progress(len(docs), what="documents", throttle=True)
     for i in range(len(docs)):
         tokens = np.asarray(tokenizer.encode(docs[i], bos=True, eos=True), "<i4")
         writers[i % num_shards].write(tokens.tobytes())
         n_tokens += len(tokens)
-        if (i + 1) % 1000 == 0 or i + 1 == len(docs):
-            rate = n_tokens / max(time.time() - t0, 1e-9)
-            print(f"\r{i + 1}/{len(docs)} documents, {n_tokens:,} tokens ({rate:,.0f} tokens/s)", end="",
-                  file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+        progress.update(i + 1, tokens=n_tokens, tokens_per_s=n_tokens / max(time.time() - t0, 1e-9))
+    progress.close()
     for w, n in zip(writers, names):
         w.close()
         os.replace(os.path.join(output, n + ".tmp"), os.path.join(output, n))

@@ -26,12 +26,21 @@ def expand_globs(patterns: str | Sequence[str], what: str = "input") -> list[str
     """Sorted files matching one or more globs (comma-separated in a string)."""
     if isinstance(patterns, str):
         patterns = [p for p in patterns.split(",") if p.strip()]
-    found = {p: [f for f in glob.glob(os.path.expanduser(p.strip()), recursive=True) if os.path.isfile(f)]
-             for p in patterns}
+    def matches(p: str) -> list[str]:
+        p = os.path.expanduser(p.strip())
+        if os.path.isfile(p):  # a file's own name, even with glob characters in it (run[1].txt)
+            return [p]
+        return [f for f in glob.glob(p, recursive=True) if os.path.isfile(f)]
+
+    found = {p: matches(p) for p in patterns}
     missing = [p for p, fs in found.items() if not fs]
     hint = " (mixture weights, PATH@WEIGHT, are for preference data only)" if any("@" in p for p in missing) \
-        else " (a KIND: prefix, as in jsonl:GLOB, is for pretraining's data.source; fine-tuning stages take the " \
-        "glob alone)" if any(p.strip().split(":", 1)[0] in ("jsonl", "text", "shards") for p in missing) else ""
+        else " (a KIND: prefix, as in jsonl:GLOB, starts a pretraining data.source and names the kind of all of " \
+        "its globs; fine-tuning stages take globs alone)" \
+        if any(p.strip().split(":", 1)[0] in ("jsonl", "text", "shards") for p in missing) \
+        else f" ({missing[0].strip()} is a directory: name its files, e.g. {os.path.join(missing[0].strip(), '*')}, " \
+        f"or {os.path.join(missing[0].strip(), '**', '*')} for all below it)" \
+        if missing and os.path.isdir(os.path.expanduser(missing[0].strip())) else ""
     if not any(found.values()):
         raise DataError(f"no {what} files match {list(patterns)}{hint}")
     if missing:  # a typo in one part of a list would drop its data without a word

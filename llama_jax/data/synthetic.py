@@ -249,7 +249,7 @@ def generate(kind: str, n: int, seed: int, **kwargs) -> list[dict]:
 
 
 def write_jsonl(records: list[dict], path: str) -> None:
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
 
@@ -265,6 +265,12 @@ def main(argv=None) -> int:
                     help="preference/prompts: share of unsafe requests phrased adversarially")
     ap.add_argument("--output", required=True)
     args = ap.parse_args(argv)
+    if args.n < 1:
+        ap.error(f"--n must be at least 1, got {args.n}")
+    if not 0 <= args.adversarial <= 1:
+        ap.error(f"--adversarial is a share in [0, 1], got {args.adversarial}")
+    if os.path.isdir(args.output):
+        ap.error(f"--output={args.output} is a directory; name the file to write")
     if args.adversarial and args.kind == "chat":
         ap.error("--adversarial is for --kind=preference or prompts (chat records have no adversarial requests)")
     kwargs = {"adversarial_prob": args.adversarial} if args.adversarial else {}

@@ -495,11 +495,23 @@ def test_pairs_with_one_answer_twice_are_counted_and_named(tok, tmp_path):
     kept (the toy generator makes about 1 in 20,000, and dropping it would change the
     recorded runs) but counted with its first file:line in the description a run prints."""
     pairs = [{"prompt": [{"role": "user", "content": "p"}], "chosen": "a", "rejected": "b", "rating": "better"},
-             {"prompt": [{"role": "user", "content": "q"}], "chosen": "same", "rejected": "same"}]
+             {"prompt": [{"role": "user", "content": "q"}], "chosen": "same", "rejected": "same"},
+             {"prompt": [{"role": "user", "content": "r"}], "chosen": " ", "rejected": "an answer"}]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     data = preference.make_dataset(str(path), tok, 32, 2)
-    assert data.description["pairs"] == 2 and data.description["identical_pairs"] == f"1 (first: {path}:2)"
+    assert data.description["pairs"] == 3 and data.description["identical_pairs"] == f"1 (first: {path}:2)"
+    assert data.description["empty_chosen"] == f"1 (first: {path}:3)"  # a blank answer preferred: a data bug
+    data.close()
+    # a blank answer in SFT data trains the model to answer with EOS: counted; GAtt trains the last answer only
+    empty = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""},
+                          {"role": "user", "content": "b"}, {"role": "assistant", "content": "fine"}]}
+    path.write_text(json.dumps(empty) + "\n" + json.dumps(empty) + "\n")
+    data = chat.make_dataset(str(path), tok, 64, 2)
+    assert data.description["empty_answers"] == f"2 dialogs (first: {path}:1)"
+    data.close()
+    data = chat.make_dataset(str(path), tok, 64, 2, last_turn_only=True)
+    assert "empty_answers" not in data.description
     data.close()
 
 

@@ -47,9 +47,13 @@ class _Lengths:
     def __init__(self, tokenizer, seq_len: int, last_turn_only: bool):
         self.tokenizer, self.seq_len, self.last_turn_only = tokenizer, seq_len, last_turn_only
         self.truncated, self.untrained, self.first_untrained = 0, 0, ""
+        self.empty: list[str] = []  # where a trained answer is blank (the model learns to answer with EOS)
 
     def __call__(self, record: dict, where: str) -> None:
         validate_messages(record, where, "assistant")
+        answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+        if any(not a.strip() for a in (answers[-1:] if self.last_turn_only else answers)):
+            self.empty.append(where)
         # SentencePiece gives at most one token per UTF-8 byte (+ the dummy prefix), and the format adds fewer than
         # 48 a message: a dialog below that bound cannot be longer than seq_len, and is not tokenized to count it
         if sum(len(m["content"].encode("utf-8")) + 48 for m in record["messages"]) <= self.seq_len:
@@ -87,6 +91,8 @@ def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int =
     if lengths.truncated:
         description["truncated"] = f"{lengths.truncated:,} (longer than seq_len {seq_len}: their first {seq_len} " \
                                    "tokens train)"
+    if lengths.empty:
+        description["empty_answers"] = f"{len(lengths.empty):,} dialogs (first: {lengths.empty[0]})"
     if lengths.untrained:
         description["no_trained_token"] = f"{lengths.untrained:,} (every answer after seq_len; first: " \
                                           f"{lengths.first_untrained})"

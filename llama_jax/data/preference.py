@@ -89,6 +89,7 @@ class PreferencePairs:
         self.index: list[tuple[int, int]] = []  # (part, record)
         self.dropped = 0
         self.identical: list[str] = []  # where chosen == rejected: kept (no signal, but changing data changes runs)
+        self.empty_chosen: list[str] = []  # where the chosen answer is blank: kept, counted (likely a data bug)
         self.rated = self.safety_labelled = 0  # of the pairs used
         self.unread: dict[str, str] = {}  # field no reader reads (a misspelt "ratings" would lose every margin)
         #                                   -> where it first is
@@ -97,6 +98,7 @@ class PreferencePairs:
             jsonl = sources.Jsonl(glob, validate=validate_pair)
             records = [jsonl.record(i) for i in range(len(jsonl))]
             self.identical += [jsonl.where(i) for i, r in enumerate(records) if r["chosen"] == r["rejected"]]
+            self.empty_chosen += [jsonl.where(i) for i, r in enumerate(records) if not r["chosen"].strip()]
             for i, r in enumerate(records):
                 for f in r.keys() - set(FIELDS) - self.unread.keys():
                     self.unread[f] = jsonl.where(i)
@@ -194,4 +196,6 @@ def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int =
                              "rated": pairs.rated, "safety_labelled": pairs.safety_labelled, "margin": margin_table,
                              **({"unread_fields": pairs.unread_fields()} if pairs.unread else {}),
                              **({"identical_pairs": f"{len(pairs.identical)} (first: {pairs.identical[0]})"}
-                                if pairs.identical else {})})
+                                if pairs.identical else {}),
+                             **({"empty_chosen": f"{len(pairs.empty_chosen)} (first: {pairs.empty_chosen[0]})"}
+                                if pairs.empty_chosen else {})})

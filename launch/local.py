@@ -10,14 +10,18 @@ does not start with `python`/`-m` runs `python -m llama_jax.main` with those fla
 Each process gets JAX_COORDINATOR_ADDRESS (a free localhost port), JAX_NUM_PROCESSES,
 JAX_PROCESS_ID, JAX_PLATFORMS=cpu and M fake CPU devices; `llama_jax.main` joins the job
 from those (`llama_jax.distributed`), with gloo for CPU collectives. Process 0's output
-is shown as is, the others' prefixed with `[pN]`. SIGINT/SIGTERM go to every process; if
-any process exits non-zero the others are stopped and this launcher exits with its code.
+is shown as is, the others' prefixed with `[pN]` (gloo's connection lines are left out of
+stderr). SIGINT/SIGTERM go to every process; if any process exits non-zero the others are
+stopped and this launcher exits with its code (128 + N for one killed by signal N). Only
+`llama_jax.main` joins such a job; the one-process commands (generate, chat, evaluate,
+convert, checkpoint, data.prepare, tokenizer) refuse to run under it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -56,9 +60,13 @@ def child_env(process_id: int, num_processes: int, devices: int, port: int) -> d
     return env
 
 
-def _pump(stream, prefix: str, out) -> None:
+GLOO_CHATTER = re.compile(r"\[Gloo\]|Rank \d+ is connected to \d+ peer ranks|Expected number of connected peer "
+                          r"ranks")  # gloo's own lines on stderr (sometimes split by interleaving)
+
+
+def _pump(stream, prefix: str, out, filtered: bool) -> None:
     for line in iter(stream.readline, ""):
-        if any(w in line for w in ("[Gloo]", "peer ranks", "is connected to")):  # gloo's chatter (interleaved)
+        if filtered and GLOO_CHATTER.search(line):
             continue
         out.write(prefix + line)
         out.flush()
@@ -76,7 +84,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, tim
         procs.append(p)
         prefix = "" if i == 0 else f"[p{i}] "
         for stream, out in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
-            t = threading.Thread(target=_pump, args=(stream, prefix, out), daemon=True)
+            t = threading.Thread(target=_pump, args=(stream, prefix, out, out is sys.stderr), daemon=True)
             t.start()
             pumps.append(t)
 
@@ -104,6 +112,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, tim
                 if any(c is None for c in codes) and time.monotonic() - failed_at < FAILURE_GRACE_S:
                     time.sleep(0.1)  # processes that fail alike (a refused setting) exit on their own
                     continue
+                code = 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says it
                 if any(c is None for c in codes):
                     print(f"launch/local.py: process {i} exited with code {code}; stopping the others",
                           file=sys.stderr, flush=True)

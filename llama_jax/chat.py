@@ -39,6 +39,9 @@ def main(argv=None, input_fn=None, out=None) -> int:
 
     add_dtype_arg(ap)
     args = ap.parse_args(argv)
+    from llama_jax.distributed import require_one_process
+
+    require_one_process("python -m llama_jax.chat")
     from llama_jax.tokenizer import DialogError, _turns, valid_unicode
 
     check_sampling_args(ap, args)

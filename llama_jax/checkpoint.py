@@ -346,6 +346,9 @@ def main(argv=None) -> int:
     i = sub.add_parser("info", help="print a checkpoint's metadata")
     i.add_argument("path")
     args = ap.parse_args(argv)
+    from llama_jax.distributed import require_one_process
+
+    require_one_process("python -m llama_jax.checkpoint")
     try:
         if args.cmd == "export":
             step = export_params(args.workdir, args.output, args.step)

@@ -494,6 +494,9 @@ def main(argv=None) -> int:
                          "bfloat16 / float16). Imports keep llama_jax's float32 parameters")
     ap.add_argument("--tokenizer", default=None, help="tokenizer.model to bundle (default: the source's)")
     args = ap.parse_args(argv)
+    from llama_jax.distributed import require_one_process
+
+    require_one_process("python -m llama_jax.convert")
 
     from llama_jax import checkpoint as ckpt
     from llama_jax.tokenizer import Tokenizer

@@ -57,6 +57,37 @@ def initialize() -> bool:
     return True
 
 
+def job_process() -> tuple[int, int] | None:
+    """(this process's index, number of processes) when the environment makes this one
+    of a multi-process job (`launch/local.py`, `srun` of several tasks with
+    LLAMA_JAX_DISTRIBUTED set), else None; read from the environment, before any device."""
+    num = os.environ.get("JAX_NUM_PROCESSES") if os.environ.get("JAX_COORDINATOR_ADDRESS") else None
+    index = os.environ.get("JAX_PROCESS_ID", "0")
+    if num is None and os.environ.get("LLAMA_JAX_DISTRIBUTED", "").lower() in ("auto", "1", "true"):
+        num, index = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS"), \
+            os.environ.get("SLURM_PROCID", "0")
+    try:
+        return (int(index), int(num)) if num and int(num) > 1 else None
+    except ValueError:
+        return None
+
+
+def require_one_process(prog: str) -> None:
+    """Exits (code 2) when `prog`, a one-process command, was started as one process of
+    a multi-process job: each process would load the whole model and print, write or read
+    its own copy. Process 0 says why; the others exit quietly."""
+    job = job_process()
+    if job is None:
+        return
+    import sys
+
+    if job[0] == 0:
+        print(f"error: {prog} runs as one process, on all of this host's devices; it was started as one of "
+              f"{job[1]} processes of a job (launch/local.py, srun, a TPU pod's workers): run it on its own",
+              file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def is_multiprocess() -> bool:
     return _INITIALIZED and jax.process_count() > 1
 

@@ -327,6 +327,9 @@ def main(argv=None) -> int:
 
     add_dtype_arg(ap)
     args = ap.parse_args(argv)
+    from llama_jax.distributed import require_one_process
+
+    require_one_process("python -m llama_jax.evaluate")
     for flag, least in (("seq_len", 2), ("batch_size", 1), ("k_shot", 0), ("max_batches", 0), ("limit", 0)):
         if getattr(args, flag) < least:
             ap.error(f"--{flag} must be >= {least}, got {getattr(args, flag)}")

@@ -456,6 +456,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as a Llama 2-Chat user turn")
     add_dtype_arg(ap)
     args = ap.parse_args(argv)
+    from llama_jax.distributed import require_one_process
+
+    require_one_process("python -m llama_jax.generate")
     check_sampling_args(ap, args)
     if args.batch_size < 1:
         ap.error(f"--batch_size must be at least 1, got {args.batch_size}")

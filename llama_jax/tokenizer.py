@@ -468,6 +468,9 @@ def main(argv=None) -> int:
     i.add_argument("--model", required=True)
     i.add_argument("--pieces", type=int, default=0, help="also list its first N pieces")
     args = ap.parse_args(argv)
+    from llama_jax.distributed import require_one_process
+
+    require_one_process("python -m llama_jax.tokenizer")
     for flag in ("max_characters", "input_sentence_size"):
         if getattr(args, flag, 1) < 1:
             ap.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")

@@ -128,6 +128,46 @@ def test_local_launcher_fails_the_job_when_one_process_dies(tmp_path):
     assert out.returncode == 3
     assert "process 1 exited with code 3; stopping the others" in out.stderr
     assert time.time() - start < 30  # the sleeping processes were stopped, not waited for
+    # killed by a signal: 128 + N, as a shell reports it (was 256 - N); only gloo's own lines are filtered, from stderr
+    script = ("import os, sys, time\n"
+              "print('The router is connected to the net'); print('[Gloo] Rank 0 is connected to 1 peer ranks', "
+              "file=sys.stderr); print('a port is connected to 2 peer ranks?', file=sys.stderr); sys.stdout.flush()\n"
+              "if os.environ['JAX_PROCESS_ID'] == '1': os.kill(os.getpid(), 9)\n"
+              "time.sleep(60)\n")
+    out = subprocess.run([sys.executable, f"{ROOT}/launch/local.py", "--num_processes=2", "--", "python", "-c",
+                          script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 137 and "process 1 exited with code 137" in out.stderr
+    assert out.stdout.count("The router is connected to the net") == 2 and "[Gloo]" not in out.stderr
+    assert out.stderr.count("a port is connected to 2 peer ranks?") == 2
+
+
+def test_one_process_commands_refuse_to_run_as_part_of_a_job(tmp_path, monkeypatch, capsys):
+    """generate, chat, evaluate, convert, checkpoint, prepare and tokenizer load or write
+    everything in each process: under a launcher they would print, write and read once per
+    process (two processes raced on one export). Process 0 says so; the others exit quietly."""
+    out = subprocess.run([sys.executable, f"{ROOT}/launch/local.py", "--num_processes=2", "--", "-m",
+                          "llama_jax.generate", f"--checkpoint={tmp_path}", "--prompt=x"],
+                         capture_output=True, text=True, timeout=120, env=env())
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("python -m llama_jax.generate runs as one process, on all of this host's devices; it "
+                            "was started as one of 2 processes of a job") == 1 and "[p1]" not in out.stderr
+    from llama_jax import chat, checkpoint, convert, evaluate, tokenizer
+    from llama_jax.data import prepare
+
+    for k, v in {"LLAMA_JAX_DISTRIBUTED": "auto", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}.items():
+        monkeypatch.setenv(k, v)  # srun of 4 tasks
+    for main, args in ((chat.main, [f"--checkpoint={tmp_path}"]),
+                       (evaluate.main, [f"--checkpoint={tmp_path}", "--task=perplexity", "--data=stdlib"]),
+                       (convert.main, ["--to=hf", f"--src={tmp_path}", f"--dst={tmp_path}/hf"]),
+                       (checkpoint.main, ["info", str(tmp_path)]),
+                       (prepare.main, ["--source=stdlib", f"--tokenizer={tmp_path}/t", f"--output={tmp_path}/s"]),
+                       (tokenizer.main, ["encode", f"--model={tmp_path}/t", "--text=x"])):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2 and "one of 4 processes" in capsys.readouterr().err, main.__module__
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: runs (and fails on the missing checkpoint)
+    assert checkpoint.main(["info", str(tmp_path)]) == 2 and "runs as one process" not in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "hf") and not os.path.exists(tmp_path / "s")
 
 
 def test_aot_compile_of_the_7b_preset_on_8_devices(tmp_path):

@@ -74,6 +74,9 @@ def main(argv=None) -> int:
     ap.add_argument("--output", required=True, help="directory for the shards")
     ap.add_argument("--num_shards", type=int, default=8)
     args = ap.parse_args(argv)
+    from llama_jax.distributed import require_one_process
+
+    require_one_process("python -m llama_jax.data.prepare")
     try:
         meta = prepare(args.source, Tokenizer(args.tokenizer), args.output, args.num_shards)
     except (DataError, TokenizerError, FileExistsError, ValueError, OSError) as e:

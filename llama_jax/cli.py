@@ -12,15 +12,24 @@ from absl import flags
 def parse_flags(argv: list[str], usage: str) -> list[str]:
     """absl's parser, with errors (unknown field, wrong type, a config file that raised)
     reported by `usage_error`."""
+    rest, message = parse_into(argv, flags.FLAGS)
+    if message is not None:
+        usage_error(message, usage)
+    return rest
+
+
+def parse_into(argv: list[str], values) -> tuple[list[str] | None, str | None]:
+    """Parses `argv` into the absl FlagValues `values`: (the arguments left, None), or
+    (None, the error's one-line message: unknown field, wrong type, a config file that
+    raised)."""
     try:
-        return flags.FLAGS(argv)
+        return values(argv), None
     except flags.Error as e:
-        message = str(e)
+        return None, str(e)
     except (KeyError, AttributeError, TypeError, ValueError) as e:  # raised by config overrides
         if isinstance(e, AttributeError) and e.args and isinstance(e.args[0], KeyError):
             e = e.args[0]  # a misspelt field of a config: ml_collections' KeyError inside an AttributeError
-        message = _unknown_field(e, argv) if isinstance(e, KeyError) else str(e.args[0]) if e.args else repr(e)
-    usage_error(message, usage)
+        return None, _unknown_field(e, argv) if isinstance(e, KeyError) else str(e.args[0]) if e.args else repr(e)
 
 
 def _unknown_field(e: KeyError, argv: list[str]) -> str:

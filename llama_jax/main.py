@@ -34,9 +34,28 @@ def run(config, workdir: str) -> dict:
     return train_run(config, workdir, STAGES[config.stage](), overrides=overrides)
 
 
+def end_with_parent() -> None:
+    """With LLAMA_JAX_PARENT_PID (the recipe sets it for its stages), a SIGTERM when that
+    process dies, even by SIGKILL (Linux): the run saves its step and exits, as on a
+    scheduler's notice, rather than run on without the recipe that would resume it."""
+    parent = os.environ.get("LLAMA_JAX_PARENT_PID", "")
+    if not parent.isdigit():
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != int(parent):  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    end_with_parent()
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
         import logging as py_logging

@@ -108,6 +108,7 @@ FAST = {  # --fast: minutes, not tens of minutes (a smoke run); numbers are then
     "ppo": ["--config.rlhf.num_prompts=32", "--config.rlhf.num_eval_prompts=8", "--config.rlhf.num_val_prompts=8",
             "--config.rlhf.max_new_tokens=6",
             "--config.ppo.rollout_batch=16", "--config.batch_size=8", "--config.total_steps=4",
+            "--config.ppo.value_warmup_iterations=1",  # of its 2 iterations, the second moves the policy
             "--config.checkpoint_every_steps=4", "--config.eval_every_steps=4", "--config.log_every_steps=2"],
     "gatt": ["--config.gatt.num_dialogs=16", "--config.gatt.num_eval_dialogs=4", "--config.gatt.eval_turns=2,4",
              "--config.total_steps=4", "--config.eval_max_new_tokens=4", "--config.gatt.keep_only_adherent=false",
@@ -158,6 +159,63 @@ def check_override_fields(experiments: str, extra: dict[str, list[str]]) -> None
                     raise ValueError(f"--override {name}:{field}: the {name} stage's config ({experiment}) has no "
                                      f"field {field!r}")
                 node = node[part]
+
+
+def stage_config(cmd: list[str]):
+    """The ConfigDict a stage's command (`python -m llama_jax.main --config=... ...`) runs
+    with, parsed as `main` parses it; a ValueError says what main would refuse."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from llama_jax import cli
+
+    args = ["main", *cmd[cmd.index("llama_jax.main") + 1:]]
+    values = flags.FlagValues()  # sys_argv: the overrides it defines as flags are those of this command
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=args)
+    flags.DEFINE_string("workdir", None, "", flag_values=values)
+    _, message = cli.parse_into(args, values)
+    if message is None:
+        try:
+            return values["config"].value
+        except Exception as e:  # noqa: BLE001 - a config file that raised: ml_collections' several types
+            message = str(e)
+    raise ValueError(message)
+
+
+def check_stage_configs(commands: dict[str, list[str]]) -> dict:
+    """Every stage's config, parsed and checked (`train.check_config`) before the first
+    stage runs: a bad override value (`total_steps=abc`, `=0`) is refused now, not when
+    its stage starts minutes or hours in. A ValueError names the stage."""
+    from llama_jax.stages import STAGES as KINDS
+    from llama_jax.train import RunError, check_config
+
+    configs = {}
+    for name, cmd in commands.items():
+        try:
+            configs[name] = stage_config(cmd)
+            check_config(configs[name], KINDS[configs[name].stage]())
+        except (ValueError, RunError) as e:
+            raise ValueError(f"stage {name}: {e}") from None
+    return configs
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def changed_stages(begun: list[str], old: dict, new: dict) -> list[tuple[str, list[str]]]:
+    """(stage, fields) of the begun stages whose config `new` (a stage's ConfigDict)
+    differs from `old`, the config the recorded flags gave it."""
+    out = []
+    for name in begun:
+        a, b = _flat(old[name].to_dict()), _flat(new[name].to_dict())
+        fields = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        if fields:
+            out.append((name, [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in fields]))
+    return out
 
 
 def dependencies(commands: dict[str, list[str]], workdir: str) -> dict[str, set[str]]:
@@ -376,7 +434,7 @@ class _Scheduler:
         for name in batch:
             pending.remove(name)
             stage_dir = os.path.join(self.w, name)
-            self.say(name, " ".join(self.commands[name][2:]))
+            self.say(name, shlex.join(["python", *self.commands[name][1:]]))
             # a resumed stage adds to the time it took before; one started afresh (its
             # directory removed to rerun it) counts from zero
             before = self.times.get(name, 0.0) if os.path.exists(stage_dir) else 0.0
@@ -388,15 +446,42 @@ class _Scheduler:
     def _finish(self, name: str) -> None:
         proc, start, before = self.running.pop(name)
         self.times[name] = before + time.perf_counter() - start
+        code = 128 - proc.returncode if proc.returncode < 0 else proc.returncode  # signal N: 128 + N
         if self.terminated and proc.returncode in (143, -signal.SIGTERM):
             self.failed.append((name, 143))
             self.say(name, "stopped by SIGTERM; the rerun resumes it")
-        elif proc.returncode:
-            self.failed.append((name, proc.returncode))
+        elif code:
+            self.failed.append((name, code))
             others = f"; waiting for {', '.join(self.running)} to finish" if self.running else ""
-            print(f"error: stage {name} failed (exit {proc.returncode}){others}", file=sys.stderr, flush=True)
+            print(f"error: stage {name} failed (exit {code}){others}", file=sys.stderr, flush=True)
         else:
             self.say(name, f"finished in {self.times[name] / 60:.1f} min")
+
+    def interrupt(self, wall_start: float) -> int:
+        """Ctrl-C (to the recipe, or to its terminal's whole process group): the running
+        stages get SIGTERM, save their step and exit, as on a scheduler's notice (a
+        SIGINT can land in a callback that swallows it, and the stage runs on); their
+        time so far is kept. A second Ctrl-C kills them."""
+        print("interrupted: the running stages save their step and stop (Ctrl-C again: kill them)",
+              file=sys.stderr, flush=True)
+        for proc, *_ in self.running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        try:
+            while any(proc.poll() is None for proc, *_ in self.running.values()):
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            for proc, *_ in self.running.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        for name in list(self.running):
+            proc, start, before = self.running.pop(name)
+            self.times[name] = before + time.perf_counter() - start
+        self.times["_wall"] += time.perf_counter() - wall_start
+        self._write_times(0.0)
+        print("rerun the same command to resume", file=sys.stderr)
+        return 130
 
     def _write_times(self, extra_wall: float) -> None:
         with open(os.path.join(self.w, "timings.json"), "w") as f:
@@ -405,6 +490,12 @@ class _Scheduler:
     def run(self, pending: list[str]) -> int | None:
         """None when every pending stage finished, else the recipe's exit code."""
         wall_start = time.perf_counter()
+        try:
+            return self._run(pending, wall_start)
+        except KeyboardInterrupt:
+            return self.interrupt(wall_start)
+
+    def _run(self, pending: list[str], wall_start: float) -> int | None:
         while pending or self.running:
             if not self.failed and not self.terminated:  # start every stage whose inputs are all finished
                 self._start_ready(pending)
@@ -428,6 +519,25 @@ class _Scheduler:
         return None
 
 
+def stage_commands(w: str, experiments: str, seed: int | None, overrides: list[str], fast: bool
+                   ) -> dict[str, list[str]]:
+    """Each stage's `python -m llama_jax.main` command in workdir `w`; a ValueError names a
+    malformed override, an unknown stage or a field its stage's config lacks."""
+    extra = stage_overrides(overrides, seed)
+    check_override_fields(experiments, extra)
+    commands = {}
+    for name, experiment, parent, own in STAGES:
+        cmd = [sys.executable, "-m", "llama_jax.main", f"--config={experiments}/{experiment}",
+               f"--workdir={os.path.join(w, name)}", *ALL_STAGES, *(o.format(w=w) for o in own)]
+        if parent:
+            cmd.append(f"--config.init_from={os.path.join(w, parent)}")
+        if fast:
+            cmd += FAST[name]
+        cmd += [o.replace("{w}", w) for o in extra[name]]  # {w}: the workdir, as in the recipe's own settings
+        commands[name] = cmd
+    return commands
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llama_jax.recipe", description=__doc__.split("\n\n")[2],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -447,21 +557,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         print(f"error: --jobs={args.jobs}: at least 1", file=sys.stderr)
         return 2
-    try:
-        extra = stage_overrides(args.override, args.seed)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if not os.path.isdir(args.experiments):
         print(f"error: {args.experiments}: no experiments directory (run from the repository root or pass "
               "--experiments)", file=sys.stderr)
         return 2
-    try:
-        check_override_fields(args.experiments, extra)
+    w = os.path.abspath(args.workdir)
+    recorded = {"seed": args.seed, "overrides": args.override, "fast": args.fast}
+    try:  # every stage's settings, checked before anything runs or is written
+        commands = stage_commands(w, args.experiments, **recorded)
+        configs = check_stage_configs(commands)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    w = os.path.abspath(args.workdir)
     os.makedirs(w, exist_ok=True)
     from llama_jax import workdir as workdir_lock
 
@@ -470,20 +577,24 @@ def main(argv: list[str] | None = None) -> int:
     except workdir_lock.WorkdirBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    recorded = {"seed": args.seed, "overrides": args.override, "fast": args.fast}
     args_path = os.path.join(w, "recipe_args.json")
-    before, where = recorded, "recipe_args.json"
-    if os.path.exists(args_path):
-        before = {"fast": False, **_json(args_path)}  # a record from before --fast was kept: without it
-    elif any(os.path.isdir(os.path.join(w, name)) for name, *_ in STAGES):
-        # A run begun before the record existed had none of the flags: it resumes as such.
-        before, where = ({"seed": None, "overrides": [], "fast": False},
-                         "begun before recipe_args.json, so without the flags")
-    if before != recorded:
-        print(f"error: {w} holds a recipe run with {before} ({where}), not {recorded}: "
-              "resume it with the same --seed, --override and --fast, or use another workdir", file=sys.stderr)
-        return 2
-    if not os.path.exists(args_path):
+    # A run begun before recipe_args.json existed had none of the flags; one begun before --fast was recorded,
+    # not --fast. A stage that has begun resumes only with the settings it began with; the others take the new ones.
+    before = {"seed": None, "overrides": [], "fast": False, **_json(args_path)}
+    begun = [name for name, *_ in STAGES if os.path.isdir(os.path.join(w, name))]
+    if begun and before != recorded:
+        try:
+            changed = changed_stages(begun, check_stage_configs(stage_commands(w, args.experiments, **before)),
+                                     configs)
+        except ValueError:  # the recorded flags no longer parse (a field since renamed): nothing to compare with
+            changed = [(begun[0], [f"recorded as {before}"])]
+        if changed:
+            name, fields = changed[0]
+            print(f"error: {os.path.join(w, name)} began with other settings than these flags give it ("
+                  f"{'; '.join(fields)}): resume it with the flags it began with ({before}), remove its directory "
+                  "(and those of the stages after it) to rerun it, or use another workdir", file=sys.stderr)
+            return 2
+    if before != recorded or not os.path.exists(args_path):
         with open(args_path, "w") as f:
             json.dump(recorded, f, indent=1)
     times = _json(os.path.join(w, "timings.json"))
@@ -498,16 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(w, "jax_cache"))
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-    commands = {}
-    for name, experiment, parent, overrides in STAGES:
-        cmd = [sys.executable, "-m", "llama_jax.main", f"--config={args.experiments}/{experiment}",
-               f"--workdir={os.path.join(w, name)}", *ALL_STAGES, *(o.format(w=w) for o in overrides)]
-        if parent:
-            cmd.append(f"--config.init_from={os.path.join(w, parent)}")
-        if args.fast:
-            cmd += FAST[name]
-        cmd += [o.replace("{w}", w) for o in extra[name]]  # {w}: the workdir, as in the recipe's own settings
-        commands[name] = cmd
+    env["LLAMA_JAX_PARENT_PID"] = str(os.getpid())  # a stage ends with the recipe, even a SIGKILLed one (main.py)
     deps = dependencies(commands, w)
     scheduler = _Scheduler(commands, deps, times, env, w, args.jobs)
     pending = []

@@ -53,9 +53,11 @@ class MeshError(ValueError):
 
 def normalize_rules(rules) -> tuple[tuple[str, Any], ...]:
     """Accepts rules as pairs (lists from a config are fine) and returns tuples."""
+    if not isinstance(rules, (list, tuple)):
+        raise MeshError(f"mesh.rules must be a list of (logical_name, mesh_axes) pairs, got {rules!r}")
     out = []
     for i, rule in enumerate(rules):
-        if len(rule) != 2 or not isinstance(rule[0], str):
+        if not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str):
             raise MeshError(f"sharding rule #{i} {rule!r} must be (logical_name, mesh_axes)")
         name, axes = rule
         if isinstance(axes, (list, tuple)):

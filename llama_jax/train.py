@@ -519,6 +519,35 @@ def _check_stage_of_workdir(workdir: str, stage_name: str) -> None:
                        f"--workdir (with --config.init_from={workdir} to start from that run)")
 
 
+def check_config(config, stage) -> None:
+    """The RunError of a setting no run could start with, from the config alone (no
+    device, file or checkpoint read): the recipe checks every stage's before the first."""
+    for field in ("total_steps", "log_every_steps", "checkpoint_every_steps", "batch_size", "seq_len",
+                  "checkpoint.max_to_keep"):
+        v = config[field] if "." not in field else config.checkpoint[field.split(".")[1]]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise RunError(f"config.{field} must be a positive integer, got {v!r}")
+    try:  # an unknown schedule, a negative warmup or clip norm: one line now, not a traceback later
+        make_optimizer(config.optimizer, config.total_steps)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    stage.objective(config)  # its settings (dpo.beta, reward.safety_weight) are checked now
+    if not isinstance(config.eval_every_steps, int) or config.eval_every_steps < 0:
+        raise RunError(f"config.eval_every_steps must be >= 0 (0 = only at the end), got {config.eval_every_steps!r}")
+    if config.nonfinite_policy not in ("stop", "skip"):
+        raise RunError(f"config.nonfinite_policy: {config.nonfinite_policy!r} is not 'stop' or 'skip'")
+    if not isinstance(config.grad_accum_steps, int) or config.grad_accum_steps < 1 or \
+            config.batch_size % config.grad_accum_steps:
+        raise RunError(f"config.batch_size {config.batch_size} is not divisible by config.grad_accum_steps "
+                       f"{config.grad_accum_steps}")
+    from llama_jax import sharding
+
+    try:
+        sharding.normalize_rules(config.mesh.rules)
+    except sharding.MeshError as e:
+        raise RunError(str(e)) from None
+
+
 def _run(config, workdir: str, stage, overrides: dict) -> dict:
     import json
     import os
@@ -537,21 +566,10 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             raise RunError(f"{field} {path}: URLs are not read or written directly; mount the bucket (gcsfuse, as "
                            "launch/tpu_vm.sh does) and pass its local path")
     cfg = run_model(config, stage, overrides)
-    for field in ("total_steps", "log_every_steps", "checkpoint_every_steps", "batch_size", "seq_len",
-                  "checkpoint.max_to_keep"):
-        v = config[field] if "." not in field else config.checkpoint[field.split(".")[1]]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise RunError(f"config.{field} must be a positive integer, got {v!r}")
-    try:  # an unknown schedule, a negative warmup or clip norm: one line now, not a traceback later
-        make_optimizer(config.optimizer, config.total_steps)
-    except ValueError as e:
-        raise RunError(str(e)) from None
-    stage.objective(config)  # its settings (dpo.beta, reward.safety_weight) are checked now
+    check_config(config, stage)
     warning = warmup_warning(config)
     if warning and jax.process_index() == 0:
         print(warning, flush=True)
-    if not isinstance(config.eval_every_steps, int) or config.eval_every_steps < 0:
-        raise RunError(f"config.eval_every_steps must be >= 0 (0 = only at the end), got {config.eval_every_steps!r}")
     probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -565,12 +583,6 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             workdir_lock.lock(workdir)
         except workdir_lock.WorkdirBusy as e:
             raise RunError(str(e)) from None
-    if config.nonfinite_policy not in ("stop", "skip"):
-        raise RunError(f"config.nonfinite_policy: {config.nonfinite_policy!r} is not 'stop' or 'skip'")
-    if not isinstance(config.grad_accum_steps, int) or config.grad_accum_steps < 1 or \
-            config.batch_size % config.grad_accum_steps:
-        raise RunError(f"config.batch_size {config.batch_size} is not divisible by config.grad_accum_steps "
-                       f"{config.grad_accum_steps}")
     if config.batch_size % jax.process_count():
         raise RunError(f"config.batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
     if config.seq_len > cfg.max_seq_len:

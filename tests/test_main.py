@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -659,16 +660,13 @@ def test_the_recipe_runs_independent_stages_side_by_side(tmp_path, monkeypatch, 
     assert recipe.main([f"--workdir={tmp_path / 'f'}", *base, "--jobs=0"]) == 2
 
 
-def test_sigterm_to_the_recipe_reaches_its_running_stages(tmp_path, monkeypatch, capsys):
-    """The recipe passes SIGTERM on to the stages it runs (they save their step and exit
-    143), starts no other, and exits 143; the rerun resumes them."""
-    from llama_jax import recipe
+def _stage_until_signalled(signalled: list):
+    """A fake stage process: runs (or has exited with `code`) until it gets a signal,
+    recorded in `signalled`; then exits 143, what a stage does on SIGTERM."""
 
-    launched, signalled = [], []
-
-    class Running:  # runs until it gets SIGTERM, then exits 143 (what a stage does)
-        def __init__(self, name):
-            self.name, self.returncode = name, None
+    class Running:
+        def __init__(self, name, code=None):
+            self.name, self.returncode = name, code
 
         def send_signal(self, sig):
             signalled.append((self.name, sig))
@@ -676,6 +674,17 @@ def test_sigterm_to_the_recipe_reaches_its_running_stages(tmp_path, monkeypatch,
 
         def poll(self):
             return self.returncode
+
+    return Running
+
+
+def test_sigterm_to_the_recipe_reaches_its_running_stages(tmp_path, monkeypatch, capsys):
+    """The recipe passes SIGTERM on to the stages it runs (they save their step and exit
+    143), starts no other, and exits 143; the rerun resumes them."""
+    from llama_jax import recipe
+
+    launched, signalled = [], []
+    Running = _stage_until_signalled(signalled)
 
     def fake_launch(cmd, env, label):
         name = os.path.basename(next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir=")))
@@ -693,6 +702,59 @@ def test_sigterm_to_the_recipe_reaches_its_running_stages(tmp_path, monkeypatch,
     assert "pretrain: stopped by SIGTERM; the rerun resumes it" in out and "rerun the same command" in err
     assert "pretrain" in json.load(open(tmp_path / "timings.json"))
     assert signal.getsignal(signal.SIGTERM) == before  # the recipe's handler is gone
+
+
+def test_ctrl_c_or_a_killed_stage_ends_the_recipe_with_one_line(tmp_path, monkeypatch, capsys):
+    """Ctrl-C: the running stages get SIGTERM (they save their step; a SIGINT can be
+    swallowed by a callback and the stage runs on), exit 130 and one line, no traceback.
+    A stage killed by signal N fails the recipe with 128 + N (was 256 - N). The printed
+    stage command can be pasted into a shell."""
+    from llama_jax import recipe
+
+    signalled = []
+    Running = _stage_until_signalled(signalled)
+
+    def interrupted(cmd, env, label):
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C while it runs
+        return Running("pretrain")
+
+    monkeypatch.setattr(recipe, "write_tokenizer_text", lambda path: open(path, "w").write("toy\n"))
+    monkeypatch.setattr(recipe, "launch", interrupted)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's (xdist workers ignore it)
+    try:
+        assert recipe.main([f"--workdir={tmp_path / 'a'}", f"--experiments={ROOT}/experiments"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    out, err = capsys.readouterr()
+    assert signalled == [("pretrain", signal.SIGTERM)] and "Traceback" not in err
+    assert "interrupted: the running stages save their step and stop" in err and "rerun the same command" in err
+    assert "pretrain" in json.load(open(tmp_path / "a" / "timings.json"))
+    printed = next(line for line in out.splitlines() if line.startswith("[1/8] pretrain: "))
+    assert shlex.split(printed.split(": ", 1)[1])[:3] == ["python", "-m", "llama_jax.main"]
+    monkeypatch.setattr(recipe, "launch", lambda cmd, env, label: Running("pretrain", -9))
+    assert recipe.main([f"--workdir={tmp_path / 'b'}", f"--experiments={ROOT}/experiments"]) == 137
+    assert "error: stage pretrain failed (exit 137)" in capsys.readouterr().err
+
+
+def test_a_stage_ends_with_the_recipe_that_started_it(tmp_path):
+    """LLAMA_JAX_PARENT_PID (the recipe's pid in its stages' environment): a stage whose
+    recipe is SIGKILLed gets SIGTERM (PR_SET_PDEATHSIG), saves its step and exits, rather
+    than run on and hold its workdir's lock against the rerun."""
+    code = ("import os, signal, subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import os, signal, sys, time; from llama_jax import main;"
+            " signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1], \"w\").write(\"term\"), sys.exit(0)));"
+            " main.end_with_parent(); open(sys.argv[1] + \".up\", \"w\"); time.sleep(60)', sys.argv[1]],"
+            " env={**os.environ, 'LLAMA_JAX_PARENT_PID': str(os.getpid())})\n"
+            "while not os.path.exists(sys.argv[1] + '.up'): time.sleep(0.05)\n"
+            "print(child.pid, flush=True); os.kill(os.getpid(), signal.SIGKILL)\n")
+    flag = tmp_path / "flag"
+    out = subprocess.run([sys.executable, "-c", code, str(flag)], env=env(), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == -9
+    deadline = time.time() + 20
+    while not flag.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert flag.read_text() == "term"
 
 
 def test_the_recipe_relays_a_stage_with_its_name(capsys):
@@ -743,25 +805,44 @@ def test_the_recipe_passes_a_seed_and_overrides_to_its_stages(tmp_path, monkeypa
     assert recipe.main([f"--workdir={tmp_path / 'typo'}", f"--experiments={ROOT}/experiments",
                         "--override=ppo:ppo.betaa=1"]) == 2 and not calls
     assert "--override ppo:ppo.betaa: the ppo stage's config (ppo.py:tiny) has no field" in capsys.readouterr().err
-    # a workdir is resumed only with the same seed and overrides
-    assert recipe.main([f"--workdir={tmp_path}", f"--experiments={ROOT}/experiments", "--seed=4"]) == 2
-    assert "recipe_args.json" in capsys.readouterr().err
-    # a workdir begun before the record existed resumes only without the flags, and is recorded then
+    # a bad value is refused before any stage runs (it used to fail when its stage began, and then the recorded
+    # override refused the corrected command)
+    for bad, words in [("sft:total_steps=abc", "stage sft: flag --config.total_steps=abc: invalid literal for int()"),
+                       ("sft:total_steps=0", "stage sft: config.total_steps must be a positive integer, got 0"),
+                       ("all:mesh.rules=1", "stage pretrain: sharding rule #0")]:
+        assert recipe.main([f"--workdir={tmp_path / 'bad'}", f"--experiments={ROOT}/experiments",
+                            f"--override={bad}"]) == 2 and not calls
+        assert words in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "bad")
+    # a stage that has begun resumes only with the settings it began with, named
+    assert recipe.main([*args[:2], "--seed=4", *args[3:]]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'pretrain'} began with other settings than these flags give it (seed: 3 -> 4)" in err
+    assert "remove its directory (and those of the stages after it) to rerun it" in err
+    # a workdir begun before the record existed: its stages began without the flags; --seed=0 is the same run
     os.makedirs(tmp_path / "old" / "pretrain")
     assert recipe.main([f"--workdir={tmp_path / 'old'}", f"--experiments={ROOT}/experiments", "--seed=4"]) == 2
-    assert "begun before recipe_args.json" in capsys.readouterr().err
+    assert "pretrain began with other settings than these flags give it (seed: 0 -> 4)" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "old" / "recipe_args.json")
-    assert recipe.main([f"--workdir={tmp_path / 'old'}", f"--experiments={ROOT}/experiments"]) == 0
-    assert json.load(open(tmp_path / "old" / "recipe_args.json")) == {"seed": None, "overrides": [], "fast": False}
-    # --fast is part of the record: a fast workdir is not resumed with the full step counts, nor the reverse
+    assert recipe.main([f"--workdir={tmp_path / 'old'}", f"--experiments={ROOT}/experiments", "--seed=0"]) == 0
+    assert json.load(open(tmp_path / "old" / "recipe_args.json")) == {"seed": 0, "overrides": [], "fast": False}
+    # --fast changes every stage: a fast workdir is not resumed with the full step counts, nor the reverse
     assert recipe.main([f"--workdir={tmp_path / 'old'}", f"--experiments={ROOT}/experiments", "--fast"]) == 2
-    assert "'fast': False" in capsys.readouterr().err
+    assert "total_steps: 600 -> 30" in capsys.readouterr().err
     assert recipe.main([f"--workdir={tmp_path / 'quick'}", f"--experiments={ROOT}/experiments", "--fast"]) == 0
     assert recipe.main([f"--workdir={tmp_path / 'quick'}", f"--experiments={ROOT}/experiments"]) == 2
-    assert "'fast': True" in capsys.readouterr().err
+    assert "total_steps: 30 -> 600" in capsys.readouterr().err
+    # a stage that has not begun takes new settings: PPO's, with only pretraining and SFT begun
+    for name, *_ in recipe.STAGES[2:]:
+        shutil.rmtree(tmp_path / "quick" / name)
+    calls.clear()
+    assert recipe.main([f"--workdir={tmp_path / 'quick'}", f"--experiments={ROOT}/experiments", "--fast",
+                        "--override=ppo:ppo.beta=0.05"]) == 0
+    assert "--config.ppo.beta=0.05" in calls["ppo"] and "sft" not in calls
+    assert json.load(open(tmp_path / "quick" / "recipe_args.json"))["overrides"] == ["ppo:ppo.beta=0.05"]
     # a record written before --fast was kept reads as a run without it
-    json.dump({"seed": None, "overrides": []}, open(tmp_path / "old" / "recipe_args.json", "w"))
-    assert recipe.main([f"--workdir={tmp_path / 'old'}", f"--experiments={ROOT}/experiments"]) == 0
+    json.dump({"seed": 0, "overrides": []}, open(tmp_path / "old" / "recipe_args.json", "w"))
+    assert recipe.main([f"--workdir={tmp_path / 'old'}", f"--experiments={ROOT}/experiments", "--seed=0"]) == 0
     # malformed overrides and unknown stages are named before anything runs
     for bad, words in [("ppo.beta=0.05", "STAGE:FIELD=VALUE"), ("ppo:beta", "STAGE:FIELD=VALUE"),
                        ("dpo:beta=1", "unknown stage 'dpo'")]:

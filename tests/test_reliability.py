@@ -223,6 +223,7 @@ MAIN_CASES = [
     ("url-workdir", ["--workdir=gs://bucket/run"], "--workdir gs://bucket/run: URLs are not read or written"),
     ("url-init-from", ["--config.init_from=gs://bucket/run"], "config.init_from gs://bucket/run: URLs are not"),
     ("wrong-type", ["--config.model.n_layers=two"], "two"),
+    ("rules-not-pairs", ["--config.mesh.rules=1"], "sharding rule #0 1 must be (logical_name, mesh_axes)"),
     ("indivisible-heads", ["--config.model.n_heads=5"], "dim=48 is not divisible by n_heads=5"),
     ("kv-heads", ["--config.model.n_kv_heads=3"], "n_kv_heads"),
     ("mesh-mismatch", ["--config.mesh.tensor=3"], "devices are not divisible by the fixed axes' product 3"),

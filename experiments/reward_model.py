@@ -10,8 +10,9 @@ scalar head, trained one epoch with L = -log sigmoid(r_chosen - r_rejected - m(r
                unsafe-response recall at the 0.5 threshold.
   7b | 13b | 34b | 70b  (helpfulness; add --config.reward.safety_weight=1 and a safety mix
                for the safety model)
-               --config.init_from=CHAT_CHECKPOINT --config.data.source='meta_helpful/*.jsonl@1,
-               meta_safety/*.jsonl@0.5,open_source/*.jsonl@0.5' (the mixture sets the data mix)
+               --config.init_from=CHAT_CHECKPOINT \\
+               --config.data.source='meta_helpful/*.jsonl@1,meta_safety/*.jsonl@0.5,open_source/*.jsonl@0.5'
+               (the mixture sets the data mix)
                The paper's settings: 1 epoch, max LR 1e-5 (5e-6 for 70B), cosine to 10%,
                warmup 3% of steps (at least 5), 512 pairs per batch.
 

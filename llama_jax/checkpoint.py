@@ -214,7 +214,8 @@ def _checkpoint_dir(path: str) -> str:
 def read_meta(path: str, step: int | None = None) -> tuple[int, dict]:
     """(step, meta) of the latest (or given) checkpoint of a run dir or export."""
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a directory")
+        raise CheckpointError(f"{path}: " + ("not a directory" if os.path.exists(path) else
+                                             "no such directory (a run's workdir or an export)"))
     mngr = _manager(_checkpoint_dir(path), read_only=True)
     try:
         if step is not None and step not in mngr.all_steps():

@@ -99,6 +99,11 @@ def main(argv) -> None:
     except (RunError, DataError, MeshError, TokenizerError, CheckpointError) as e:
         _exit(f"error: {e}", 1)
     except KeyboardInterrupt:
+        from llama_jax import train
+
+        if train.PHASE == "preparing":  # a stage's sampling or data building, which is not checkpointed
+            _exit("interrupted while the stage made its data (sampling, scoring), before training; rerunning the "
+                  "same command makes it again", 130)
         _exit("interrupted; rerun the same command to resume from the last checkpoint", 130)
     except Exception:
         if not distributed.is_multiprocess():

@@ -236,6 +236,19 @@ def load_model_local(path: str, heads_needed: str, mesh=None, rules=None):
     return cfg, params, Tokenizer.of_checkpoint(path, tok_path, cfg.vocab_size), mesh
 
 
+def _safety_weight(path: str) -> float | None:
+    """`reward.safety_weight` a reward-model run was trained with (its config.json), or
+    None where it is not recorded (an export, a converted model, another stage)."""
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        return float(config["reward"]["safety_weight"]) if config.get("stage") == "reward_model" else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class RewardModels:
     """The helpfulness reward model and, optionally, the safety one; `__call__` scores
     complete dialogs and returns the gated reward R_c (a probability) and its parts.
@@ -247,19 +260,32 @@ class RewardModels:
 
     def __init__(self, helpful: str, safety: str = "", tokenizer=None, threshold: float = SAFETY_THRESHOLD,
                  mesh=None, rules=None):
+        from llama_jax.checkpoint import CheckpointError
         from llama_jax.tokenizer import TokenizerError
 
         self.on_mesh, self.rules = mesh is not None, rules
         self.models = {}
-        if helpful:
-            self.models["helpful"] = load_model_local(helpful, "score", mesh, rules)
-        if safety:
-            self.models["safety"] = load_model_local(safety, "score", mesh, rules)
+        paths = {name: path for name, path in (("helpful", helpful), ("safety", safety)) if path}
+        for name, path in paths.items():
+            field = "rlhf.reward_model" if name == "helpful" else "rlhf.safety_reward_model"
+            try:
+                self.models[name] = load_model_local(path, "score", mesh, rules)
+            except CheckpointError as e:
+                raise CheckpointError(f"config.{field}: {e}") from None
+            weight = _safety_weight(path)  # None for an export or a converted model: not known
+            if weight is not None and (weight > 0) != (name == "safety"):
+                from llama_jax import distributed
+
+                distributed.say(f"warning: config.{field} {path} was trained as a "
+                                f"{'safety' if weight > 0 else 'helpfulness'} reward model (its config.json: "
+                                f"reward.safety_weight {weight}), and is used as the {name} one", flush=True)
         self.threshold = threshold
         if tokenizer is not None:
             for name, (_, _, tok, _) in self.models.items():
                 if tok.identity()["sha256"] != tokenizer.identity()["sha256"]:
-                    raise TokenizerError(f"the {name} reward model uses another tokenizer than the policy")
+                    raise TokenizerError(f"the {name} reward model {paths[name]} uses another tokenizer than the "
+                                         f"policy (sha256 {tok.identity()['sha256'][:12]}..., the policy's "
+                                         f"{tokenizer.identity()['sha256'][:12]}...)")
 
     def __call__(self, dialogs, is_safety) -> dict:
         import numpy as np

@@ -38,6 +38,11 @@ class Stage:
         """Called first, with the workdir (e.g. to write the toy data sets into it)."""
         self.workdir = workdir
 
+    def check(self, config) -> None:
+        """A RunError for a setting of this stage no run could use, from the config alone
+        (`train.check_config` calls it: at a run's start, and for every stage of the recipe
+        before its first)."""
+
     def objective(self, config):
         return objectives.next_token
 
@@ -482,7 +487,8 @@ class PreferenceStage(Stage):
         for split, path in paths.items():
             src = _synthetic(config, workdir, "prompts", split, sizes[split], train_n=sizes["train"],
                              name="policy_prompts", seed_offset=7, **_toy_mix(config))
-            prompts = prompt_data.load(src, tokenizer, max_prompt_len=config.seq_len - r.policy_max_new_tokens)
+            prompts = prompt_data.load(src, tokenizer, max_prompt_len=config.seq_len - r.policy_max_new_tokens,
+                                       limit="config.seq_len - config.reward.policy_max_new_tokens")
 
             def progress(done, total, split=split):
                 distributed.say(f"\rsampling {split} answers for preference pairs: {done}/{total}",
@@ -601,12 +607,12 @@ class RejectionSamplingStage(SFTStage):
         if not config.init_from or not config.rlhf.reward_model:
             raise RunError("stage rejection_sampling needs --config.init_from (the policy to sample from) and "
                            "--config.rlhf.reward_model")
-        _check_rlhf_counts(config)
         for field in ("prompts", "eval_prompts"):  # bad files are refused now, not after all the sampling
             prompt_data.check(config.rlhf[field])
-        if config.rlhf.selection_beta < 0:
-            raise RunError(f"config.rlhf.selection_beta {config.rlhf.selection_beta} is negative (0 = the paper's "
-                           "argmax of the reward; > 0 also weighs the policy's log-probability of each answer)")
+        for earlier in filter(None, (d.strip() for d in config.rlhf.pool.split(","))):
+            if not os.path.exists(os.path.join(earlier, "data", "rs_train.jsonl")):
+                raise RunError(f"config.rlhf.pool: {earlier} holds no data/rs_train.jsonl (the pool is earlier "
+                               "rejection-sampling workdirs whose best answers are pooled)")
         self.eval_path = config.data.eval_source  # toy held-out dialogs only for toy prompts, as in SFT
         if not self.eval_path and config.rlhf.prompts == "synthetic":
             self.eval_path = _synthetic(config, workdir, "chat", "eval", config.data.synthetic_eval,
@@ -614,6 +620,16 @@ class RejectionSamplingStage(SFTStage):
         self.train_path = os.path.join(workdir, "data", "rs_train.jsonl")
         distributed.together("rejection sampling", lambda: os.path.exists(self.train_path),
                              lambda: self._sample(config, workdir))
+
+    def check(self, config) -> None:
+        from llama_jax.train import RunError
+
+        _check_rlhf_counts(config)
+        check_fields(config, {**SAMPLING_FIELDS, "rlhf.num_samples": _count(1), "rlhf.selection_beta": _number(0.0),
+                              "rlhf.min_reward": _number(0.0, 1.0)})
+        if config.rlhf.num_samples > 1 and config.rlhf.temperature == 0:
+            raise RunError(f"config.rlhf.temperature 0 is greedy: the {config.rlhf.num_samples} samples of a prompt "
+                           "would be one answer; sample at a temperature > 0 (the paper: about 1)")
 
     def _sample(self, config, workdir: str) -> None:
         from llama_jax import rlhf
@@ -626,7 +642,17 @@ class RejectionSamplingStage(SFTStage):
         path = r.prompts
         if path == "synthetic":
             path = _synthetic(config, workdir, "prompts", "train", r.num_prompts, **_toy_mix(config))
-        prompts = prompt_data.load(path, tokenizer, max_prompt_len=config.seq_len - r.max_new_tokens)
+        prompts = prompt_data.load(path, tokenizer, max_prompt_len=config.seq_len - r.max_new_tokens,
+                                   limit=RLHF_LIMIT)
+        eval_path = _rlhf_eval_prompts(config, workdir)
+        if eval_path:  # the held-out prompts are answered after the sampling: a long one is refused now
+            prompt_data.load(eval_path, tokenizer, max_prompt_len=config.seq_len - r.max_new_tokens,
+                             limit=RLHF_LIMIT)
+        if r.reward_model == rlhf.CODE_REWARD:  # the code reward checks each answer against its prompt's reference
+            missing = [p.where for p in prompts if "reference" not in p.record]
+            if missing:
+                raise RunError(f"{missing[0]}: no \"reference\" answer, which rlhf.reward_model=code checks answers "
+                               f"against ({len(missing)} of {len(prompts)} prompts lack one)")
         distributed.say(f"rejection sampling: {len(prompts)} prompts x {r.num_samples} samples at temperature "
                         f"{r.temperature}", flush=True)
 
@@ -662,8 +688,8 @@ class RejectionSamplingStage(SFTStage):
             raise RunError(f"rejection sampling: {e}") from None
         checked = [i for i, p in enumerate(prompts) if "reference" in p.record]
         before_per_prompt: dict = {}
-        before = policy_quality(config, cfg, params, tokenizer, mesh, rms, _rlhf_eval_prompts(config, workdir),
-                                rules, per_prompt=before_per_prompt)
+        before = policy_quality(config, cfg, params, tokenizer, mesh, rms, eval_path, rules,
+                                per_prompt=before_per_prompt)
         ns = [1, 2, 4, 8, 16, 32, 64, 100, r.num_samples]
         report = {
             "prompts": len(prompts), "num_samples": r.num_samples, "temperature": r.temperature,
@@ -733,6 +759,38 @@ def _check_rlhf_counts(config) -> None:
                        "0 = greedy answers only)")
 
 
+def _count(least: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least, f"a whole number >= {least}"
+
+
+def _number(low: float = -math.inf, high: float = math.inf, low_open: bool = False):
+    def ok(v):
+        return isinstance(v, (int, float)) and math.isfinite(v) and (v > low if low_open else v >= low) and v <= high
+    bounds = f"{'> ' if low_open else '>= '}{low:g}" + (f" and <= {high:g}" if math.isfinite(high) else "")
+    return ok, f"a finite number {bounds}"
+
+
+def check_fields(config, rules: dict) -> None:
+    """A RunError naming the first field of `rules` ({"rlhf.temperature": (ok, what)})
+    whose value fails its check (NaN, a negative count, a probability above 1, ...)."""
+    from llama_jax.train import RunError
+
+    for field, (ok, what) in rules.items():
+        value = config
+        for part in field.split("."):
+            value = value[part]
+        if not ok(value):
+            raise RunError(f"config.{field} {value!r}: must be {what}")
+
+
+RLHF_LIMIT = "config.seq_len - config.rlhf.max_new_tokens"  # the prompt length RLHF's answers leave room for
+
+# what every RLHF stage that samples reads
+SAMPLING_FIELDS = {"rlhf.temperature": _number(0.0), "rlhf.top_p": _number(0.0, 1.0),
+                   "rlhf.max_new_tokens": _count(1), "eval_max_new_tokens": _count(1),
+                   "rlhf.safety_threshold": _number(0.0, 1.0)}
+
+
 # PPO's evaluations answer and score at most this many rows at once (a held-out pass of
 # 1,024 prompts x 16 samples in one forward pass would need ~26 GB of logits on the toy model)
 EVAL_CHUNK_ROWS = 2048
@@ -764,7 +822,8 @@ def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=N
     if not path:
         return {}
     r = config.rlhf
-    prompts = _first(prompt_data.load(path, tokenizer, config.seq_len - r.max_new_tokens), r.num_eval_prompts,
+    prompts = _first(prompt_data.load(path, tokenizer, config.seq_len - r.max_new_tokens, limit=RLHF_LIMIT),
+                     r.num_eval_prompts,
                      "rlhf.num_eval_prompts", path)
     out = {}
     for prefix, asked, temperature, seed in _eval_passes(config, prompts):
@@ -801,18 +860,20 @@ def update_report(workdir: str, name: str, **fields) -> None:
 
 def _greedy_answers(cfg, params, tokenizer, dialogs, max_new_tokens: int, mesh=None, temperature: float = 0.0,
                     seed: int = 0, rows: int = 64, rules=None, top_p: float = 1.0,
-                    finished_only: bool = False) -> list[str]:
+                    finished_only: bool = False, what: str = "answers") -> list[str]:
     """The model's answer to the last user turn of each dialog (None where the prompt
     does not fit in the context with `max_new_tokens`, and with `finished_only` where the
     answer did not end within them, by EOS or a chat tag after some text: training data,
-    whose answers get an EOS)."""
+    whose answers get an EOS). Progress (`what`) on stderr when it takes over 2 s."""
     from llama_jax import rlhf
     from llama_jax.generate import generate
 
     prompts = [tokenizer.encode_dialog(d) for d in dialogs]
     fits = [i for i, p in enumerate(prompts) if generate_fits(cfg, len(p), max_new_tokens)]
     out: list = [None] * len(dialogs)
+    progress = metrics.Progress(len(fits), what=what, throttle=True, delay=2.0, enabled=distributed.is_lead())
     for b, start in enumerate(range(0, len(fits), rows)):
+        progress.update(start)
         idx = fits[start:start + rows]
         gen = generate(cfg, params, [prompts[i] for i in idx], max_new_tokens, temperature=temperature,
                        top_p=top_p, seed=seed + b, mesh=mesh, rules=rules)
@@ -821,6 +882,8 @@ def _greedy_answers(cfg, params, tokenizer, dialogs, max_new_tokens: int, mesh=N
             if finished_only and not s.finished:
                 continue
             out[i] = s.text
+    progress.update(len(fits))
+    progress.close()
     return out
 
 
@@ -844,12 +907,29 @@ class GAttStage(SFTStage):
 
         if not config.init_from:
             raise RunError("stage gatt needs --config.init_from (the model that samples the answers)")
-        if config.gatt.instruction_weights:
-            instruction_weights(config.gatt.instruction_weights)  # a bad value is refused before anything is sampled
-        eval_turns(config.gatt)
         self.train_path = os.path.join(workdir, "data", "gatt_train.jsonl")
         self.eval_path = ""
         distributed.together("gatt data", lambda: os.path.exists(self.train_path), lambda: self._build(config, workdir))
+
+    def check(self, config) -> None:
+        from llama_jax.train import RunError
+
+        check_fields(config, {**SAMPLING_FIELDS, "gatt.num_dialogs": _count(1), "gatt.max_turns": _count(1),
+                              "gatt.samples_per_turn": _count(1), "gatt.retry_temperature": _number(0.0),
+                              "gatt.combined_prob": _number(0.0, 1.0), "gatt.short_prob": _number(0.0, 1.0),
+                              "gatt.num_eval_dialogs": _count(0), "gatt.plain_anchors": _count(0),
+                              "gatt.num_plain_eval": _count(0)})
+        if config.gatt.instruction_weights:
+            instruction_weights(config.gatt.instruction_weights)  # a bad value is refused before anything is sampled
+        eval_turns(config.gatt)
+        unread = [f"config.{f} {v!r}" for f, v in (("rlhf.prompts", config.rlhf.prompts),
+                                                  ("rlhf.eval_prompts", config.rlhf.eval_prompts),
+                                                  ("data.source", config.data.source),
+                                                  ("data.eval_source", config.data.eval_source))
+                  if v not in ("", "synthetic")]
+        if unread:
+            raise RunError(f"stage gatt synthesises its dialogs from the toy instructions and tasks, whose adherence "
+                           f"code checks, and reads no prompt or dialog files: {', '.join(unread)} would be ignored")
 
     def _instruction(self, rng, g):
         if rng.random() < g.combined_prob:  # two constraints at once (start and end: they compose)
@@ -881,7 +961,7 @@ class GAttStage(SFTStage):
         # (an answer that did not end within eval_max_new_tokens is None, like one breaking the instruction)
         sampled = _greedy_answers(cfg, params, tokenizer, flat, config.eval_max_new_tokens, mesh,
                                   temperature=config.rlhf.temperature, seed=config.seed, rules=rules,
-                                  finished_only=config.rlhf.require_eos)
+                                  finished_only=config.rlhf.require_eos, what="gatt turns answered")
         first_try = sum(a is not None and ok(a) for a, ok in zip(sampled, checks))
         for attempt in range(1, g.samples_per_turn):
             failing = [i for i, (a, ok) in enumerate(zip(sampled, checks)) if a is None or not ok(a)]
@@ -920,6 +1000,17 @@ class GAttStage(SFTStage):
                  for t, a in zip(tasks, answers) if a is not None]
         records += plain
         anchors = len(plain)
+        if not kept:  # no GAtt dialog: say so (a smoke run may go on with the anchors)
+            why = (f"none of the {len(plans)} synthesised dialogs was kept (no answer that "
+                   + ("follows its instruction and " if g.keep_only_adherent else "")
+                   + f"ends within eval_max_new_tokens {config.eval_max_new_tokens}); raise gatt.samples_per_turn or "
+                   "gatt.num_dialogs" + (", or set gatt.keep_only_adherent=false" if g.keep_only_adherent else ""))
+            if not records:
+                from llama_jax.train import RunError
+
+                raise RunError(f"gatt: {why}. Nothing to train on")
+            distributed.say(f"warning: gatt: {why}. The fine-tune trains on the {anchors} plain anchors alone",
+                            flush=True)
         baseline = gatt_adherence(config, cfg, params, tokenizer, mesh, rules)
         plain_accuracy = gatt_plain_accuracy(config, cfg, params, tokenizer, mesh, rules)
         update_report(workdir, "gatt.json", dialogs_kept=kept, dialogs_synthesised=len(plans), turns_kept=kept_turns,
@@ -1069,27 +1160,41 @@ class SafetyDistillStage(SFTStage):
 
         if not config.init_from or not config.rlhf.safety_reward_model:
             raise RunError("stage safety_distill needs --config.init_from and --config.rlhf.safety_reward_model")
-        if config.distill.preprompt not in SAFETY_PREPROMPTS:
-            raise RunError(f"config.distill.preprompt: {config.distill.preprompt!r} is not one of "
-                           f"{sorted(SAFETY_PREPROMPTS)}")
-        if not 0.0 <= float(config.distill.min_safety) <= 1.0:
-            raise RunError(f"config.distill.min_safety {config.distill.min_safety} is not a probability in [0, 1]")
-        positions = _preprompt_positions(config)
-        if not positions or any(p not in ("prefix", "system") for p in positions):
-            raise RunError(f"config.distill.preprompt_position: {config.distill.preprompt_position!r} is not "
-                           "'prefix', 'system' or both ('prefix,system')")
         self.train_path = os.path.join(workdir, "data", "distill_train.jsonl")
         self.eval_path = ""
         distributed.together("distill data", lambda: os.path.exists(self.train_path),
                              lambda: self._build(config, workdir))
 
+    def check(self, config) -> None:
+        from llama_jax.train import RunError
+
+        check_fields(config, {**SAMPLING_FIELDS, "distill.num_prompts": _count(1), "distill.benign_anchors": _count(0),
+                              "distill.num_eval_prompts": _count(0), "distill.min_safety": _number(0.0, 1.0)})
+        pre = str(config.distill.preprompt)
+        if pre not in SAFETY_PREPROMPTS and len(pre.split()) < 3:  # a word: a misspelt name, not a preprompt's text
+            raise RunError(f"config.distill.preprompt: {pre!r} is not one of {sorted(SAFETY_PREPROMPTS)}, nor a "
+                           "preprompt's own text (a sentence)")
+        positions = _preprompt_positions(config)
+        if not positions or any(p not in ("prefix", "system") for p in positions):
+            raise RunError(f"config.distill.preprompt_position: {config.distill.preprompt_position!r} is not "
+                           "'prefix', 'system' or both ('prefix,system')")
+
     def _prompts(self, config, workdir, split: str, safety: bool, n: int, tokenizer):
         if config.rlhf.prompts != "synthetic":  # checked like every stage's prompts, long ones refused by line
             path = config.rlhf.prompts if split == "train" else config.rlhf.eval_prompts
             if not path:
+                if split == "eval" and safety:  # said once, for the two sets
+                    distributed.say("note: no config.rlhf.eval_prompts: the violation and false-refusal rates "
+                                    "before and after are not measured", flush=True)
                 return []
-            loaded = prompt_data.load(path, tokenizer, max_prompt_len=config.seq_len - config.eval_max_new_tokens)
-            return [p.record for p in loaded if p.is_safety == safety][:n]
+            loaded = prompt_data.load(path, tokenizer, max_prompt_len=config.seq_len - config.eval_max_new_tokens,
+                                      limit="config.seq_len - config.eval_max_new_tokens")
+            kind = [p.record for p in loaded if p.is_safety == safety]
+            if len(kind) > n:
+                field = ("num_prompts" if safety else "benign_anchors") if split == "train" else "num_eval_prompts"
+                distributed.say(f"note: {path}: the first {n} of its {len(kind)} {'safety' if safety else 'benign'} "
+                                f"prompts are used (config.distill.{field})", flush=True)
+            return kind[:n]
         path = _synthetic(config, workdir, "prompts", split, n, train_n=config.distill.num_prompts,
                           name=f"prompts_{'unsafe' if safety else 'benign'}", unsafe_prob=1.0 if safety else 0.0,
                           adversarial_prob=config.data.synthetic_adversarial if safety else 0.0)
@@ -1105,7 +1210,7 @@ class SafetyDistillStage(SFTStage):
 
             raise RunError(f"config.rlhf.prompts {config.rlhf.prompts}: no prompt has \"is_safety\": true; safety "
                            "distillation answers those with the preprompt")
-        pre = SAFETY_PREPROMPTS[d.preprompt]
+        pre = SAFETY_PREPROMPTS.get(d.preprompt, d.preprompt)  # a name, or the preprompt's own text
         plain = _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in unsafe], config.eval_max_new_tokens,
                                 mesh, rules=rules)
         # one preprompted answer per position; with several, the one the safety RM scores highest
@@ -1129,6 +1234,17 @@ class SafetyDistillStage(SFTStage):
                                   mesh, rules=rules, finished_only=config.rlhf.require_eos)
         records += [{"messages": r["messages"] + [{"role": "assistant", "content": a}], "is_safety": False}
                     for r, a in zip(benign, anchors) if a is not None]
+        if not any(r["is_safety"] for r in records):  # nothing distilled: say so (a smoke run may go on)
+            why = (f"no preprompted answer of the {len(unsafe)} adversarial prompts was kept (none scored by the "
+                   "safety RM above the answer without the preprompt"
+                   + (f" and at least distill.min_safety {d.min_safety}" if d.min_safety else "") + ")")
+            if not records:
+                from llama_jax.train import RunError
+
+                raise RunError(f"safety distillation: {why}, and there are no benign anchors: nothing to train on; "
+                               "try another distill.preprompt or more prompts")
+            distributed.say(f"warning: safety distillation: {why}; the fine-tune trains on the {len(records)} benign "
+                            "anchors alone", flush=True)
         before = self._rates(config, workdir, cfg, params, tokenizer, mesh, rules)
         kept_by = {pos: int((better & (pick == k)).sum()) for k, pos in enumerate(positions)}
         update_report(workdir, "safety_distill.json", adversarial_prompts=len(unsafe), kept=int(better.sum()),
@@ -1240,10 +1356,56 @@ class PPOStage(Stage):
         super().prepare(config, workdir)
         from llama_jax.train import RunError
 
-        r, p = config.rlhf, config.ppo
+        r = config.rlhf
         if not config.init_from or not r.reward_model:
             raise RunError("stage ppo needs --config.init_from (the policy to start from, also the KL reference) "
                            "and --config.rlhf.reward_model")
+        checked = {field: prompt_data.check(r[field])  # bad files are refused now, not mid-run
+                   for field in ("prompts", "eval_prompts", "val_prompts")}
+        es = config.early_stopping
+        read = [m.strip() for m in [str(es.metric)] + str(es.guard).split(",")]
+        mix = _toy_mix(config)
+        self.prompt_path = r.prompts
+        if r.prompts == "synthetic":
+            self.prompt_path = _synthetic(config, workdir, "prompts", "train", r.num_prompts, **mix)
+        self.eval_prompt_path = _rlhf_eval_prompts(config, workdir)
+        self.val_prompt_path = r.val_prompts
+        if not r.val_prompts and r.num_val_prompts and r.prompts == "synthetic":
+            self.val_prompt_path = _synthetic(config, workdir, "prompts", "eval", r.num_val_prompts, name="prompts_val",
+                                              train_n=r.num_prompts, draw=1, **mix)
+        # early stopping on validation metrics needs validation prompts, and a true accuracy needs their
+        # `reference` answers (toy prompts): refused now, not after the step-0 evaluation
+        val = [m for m in read if m.startswith("val_")] if str(es.metric) else []  # no metric: no early stopping
+        if val and not self.val_prompt_path:
+            raise RunError(f"config.early_stopping reads {', '.join(val)}, which the validation prompts give: set "
+                           "--config.rlhf.val_prompts=FILE, or --config.early_stopping.metric= to train without "
+                           "early stopping")
+        held, val_src = checked["eval_prompts"], checked["val_prompts"]
+        if held is not None and val_src is not None:  # a validation prompt that is also held out is dropped
+            held_keys = {json.dumps(held.record(i)["messages"]) for i in range(len(held))}
+            if all(json.dumps(val_src.record(i)["messages"]) in held_keys for i in range(len(val_src))):
+                raise RunError(f"config.rlhf.val_prompts {r.val_prompts}: every prompt is also a held-out one "
+                               f"(config.rlhf.eval_prompts {r.eval_prompts}), and those are left out of validation "
+                               "so that early stopping never sees them; give validation prompts of their own")
+        accuracy = [m for m in val if "true_accuracy" in m]
+        src = checked["val_prompts"]
+        if accuracy and src is not None:
+            if not all("reference" in src.record(i) for i in range(len(src))):
+                raise RunError(f"config.early_stopping reads {', '.join(accuracy)}, which needs a \"reference\" "
+                               f"answer in every validation prompt ({r.val_prompts}); set --config.early_stopping."
+                               "guard= (or a metric without true_accuracy)")
+        self.config, self.queue, self.last, self.ready, self.held_out = config, [], {}, False, None
+        self.rollout_seconds = 0.0
+
+    def check(self, config) -> None:
+        from llama_jax.train import RunError
+
+        r, p = config.rlhf, config.ppo
+        check_fields(config, {**SAMPLING_FIELDS, "ppo.beta": _number(0.0), "ppo.clip_eps": _number(0.0, low_open=True),
+                              "ppo.value_clip": _number(0.0, low_open=True), "ppo.vf_coef": _number(0.0),
+                              "ppo.gamma": _number(0.0, 1.0), "ppo.lam": _number(0.0, 1.0),
+                              "ppo.rollout_batch": _count(1), "ppo.value_learning_rate": _number(0.0),
+                              "ppo.value_warmup_iterations": _count(0)})
         _check_rlhf_counts(config)
         if p.rollout_batch % config.batch_size:
             raise RunError(f"config.ppo.rollout_batch {p.rollout_batch} is not a multiple of config.batch_size "
@@ -1254,8 +1416,6 @@ class PPOStage(Stage):
         if int(p.epochs) < 1:
             raise RunError(f"config.ppo.epochs: {p.epochs} (passes over each iteration's rollouts) must be >= 1")
         check_iteration_intervals(config)
-        checked = {field: prompt_data.check(r[field])  # bad files are refused now, not mid-run
-                   for field in ("prompts", "eval_prompts", "val_prompts")}
         es = config.early_stopping
         read = [m.strip() for m in [str(es.metric)] + str(es.guard).split(",")]
         wanted = [m for m in read if m.startswith("val_sampled_")]
@@ -1281,31 +1441,6 @@ class PPOStage(Stage):
         if float(r.top_p) != 1.0:
             raise RunError(f"config.rlhf.top_p {r.top_p}: PPO's ratios and KL penalty are of the whole "
                            "distribution at rlhf.temperature, so its rollouts must sample from all of it (top_p 1)")
-        mix = _toy_mix(config)
-        self.prompt_path = r.prompts
-        if r.prompts == "synthetic":
-            self.prompt_path = _synthetic(config, workdir, "prompts", "train", r.num_prompts, **mix)
-        self.eval_prompt_path = _rlhf_eval_prompts(config, workdir)
-        self.val_prompt_path = r.val_prompts
-        if not r.val_prompts and r.num_val_prompts and r.prompts == "synthetic":
-            self.val_prompt_path = _synthetic(config, workdir, "prompts", "eval", r.num_val_prompts, name="prompts_val",
-                                              train_n=r.num_prompts, draw=1, **mix)
-        # early stopping on validation metrics needs validation prompts, and a true accuracy needs their
-        # `reference` answers (toy prompts): refused now, not after the step-0 evaluation
-        val = [m for m in read if m.startswith("val_")] if str(es.metric) else []  # no metric: no early stopping
-        if val and not self.val_prompt_path:
-            raise RunError(f"config.early_stopping reads {', '.join(val)}, which the validation prompts give: set "
-                           "--config.rlhf.val_prompts=FILE, or --config.early_stopping.metric= to train without "
-                           "early stopping")
-        accuracy = [m for m in val if "true_accuracy" in m]
-        src = checked["val_prompts"]
-        if accuracy and src is not None:
-            if not all("reference" in src.record(i) for i in range(len(src))):
-                raise RunError(f"config.early_stopping reads {', '.join(accuracy)}, which needs a \"reference\" "
-                               f"answer in every validation prompt ({r.val_prompts}); set --config.early_stopping."
-                               "guard= (or a metric without true_accuracy)")
-        self.config, self.queue, self.last, self.ready, self.held_out = config, [], {}, False, None
-        self.rollout_seconds = 0.0
 
     def objective(self, config):
         p = config.ppo
@@ -1349,7 +1484,7 @@ class PPOStage(Stage):
         return config.seq_len - config.rlhf.max_new_tokens
 
     def train_data(self, config, tokenizer):
-        return PromptCycle(prompt_data.load(self.prompt_path, tokenizer, self._max_prompt(config)),
+        return PromptCycle(prompt_data.load(self.prompt_path, tokenizer, self._max_prompt(config), limit=RLHF_LIMIT),
                            config.ppo.rollout_batch // int(config.ppo.samples_per_prompt), config.seed)
 
     def eval_data(self, config, tokenizer):

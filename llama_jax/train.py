@@ -436,6 +436,37 @@ def _data_fields(config) -> dict:
     return {k: v for k, v in flat.items() if not any(k == n or k.startswith(n) for n in _DATA_NEUTRAL)}
 
 
+def _input_files(fields: dict) -> dict:
+    """`files:FIELD`: a digest of the files a string field names (globs, comma-separated,
+    a KIND: prefix or @WEIGHT allowed), for each field that names some: an edited prompt
+    file changes the data a stage makes, as a changed path does. Contents are hashed up to
+    256 MB a field, beyond that sizes and modification times."""
+    import glob
+    import hashlib
+    import os
+
+    out = {}
+    for field, value in fields.items():
+        if not isinstance(value, str) or not value or value == "synthetic":
+            continue
+        files = sorted({f for part in value.split(",") for f in glob.glob(
+            os.path.expanduser(part.split(":", 1)[-1].rsplit("@", 1)[0].strip()), recursive=True)
+            if part.strip() and os.path.isfile(f)})
+        if not files:
+            continue
+        digest, whole = hashlib.sha256(), sum(os.path.getsize(f) for f in files) <= 256 << 20
+        for f in files:
+            digest.update(f"{f}\0{os.path.getsize(f)}\0".encode())
+            if whole:
+                with open(f, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(block)
+            else:
+                digest.update(str(os.stat(f).st_mtime_ns).encode())
+        out[f"files:{field}"] = digest.hexdigest()[:16]
+    return out
+
+
 def _data_settings(workdir: str, config, record: bool) -> None:
     """WORKDIR/data/settings.json: the settings the stage's data there is made with,
     recorded (`record`: by the lead) before any of it is, so that a run killed while making
@@ -448,6 +479,7 @@ def _data_settings(workdir: str, config, record: bool) -> None:
 
     path = os.path.join(workdir, "data", "settings.json")
     now = _data_fields(config)
+    now.update(_input_files(now))
     made_files = [f for f in os.listdir(os.path.dirname(path)) if f != "settings.json" and not f.endswith(".tmp")] \
         if os.path.isdir(os.path.dirname(path)) else []
     if not os.path.exists(path) or not made_files:
@@ -462,7 +494,8 @@ def _data_settings(workdir: str, config, record: bool) -> None:
     changed = sorted(k for k in made.keys() & now.keys() if made[k] != now[k])
     if changed:
         raise RunError(f"{os.path.dirname(path)} holds data made with other settings ("
-                       + ", ".join(f"{k} {made[k]!r} -> {now[k]!r}" for k in changed[:6])
+                       + ", ".join(f"the files {k[len('files:'):]} names (edited)" if k.startswith("files:") else
+                                   f"{k} {made[k]!r} -> {now[k]!r}" for k in changed[:6])
                        + (", ..." if len(changed) > 6 else "") + "), which this stage would reuse, not make again: "
                        "use a new --workdir, or remove that directory and checkpoints/ (if only paths moved with "
                        "the workdir, remove data/settings.json)")
@@ -532,6 +565,7 @@ def check_config(config, stage) -> None:
     except ValueError as e:
         raise RunError(str(e)) from None
     stage.objective(config)  # its settings (dpo.beta, reward.safety_weight) are checked now
+    stage.check(config)
     if not isinstance(config.eval_every_steps, int) or config.eval_every_steps < 0:
         raise RunError(f"config.eval_every_steps must be >= 0 (0 = only at the end), got {config.eval_every_steps!r}")
     if config.nonfinite_policy not in ("stop", "skip"):
@@ -546,6 +580,9 @@ def check_config(config, stage) -> None:
         sharding.normalize_rules(config.mesh.rules)
     except sharding.MeshError as e:
         raise RunError(str(e)) from None
+
+
+PHASE = ""  # "preparing": a stage making its data (sampling, scoring: not checkpointed); then "training"
 
 
 def _run(config, workdir: str, stage, overrides: dict) -> dict:
@@ -595,7 +632,10 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
 
     if stage.writes_data:  # WORKDIR/data of an earlier start must be of these settings; recorded before it is made
         _data_settings(workdir, config, record=lead)
+    global PHASE
+    PHASE = "preparing"  # what an interruption now loses (main says it)
     stage.prepare(config, workdir)
+    PHASE = "training"
     tokenizer = stage.tokenizer(config, workdir)
     tokenizer.check_fits(cfg.vocab_size, "config.model")
     mesh, rules = sharding.run_mesh(config.mesh)

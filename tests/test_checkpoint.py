@@ -86,8 +86,11 @@ def test_export_and_load_params_for_inference(tmp_path):
 def test_unusable_checkpoints_are_clear_errors(tmp_path, capsys):
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint found"):
         ckpt.read_meta(str(tmp_path))
-    with pytest.raises(ckpt.CheckpointError, match="not a directory"):
+    with pytest.raises(ckpt.CheckpointError, match="missing: no such directory"):
         ckpt.read_meta(str(tmp_path / "missing"))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ckpt.CheckpointError, match="a_file: not a directory"):
+        ckpt.read_meta(str(tmp_path / "a_file"))
     state, _ = sharded_state(sharding.make_mesh(8, 1, 1))
     saver = ckpt.Checkpointer(str(tmp_path / "run"))
     saver.save(1, state, {}, META)
@@ -112,7 +115,7 @@ def test_unusable_checkpoints_are_clear_errors(tmp_path, capsys):
     with pytest.raises(ckpt.CheckpointError, match=r"its other checkpoints: \[1\] \(choose one by step"):
         ckpt.load_params(str(tmp_path / "run"), target)
     assert ckpt.main(["info", str(tmp_path / "nothing")]) == 2
-    assert "not a directory" in capsys.readouterr().err
+    assert "nothing: no such directory" in capsys.readouterr().err
 
 
 def test_a_save_error_names_tensorstores_errno_even_when_the_middle_is_cut():

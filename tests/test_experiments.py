@@ -162,14 +162,14 @@ def test_ppo_without_a_critic_advantages_are_the_centred_returns(tmp_path):
     c.init_from, c.rlhf.reward_model = str(tmp_path / "policy"), "code"
     c.ppo.critic = "gae"
     with pytest.raises(RunError, match=r"config.ppo.critic 'gae'"):
-        PPOStage().prepare(c, str(tmp_path / "ppo"))
+        PPOStage().check(c)
     c.ppo.critic, c.ppo.negative_weight = "none", -1.0
     with pytest.raises(RunError, match=r"config.ppo.negative_weight -1.0 is negative"):
-        PPOStage().prepare(c, str(tmp_path / "ppo"))
+        PPOStage().check(c)
     c.ppo.negative_weight = 1.0
     c.ppo.critic, c.ppo.samples_per_prompt = "none", 1
     with pytest.raises(RunError, match=r"critic none .*samples_per_prompt >= 2 \(got 1\)"):
-        PPOStage().prepare(c, str(tmp_path / "ppo"))
+        PPOStage().check(c)
 
 
 def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
@@ -183,45 +183,77 @@ def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
     c = load("rejection_sampling").get_config("tiny")
     assert (c.rlhf.selection_beta, c.rlhf.eval_samples) == (2.0, 2)
     c.rlhf.selection_beta = -1.0
-    with pytest.raises(RunError, match=r"config.rlhf.selection_beta -1.0 is negative"):
-        RejectionSamplingStage().prepare(c, str(tmp_path / "rs"))
+    with pytest.raises(RunError, match=r"config.rlhf.selection_beta -1.0: must be a finite number >= 0"):
+        RejectionSamplingStage().check(c)
     assert not os.path.exists(tmp_path / "rs" / "data" / "rs_train.jsonl")
     c.rlhf.selection_beta, c.rlhf.eval_samples = 2.0, -1
     with pytest.raises(RunError, match=r"config.rlhf.eval_samples -1 is negative"):
-        RejectionSamplingStage().prepare(c, str(tmp_path / "rs"))
+        RejectionSamplingStage().check(c)
     p = load("ppo").get_config("tiny")
     p.rlhf.eval_samples = -2
     with pytest.raises(RunError, match=r"config.rlhf.eval_samples -2 is negative"):
-        PPOStage().prepare(p, str(tmp_path / "ppo"))
+        PPOStage().check(p)
     p.rlhf.eval_samples, p.ppo.samples_per_prompt = 2, 3  # 64 rollouts are not 3 answers to each of n prompts
     with pytest.raises(RunError, match=r"config.ppo.samples_per_prompt 3 must be >= 1 and divide "
                                        r"config.ppo.rollout_batch 64"):
-        PPOStage().prepare(p, str(tmp_path / "ppo"))
+        PPOStage().check(p)
     p.ppo.samples_per_prompt, p.rlhf.temperature = 4, 0.0
     with pytest.raises(RunError, match=r"config.rlhf.temperature 0.0: PPO samples its rollouts"):
-        PPOStage().prepare(p, str(tmp_path / "ppo"))
+        PPOStage().check(p)
     p.rlhf.temperature, p.rlhf.top_p = 1.0, 0.9
     with pytest.raises(RunError, match=r"config.rlhf.top_p 0.9: PPO's ratios and KL penalty"):
-        PPOStage().prepare(p, str(tmp_path / "ppo"))
+        PPOStage().check(p)
     p.rlhf.top_p, p.ppo.ref_logprob_weight = 1.0, -1.0
     with pytest.raises(RunError, match=r"config.ppo.ref_logprob_weight -1.0 is negative"):
-        PPOStage().prepare(p, str(tmp_path / "ppo"))
+        PPOStage().check(p)
     p.ppo.ref_logprob_weight, p.rlhf.val_samples = 0.0, -2
     with pytest.raises(RunError, match=r"config.rlhf.val_samples -2 is below -1"):
-        PPOStage().prepare(p, str(tmp_path / "ppo"))
+        PPOStage().check(p)
     p.rlhf.val_samples = 0  # the tiny metric and guard read val_sampled_reward, val_sampled_true_accuracy
     with pytest.raises(RunError, match=r"config.early_stopping reads val_sampled_reward, val_sampled_true_accuracy, "
                                        r"but the validation "
                                        r"passes sample no answers \(rlhf.val_samples 0, rlhf.eval_samples 2\)"):
-        PPOStage().prepare(p, str(tmp_path / "ppo"))
+        PPOStage().check(p)
     d = load("safety_distill").get_config("tiny")
     d.distill.preprompt_position = "prefix,user"
     with pytest.raises(RunError, match=r"config.distill.preprompt_position: 'prefix,user' is not"):
-        SafetyDistillStage().prepare(d, str(tmp_path / "distill"))
-    assert not os.path.exists(tmp_path / "distill" / "data")  # refused before anything is generated
+        SafetyDistillStage().check(d)
     p.ppo.samples_per_prompt, p.ppo.epochs = 4, 0
     with pytest.raises(RunError, match=r"config.ppo.epochs: 0 .* must be >= 1"):
-        PPOStage().prepare(p, str(tmp_path / "ppo"))
+        PPOStage().check(p)
+    p.ppo.epochs, p.rlhf.val_samples, c.rlhf.eval_samples = 1, -1, 2
+    PPOStage().check(p)
+    RejectionSamplingStage().check(c)
+    # values no run could use, each named by its field before anything is sampled (NaN temperatures sampled
+    # noise that was trained on; num_samples 0 and max_new_tokens 0 were tracebacks; a negative KL beta ran)
+    nan = float("nan")
+    for stage, config, field, value, words in (
+            (RejectionSamplingStage, c, "rlhf.temperature", nan, "a finite number >= 0"),
+            (RejectionSamplingStage, c, "rlhf.num_samples", 0, "a whole number >= 1"),
+            (RejectionSamplingStage, c, "rlhf.max_new_tokens", 0, "a whole number >= 1"),
+            (RejectionSamplingStage, c, "rlhf.min_reward", nan, "a finite number >= 0 and <= 1"),
+            (RejectionSamplingStage, c, "rlhf.temperature", 0.0, "would be one answer"),
+            (PPOStage, p, "ppo.beta", -1.0, "a finite number >= 0"),
+            (PPOStage, p, "ppo.clip_eps", -0.5, "a finite number > 0"),
+            (PPOStage, p, "ppo.vf_coef", -1.0, "a finite number >= 0"),
+            (PPOStage, p, "ppo.lam", 2.0, "a finite number >= 0 and <= 1"),
+            (PPOStage, p, "ppo.gamma", nan, "a finite number >= 0 and <= 1"),
+            (SafetyDistillStage, d, "eval_max_new_tokens", 0, "a whole number >= 1"),
+            (SafetyDistillStage, d, "distill.preprompt", "careful", "nor a preprompt's own text")):
+        node, key = config, field.split(".")
+        for part in key[:-1]:
+            node = node[part]
+        before, node[key[-1]] = node[key[-1]], value
+        with pytest.raises(RunError, match=f"config.{field} |config.{field}: " if "would be" not in words else ""):
+            stage().check(config)
+        try:
+            stage().check(config)
+        except RunError as e:
+            assert words in str(e), (field, str(e))
+        node[key[-1]] = before
+    d.distill.preprompt_position, d.distill.preprompt = "prefix", "You are a careful assistant; decline harm."
+    SafetyDistillStage().check(d)  # a preprompt's own text
+    assert not os.path.exists(tmp_path / "rs") and not os.path.exists(tmp_path / "distill")
 
 
 def test_gatt_cuts_dialogs_at_the_first_breaking_turn_and_weights_instruction_kinds(tmp_path):
@@ -251,12 +283,18 @@ def test_gatt_cuts_dialogs_at_the_first_breaking_turn_and_weights_instruction_ki
     for bad in ("end:2,lower:1", "end:x", "end:0"):
         c.gatt.instruction_weights = bad
         with pytest.raises(RunError, match=r"config.gatt.instruction_weights"):
-            GAttStage().prepare(c, str(tmp_path / "gatt"))
+            GAttStage().check(c)
     c.gatt.instruction_weights = ""
     for bad in ("2,x", "0,4", ""):  # refused before any sampling, not at the evaluation after it
         c.gatt.eval_turns = bad
         with pytest.raises(RunError, match=r"config.gatt.eval_turns"):
-            GAttStage().prepare(c, str(tmp_path / "gatt"))
+            GAttStage().check(c)
+    c.gatt.eval_turns, c.gatt.max_turns = "2,4", 0
+    with pytest.raises(RunError, match=r"config.gatt.max_turns 0: must be a whole number >= 1"):
+        GAttStage().check(c)  # was "empty range for randrange()"
+    c.gatt.max_turns, c.rlhf.prompts = 3, "mine.jsonl"  # GAtt synthesises its dialogs: own prompts were ignored
+    with pytest.raises(RunError, match=r"reads no prompt or dialog files: config.rlhf.prompts 'mine.jsonl' would be"):
+        GAttStage().check(c)
     assert not os.path.exists(tmp_path / "gatt" / "data")
 
 

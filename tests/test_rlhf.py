@@ -402,7 +402,7 @@ def test_ppo_evaluation_answers_and_scores_in_chunks(monkeypatch):
     np.testing.assert_allclose(kl, [0.5, 1.0, 1.5, 2.0, 2.5])
 
 
-def test_own_prompt_files_are_checked_when_a_stage_starts(tmp_path, tokenizer_path):
+def test_own_prompt_files_are_checked_when_a_stage_starts(tmp_path, tokenizer_path, capsys):
     """PPO with the tiny preset's early stopping on validation metrics and your own
     prompts without validation prompts, or with a true-accuracy guard on prompts without
     `reference` answers, is refused at its start (it failed after the step-0 evaluation);
@@ -443,5 +443,56 @@ def test_own_prompt_files_are_checked_when_a_stage_starts(tmp_path, tokenizer_pa
         "question 0", "question 2"]
     d.rlhf.prompts = prompts("long.jsonl", [{"messages": [{"role": "user", "content": "word " * 80}],
                                              "is_safety": True}])
-    with pytest.raises(DataError, match=r"long.jsonl:1: prompt has \d+ tokens, more than max_prompt_len 48"):
+    with pytest.raises(DataError, match=r"long.jsonl:1: prompt has \d+ tokens, more than the 48 that config.seq_len "
+                                        r"- config.eval_max_new_tokens leaves"):
         stage._prompts(d, str(tmp_path), "train", True, 8, tok)
+    # a cap on a prompt file is said; a field that looks like a misspelt one a stage reads is warned
+    d.rlhf.prompts = mine
+    assert len(stage._prompts(d, str(tmp_path), "train", True, 1, tok)) == 1
+    assert "the first 1 of its 2 safety prompts are used (config.distill.num_prompts)" in capsys.readouterr().out
+    typo = prompts("typo.jsonl", [{"messages": ask[0]["messages"], "is_saftey": True, "id": 3}])
+    from llama_jax.data import prompts as prompt_data
+
+    prompt_data.check(typo)
+    assert capsys.readouterr().out == f"warning: {typo}:1: field 'is_saftey' is not read (meant 'is_safety'?)\n"
+    # validation prompts that are all held-out ones would all be dropped: refused at the start
+    c.rlhf.eval_prompts, c.rlhf.val_prompts = mine, mine
+    c.early_stopping.guard = ""
+    with pytest.raises(RunError, match=r"val_prompts .*mine.jsonl: every prompt is also a held-out one"):
+        PPOStage().prepare(c, str(tmp_path / "ppo"))
+
+
+def test_rejection_sampling_refuses_bad_input_before_it_samples(tmp_path, reference_run, monkeypatch):
+    """What would fail only after all of rejection sampling's sampling (whose answers were
+    then lost) is refused before it: a pool directory without answers, a held-out prompt
+    too long for the context, the code reward on prompts without a reference answer."""
+    import json
+
+    from procs import load_experiment
+
+    from llama_jax import rlhf
+    from llama_jax.data.sources import DataError
+    from llama_jax.stages import RejectionSamplingStage
+    from llama_jax.train import RunError
+
+    ref_dir, _ = reference_run
+    monkeypatch.setattr(rlhf, "sample_answers", lambda *a, **k: pytest.fail("sampled before the check"))
+    ask = tmp_path / "ask.jsonl"
+    ask.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}"}]}) + "\n"
+                           for i in range(3)))
+    c = load_experiment("rejection_sampling").get_config("tiny")
+    c.init_from, c.rlhf.reward_model, c.rlhf.safety_reward_model = ref_dir, "code", ""
+    c.rlhf.prompts, c.seq_len, c.rlhf.max_new_tokens = str(ask), 64, 16
+    c.rlhf.pool = str(tmp_path / "typo_rs")
+    with pytest.raises(RunError, match=r"config.rlhf.pool: .*typo_rs holds no data/rs_train.jsonl"):
+        RejectionSamplingStage().prepare(c, str(tmp_path / "a"))
+    c.rlhf.pool = ""
+    with pytest.raises(RunError, match=r"ask.jsonl:1: no \"reference\" answer, which rlhf.reward_model=code checks "
+                                       r"answers against \(3 of 3 prompts lack one\)"):
+        RejectionSamplingStage().prepare(c, str(tmp_path / "b"))
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"messages": [{"role": "user", "content": "word " * 80}]}) + "\n")
+    c.rlhf.eval_prompts = str(long)
+    with pytest.raises(DataError, match=r"long.jsonl:1: prompt has \d+ tokens, more than the 48 that config.seq_len "
+                                        r"- config.rlhf.max_new_tokens leaves"):
+        RejectionSamplingStage().prepare(c, str(tmp_path / "c"))

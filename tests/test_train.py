@@ -313,3 +313,14 @@ def test_a_workdirs_data_is_reused_only_with_the_settings_that_made_it(tmp_path)
     json.dump(record, open(path, "w"))
     c.data.synthetic_mix = 0.5
     _data_settings(workdir, c, record=True)
+    # a file a field names, edited: other data (a prompt file rewritten between runs trained on the old answers)
+    prompts = tmp_path / "own.jsonl"
+    prompts.write_text('{"messages": [{"role": "user", "content": "a"}]}\n')
+    c.data.source = f"{prompts}@1"  # a mixture weight, as preference sources take
+    (tmp_path / "fresh").mkdir()
+    _data_settings(str(tmp_path / "fresh"), c, record=True)
+    open(tmp_path / "fresh" / "data" / "made.jsonl", "w").write("{}\n")
+    _data_settings(str(tmp_path / "fresh"), c, record=False)  # the same file: fine
+    prompts.write_text('{"messages": [{"role": "user", "content": "b"}]}\n')
+    with pytest.raises(RunError, match=r"other settings \(the files data.source names \(edited\)\)"):
+        _data_settings(str(tmp_path / "fresh"), c, record=False)

@@ -100,7 +100,8 @@ class Jsonl:
         except UnicodeDecodeError as e:
             raise DataError(f"{path}:{lineno}: not UTF-8 text ({e}); JSONL files are UTF-8") from None
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
+            hint = "" if raw.lstrip()[:1] in (b"{", b"[", b'"') else "; a JSONL file holds one JSON object a line"
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e}){hint}") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
         return record

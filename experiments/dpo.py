@@ -8,6 +8,10 @@ starts from a chat model and is trained on preference pairs against a frozen cop
   7b | 13b | 34b | 70b
         --config.init_from=SFT_CHECKPOINT --config.data.source='prefs/*.jsonl'; LR 5e-7,
         beta 0.1, batch 64 pairs (common DPO settings; the paper has no DPO).
+        What fits (launch/aot_compile.py, per device): on 128 v5p chips, 7b and 13b with
+        --config.mesh.fsdp=64 --config.mesh.tensor=2 (34.9 / 51.6 GiB of 95), 34b with
+        --config.grad_accum_steps=2 and fsdp=32 x tensor=4 (59.8); 70b on 512 v5p chips
+        with fsdp=64 x tensor=8 (33.7).
 """
 
 import ml_collections

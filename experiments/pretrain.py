@@ -6,11 +6,22 @@
         600 steps of 8 x 256 tokens. Expected: held-out loss ~4.4 nats/token against a
         unigram baseline of ~6.1 (see README, "Pretraining on the embedded default").
   7b    --config=experiments/pretrain.py:7b --config.data.source=shards:gcs/shards
-        TPU v5p-128 / v4-256 or 32+ H100s. The paper's recipe: 4M-token batches (1024 x
-        4096), peak LR 3e-4, 2000 warmup steps, cosine to 10%, ~477k steps for 2T tokens.
+        The paper's recipe: 4M-token batches (1024 x 4096), peak LR 3e-4, 2000 warmup
+        steps, cosine to 10%, ~477k steps for 2T tokens.
   13b   same as 7b with 13B shapes (peak LR 3e-4).
   34b   peak LR 1.5e-4, GQA (8 kv heads); shapes from Code Llama 34B (the paper gives none).
-  70b   peak LR 1.5e-4, GQA; TPU v5p-512 / v5e-256 class. Full remat and FSDP over all chips.
+  70b   peak LR 1.5e-4, GQA. Full remat and FSDP over all chips.
+
+A 1024 x 4096 batch fits no chip in one pass: set config.grad_accum_steps for yours.
+What fits (launch/aot_compile.py's per-device total; a v5p-N slice has N/2 chips, and JAX
+counts chips):
+  7b    64 v5p chips (v5p-128): --config.grad_accum_steps=8 (60.5 GiB of 95);
+        128 v5p chips: 4 (59.5 GiB); 32 H100s: 16 (62.4 GiB of 80)
+  13b   128 v5p chips: 8 (46.6 GiB); 32 H100s: 32 (52.6 GiB)
+  34b   128 v5p chips: 8 (76.7 GiB); 32 H100s: 64 with --config.mesh.fsdp=16
+        --config.mesh.tensor=2 (62.7 GiB; pure FSDP at one row a device takes 91.9)
+  70b   256 v5p chips (v5p-512): 2 (60.2 GiB); 512 v5p chips: 1 (56.1 GiB). 256 v5e
+        chips (16 GiB) fit it at no setting measured (best 21.0 GiB: 32, fsdp=32 x tensor=8).
 
 The big presets assume a pre-tokenized corpus (`python -m llama_jax.data.prepare`) and a
 Llama 2 tokenizer (`--config.data.tokenizer=/path/tokenizer.model`); their mesh is pure

@@ -15,6 +15,10 @@ scalar head, trained one epoch with L = -log sigmoid(r_chosen - r_rejected - m(r
                (the mixture sets the data mix)
                The paper's settings: 1 epoch, max LR 1e-5 (5e-6 for 70B), cosine to 10%,
                warmup 3% of steps (at least 5), 512 pairs per batch.
+               What fits (launch/aot_compile.py, per device): on 128 v5p chips, 7b
+               --config.grad_accum_steps=4 (59.3 GiB of 95), 13b 8 with
+               --config.mesh.fsdp=64 --config.mesh.tensor=2 (51.2), 34b 16 with fsdp=32 x
+               tensor=4 (58.1); 70b on 512 v5p chips as is (54.9).
 
 Margin ablation (paper Table 28): --config.reward.margin=none|small|large.
 The auxiliary safety term (the paper names it, A.3.4, without a formula) is a binary

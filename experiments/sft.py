@@ -14,7 +14,15 @@ on answer tokens only (prompt tokens zeroed), dialogs packed into rows.
             --config.init_from=gcs/pretrain7b --config.data.source='gcs/sft/*.jsonl'
         The paper's settings: cosine schedule from LR 2e-5, weight decay 0.1, batch 64 x
         4096 tokens, 2 epochs (the step count below assumes the paper's 27,540 dialogs one
-        per row; set total_steps for your data). Same hardware as pretraining's preset.
+        per row; set total_steps for your data).
+        What fits (launch/aot_compile.py, per device; a v5p-N slice has N/2 chips): 7b on
+        64 v5p chips as is (31.8 GiB of 95); on 128, the 64-row batch needs
+        --config.mesh.fsdp=64 --config.mesh.tensor=2 (7b 18.1 GiB, 13b 27.2, 34b 46.8); on
+        32 H100s, 7b as is (62.1 GiB of 80), 13b --config.grad_accum_steps=2 (52.5), 34b 4
+        with fsdp=16 x tensor=2 (62.7); 70b on 256 v5p chips fsdp=64 x tensor=4 (20.9 GiB),
+        on 512 fsdp=64 x tensor=8 (18.0). Rejection sampling, GAtt, distillation and PPO
+        train the same step; the models they hold beside it (reference, reward models, a
+        sampling copy) come on top.
 """
 
 from llama_jax.configs import chat_config, paper_scale

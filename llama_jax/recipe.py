@@ -339,10 +339,11 @@ def headlines(workdir: str) -> list[dict]:
 
     rows = [
         ("pretrain", "held-out loss (nats/token; before: uniform ln V)", None, pre.get("eval_loss")),
-        ("sft", "held-out exact match", 0.0 if m["sft"] else None, m["sft"].get("eval_exact_match")),
-        ("rm", "held-out preference accuracy", 0.5 if m["rm"] else None, m["rm"].get("eval_accuracy")),
-        ("rm", "held-out accuracy on pairs of the SFT policy's own answers", 0.5 if m["rm"] else None,
-         m["rm"].get("eval_policy_accuracy")),
+        ("sft", "held-out exact match (before: not measured)", None, m["sft"].get("eval_exact_match")),
+        ("rm", "held-out preference accuracy (before: chance)", 0.5 if m["rm"] else None,
+         m["rm"].get("eval_accuracy")),
+        ("rm", "held-out accuracy on pairs of the SFT policy's own answers (before: chance)",
+         0.5 if m["rm"] else None, m["rm"].get("eval_policy_accuracy")),
         ("rm_safety", "held-out unsafe recall", None, m["rm_safety"].get("eval_unsafe_recall")),
         ("rejection_sampling", "mean reward: first sample -> kept sample", rs.get("mean_reward_first_sample"),
          rs.get("mean_reward_best_sample")),

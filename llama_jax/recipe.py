@@ -1,6 +1,7 @@
 """The Llama 2-Chat recipe end to end on the toy tasks, one command:
 
     python -m llama_jax.recipe --workdir=runs/recipe [--seed=N] [--override=STAGE:FIELD=VALUE ...] [--jobs=N] [--fast]
+        [--until=STAGE]
 
 pretrain -> SFT -> helpfulness RM + safety RM -> rejection sampling -> PPO -> Ghost
 Attention -> safety context distillation, each stage a `python -m llama_jax.main` run of
@@ -551,12 +552,19 @@ def main(argv: list[str] | None = None) -> int:
                          "rejection sampling and PPO); 1: one at a time (default: 2)")
     ap.add_argument("--seed", type=int, default=None,
                     help="--config.seed for every stage (default: each experiment's own, 0)")
+    ap.add_argument("--until", default="", metavar="STAGE",
+                    help="run the stages up to STAGE and those it reads from, no further (e.g. --until=sft); the "
+                         "report has the rows of the stages run so far")
     ap.add_argument("--override", action="append", default=[], metavar="STAGE:FIELD=VALUE",
                     help="add --config.FIELD=VALUE to STAGE's command (STAGE: a stage name or 'all'; {w} in VALUE: the "
                          "workdir); repeatable")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         print(f"error: --jobs={args.jobs}: at least 1", file=sys.stderr)
+        return 2
+    names = [name for name, *_ in STAGES]
+    if args.until and args.until not in names:
+        print(f"error: --until={args.until}: not a stage; one of {', '.join(names)}", file=sys.stderr)
         return 2
     if not os.path.isdir(args.experiments):
         print(f"error: {args.experiments}: no experiments directory (run from the repository root or pass "
@@ -619,7 +627,11 @@ def main(argv: list[str] | None = None) -> int:
             scheduler.say(name, "done before")
         else:
             pending.append(name)
-    stale = [n for n, *_ in STAGES if n not in pending and _reaches(n, deps) & set(pending)]
+    if args.until:  # that stage and what it reads from, directly or not
+        wanted = {args.until} | _reaches(args.until, deps)
+        pending = [n for n in pending if n in wanted]
+    finished = [n for n, *_ in STAGES if os.path.exists(os.path.join(w, n, "final_metrics.json"))]
+    stale = [n for n in finished if _reaches(n, deps) & set(pending)]
     if stale:  # finished from the output of a stage that runs again: its numbers would not be of this recipe
         print(f"error: stages {', '.join(stale)} finished from the output of "
               f"{', '.join(sorted(set(pending) & set().union(*(_reaches(n, deps) for n in stale))))}, which will run "
@@ -646,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         f.write(table)
     print(table + f"total: {times['_wall'] / 60:.1f} minutes of wall clock (stage times summed: "
           f"{sum(stage_seconds.values()) / 60:.1f})", flush=True)
+    if args.until and args.until != names[-1]:
+        print(f"stopped after {args.until} (--until); the same command without it goes on from there", flush=True)
     return 0
 
 

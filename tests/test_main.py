@@ -658,6 +658,16 @@ def test_the_recipe_runs_independent_stages_side_by_side(tmp_path, monkeypatch, 
     assert recipe.main([f"--workdir={tmp_path / 'e'}", *base]) == 0
     assert order == ["rejection_sampling", "gatt", "safety_distill"]
     assert recipe.main([f"--workdir={tmp_path / 'f'}", *base, "--jobs=0"]) == 2
+    # --until: that stage and what it reads from; the same command without it goes on
+    order.clear()
+    capsys.readouterr()
+    assert recipe.main([f"--workdir={tmp_path / 'g'}", *base, "--until=rm"]) == 0
+    assert order == ["pretrain", "sft", "rm"] and "stopped after rm (--until)" in capsys.readouterr().out
+    order.clear()
+    assert recipe.main([f"--workdir={tmp_path / 'g'}", *base]) == 0
+    assert order == ["rm_safety", "rejection_sampling", "ppo", "gatt", "safety_distill"]
+    assert recipe.main([f"--workdir={tmp_path / 'h'}", *base, "--until=dpo"]) == 2
+    assert "--until=dpo: not a stage" in capsys.readouterr().err
 
 
 def _stage_until_signalled(signalled: list):

@@ -55,3 +55,38 @@ def usage_error(message: str, usage: str) -> None:
     print("error: " + " ".join(line for line in lines if line), file=sys.stderr)
     print(usage, file=sys.stderr)
     sys.exit(2)
+
+
+def config_of(argv: list[str]):
+    """The ConfigDict `python -m llama_jax.main ARGV` (flags only) runs with, parsed as
+    main parses it, without running anything; a ValueError with main's one-line message.
+    The recipe and launch/sweep.py check every run's settings this way before the first."""
+    from ml_collections import config_flags
+
+    args = ["main", *argv]
+    values = flags.FlagValues()  # sys_argv: the overrides it defines as flags are those of this command
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=args)
+    flags.DEFINE_string("workdir", None, "", flag_values=values)
+    _, message = parse_into(args, values)
+    if message is None:
+        try:
+            return values["config"].value
+        except Exception as e:  # noqa: BLE001 - a config file that raised: ml_collections' several types
+            message = str(e)
+    raise ValueError(message)
+
+
+def check_run(argv: list[str]):
+    """`config_of(argv)` checked as a run checks it at its start (`train.check_config`,
+    the stage's own `check`); a ValueError names what a run would refuse."""
+    from llama_jax.stages import STAGES
+    from llama_jax.train import RunError, check_config
+
+    config = config_of(argv)
+    if config.stage not in STAGES:
+        raise ValueError(f"config.stage: unknown stage {config.stage!r}; known stages: {sorted(STAGES)}")
+    try:
+        check_config(config, STAGES[config.stage]())
+    except RunError as e:
+        raise ValueError(str(e)) from None
+    return config

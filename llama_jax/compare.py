@@ -4,8 +4,13 @@ and best metrics from `metrics.jsonl`.
     python -m llama_jax.compare runs/lr_sweep/*  [--metrics=loss,eval_loss] [--sort=eval_loss]
 
 For each metric: `final` is its last logged value; for `eval_*` metrics also `best`
-(lowest for losses and perplexities, highest otherwise). A run still in progress shows
-its latest values and its step; a directory without `metrics.jsonl` is an error naming it.
+over the evaluations after step 0 (a PPO run's step-0 evaluation is of the policy it
+started from): lowest for losses, perplexities, KL, BCE, violation and refusal rates and
+the rejected answers' rewards, highest otherwise; standard errors (`*_se`) get none.
+`--sort` orders by `best` where there is one, else by `final`, best first. `status` is
+`finished` (final_metrics.json written) or `unfinished` (running, stopped or failed). A
+directory without `metrics.jsonl` (a run that failed before logging) is left out with a
+note; rows are named by the directory, with as much of its path as tells runs apart.
 """
 
 from __future__ import annotations
@@ -54,22 +59,36 @@ def load_run(workdir: str) -> dict:
     if os.path.exists(os.path.join(workdir, "config.json")):
         with open(os.path.join(workdir, "config.json")) as f:
             config = flatten(json.load(f))
-    return {"name": os.path.basename(os.path.normpath(workdir)), "rows": rows, "config": config}
+    finished = os.path.exists(os.path.join(workdir, "final_metrics.json"))
+    return {"name": os.path.normpath(workdir), "rows": rows, "config": config,
+            "status": "finished" if finished else "unfinished"}
 
 
 def higher_is_better(metric: str) -> bool:
-    return not any(w in metric for w in ("loss", "perplexity", "nonfinite", "kl", "violation", "refusal"))
+    return not any(w in metric for w in ("loss", "perplexity", "nonfinite", "kl", "violation", "refusal", "bce",
+                                         "rejected"))
 
 
 def summarize(run: dict, metrics: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"step": max((r.get("step", 0) for r in run["rows"]), default=0)}
+    out: dict[str, Any] = {"step": max((r.get("step", 0) for r in run["rows"]), default=0), "status": run["status"]}
     for m in metrics:
-        values = [r[m] for r in run["rows"] if isinstance(r.get(m), (int, float)) and math.isfinite(r[m])]
-        out[m] = values[-1] if values else None
-        if m.startswith("eval_"):
+        logged = [r for r in run["rows"] if isinstance(r.get(m), (int, float)) and math.isfinite(r[m])]
+        out[m] = logged[-1][m] if logged else None
+        if m.startswith("eval_") and not m.endswith("_se"):
             pick = max if higher_is_better(m) else min
-            out[f"best {m}"] = pick(values) if values else None
+            trained = [r[m] for r in logged if r.get("step", 0) > 0]
+            out[f"best {m}"] = pick(trained) if trained else None
     return out
+
+
+def _labels(paths: list[str]) -> list[str]:
+    """Each path's last component, or as many of its last components as tell it apart."""
+    parts = [p.split(os.sep) for p in paths]
+    for n in range(1, max(len(p) for p in parts) + 1):
+        labels = [os.sep.join(p[-n:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return paths
 
 
 def differing_fields(runs: list[dict]) -> list[str]:
@@ -77,8 +96,23 @@ def differing_fields(runs: list[dict]) -> list[str]:
     return [k for k in keys if len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1]
 
 
-def table(workdirs: list[str], metrics: list[str] | None = None, sort: str | None = None) -> str:
-    runs = [load_run(w) for w in workdirs]
+def table(workdirs: list[str], metrics: list[str] | None = None, sort: str | None = None, notes=None) -> str:
+    """The table; `notes` (a list) gets a line for each directory left out (no
+    metrics.jsonl: a run that failed before it logged). With none left, a CompareError."""
+    runs, skipped = [], []
+    for w in workdirs:
+        try:
+            runs.append(load_run(w))
+        except CompareError as e:
+            if os.path.exists(os.path.join(w, "metrics.jsonl")) or len(workdirs) == 1:
+                raise  # a malformed file is an error, not a run to leave out
+            skipped.append(str(e))
+    if not runs:
+        raise CompareError("; ".join(skipped))
+    if notes is not None:
+        notes += [f"left out {s}" for s in skipped]
+    for run, label in zip(runs, _labels([r["name"] for r in runs])):
+        run["name"] = label
     seen = {k for r in runs for row in r["rows"] for k in row}
     unknown = [m for m in metrics or [] if m not in seen]
     if unknown:  # a misspelt metric would be a column of dashes
@@ -117,11 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdirs", nargs="+")
     parser.add_argument("--metrics", default="", help="comma-separated (default: loss, eval_loss and every eval_*)")
-    parser.add_argument("--sort", default="", help="a metric to sort by (best first)")
+    parser.add_argument("--sort", default="", help="a metric to sort by, best first (by its best value after step 0 "
+                        "for eval_* metrics, else its final one)")
     args = parser.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] or None
+    notes: list[str] = []
     try:
-        print(table(args.workdirs, metrics, args.sort or None))
+        print(table(args.workdirs, metrics, args.sort or None, notes))
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

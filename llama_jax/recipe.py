@@ -162,40 +162,17 @@ def check_override_fields(experiments: str, extra: dict[str, list[str]]) -> None
                 node = node[part]
 
 
-def stage_config(cmd: list[str]):
-    """The ConfigDict a stage's command (`python -m llama_jax.main --config=... ...`) runs
-    with, parsed as `main` parses it; a ValueError says what main would refuse."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    from llama_jax import cli
-
-    args = ["main", *cmd[cmd.index("llama_jax.main") + 1:]]
-    values = flags.FlagValues()  # sys_argv: the overrides it defines as flags are those of this command
-    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=args)
-    flags.DEFINE_string("workdir", None, "", flag_values=values)
-    _, message = cli.parse_into(args, values)
-    if message is None:
-        try:
-            return values["config"].value
-        except Exception as e:  # noqa: BLE001 - a config file that raised: ml_collections' several types
-            message = str(e)
-    raise ValueError(message)
-
-
 def check_stage_configs(commands: dict[str, list[str]]) -> dict:
-    """Every stage's config, parsed and checked (`train.check_config`) before the first
-    stage runs: a bad override value (`total_steps=abc`, `=0`) is refused now, not when
-    its stage starts minutes or hours in. A ValueError names the stage."""
-    from llama_jax.stages import STAGES as KINDS
-    from llama_jax.train import RunError, check_config
+    """Every stage's config, parsed and checked as its run would (`cli.check_run`) before
+    the first stage runs: a bad override value (`total_steps=abc`, `=0`) is refused now,
+    not when its stage starts minutes or hours in. A ValueError names the stage."""
+    from llama_jax import cli
 
     configs = {}
     for name, cmd in commands.items():
         try:
-            configs[name] = stage_config(cmd)
-            check_config(configs[name], KINDS[configs[name].stage]())
-        except (ValueError, RunError) as e:
+            configs[name] = cli.check_run(cmd[cmd.index("llama_jax.main") + 1:])
+        except ValueError as e:
             raise ValueError(f"stage {name}: {e}") from None
     return configs
 

@@ -809,9 +809,12 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     def check_nonfinite(step: int, m: dict) -> None:
         if bool(m["nonfinite"]) and config.nonfinite_policy == "stop":
             checkpointer.wait()
+            latest = checkpointer.latest_step()
             raise RunError(f"non-finite loss or gradient at step {step} (the batch of step {step}; loss "
-                           f"{float(m['loss'])}); the update was not applied. Last checkpoint: step "
-                           f"{checkpointer.latest_step()}. Set --config.nonfinite_policy=skip to skip such steps.")
+                           f"{float(m['loss'])}); the update was not applied. "
+                           + (f"Last checkpoint: step {latest}. " if latest is not None else "No checkpoint yet. ")
+                           + "A loss non-finite from the first step is a setting (learning rate, a NaN coefficient); "
+                           "a rare bad batch can be skipped with --config.nonfinite_policy=skip.")
 
     def save(step: int, force: bool = False) -> None:
         data_state = {"processes": distributed.allgather_json(train_data.state())}

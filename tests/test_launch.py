@@ -5,6 +5,7 @@ check of a real preset, and sweeps with their comparison table."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,6 +248,55 @@ def test_sweep_gives_every_combination_its_own_workdir(tmp_path):
     assert all(re.fullmatch(r".*/source=text-a-b_seed=0_[0-9a-f]{6}", w) for w in workdirs)
     twice = subprocess.run([*sweep, "--sweep=seed=0,0"], capture_output=True, text=True, timeout=60)
     assert twice.returncode == 2 and "--sweep='seed=0,0': a value is listed twice" in twice.stderr
+    # fields sharing a last part are named whole; values with commas are separated by semicolons; a long name is cut
+    printed = subprocess.run([*sweep, "--sweep=rlhf.temperature=0.5", "--sweep=sample.temperature=0.7",
+                              "--sweep=gatt.eval_turns=2,4;6,20", f"--sweep=data.source={'x' * 200}",
+                              "--launcher=print"], capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    workdirs = [re.search(r"--workdir=(\S+)", line).group(1) for line in printed.stdout.splitlines()]
+    assert [os.path.basename(w)[:62] for w in workdirs] == [
+        "rlhf.temperature=0.5_sample.temperature=0.7_eval_turns=2-4_sou",
+        "rlhf.temperature=0.5_sample.temperature=0.7_eval_turns=6-20_so"]
+    assert all(len(os.path.basename(w)) == 120 + 7 for w in workdirs)
+    assert "--config.gatt.eval_turns=2,4" in printed.stdout.splitlines()[0]
+
+
+def test_sweep_checks_every_run_first_and_refuses_a_directory_of_other_flags(tmp_path, tokenizer_path):
+    """Every combination is checked as its run would be before any runs (a bad value in
+    the last one used to stop the sweep after the others trained); a rerun whose flags for
+    a finished run differ is refused (it was skipped as finished); a signal reaches the run."""
+    base = [sys.executable, f"{ROOT}/launch/sweep.py", f"--config={ROOT}/experiments/pretrain.py:tiny",
+            f"--workdir={tmp_path}"]
+    shared = ["--", "--config.total_steps=2", f"--config.data.tokenizer={tokenizer_path}", *SYNTHETIC]
+    bad = subprocess.run([*base, "--sweep=optimizer.learning_rate=1e-3,abc", *shared], env=env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "learning_rate=abc: flag --config.optimizer.learning_rate=abc" in bad.stderr
+    zero = subprocess.run([*base, "--sweep=total_steps=2,0", *shared[:1], *shared[2:]], env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert zero.returncode == 2 and "total_steps=0: config.total_steps must be a positive integer" in zero.stderr
+    assert not os.listdir(tmp_path)  # nothing ran
+    ok = subprocess.run([*base, "--sweep=seed=1", *shared], env=env(), capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.load(open(tmp_path / "seed=1" / "sweep_run.json"))["args"][-1] == "--config.seed=1"
+    other = subprocess.run([*base, "--sweep=seed=1", *shared, "--config.optimizer.warmup_steps=0"], env=env(),
+                           capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and f"{tmp_path / 'seed=1'} was begun with other flags " \
+        "(--config.optimizer.warmup_steps=0)" in other.stderr
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_script", f"{ROOT}/launch/sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    code = ("import os, signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+            "os.kill(os.getppid(), signal.SIGTERM); time.sleep(30)\n")
+    real = sweep.subprocess.Popen
+    try:  # the sweep's SIGTERM reaches the run, and the run's exit code comes back
+        sweep.subprocess.Popen = lambda cmd: real([sys.executable, "-c", code])
+        start = time.time()
+        assert sweep.run([]) == 143 and time.time() - start < 20
+    finally:
+        sweep.subprocess.Popen = real
 
 
 def test_compare_reports_final_and_best_and_names_bad_directories(tmp_path):
@@ -263,21 +313,43 @@ def test_compare_reports_final_and_best_and_names_bad_directories(tmp_path):
     a = run("a", 1e-3, [3.0, 2.0, 2.5])
     b = run("b", 3e-3, [2.8, 2.9], cut=True)  # killed mid-write: the cut last line is ignored
     summary = compare.summarize(compare.load_run(a), ["loss", "eval_loss", "eval_exact_match"])
-    assert summary == {"step": 30, "loss": 3.0, "eval_loss": 2.5, "best eval_loss": 2.0, "eval_exact_match": 0.2,
-                       "best eval_exact_match": 0.2}
+    assert summary == {"step": 30, "status": "unfinished", "loss": 3.0, "eval_loss": 2.5, "best eval_loss": 2.0,
+                       "eval_exact_match": 0.2, "best eval_exact_match": 0.2}
+    (tmp_path / "a" / "final_metrics.json").write_text("{}")
+    assert compare.summarize(compare.load_run(a), ["loss"])["status"] == "finished"
     text = compare.table([b, a], sort="eval_loss")
     header, _, first, second = text.splitlines()
     assert "optimizer.learning_rate" in header and "seed" not in header
     assert first.startswith("a ") and second.startswith("b ")  # best eval_loss 2.0 < 2.8
-    for name in ("eval_violation_rate", "eval_false_refusal_rate", "eval_kl", "loss"):  # the safety rates too
+    for name in ("eval_violation_rate", "eval_false_refusal_rate", "eval_kl", "loss", "eval_safety_bce",
+                 "eval_rejected_reward"):  # the safety rates too, and DPO's reward of the rejected answers
         assert not compare.higher_is_better(name), name
     assert compare.higher_is_better("eval_exact_match") and compare.higher_is_better("eval_reward")
     with pytest.raises(compare.CompareError, match=r"--metrics: \['eval_los'\] logged by none of the runs"):
         compare.table([a, b], ["eval_los"])
+    # a run that failed before logging is left out with a note (it made the sweep's own compare command fail)
     (tmp_path / "empty").mkdir()
     out = subprocess.run([sys.executable, "-m", "llama_jax.compare", a, str(tmp_path / "empty")],
                          capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and f"note: left out {tmp_path / 'empty'}: no metrics.jsonl" in out.stderr
+    assert len(out.stdout.strip().splitlines()) == 3
+    out = subprocess.run([sys.executable, "-m", "llama_jax.compare", str(tmp_path / "empty")],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and f"{tmp_path / 'empty'}: no metrics.jsonl" in out.stderr
+    # step 0 (a PPO run's evaluation before training) is no candidate for best; standard errors get no best
+    ppo = tmp_path / "ppo"
+    ppo.mkdir()
+    (ppo / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 0, "eval_kl": 0.0, "eval_reward_se": 0.1}, {"step": 4, "eval_kl": 0.3, "eval_reward_se": 0.2},
+        {"step": 8, "eval_kl": 0.2, "eval_reward_se": 0.3})))
+    summary = compare.summarize(compare.load_run(str(ppo)), ["eval_kl", "eval_reward_se"])
+    assert summary["best eval_kl"] == 0.2 and "best eval_reward_se" not in summary
+    # runs of one name in two sweeps are told apart by their paths
+    for sweep_dir in ("s1", "s2"):
+        (tmp_path / sweep_dir).mkdir()
+        shutil.copytree(a, tmp_path / sweep_dir / "beta=0.1")
+    rows = compare.table([str(tmp_path / "s1" / "beta=0.1"), str(tmp_path / "s2" / "beta=0.1")]).splitlines()[2:]
+    assert rows[0].startswith("s1/beta=0.1") and rows[1].startswith("s2/beta=0.1")
 
 
 def test_a_process_per_node_job_drives_all_its_gpus(monkeypatch):

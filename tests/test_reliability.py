@@ -248,7 +248,8 @@ MAIN_CASES = [
      "[INST]"),
     ("wrong-rating", ["reward_model", "--config.data.source={d}/rating.jsonl",
                       "--config.data.tokenizer={tok}"], "great"),
-    ("missing-init-from", ["--config.init_from=/nonexistent/run"], "config.init_from: /nonexistent/run: not a"),
+    ("missing-init-from", ["--config.init_from=/nonexistent/run"],
+     "config.init_from: /nonexistent/run: no such directory"),
     ("dpo-without-init", ["dpo", "--config.data.source={d}/pairs.jsonl",
                           "--config.data.tokenizer={tok}"], "init_from"),
     ("workdir-is-a-file", ["--workdir={d}/a_file/run"], "not writable"),
@@ -404,10 +405,12 @@ def test_sweep_rejects_a_bad_spec():
     out = subprocess.run([sys.executable, f"{ROOT}/launch/sweep.py", "--config=x", "--workdir=y", "--sweep=lr"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "expected FIELD=V1,V2" in out.stderr and one_error_line(out.stderr)
-    for flag in ("--workdir=other", "--config=experiments/sft.py:tiny"):  # would replace every run's own
+    for flag in ("--workdir=other", "--config=experiments/sft.py:tiny", "-workdir=other"):  # would replace every
+        # run's own (absl takes a single dash too)
         out = subprocess.run([sys.executable, f"{ROOT}/launch/sweep.py", "--config=x", "--workdir=y",
                               "--sweep=seed=1,2", "--", flag], capture_output=True, text=True, timeout=60)
-        assert out.returncode == 2 and f"{flag.split('=')[0]} after --: give it before --" in out.stderr
+        name = flag.lstrip("-").split("=")[0]
+        assert out.returncode == 2 and f"{flag.split('=')[0]} after --: give --{name} before --" in out.stderr
 
 
 # ----------------------------------------------------------------------------------

@@ -418,15 +418,26 @@ class SFTStage(Stage):
 
 def exact_match(cfg, params, tokenizer, path: str, limit: int, max_new_tokens: int, mesh=None, rules=None) -> float:
     """Fraction of held-out dialogs whose greedy answer to the last user turn equals the
-    reference answer exactly (white space at the ends ignored)."""
+    reference answer exactly (white space at the ends ignored), of those whose prompt
+    leaves `max_new_tokens` of the model's context (the others, which could not be
+    answered, are left out and counted in a note, once)."""
     from llama_jax.data.chat import open_dialogs
 
     dialogs = open_dialogs(path)
     records = [dialogs.record(i) for i in range(min(limit, len(dialogs)))]
-    answers = _greedy_answers(cfg, params, tokenizer, [r["messages"][:-1] for r in records], max_new_tokens, mesh,
-                              rules=rules, rows=32)
+    prompts = [r["messages"][:-1] for r in records]
+    fits = [generate_fits(cfg, len(tokenizer.encode_dialog(p)), max_new_tokens) for p in prompts]
+    if not all(fits) and (path, cfg.max_seq_len) not in _SAID_UNFIT:
+        _SAID_UNFIT.add((path, cfg.max_seq_len))
+        distributed.say(f"note: exact match leaves out {fits.count(False)} of {len(records)} held-out dialogs whose "
+                        f"prompt leaves fewer than eval_max_new_tokens {max_new_tokens} of the model's context "
+                        f"{cfg.max_seq_len}", flush=True)
+    answers = _greedy_answers(cfg, params, tokenizer, prompts, max_new_tokens, mesh, rules=rules, rows=32)
     hits = sum(a is not None and a == r["messages"][-1]["content"].strip() for r, a in zip(records, answers))
-    return hits / max(len(records), 1)
+    return hits / max(sum(fits), 1)
+
+
+_SAID_UNFIT: set = set()  # (held-out file, context) pairs whose left-out dialogs a note has counted
 
 
 class PreferenceStage(Stage):

@@ -582,6 +582,16 @@ def check_config(config, stage) -> None:
         raise RunError(str(e)) from None
 
 
+def _meta_digest(meta: dict) -> str:
+    """A checkpoint's identity short of its weights: its metadata (model, heads,
+    tokenizer, stage, an import's source), without the step."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "step"}, sort_keys=True,
+                                     default=str).encode()).hexdigest()[:16]
+
+
 PHASE = ""  # "preparing": a stage making its data (sampling, scoring: not checkpointed); then "training"
 
 
@@ -662,8 +672,9 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     if config.init_from:  # the step the run starts from, which a resume keeps (DPO's and PPO's reference); the
         # lead's reading, so that every process starts from the same one while init_from's run saves new steps
         # (every process reads it: opening a checkpoint directory is collective in a multi-process job)
-        stage.init_step = distributed.allgather_json(ckpt.read_meta(config.init_from)[0])[0]
-        meta["init_from"] = {"path": os.path.abspath(config.init_from), "step": stage.init_step}
+        init_step, init_meta = ckpt.read_meta(config.init_from)
+        stage.init_step, init_sha = distributed.allgather_json([init_step, _meta_digest(init_meta)])[0]
+        meta["init_from"] = {"path": os.path.abspath(config.init_from), "step": stage.init_step, "meta_sha": init_sha}
     train_data = stage.train_data(config, tokenizer)
     described = getattr(train_data, "description", None)
     if described and lead:  # what the run reads, counted (pairs dropped by the paper's filter included)
@@ -721,6 +732,14 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                     print(f"config.init_from {config.init_from}: now at step {stage.init_step}; this run started "
                           f"from its step {began['step']} and goes on with it", file=sys.stderr, flush=True)
             stage.init_step = meta["init_from"]["step"] = began["step"]  # the record keeps the step begun with
+        if config.init_from and stage.rereads_init_from and began.get("meta_sha") and \
+                began.get("path") == meta["init_from"]["path"]:  # the same step, rewritten (imported again)?
+            now = _meta_digest(ckpt.read_meta(config.init_from, began["step"])[1])
+            if now != began["meta_sha"]:
+                raise RunError(f"config.init_from {config.init_from}: its step {began['step']} is not the checkpoint "
+                               "this run began with (its metadata differs: written again since, e.g. imported from "
+                               "another model); the reference the run trains against is gone: use a new --workdir")
+            meta["init_from"]["meta_sha"] = now
 
     restored = checkpointer.restore_latest(abstract_sharded, check_meta,
                                           log=lambda m: lead and print(m, file=sys.stderr, flush=True))

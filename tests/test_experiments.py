@@ -366,3 +366,31 @@ def test_ppo_scores_rollouts_a_micro_batch_at_a_time_and_cuts_at_chat_tags(token
     cut = rows["tokens"][1][rows["segment_ids"][1] > 0][len(prompts[1].tokens):]
     assert tok.decode(cut).strip() == "on the mat" and tok.eos_id not in cut
     assert rows["loss_mask"][1].sum() == len(cut)  # the tag and what follows are not trained on
+
+
+def test_exact_match_leaves_out_dialogs_the_context_cannot_answer(tmp_path, tokenizer_path, monkeypatch, capsys):
+    """A held-out dialog whose prompt leaves fewer than eval_max_new_tokens of the context
+    cannot be answered: it is left out of the fraction (and counted in a note), not
+    counted wrong (a 128-token import's SFT capped at 76.5% without a word)."""
+    import json
+
+    from llama_jax import stages
+    from llama_jax.model import LlamaConfig
+    from llama_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_path)
+    dialogs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}],
+               [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "no"}]]
+    path = tmp_path / "held.jsonl"
+    path.write_text("".join(json.dumps({"messages": d}) + "\n" for d in dialogs))
+    cfg = LlamaConfig.tiny(vocab_size=tok.vocab_size, max_seq_len=48)
+
+    def answers(cfg, params, tokenizer, prompts, max_new_tokens, *a, **k):  # right wherever it can answer
+        return [d[-1]["content"] if stages.generate_fits(cfg, len(tokenizer.encode_dialog(p)), max_new_tokens)
+                else None for p, d in zip(prompts, dialogs)]
+
+    monkeypatch.setattr(stages, "_greedy_answers", answers)
+    assert stages.exact_match(cfg, None, tok, str(path), 10, 8) == 1.0
+    assert "exact match leaves out 1 of 2 held-out dialogs" in capsys.readouterr().out
+    assert stages.exact_match(cfg, None, tok, str(path), 10, 8) == 1.0
+    assert capsys.readouterr().out == ""  # said once

@@ -885,7 +885,8 @@ def test_a_resume_keeps_the_init_from_step_it_started_from(tmp_path, reference_r
     assert out.returncode == 0, out.stderr[-3000:]
     out, _ = run("dpo", 2)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert ckpt.read_meta(str(tmp_path / "dpo"))[1]["init_from"] == {"path": str(base), "step": 12}
+    began = ckpt.read_meta(str(tmp_path / "dpo"))[1]["init_from"]
+    assert (began["path"], began["step"], len(began["meta_sha"])) == (str(base), 12, 16)
     assert run("pretrain", 2, experiment="pretrain.py:tiny")[0].returncode == 0
     shutil.copytree(base / "checkpoints" / "9", base / "checkpoints" / "15")  # a later step, other weights
     out, resumed = run("dpo", 4)
@@ -900,3 +901,15 @@ def test_a_resume_keeps_the_init_from_step_it_started_from(tmp_path, reference_r
         "longer holds (its latest: 15)" in out.stderr, out.stderr[-2000:]
     out, _ = run("pretrain", 4, experiment="pretrain.py:tiny")
     assert out.returncode == 0 and "init_from" not in out.stderr, out.stderr[-2000:]
+    # an import rewritten at the same path and step (imported again from another model): refused, not resumed
+    cfg, params, _, tok = ckpt.load_model(str(tmp_path / "whole"))
+    meta = {"model": cfg.to_dict(), "heads": ["lm"],
+            "tokenizer": ckpt.read_meta(str(tmp_path / "whole"))[1]["tokenizer"]}
+    ckpt.save_params(str(tmp_path / "imp"), params, {**meta, "source": "hf:/models/a"}, 0, tok)
+    out, _ = run("dpo_imp", 2, init_from=tmp_path / "imp")
+    assert out.returncode == 0, out.stderr[-2000:]
+    shutil.rmtree(tmp_path / "imp")
+    ckpt.save_params(str(tmp_path / "imp"), params, {**meta, "source": "hf:/models/b"}, 0, tok)
+    out, _ = run("dpo_imp", 4, init_from=tmp_path / "imp")
+    assert out.returncode != 0 and f"config.init_from {tmp_path / 'imp'}: its step 0 is not the checkpoint this run " \
+        "began with" in out.stderr, out.stderr[-2000:]

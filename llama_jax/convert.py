@@ -267,8 +267,9 @@ def hf_config(cfg: LlamaConfig, dtype: str = "float32") -> dict:
 
 def to_hf(params, cfg: LlamaConfig, dst: str, tokenizer_path: str | None = None, dtype: str = "float32") -> None:
     """Writes a Hugging Face Llama directory (new or empty; nothing is left of a failed
-    write): config.json, model.safetensors in `dtype`, and the SentencePiece tokenizer with
-    a LlamaTokenizer config when given."""
+    write): config.json, model.safetensors in `dtype`, and when given the SentencePiece
+    tokenizer with a LlamaTokenizer config (with the Llama 2-Chat chat template) and a
+    tokenizer.json that tokenizes as SentencePiece does."""
     from safetensors.numpy import save_file
 
     from llama_jax.workdir import staged_directory
@@ -280,10 +281,62 @@ def to_hf(params, cfg: LlamaConfig, dst: str, tokenizer_path: str | None = None,
                   metadata={"format": "pt"})
         if tokenizer_path:
             shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-                json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                           "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-                           "legacy": True, "model_max_length": cfg.max_seq_len}, f, indent=1)
+            settings = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True,
+                        "model_max_length": cfg.max_seq_len, "chat_template": CHAT_TEMPLATE}
+            for written in (False, True):
+                with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+                    json.dump(settings, f, indent=1)
+                if written or not _write_tokenizer_json(tmp):
+                    break
+                # transformers 5's LlamaTokenizer rebuilds its own pipeline (and drops leading spaces): the
+                # generic fast tokenizer reads tokenizer.json as written, in transformers 4 and 5
+                settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+
+
+# Meta's Llama 2-Chat format (`tokenizer.encode_dialog`) as a Jinja chat template, for
+# transformers' apply_chat_template: the system message folded into the first user turn,
+# each completed exchange "<s>[INST] user [/INST] answer </s>", the open turn "<s>[INST] user [/INST]".
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for m in turns -%}"
+    "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('roles must alternate user/assistant after an optional system message') }}"
+    "{%- endif -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{%- set text = m['content'] -%}"
+    "{%- if loop.first and system is not none -%}"
+    "{%- set text = '<<SYS>>\n' + system + '\n<</SYS>>\n\n' + text -%}"
+    "{%- endif -%}"
+    "{{ bos_token + '[INST] ' + text | trim + ' [/INST]' }}"
+    "{%- else -%}"
+    "{{ ' ' + m['content'] | trim + ' ' + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}")
+
+
+def _write_tokenizer_json(directory: str) -> bool:
+    """tokenizer.json beside tokenizer.model, laid out as Meta's Llama-2-hf release
+    (normalizer: prepend "▁", spaces to "▁"; no pre-tokenizer), so that transformers'
+    fast tokenizer gives SentencePiece's ids: converted from tokenizer.model alone it
+    drops a text's leading spaces (" x", "  a"). Needs transformers (it converts the
+    vocabulary); without it a note says what is missing."""
+    try:
+        from tokenizers import decoders, normalizers
+        from transformers import AutoTokenizer
+    except ImportError:
+        print("note: no tokenizer.json written (it needs transformers and tokenizers); transformers will convert "
+              "tokenizer.model itself, which drops a text's leading spaces", file=sys.stderr)
+        return False
+    backend = AutoTokenizer.from_pretrained(directory).backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.save(os.path.join(directory, "tokenizer.json"))
+    return True
 
 
 # ----------------------------------------------------------------------------------
@@ -535,7 +588,13 @@ def main(argv=None) -> int:
             beside = os.path.join(args.src, "tokenizer.model")
             tok = args.tokenizer or (beside if os.path.exists(beside) else None)
             if tok:
-                Tokenizer(tok).check_fits(cfg.vocab_size, f"{args.src} checkpoint")
+                bundled = Tokenizer(tok)
+                bundled.check_fits(cfg.vocab_size, f"{args.src} checkpoint")
+                trained = (meta.get("tokenizer") or {}).get("sha256")
+                if trained and bundled.identity()["sha256"] != trained:  # its ids would mean other words
+                    mine = bundled.identity()["sha256"][:12]
+                    raise ConversionError(f"--tokenizer {tok}: not the tokenizer {args.src} was trained with (sha256 "
+                                          f"{mine}..., the checkpoint's {trained[:12]}...)")
             num_shards = 1 if args.num_shards is None else args.num_shards
             if args.dst_format == "meta":
                 check_meta_export(cfg, num_shards)

@@ -354,7 +354,8 @@ def main(argv=None) -> int:
         cfg, params, _, tok, mesh = load_on_local_devices(args.checkpoint, step, need, args.dtype)
         if args.task == "perplexity":
             if args.seq_len > cfg.max_seq_len:
-                print(f"note: --seq_len {args.seq_len} is the model's max_seq_len {cfg.max_seq_len}")
+                print(f"note: --seq_len {args.seq_len} is cut to the model's max_seq_len {cfg.max_seq_len}")
+                args.seq_len = cfg.max_seq_len  # what is used, and what --output records
             progress = Progress(args.max_batches or None, what="batches", throttle=True)
             res = perplexity(cfg, params, tok, args.data, args.seq_len, args.batch_size, args.max_batches,
                              progress.update)

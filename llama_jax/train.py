@@ -544,9 +544,12 @@ def _check_stage_of_workdir(workdir: str, stage_name: str) -> None:
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         return
     try:
-        _, saved = ckpt.read_meta(workdir)
+        step, saved = ckpt.read_meta(workdir)
     except ckpt.CheckpointError:
         return  # none complete: the run starts afresh (restore_latest reports unreadable ones)
+    if not os.path.isdir(os.path.join(workdir, "checkpoints", str(step), "train")):  # params and meta alone
+        raise RunError(f"{workdir}: holds a params-only checkpoint (an import or an export), not a run; start from "
+                       f"it with --config.init_from={workdir} and a new --workdir")
     if saved.get("stage", stage_name) != stage_name:
         raise RunError(f"{workdir}: holds checkpoints of stage {saved['stage']!r}, not {stage_name!r}; use a new "
                        f"--workdir (with --config.init_from={workdir} to start from that run)")
@@ -617,6 +620,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     warning = warmup_warning(config)
     if warning and jax.process_index() == 0:
         print(warning, flush=True)
+    _check_stage_of_workdir(workdir, config.stage)  # before anything is written into it (the probe, the lock)
     probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -638,7 +642,6 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                           else "config.model.max_seq_len") + ")")
     stopper = EarlyStopping.from_config(config)
     lead = jax.process_index() == 0
-    _check_stage_of_workdir(workdir, config.stage)  # before anything is written into it
 
     if stage.writes_data:  # WORKDIR/data of an earlier start must be of these settings; recorded before it is made
         _data_settings(workdir, config, record=lead)

@@ -95,6 +95,38 @@ def test_hf_export_loads_in_transformers(tmp_path, hf):
     assert np.abs(ours - theirs).max() < 1e-4
 
 
+def test_hf_export_tokenizes_and_formats_chats_as_llama_jax(tmp_path, hf, tokenizer_path):
+    """The exported tokenizer gives SentencePiece's ids in transformers, leading spaces
+    included (converted from tokenizer.model alone, transformers dropped them), and its chat
+    template renders Meta's Llama 2-Chat format token for token."""
+    import random
+
+    from llama_jax.tokenizer import Tokenizer
+
+    _, cfg, params = hf
+    tok = Tokenizer(tokenizer_path)
+    big = {**params, "tok_embeddings": {"embedding": np.zeros((tok.vocab_size, cfg.dim), np.float32)},
+           "output": np.zeros((cfg.dim, tok.vocab_size), np.float32)}
+    convert.to_hf(big, cfg.replace(vocab_size=tok.vocab_size), str(tmp_path / "out"), tokenizer_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    for text in ("  leading spaces", " x", "   ", "a\nb  c", "x  y ", "naïve 日本 🙂", "[INST] hi [/INST]"):
+        assert theirs.encode(text, add_special_tokens=False) == tok.encode(text), text
+        assert theirs.decode(theirs.encode(text, add_special_tokens=False)) == text, text
+    assert theirs("the cat").input_ids == tok.encode("the cat", bos=True)  # BOS added, as Llama 2's
+    rng = random.Random(0)
+    words = ["the", " cat", "sat  ", "42", "  on", "mat\n", "x"]
+    for _ in range(20):
+        turns = rng.randint(1, 3)
+        dialog = ([{"role": "system", "content": "".join(rng.choices(words, k=3))}] if rng.random() < 0.5 else [])
+        for t in range(turns):
+            dialog.append({"role": "user", "content": "".join(rng.choices(words, k=4))})
+            if t < turns - 1:
+                dialog.append({"role": "assistant", "content": "".join(rng.choices(words, k=3))})
+        ids = theirs.apply_chat_template(dialog, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        assert list(ids) == tok.encode_dialog(dialog), dialog
+
+
 def test_cli_imports_and_exports_llama_jax_checkpoints(tmp_path, hf, capsys, tokenizer_path):
     model, cfg, params = hf
     meta_dir = tmp_path / "meta"
@@ -112,6 +144,19 @@ def test_cli_imports_and_exports_llama_jax_checkpoints(tmp_path, hf, capsys, tok
     assert np.abs(hf_logits(loaded, TOKENS) - hf_logits(model, TOKENS)).max() < 1e-4
     assert convert.main(["--from=meta", f"--src={meta_dir}", f"--dst={tmp_path / 'ckpt'}"]) == 2
     assert f"{tmp_path / 'ckpt'}: not empty" in capsys.readouterr().err
+    # a tokenizer other than the one the checkpoint was trained with is refused (its ids would mean other words)
+    cfg3, params3, _, _ = ckpt.load_model(str(tmp_path / "ckpt"))
+    wide = {**params3, "tok_embeddings": {"embedding": np.zeros((512, cfg3.dim), np.float32)},
+            "output": np.zeros((cfg3.dim, 512), np.float32)}
+    from llama_jax.tokenizer import Tokenizer
+
+    ckpt.save_params(str(tmp_path / "trained"), wide, {"model": cfg3.replace(vocab_size=512).to_dict(),
+                                                         "tokenizer": {**Tokenizer(tokenizer_path).identity(),
+                                                                       "sha256": "0" * 64}})
+    assert convert.main(["--to=hf", f"--src={tmp_path / 'trained'}", f"--dst={tmp_path / 'hf3'}",
+                         f"--tokenizer={tokenizer_path}"]) == 2
+    assert f"--tokenizer {tokenizer_path}: not the tokenizer {tmp_path / 'trained'} was trained with" in \
+        capsys.readouterr().err and not os.path.exists(tmp_path / "hf3")
     # an export checks the tokenizer it bundles before writing anything (512 pieces > 132 words)
     assert convert.main(["--to=hf", f"--src={tmp_path / 'ckpt'}", f"--dst={tmp_path / 'hf2'}",
                          f"--tokenizer={tokenizer_path}"]) == 2

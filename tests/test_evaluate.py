@@ -180,6 +180,10 @@ def test_evaluate_cli(tmp_path, tok, params, capsys):
     half = json.loads(out.read_text())  # the same tokens, scored by the bfloat16 model: near, not equal
     assert half["settings"]["dtype"] == "bfloat16" and half["tokens"] == full["tokens"]
     assert half["loss"] != full["loss"] and abs(half["loss"] - full["loss"]) < 0.02 * full["loss"]
+    assert ev.main([f"--checkpoint={tmp_path / 'm'}", "--task=perplexity", f"--data=text:{docs}",
+                    f"--seq_len={CFG.max_seq_len + 64}", "--batch_size=2", f"--output={out}"]) == 0
+    assert f"is cut to the model's max_seq_len {CFG.max_seq_len}" in capsys.readouterr().out
+    assert json.loads(out.read_text())["settings"]["seq_len"] == CFG.max_seq_len  # what was used
     assert ev.main([f"--checkpoint={tmp_path / 'm'}", "--task=reward_accuracy", f"--data={docs}"]) == 2
     assert "needs a 'score' head" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"

@@ -317,6 +317,17 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, refe
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "latest checkpoint is step 12, past config.total_steps 6" in out.stderr
     assert written() == before
+    # an export or an import as the workdir: one line saying so (it was "no readable checkpoint", after writing)
+    export = str(tmp_path / "export")
+    from llama_jax import checkpoint as ckpt
+
+    ckpt.export_params(workdir, export)
+    exported = tree_digest(export)
+    out = subprocess.run(command(export, f"--config.data.tokenizer={tokenizer_path}"), env=env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and f"{export}: holds a params-only checkpoint (an import or an export), not a run; " \
+        f"start from it with --config.init_from={export}" in out.stderr and one_error_line(out.stderr), out.stderr
+    assert tree_digest(export) == exported
     # init_from takes the checkpoint's architecture: a command line asking for another one is refused
     out = subprocess.run(command(str(tmp_path / "fine_tune"), f"--config.data.tokenizer={tokenizer_path}",
                                  f"--config.init_from={ref_dir}", "--config.model.n_layers=3",

@@ -329,7 +329,23 @@ def train(inputs: Sequence[str], vocab_size: int, output: str, *, input_sentence
             if "sentences_.empty()" in str(e):
                 raise TokenizerError(f"no text to train on in {len(files)} file(s): every line is empty") from None
             raise TokenizerError(f"training on {len(files)} file(s) failed: {e}") from None
+    _forget_paths(output)
     return Tokenizer(output)
+
+
+def _forget_paths(path: str) -> None:
+    """Drops the input and output paths SentencePiece records in the model's trainer
+    settings (temporary files, for a run's tokenizer): the same text then gives the same
+    file, and the same sha256, wherever it was trained."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    with open(path, "rb") as f:
+        proto.ParseFromString(f.read())
+    del proto.trainer_spec.input[:]
+    proto.trainer_spec.model_prefix = ""
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
 
 
 def _sentencepiece_ready(path: str, copy: str) -> str:

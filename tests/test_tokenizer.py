@@ -315,3 +315,16 @@ def test_the_tokenizer_cli_decodes_and_describes(tok, capsys):
                                    vocab_size=60, model_type="unigram", minloglevel=2, pad_id=-1)
     assert tk.main(["info", f"--model={other}.model"]) == 0
     assert "Llama 2's trainer settings, except model_type, " in capsys.readouterr().out
+
+
+def test_the_same_text_trains_the_same_file_wherever_it_lies(tmp_path):
+    """SentencePiece records its input and output paths in the model: a run's tokenizer,
+    trained from a temporary file, had another sha256 on every run (the same pieces). They
+    are dropped, so the same text gives the same tokenizer.model."""
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / f"text_{d}.txt").write_text(corpus_text(300, 0))
+    one = tk.train([str(tmp_path / "a" / "text_a.txt")], 400, str(tmp_path / "a" / "one.model"))
+    two = tk.train([str(tmp_path / "b" / "text_b.txt")], 400, str(tmp_path / "b" / "two.model"))
+    assert one.identity()["sha256"] == two.identity()["sha256"]
+    assert str(tmp_path) not in open(one.path, "rb").read().decode("latin-1")

@@ -3,7 +3,8 @@
 #
 #   launch/tpu_vm.sh create NAME ACCELERATOR [--spot]   e.g. v4-8, v5litepod-256, v5p-128
 #   launch/tpu_vm.sh setup  NAME        copy this checkout to every worker; venv + install (idempotent)
-#   launch/tpu_vm.sh run    NAME -- --config=experiments/pretrain.py:7b --workdir=gcs/runs/7b [...]
+#   launch/tpu_vm.sh run    NAME -- --config=experiments/pretrain.py:7b --workdir=gcs/runs/7b \
+#                               --config.grad_accum_steps=8 [...]   (v5p-128: see the preset's docstring)
 #   launch/tpu_vm.sh logs   NAME [WORKER]   follow a worker's log (default worker 0)
 #   launch/tpu_vm.sh stop   NAME        stop the run on every worker (SIGTERM: the current step is saved; run resumes)
 #   launch/tpu_vm.sh delete NAME

@@ -268,8 +268,9 @@ def hf_config(cfg: LlamaConfig, dtype: str = "float32") -> dict:
 def to_hf(params, cfg: LlamaConfig, dst: str, tokenizer_path: str | None = None, dtype: str = "float32") -> None:
     """Writes a Hugging Face Llama directory (new or empty; nothing is left of a failed
     write): config.json, model.safetensors in `dtype`, and when given the SentencePiece
-    tokenizer with a LlamaTokenizer config (with the Llama 2-Chat chat template) and a
-    tokenizer.json that tokenizes as SentencePiece does."""
+    tokenizer.model with a tokenizer.json that tokenizes as SentencePiece does and a
+    PreTrainedTokenizerFast config with the Llama 2-Chat chat template (without
+    transformers: a LlamaTokenizer config and no tokenizer.json)."""
     from safetensors.numpy import save_file
 
     from llama_jax.workdir import staged_directory

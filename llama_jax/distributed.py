@@ -83,7 +83,7 @@ def require_one_process(prog: str) -> None:
 
     if job[0] == 0:
         print(f"error: {prog} runs as one process, on all of this host's devices; it was started as one of "
-              f"{job[1]} processes of a job (launch/local.py, srun, a TPU pod's workers): run it on its own",
+              f"{job[1]} processes of a job (launch/local.py, an srun of several tasks): run it on its own",
               file=sys.stderr, flush=True)
     sys.exit(2)
 

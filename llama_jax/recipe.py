@@ -24,8 +24,11 @@ data draws: another run of the same recipe, to see which results hold across see
 `--config.FIELD=VALUE` to that stage's command, after the recipe's own settings, for
 ablations of the whole chain; `{w}` in VALUE is the workdir (the paper's order, PPO on
 the rejection-sampled policy: `--override=ppo:init_from={w}/rejection_sampling`). The
-seed, the overrides and `--fast` are recorded in WORKDIR/recipe_args.json, and a workdir
-is only resumed with the same ones.
+seed, the overrides and `--fast` are recorded in WORKDIR/recipe_args.json; a stage that
+has begun resumes only with the config it began with (other flags are refused, naming the
+stage and fields), and stages not yet begun take new flags. `--until=STAGE` runs that stage
+and the stages it reads from, no further. Stages run in their own sessions: Ctrl-C reaches
+the recipe alone, which sends them SIGTERM (they save their step).
 """
 
 from __future__ import annotations
@@ -237,9 +240,11 @@ def _relay(stream, label: str) -> None:
 def launch(cmd: list[str], env: dict, label: str | None) -> subprocess.Popen:
     """Starts a stage's process: its output straight to ours when it runs alone (progress
     bars intact), else relayed with `label` in front of each line."""
+    # its own session: a terminal's Ctrl-C reaches the recipe alone, which stops the stage with SIGTERM (it saves
+    # its step); the stage gets SIGTERM too if the recipe dies (main.end_with_parent)
     if label is None:
-        return subprocess.Popen(cmd, env=env)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     proc.relay = threading.Thread(target=_relay, args=(proc.stdout, label), daemon=True)
     proc.relay.start()
     return proc

@@ -115,7 +115,7 @@ def check_runs(runs: list[tuple[str, str, list[str]]]) -> str:
         except ValueError as e:
             return f"{name}: {e}"
         record = os.path.join(workdir, RECORD)
-        if os.path.exists(record):
+        if os.path.exists(record) and _saved_something(workdir):  # one that failed before that is run anew
             with open(record) as f:
                 before = json.load(f).get("args", [])
             now = _recorded(cmd_args)
@@ -126,10 +126,20 @@ def check_runs(runs: list[tuple[str, str, list[str]]]) -> str:
     return ""
 
 
+def _saved_something(workdir: str) -> bool:
+    """Whether a run in `workdir` logged a row or saved a checkpoint."""
+    ckpts, metrics = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "metrics.jsonl")
+    return (os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))) or \
+        (os.path.exists(metrics) and os.path.getsize(metrics) > 0)
+
+
 def run(cmd_args: list[str]) -> int:
     """One combination's run; SIGINT and SIGTERM to the sweep reach it (SIGTERM: it saves
     its step), and its exit code is returned (130 / 143 then)."""
-    proc = subprocess.Popen([sys.executable, "-m", "llama_jax.main", *cmd_args])
+    # its own session: a terminal's Ctrl-C reaches the sweep alone, which stops the run with SIGTERM (it saves its
+    # step); LLAMA_JAX_PARENT_PID: it gets SIGTERM too if the sweep dies (llama_jax.main.end_with_parent)
+    proc = subprocess.Popen([sys.executable, "-m", "llama_jax.main", *cmd_args], start_new_session=True,
+                            env={**os.environ, "LLAMA_JAX_PARENT_PID": str(os.getpid())})
 
     def forward(signum, _frame):
         if proc.poll() is None:

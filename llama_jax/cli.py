@@ -61,9 +61,11 @@ def config_of(argv: list[str]):
     """The ConfigDict `python -m llama_jax.main ARGV` (flags only) runs with, parsed as
     main parses it, without running anything; a ValueError with main's one-line message.
     The recipe and launch/sweep.py check every run's settings this way before the first."""
+    from absl import logging  # noqa: F401 - defines absl's own flags (--verbosity, ...), which main also takes
     from ml_collections import config_flags
 
-    args = ["main", *argv]
+    own = set(flags.FLAGS) - {"config", "workdir"}  # absl's flags: main takes them; they set no config field
+    args = ["main", *(a for a in argv if a.lstrip("-").split("=")[0].removeprefix("no") not in own)]
     values = flags.FlagValues()  # sys_argv: the overrides it defines as flags are those of this command
     config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=args)
     flags.DEFINE_string("workdir", None, "", flag_values=values)

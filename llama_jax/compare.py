@@ -124,8 +124,9 @@ def table(workdirs: list[str], metrics: list[str] | None = None, sort: str | Non
     summaries = [summarize(r, metrics) for r in runs]
     if sort:
         key = f"best {sort}" if f"best {sort}" in summaries[0] else sort
-        if key not in summaries[0]:
-            raise CompareError(f"--sort={sort}: not one of the columns {sorted(summaries[0])}")
+        numeric = sorted(k for k in summaries[0] if k != "status")
+        if key not in numeric:
+            raise CompareError(f"--sort={sort}: not one of the metric columns {numeric}")
         sign = -1.0 if higher_is_better(sort) else 1.0
         order = sorted(range(len(runs)), key=lambda i: (summaries[i][key] is None, sign * (summaries[i][key] or 0.0)))
         runs, summaries = [runs[i] for i in order], [summaries[i] for i in order]

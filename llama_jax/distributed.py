@@ -59,13 +59,13 @@ def initialize() -> bool:
 
 def job_process() -> tuple[int, int] | None:
     """(this process's index, number of processes) when the environment makes this one
-    of a multi-process job (`launch/local.py`, `srun` of several tasks with
+    of a multi-process job (`launch/local.py`, an `srun` step of several tasks with
     LLAMA_JAX_DISTRIBUTED set), else None; read from the environment, before any device."""
     num = os.environ.get("JAX_NUM_PROCESSES") if os.environ.get("JAX_COORDINATOR_ADDRESS") else None
     index = os.environ.get("JAX_PROCESS_ID", "0")
     if num is None and os.environ.get("LLAMA_JAX_DISTRIBUTED", "").lower() in ("auto", "1", "true"):
-        num, index = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS"), \
-            os.environ.get("SLURM_PROCID", "0")
+        # srun's task count (an sbatch script or salloc shell has SLURM_NTASKS outside any srun: one process)
+        num, index = os.environ.get("SLURM_STEP_NUM_TASKS"), os.environ.get("SLURM_PROCID", "0")
     try:
         return (int(index), int(num)) if num and int(num) > 1 else None
     except ValueError:

@@ -303,7 +303,8 @@ def train(inputs: Sequence[str], vocab_size: int, output: str, *, input_sentence
     import re
     import tempfile
 
-    files = sorted({f for pattern in inputs for f in glob.glob(pattern, recursive=True) if os.path.isfile(f)})
+    files = sorted({f for pattern in inputs for f in ([pattern] if os.path.isfile(pattern) else
+                                                    glob.glob(pattern, recursive=True)) if os.path.isfile(f)})
     if not files:
         raise TokenizerError(f"no input files match {list(inputs)}")
     _check_train_args(vocab_size, output)
@@ -349,10 +350,13 @@ def _forget_paths(path: str) -> None:
 
 
 def _sentencepiece_ready(path: str, copy: str) -> str:
-    """`path`, or `copy` written with its lines split to LINE_CHARS characters and
-    universal line ends, when SentencePiece would skip some of its lines or learn `\r`."""
+    """`path`, or `copy` written with its lines split to LINE_CHARS characters, universal
+    line ends and no byte-order mark, when SentencePiece would skip some of its lines or
+    learn `\r` (streamed: a corpus file is never read whole)."""
     with open(path, "rb") as f:
-        if not any(len(line) > SENTENCE_BYTES or b"\r" in line for line in f):
+        bom = f.read(3) == b"\xef\xbb\xbf"
+        f.seek(0)
+        if not bom and not any(len(line) > SENTENCE_BYTES or b"\r" in line for line in f):
             return path
     with open(path, encoding="utf-8-sig", errors="replace") as f, open(copy, "w", encoding="utf-8") as out:
         for line in f:
@@ -420,43 +424,50 @@ class _Documents:
 
 def _train_from_sources(inputs: Sequence[str], vocab_size: int, output: str, max_characters: int = CLI_TEXT_BUDGET,
                         seed: int = 0, **kw) -> Tokenizer:
-    """`train` on the documents of `inputs`, each a source as the pipelines name it:
-    text files (`GLOB` or `text:GLOB`) or `jsonl:GLOB` (the records' `text` field),
-    comma-separated globs each of which must match a file. Written as a run's own
-    tokenizer's text is: lines split, up to `max_characters` (drawn from all documents
-    with `seed` when they are more)."""
+    """`train` on `inputs`, each a source as the pipelines name it, comma-separated globs
+    each of which must match a file: text files (`GLOB` or `text:GLOB`) go to SentencePiece
+    as they are (it samples `input_sentence_size` lines of all of them; lines it would skip
+    or Windows line ends are fixed in a streamed copy, see `train`); `jsonl:GLOB` records'
+    `text` fields are written as a run's own tokenizer's text is, up to `max_characters`
+    (documents drawn from all of them with `seed` when they are more)."""
     import tempfile
 
-    from llama_jax.data.sources import DataError, TextFiles, text_jsonl
+    from llama_jax.data.sources import DataError, expand_globs, text_jsonl
     from llama_jax.metrics import Progress
 
     _check_train_args(vocab_size, output)  # before reading a corpus
-    parts = []
+    files, parts = [], []
     try:
         for spec in inputs:
             if spec.startswith("jsonl:"):
                 parts.append(text_jsonl(spec[len("jsonl:"):]))
                 continue
-            pattern = spec[len("text:"):] if spec.startswith("text:") else spec
-            if any(f.endswith(".jsonl") for p in pattern.split(",") for f in glob.glob(p.strip(), recursive=True)):
+            found = expand_globs(spec[len("text:"):] if spec.startswith("text:") else spec, "text")
+            if any(f.endswith(".jsonl") for f in found):
+                pattern = spec[len("text:"):] if spec.startswith("text:") else spec
                 print(f"note: {pattern}: .jsonl files are read as plain text (JSON syntax included); "
                       f"jsonl:{pattern} reads their text field", file=sys.stderr)
-            parts.append(TextFiles(pattern))
+            files += found
     except DataError as e:
         raise TokenizerError(str(e)) from None
-    docs = _Documents(parts)
     with tempfile.TemporaryDirectory() as d:
-        text = os.path.join(d, "text.txt")
-        progress = Progress(len(docs), what="documents read", throttle=True, delay=2.0)
-        chars = [0]
-        everything = sample_training_text(docs, text, max_characters, seed,
-                                          lambda n, size: chars.__setitem__(0, size) or progress.update(n))
-        progress.close()
-        print(f"training a {vocab_size}-piece tokenizer on {chars[0]:,} characters of "
-              + (f"all {len(docs):,} documents" if everything else
-                 f"documents drawn (seed {seed}) from all {len(docs):,}: --max_characters {max_characters:,}")
-              + "; SentencePiece shows no progress", file=sys.stderr, flush=True)
-        return train([text], vocab_size, output, **kw)
+        said = [f"{len(files):,} text files (SentencePiece samples {kw.get('input_sentence_size', 2_000_000):,} "
+                "lines of them)"] if files else []
+        if parts:
+            docs = _Documents(parts)
+            text = os.path.join(d, "jsonl.txt")
+            progress = Progress(len(docs), what="JSONL documents read", throttle=True, delay=2.0)
+            chars = [0]
+            everything = sample_training_text(docs, text, max_characters, seed,
+                                              lambda n, size: chars.__setitem__(0, size) or progress.update(n))
+            progress.close()
+            files.append(text)
+            said.append(f"{chars[0]:,} characters of " + (
+                f"all {len(docs):,} JSONL documents" if everything else
+                f"JSONL documents drawn (seed {seed}) from all {len(docs):,}: --max_characters {max_characters:,}"))
+        print(f"training a {vocab_size}-piece tokenizer on {' and '.join(said)}; SentencePiece shows no progress",
+              file=sys.stderr, flush=True)
+        return train(files, vocab_size, output, **kw)
 
 
 def main(argv=None) -> int:
@@ -469,8 +480,8 @@ def main(argv=None) -> int:
     t.add_argument("--vocab_size", type=int, required=True)
     t.add_argument("--output", required=True, help="PATH.model")
     t.add_argument("--max_characters", type=int, default=CLI_TEXT_BUDGET,
-                   help="learn from at most this many characters: every document when they fit, else documents "
-                   "drawn from all of them (--seed)")
+                   help="jsonl: inputs: at most this many characters of their documents, every one when they fit, "
+                   "else documents drawn from all of them (--seed); text files go to SentencePiece whole")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--input_sentence_size", type=int, default=2_000_000,
                    help="lines SentencePiece samples from that text")

@@ -440,7 +440,8 @@ def _input_files(fields: dict) -> dict:
     """`files:FIELD`: a digest of the files a string field names (globs, comma-separated,
     a KIND: prefix or @WEIGHT allowed), for each field that names some: an edited prompt
     file changes the data a stage makes, as a changed path does. Contents are hashed up to
-    256 MB a field, beyond that sizes and modification times."""
+    256 MB a field, beyond that only the sizes (a copy of the same data, with other
+    modification times, is the same data)."""
     import glob
     import hashlib
     import os
@@ -461,8 +462,6 @@ def _input_files(fields: dict) -> dict:
                 with open(f, "rb") as fh:
                     for block in iter(lambda: fh.read(1 << 20), b""):
                         digest.update(block)
-            else:
-                digest.update(str(os.stat(f).st_mtime_ns).encode())
         out[f"files:{field}"] = digest.hexdigest()[:16]
     return out
 
@@ -477,9 +476,12 @@ def _data_settings(workdir: str, config, record: bool) -> None:
     import json
     import os
 
+    from llama_jax import distributed
+
     path = os.path.join(workdir, "data", "settings.json")
     now = _data_fields(config)
-    now.update(_input_files(now))
+    # the lead's digest, on every process (hosts may hold their own copies of the data: each compares the same)
+    now.update(distributed.allgather_json(_input_files(now) if jax.process_index() == 0 else {})[0])
     made_files = [f for f in os.listdir(os.path.dirname(path)) if f != "settings.json" and not f.endswith(".tmp")] \
         if os.path.isdir(os.path.dirname(path)) else []
     if not os.path.exists(path) or not made_files:
@@ -544,10 +546,11 @@ def _check_stage_of_workdir(workdir: str, stage_name: str) -> None:
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         return
     try:
-        step, saved = ckpt.read_meta(workdir)
+        _, saved = ckpt.read_meta(workdir)
     except ckpt.CheckpointError:
         return  # none complete: the run starts afresh (restore_latest reports unreadable ones)
-    if not os.path.isdir(os.path.join(workdir, "checkpoints", str(step), "train")):  # params and meta alone
+    steps = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    if not any(os.path.isdir(os.path.join(workdir, "checkpoints", d, "train")) for d in steps):  # params, meta alone
         raise RunError(f"{workdir}: holds a params-only checkpoint (an import or an export), not a run; start from "
                        f"it with --config.init_from={workdir} and a new --workdir")
     if saved.get("stage", stage_name) != stage_name:
@@ -735,6 +738,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                     print(f"config.init_from {config.init_from}: now at step {stage.init_step}; this run started "
                           f"from its step {began['step']} and goes on with it", file=sys.stderr, flush=True)
             stage.init_step = meta["init_from"]["step"] = began["step"]  # the record keeps the step begun with
+            meta["init_from"]["meta_sha"] = _meta_digest(ckpt.read_meta(config.init_from, began["step"])[1])
         if config.init_from and stage.rereads_init_from and began.get("meta_sha") and \
                 began.get("path") == meta["init_from"]["path"]:  # the same step, rewritten (imported again)?
             now = _meta_digest(ckpt.read_meta(config.init_from, began["step"])[1])

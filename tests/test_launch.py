@@ -155,8 +155,9 @@ def test_one_process_commands_refuse_to_run_as_part_of_a_job(tmp_path, monkeypat
     from llama_jax import chat, checkpoint, convert, evaluate, tokenizer
     from llama_jax.data import prepare
 
-    for k, v in {"LLAMA_JAX_DISTRIBUTED": "auto", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}.items():
-        monkeypatch.setenv(k, v)  # srun of 4 tasks
+    for k, v in {"LLAMA_JAX_DISTRIBUTED": "auto", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4",
+                 "SLURM_PROCID": "0"}.items():
+        monkeypatch.setenv(k, v)  # an srun step of 4 tasks
     for main, args in ((chat.main, [f"--checkpoint={tmp_path}"]),
                        (evaluate.main, [f"--checkpoint={tmp_path}", "--task=perplexity", "--data=stdlib"]),
                        (convert.main, ["--to=hf", f"--src={tmp_path}", f"--dst={tmp_path}/hf"]),
@@ -166,7 +167,9 @@ def test_one_process_commands_refuse_to_run_as_part_of_a_job(tmp_path, monkeypat
         with pytest.raises(SystemExit) as exit_:
             main(args)
         assert exit_.value.code == 2 and "one of 4 processes" in capsys.readouterr().err, main.__module__
-    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: runs (and fails on the missing checkpoint)
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")  # an sbatch script outside srun (SLURM_NTASKS 4): one process
+    assert checkpoint.main(["info", str(tmp_path)]) == 2 and "runs as one process" not in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # one task: runs (and fails on the missing checkpoint)
     assert checkpoint.main(["info", str(tmp_path)]) == 2 and "runs as one process" not in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "hf") and not os.path.exists(tmp_path / "s")
 
@@ -282,6 +285,14 @@ def test_sweep_checks_every_run_first_and_refuses_a_directory_of_other_flags(tmp
                            capture_output=True, text=True, timeout=120)
     assert other.returncode == 2 and f"{tmp_path / 'seed=1'} was begun with other flags " \
         "(--config.optimizer.warmup_steps=0)" in other.stderr
+    # a run that failed before it saved anything does not hold its directory against a corrected rerun; absl's own
+    # flags (which main takes) pass the check
+    failed = subprocess.run([*base, "--sweep=seed=2", *shared, "--config.data.source=text:/nonexistent/*.txt"],
+                            env=env(), capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1 and os.path.exists(tmp_path / "seed=2" / "sweep_run.json"), failed.stderr[-2000:]
+    printed = subprocess.run([*base, "--sweep=seed=2", *shared, "--verbosity=0"], env=env(), capture_output=True,
+                             text=True, timeout=300)
+    assert printed.returncode == 0, printed.stderr[-2000:]
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("sweep_script", f"{ROOT}/launch/sweep.py")
@@ -292,7 +303,7 @@ def test_sweep_checks_every_run_first_and_refuses_a_directory_of_other_flags(tmp
             "os.kill(os.getppid(), signal.SIGTERM); time.sleep(30)\n")
     real = sweep.subprocess.Popen
     try:  # the sweep's SIGTERM reaches the run, and the run's exit code comes back
-        sweep.subprocess.Popen = lambda cmd: real([sys.executable, "-c", code])
+        sweep.subprocess.Popen = lambda cmd, **kw: real([sys.executable, "-c", code], **kw)
         start = time.time()
         assert sweep.run([]) == 143 and time.time() - start < 20
     finally:
@@ -327,6 +338,8 @@ def test_compare_reports_final_and_best_and_names_bad_directories(tmp_path):
     assert compare.higher_is_better("eval_exact_match") and compare.higher_is_better("eval_reward")
     with pytest.raises(compare.CompareError, match=r"--metrics: \['eval_los'\] logged by none of the runs"):
         compare.table([a, b], ["eval_los"])
+    with pytest.raises(compare.CompareError, match=r"--sort=status: not one of the metric columns"):
+        compare.table([a, b], sort="status")  # a text column: it was a TypeError traceback
     # a run that failed before logging is left out with a note (it made the sweep's own compare command fail)
     (tmp_path / "empty").mkdir()
     out = subprocess.run([sys.executable, "-m", "llama_jax.compare", a, str(tmp_path / "empty")],

@@ -262,9 +262,10 @@ def test_the_tokenizer_cli_trains_on_the_text_field_of_jsonl(tmp_path, capsys):
 
 
 def test_the_tokenizer_cli_reads_files_as_a_run_reads_them(tmp_path, capsys):
-    """Plain text files are read as documents, as `text:` sources are: lines over 4,192
-    bytes (which SentencePiece skips) are learnt, Windows line ends teach no `\\r`
-    pieces, every glob must match, and its size errors name its own flags."""
+    """Plain text files go to SentencePiece whole, streamed (a corpus file is never read
+    into memory): lines over 4,192 bytes (which SentencePiece skips) are learnt, Windows
+    line ends teach no `\\r` pieces, every glob must match, and its size errors name its
+    own flags. JSONL documents are budgeted by --max_characters."""
     rng = random.Random(0)
     words = ["xylophone", "marmalade", "zebra", "flame", "sugar", "river", "lemon", "cloud"]
     (tmp_path / "long.txt").write_text("".join(" ".join(rng.choice(words) for _ in range(1000)) + "\n"
@@ -272,7 +273,8 @@ def test_the_tokenizer_cli_reads_files_as_a_run_reads_them(tmp_path, capsys):
     (tmp_path / "win[1].txt").write_bytes(corpus_text(600, 1).replace("\n", ":\r\n").encode())
     assert tk.main(["train", f"--input={tmp_path}/long.txt", f"--input=text:{tmp_path}/win[1].txt",
                     "--vocab_size=400", f"--output={tmp_path}/t.model"]) == 0  # a file's own name, brackets and all
-    assert "characters of all 2 documents" in capsys.readouterr().err
+    assert "training a 400-piece tokenizer on 2 text files (SentencePiece samples 2,000,000 lines of them)" in \
+        capsys.readouterr().err
     t = tk.Tokenizer(str(tmp_path / "t.model"))
     assert t.sp.encode("xylophone marmalade", out_type=str) == ["▁xylophone", "▁marmalade"]
     assert not [t.sp.id_to_piece(i) for i in range(t.vocab_size) if "\r" in t.sp.id_to_piece(i)]
@@ -293,10 +295,17 @@ def test_the_tokenizer_cli_reads_files_as_a_run_reads_them(tmp_path, capsys):
     (tmp_path / "blank.txt").write_text("\n\n\n")
     assert tk.main(["train", f"--input={tmp_path}/blank.txt", "--vocab_size=400", f"--output={tmp_path}/x.model"]) == 2
     assert "no text to train on" in capsys.readouterr().err
-    # over --max_characters: documents drawn from all of them, said
-    assert tk.main(["train", f"--input={tmp_path}/long.txt", f"--input={tmp_path}/win[1].txt", "--vocab_size=300",
+    # JSONL over --max_characters: documents drawn from all of them, said
+    import json
+
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": corpus_text(40, i)}) + "\n" for i in range(50)))
+    assert tk.main(["train", f"--input={tmp_path}/long.txt", f"--input=jsonl:{tmp_path}/d.jsonl", "--vocab_size=400",
                     "--max_characters=20000", f"--output={tmp_path}/s.model"]) == 0
-    assert "on 20,000 characters of documents drawn (seed 0) from all 2" in capsys.readouterr().err
+    assert "on 1 text files (SentencePiece samples 2,000,000 lines of them) and 20,000 characters of JSONL " \
+        "documents drawn (seed 0) from all 50" in capsys.readouterr().err
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + corpus_text(300, 2).encode())  # a byte-order mark is no text
+    bom = tk.train([str(tmp_path / "bom.txt")], 400, str(tmp_path / "bom.model"))
+    assert not [bom.sp.id_to_piece(i) for i in range(400) if "\ufeff" in bom.sp.id_to_piece(i)]
 
 
 def test_the_tokenizer_cli_decodes_and_describes(tok, capsys):

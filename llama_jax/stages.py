@@ -1184,7 +1184,7 @@ class SafetyDistillStage(SFTStage):
         pre = str(config.distill.preprompt)
         if pre not in SAFETY_PREPROMPTS and len(pre.split()) < 3:  # a word: a misspelt name, not a preprompt's text
             raise RunError(f"config.distill.preprompt: {pre!r} is not one of {sorted(SAFETY_PREPROMPTS)}, nor a "
-                           "preprompt's own text (a sentence)")
+                           "preprompt's own text (three words or more)")
         positions = _preprompt_positions(config)
         if not positions or any(p not in ("prefix", "system") for p in positions):
             raise RunError(f"config.distill.preprompt_position: {config.distill.preprompt_position!r} is not "

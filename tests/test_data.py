@@ -283,7 +283,7 @@ def test_preference_mixtures_take_their_fractions(tmp_path):
         preference.PreferencePairs(f"{tmp_path}/a.jsonl,{tmp_path}/b.jsonl@0.1")
     with pytest.raises(DataError, match="'half' is not a number"):
         preference.parse_mixture("a.jsonl@half")
-    for bad in ("inf", "nan", "1e400", "-1"):  # a crash (OverflowError) or an empty mixture before
+    for bad in ("inf", "nan", "1e400", "-1", "0", "1e7"):  # a crash (OverflowError) or an empty mixture before
         with pytest.raises(DataError, match=f"fraction {bad} must be > 0 and finite"):
             preference.parse_mixture(f"a.jsonl@{bad}")
 

@@ -185,7 +185,6 @@ def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
     c.rlhf.selection_beta = -1.0
     with pytest.raises(RunError, match=r"config.rlhf.selection_beta -1.0: must be a finite number >= 0"):
         RejectionSamplingStage().check(c)
-    assert not os.path.exists(tmp_path / "rs" / "data" / "rs_train.jsonl")
     c.rlhf.selection_beta, c.rlhf.eval_samples = 2.0, -1
     with pytest.raises(RunError, match=r"config.rlhf.eval_samples -1 is negative"):
         RejectionSamplingStage().check(c)
@@ -218,6 +217,8 @@ def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
     d.distill.preprompt_position = "prefix,user"
     with pytest.raises(RunError, match=r"config.distill.preprompt_position: 'prefix,user' is not"):
         SafetyDistillStage().check(d)
+    d.distill.preprompt_position = "prefix"  # the cases below each break one field of a valid config
+    SafetyDistillStage().check(d)
     p.ppo.samples_per_prompt, p.ppo.epochs = 4, 0
     with pytest.raises(RunError, match=r"config.ppo.epochs: 0 .* must be >= 1"):
         PPOStage().check(p)
@@ -235,6 +236,7 @@ def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
             (RejectionSamplingStage, c, "rlhf.temperature", 0.0, "would be one answer"),
             (PPOStage, p, "ppo.beta", -1.0, "a finite number >= 0"),
             (PPOStage, p, "ppo.clip_eps", -0.5, "a finite number > 0"),
+            (PPOStage, p, "ppo.clip_eps", 0.0, "a finite number > 0"),
             (PPOStage, p, "ppo.vf_coef", -1.0, "a finite number >= 0"),
             (PPOStage, p, "ppo.lam", 2.0, "a finite number >= 0 and <= 1"),
             (PPOStage, p, "ppo.gamma", nan, "a finite number >= 0 and <= 1"),
@@ -244,16 +246,13 @@ def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
         for part in key[:-1]:
             node = node[part]
         before, node[key[-1]] = node[key[-1]], value
-        with pytest.raises(RunError, match=f"config.{field} |config.{field}: " if "would be" not in words else ""):
+        with pytest.raises(RunError) as refused:
             stage().check(config)
-        try:
-            stage().check(config)
-        except RunError as e:
-            assert words in str(e), (field, str(e))
+        named = any(f"config.{field}{end}" in str(refused.value) for end in (" ", ":"))
+        assert words in str(refused.value) and ("would be" in words or named), (field, str(refused.value))
         node[key[-1]] = before
-    d.distill.preprompt_position, d.distill.preprompt = "prefix", "You are a careful assistant; decline harm."
+    d.distill.preprompt = "You are a careful assistant; decline harm."
     SafetyDistillStage().check(d)  # a preprompt's own text
-    assert not os.path.exists(tmp_path / "rs") and not os.path.exists(tmp_path / "distill")
 
 
 def test_gatt_cuts_dialogs_at_the_first_breaking_turn_and_weights_instruction_kinds(tmp_path):

@@ -131,7 +131,8 @@ def test_local_launcher_fails_the_job_when_one_process_dies(tmp_path):
     assert time.time() - start < 30  # the sleeping processes were stopped, not waited for
     # killed by a signal: 128 + N, as a shell reports it (was 256 - N); only gloo's own lines are filtered, from stderr
     script = ("import os, sys, time\n"
-              "print('The router is connected to the net'); print('[Gloo] Rank 0 is connected to 1 peer ranks', "
+              "print('The router is connected to the net'); print('Rank 0 is connected to 1 peer ranks'); "
+              "print('[Gloo] Rank 0 is connected to 1 peer ranks', "
               "file=sys.stderr); print('a port is connected to 2 peer ranks?', file=sys.stderr); sys.stdout.flush()\n"
               "if os.environ['JAX_PROCESS_ID'] == '1': os.kill(os.getpid(), 9)\n"
               "time.sleep(60)\n")
@@ -139,6 +140,7 @@ def test_local_launcher_fails_the_job_when_one_process_dies(tmp_path):
                           script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 137 and "process 1 exited with code 137" in out.stderr
     assert out.stdout.count("The router is connected to the net") == 2 and "[Gloo]" not in out.stderr
+    assert out.stdout.count("Rank 0 is connected to 1 peer ranks") == 2  # stdout is the program's: never filtered
     assert out.stderr.count("a port is connected to 2 peer ranks?") == 2
 
 
@@ -306,6 +308,8 @@ def test_sweep_checks_every_run_first_and_refuses_a_directory_of_other_flags(tmp
         sweep.subprocess.Popen = lambda cmd, **kw: real([sys.executable, "-c", code], **kw)
         start = time.time()
         assert sweep.run([]) == 143 and time.time() - start < 20
+        sweep.subprocess.Popen = lambda cmd, **kw: real([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"])
+        assert sweep.run([]) == 137  # killed by signal 9: 128 + 9
     finally:
         sweep.subprocess.Popen = real
 

@@ -732,15 +732,17 @@ def test_ctrl_c_or_a_killed_stage_ends_the_recipe_with_one_line(tmp_path, monkey
     monkeypatch.setattr(recipe, "launch", interrupted)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's (xdist workers ignore it)
     try:
-        assert recipe.main([f"--workdir={tmp_path / 'a'}", f"--experiments={ROOT}/experiments"]) == 130
+        assert recipe.main([f"--workdir={tmp_path / 'my runs'}", f"--experiments={ROOT}/experiments"]) == 130
     finally:
         signal.signal(signal.SIGINT, previous)
     out, err = capsys.readouterr()
     assert signalled == [("pretrain", signal.SIGTERM)] and "Traceback" not in err
     assert "interrupted: the running stages save their step and stop" in err and "rerun the same command" in err
-    assert "pretrain" in json.load(open(tmp_path / "a" / "timings.json"))
+    assert "pretrain" in json.load(open(tmp_path / "my runs" / "timings.json"))
     printed = next(line for line in out.splitlines() if line.startswith("[1/8] pretrain: "))
-    assert shlex.split(printed.split(": ", 1)[1])[:3] == ["python", "-m", "llama_jax.main"]
+    pasted = shlex.split(printed.split(": ", 1)[1])  # a workdir with a space survives the shell
+    assert pasted[:3] == ["python", "-m", "llama_jax.main"]
+    assert f"--workdir={tmp_path / 'my runs' / 'pretrain'}" in pasted
     monkeypatch.setattr(recipe, "launch", lambda cmd, env, label: Running("pretrain", -9))
     assert recipe.main([f"--workdir={tmp_path / 'b'}", f"--experiments={ROOT}/experiments"]) == 137
     assert "error: stage pretrain failed (exit 137)" in capsys.readouterr().err
@@ -819,7 +821,8 @@ def test_the_recipe_passes_a_seed_and_overrides_to_its_stages(tmp_path, monkeypa
     # override refused the corrected command)
     for bad, words in [("sft:total_steps=abc", "stage sft: flag --config.total_steps=abc: invalid literal for int()"),
                        ("sft:total_steps=0", "stage sft: config.total_steps must be a positive integer, got 0"),
-                       ("all:mesh.rules=1", "stage pretrain: sharding rule #0")]:
+                       ("all:mesh.rules=1", "stage pretrain: sharding rule #0"),
+                       ("ppo:ppo.beta=-1.0", "stage ppo: config.ppo.beta -1.0: must be a finite number >= 0")]:
         assert recipe.main([f"--workdir={tmp_path / 'bad'}", f"--experiments={ROOT}/experiments",
                             f"--override={bad}"]) == 2 and not calls
         assert words in capsys.readouterr().err

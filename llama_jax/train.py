@@ -738,7 +738,10 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                     print(f"config.init_from {config.init_from}: now at step {stage.init_step}; this run started "
                           f"from its step {began['step']} and goes on with it", file=sys.stderr, flush=True)
             stage.init_step = meta["init_from"]["step"] = began["step"]  # the record keeps the step begun with
-            meta["init_from"]["meta_sha"] = _meta_digest(ckpt.read_meta(config.init_from, began["step"])[1])
+            # and the digest of that step (a stage that reads init_from only at its start keeps the record's: the
+            # step may be gone)
+            meta["init_from"]["meta_sha"] = _meta_digest(ckpt.read_meta(config.init_from, began["step"])[1]) \
+                if stage.rereads_init_from else began.get("meta_sha")
         if config.init_from and stage.rereads_init_from and began.get("meta_sha") and \
                 began.get("path") == meta["init_from"]["path"]:  # the same step, rewritten (imported again)?
             now = _meta_digest(ckpt.read_meta(config.init_from, began["step"])[1])

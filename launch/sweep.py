@@ -151,7 +151,9 @@ def run(cmd_args: list[str]) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return 128 - code if code < 0 else code
+    from llama_jax.cli import exit_code
+
+    return exit_code(code)
 
 
 def main(argv: list[str] | None = None) -> int:

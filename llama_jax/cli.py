@@ -92,3 +92,8 @@ def check_run(argv: list[str]):
     except RunError as e:
         raise ValueError(str(e)) from None
     return config
+
+
+def exit_code(returncode: int) -> int:
+    """A child's exit status as a shell reports it: killed by signal N -> 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode

@@ -285,14 +285,14 @@ def to_hf(params, cfg: LlamaConfig, dst: str, tokenizer_path: str | None = None,
             settings = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
                         "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True,
                         "model_max_length": cfg.max_seq_len, "chat_template": CHAT_TEMPLATE}
-            for written in (False, True):
-                with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-                    json.dump(settings, f, indent=1)
-                if written or not _write_tokenizer_json(tmp):
-                    break
-                # transformers 5's LlamaTokenizer rebuilds its own pipeline (and drops leading spaces): the
-                # generic fast tokenizer reads tokenizer.json as written, in transformers 4 and 5
-                settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config_path = os.path.join(tmp, "tokenizer_config.json")
+            with open(config_path, "w") as f:
+                json.dump(settings, f, indent=1)
+            if _write_tokenizer_json(tmp):  # converted with the config above; then read by the generic class:
+                # transformers 5's LlamaTokenizer rebuilds its own pipeline (and drops leading spaces), the generic
+                # fast tokenizer reads tokenizer.json as written, in transformers 4 and 5
+                with open(config_path, "w") as f:
+                    json.dump({**settings, "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=1)
 
 
 # Meta's Llama 2-Chat format (`tokenizer.encode_dialog`) as a Jinja chat template, for

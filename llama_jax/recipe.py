@@ -430,7 +430,9 @@ class _Scheduler:
     def _finish(self, name: str) -> None:
         proc, start, before = self.running.pop(name)
         self.times[name] = before + time.perf_counter() - start
-        code = 128 - proc.returncode if proc.returncode < 0 else proc.returncode  # signal N: 128 + N
+        from llama_jax.cli import exit_code
+
+        code = exit_code(proc.returncode)
         if self.terminated and proc.returncode in (143, -signal.SIGTERM):
             self.failed.append((name, 143))
             self.say(name, "stopped by SIGTERM; the rerun resumes it")

@@ -361,8 +361,13 @@ def _sentencepiece_ready(path: str, copy: str) -> str:
     with open(path, encoding="utf-8-sig", errors="replace") as f, open(copy, "w", encoding="utf-8") as out:
         for line in f:
             line = line.rstrip("\n")
-            out.writelines(line[j:j + LINE_CHARS] + "\n" for j in range(0, len(line), LINE_CHARS) or [0])
+            out.writelines(piece + "\n" for piece in _line_pieces(line))
     return copy
+
+
+def _line_pieces(line: str) -> list[str]:
+    """A line cut into pieces of at most LINE_CHARS characters (an empty line stays one)."""
+    return [line[j:j + LINE_CHARS] for j in range(0, len(line), LINE_CHARS)] or [""]
 
 
 def write_training_text(docs, order, path: str, budget: float = float("inf"), progress=None) -> bool:
@@ -381,8 +386,7 @@ def write_training_text(docs, order, path: str, budget: float = float("inf"), pr
             size += len(text)
             lines = text.split("\n")
             if any(len(line) > LINE_CHARS for line in lines):
-                text = "\n".join(line[j:j + LINE_CHARS] for line in lines for j in range(0, len(line), LINE_CHARS)
-                                 or [0])
+                text = "\n".join(piece for line in lines for piece in _line_pieces(line))
             f.write(text + "\n")
             if progress is not None:
                 progress(n, size)

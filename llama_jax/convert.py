@@ -2,7 +2,7 @@
 
     python -m llama_jax.convert --from=meta --src=llama-2-7b/ --dst=ckpt/7b     (Meta -> llama_jax)
     python -m llama_jax.convert --from=hf --src=Llama-2-7b-hf/ --dst=ckpt/7b    (HF -> llama_jax)
-    python -m llama_jax.convert --to=hf --src=ckpt/7b --dst=out/hf              (llama_jax -> HF)
+    python -m llama_jax.convert --to=hf --src=ckpt/7b --dst=out/hf              (llama_jax -> HF, 5GB files)
     python -m llama_jax.convert --to=meta --src=ckpt/7b --dst=out/meta          (llama_jax -> Meta)
 
 Imports write a params-only llama_jax checkpoint (the layout of `checkpoint.export`) with
@@ -34,7 +34,6 @@ import shutil
 import sys
 from typing import Any
 
-import jax
 import numpy as np
 
 from llama_jax.model import DTYPES, LlamaConfig, meta_ffn_hidden_dim
@@ -187,39 +186,65 @@ def _layout(cfg: LlamaConfig):
     }
 
 
+def _progress(total: int, what: str):
+    from llama_jax.metrics import Progress
+
+    return Progress(total, what=what, throttle=True, delay=2.0)
+
+
 def params_from_hf_tensors(get, cfg: LlamaConfig, has_lm_head: bool = True) -> dict:
     """Builds llama_jax params from HF-named tensors. `get(name, shape)` returns a
-    numpy array (and checks its shape); without an lm_head the embedding is copied."""
+    numpy array (and checks its shape); without an lm_head the embedding is copied.
+    Layer by layer, with progress on stderr; each tensor is copied once, into its place
+    in the stacked array."""
     out_dtype = np.dtype(DTYPES[cfg.param_dtype])
     L = cfg.n_layers
     layers: dict[str, dict[str, np.ndarray]] = {}
-    for (mod, leaf), (hf_name, hf_shape, to_ours, _) in _layout(cfg).items():
-        stacked = None
-        for i in range(L):
-            w = to_ours(get(f"model.layers.{i}.{hf_name}", hf_shape).astype(out_dtype))
+    progress = _progress(L, "layers read")
+    for i in range(L):
+        for (mod, leaf), (hf_name, hf_shape, to_ours, _) in _layout(cfg).items():
+            w = to_ours(get(f"model.layers.{i}.{hf_name}", hf_shape))
+            stacked = layers.setdefault(mod, {}).get(leaf)
             if stacked is None:
-                stacked = np.empty((L,) + w.shape, out_dtype)
-            stacked[i] = w
-        layers.setdefault(mod, {})[leaf] = stacked
-    embed = get("model.embed_tokens.weight", (cfg.vocab_size, cfg.dim)).astype(out_dtype)
-    output = get("lm_head.weight", (cfg.vocab_size, cfg.dim)).astype(out_dtype).T if has_lm_head else embed.T
+                stacked = layers[mod][leaf] = np.empty((L,) + w.shape, out_dtype)
+            stacked[i] = w  # casts as it copies
+        progress.update(i + 1)
+    progress.close()
+    embed = np.array(get("model.embed_tokens.weight", (cfg.vocab_size, cfg.dim)), out_dtype)  # a copy: not a
+    # view that would keep a memory-mapped source file alive
+    head = get("lm_head.weight", (cfg.vocab_size, cfg.dim)) if has_lm_head else embed
+    output = np.empty((cfg.dim, cfg.vocab_size), out_dtype)
+    output[...] = head.T
     return {
         "tok_embeddings": {"embedding": embed},
         "layers": layers,
-        "norm": {"scale": get("model.norm.weight", (cfg.dim,)).astype(out_dtype)},
-        "output": np.ascontiguousarray(output),
+        "norm": {"scale": np.array(get("model.norm.weight", (cfg.dim,)), out_dtype)},
+        "output": output,
     }
 
 
+def iter_hf_tensors(params, cfg: LlamaConfig, dtype=np.float32):
+    """(HF name, array) of llama_jax params, one tensor at a time in HF's order (rotate-half
+    q/k rows, as HF stores them): each made when asked for, so that a writer holds one
+    file's tensors, not a second copy of the model."""
+    dtype = np.dtype(dtype)
+
+    def host(x, i=None):
+        a = np.asarray(x)  # a host array's own buffer: no copy
+        a = a if i is None else a[i]
+        return a if a.dtype == dtype else a.astype(dtype)
+
+    yield "model.embed_tokens.weight", host(params["tok_embeddings"]["embedding"])
+    for i in range(cfg.n_layers):
+        for (mod, leaf), (hf_name, _, _, to_hf) in _layout(cfg).items():
+            yield f"model.layers.{i}.{hf_name}", np.ascontiguousarray(to_hf(host(params["layers"][mod][leaf], i)))
+    yield "model.norm.weight", host(params["norm"]["scale"])
+    yield "lm_head.weight", np.ascontiguousarray(host(params["output"]).T)
+
+
 def hf_tensors_from_params(params, cfg: LlamaConfig, dtype=np.float32) -> dict[str, np.ndarray]:
-    """llama_jax params -> HF-named tensors (rotate-half q/k rows, as HF stores them)."""
-    p = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), params)
-    out = {"model.embed_tokens.weight": p["tok_embeddings"]["embedding"], "model.norm.weight": p["norm"]["scale"],
-           "lm_head.weight": np.ascontiguousarray(p["output"].T)}
-    for (mod, leaf), (hf_name, _, _, to_hf) in _layout(cfg).items():
-        for i in range(cfg.n_layers):
-            out[f"model.layers.{i}.{hf_name}"] = np.ascontiguousarray(to_hf(p["layers"][mod][leaf][i]))
-    return out
+    """llama_jax params -> HF-named tensors (all at once; `iter_hf_tensors` for one at a time)."""
+    return dict(iter_hf_tensors(params, cfg, dtype))
 
 
 def _read_json(path: str) -> dict:
@@ -265,21 +290,85 @@ def hf_config(cfg: LlamaConfig, dtype: str = "float32") -> dict:
     }
 
 
-def to_hf(params, cfg: LlamaConfig, dst: str, tokenizer_path: str | None = None, dtype: str = "float32") -> None:
+HF_SHARD_SIZE = "5GB"  # transformers 4's save_pretrained default; the Hub takes no file over 50GB
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes of "5GB", "500MB", "2GiB" or a plain number (`--max_shard_size`)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    t = str(text).strip().upper()
+    number = t.rstrip("KMGTIB")
+    try:
+        size = float(number) * units[t[len(number):].strip()]
+    except (ValueError, KeyError):
+        raise ConversionError(f"--max_shard_size={text}: not a size (e.g. 5GB, 500MB, 2GiB or bytes)") from None
+    if not math.isfinite(size) or size < 1:
+        raise ConversionError(f"--max_shard_size={text}: must be at least one byte")
+    return int(size)
+
+
+def _hf_shapes(cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every HF tensor, in `iter_hf_tensors`' order."""
+    top = [("model.embed_tokens.weight", (cfg.vocab_size, cfg.dim))]
+    for i in range(cfg.n_layers):
+        top += [(f"model.layers.{i}.{name}", shape) for name, shape, _, _ in _layout(cfg).values()]
+    return top + [("model.norm.weight", (cfg.dim,)), ("lm_head.weight", (cfg.vocab_size, cfg.dim))]
+
+
+def hf_files(cfg: LlamaConfig, dtype: str = "float32", max_shard_size: str | int = HF_SHARD_SIZE) -> list[list[str]]:
+    """The tensor names of each safetensors file of an HF export, in order: files of at
+    most `max_shard_size` bytes (a tensor larger than that gets a file of its own)."""
+    limit, itemsize = parse_size(max_shard_size), np.dtype(DTYPES[dtype]).itemsize
+    files: list[list[str]] = [[]]
+    size = 0
+    for name, shape in _hf_shapes(cfg):
+        n = math.prod(shape) * itemsize
+        if files[-1] and size + n > limit:
+            files.append([])
+            size = 0
+        files[-1].append(name)
+        size += n
+    return files
+
+
+def to_hf(params, cfg: LlamaConfig, dst: str, tokenizer_path: str | None = None, dtype: str = "float32",
+          max_shard_size: str | int = HF_SHARD_SIZE) -> None:
     """Writes a Hugging Face Llama directory (new or empty; nothing is left of a failed
-    write): config.json, model.safetensors in `dtype`, and when given the SentencePiece
-    tokenizer.model with a tokenizer.json that tokenizes as SentencePiece does and a
-    PreTrainedTokenizerFast config with the Llama 2-Chat chat template (without
-    transformers: a LlamaTokenizer config and no tokenizer.json)."""
+    write): config.json, the weights in `dtype` as `model.safetensors`, or, larger than
+    `max_shard_size`, as `model-0000N-of-0000M.safetensors` files with the
+    `model.safetensors.index.json` that `save_pretrained` writes; and when given the
+    SentencePiece tokenizer.model with a tokenizer.json that tokenizes as SentencePiece
+    does and a PreTrainedTokenizerFast config with the Llama 2-Chat chat template (without
+    transformers: a LlamaTokenizer config and no tokenizer.json). One file's tensors are
+    held at a time, with progress on stderr."""
     from safetensors.numpy import save_file
 
     from llama_jax.workdir import staged_directory
 
+    files = hf_files(cfg, dtype, max_shard_size)
+    names = ["model.safetensors"] if len(files) == 1 else [
+        f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     with staged_directory(dst, ConversionError) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config(cfg, dtype), f, indent=1)
-        save_file(hf_tensors_from_params(params, cfg, np.dtype(DTYPES[dtype])), os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": "pt"})
+        tensors = iter_hf_tensors(params, cfg, np.dtype(DTYPES[dtype]))
+        progress, done, weight_map, total = _progress(sum(map(len, files)), "tensors written"), 0, {}, 0
+        for file, members in zip(names, files):
+            chunk = {}
+            for expected in members:
+                name, chunk[expected] = next(tensors)
+                assert name == expected, (name, expected)
+                total += chunk[expected].nbytes
+                weight_map[expected] = file
+                done += 1
+                progress.update(done)
+            save_file(chunk, os.path.join(tmp, file), metadata={"format": "pt"})
+            del chunk
+        progress.close()
+        if len(files) > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
         if tokenizer_path:
             shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
             settings = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
@@ -418,16 +507,18 @@ def from_meta(path: str, **config_overrides) -> tuple[LlamaConfig, dict]:
         except Exception as e:  # torch raises many types for bad files
             raise ConversionError(f"{os.path.join(path, name)}: cannot load ({e})") from None
 
-    def merged(meta_name: str, dim: int | None) -> np.ndarray:
-        parts = []
+    def parts(meta_name: str) -> list:
         for name, state in zip(shards, states):
             if meta_name not in state:
                 raise ConversionError(f"{os.path.join(path, name)}: tensor {meta_name!r} is missing")
-            parts.append(state[meta_name].float().numpy())
-        return parts[0] if dim is None or len(parts) == 1 else np.concatenate(parts, axis=dim)
+        return [state[meta_name] for state in states]
 
-    vocab = merged("tok_embeddings.weight", 1).shape[0]
-    ffn = merged("layers.0.feed_forward.w1.weight", 0).shape[0]
+    def merged(meta_name: str, dim: int | None) -> np.ndarray:
+        pieces = [t.float().numpy() for t in parts(meta_name)]
+        return pieces[0] if dim is None or len(pieces) == 1 else np.concatenate(pieces, axis=dim)
+
+    vocab = parts("tok_embeddings.weight")[0].shape[0]  # split on columns: every shard has all the rows
+    ffn = sum(t.shape[0] for t in parts("layers.0.feed_forward.w1.weight"))  # split on rows
     cfg = config_from_meta(params_json, vocab, ffn, os.path.join(path, "params.json"), **config_overrides)
 
     def get(hf_name: str, shape):
@@ -496,20 +587,25 @@ def to_meta(params, cfg: LlamaConfig, dst: str, num_shards: int = 1, tokenizer_p
     from llama_jax.workdir import staged_directory
 
     multiple_of, ffn_dim_multiplier = check_meta_export(cfg, num_shards)
+    n_tensors = len(_hf_shapes(cfg))
+    progress = _progress(n_tensors * num_shards, "tensors written")
     with staged_directory(dst, ConversionError) as tmp:
-        shards: list[dict] = [{} for _ in range(num_shards)]
-        for hf_name, w in hf_tensors_from_params(params, cfg).items():
-            meta_name, dim = _meta_name(hf_name)
-            if meta_name.endswith("attention.wq.weight"):
-                w = unpermute_rotary(w, cfg.n_heads)
-            elif meta_name.endswith("attention.wk.weight"):
-                w = unpermute_rotary(w, cfg.kv_heads)
-            pieces = [w] * num_shards if dim is None else np.split(w, num_shards, axis=dim)
-            for shard, piece in zip(shards, pieces):  # a copy: torch wants a writable array, and bfloat16 comes
-                # from float32 (numpy has no bfloat16 torch reads)
+        for i in range(num_shards):  # one shard's tensors at a time (each tensor made again for each shard)
+            shard = {}
+            for n, (hf_name, w) in enumerate(iter_hf_tensors(params, cfg)):
+                meta_name, dim = _meta_name(hf_name)
+                if meta_name.endswith("attention.wq.weight"):
+                    w = unpermute_rotary(w, cfg.n_heads)
+                elif meta_name.endswith("attention.wk.weight"):
+                    w = unpermute_rotary(w, cfg.kv_heads)
+                piece = w if dim is None else np.split(w, num_shards, axis=dim)[i]
+                # a copy: torch wants a writable array, and bfloat16 comes from float32 (numpy has no bfloat16
+                # torch reads); contiguous, so that torch.save writes the piece and not the whole tensor
                 shard[meta_name] = torch.from_numpy(np.array(piece, np.float32)).to(getattr(torch, dtype))
-        for i, shard in enumerate(shards):
+                progress.update(i * n_tensors + n + 1)
             torch.save(shard, os.path.join(tmp, f"consolidated.{i:02d}.pth"))
+            del shard
+        progress.close()
         # Llama 2's loader builds its ModelArgs(**params) and has no rope_theta field (Code Llama added it)
         params_json = {"dim": cfg.dim, "multiple_of": multiple_of, "n_heads": cfg.n_heads,
                        "n_layers": cfg.n_layers, "norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size}
@@ -546,6 +642,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="weights' dtype in an export (default float32; Meta's and HF's Llama 2 releases are "
                          "bfloat16 / float16). Imports keep llama_jax's float32 parameters")
+    ap.add_argument("--max_shard_size", default=None,
+                    help=f"largest safetensors file of --to=hf, e.g. 10GB or 500MB (default {HF_SHARD_SIZE}; a "
+                         "larger model is split into model-0000N-of-0000M.safetensors files with an index, as "
+                         "save_pretrained splits them)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer.model to bundle (default: the source's)")
     args = ap.parse_args(argv)
     from llama_jax.distributed import require_one_process
@@ -558,11 +658,14 @@ def main(argv=None) -> int:
 
     if args.num_shards is not None and args.dst_format != "meta":
         ap.error("--num_shards is for --to=meta")
+    if args.max_shard_size is not None and args.dst_format != "hf":
+        ap.error("--max_shard_size is for --to=hf")
     if args.dtype is not None and not args.dst_format:
         ap.error("--dtype is for exports (--to); an import keeps float32 parameters, as training needs")
     try:
         if args.tokenizer and not os.path.isfile(args.tokenizer):
             raise ConversionError(f"--tokenizer {args.tokenizer}: no such file")
+        shard_size = parse_size(args.max_shard_size or HF_SHARD_SIZE)
         require_empty(args.dst, ConversionError)  # checked again when writing; here before reading
         if args.src_format:
             cfg, params = (from_meta if args.src_format == "meta" else from_hf)(args.src)
@@ -579,6 +682,7 @@ def main(argv=None) -> int:
                 tk = Tokenizer(tok)
                 tk.check_fits(cfg.vocab_size, "checkpoint")
                 meta["tokenizer"] = tk.identity()
+            print(f"writing {args.dst} ({cfg.num_params():,} parameters)", file=sys.stderr, flush=True)
             ckpt.save_params(args.dst, params, meta, step=0, tokenizer_path=tok if os.path.exists(tok) else None)
             print(f"imported {args.src_format} {args.src} ({cfg.num_params():,} parameters) -> {args.dst}")
         else:
@@ -599,10 +703,12 @@ def main(argv=None) -> int:
             num_shards = 1 if args.num_shards is None else args.num_shards
             if args.dst_format == "meta":
                 check_meta_export(cfg, num_shards)
+            print(f"reading {args.src} checkpoint {step} ({cfg.num_params():,} parameters)", file=sys.stderr,
+                  flush=True)
             cfg, params, _, _ = ckpt.load_model(args.src, step)  # that step, though the run may have saved another
             dtype = args.dtype or "float32"
             if args.dst_format == "hf":
-                to_hf(params, cfg, args.dst, tok, dtype)
+                to_hf(params, cfg, args.dst, tok, dtype, shard_size)
             else:
                 to_meta(params, cfg, args.dst, num_shards, tok, dtype)
             print(f"exported {args.src} -> {args.dst_format} {args.dst}")

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -87,12 +88,35 @@ def test_meta_export_finds_params_json_fields_for_an_hf_import(tmp_path, hf):
 
 
 def test_hf_export_loads_in_transformers(tmp_path, hf):
+    """One model.safetensors, or files of at most --max_shard_size with save_pretrained's
+    index; transformers and our import read both."""
     _, cfg, params = hf
-    convert.to_hf(params, cfg, str(tmp_path / "out"))
-    loaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
-    theirs = hf_logits(loaded, TOKENS)
     ours = np.asarray(run(Llama(cfg), params, TOKENS))
-    assert np.abs(ours - theirs).max() < 1e-4
+    layer = sum(np.asarray(x[0]).nbytes for x in jax.tree_util.tree_leaves(params["layers"]))
+    limit = layer * 3 // 2
+    for out, size in (("one", convert.HF_SHARD_SIZE), ("split", f"{limit / 1e3}KB")):
+        convert.to_hf(params, cfg, str(tmp_path / out), max_shard_size=size)
+        loaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / out)).eval()
+        assert np.abs(ours - hf_logits(loaded, TOKENS)).max() < 1e-4
+        reimported = convert.from_hf(str(tmp_path / out))[1]
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(reimported),
+                                                        jax.tree_util.tree_leaves(params)))
+    assert sorted(os.listdir(tmp_path / "one")) == ["config.json", "model.safetensors"]
+    index = json.load(open(tmp_path / "split" / "model.safetensors.index.json"))
+    files = sorted(f for f in os.listdir(tmp_path / "split") if f.endswith(".safetensors"))
+    n = len(files)
+    assert n >= 3 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    tensors = convert.hf_tensors_from_params(params, cfg)
+    assert list(index["weight_map"]) == list(tensors) and index["metadata"]["total_size"] == sum(
+        t.nbytes for t in tensors.values())
+    held = {f: [name for name, file in index["weight_map"].items() if file == f] for f in files}
+    for i, f in enumerate(files):  # filled in order, each as full as the limit allows
+        size = sum(tensors[name].nbytes for name in held[f])
+        assert size <= limit and (i == n - 1 or size + tensors[held[files[i + 1]][0]].nbytes > limit)
+    for bad in ("five", "0", "-3GB", "GB"):
+        with pytest.raises(ConversionError, match=f"--max_shard_size={bad}: "):
+            convert.parse_size(bad)
+    assert [convert.parse_size(s) for s in ("5GB", "2GiB", "500 MB", "1000")] == [5e9, 2**31, 5e8, 1000]
 
 
 def test_hf_export_tokenizes_and_formats_chats_as_llama_jax(tmp_path, hf, tokenizer_path):
@@ -168,6 +192,12 @@ def test_cli_imports_and_exports_llama_jax_checkpoints(tmp_path, hf, capsys, tok
     with pytest.raises(SystemExit):
         convert.main(["--from=meta", f"--src={meta_dir}", f"--dst={tmp_path / 'c3'}", "--dtype=bfloat16"])
     assert "--dtype is for exports" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        convert.main(["--to=meta", f"--src={tmp_path / 'ckpt'}", f"--dst={tmp_path / 'm2'}", "--max_shard_size=1GB"])
+    assert "--max_shard_size is for --to=hf" in capsys.readouterr().err
+    assert convert.main(["--to=hf", f"--src={tmp_path / 'ckpt'}", f"--dst={tmp_path / 'hf2'}",
+                         "--max_shard_size=5 bytes"]) == 2
+    assert "--max_shard_size=5 bytes: not a size" in capsys.readouterr().err and not os.path.exists(tmp_path / "hf2")
     # Meta's downloads keep tokenizer.model beside the model directories: found there (and
     # checked: this one's 512 pieces do not fit the 132-word model)
     shutil.copy(tokenizer_path, tmp_path / "tokenizer.model")

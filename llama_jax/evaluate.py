@@ -3,14 +3,30 @@ HellaSwag / ARC style), and reward-model accuracy per rating bucket (paper Table
 
     python -m llama_jax.evaluate --checkpoint=DIR --task=perplexity --data=jsonl:held_out.jsonl
     python -m llama_jax.evaluate --checkpoint=DIR --task=multiple_choice --data=arc.jsonl --k_shot=5
+    python -m llama_jax.evaluate --checkpoint=DIR --task=multiple_choice --data=mmlu_test.jsonl \\
+        --shots=mmlu_dev.jsonl --k_shot=5 --style=letters
     python -m llama_jax.evaluate --checkpoint=RM_DIR --task=reward_accuracy --data=pairs.jsonl
 
-Multiple choice: JSONL lines `{"question": str, "choices": [str, ...], "answer": int | str}`
-(answer = index or the text of the right choice). Each choice is scored by the summed
-log-probability of its tokens after the prompt "Question: {q}\\nAnswer:" (preceded by
-k solved examples from the same file, never the question itself nor a line asking the
-same; choices must be distinct and not empty); `accuracy` takes the
-highest sum, `accuracy_norm` the highest sum per character of the choice.
+perplexity: --data is a source spec, as a pretraining run's: text:GLOB, jsonl:GLOB (a
+"text" field a line), stdlib:eval, synthetic (with --max_batches).
+
+multiple_choice: JSONL lines {"question": str, "choices": [str, ...], "answer": int | str}
+(answer = index, or the text of the right choice), optionally "subject": str. Convert
+other layouts first: HellaSwag's ctx/endings/label -> question/choices/answer (label as a
+number), ARC's choices.text and answerKey -> choices and the key's index, BoolQ's
+passage + question -> question with choices ["no", "yes"]. Each choice is scored by the
+summed log-probability of its tokens after the prompt, preceded by k solved examples
+(--shots=FILE, e.g. MMLU's dev split, else the file's other questions; never a line
+asking the same question; of the question's own subject where it names one). Styles:
+qa, "Question: {q}\\nAnswer:" and the choice's text; letters, the MMLU layout,
+"{q}\\nA. {choice}\\nB. ...\\nAnswer:" and the choice's letter. accuracy takes the
+highest sum, accuracy_norm the highest sum per character of what is scored (the choice
+with its leading space, as lm-evaluation-harness's acc_norm). A question with an empty
+choice is left out and counted; repeated choices are scored (a pick equal to the answer's
+text counts as right).
+
+reward_accuracy: preference JSONL as the reward-model stages read it ({"prompt": [turns],
+"chosen": str, "rejected": str, "rating": ...}); a checkpoint with a score head.
 """
 
 from __future__ import annotations
@@ -50,31 +66,43 @@ def _row_logprobs(params, tokens, segment_ids, target_mask, *, config: LlamaConf
     return jnp.sum(tok_lp * mask, axis=1), jnp.all(greedy | (mask == 0), axis=1)
 
 
+def _length_bucket(n: int) -> int:
+    """A padded length for n tokens: a multiple of 32, and of an eighth of the next power
+    of two above 256 (at most 12.5% padding; 24 shapes up to 4,096 tokens, not 128)."""
+    step = max(32, (1 << (n - 1).bit_length()) // 8)
+    return max(32, -(-n // step) * step)
+
+
 def loglikelihood(config: LlamaConfig, params, contexts: Sequence[Sequence[int]],
                   continuations: Sequence[Sequence[int]], batch_size: int = 8,
                   progress=None) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), continuation is the greedy one) per pair.
-    Pairs longer than max_seq_len keep their last max_seq_len tokens."""
-    out = []
+    Pairs longer than max_seq_len keep their last max_seq_len tokens. Pairs are batched
+    longest first (a batch's rows of like lengths), each batch padded to
+    `_length_bucket` (at most max_seq_len)."""
     rows = []
     for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
         if not len(ctx):  # the first token has no prediction: it would go unscored
             raise ValueError(f"loglikelihood: pair {i} has an empty context (start it with BOS)")
         seq = (list(ctx) + list(cont))[-config.max_seq_len:]
         rows.append((seq, min(len(cont), len(seq) - 1)))
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        T = min(_bucket(max(len(s) for s, _ in chunk)), config.max_seq_len)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    out: list = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        T = min(_length_bucket(len(rows[chunk[0]][0])), config.max_seq_len)
         tokens = np.zeros((batch_size, T), np.int32)
         seg = np.zeros((batch_size, T), np.int32)
         mask = np.zeros((batch_size, T), np.float32)
-        for i, (seq, n_cont) in enumerate(chunk):
+        for i, r in enumerate(chunk):
+            seq, n_cont = rows[r]
             tokens[i, :len(seq)], seg[i, :len(seq)] = seq, 1
             mask[i, len(seq) - n_cont:len(seq)] = 1.0
         lp, greedy = _row_logprobs(params, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(mask), config=config)
-        out += [(float(a), bool(b)) for a, b in zip(np.asarray(lp)[:len(chunk)], np.asarray(greedy)[:len(chunk)])]
+        for r, a, b in zip(chunk, np.asarray(lp), np.asarray(greedy)):
+            out[r] = (float(a), bool(b))
         if progress is not None:
-            progress(len(out), len(rows))
+            progress(start + len(chunk), len(rows))
     return out
 
 
@@ -125,20 +153,29 @@ def perplexity(config: LlamaConfig, params, tokenizer, source: str, seq_len: int
 # ----------------------------------------------------------------------------------
 
 
+MC_STYLES = ("qa", "letters")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
 def _validate_mc(record: dict, where: str) -> None:
     sources.require(record, where, "question", str)
     choices = sources.require(record, where, "choices", list)
     if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-        raise DataError(f"{where}: 'choices' must be a list of at least 2 strings")
-    if not all(c.strip() for c in choices):  # scored on the prompt's trailing space alone, it would win
-        raise DataError(f"{where}: a choice is empty")
-    if len(set(choices)) < len(choices):  # which of two equal choices is the answer is a coin toss
-        raise DataError(f"{where}: choices repeat {next(c for c in choices if choices.count(c) > 1)!r}")
+        raise DataError(f"{where}: 'choices' must be a list of at least 2 strings, got {choices!r:.80}")
+    if "subject" in record:
+        sources.require(record, where, "subject", str)
     answer = record.get("answer")
+    if isinstance(answer, str) and choices.count(answer) > 1:  # which of the equal ones is meant?
+        raise DataError(f"{where}: 'answer' {answer!r} is {choices.count(answer)} of the choices; give its index")
     if isinstance(answer, bool) or not (isinstance(answer, int) and 0 <= answer < len(choices)
                                         or isinstance(answer, str) and answer in choices):
+        hint = ""
+        if isinstance(answer, str) and answer.strip().isdigit():
+            hint = f" (an index is a JSON number: \"answer\": {answer.strip()}, not \"{answer.strip()}\")"
+        elif isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in LETTERS:
+            hint = f" (for a letter key, give its index: \"answer\": {LETTERS.index(answer.strip().upper())})"
         raise DataError(f"{where}: 'answer' must be an index into choices (0..{len(choices) - 1}) or one of them,"
-                        f" got {answer!r}")
+                        f" got {answer!r}{hint}")
 
 
 def _answer_index(record: dict) -> int:
@@ -146,33 +183,81 @@ def _answer_index(record: dict) -> int:
     return a if isinstance(a, int) else record["choices"].index(a)
 
 
-def mc_prompt(record: dict, shots: Sequence[dict]) -> str:
-    solved = "".join(f"Question: {s['question']}\nAnswer: {s['choices'][_answer_index(s)]}\n\n" for s in shots)
-    return f"{solved}Question: {record['question']}\nAnswer:"
+def mc_prompt(record: dict, shots: Sequence[dict], style: str = "qa") -> str:
+    """The prompt a question's choices are scored after. `qa`: "Question: {q}\nAnswer:"
+    after each solved example's "Question: ...\nAnswer: {right choice}\n\n". `letters`
+    (the MMLU layout): "{q}\nA. {choice}\nB. ...\nAnswer:" with solved examples answered
+    by their letter, under "The following are multiple choice questions (with answers)
+    about {subject}." when the question names its `subject`."""
+    if style == "qa":
+        solved = "".join(f"Question: {s['question']}\nAnswer: {s['choices'][_answer_index(s)]}\n\n" for s in shots)
+        return f"{solved}Question: {record['question']}\nAnswer:"
+
+    def block(r):
+        return r["question"] + "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(r["choices"])) + "\nAnswer:"
+
+    subject = record.get("subject")
+    head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n" \
+        if subject else ""
+    return head + "".join(f"{block(s)} {LETTERS[_answer_index(s)]}\n\n" for s in shots) + block(record)
+
+
+def mc_continuations(record: dict, style: str = "qa") -> list[str]:
+    """What is scored after the prompt, per choice (" " + the choice, or " " + its letter)."""
+    return [f" {LETTERS[i]}" if style == "letters" else f" {c}" for i, c in enumerate(record["choices"])]
 
 
 def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: int = 0, seed: int = 0,
-                    limit: int = 0, batch_size: int = 8, progress=None) -> dict:
+                    limit: int = 0, batch_size: int = 8, progress=None, shots_path: str | None = None,
+                    style: str = "qa") -> dict:
+    """k-shot multiple-choice accuracy (see the module's docstring). Solved examples come
+    from `shots_path` (e.g. MMLU's dev split) or else the file's other questions; never a
+    line asking the same question, and of the question's own `subject` where it names
+    one and examples of it exist. A question with an empty choice is left out (counted,
+    first one named); repeated choices are scored, a pick of a choice equal to the answer
+    counting as right."""
+    if style not in MC_STYLES:
+        raise ValueError(f"style {style!r}: expected one of {MC_STYLES}")
     data = sources.Jsonl(path, validate=_validate_mc)
     every = [data.record(i) for i in range(len(data))]
-    records = every[:limit] if limit else every
-    shots_used = min(k_shot, len(every) - 1)  # solved examples come from the whole file, never the question
+    wheres = [data.where(i) for i in range(len(data))]
+    if style == "letters":
+        many = next((w for r, w in zip(every, wheres) if len(r["choices"]) > len(LETTERS)), None)
+        if many:
+            raise DataError(f"{many}: more than {len(LETTERS)} choices cannot be lettered; use --style=qa")
+    def complete(r):  # a question with an empty choice: that choice, scored on the space alone, would win
+        return all(c.strip() for c in r["choices"])
+
+    considered = range(min(limit, len(every)) if limit else len(every))
+    usable = [i for i in considered if complete(every[i])]
+    left_out = [wheres[i] for i in considered if not complete(every[i])]
+    if not usable:
+        raise DataError(f"{left_out[0]}: a choice is empty, as in every question; nothing to score")
+    if shots_path is None:  # (index in the file, record): the file's own questions
+        pool = [(j, r) for j, r in enumerate(every) if complete(r)]
+    else:
+        solved = sources.Jsonl(shots_path, validate=_validate_mc)
+        pool = [(-1, r) for r in map(solved.record, range(len(solved))) if complete(r)]
     rng = random.Random(seed)
-    contexts, continuations = [], []
-    fewer_shots = cut = 0
-    for qi, rec in enumerate(records):
+    contexts, continuations, n_shots = [], [], []
+    cut = 0
+    for qi in usable:
+        rec = every[qi]
         # never the question itself, nor another line asking the same (its answer would be in the prompt)
-        others = [r for j, r in enumerate(every) if j != qi and r["question"] != rec["question"]]
-        shots = rng.sample(others, min(shots_used, len(others)))
+        others = [r for j, r in pool if j != qi and r["question"] != rec["question"]]
+        if rec.get("subject") and any(r.get("subject") == rec["subject"] for r in others):
+            others = [r for r in others if r.get("subject") == rec["subject"]]
+        shots = rng.sample(others, min(k_shot, len(others)))
+        n_shots.append(len(shots))
         while True:  # a prompt too long for the model drops solved examples, first ones first
-            prompt = mc_prompt(rec, shots)
+            prompt = mc_prompt(rec, shots, style)
             # Tokenize prompt + choice together (as the model would read it); the choice's
             # tokens are what follows the prompt's (pieces never cross the space).
-            fulls = [tokenizer.encode(f"{prompt} {choice}", bos=True) for choice in rec["choices"]]
+            fulls = [tokenizer.encode(prompt + cont, bos=True) for cont in mc_continuations(rec, style)]
             if not shots or max(map(len, fulls)) <= config.max_seq_len:
                 break
             shots = shots[1:]
-        fewer_shots += len(shots) < shots_used
+        n_shots[-1] = (n_shots[-1], len(shots))  # (drawn, kept)
         cut += max(map(len, fulls)) > config.max_seq_len  # even without examples: scored on its last tokens
         ctx = tokenizer.encode(prompt, bos=True)
         for full in fulls:
@@ -182,22 +267,29 @@ def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: i
             contexts.append(full[:n])
             continuations.append(full[n:])
     scores = loglikelihood(config, params, contexts, continuations, batch_size, progress)
-    correct = correct_norm = 0
+    correct = correct_norm = repeated = 0
     per_question = []
     i = 0
-    for rec in records:
-        n = len(rec["choices"])
+    for qi in usable:
+        rec = every[qi]
+        choices, answer = rec["choices"], _answer_index(rec)
+        n = len(choices)
         lps = np.array([s for s, _ in scores[i:i + n]])
-        norm = lps / np.array([max(len(c), 1) for c in rec["choices"]])
+        norm = lps / np.array([len(c) for c in mc_continuations(rec, style)])  # per character, its space too
         pick, pick_norm = int(np.argmax(lps)), int(np.argmax(norm))
-        correct += pick == _answer_index(rec)
-        correct_norm += pick_norm == _answer_index(rec)
-        per_question.append(lps.tolist())
+        correct += choices[pick] == choices[answer]  # a repeat of the answer is the answer
+        correct_norm += choices[pick_norm] == choices[answer]
+        repeated += len(set(choices)) < n
+        per_question.append({"where": wheres[qi], "answer": answer, "pick": pick, "pick_norm": pick_norm,
+                             "loglikelihoods": lps.tolist()})
         i += n
-    n = len(records)
+    n = len(usable)
+    shots_used = max(drawn for drawn, _ in n_shots)  # k_shot, or as many as the examples allow
     return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "questions": n, "k_shot": shots_used,
-            **({"k_shot_requested": k_shot} if shots_used < k_shot else {}),
-            "questions_with_fewer_shots": fewer_shots, "questions_cut": cut, "loglikelihoods": per_question}
+            **({"k_shot_requested": k_shot} if shots_used < k_shot else {}), "style": style,
+            "questions_with_fewer_shots": sum(kept < shots_used for _, kept in n_shots), "questions_cut": cut,
+            "questions_left_out": len(left_out), **({"first_left_out": left_out[0]} if left_out else {}),
+            "questions_with_repeated_choices": repeated, "per_question": per_question}
 
 
 # ----------------------------------------------------------------------------------
@@ -285,6 +377,7 @@ def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_siz
     for rating in RATINGS:
         idx = [i for i, r in enumerate(recs) if r.get("rating") == rating]
         out[rating] = float(right[idx].mean()) if idx else None
+        out[f"{rating}_pairs"] = len(idx)
     for task in sorted({r["task"] for r in recs if r.get("task")}):  # pairs that name their toy task
         out[f"accuracy_{task}"] = float(np.mean([right[i] for i, r in enumerate(recs) if r.get("task") == task]))
     unsafe = [s for r, c, j in zip(recs, chosen, rejected) for s, safe in ((c, r.get("chosen_safe")),
@@ -299,9 +392,13 @@ def table8(results: dict) -> str:
     """The paper's Table 8 layout: one row, the four rating buckets and the average."""
     from llama_jax.data.preference import RATINGS
 
-    head = "| " + " | ".join(r.replace("_", " ") for r in RATINGS) + " | avg |"
+    head = "| | " + " | ".join(r.replace("_", " ") for r in RATINGS) + " | avg |"
     cells = [f"{100 * results[r]:.1f}" if results.get(r) is not None else "-" for r in RATINGS]
-    return head + "\n|" + "---|" * 5 + "\n| " + " | ".join(cells) + f" | {100 * results['accuracy']:.1f} |"
+    table = head + "\n|" + "---|" * 6 + "\n| accuracy | " + " | ".join(cells) + \
+        f" | {100 * results['accuracy']:.1f} |"
+    if all(f"{r}_pairs" in results for r in RATINGS):  # how many pairs each cell is
+        table += "\n| pairs | " + " | ".join(str(results[f"{r}_pairs"]) for r in RATINGS) + f" | {results['pairs']} |"
+    return table
 
 
 # ----------------------------------------------------------------------------------
@@ -310,19 +407,30 @@ def table8(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llama_jax.evaluate", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m llama_jax.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--checkpoint", required=True, help="a run's workdir, or an import or export")
     ap.add_argument("--step", type=int, default=None, help="a step of a run (default: its latest)")
     ap.add_argument("--task", required=True, choices=["perplexity", "multiple_choice", "reward_accuracy"])
-    ap.add_argument("--data", required=True, help="source spec (perplexity) or JSONL file")
-    ap.add_argument("--k_shot", type=int, default=0, help="solved examples before each question (multiple_choice)")
-    ap.add_argument("--seq_len", type=int, default=512, help="window length (perplexity; at most max_seq_len)")
+    ap.add_argument("--data", required=True, help="a source spec (perplexity: text:GLOB, jsonl:GLOB, stdlib:eval, "
+                                                  "synthetic) or a JSONL file (the other tasks; formats above)")
+    # task flags default to None, so that one given to a task that does not use it is refused
+    ap.add_argument("--k_shot", type=int, default=None, help="solved examples before each question "
+                                                             "(multiple_choice; default 0)")
+    ap.add_argument("--shots", default=None, help="JSONL of solved examples, e.g. MMLU's dev split (multiple_choice; "
+                                                  "default: the --data file's other questions)")
+    ap.add_argument("--style", choices=MC_STYLES, default=None,
+                    help="qa: 'Question: ...\\nAnswer:' and each choice's text; letters: the MMLU layout, lettered "
+                         "choices and each choice's letter (multiple_choice; default qa)")
+    ap.add_argument("--seed", type=int, default=None, help="which solved examples are drawn (multiple_choice; "
+                                                           "default 0)")
+    ap.add_argument("--limit", type=int, default=None, help="first N questions only (multiple_choice; default all)")
+    ap.add_argument("--seq_len", type=int, default=None,
+                    help="window length (perplexity; default 512, at most the model's max_seq_len)")
+    ap.add_argument("--max_batches", type=int, default=None, help="stop after N batches (perplexity; default all)")
     ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--max_batches", type=int, default=0, help="stop after N batches (perplexity; 0 = all)")
-    ap.add_argument("--limit", type=int, default=0, help="first N questions only (multiple_choice; 0 = all)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--output", default="", help="also write the results, with their settings, as JSON here")
+    ap.add_argument("--output", default="", help="also write the results, with their settings, as JSON to this new "
+                                                 "file (multiple_choice: each question's scores and picks too)")
     from llama_jax.generate import add_dtype_arg
 
     add_dtype_arg(ap)
@@ -330,16 +438,30 @@ def main(argv=None) -> int:
     from llama_jax.distributed import require_one_process
 
     require_one_process("python -m llama_jax.evaluate")
+    used = {"perplexity": ("seq_len", "max_batches"), "multiple_choice": ("k_shot", "shots", "style", "seed", "limit"),
+            "reward_accuracy": ()}[args.task]
+    given = [f for f in ("seq_len", "max_batches", "k_shot", "shots", "style", "seed", "limit")
+             if f not in used and getattr(args, f) is not None]
+    if given:
+        ap.error(f"{', '.join('--' + f for f in given)}: not used by --task={args.task}")
+    for flag, default in (("seq_len", 512), ("max_batches", 0), ("k_shot", 0), ("seed", 0), ("limit", 0),
+                          ("style", "qa")):
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
     for flag, least in (("seq_len", 2), ("batch_size", 1), ("k_shot", 0), ("max_batches", 0), ("limit", 0)):
         if getattr(args, flag) < least:
             ap.error(f"--{flag} must be >= {least}, got {getattr(args, flag)}")
-    ignored = {"perplexity": ("k_shot", "limit"), "multiple_choice": ("seq_len", "max_batches"),
-               "reward_accuracy": ("k_shot", "seq_len", "max_batches", "limit")}[args.task]
-    given = [f for f in ignored if getattr(args, f) != ap.get_default(f)]
-    if given:
-        ap.error(f"{', '.join('--' + f for f in given)}: not used by --task={args.task}")
-    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        ap.error(f"--output={args.output}: its directory does not exist")  # before the evaluation, not after
+    if args.shots and not os.path.isfile(args.shots):
+        ap.error(f"--shots={args.shots}: no such file")
+    if args.output:  # before the evaluation, not after
+        if os.path.isdir(args.output):
+            ap.error(f"--output={args.output}: a directory; give a file name")
+        if os.path.exists(args.output):
+            ap.error(f"--output={args.output}: exists; choose a new file (nothing is overwritten)")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+            ap.error(f"--output={args.output}: its directory does not exist")
+        if not os.access(os.path.dirname(os.path.abspath(args.output)), os.W_OK):
+            ap.error(f"--output={args.output}: its directory is not writable")
 
     from llama_jax import checkpoint as ckpt
     from llama_jax.generate import load_on_local_devices
@@ -367,18 +489,27 @@ def main(argv=None) -> int:
         elif args.task == "multiple_choice":
             progress = Progress(None, what="choices scored", throttle=True)
             res = multiple_choice(cfg, params, tok, args.data, args.k_shot, args.seed, args.limit, args.batch_size,
-                                  progress.update)
+                                  progress.update, args.shots, args.style)
             progress.close()
             print(f"{res['k_shot']}-shot accuracy {res['accuracy']:.4f} (length-normalised {res['accuracy_norm']:.4f})"
                   f" on {res['questions']} questions")
-            if res["k_shot"] < args.k_shot:
-                print(f"note: {args.k_shot} shots requested; the file has only {res['k_shot']} other questions")
-            if res["questions_with_fewer_shots"]:
-                print(f"note: {res['questions_with_fewer_shots']} questions got fewer solved examples, to fit the "
-                      f"model's max_seq_len {cfg.max_seq_len} (or for want of other questions)")
-            if res["questions_cut"]:
-                print(f"warning: {res['questions_cut']} questions are longer than max_seq_len {cfg.max_seq_len} even "
-                      "without examples; each choice was scored on its last max_seq_len tokens")
+            notes = (
+                (res["k_shot"] < args.k_shot, f"note: {args.k_shot} shots requested; {args.shots or 'the file'} has "
+                                              f"only {res['k_shot']} other questions"),
+                (res["questions_left_out"], f"note: {res['questions_left_out']} questions left out: a choice is "
+                                            f"empty (the first: {res.get('first_left_out')})"),
+                (res["questions_with_repeated_choices"], f"note: {res['questions_with_repeated_choices']} questions "
+                                                         "repeat a choice; a pick equal to the answer's text counts"
+                                                         " as right"),
+                (res["questions_with_fewer_shots"], f"note: {res['questions_with_fewer_shots']} questions got fewer "
+                                                    f"solved examples, to fit the model's max_seq_len "
+                                                    f"{cfg.max_seq_len} (or for want of other questions)"),
+                (res["questions_cut"], f"warning: {res['questions_cut']} questions are longer than max_seq_len "
+                                       f"{cfg.max_seq_len} even without examples; each choice was scored on its last "
+                                       "max_seq_len tokens"))
+            for shown, text in notes:
+                if shown:
+                    print(text)
         else:
             progress = Progress(None, what="answers scored", throttle=True)
             res = reward_accuracy(cfg, params, tok, args.data, args.batch_size, progress.update, mesh)
@@ -387,13 +518,13 @@ def main(argv=None) -> int:
             print(f"{res['pairs']} pairs" + (f" ({res['pairs_left_out']} left out by the paper's filter, as in "
                                              "training)" if res["pairs_left_out"] else "")
                   + (f"; {res['ties']} scored equal both ways, counted wrong" if res["ties"] else "")
-                  + (f"; {res['pairs_cut']} longer than max_seq_len {cfg.max_seq_len}, their prompts' starts cut"
-                     if res["pairs_cut"] else ""))
+                  + (f"; {res['pairs_cut']} longer than max_seq_len {cfg.max_seq_len}, cut as training cuts them "
+                     "(the prompt's start, then the answer's)" if res["pairs_cut"] else ""))
             if "unsafe_recall" in res:
                 print(f"unsafe-response recall at 0.5: {res['unsafe_recall']:.3f}")
         if args.output:
             settings = {k: v for k, v in vars(args).items() if k != "output"}
-            with open(args.output, "w") as f:
+            with open(args.output, "x") as f:
                 json.dump({**res, "settings": {**settings, "step": step}}, f, indent=1)
     except (ckpt.CheckpointError, TokenizerError, DataError, MeshError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

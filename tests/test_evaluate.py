@@ -38,6 +38,10 @@ def full_logprob(params, ctx, cont):
     return sum(logp[len(ctx) + i - 1, t] for i, t in enumerate(cont))
 
 
+def lls(res):
+    return [q["loglikelihoods"] for q in res["per_question"]]
+
+
 def test_loglikelihood_equals_full_forward(params):
     ctxs = [[1, 5, 6, 7], [1, 9], [1, 3, 3, 3, 3, 3, 3, 3, 40]]
     conts = [[8, 9], [10, 11, 12, 13], [2]]
@@ -59,7 +63,7 @@ def test_multiple_choice_scores_and_accuracy(tmp_path, tok, params):
     path.write_text("\n".join(json.dumps(q) for q in qs))
     res = ev.multiple_choice(CFG, params, tok, str(path), k_shot=0)
     # Each score is the log-likelihood of the choice after the prompt, by full forward passes.
-    for q, lps in zip(qs, res["loglikelihoods"]):
+    for q, lps in zip(qs, lls(res)):
         prompt = ev.mc_prompt(q, [])
         ctx = tok.encode(prompt, bos=True)
         for choice, lp in zip(q["choices"], lps):
@@ -67,7 +71,12 @@ def test_multiple_choice_scores_and_accuracy(tmp_path, tok, params):
             assert full[:len(ctx)] == ctx
             assert lp == pytest.approx(full_logprob(params, ctx, full[len(ctx):]), abs=1e-4)
     # Re-key the answers to the model's own picks on half the questions: accuracy is exactly 0.5.
-    picks = [int(np.argmax(lps)) for lps in res["loglikelihoods"]]
+    picks = [int(np.argmax(lps)) for lps in lls(res)]
+    assert picks == [q["pick"] for q in res["per_question"]]
+    for q, lps in zip(qs, lls(res)):  # per character of what is scored: the choice and its leading space
+        per_char = [lp / len(" " + c) for lp, c in zip(lps, q["choices"])]
+        assert res["per_question"][qs.index(q)]["pick_norm"] == int(np.argmax(per_char))
+    assert [q["where"] for q in res["per_question"]] == [f"{path}:{i}" for i in range(1, 5)]
     for i, q in enumerate(qs):
         q["answer"] = picks[i] if i % 2 == 0 else (picks[i] + 1) % 3
     path.write_text("\n".join(json.dumps(q) for q in qs))
@@ -87,7 +96,7 @@ def test_multiple_choice_scores_and_accuracy(tmp_path, tok, params):
     short = CFG.replace(max_seq_len=max(lengths) + 4)  # room for no solved example
     fit = ev.multiple_choice(short, params, tok, str(path), k_shot=3)
     assert fit["questions_with_fewer_shots"] == 4 and fit["questions_cut"] == 0
-    np.testing.assert_allclose(fit["loglikelihoods"], res["loglikelihoods"], atol=1e-4)
+    np.testing.assert_allclose(lls(fit), lls(res), atol=1e-4)
     tiny = CFG.replace(max_seq_len=min(lengths) - 2)
     assert ev.multiple_choice(tiny, params, tok, str(path))["questions_cut"] == 4
 
@@ -175,11 +184,17 @@ def test_evaluate_cli(tmp_path, tok, params, capsys):
                     "--batch_size=2", f"--output={out}"]) == 0
     assert "perplexity" in capsys.readouterr().out and json.loads(out.read_text())["tokens"] > 0
     full = json.loads(out.read_text())
+    with pytest.raises(SystemExit):  # a results file is never overwritten
+        ev.main([f"--checkpoint={tmp_path / 'm'}", "--task=perplexity", f"--data=text:{docs}", f"--output={out}"])
+    assert f"--output={out}: exists; choose a new file" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == full
+    out = tmp_path / "res16.json"
     assert ev.main([f"--checkpoint={tmp_path / 'm'}", "--task=perplexity", f"--data=text:{docs}", "--seq_len=64",
                     "--batch_size=2", f"--output={out}", "--dtype=bfloat16"]) == 0
     half = json.loads(out.read_text())  # the same tokens, scored by the bfloat16 model: near, not equal
     assert half["settings"]["dtype"] == "bfloat16" and half["tokens"] == full["tokens"]
     assert half["loss"] != full["loss"] and abs(half["loss"] - full["loss"]) < 0.02 * full["loss"]
+    out = tmp_path / "res_long.json"
     assert ev.main([f"--checkpoint={tmp_path / 'm'}", "--task=perplexity", f"--data=text:{docs}",
                     f"--seq_len={CFG.max_seq_len + 64}", "--batch_size=2", f"--output={out}"]) == 0
     assert f"is cut to the model's max_seq_len {CFG.max_seq_len}" in capsys.readouterr().out
@@ -234,12 +249,32 @@ def test_evaluation_inputs_a_result_would_silently_mislead_on(tmp_path, tok, par
     refused before any evaluation; --output records the settings; progress is shown."""
     m = str(tmp_path / "m")
     ckpt.save_params(m, params, {"model": CFG.to_dict(), "heads": ["lm"]}, tokenizer_path=tok.path)
-    for choices, words in ((["def", " "], "mc.jsonl:2: a choice is empty"),
-                           (["class", "class", "x"], "mc.jsonl:2: choices repeat 'class'")):
-        (tmp_path / "mc.jsonl").write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n"
-                                           + json.dumps({"question": "q", "choices": choices, "answer": 0}) + "\n")
-        assert ev.main([f"--checkpoint={m}", "--task=multiple_choice", f"--data={tmp_path / 'mc.jsonl'}"]) == 2
-        assert words in capsys.readouterr().err
+    # (MMLU's test split has both: a line with an empty choice is left out and named, repeated choices scored)
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n"
+                  + json.dumps({"question": "r", "choices": ["def", " "], "answer": 0}) + "\n"
+                  + json.dumps({"question": "s", "choices": ["class", "x", "class"], "answer": 2}) + "\n")
+    assert ev.main([f"--checkpoint={m}", "--task=multiple_choice", f"--data={mc}", "--k_shot=1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"note: 1 questions left out: a choice is empty (the first: {mc}:2)" in printed
+    assert "on 2 questions" in printed and "note: 1 questions repeat a choice" in printed
+    res = ev.multiple_choice(CFG, params, tok, str(mc), k_shot=1)
+    assert res["questions_left_out"] == 1 and res["questions_with_repeated_choices"] == 1
+    assert all(" r\n" not in p for p in ev.mc_prompt({"question": "x", "choices": ["1", "2"], "answer": 0}, []))
+    repeat = res["per_question"][1]
+    assert repeat["where"] == f"{mc}:3" and repeat["loglikelihoods"][0] == repeat["loglikelihoods"][2]
+    assert repeat["pick"] in (0, 2) or res["accuracy"] < 1  # the first of two equal scores: right by its text
+    if repeat["pick"] == 0:
+        assert (res["accuracy"] * 2) % 1 == 0 and res["per_question"][1]["answer"] == 2
+    mc.write_text(json.dumps({"question": "q", "choices": ["", "b"], "answer": 1}) + "\n")
+    assert ev.main([f"--checkpoint={m}", "--task=multiple_choice", f"--data={mc}"]) == 2
+    assert f"{mc}:1: a choice is empty, as in every question; nothing to score" in capsys.readouterr().err
+    for answer, words in (("class", "'answer' 'class' is 2 of the choices; give its index"),
+                          ("1", 'an index is a JSON number: "answer": 1, not "1"'),
+                          ("B", 'for a letter key, give its index: "answer": 1')):
+        mc.write_text(json.dumps({"question": "q", "choices": ["class", "x", "class"], "answer": answer}) + "\n")
+        assert ev.main([f"--checkpoint={m}", "--task=multiple_choice", f"--data={mc}"]) == 2
+        assert f"{mc}:1: " in (err := capsys.readouterr().err) and words in err, err
     same = [{"question": "What is 1 + 2?", "choices": ["3", "4"], "answer": 0}] * 3 + \
         [{"question": "What is 5 + 6?", "choices": ["11", "12"], "answer": 0}]
     (tmp_path / "same.jsonl").write_text("".join(json.dumps(q) + "\n" for q in same))
@@ -257,7 +292,10 @@ def test_evaluation_inputs_a_result_would_silently_mislead_on(tmp_path, tok, par
     docs = tmp_path / "d.txt"
     docs.write_text(" ".join(random.Random(0).choice(synthetic.WORDS) for _ in range(400)))
     base = [f"--checkpoint={m}", "--task=perplexity", f"--data=text:{docs}"]
+    (tmp_path / "dir.json").mkdir()
     for extra, words in ((["--k_shot=3"], "--k_shot: not used by --task=perplexity"),
+                         (["--seed=1", "--style=qa"], "--style, --seed: not used by --task=perplexity"),
+                         ([f"--output={tmp_path / 'dir.json'}"], "dir.json: a directory; give a file name"),
                          (["--seq_len=0"], "--seq_len must be >= 2, got 0"),
                          (["--output=/nonexistent/x.json"], "--output=/nonexistent/x.json: its directory does not")):
         with pytest.raises(SystemExit) as e:
@@ -318,3 +356,50 @@ def test_evaluate_loads_a_model_over_every_local_device(tmp_path, tok, params, c
                     f"--output={tmp_path / 'r.json'}"]) == 0
     got = json.loads((tmp_path / "r.json").read_text())
     assert got["accuracy"] == want["accuracy"] and got["pairs"] == 8 and "| avg |" in capsys.readouterr().out
+
+
+def test_mmlu_layout_with_a_dev_split_of_solved_examples(tmp_path, tok, params):
+    """--style=letters scores each choice's letter after the lettered question (MMLU's
+    layout, with its subject line); --shots draws the solved examples from another file,
+    of the question's own subject where there are some; batches of any lengths compile a
+    handful of shapes."""
+    subjects = ("high_school_math", "anatomy")
+    test = [{"question": f"What is {a} + {a}?", "choices": [str(2 * a), str(a), "apple", "pear"], "answer": 0,
+             "subject": subjects[a % 2]} for a in range(4)]
+    dev = [{"question": f"Dev {s} {i}?", "choices": ["yes", "no"], "answer": i % 2, "subject": s}
+           for s in subjects for i in range(3)] + [{"question": "No subject?", "choices": ["a", "b"], "answer": 0}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in test))
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(q) + "\n" for q in dev))
+    prompt = ev.mc_prompt(test[1], [dev[0]], style="letters")
+    assert prompt == ("The following are multiple choice questions (with answers) about anatomy.\n\n"
+                      "Dev high_school_math 0?\nA. yes\nB. no\nAnswer: A\n\n"
+                      "What is 1 + 1?\nA. 2\nB. 1\nC. apple\nD. pear\nAnswer:")
+    res = ev.multiple_choice(CFG, params, tok, str(tmp_path / "test.jsonl"), k_shot=2, style="letters",
+                             shots_path=str(tmp_path / "dev.jsonl"), seed=3)
+    assert res["k_shot"] == 2 and res["questions_with_fewer_shots"] == 0 and res["style"] == "letters"
+    for q, per in zip(test, res["per_question"]):  # each score is the letter's log-probability after the prompt
+        rng = random.Random(3)  # the shots the evaluation drew, in its order: same-subject dev lines
+        for earlier in test[:test.index(q)]:
+            rng.sample([d for d in dev if d.get("subject") == earlier["subject"]], 2)
+        shots = rng.sample([d for d in dev if d.get("subject") == q["subject"]], 2)
+        text = ev.mc_prompt(q, shots, style="letters")
+        assert text.count(f"Dev {q['subject']}") == 2 and "Dev " + subjects[1 - test.index(q) % 2] not in text
+        ctx = tok.encode(text, bos=True)
+        for letter, lp in zip("ABCD", per["loglikelihoods"]):
+            full = tok.encode(f"{text} {letter}", bos=True)
+            assert full[:len(ctx)] == ctx
+            assert lp == pytest.approx(full_logprob(params, ctx, full[len(ctx):]), abs=1e-4)
+        assert per["pick_norm"] == per["pick"]  # every letter is 2 characters
+    many = {"question": "q", "choices": [str(i) for i in range(27)], "answer": 0}
+    (tmp_path / "many.jsonl").write_text(json.dumps(many) + "\n")
+    with pytest.raises(ev.DataError, match="many.jsonl:1: more than 26 choices cannot be lettered"):
+        ev.multiple_choice(CFG, params, tok, str(tmp_path / "many.jsonl"), style="letters")
+    # 60 pairs of lengths 3..180 in batches of 4, longest first: 6 shapes (32 .. 192), each pair's own score
+    ctxs = [[1] + [5 + i % 50] * (i * 3) for i in range(60)]
+    conts = [[7, 8]] * 60
+    before = ev._row_logprobs._cache_size()
+    got = ev.loglikelihood(CFG, params, ctxs, conts, batch_size=4)
+    assert ev._row_logprobs._cache_size() - before <= 6
+    assert [ev._length_bucket(n) for n in (1, 33, 256, 257, 513, 4000)] == [32, 64, 256, 320, 640, 4096]
+    for i in (0, 17, 59):
+        assert got[i][0] == pytest.approx(full_logprob(params, ctxs[i], conts[i]), abs=1e-4)

@@ -16,6 +16,7 @@ rollout temperature, in the forward pass it trains with.)
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from typing import Callable, NamedTuple, Sequence
 
@@ -27,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import model as llama_model
 from llama_jax.distributed import to_host
-from llama_jax.model import KVCache, Llama, LlamaConfig
+from llama_jax.model import KVCache, Llama, LlamaConfig, check_attention_kernel
 from llama_jax.objectives import argmax
 from llama_jax.tokenizer import EOS_ID
 
@@ -190,6 +191,10 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
     for i, p in enumerate(prompts):  # left padding: every prompt ends at the same slot
         tokens[i, P - len(p):] = p
         seg[i, P - len(p):] = 1
+        if min(p) < 0 or max(p) >= config.vocab_size:  # the embedding would give NaN, or another token, silently
+            bad = next(t for t in p if not 0 <= t < config.vocab_size)
+            raise ValueError(f"generate: prompt {i} has token id {bad}, outside the model's vocabulary "
+                             f"[0, {config.vocab_size})")
     kwargs = dict(config=config, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                   top_p=float(top_p), top_k=int(top_k), eos_id=int(eos_id), stream=on_token is not None)
     inputs = (jnp.asarray(tokens), jnp.asarray(seg))
@@ -249,6 +254,12 @@ def load_on_local_devices(checkpoint: str, step: int | None = None, need: str = 
     cfg, heads = ckpt.model_config(meta, **overrides), tuple(meta.get("heads", ["lm"]))
     if need not in heads:
         raise ckpt.CheckpointError(f"{checkpoint}: needs a '{need}' head; it has {list(heads)}")
+    try:
+        check_attention_kernel(cfg)
+    except ValueError as e:  # trained with a kernel this machine has not (cudnn on a GPU): the same numbers
+        print(f"note: {e}; this checkpoint's attention={cfg.attention!r} runs as 'auto' here", file=sys.stderr)
+        overrides["attention"] = "auto"
+        cfg = cfg.replace(attention="auto")
     mesh = sharding.make_mesh(1, -1, 1)
     sharding.check_model_fits_mesh(cfg, mesh)
     model = Llama(cfg, heads)  # a PPO policy also holds its value head
@@ -272,8 +283,6 @@ class TextStream:
     that the space SentencePiece drops at the start of a text is kept between them."""
 
     def __init__(self, tokenizer, out=None, prefix=()):
-        import sys
-
         self.tok, self.out, self.ids, self.prefix = tokenizer, out or sys.stdout, [], list(prefix)
         self.closed = False  # the reader went away
         self.stop = False  # set to end the generation at its next step (Ctrl-C)
@@ -340,7 +349,6 @@ def quiet_stdout() -> None:
     """After a BrokenPipeError (the reader went away, as with `| head`): sends what is still
     to be written, the interpreter's last flush included, nowhere."""
     import os
-    import sys
 
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
@@ -395,7 +403,6 @@ def read_prompts(path: str) -> list[tuple[str, str]]:
 def _generate_file(args) -> int:
     """`generate --prompt_file`: batches of prompts, one JSON line each to stdout."""
     import json
-    import sys
 
     from llama_jax import metrics
     from llama_jax.tokenizer import DialogError
@@ -435,7 +442,6 @@ def _generate_file(args) -> int:
 
 def main(argv=None) -> int:
     import argparse
-    import sys
     import time
 
     ap = argparse.ArgumentParser(prog="python -m llama_jax.generate", description="Continue a prompt (streamed to "

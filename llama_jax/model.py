@@ -140,20 +140,24 @@ class LlamaConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(f, f"must be a positive integer, got {v!r}")
-        if self.n_kv_heads is not None and (not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0):
-            bad("n_kv_heads", f"must be a positive integer or None, got {self.n_kv_heads!r}")
+        for f in ("n_kv_heads", "ffn_hidden_dim"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                bad(f, f"must be a positive integer or None, got {v!r}")
+        for f in ("norm_eps", "rope_theta") + (("ffn_dim_multiplier",) if self.ffn_dim_multiplier is not None else ()):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and v > 0):
+                bad(f, f"must be a finite number > 0{' or None' if f == 'ffn_dim_multiplier' else ''}, got {v!r}")
+        if self.ffn_hidden_dim is None and self.hidden_dim <= 0:
+            bad("ffn_dim_multiplier", f"{self.ffn_dim_multiplier} gives an FFN width of {self.hidden_dim}")
+        if not isinstance(self.scan_layers, bool):  # "false" would be true
+            bad("scan_layers", f"must be true or false, got {self.scan_layers!r}")
         if self.dim % self.n_heads:
             bad("n_heads", f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
             bad("dim", f"head_dim = dim/n_heads = {self.head_dim} must be even for RoPE")
         if self.n_heads % self.kv_heads:
             bad("n_kv_heads", f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
-        if self.ffn_hidden_dim is not None and (not isinstance(self.ffn_hidden_dim, int) or self.ffn_hidden_dim <= 0):
-            bad("ffn_hidden_dim", f"must be a positive integer or None, got {self.ffn_hidden_dim!r}")
-        if not self.norm_eps > 0:
-            bad("norm_eps", f"must be > 0, got {self.norm_eps!r}")
-        if not self.rope_theta > 0:
-            bad("rope_theta", f"must be > 0, got {self.rope_theta!r}")
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in DTYPES:
                 bad(f, f"{getattr(self, f)!r} is not one of {sorted(DTYPES)}")
@@ -489,6 +493,25 @@ def attention_kernel(config: "LlamaConfig") -> str:
     return config.attention
 
 
+def check_attention_kernel(config: "LlamaConfig") -> str:
+    """`attention_kernel`, and a ValueError naming the field for a kernel that cannot run
+    here (cuDNN's own errors name neither): for runs and CLIs, before any work. (The
+    model itself does not check cudnn's: the tests run its wiring on a CPU with JAX's XLA
+    kernel in its place.)"""
+    kernel = attention_kernel(config)
+    if config.attention == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"LlamaConfig.attention: 'cudnn' needs a GPU (this backend: {jax.default_backend()}); "
+                             "use 'auto' or 'xla'")
+        if config.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"LlamaConfig.attention: 'cudnn' computes in bfloat16 or float16, not "
+                             f"dtype={config.dtype!r}; set model.dtype or use 'xla'")
+        if config.head_dim % 8 or config.head_dim > 128:
+            raise ValueError(f"LlamaConfig.attention: 'cudnn' takes head dims that are multiples of 8 up to 128, "
+                             f"not {config.head_dim} (dim / n_heads); use 'xla'")
+    return kernel
+
+
 SPLASH_BLOCKS = (512, 256, 128)  # Splash's block sizes must be multiples of 128 (the TPU's lanes)
 
 
@@ -673,8 +696,15 @@ class Llama(nn.Module):
                  cache: KVCache | None = None, score_mask: Array | None = None):
         """tokens [B, T] int; positions [B, T] (default: 0.. or continuing the cache);
         segment_ids [B, T] (default all 1; 0 = padding); score_mask [B, T] the scored
-        answer's tokens (needed by the score head when config.score_pooling is "mean")."""
+        answer's tokens (needed by the score head when config.score_pooling is "mean").
+        With a cache, the call writes slots index .. index + T - 1, which must be below the
+        cache's max_len: T larger than max_len is an error here, but an index run past it
+        (a known value only inside jit) is not checked, and its writes land on the last slot,
+        wrongly; `generate` sizes its cache for the prompt and every new token. Neither this
+        call nor RoPE enforces config.max_seq_len (training and `generate` check it)."""
         B, T = tokens.shape
+        if cache is not None and T > cache.max_len:
+            raise ValueError(f"Llama: {T} tokens do not fit a KV cache of {cache.max_len} slots")
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         segment_ids = segment_ids.astype(jnp.int32)

@@ -384,7 +384,7 @@ def run_model(config, stage, overrides: dict | None = None):
     longer context (`max_seq_len`: RoPE has no learned positions)."""
     from llama_jax import checkpoint as ckpt
     from llama_jax import configs
-    from llama_jax.model import INIT_FROM_FIELDS, attention_kernel
+    from llama_jax.model import INIT_FROM_FIELDS, check_attention_kernel
 
     overrides = overrides or {}
     try:
@@ -413,7 +413,7 @@ def run_model(config, stage, overrides: dict | None = None):
                 raise RunError(f"config.init_from {config.init_from}: its score head was trained with "
                                f"score_pooling={pooled!r}; set --config.model.score_pooling={pooled} "
                                f"(this run has {cfg.score_pooling!r})")
-        attention_kernel(cfg)  # a kernel this backend cannot run is an error here, before any work
+        check_attention_kernel(cfg)  # a kernel this backend cannot run is an error here, before any work
     except ValueError as e:
         raise RunError(f"config.model: {e}") from None
     return cfg

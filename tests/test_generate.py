@@ -12,7 +12,7 @@ from llama_jax import checkpoint as ckpt
 from llama_jax import generate as gen
 from llama_jax import tokenizer as tk
 from llama_jax.data import synthetic
-from llama_jax.model import Llama, LlamaConfig
+from llama_jax.model import KVCache, Llama, LlamaConfig
 
 CFG = LlamaConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=384, ffn_hidden_dim=80, max_seq_len=128)
 
@@ -107,6 +107,12 @@ def test_prompt_too_long_is_a_clear_error(params):
         gen.generate(CFG, params, [[]], 4)
     with pytest.raises(ValueError, match="max_new_tokens must be at least 1, got 0"):
         gen.generate(CFG, params, [[1, 2]], 0)
+    for bad in (CFG.vocab_size, -1):  # the embedding would give NaN logits, or another token, silently
+        with pytest.raises(ValueError, match=f"prompt 1 has token id {bad}, outside the model's vocabulary "
+                                             f"\\[0, {CFG.vocab_size}\\)"):
+            gen.generate(CFG, params, [[1, 2], [3, bad, 4]], 4)
+    with pytest.raises(ValueError, match="Llama: 9 tokens do not fit a KV cache of 8 slots"):
+        Llama(CFG).apply({"params": params}, jnp.ones((1, 9), jnp.int32), cache=KVCache.init(CFG, 1, 8))
 
 
 def test_a_prompt_that_fits_only_unpadded_still_generates(params):

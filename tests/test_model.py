@@ -55,6 +55,15 @@ def test_explicit_ffn_width_overrides_meta_formula():
     (dict(mlp_backward="fast"), "LlamaConfig.mlp_backward: 'fast' is not one of"),
     (dict(head_backward="yes"), "LlamaConfig.head_backward: 'yes' is not one of"),
     (dict(attention="flash"), "LlamaConfig.attention: 'flash' is not one of"),
+    (dict(ffn_dim_multiplier=0.0), "LlamaConfig.ffn_dim_multiplier: must be a finite number > 0 or None, got 0.0"),
+    (dict(ffn_dim_multiplier="1.3"), "LlamaConfig.ffn_dim_multiplier: must be a finite number > 0 or None"),
+    (dict(ffn_dim_multiplier=1e-9), "LlamaConfig.ffn_dim_multiplier: 1e-09 gives an FFN width of 0"),
+    (dict(norm_eps="1e-5"), "LlamaConfig.norm_eps: must be a finite number > 0, got '1e-5'"),
+    (dict(norm_eps=float("inf")), "LlamaConfig.norm_eps: must be a finite number > 0, got inf"),
+    (dict(rope_theta=float("nan")), "LlamaConfig.rope_theta: must be a finite number > 0, got nan"),
+    (dict(scan_layers="false"), "LlamaConfig.scan_layers: must be true or false, got 'false'"),
+    (dict(n_kv_heads=True), "LlamaConfig.n_kv_heads: must be a positive integer or None, got True"),
+    (dict(ffn_hidden_dim=True), "LlamaConfig.ffn_hidden_dim: must be a positive integer or None, got True"),
 ])
 def test_config_errors_name_the_field(kw, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("/", "/")):
@@ -356,7 +365,7 @@ def test_fused_attention_path_matches_the_einsums_on_packed_padded_gqa_rows(monk
     checked is our wiring (mask, scale, head grouping, layout), against the einsum path,
     forward and gradients, on packed segments with right padding; and which path "auto"
     picks (cuDNN only on a GPU with bfloat16/float16 compute)."""
-    from llama_jax.model import attention_kernel
+    from llama_jax.model import attention_kernel, check_attention_kernel
 
     calls = []
     real = jax.nn.dot_product_attention
@@ -381,6 +390,16 @@ def test_fused_attention_path_matches_the_einsums_on_packed_padded_gqa_rows(monk
     assert attention_kernel(base.replace(attention="auto", dtype="bfloat16")) == "xla"  # head dim 10: not a kernel
     with pytest.raises(ValueError, match="'splash' is the TPU's Pallas kernel; on a GPU use 'cudnn'"):
         attention_kernel(base.replace(attention="splash"))
+    # what runs and CLIs check before any work (cuDNN's own errors name neither the field nor the fix)
+    cudnn = base.replace(attention="cudnn", dtype="bfloat16", **kernel_shape)
+    assert check_attention_kernel(cudnn) == "cudnn"
+    for cfg, words in ((cudnn.replace(dtype="float32"), "'cudnn' computes in bfloat16 or float16, not dtype='float32'"),
+                       (base.replace(attention="cudnn", dtype="bfloat16"), "multiples of 8 up to 128, not 10")):
+        with pytest.raises(ValueError, match=words):
+            check_attention_kernel(cfg)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    with pytest.raises(ValueError, match="LlamaConfig.attention: 'cudnn' needs a GPU \\(this backend: cpu\\)"):
+        check_attention_kernel(cudnn)
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # Splash is opt-in until measured on a TPU
     assert attention_kernel(LlamaConfig.llama2_7b(dtype="bfloat16")) == "xla"
 

@@ -10,9 +10,12 @@ does not start with `python`/`-m` runs `python -m llama_jax.main` with those fla
 Each process gets JAX_COORDINATOR_ADDRESS (a free localhost port), JAX_NUM_PROCESSES,
 JAX_PROCESS_ID, JAX_PLATFORMS=cpu and M fake CPU devices; `llama_jax.main` joins the job
 from those (`llama_jax.distributed`), with gloo for CPU collectives. Process 0's output
-is shown as is, the others' prefixed with `[pN]` (gloo's connection lines are left out of
-stderr). SIGINT/SIGTERM go to every process; if any process exits non-zero the others are
-stopped and this launcher exits with its code (128 + N for one killed by signal N). Only
+is shown as is, the others' prefixed with `[pN]` (gloo's connection lines are left out).
+SIGINT, SIGTERM and SIGHUP (a closed terminal) go to every process, which save the step
+they agree on; if this launcher is killed outright (SIGKILL), the processes are killed
+with it (Linux), never left waiting for each other. If any process exits non-zero the
+others are stopped and this launcher exits with the code of the first to fail (128 + N
+for one killed by signal N), naming it. Only
 `llama_jax.main` joins such a job; the one-process commands (generate, chat, evaluate,
 convert, checkpoint, data.prepare, tokenizer) refuse to run under it.
 """
@@ -60,16 +63,34 @@ def child_env(process_id: int, num_processes: int, devices: int, port: int) -> d
     return env
 
 
-GLOO_CHATTER = re.compile(r"\[Gloo\]|Rank \d+ is connected to \d+ peer ranks|Expected number of connected peer "
-                          r"ranks")  # gloo's own lines on stderr (sometimes split by interleaving)
+# gloo's own connection lines: on stdout as whole lines (this JAX), on stderr sometimes split
+# by interleaving, so there any of their parts; a program's own lines are never matched
+GLOO_CHATTER = {"stdout": re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks\."),
+                "stderr": re.compile(r"\[Gloo\]|Rank \d+ is connected to \d+ peer ranks|Expected number of "
+                                     r"connected peer ranks")}
 
 
-def _pump(stream, prefix: str, out, filtered: bool) -> None:
+def _pump(stream, prefix: str, out, chatter: re.Pattern) -> None:
+    shown = True
     for line in iter(stream.readline, ""):
-        if filtered and GLOO_CHATTER.search(line):
-            continue
-        out.write(prefix + line)
-        out.flush()
+        if not shown or chatter.search(line):
+            continue  # read on regardless: a process whose output pipe fills up would stop
+        try:
+            out.write(prefix + line)
+            out.flush()
+        except (OSError, ValueError):  # the terminal went away (SIGHUP): the rest is dropped
+            shown = False
+
+
+def _die_with_launcher() -> None:
+    """In each child before it starts: SIGKILL when this launcher dies, whatever kills it
+    (PR_SET_PDEATHSIG, Linux); a process whose peers are gone would wait for them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux
+        pass
 
 
 FAILURE_GRACE_S = 6.0  # llama_jax.main's lead process waits 3 s before it exits (main.LEAD_EXIT_DELAY_S)
@@ -80,11 +101,13 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, tim
     procs, pumps = [], []
     for i in range(num_processes):
         p = subprocess.Popen(command, env=child_env(i, num_processes, devices_per_process, port),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                             start_new_session=True, preexec_fn=_die_with_launcher)
         procs.append(p)
         prefix = "" if i == 0 else f"[p{i}] "
         for stream, out in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
-            t = threading.Thread(target=_pump, args=(stream, prefix, out, out is sys.stderr), daemon=True)
+            chatter = GLOO_CHATTER["stderr" if out is sys.stderr else "stdout"]
+            t = threading.Thread(target=_pump, args=(stream, prefix, out, chatter), daemon=True)
             t.start()
             pumps.append(t)
 
@@ -97,25 +120,29 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, tim
                     pass
 
     def forward(signum, _frame) -> None:
-        stop(signum)
+        stop(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     deadline = None if timeout is None else time.monotonic() + timeout
-    code, failed_at = 0, None
+    code, failed_at, first = 0, None, None
     try:
         while True:
             codes = [p.poll() for p in procs]
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                i, code = failed[0]
+                first = first or failed[0]  # the first seen to fail: the others' failures may follow from it
+                i, code = first
                 failed_at = failed_at or time.monotonic()
                 if any(c is None for c in codes) and time.monotonic() - failed_at < FAILURE_GRACE_S:
                     time.sleep(0.1)  # processes that fail alike (a refused setting) exit on their own
                     continue
                 code = 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says it
-                if any(c is None for c in codes):
-                    print(f"launch/local.py: process {i} exited with code {code}; stopping the others",
-                          file=sys.stderr, flush=True)
+                running = any(c is None for c in codes)
+                if running or code > 128:  # (processes that fail alike have each said why; one killed has not)
+                    print(f"launch/local.py: process {i} exited with code {code}"
+                          + (f" (killed by signal {code - 128})" if code > 128 else "")
+                          + ("; stopping the others" if running else ""), file=sys.stderr, flush=True)
+                if running:
                     stop()
                     time.sleep(5)
                     stop(signal.SIGKILL)

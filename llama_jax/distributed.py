@@ -35,10 +35,23 @@ def initialize() -> bool:
         return True
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
     mode = os.environ.get("LLAMA_JAX_DISTRIBUTED", "").lower()
+    if mode not in ("", "0", "false", "auto", "1", "true"):
+        raise ValueError(f"LLAMA_JAX_DISTRIBUTED={os.environ['LLAMA_JAX_DISTRIBUTED']!r}: expected auto (join the "
+                         "cluster's job: TPU slice, SLURM, ...), or unset for one process")
     if address and os.environ.get("JAX_NUM_PROCESSES"):
-        num, pid = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ.get("JAX_PROCESS_ID", "0"))
+        try:
+            num = int(os.environ["JAX_NUM_PROCESSES"])
+            pid = int(os.environ["JAX_PROCESS_ID"]) if num > 1 else 0
+        except KeyError:  # every process would be process 0
+            raise ValueError(f"JAX_NUM_PROCESSES={os.environ['JAX_NUM_PROCESSES']} and JAX_COORDINATOR_ADDRESS are "
+                             "set but not JAX_PROCESS_ID: set it to this process's index (0 .. N-1)") from None
+        except ValueError:
+            raise ValueError(f"JAX_NUM_PROCESSES={os.environ.get('JAX_NUM_PROCESSES')!r}, JAX_PROCESS_ID="
+                             f"{os.environ.get('JAX_PROCESS_ID')!r}: expected whole numbers") from None
         if num <= 1:
             return False
+        if not 0 <= pid < num:
+            raise ValueError(f"JAX_PROCESS_ID={pid}: expected 0 .. {num - 1} (JAX_NUM_PROCESSES={num})")
         if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
@@ -50,7 +63,11 @@ def initialize() -> bool:
             local = [int(i) for i in ids.split(",")] if ids else None
         except ValueError:
             raise ValueError(f"LLAMA_JAX_LOCAL_DEVICE_IDS={ids!r}: give device numbers, e.g. 0,1,2,3") from None
-        jax.distributed.initialize(local_device_ids=local)
+        try:
+            jax.distributed.initialize(local_device_ids=local)
+        except ValueError as e:  # JAX found no cluster: say which variable asked for one
+            raise ValueError(f"LLAMA_JAX_DISTRIBUTED={mode}: no multi-process job found in this environment (a TPU "
+                             f"slice, an srun step, ...): {e}; unset it to run as one process") from None
     else:
         return False
     _INITIALIZED = True

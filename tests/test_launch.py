@@ -129,9 +129,10 @@ def test_local_launcher_fails_the_job_when_one_process_dies(tmp_path):
     assert out.returncode == 3
     assert "process 1 exited with code 3; stopping the others" in out.stderr
     assert time.time() - start < 30  # the sleeping processes were stopped, not waited for
-    # killed by a signal: 128 + N, as a shell reports it (was 256 - N); only gloo's own lines are filtered, from stderr
+    # killed by a signal: 128 + N, as a shell reports it (was 256 - N); only gloo's own lines are filtered
     script = ("import os, sys, time\n"
               "print('The router is connected to the net'); print('Rank 0 is connected to 1 peer ranks'); "
+              "print('[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1'); "
               "print('[Gloo] Rank 0 is connected to 1 peer ranks', "
               "file=sys.stderr); print('a port is connected to 2 peer ranks?', file=sys.stderr); sys.stdout.flush()\n"
               "if os.environ['JAX_PROCESS_ID'] == '1': os.kill(os.getpid(), 9)\n"
@@ -140,8 +141,16 @@ def test_local_launcher_fails_the_job_when_one_process_dies(tmp_path):
                           script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 137 and "process 1 exited with code 137" in out.stderr
     assert out.stdout.count("The router is connected to the net") == 2 and "[Gloo]" not in out.stderr
-    assert out.stdout.count("Rank 0 is connected to 1 peer ranks") == 2  # stdout is the program's: never filtered
+    assert out.stdout.count("Rank 0 is connected to 1 peer ranks") == 2 and "[Gloo]" not in out.stdout  # a
+    # program's own line is kept, gloo's (on stdout in this JAX) left out
     assert out.stderr.count("a port is connected to 2 peer ranks?") == 2
+    # the first to fail is reported (process 0 failing after it, as a peer does when a collective breaks, is not)
+    script = ("import os, sys, time\n"
+              "if os.environ['JAX_PROCESS_ID'] == '1': os.kill(os.getpid(), 9)\n"
+              "time.sleep(1); sys.exit(1)\n")
+    out = subprocess.run([sys.executable, f"{ROOT}/launch/local.py", "--num_processes=2", "--", "python", "-c",
+                          script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 137 and "process 1 exited with code 137 (killed by signal 9)" in out.stderr
 
 
 def test_one_process_commands_refuse_to_run_as_part_of_a_job(tmp_path, monkeypatch, capsys):
@@ -387,6 +396,26 @@ def test_a_process_per_node_job_drives_all_its_gpus(monkeypatch):
     monkeypatch.setattr(distributed, "_INITIALIZED", False)
     monkeypatch.delenv("LLAMA_JAX_LOCAL_DEVICE_IDS")
     assert distributed.initialize() and calls[-1] == {"local_device_ids": None}  # JAX's own choice
+    # environment mistakes are one error naming the variable, not a silent one-process run or a raw JAX error
+
+    def no_cluster(**kw):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    for env_vars, words in (({"LLAMA_JAX_DISTRIBUTED": "yes"}, "LLAMA_JAX_DISTRIBUTED='yes': expected auto"),
+                            ({"LLAMA_JAX_DISTRIBUTED": "auto"}, "LLAMA_JAX_DISTRIBUTED=auto: no multi-process job "
+                                                                "found in this environment"),
+                            ({"LLAMA_JAX_DISTRIBUTED": "", "JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"},
+                             "set but not JAX_PROCESS_ID: set it to this process's index"),
+                            ({"LLAMA_JAX_DISTRIBUTED": "", "JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2",
+                              "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID=2: expected 0 .. 1")):
+        monkeypatch.setattr(distributed, "_INITIALIZED", False)
+        for k, v in env_vars.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(ValueError, match=re.escape(words)):
+            distributed.initialize()
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "LLAMA_JAX_DISTRIBUTED"):
+        monkeypatch.delenv(var, raising=False)
     script = open(f"{ROOT}/launch/gpu_slurm.sbatch").read()
     assert "#SBATCH --ntasks-per-node=1" in script and "export LLAMA_JAX_LOCAL_DEVICE_IDS" in script
     lines = [line for line in script.splitlines() if line.startswith(("GPUS=", "LLAMA_JAX_LOCAL_DEVICE_IDS="))]
@@ -400,3 +429,81 @@ def test_a_process_per_node_job_drives_all_its_gpus(monkeypatch):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip() == ("error: LLAMA_JAX_LOCAL_DEVICE_IDS='0,a': give device "
                                                           "numbers, e.g. 0,1,2,3"), out.stderr
+
+
+def test_slurm_script_requeues_before_the_time_limit_even_if_the_save_hangs(tmp_path):
+    """USR1 (two minutes before the limit): SIGTERM to the run's step, a bounded wait for
+    its save, then the requeue; srun gets the allocation's CPUs per task."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "activate").write_text("")
+    fakes = {"srun": f'echo "srun $* cpus=$SRUN_CPUS_PER_TASK" >> {log}; trap "" TERM; sleep 60 & wait $!',
+             "scancel": f'echo "scancel $*" >> {log}', "scontrol": f'echo "scontrol $*" >> {log}'}
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    e = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VENV": str(tmp_path / "venv"),
+         "SLURM_SUBMIT_DIR": ROOT, "SLURM_GPUS_ON_NODE": "2", "SLURM_CPUS_PER_TASK": "32", "SLURM_JOB_ID": "77",
+         "SAVE_WAIT_S": "3"}
+    out_file = open(tmp_path / "out", "w")  # not a pipe: the fake run, left behind, would hold it open
+    proc = subprocess.Popen(["bash", f"{ROOT}/launch/gpu_slurm.sbatch", "--config=x.py", "--workdir=w"], env=e,
+                            stdout=out_file, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for _ in range(100):  # until the run has started
+        if log.exists() and "srun" in log.read_text():
+            break
+        time.sleep(0.1)
+    start = time.time()
+    proc.send_signal(signal.SIGUSR1)
+    try:
+        proc.wait(timeout=30)
+    finally:
+        took = time.time() - start
+        os.killpg(proc.pid, signal.SIGKILL)  # the fake run that ignored SIGTERM
+    out = (tmp_path / "out").read_text()
+    calls = log.read_text().splitlines()
+    assert proc.returncode == 0 and "time limit near: saving a checkpoint, then requeueing" in out
+    assert calls[0] == "srun --kill-on-bad-exit=1 python -m llama_jax.main --config=x.py --workdir=w cpus=32"
+    assert calls[1:] == ["scancel --signal=TERM 77.0", "scontrol requeue 77"] and 2.5 < took < 15, (calls, took)
+
+
+def test_local_launcher_takes_its_processes_with_it(tmp_path):
+    """SIGHUP (a closed terminal) reaches every process as SIGTERM; a launcher killed
+    outright takes its processes with it, rather than leave them waiting on each other."""
+    script = ("import os, signal, sys, time\n"
+              "signal.signal(signal.SIGTERM, lambda *a: (print('term', os.environ['JAX_PROCESS_ID'], flush=True), "
+              "sys.exit(143)))\n"
+              f"open(r'{tmp_path}/pid' + os.environ['JAX_PROCESS_ID'], 'w').write(str(os.getpid()))\n"
+              "print('up', flush=True)\n"
+              "time.sleep(60)\n")
+
+    def start():
+        for f in tmp_path.glob("pid*"):
+            f.unlink()
+        p = subprocess.Popen([sys.executable, f"{ROOT}/launch/local.py", "--num_processes=2", "--", "python", "-c",
+                              script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(200):
+            if len(list(tmp_path.glob("pid*"))) == 2:
+                return p, [int(f.read_text()) for f in sorted(tmp_path.glob("pid*"))]
+            time.sleep(0.05)
+        raise AssertionError("the processes did not start")
+
+    def gone(pid):
+        try:
+            os.kill(pid, 0)
+            return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+
+    launcher, pids = start()
+    time.sleep(0.5)
+    launcher.send_signal(signal.SIGHUP)
+    out, err = launcher.communicate(timeout=30)
+    assert launcher.returncode == 143 and out.count("term") == 2, (out, err)
+    launcher, pids = start()
+    launcher.kill()
+    launcher.wait()
+    deadline = time.time() + 10
+    while not all(map(gone, pids)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert all(map(gone, pids))

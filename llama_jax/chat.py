@@ -42,6 +42,9 @@ def main(argv=None, input_fn=None, out=None) -> int:
     from llama_jax.distributed import require_one_process
 
     require_one_process("python -m llama_jax.chat")
+    from llama_jax.checkpoint import quiet_orbax
+
+    quiet_orbax()  # a damaged checkpoint: one error line, not Orbax's and TensorStore's logs
     from llama_jax.tokenizer import DialogError, _turns, valid_unicode
 
     check_sampling_args(ap, args)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -61,6 +62,36 @@ class _ReadOnlyNotes(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_ReadOnlyNotes())
+
+
+class _QuietOrbax(logging.Filter):
+    """Orbax's warnings describe its own defaults, not problems; its failures reach the
+    caller as exceptions, reported once, as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.CRITICAL or "orbax" not in record.pathname
+
+
+def quiet_orbax() -> None:
+    """For commands (main, and the CLIs that read or write checkpoints): Orbax's log lines
+    and, after a failed read or write, TensorStore's late callbacks into Orbax's closed
+    event loop are not shown; the error itself is reported once, as one line."""
+    from absl import logging as absl_logging
+
+    for handler_or_logger in (absl_logging.get_absl_handler(), logging.getLogger("absl")):
+        if not any(isinstance(f, _QuietOrbax) for f in handler_or_logger.filters):
+            handler_or_logger.addFilter(_QuietOrbax())
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    if getattr(sys.unraisablehook, "quiets_closed_loops", False):
+        return
+    default_hook = sys.unraisablehook
+
+    def quiet_closed_loop(info):
+        if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
+            default_hook(info)
+
+    quiet_closed_loop.quiets_closed_loops = True
+    sys.unraisablehook = quiet_closed_loop
 
 
 def _manager(directory: str, max_to_keep: int | None = None, keep_period: int | None = None,
@@ -264,6 +295,37 @@ def load_params(path: str, abstract_params, step: int | None = None):
         mngr.close()
 
 
+def check_params(path: str, step: int, meta: dict) -> str:
+    """A checkpoint's params, checked without reading their arrays: the item is there, its
+    tree's metadata reads, and every array has the shape of the model its meta names.
+    Returns a one-line summary; a CheckpointError otherwise."""
+    from llama_jax.model import Llama
+    from llama_jax.sharding import abstract_params
+
+    where = os.path.join(_checkpoint_dir(path), str(step))
+    missing = [item for item in ("params", "meta") if not os.path.isdir(os.path.join(where, item))]
+    if missing:
+        raise CheckpointError(f"{where}: checkpoint {step} has no {' or '.join(missing)} (deleted or never written)")
+    try:
+        with ocp.StandardCheckpointer() as reader:
+            tree = reader.metadata(os.path.abspath(os.path.join(where, "params"))).item_metadata
+    except Exception as e:  # noqa: BLE001 - orbax raises several types
+        raise CheckpointError(f"{where}/params: unreadable ({_first_line(e)})") from None
+    if tree is None:
+        raise CheckpointError(f"{where}/params: unreadable (its metadata is missing or damaged)")
+    saved = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(
+        tree.tree if hasattr(tree, "tree") else tree)}
+    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(
+        abstract_params(Llama(model_config(meta), tuple(meta.get("heads", ["lm"])))))}
+    if saved != want:
+        wrong = sorted(k for k in saved.keys() | want.keys() if saved.get(k) != want.get(k))
+        raise CheckpointError(f"{where}/params: not the model its meta names ({wrong[0]}: saved "
+                              f"{saved.get(wrong[0])}, the model's {want.get(wrong[0])}"
+                              + (f", and {len(wrong) - 1} more" if len(wrong) > 1 else "") + ")")
+    n = sum(math.prod(shape) for shape in saved.values())
+    return f"params: {len(saved)} arrays, {n:,} values, shapes as the model's (array data not read: export reads it)"
+
+
 def model_fields_differing(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """The fields of `current` (a LlamaConfig dict) that a checkpoint's saved model dict
     does not match, except those in `ignore`. A field added to LlamaConfig after the
@@ -350,6 +412,7 @@ def main(argv=None) -> int:
     from llama_jax.distributed import require_one_process
 
     require_one_process("python -m llama_jax.checkpoint")
+    quiet_orbax()
     try:
         if args.cmd == "export":
             step = export_params(args.workdir, args.output, args.step)
@@ -357,6 +420,7 @@ def main(argv=None) -> int:
         else:
             step, meta = read_meta(args.path)
             print(f"step {step}: {meta}")
+            print(check_params(args.path, step, meta))
     except (CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -651,7 +651,9 @@ def main(argv=None) -> int:
     from llama_jax.distributed import require_one_process
 
     require_one_process("python -m llama_jax.convert")
+    from llama_jax.checkpoint import quiet_orbax
 
+    quiet_orbax()  # a damaged checkpoint: one error line, not Orbax's and TensorStore's logs
     from llama_jax import checkpoint as ckpt
     from llama_jax.tokenizer import Tokenizer
     from llama_jax.workdir import require_empty

@@ -438,6 +438,9 @@ def main(argv=None) -> int:
     from llama_jax.distributed import require_one_process
 
     require_one_process("python -m llama_jax.evaluate")
+    from llama_jax.checkpoint import quiet_orbax
+
+    quiet_orbax()  # a damaged checkpoint: one error line, not Orbax's and TensorStore's logs
     used = {"perplexity": ("seq_len", "max_batches"), "multiple_choice": ("k_shot", "shots", "style", "seed", "limit"),
             "reward_accuracy": ()}[args.task]
     given = [f for f in ("seq_len", "max_batches", "k_shot", "shots", "style", "seed", "limit")

@@ -465,6 +465,9 @@ def main(argv=None) -> int:
     from llama_jax.distributed import require_one_process
 
     require_one_process("python -m llama_jax.generate")
+    from llama_jax.checkpoint import quiet_orbax
+
+    quiet_orbax()  # a damaged checkpoint: one error line, not Orbax's and TensorStore's logs
     check_sampling_args(ap, args)
     if args.batch_size < 1:
         ap.error(f"--batch_size must be at least 1, got {args.batch_size}")

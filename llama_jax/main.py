@@ -58,24 +58,9 @@ def main(argv) -> None:
     end_with_parent()
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
-        import logging as py_logging
+        from llama_jax.checkpoint import quiet_orbax
 
-        class _QuietOrbax(py_logging.Filter):  # its warnings describe its own defaults, not problems;
-            # its failures reach the loop as exceptions (reported once, as one line)
-            def filter(self, record):
-                return record.levelno >= py_logging.CRITICAL or "orbax" not in record.pathname
-
-        logging.get_absl_handler().addFilter(_QuietOrbax())
-        # a failed asynchronous save also logs each failed write task, and TensorStore's late callbacks
-        # find Orbax's event loop closed; the error itself is reported once, as one line
-        py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
-        default_hook = sys.unraisablehook
-
-        def quiet_closed_loop(info):
-            if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
-                default_hook(info)
-
-        sys.unraisablehook = quiet_closed_loop
+        quiet_orbax()
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.data.sources import DataError
     from llama_jax.sharding import MeshError

@@ -535,6 +535,60 @@ def _record_config(config, cfg, workdir: str, start: int) -> None:
         json.dump(record, f, indent=1)
 
 
+def _check_kept_checkpoints(config, workdir: str, steps) -> None:
+    """A resume whose checkpoint.keep_period would delete the checkpoints the run's earlier
+    setting kept for good (Orbax applies the retention to every step in the directory, at
+    the next save) is refused: what was written is not lost to a forgotten flag."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            before = int(json.load(f)["checkpoint"]["keep_period"] or 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    now = int(config.checkpoint.keep_period or 0)
+    lost = sorted(s for s in steps if before and s and s % before == 0 and not (now and s % now == 0))
+    if lost:
+        shown = ", ".join(map(str, lost[:8])) + (", ..." if len(lost) > 8 else "")
+        raise RunError(f"{os.path.join(workdir, 'checkpoints')}: steps {shown} were kept by checkpoint.keep_period "
+                       f"{before}, which this run's {now} would delete at its next saves; rerun with "
+                       f"--config.checkpoint.keep_period={before} (or a divisor of it), or move those steps out of "
+                       "the directory first")
+
+
+def _check_not_a_model_directory(workdir: str) -> None:
+    """A workdir without checkpoints that holds another program's model (a Hugging Face
+    or Meta download, whose config.json a run would overwrite) is refused: it was meant
+    as `init_from`, after an import."""
+    import json
+    import os
+
+    from llama_jax import checkpoint as ckpt
+
+    if not os.path.isdir(workdir):
+        return
+    files = set(os.listdir(workdir))
+    ours = True
+    if "config.json" in files:
+        try:
+            with open(os.path.join(workdir, "config.json")) as f:
+                ours = "stage" in json.load(f)  # a run's config.json; HF's has model_type, architectures
+        except (OSError, ValueError, TypeError):
+            ours = False
+    weights = any(f.endswith((".safetensors", ".pth", ".bin")) for f in files) or "params.json" in files
+    if not ours or weights:
+        try:
+            ckpt.read_meta(workdir)  # names a Hugging Face or Meta model directory, and the import command
+        except ckpt.CheckpointError as e:
+            if "import it first" in str(e):
+                raise RunError(f"--workdir {e} (as --config.init_from); a workdir is where a run writes") from None
+        raise RunError(f"--workdir {workdir}: holds files that are not a llama_jax run's ("
+                       + ", ".join(sorted(f for f in files if f == "config.json" or f.endswith(
+                           (".safetensors", ".pth", ".bin")) or f == "params.json")[:4])
+                       + "), which a run would overwrite; use a new or empty --workdir")
+
+
 def _check_stage_of_workdir(workdir: str, stage_name: str) -> None:
     """A workdir holds one stage's run: another stage would resume from its checkpoints
     (SFT, DPO and pretraining all have the LM head) with an input-pipeline state of
@@ -544,6 +598,7 @@ def _check_stage_of_workdir(workdir: str, stage_name: str) -> None:
     from llama_jax import checkpoint as ckpt
 
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        _check_not_a_model_directory(workdir)
         return
     try:
         _, saved = ckpt.read_meta(workdir)
@@ -624,14 +679,16 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     if warning and jax.process_index() == 0:
         print(warning, flush=True)
     _check_stage_of_workdir(workdir, config.stage)  # before anything is written into it (the probe, the lock)
-    probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise RunError(f"workdir {workdir} is not writable: {e}") from None
+    for where in (workdir, os.path.join(workdir, "checkpoints")):  # checkpoints/ too: a whole interval's compute
+        # would be lost at the first save
+        probe = os.path.join(where, f".write_test.{jax.process_index()}")
+        try:
+            os.makedirs(where, exist_ok=True)
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise RunError(f"workdir {workdir} is not writable: {e}") from None
     if jax.process_index() == 0:  # one run at a time in a workdir (released by `run`)
         try:
             workdir_lock.lock(workdir)
@@ -762,6 +819,8 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             raise RunError(f"{checkpointer.directory}: its latest checkpoint is step {start}, past config.total_steps "
                            f"{config.total_steps}; use a new --workdir (or --config.init_from={workdir}) to run "
                            "fewer steps")
+        if start < config.total_steps:  # a rerun that saves: the checkpoints it would delete
+            _check_kept_checkpoints(config, workdir, checkpointer.manager.all_steps())
         if lead:
             print(f"resumed from step {start} in {workdir}", flush=True)
     else:

@@ -916,3 +916,26 @@ def test_a_resume_keeps_the_init_from_step_it_started_from(tmp_path, reference_r
     out, _ = run("dpo_imp", 4, init_from=tmp_path / "imp")
     assert out.returncode != 0 and f"config.init_from {tmp_path / 'imp'}: its step 0 is not the checkpoint this run " \
         "began with" in out.stderr, out.stderr[-2000:]
+
+
+def test_a_resume_never_deletes_the_checkpoints_keep_period_kept(tmp_path, tokenizer_path):
+    """Orbax applies a run's retention to every checkpoint in its directory: a resume that
+    forgot `checkpoint.keep_period` deleted the milestones the first run kept. Refused,
+    with the flag that keeps them; a divisor of the old period keeps them too."""
+    workdir = str(tmp_path)
+    args = command(workdir, f"--config.data.tokenizer={tokenizer_path}", "--config.checkpoint_every_steps=2",
+                   "--config.checkpoint.max_to_keep=1", steps=6)
+    first = subprocess.run(args + ["--config.checkpoint.keep_period=4"], env=env(), capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["4", "6"]
+    forgot = subprocess.run(args + ["--config.total_steps=10"], env=env(), capture_output=True, text=True,
+                            timeout=300)
+    assert forgot.returncode == 1 and (f"{workdir}/checkpoints: steps 4 were kept by checkpoint.keep_period 4, "
+                                       "which this run's 0 would delete at its next saves; rerun with "
+                                       "--config.checkpoint.keep_period=4") in forgot.stderr, forgot.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["4", "6"]
+    kept = subprocess.run(args + ["--config.total_steps=10", "--config.checkpoint.keep_period=2"], env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["4", "6", "8", "10"]

@@ -328,6 +328,31 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, refe
     assert out.returncode != 0 and f"{export}: holds a params-only checkpoint (an import or an export), not a run; " \
         f"start from it with --config.init_from={export}" in out.stderr and one_error_line(out.stderr), out.stderr
     assert tree_digest(export) == exported
+    # a Hugging Face download (or any directory of another program's files) as the workdir: the run would
+    # overwrite its config.json; refused, with the import command for the HF one
+    hf, other = tmp_path / "hf", tmp_path / "other"
+    for d, files in ((hf, {"config.json": '{"model_type": "llama"}', "model.safetensors": "x"}),
+                     (other, {"config.json": '{"name": "mine"}'})):
+        d.mkdir()
+        for name, text in files.items():
+            (d / name).write_text(text)
+        out = subprocess.run(command(str(d), f"--config.data.tokenizer={tokenizer_path}"), env=env(),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and one_error_line(out.stderr), out.stderr[-2000:]
+        assert sorted(os.listdir(d)) == sorted(files) and (d / "config.json").read_text() == files["config.json"]
+        assert (f"--workdir {hf}: a Hugging Face model directory, not a llama_jax checkpoint; import it first: "
+                f"python -m llama_jax.convert --from=hf --src={hf} --dst=DIR, then use DIR (as --config.init_from)"
+                if d == hf else f"--workdir {other}: holds files that are not a llama_jax run's (config.json), "
+                "which a run would overwrite") in out.stderr, out.stderr[-2000:]
+    # a checkpoints/ that cannot be written to is found before training (it was at the first save, an interval
+    # of compute later)
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "checkpoints").write_text("not a directory")
+    out = subprocess.run(command(str(blocked), f"--config.data.tokenizer={tokenizer_path}"), env=env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and f"workdir {blocked} is not writable" in out.stderr, out.stderr[-2000:]
+    assert "step 1" not in out.stderr and os.listdir(blocked) == ["checkpoints"]
     # init_from takes the checkpoint's architecture: a command line asking for another one is refused
     out = subprocess.run(command(str(tmp_path / "fine_tune"), f"--config.data.tokenizer={tokenizer_path}",
                                  f"--config.init_from={ref_dir}", "--config.model.n_layers=3",

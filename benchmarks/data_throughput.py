@@ -26,6 +26,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seq_len", type=int, default=256, help="tokens per row")
     ap.add_argument("--batch_size", type=int, default=8, help="rows per batch")
     ap.add_argument("--seconds", type=float, default=10.0, help="how long to read batches")
+    ap.add_argument("--source", default="stdlib", help="the pretraining source to read (text:GLOB, jsonl:GLOB, "
+                                                       "shards:DIR need a --tokenizer that fits the model)")
+    ap.add_argument("--tokenizer", default="", help="tokenizer.model for --source (default: one of 512 pieces "
+                                                    "trained on the embedded corpus)")
     args = ap.parse_args(argv)
     if args.seq_len < 2 or args.batch_size < 1 or not args.seconds > 0:
         ap.error(f"--seq_len must be >= 2, --batch_size >= 1 and --seconds > 0; got {args.seq_len}, "
@@ -45,22 +49,25 @@ def main(argv=None) -> int:
     print(f"machine: {metrics.cpu_description()}; jax {jax.__version__} ({jax.local_device_count()} device, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')}); batch {args.batch_size} x seq {args.seq_len}",
           flush=True)
-    corpus = StdlibCorpus("train")
-    with tempfile.TemporaryDirectory() as d:
-        sample = os.path.join(d, "sample.txt")
-        with open(sample, "w") as f:
-            f.write("\n".join(corpus[i] for i in range(0, len(corpus), 10)))
-        tok = tk.train([sample], 512, os.path.join(d, "tok.model"))
+    if args.tokenizer:
+        tok = tk.Tokenizer(args.tokenizer)
+    else:
+        corpus = StdlibCorpus("train")
+        with tempfile.TemporaryDirectory() as d:
+            sample = os.path.join(d, "sample.txt")
+            with open(sample, "w") as f:
+                f.write("\n".join(corpus[i] for i in range(0, len(corpus), 10)))
+            tok = tk.train([sample], 512, os.path.join(d, "tok.model"))
 
     B, T = args.batch_size, args.seq_len
-    batches = pretrain.make_dataset("stdlib", tok, T, B, seed=0)
+    batches = pretrain.make_dataset(args.source, tok, T, B, seed=0)
     next(batches)  # warm-up
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < args.seconds:
         n += next(batches)["tokens"].size
     pipe = n / (time.perf_counter() - t0)
 
-    cfg = LlamaConfig.tiny(vocab_size=512)
+    cfg = LlamaConfig.tiny(vocab_size=max(512, tok.vocab_size))
     model = Llama(cfg)
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     opt = optax.adamw(1e-3, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1)
@@ -86,7 +93,7 @@ def main(argv=None) -> int:
         loss.block_until_ready()
         steps += 1
     train = steps * B * T / (time.perf_counter() - t0)
-    print(f"pipeline (embedded corpus, packed): {pipe:12,.0f} tokens/s")
+    print(f"pipeline ({args.source}, packed): {pipe:12,.0f} tokens/s")
     print(f"tiny train step (fwd+bwd+AdamW):    {train:12,.0f} tokens/s")
     print(f"ratio pipeline / step:              {pipe / train:12.1f}x (target >= 10x)")
     return 0 if pipe >= 10 * train else 1

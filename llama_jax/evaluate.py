@@ -120,7 +120,7 @@ def perplexity(config: LlamaConfig, params, tokenizer, source: str, seq_len: int
     from llama_jax import objectives
     from llama_jax.data import pretrain
 
-    if pretrain.parse_source(source)[0] == "synthetic" and not max_batches:
+    if pretrain.source_kinds(source)[0] == "synthetic" and not max_batches:
         raise ValueError(f"{source}: an endless stream of random tokens; give --max_batches")
     seq_len = min(seq_len, config.max_seq_len)
     data = pretrain.make_dataset(source, tokenizer, seq_len, batch_size, split="eval", prefetch=0,

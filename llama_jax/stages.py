@@ -126,7 +126,7 @@ class Stage:
     def train_tokenizer(self, config, dest: str) -> Tokenizer:
         from llama_jax import tokenizer as tk
 
-        if pretrain.parse_source(config.data.source)[0] in ("synthetic", "shards"):
+        if {"synthetic", "shards"} & set(pretrain.source_kinds(config.data.source)):
             raise tk.TokenizerError(f"config.data.source {config.data.source}: no text to train a tokenizer on; "
                                     "set --config.data.tokenizer")
         docs = pretrain.open_documents(config.data.source)

@@ -836,12 +836,14 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     eval_fn = jax.jit(make_eval_step(apply_fn, objective), in_shardings=(param_sh, batch_sh, frozen_sh),
                       out_shardings=NamedSharding(mesh, P()))
 
+    noted_partial: list[bool] = []
+
     def evaluate(params, phase: str) -> dict:
         stage.eval_phase = phase
         out: dict = {}
         data = stage.eval_data(config, tokenizer)
         if data is not None:
-            total, weight, sums = 0.0, 0.0, {}
+            total, weight, sums, batches = 0.0, 0.0, {}, 0
             with sharding.activate(mesh, rules):
                 for _ in range(config.eval_steps):
                     b = next(data, None)
@@ -850,9 +852,16 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                     if not all(distributed.allgather_json(b is not None)):
                         break
                     loss_sum, w, s = eval_fn(params, _global_batch(b, batch_sh), frozen)
-                    total, weight = total + float(loss_sum), weight + float(w)
+                    total, weight, batches = total + float(loss_sum), weight + float(w), batches + 1
                     for k, v in s.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
+            if batches == config.eval_steps and not noted_partial:  # said once: what an evaluation covers
+                noted_partial.append(True)
+                if any(distributed.allgather_json(next(data, None) is not None)) and lead:
+                    print(f"note: an evaluation reads the first {batches} batches of the held-out data, in file "
+                          "order, not all of it: later files are never evaluated; "
+                          "raise config.eval_steps to cover them, or evaluate the whole set with python -m "
+                          "llama_jax.evaluate", flush=True)
             data.close()
             if weight:
                 out = {"eval_loss": total / weight, **{f"eval_{k}": v / weight for k, v in sums.items()}}

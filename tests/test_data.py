@@ -457,6 +457,34 @@ def test_toy_chat_refuses_adversarial_requests_under_the_safety_preprompt_and_do
     assert configs.chat_config().data.synthetic_safety_system == 0.06
 
 
+def test_sources_of_several_kinds_are_one_pretraining_corpus(tok, tmp_path):
+    """`text:GLOB,GLOB,jsonl:GLOB` (a KIND: prefix after a comma starts another source):
+    every document of every source, shuffled together; prepared shards mix too."""
+    (tmp_path / "t").mkdir()
+    for i in range(3):
+        (tmp_path / "t" / f"{i}.txt").write_text(f"text document {i} " * 5)
+    (tmp_path / "u.md").write_text("a markdown document " * 5)
+    rows = [{"text": f"json document {i} " * 5} for i in range(4)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = f"text:{tmp_path}/t/*.txt,{tmp_path}/u.md,jsonl:{tmp_path}/d.jsonl"
+    assert pretrain.split_source(spec) == [f"text:{tmp_path}/t/*.txt,{tmp_path}/u.md", f"jsonl:{tmp_path}/d.jsonl"]
+    docs = pretrain.open_documents(spec)
+    assert len(docs) == 8 and sorted(docs[i] for i in range(8)) == sorted(
+        [f"text document {i} " * 5 for i in range(3)] + ["a markdown document " * 5] + [r["text"] for r in rows])
+    batches = pretrain.make_dataset(spec, tok, 16, 2, num_epochs=1, drop_remainder=False, prefetch=0)
+    assert batches.description["documents"] == 8
+    read = [tok.decode([t for t in row if t > 2]) for b in batches for row in b["tokens"]]
+    assert sum("json document" in r for r in read) and sum("text document" in r for r in read)
+    assert prepare.main([f"--source={spec}", f"--tokenizer={tok.path}", f"--output={tmp_path}/s",
+                         "--num_shards=2"]) == 0
+    mixed = pretrain.open_documents(f"shards:{tmp_path}/s,jsonl:{tmp_path}/d.jsonl")
+    assert len(mixed) == 12 and {type(mixed[i]).__name__ for i in range(12)} == {"ndarray", "str"}
+    with pytest.raises(DataError, match="synthetic tokens are a source of their own"):
+        pretrain.open_documents(f"synthetic,jsonl:{tmp_path}/d.jsonl")
+    with pytest.raises(DataError, match=r"no JSONL files match .*nope\.jsonl"):
+        pretrain.open_documents(f"text:{tmp_path}/u.md,jsonl:{tmp_path}/nope.jsonl")
+
+
 def test_own_text_data_is_read_whole_or_refused_by_name(tok, tmp_path):
     """Every part of a source list must match (a typo dropped its files silently); a text
     file's byte-order mark is dropped (bytes that are not UTF-8 become U+FFFD: a corpus is
@@ -586,11 +614,19 @@ def test_jsonl_encoding_and_prefix_mistakes_are_named(tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"latin1.jsonl:1: not UTF-8 text \("):
         sources.text_jsonl(str(tmp_path / "latin1.jsonl"))
-    with pytest.raises(DataError, match="a KIND: prefix, as in jsonl:GLOB, starts a pretraining data.source and names"
-                       " the kind of all of its globs; fine-tuning stages take globs alone"):
+    with pytest.raises(DataError, match="a KIND: prefix, as in jsonl:GLOB, names the kind of a pretraining "
+                       "data.source; fine-tuning stages take globs alone"):
         chat.open_dialogs(f"jsonl:{tmp_path}/*.jsonl")
-    with pytest.raises(DataError, match="names the kind of all of its globs"):  # one pretraining source, one kind
-        pretrain.open_documents(f"text:{tmp_path}/latin1.jsonl,jsonl:{tmp_path}/latin1.jsonl")
+    # compressed files are refused by name (read as text, a .gz trained on its bytes, as U+FFFD noise)
+    import gzip
+
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress(b"hello"))
+    for open_source in (sources.TextFiles, sources.text_jsonl):
+        with pytest.raises(DataError, match=f"c.txt.gz: gzip-compressed; .* files are read as plain text "
+                                            f"\\(decompress it first, e.g. gunzip {tmp_path}/c.txt.gz\\)"):
+            open_source(str(tmp_path / "c.txt.gz"))
+    (tmp_path / "BZh.txt").write_text("BZhello: a text that starts like bzip2's magic, without its digit")
+    assert sources.TextFiles(str(tmp_path / "BZh.txt"))[0].startswith("BZhello")
     (tmp_path / "surrogate.jsonl").write_text('{"messages": [{"role": "user", "content": "a\\ud800"}, '
                                               '{"role": "assistant", "content": "b"}]}\n')
     with pytest.raises(DataError, match=r"surrogate.jsonl:1: message 0: content is not valid Unicode \(surrogates "):

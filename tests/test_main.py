@@ -209,6 +209,9 @@ def test_a_run_killed_in_its_final_evaluation_ends_as_an_uninterrupted_one(tmp_p
     # the unigram baseline is kept beside the held-out loss it is the yardstick of
     assert f"unigram baseline on the held-out batches: {final['eval_unigram_baseline']:.4f}" in first.stderr
     assert rebuilt == pytest.approx(final)
+    # one batch of a held-out split of many: said once, not silently a sample of its first file
+    assert first.stdout.count("note: an evaluation reads the first 1 batches of the held-out data, in file order, "
+                              "not all of it") == 1
 
 
 def test_init_from_starts_from_another_runs_params(tmp_path, reference_run, tokenizer_path):

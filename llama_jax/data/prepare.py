@@ -27,10 +27,10 @@ import numpy as np
 def prepare(source: str, tokenizer, output: str, num_shards: int = 8) -> dict:
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    from llama_jax.data.pretrain import open_documents
+    from llama_jax.data.pretrain import open_documents, source_kinds
     from llama_jax.metrics import Progress
 
-    if source.startswith("shards:"):
+    if "shards" in source_kinds(source):
         raise ValueError(f"--source {source}: already prepared shards (use them as data.source directly)")
     docs = open_documents(source)
     if num_shards < 1:

@@ -8,6 +8,10 @@ Sources are named by one string, so a config override switches them:
   jsonl:GLOB        JSONL with a `text` field
   shards:DIR        pre-tokenized ArrayRecord shards (python -m llama_jax.data.prepare)
   synthetic         uniformly random tokens (benchmarks)
+
+Sources of several kinds, comma-separated (`text:code/*.py,jsonl:prose/*.jsonl`), are one
+corpus: their documents are shuffled together, each source's share that of its documents
+(not weighted).
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from llama_jax.data import pipeline, sources
 from llama_jax.data.sources import DataError
 
 KINDS = ("stdlib", "text", "jsonl", "shards", "synthetic")
+# Documents tokenized ahead of the packer: Grain's default (16 threads, 500 documents) held
+# many copies of a corpus that is one large text file (a 30 MB file ran a process out of
+# 19 GB); a few threads and a short buffer still deliver far more than a step consumes.
+READ_AHEAD = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 
 
 def parse_source(spec: str) -> tuple[str, str]:
@@ -30,8 +38,49 @@ def parse_source(spec: str) -> tuple[str, str]:
     return kind, arg
 
 
+def split_source(spec: str) -> list[str]:
+    """The sources of a spec: a comma starts a new one where a KIND: prefix follows it
+    (`text:a/*.txt,b/*.txt,jsonl:c.jsonl` is two: text files of two globs, and a JSONL)."""
+    parts: list[str] = []
+    for piece in spec.split(","):
+        head, colon, _ = piece.strip().partition(":")
+        if parts and not (head in KINDS and (colon or piece.strip() in ("stdlib", "synthetic"))):
+            parts[-1] += "," + piece
+        else:
+            parts.append(piece.strip())
+    return parts
+
+
+def source_kinds(spec: str) -> list[str]:
+    """The kind of each source of a spec (checked as `parse_source` checks one)."""
+    kinds = [parse_source(part)[0] for part in split_source(spec)]
+    if len(kinds) > 1 and "synthetic" in kinds:
+        raise DataError(f"data source {spec!r}: synthetic tokens are a source of their own, not part of a corpus")
+    return kinds
+
+
+class Concat:
+    """Several document sources as one (random access over all of their documents)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.empty = sum(getattr(p, "empty", 0) for p in parts)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int):
+        part = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[part][i - int(self.starts[part])]
+
+
 def open_documents(spec: str, split: str = "train"):
     """A random-access source of documents (str, or int32 token arrays for shards)."""
+    parts = split_source(spec)
+    if len(parts) > 1:
+        source_kinds(spec)
+        return Concat([open_documents(part, split) for part in parts])
     kind, arg = parse_source(spec)
     if kind == "stdlib":
         return sources.StdlibCorpus(arg or split)
@@ -74,21 +123,22 @@ def make_dataset(spec: str, tokenizer, seq_len: int, batch_size: int, seed: int 
     """Batches of packed pretraining windows ([batch_size, seq_len] per feature). The
     eval split reads its documents once, in order (`num_epochs=1`, no shuffle).
     `drop_remainder=False`: the last batch may have fewer rows (a complete read)."""
-    kind, _ = parse_source(spec)
+    kind = source_kinds(spec)[0]
     if kind == "synthetic":
         if vocab_size is None:
             vocab_size = tokenizer.vocab_size
         ds = _synthetic(vocab_size, seq_len, seed, shard).to_iter_dataset()
         return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch), {"source": spec})
     docs = open_documents(spec, split)
-    if isinstance(docs, sources.TokenShards):
-        made_with = docs.metadata.get("tokenizer", {}).get("sha256")
-        if tokenizer is not None and made_with not in (None, tokenizer.identity()["sha256"]):
-            raise DataError(f"{spec}: shards were tokenized with a different tokenizer "
-                            f"(sha256 {made_with[:12]}..., this run's is {tokenizer.identity()['sha256'][:12]}...)")
+    for part, opened in zip(split_source(spec), docs.parts if isinstance(docs, Concat) else [docs]):
+        if isinstance(opened, sources.TokenShards):
+            made_with = opened.metadata.get("tokenizer", {}).get("sha256")
+            if tokenizer is not None and made_with not in (None, tokenizer.identity()["sha256"]):
+                raise DataError(f"{part}: shards were tokenized with a different tokenizer (sha256 {made_with[:12]}"
+                                f"..., this run's is {tokenizer.identity()['sha256'][:12]}...)")
     training = split == "train"
     ds = pipeline.sharded_shuffled(docs, seed, shard, num_epochs if training else 1, shuffle=training)
-    ds = ds.map(_Tokenize(tokenizer)).to_iter_dataset()
+    ds = ds.map(_Tokenize(tokenizer)).to_iter_dataset(READ_AHEAD)
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len, "mask": seq_len})
     ds = ds.map(pipeline.packed_to_lm)
     identity, empty = getattr(docs, "identity", None), getattr(docs, "empty", 0)

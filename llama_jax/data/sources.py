@@ -35,8 +35,8 @@ def expand_globs(patterns: str | Sequence[str], what: str = "input") -> list[str
     found = {p: matches(p) for p in patterns}
     missing = [p for p, fs in found.items() if not fs]
     hint = " (mixture weights, PATH@WEIGHT, are for preference data only)" if any("@" in p for p in missing) \
-        else " (a KIND: prefix, as in jsonl:GLOB, starts a pretraining data.source and names the kind of all of " \
-        "its globs; fine-tuning stages take globs alone)" \
+        else " (a KIND: prefix, as in jsonl:GLOB, names the kind of a pretraining data.source; fine-tuning " \
+        "stages take globs alone)" \
         if any(p.strip().split(":", 1)[0] in ("jsonl", "text", "shards") for p in missing) \
         else f" ({missing[0].strip()} is a directory: name its files, e.g. {os.path.join(missing[0].strip(), '*')}, " \
         f"or {os.path.join(missing[0].strip(), '**', '*')} for all below it)" \
@@ -45,7 +45,21 @@ def expand_globs(patterns: str | Sequence[str], what: str = "input") -> list[str
         raise DataError(f"no {what} files match {list(patterns)}{hint}")
     if missing:  # a typo in one part of a list would drop its data without a word
         raise DataError(f"no {what} files match {missing[0]!r}, one of {list(patterns)}{hint}")
-    return sorted({f for fs in found.values() for f in fs})
+    files = sorted({f for fs in found.values() for f in fs})
+    for f in files:  # every input read through here is text: a compressed file would train on its bytes (U+FFFD)
+        with open(f, "rb") as fh:
+            head = fh.read(6)
+        packed = next((name for name, magic in COMPRESSED if head.startswith(magic)
+                       and (name != "bzip2" or head[3:4] in b"123456789")), None)
+        if packed:
+            raise DataError(f"{f}: {packed}-compressed; {what} files are read as plain text (decompress it first, "
+                            f"e.g. {'gunzip' if packed == 'gzip' else packed + ' -d'} {f})")
+    return files
+
+
+# the magic numbers of compressed files: read as text, their bytes would become U+FFFD noise
+COMPRESSED = (("gzip", b"\x1f\x8b"), ("bzip2", b"BZh"), ("xz", b"\xfd7zXZ\x00"), ("zstd", b"\x28\xb5\x2f\xfd"),
+              ("zip", b"PK\x03\x04"))
 
 
 class TextFiles:

@@ -82,15 +82,23 @@ def _pump(stream, prefix: str, out, chatter: re.Pattern) -> None:
             shown = False
 
 
-def _die_with_launcher() -> None:
-    """In each child before it starts: SIGKILL when this launcher dies, whatever kills it
-    (PR_SET_PDEATHSIG, Linux); a process whose peers are gone would wait for them."""
+def _prctl():
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):  # not Linux
-        pass
+        return None
+
+
+_PRCTL = _prctl()  # looked up here, once: a child between fork and exec should only call it
+
+
+def _die_with_launcher() -> None:
+    """In each child before it starts: SIGKILL when this launcher dies, whatever kills it
+    (PR_SET_PDEATHSIG, Linux); a process whose peers are gone would wait for them."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)
 
 
 FAILURE_GRACE_S = 6.0  # llama_jax.main's lead process waits 3 s before it exits (main.LEAD_EXIT_DELAY_S)
@@ -136,11 +144,12 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, tim
                 if any(c is None for c in codes) and time.monotonic() - failed_at < FAILURE_GRACE_S:
                     time.sleep(0.1)  # processes that fail alike (a refused setting) exit on their own
                     continue
-                code = 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says it
+                killed = code < 0
+                code = 128 - code if killed else code  # killed by signal N: 128 + N, as a shell says it
                 running = any(c is None for c in codes)
-                if running or code > 128:  # (processes that fail alike have each said why; one killed has not)
+                if running or killed:  # (processes that fail alike have each said why; one killed has not)
                     print(f"launch/local.py: process {i} exited with code {code}"
-                          + (f" (killed by signal {code - 128})" if code > 128 else "")
+                          + (f" (killed by signal {code - 128})" if killed else "")
                           + ("; stopping the others" if running else ""), file=sys.stderr, flush=True)
                 if running:
                     stop()

@@ -75,9 +75,9 @@ case "$CMD" in
       { [ -x venv/bin/python ] && venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
         rm -rf venv; PY=; for c in python3.13 python3.12 python3.11 python3; do \
           \$c -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && PY=\$c && break; done; \
-        if [ -n \"\$PY\" ] && \$PY -m venv venv; then :; else \
+        if [ -n \"\$PY\" ] && \$PY -m venv venv; then :; else rm -rf venv; \
           command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; \
-          \$HOME/.local/bin/uv venv --seed --python 3.11 venv; fi; }; } && \
+          UV=\$(command -v uv || echo \$HOME/.local/bin/uv); \$UV venv --seed --python 3.11 venv; fi; }; } && \
       . venv/bin/activate && pip install -q -U pip && pip install -q -e . 'jax[tpu]' && \
       python -c 'import jax; print(jax.process_index(), jax.device_count(), jax.devices()[0].device_kind)'"
     if [[ -n "${BUCKET:-}" ]]; then
@@ -96,11 +96,13 @@ case "$CMD" in
     [[ "${1:-}" == "--" ]] && shift
     (( $# )) || { echo "run: give the main's flags after --" >&2; exit 2; }
     ARGS="$(printf '%q ' "$@")"
-    # refused while a run is going on a worker (two would fight for the TPU); the log is appended to.
-    # (\$M.main: this shell's own command line must not match pgrep's pattern)
+    # refused while a run is going on any worker (two would fight for the TPU, and workers started
+    # without their peers would wait for them): every worker is asked before any starts. The log
+    # is appended to. ([l] and \$M.main: this shell's own command line must not match the pattern)
+    ssh_all "if pgrep -f '[l]lama_jax.main' >/dev/null; then echo \"a run is going on \$(hostname): stop it (or \
+      wait for its save) first\" >&2; exit 1; fi" || { echo "run: not started" >&2; exit 1; }
     ssh_all "cd $REMOTE && . venv/bin/activate && mkdir -p logs || exit 1; \
-      if pgrep -f '[l]lama_jax.main' >/dev/null; then echo \"a run is going on \$(hostname): stop it first\" >&2; \
-        exit 1; fi; echo \"== \$(date -u) \" $ARGS >> logs/run.log; M=llama_jax; \
+      echo \"== \$(date -u) \" $ARGS >> logs/run.log; M=llama_jax; \
       LLAMA_JAX_DISTRIBUTED=auto nohup python -m \$M.main $ARGS >> logs/run.log 2>&1 < /dev/null & \
       echo started on \$(hostname)"
     ;;

@@ -242,6 +242,24 @@ def _checkpoint_dir(path: str) -> str:
     return path
 
 
+MODEL_FILES = (".safetensors", ".bin", ".pth")  # the weights of Hugging Face's and Meta's layouts
+
+
+def foreign_model(path: str, use: str = "then use DIR") -> str | None:
+    """What to do with a Hugging Face or Meta model directory given where a llama_jax
+    checkpoint belongs (None for any other directory): import it first, then `use` it."""
+    files = set(os.listdir(path))
+    kind = "hf" if "config.json" in files and any(f.endswith((".safetensors", ".bin")) for f in files) else \
+        "meta" if "params.json" in files and any(f.endswith(".pth") for f in files) else None
+    if not kind:
+        return None
+    pickles = kind == "hf" and not any(f.endswith(".safetensors") for f in files)
+    return (f"{path}: a {'Hugging Face' if kind == 'hf' else 'Meta'} model directory, not a llama_jax checkpoint; "
+            f"import it first: python -m llama_jax.convert --from={kind} --src={path} --dst=DIR, {use}"
+            + (" (its weights are PyTorch pickles, which convert does not load: save them as safetensors first)"
+               if pickles else ""))
+
+
 def read_meta(path: str, step: int | None = None) -> tuple[int, dict]:
     """(step, meta) of the latest (or given) checkpoint of a run dir or export."""
     if not os.path.isdir(path):
@@ -259,16 +277,9 @@ def read_meta(path: str, step: int | None = None) -> tuple[int, dict]:
                 raise CheckpointError(f"{path}: one step of the run {run}, which is what to pass (its latest step); "
                                       f"for step {n}: python -m llama_jax.checkpoint export --workdir={run} --step={n} "
                                       f"--output=DIR, then DIR")
-            files = set(os.listdir(path))
-            kind = "hf" if "config.json" in files and any(f.endswith((".safetensors", ".bin")) for f in files) else \
-                "meta" if "params.json" in files and any(f.endswith(".pth") for f in files) else None
-            if kind:
-                pickles = kind == "hf" and not any(f.endswith(".safetensors") for f in files)
-                raise CheckpointError(f"{path}: a {'Hugging Face' if kind == 'hf' else 'Meta'} model directory, not a "
-                                      f"llama_jax checkpoint; import it first: python -m llama_jax.convert "
-                                      f"--from={kind} --src={path} --dst=DIR, then use DIR"
-                                      + (" (its weights are PyTorch pickles, which convert does not load: save "
-                                         "them as safetensors first)" if pickles else ""))
+            foreign = foreign_model(path)
+            if foreign:
+                raise CheckpointError(foreign)
             raise CheckpointError(f"{path}: no complete checkpoint found")
         try:
             meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -316,7 +327,7 @@ def check_params(path: str, step: int, meta: dict) -> str:
     saved = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(
         tree.tree if hasattr(tree, "tree") else tree)}
     want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(
-        abstract_params(Llama(model_config(meta), tuple(meta.get("heads", ["lm"])))))}
+        abstract_params(Llama(model_config(meta, attention="xla"), tuple(meta.get("heads", ["lm"])))))}
     if saved != want:
         wrong = sorted(k for k in saved.keys() | want.keys() if saved.get(k) != want.get(k))
         raise CheckpointError(f"{where}/params: not the model its meta names ({wrong[0]}: saved "
@@ -374,7 +385,8 @@ def load_model(path: str, step: int | None = None, shardings=None, **config_over
     step, meta = read_meta(path, step)
     cfg = model_config(meta, **config_overrides)
     heads = tuple(meta.get("heads", ["lm"]))
-    shapes = abstract_params(Llama(cfg, heads))
+    shapes = abstract_params(Llama(cfg.replace(attention="xla"), heads))  # (the kernel shapes nothing; cudnn
+    # cannot even be traced off a GPU)
     if shardings is None:
         try:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])

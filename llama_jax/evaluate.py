@@ -67,8 +67,9 @@ def _row_logprobs(params, tokens, segment_ids, target_mask, *, config: LlamaConf
 
 
 def _length_bucket(n: int) -> int:
-    """A padded length for n tokens: a multiple of 32, and of an eighth of the next power
-    of two above 256 (at most 12.5% padding; 24 shapes up to 4,096 tokens, not 128)."""
+    """A padded length for n tokens: a multiple of 32, and above 256 of an eighth of the
+    next power of two (under a quarter padding, an eighth on average over lengths; 24
+    shapes up to 4,096 tokens, not 128)."""
     step = max(32, (1 << (n - 1).bit_length()) // 8)
     return max(32, -(-n // step) * step)
 
@@ -221,8 +222,11 @@ def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: i
     data = sources.Jsonl(path, validate=_validate_mc)
     every = [data.record(i) for i in range(len(data))]
     wheres = [data.where(i) for i in range(len(data))]
+    solved = None if shots_path is None else sources.Jsonl(shots_path, validate=_validate_mc)
     if style == "letters":
-        many = next((w for r, w in zip(every, wheres) if len(r["choices"]) > len(LETTERS)), None)
+        lettered = [(every[i], wheres[i]) for i in range(len(every))] + (
+            [] if solved is None else [(solved.record(i), solved.where(i)) for i in range(len(solved))])
+        many = next((w for r, w in lettered if len(r["choices"]) > len(LETTERS)), None)
         if many:
             raise DataError(f"{many}: more than {len(LETTERS)} choices cannot be lettered; use --style=qa")
     def complete(r):  # a question with an empty choice: that choice, scored on the space alone, would win
@@ -236,7 +240,6 @@ def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: i
     if shots_path is None:  # (index in the file, record): the file's own questions
         pool = [(j, r) for j, r in enumerate(every) if complete(r)]
     else:
-        solved = sources.Jsonl(shots_path, validate=_validate_mc)
         pool = [(-1, r) for r in map(solved.record, range(len(solved))) if complete(r)]
     rng = random.Random(seed)
     contexts, continuations, n_shots = [], [], []

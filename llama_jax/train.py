@@ -568,25 +568,22 @@ def _check_not_a_model_directory(workdir: str) -> None:
 
     if not os.path.isdir(workdir):
         return
+    foreign = ckpt.foreign_model(workdir, use="then pass DIR as --config.init_from")
+    if foreign:
+        raise RunError(f"--workdir {foreign}; a workdir is where a run writes")
     files = set(os.listdir(workdir))
-    ours = True
+    strange = sorted(f for f in files if f.endswith(ckpt.MODEL_FILES) or f in ("params.json", "config.json"))
     if "config.json" in files:
         try:
             with open(os.path.join(workdir, "config.json")) as f:
-                ours = "stage" in json.load(f)  # a run's config.json; HF's has model_type, architectures
+                if "stage" in json.load(f):  # a run's config.json; HF's has model_type, architectures
+                    strange.remove("config.json")
         except (OSError, ValueError, TypeError):
-            ours = False
-    weights = any(f.endswith((".safetensors", ".pth", ".bin")) for f in files) or "params.json" in files
-    if not ours or weights:
-        try:
-            ckpt.read_meta(workdir)  # names a Hugging Face or Meta model directory, and the import command
-        except ckpt.CheckpointError as e:
-            if "import it first" in str(e):
-                raise RunError(f"--workdir {e} (as --config.init_from); a workdir is where a run writes") from None
-        raise RunError(f"--workdir {workdir}: holds files that are not a llama_jax run's ("
-                       + ", ".join(sorted(f for f in files if f == "config.json" or f.endswith(
-                           (".safetensors", ".pth", ".bin")) or f == "params.json")[:4])
-                       + "), which a run would overwrite; use a new or empty --workdir")
+            pass
+    if strange:
+        raise RunError(f"--workdir {workdir}: holds files of another program ({', '.join(strange[:4])}), not a "
+                       "llama_jax run's; use a new or empty --workdir (a model to start from is --config.init_from, "
+                       "after an import)")
 
 
 def _check_stage_of_workdir(workdir: str, stage_name: str) -> None:
@@ -596,8 +593,11 @@ def _check_stage_of_workdir(workdir: str, stage_name: str) -> None:
     import os
 
     from llama_jax import checkpoint as ckpt
+    from llama_jax import distributed
 
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    # the lead's view, on every process: reading checkpoints is collective (Orbax), and the start-up probe of
+    # another process may create checkpoints/ while this one looks
+    if not distributed.allgather_json(os.path.isdir(os.path.join(workdir, "checkpoints")))[0]:
         _check_not_a_model_directory(workdir)
         return
     try:
@@ -855,7 +855,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                     total, weight, batches = total + float(loss_sum), weight + float(w), batches + 1
                     for k, v in s.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
-            if batches == config.eval_steps and not noted_partial:  # said once: what an evaluation covers
+            if batches and batches == config.eval_steps and not noted_partial:  # said once: what it covers
                 noted_partial.append(True)
                 if any(distributed.allgather_json(next(data, None) is not None)) and lead:
                     print(f"note: an evaluation reads the first {batches} batches of the held-out data, in file "

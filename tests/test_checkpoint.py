@@ -157,6 +157,10 @@ def test_info_checks_the_params_it_describes_and_errors_are_one_line(tmp_path, c
     out = capsys.readouterr().out
     n = sum(x.size for x in jax.tree_util.tree_leaves(params))
     assert f"params: {len(jax.tree_util.tree_leaves(params))} arrays, {n:,} values, shapes as the model's" in out
+    gpu_run = str(tmp_path / "gpu_run")  # trained with cuDNN's attention, read on a CPU: the kernel shapes nothing
+    ckpt.save_params(gpu_run, params, {**META, "model": CFG.replace(attention="cudnn", dtype="bfloat16").to_dict()})
+    assert ckpt.main(["info", gpu_run]) == 0 and "shapes as the model's" in capsys.readouterr().out
+    assert ckpt.load_model(gpu_run)[0].attention == "cudnn"
     broken = {}
     for name in ("deleted", "damaged", "other_model"):
         broken[name] = str(tmp_path / name)

@@ -341,9 +341,9 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, refe
         assert out.returncode != 0 and one_error_line(out.stderr), out.stderr[-2000:]
         assert sorted(os.listdir(d)) == sorted(files) and (d / "config.json").read_text() == files["config.json"]
         assert (f"--workdir {hf}: a Hugging Face model directory, not a llama_jax checkpoint; import it first: "
-                f"python -m llama_jax.convert --from=hf --src={hf} --dst=DIR, then use DIR (as --config.init_from)"
-                if d == hf else f"--workdir {other}: holds files that are not a llama_jax run's (config.json), "
-                "which a run would overwrite") in out.stderr, out.stderr[-2000:]
+                f"python -m llama_jax.convert --from=hf --src={hf} --dst=DIR, then pass DIR as --config.init_from"
+                if d == hf else f"--workdir {other}: holds files of another program (config.json), not a llama_jax "
+                "run's") in out.stderr, out.stderr[-2000:]
     # a checkpoints/ that cannot be written to is found before training (it was at the first save, an interval
     # of compute later)
     blocked = tmp_path / "blocked"

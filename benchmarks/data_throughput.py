@@ -2,12 +2,14 @@
 
     python benchmarks/data_throughput.py [--seq_len=256 --batch_size=8 --seconds=10]
 
-Trains a 512-piece tokenizer on part of the embedded corpus (the standard library), then
-measures, in one process:
-  * pipeline: tokens/s of packed pretraining batches from the embedded corpus (tokenize,
-    pack, batch, with the default prefetch), read as fast as possible;
+Trains a 512-piece tokenizer on part of the embedded corpus (the standard library), or
+takes --tokenizer, then measures, in one process:
+  * pipeline: tokens/s of packed pretraining batches from the embedded corpus, or from
+    --source=SPEC (tokenize, pack, batch, with the default prefetch), read as fast as
+    possible;
   * step: tokens/s of a jitted forward+backward+AdamW step of LlamaConfig.tiny() on
-    batches of the same shape (the model the CPU demo trains).
+    batches of the same shape (the model the CPU demo trains; its vocabulary the
+    tokenizer's, at least 512).
 The pipeline must deliver at least 10x the tokens/s the step consumes.
 """
 
@@ -26,10 +28,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seq_len", type=int, default=256, help="tokens per row")
     ap.add_argument("--batch_size", type=int, default=8, help="rows per batch")
     ap.add_argument("--seconds", type=float, default=10.0, help="how long to read batches")
-    ap.add_argument("--source", default="stdlib", help="the pretraining source to read (text:GLOB, jsonl:GLOB, "
-                                                       "shards:DIR need a --tokenizer that fits the model)")
-    ap.add_argument("--tokenizer", default="", help="tokenizer.model for --source (default: one of 512 pieces "
-                                                    "trained on the embedded corpus)")
+    ap.add_argument("--source", default="stdlib", help="the pretraining source to read, as a run's data.source "
+                                                       "(shards:DIR needs --tokenizer, the one they were made with)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.model to read --source with (default: one of 512 "
+                                                      "pieces trained on the embedded corpus)")
     args = ap.parse_args(argv)
     if args.seq_len < 2 or args.batch_size < 1 or not args.seconds > 0:
         ap.error(f"--seq_len must be >= 2, --batch_size >= 1 and --seconds > 0; got {args.seq_len}, "

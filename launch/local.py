@@ -11,11 +11,12 @@ Each process gets JAX_COORDINATOR_ADDRESS (a free localhost port), JAX_NUM_PROCE
 JAX_PROCESS_ID, JAX_PLATFORMS=cpu and M fake CPU devices; `llama_jax.main` joins the job
 from those (`llama_jax.distributed`), with gloo for CPU collectives. Process 0's output
 is shown as is, the others' prefixed with `[pN]` (gloo's connection lines are left out).
-SIGINT, SIGTERM and SIGHUP (a closed terminal) go to every process, which save the step
-they agree on; if this launcher is killed outright (SIGKILL), the processes are killed
-with it (Linux), never left waiting for each other. If any process exits non-zero the
-others are stopped and this launcher exits with the code of the first to fail (128 + N
-for one killed by signal N), naming it. Only
+SIGTERM and SIGHUP (a closed terminal; sent on as SIGTERM) make every process save the
+step they agree on; SIGINT is passed on and stops them at once. If this launcher is
+killed outright (SIGKILL), the processes are killed with it (Linux), never left waiting
+for each other. If any process exits non-zero the others are stopped and this launcher
+exits with the code of the first to fail (128 + N for one killed by signal N), naming it
+when the others were still running or it was killed. Only
 `llama_jax.main` joins such a job; the one-process commands (generate, chat, evaluate,
 convert, checkpoint, data.prepare, tokenizer) refuse to run under it.
 """

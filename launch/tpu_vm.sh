@@ -4,6 +4,7 @@
 #   launch/tpu_vm.sh create NAME ACCELERATOR [--spot]   e.g. v4-8, v5litepod-256, v5p-128
 #   launch/tpu_vm.sh setup  NAME        copy this checkout to every worker; venv + install (idempotent)
 #   launch/tpu_vm.sh run    NAME -- --config=experiments/pretrain.py:7b --workdir=gcs/runs/7b \
+#                               --config.data.source=shards:gcs/shards --config.data.tokenizer=gcs/tokenizer.model \
 #                               --config.grad_accum_steps=8 [...]   (v5p-128: see the preset's docstring)
 #   launch/tpu_vm.sh logs   NAME [WORKER]   follow a worker's log (default worker 0)
 #   launch/tpu_vm.sh stop   NAME        stop the run on every worker (SIGTERM: the current step is saved; run resumes)
@@ -64,7 +65,7 @@ case "$CMD" in
     ROOT="$(cd "$(dirname "$0")/.." && pwd)"
     STAMP="$(mktemp -t llama_jax.XXXXXX)"
     TARBALL="$STAMP.tar.gz"
-    trap 'rm -f "$STAMP" "$TARBALL"' EXIT
+    [[ -n "$DRY" ]] || trap 'rm -f "$STAMP" "$TARBALL"' EXIT  # (dry: kept, for the scp it prints)
     # one tar reading the whole list (xargs would split a long one over several tars, each
     # overwriting the archive); no local virtualenv: every worker builds its own
     (cd "$ROOT" && git ls-files -co --exclude-standard -z | grep -zv '^venv/' | tar czf "$TARBALL" --null -T -)

@@ -418,7 +418,8 @@ def main(argv=None) -> int:
     e.add_argument("--workdir", required=True)
     e.add_argument("--output", required=True)
     e.add_argument("--step", type=int, default=None)
-    i = sub.add_parser("info", help="print a checkpoint's metadata")
+    i = sub.add_parser("info", help="print a checkpoint's step and meta, and check its params (present, readable "
+                                    "metadata, the model's shapes; the arrays are not read)")
     i.add_argument("path")
     args = ap.parse_args(argv)
     from llama_jax.distributed import require_one_process

@@ -20,10 +20,10 @@ summed log-probability of its tokens after the prompt, preceded by k solved exam
 asking the same question; of the question's own subject where it names one). Styles:
 qa, "Question: {q}\\nAnswer:" and the choice's text; letters, the MMLU layout,
 "{q}\\nA. {choice}\\nB. ...\\nAnswer:" and the choice's letter. accuracy takes the
-highest sum, accuracy_norm the highest sum per character of what is scored (the choice
-with its leading space, as lm-evaluation-harness's acc_norm). A question with an empty
-choice is left out and counted; repeated choices are scored (a pick equal to the answer's
-text counts as right).
+highest sum, accuracy_norm the highest sum per character of the choice (its text, without
+the space before it, as lm-evaluation-harness's acc_norm; with letters, the same as
+accuracy). A question with an empty choice is left out and counted; repeated choices are
+scored (a pick equal to the answer's text counts as right).
 
 reward_accuracy: preference JSONL as the reward-model stages read it ({"prompt": [turns],
 "chosen": str, "rejected": str, "rating": ...}); a checkpoint with a score head.
@@ -278,7 +278,7 @@ def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: i
         choices, answer = rec["choices"], _answer_index(rec)
         n = len(choices)
         lps = np.array([s for s, _ in scores[i:i + n]])
-        norm = lps / np.array([len(c) for c in mc_continuations(rec, style)])  # per character, its space too
+        norm = lps / np.array([1 if style == "letters" else len(c) for c in choices])  # per character (lm-eval's)
         pick, pick_norm = int(np.argmax(lps)), int(np.argmax(norm))
         correct += choices[pick] == choices[answer]  # a repeat of the answer is the answer
         correct_norm += choices[pick_norm] == choices[answer]

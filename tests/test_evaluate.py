@@ -73,8 +73,8 @@ def test_multiple_choice_scores_and_accuracy(tmp_path, tok, params):
     # Re-key the answers to the model's own picks on half the questions: accuracy is exactly 0.5.
     picks = [int(np.argmax(lps)) for lps in lls(res)]
     assert picks == [q["pick"] for q in res["per_question"]]
-    for q, lps in zip(qs, lls(res)):  # per character of what is scored: the choice and its leading space
-        per_char = [lp / len(" " + c) for lp, c in zip(lps, q["choices"])]
+    for q, lps in zip(qs, lls(res)):  # per character of the choice (lm-eval's acc_norm: the space not counted)
+        per_char = [lp / len(c) for lp, c in zip(lps, q["choices"])]
         assert res["per_question"][qs.index(q)]["pick_norm"] == int(np.argmax(per_char))
     assert [q["where"] for q in res["per_question"]] == [f"{path}:{i}" for i in range(1, 5)]
     for i, q in enumerate(qs):

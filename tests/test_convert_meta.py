@@ -113,7 +113,8 @@ def test_hf_export_loads_in_transformers(tmp_path, hf):
     for i, f in enumerate(files):  # filled in order, each as full as the limit allows
         size = sum(tensors[name].nbytes for name in held[f])
         assert size <= limit and (i == n - 1 or size + tensors[held[files[i + 1]][0]].nbytes > limit)
-    for bad in ("five", "0", "-3GB", "GB"):
+    assert convert.hf_files(cfg, max_shard_size=1) == [[n] for n, _ in convert._hf_shapes(cfg)]  # no empty file
+    for bad in ("five", "0", "-3GB", "GB", "inf", "nan"):
         with pytest.raises(ConversionError, match=f"--max_shard_size={bad}: "):
             convert.parse_size(bad)
     assert [convert.parse_size(s) for s in ("5GB", "2GiB", "500 MB", "1000")] == [5e9, 2**31, 5e8, 1000]
@@ -198,6 +199,9 @@ def test_cli_imports_and_exports_llama_jax_checkpoints(tmp_path, hf, capsys, tok
     assert convert.main(["--to=hf", f"--src={tmp_path / 'ckpt'}", f"--dst={tmp_path / 'hf2'}",
                          "--max_shard_size=5 bytes"]) == 2
     assert "--max_shard_size=5 bytes: not a size" in capsys.readouterr().err and not os.path.exists(tmp_path / "hf2")
+    assert convert.main(["--to=hf", f"--src={tmp_path / 'none'}", f"--dst={tmp_path / 'hf2'}",
+                         "--max_shard_size=5 bytes"]) == 2  # checked before any checkpoint is read
+    assert "--max_shard_size=5 bytes: not a size" in capsys.readouterr().err
     # Meta's downloads keep tokenizer.model beside the model directories: found there (and
     # checked: this one's 512 pieces do not fit the 132-word model)
     shutil.copy(tokenizer_path, tmp_path / "tokenizer.model")

@@ -479,6 +479,10 @@ def test_sources_of_several_kinds_are_one_pretraining_corpus(tok, tmp_path):
                          "--num_shards=2"]) == 0
     mixed = pretrain.open_documents(f"shards:{tmp_path}/s,jsonl:{tmp_path}/d.jsonl")
     assert len(mixed) == 12 and {type(mixed[i]).__name__ for i in range(12)} == {"ndarray", "str"}
+    other = tk.Tokenizer(tok.path)
+    other.identity = lambda: {"sha256": "0" * 64}  # shards in a mixture are checked against the run's tokenizer
+    with pytest.raises(DataError, match=f"shards:{tmp_path}/s: shards were tokenized with a different tokenizer"):
+        pretrain.make_dataset(f"jsonl:{tmp_path}/d.jsonl,shards:{tmp_path}/s", other, 16, 2, prefetch=0)
     with pytest.raises(DataError, match="synthetic tokens are a source of their own"):
         pretrain.open_documents(f"synthetic,jsonl:{tmp_path}/d.jsonl")
     with pytest.raises(DataError, match=r"no JSONL files match .*nope\.jsonl"):
@@ -618,13 +622,20 @@ def test_jsonl_encoding_and_prefix_mistakes_are_named(tmp_path):
                        "data.source; fine-tuning stages take globs alone"):
         chat.open_dialogs(f"jsonl:{tmp_path}/*.jsonl")
     # compressed files are refused by name (read as text, a .gz trained on its bytes, as U+FFFD noise)
+    import bz2
     import gzip
+    import lzma
 
     (tmp_path / "c.txt.gz").write_bytes(gzip.compress(b"hello"))
     for open_source in (sources.TextFiles, sources.text_jsonl):
         with pytest.raises(DataError, match=f"c.txt.gz: gzip-compressed; .* files are read as plain text "
                                             f"\\(decompress it first, e.g. gunzip {tmp_path}/c.txt.gz\\)"):
             open_source(str(tmp_path / "c.txt.gz"))
+    for name, data in (("bzip2", bz2.compress(b"hi")), ("xz", lzma.compress(b"hi")),
+                       ("zstd", b"\x28\xb5\x2f\xfd" + b"\0" * 8), ("zip", b"PK\x03\x04" + b"\0" * 26)):
+        (tmp_path / f"c.{name}").write_bytes(data)
+        with pytest.raises(DataError, match=f"c.{name}: {name}-compressed"):
+            sources.TextFiles(str(tmp_path / f"c.{name}"))
     (tmp_path / "BZh.txt").write_text("BZhello: a text that starts like bzip2's magic, without its digit")
     assert sources.TextFiles(str(tmp_path / "BZh.txt"))[0].startswith("BZhello")
     (tmp_path / "surrogate.jsonl").write_text('{"messages": [{"role": "user", "content": "a\\ud800"}, '

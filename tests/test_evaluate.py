@@ -390,6 +390,17 @@ def test_mmlu_layout_with_a_dev_split_of_solved_examples(tmp_path, tok, params):
             assert full[:len(ctx)] == ctx
             assert lp == pytest.approx(full_logprob(params, ctx, full[len(ctx):]), abs=1e-4)
         assert per["pick_norm"] == per["pick"]  # every letter is 2 characters
+    m = str(tmp_path / "m")  # the CLI passes --shots and --style on, and refuses a --shots file that is not there
+    ckpt.save_params(m, params, {"model": CFG.to_dict(), "heads": ["lm"]}, tokenizer_path=tok.path)
+    out = tmp_path / "r.json"
+    assert ev.main([f"--checkpoint={m}", "--task=multiple_choice", f"--data={tmp_path / 'test.jsonl'}",
+                    f"--shots={tmp_path / 'dev.jsonl'}", "--style=letters", "--k_shot=2", "--seed=3",
+                    f"--output={out}"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["style"] == "letters" and saved["accuracy"] == res["accuracy"] and saved["k_shot"] == 2
+    with pytest.raises(SystemExit):
+        ev.main([f"--checkpoint={m}", "--task=multiple_choice", f"--data={tmp_path / 'test.jsonl'}",
+                 f"--shots={tmp_path / 'nope.jsonl'}"])
     many = {"question": "q", "choices": [str(i) for i in range(27)], "answer": 0}
     (tmp_path / "many.jsonl").write_text(json.dumps(many) + "\n")
     with pytest.raises(ev.DataError, match="many.jsonl:1: more than 26 choices cannot be lettered"):
@@ -403,3 +414,29 @@ def test_mmlu_layout_with_a_dev_split_of_solved_examples(tmp_path, tok, params):
     assert [ev._length_bucket(n) for n in (1, 33, 256, 257, 513, 4000)] == [32, 64, 256, 320, 640, 4096]
     for i in (0, 17, 59):
         assert got[i][0] == pytest.approx(full_logprob(params, ctxs[i], conts[i]), abs=1e-4)
+
+
+def test_picks_by_text_and_per_character_as_lm_eval(tmp_path, tok, params, monkeypatch):
+    """A repeated choice equal to the answer's text counts as right whichever copy is
+    picked; accuracy_norm divides by the choice's characters, its space not counted
+    (lm-evaluation-harness's acc_norm)."""
+    qs = [{"question": "q1", "choices": ["a", "abc"], "answer": 0},
+          {"question": "q2", "choices": ["class", "x", "class"], "answer": 2}]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
+    scores = [(-2.0, False), (-4.2, False), (-1.0, False), (-5.0, False), (-1.0, False)]
+    monkeypatch.setattr(ev, "loglikelihood", lambda *a, **k: scores)
+    res = ev.multiple_choice(CFG, params, tok, str(tmp_path / "mc.jsonl"))
+    assert res["per_question"][0]["pick"] == 0 and res["per_question"][0]["pick_norm"] == 1  # -4.2/3 > -2/1
+    assert res["per_question"][1]["pick"] == 0 and res["accuracy"] == 1.0 and res["accuracy_norm"] == 0.5
+
+
+def test_empty_choices_teach_nothing_as_solved_examples(tmp_path, tok, params):
+    """A line with an empty choice is neither scored nor drawn as a solved example."""
+    clean = [{"question": f"What is {a}?", "choices": [str(a), "no"], "answer": 0} for a in range(3)]
+    (tmp_path / "clean.jsonl").write_text("".join(json.dumps(q) + "\n" for q in clean))
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(q) + "\n" for q in clean[:1] + [
+        {"question": "Empty?", "choices": ["", "b"], "answer": 1}] + clean[1:]))
+    for seed in range(3):
+        np.testing.assert_allclose(
+            lls(ev.multiple_choice(CFG, params, tok, str(tmp_path / "mixed.jsonl"), k_shot=1, seed=seed)),
+            lls(ev.multiple_choice(CFG, params, tok, str(tmp_path / "clean.jsonl"), k_shot=1, seed=seed)), atol=1e-5)

@@ -408,7 +408,8 @@ def test_a_process_per_node_job_drives_all_its_gpus(monkeypatch):
                             ({"LLAMA_JAX_DISTRIBUTED": "", "JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"},
                              "set but not JAX_PROCESS_ID: set it to this process's index"),
                             ({"LLAMA_JAX_DISTRIBUTED": "", "JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2",
-                              "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID=2: expected 0 .. 1")):
+                              "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID=2: expected 0 .. 1"),
+                            ({"JAX_NUM_PROCESSES": "two"}, "expected whole numbers")):
         monkeypatch.setattr(distributed, "_INITIALIZED", False)
         for k, v in env_vars.items():
             monkeypatch.setenv(k, v)
@@ -432,39 +433,46 @@ def test_a_process_per_node_job_drives_all_its_gpus(monkeypatch):
 
 
 def test_slurm_script_requeues_before_the_time_limit_even_if_the_save_hangs(tmp_path):
-    """USR1 (two minutes before the limit): SIGTERM to the run's step, a bounded wait for
-    its save, then the requeue; srun gets the allocation's CPUs per task."""
-    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
-    bin_dir.mkdir()
-    (tmp_path / "venv" / "bin").mkdir(parents=True)
-    (tmp_path / "venv" / "bin" / "activate").write_text("")
-    fakes = {"srun": f'echo "srun $* cpus=$SRUN_CPUS_PER_TASK" >> {log}; trap "" TERM; sleep 60 & wait $!',
-             "scancel": f'echo "scancel $*" >> {log}', "scontrol": f'echo "scontrol $*" >> {log}'}
-    for name, body in fakes.items():
-        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
-        (bin_dir / name).chmod(0o755)
-    e = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VENV": str(tmp_path / "venv"),
-         "SLURM_SUBMIT_DIR": ROOT, "SLURM_GPUS_ON_NODE": "2", "SLURM_CPUS_PER_TASK": "32", "SLURM_JOB_ID": "77",
-         "SAVE_WAIT_S": "3"}
-    out_file = open(tmp_path / "out", "w")  # not a pipe: the fake run, left behind, would hold it open
-    proc = subprocess.Popen(["bash", f"{ROOT}/launch/gpu_slurm.sbatch", "--config=x.py", "--workdir=w"], env=e,
-                            stdout=out_file, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    for _ in range(100):  # until the run has started
-        if log.exists() and "srun" in log.read_text():
-            break
-        time.sleep(0.1)
-    start = time.time()
-    proc.send_signal(signal.SIGUSR1)
-    try:
-        proc.wait(timeout=30)
-    finally:
-        took = time.time() - start
-        os.killpg(proc.pid, signal.SIGKILL)  # the fake run that ignored SIGTERM
-    out = (tmp_path / "out").read_text()
-    calls = log.read_text().splitlines()
-    assert proc.returncode == 0 and "time limit near: saving a checkpoint, then requeueing" in out
+    """USR1 (two minutes before the limit): SIGTERM to the run's step, a wait for its save
+    that ends when the run does, or after SAVE_WAIT_S if it hangs, then the requeue; srun
+    gets the allocation's CPUs per task."""
+    def run_case(name, srun, scancel, wait_s):
+        case = tmp_path / name
+        bin_dir, log = case / "bin", case / "calls"
+        bin_dir.mkdir(parents=True)
+        (case / "venv" / "bin").mkdir(parents=True)
+        (case / "venv" / "bin" / "activate").write_text("")
+        fakes = {"srun": f'echo "srun $* cpus=$SRUN_CPUS_PER_TASK" >> {log}; echo $$ > {case}/pid; {srun}',
+                 "scancel": f'echo "scancel $*" >> {log}; {scancel}', "scontrol": f'echo "scontrol $*" >> {log}'}
+        for fake, body in fakes.items():
+            (bin_dir / fake).write_text(f"#!/bin/bash\n{body}\n")
+            (bin_dir / fake).chmod(0o755)
+        e = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VENV": str(case / "venv"),
+             "SLURM_SUBMIT_DIR": ROOT, "SLURM_GPUS_ON_NODE": "2", "SLURM_CPUS_PER_TASK": "32", "SLURM_JOB_ID": "77",
+             "SAVE_WAIT_S": str(wait_s)}
+        out_file = open(case / "out", "w")  # not a pipe: a fake run left behind would hold it open
+        proc = subprocess.Popen(["bash", f"{ROOT}/launch/gpu_slurm.sbatch", "--config=x.py", "--workdir=w"], env=e,
+                                stdout=out_file, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        for _ in range(100):  # until the run has started
+            if (case / "pid").exists():
+                break
+            time.sleep(0.1)
+        start = time.time()
+        proc.send_signal(signal.SIGUSR1)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            took = time.time() - start
+            os.killpg(proc.pid, signal.SIGKILL)  # a fake run that ignored SIGTERM
+        out = (case / "out").read_text()
+        assert proc.returncode == 0 and "time limit near: saving a checkpoint, then requeueing" in out
+        return log.read_text().splitlines(), took
+
+    calls, took = run_case("hangs", 'trap "" TERM; sleep 60 & wait $!', "", 3)  # a save that never ends
     assert calls[0] == "srun --kill-on-bad-exit=1 python -m llama_jax.main --config=x.py --workdir=w cpus=32"
     assert calls[1:] == ["scancel --signal=TERM 77.0", "scontrol requeue 77"] and 2.5 < took < 15, (calls, took)
+    calls, took = run_case("saves", "sleep 60 & wait $!", f'kill $(cat {tmp_path}/saves/pid)', 20)  # ends at once
+    assert calls[-1] == "scontrol requeue 77" and took < 5, (calls, took)
 
 
 def test_local_launcher_takes_its_processes_with_it(tmp_path):

@@ -248,6 +248,7 @@ def test_early_stopping_returns_to_the_best_evaluation(tmp_path, tokenizer_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "early stopping at step 6: eval_loss has not improved on" in out.stderr
     assert "early stopping keeps step 0" in out.stderr
+    assert out.stdout.count("note: an evaluation reads the first 1 batches") == 1  # four evaluations, said once
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
     assert sorted(evals) == [0, 3, 6, 12] and max(r["step"] for r in rows if "loss" in r) == 6

@@ -397,6 +397,8 @@ def test_fused_attention_path_matches_the_einsums_on_packed_padded_gqa_rows(monk
                        (base.replace(attention="cudnn", dtype="bfloat16"), "multiples of 8 up to 128, not 10")):
         with pytest.raises(ValueError, match=words):
             check_attention_kernel(cfg)
+    with pytest.raises(ValueError, match="multiples of 8 up to 128, not 256"):
+        check_attention_kernel(cudnn.replace(dim=cudnn.n_heads * 256))
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     with pytest.raises(ValueError, match="LlamaConfig.attention: 'cudnn' needs a GPU \\(this backend: cpu\\)"):
         check_attention_kernel(cudnn)

@@ -330,9 +330,10 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, refe
     assert tree_digest(export) == exported
     # a Hugging Face download (or any directory of another program's files) as the workdir: the run would
     # overwrite its config.json; refused, with the import command for the HF one
-    hf, other = tmp_path / "hf", tmp_path / "other"
+    hf, other, meta = tmp_path / "hf", tmp_path / "other", tmp_path / "meta"
     for d, files in ((hf, {"config.json": '{"model_type": "llama"}', "model.safetensors": "x"}),
-                     (other, {"config.json": '{"name": "mine"}'})):
+                     (other, {"config.json": '{"name": "mine"}'}),
+                     (meta, {"params.json": '{"dim": 8}', "consolidated.00.pth": "x"})):
         d.mkdir()
         for name, text in files.items():
             (d / name).write_text(text)
@@ -340,10 +341,11 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, refe
                              capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and one_error_line(out.stderr), out.stderr[-2000:]
         assert sorted(os.listdir(d)) == sorted(files) and (d / "config.json").read_text() == files["config.json"]
-        assert (f"--workdir {hf}: a Hugging Face model directory, not a llama_jax checkpoint; import it first: "
-                f"python -m llama_jax.convert --from=hf --src={hf} --dst=DIR, then pass DIR as --config.init_from"
-                if d == hf else f"--workdir {other}: holds files of another program (config.json), not a llama_jax "
-                "run's") in out.stderr, out.stderr[-2000:]
+        assert {hf: f"--workdir {hf}: a Hugging Face model directory, not a llama_jax checkpoint; import it first: "
+                    f"python -m llama_jax.convert --from=hf --src={hf} --dst=DIR, then pass DIR as --config.init_from",
+                meta: f"--workdir {meta}: a Meta model directory, not a llama_jax checkpoint; import it first",
+                other: f"--workdir {other}: holds files of another program (config.json), not a llama_jax "
+                "run's"}[d] in out.stderr, out.stderr[-2000:]
     # a checkpoints/ that cannot be written to is found before training (it was at the first save, an interval
     # of compute later)
     blocked = tmp_path / "blocked"

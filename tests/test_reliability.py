@@ -340,7 +340,7 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, refe
         out = subprocess.run(command(str(d), f"--config.data.tokenizer={tokenizer_path}"), env=env(),
                              capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and one_error_line(out.stderr), out.stderr[-2000:]
-        assert sorted(os.listdir(d)) == sorted(files) and (d / "config.json").read_text() == files["config.json"]
+        assert sorted(os.listdir(d)) == sorted(files) and all((d / f).read_text() == t for f, t in files.items())
         assert {hf: f"--workdir {hf}: a Hugging Face model directory, not a llama_jax checkpoint; import it first: "
                     f"python -m llama_jax.convert --from=hf --src={hf} --dst=DIR, then pass DIR as --config.init_from",
                 meta: f"--workdir {meta}: a Meta model directory, not a llama_jax checkpoint; import it first",

@@ -13,13 +13,14 @@ perplexity: --data is a source spec, as a pretraining run's: text:GLOB, jsonl:GL
 multiple_choice: JSONL lines {"question": str, "choices": [str, ...], "answer": int | str}
 (answer = index, or the text of the right choice), optionally "subject": str. Convert
 other layouts first: HellaSwag's ctx/endings/label -> question/choices/answer (label as a
-number), ARC's choices.text and answerKey -> choices and the key's index, BoolQ's
+number; scored with --style=continuation), ARC's choices.text and answerKey -> choices and the key's index, BoolQ's
 passage + question -> question with choices ["no", "yes"]. Each choice is scored by the
 summed log-probability of its tokens after the prompt, preceded by k solved examples
 (--shots=FILE, e.g. MMLU's dev split, else the file's other questions; never a line
 asking the same question; of the question's own subject where it names one). Styles:
 qa, "Question: {q}\\nAnswer:" and the choice's text; letters, the MMLU layout,
-"{q}\\nA. {choice}\\nB. ...\\nAnswer:" and the choice's letter. accuracy takes the
+"{q}\\nA. {choice}\\nB. ...\\nAnswer:" and the choice's letter; continuation, the
+question's text as it is (HellaSwag's context) and the choice as what follows it. accuracy takes the
 highest sum, accuracy_norm the highest sum per character of the choice (its text, without
 the space before it, as lm-evaluation-harness's acc_norm; with letters, the same as
 accuracy). A question with an empty choice is left out and counted; repeated choices are
@@ -154,7 +155,7 @@ def perplexity(config: LlamaConfig, params, tokenizer, source: str, seq_len: int
 # ----------------------------------------------------------------------------------
 
 
-MC_STYLES = ("qa", "letters")
+MC_STYLES = ("qa", "letters", "continuation")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -189,7 +190,11 @@ def mc_prompt(record: dict, shots: Sequence[dict], style: str = "qa") -> str:
     after each solved example's "Question: ...\nAnswer: {right choice}\n\n". `letters`
     (the MMLU layout): "{q}\nA. {choice}\nB. ...\nAnswer:" with solved examples answered
     by their letter, under "The following are multiple choice questions (with answers)
-    about {subject}." when the question names its `subject`."""
+    about {subject}." when the question names its `subject`. `continuation` (HellaSwag's
+    layout): the question's text as it is, each choice scored as what follows it, after
+    solved examples "{q} {right choice}\n\n"."""
+    if style == "continuation":
+        return "".join(f"{s['question']} {s['choices'][_answer_index(s)]}\n\n" for s in shots) + record["question"]
     if style == "qa":
         solved = "".join(f"Question: {s['question']}\nAnswer: {s['choices'][_answer_index(s)]}\n\n" for s in shots)
         return f"{solved}Question: {record['question']}\nAnswer:"
@@ -424,7 +429,8 @@ def main(argv=None) -> int:
                                                   "default: the --data file's other questions)")
     ap.add_argument("--style", choices=MC_STYLES, default=None,
                     help="qa: 'Question: ...\\nAnswer:' and each choice's text; letters: the MMLU layout, lettered "
-                         "choices and each choice's letter (multiple_choice; default qa)")
+                         "choices and each choice's letter; continuation: the question's text as it is and each "
+                         "choice as what follows it (HellaSwag's layout) (multiple_choice; default qa)")
     ap.add_argument("--seed", type=int, default=None, help="which solved examples are drawn (multiple_choice; "
                                                            "default 0)")
     ap.add_argument("--limit", type=int, default=None, help="first N questions only (multiple_choice; default all)")

@@ -440,3 +440,22 @@ def test_empty_choices_teach_nothing_as_solved_examples(tmp_path, tok, params):
         np.testing.assert_allclose(
             lls(ev.multiple_choice(CFG, params, tok, str(tmp_path / "mixed.jsonl"), k_shot=1, seed=seed)),
             lls(ev.multiple_choice(CFG, params, tok, str(tmp_path / "clean.jsonl"), k_shot=1, seed=seed)), atol=1e-5)
+
+
+def test_continuation_style_scores_each_ending_after_the_context(tmp_path, tok, params):
+    """--style=continuation (HellaSwag): the question's text is the context as it is, each
+    choice the text that follows it; solved examples are context and right ending."""
+    qs = [{"question": f"The cat sat on the {w}", "choices": ["mat.", "moon and sang.", "42"], "answer": 0}
+          for w in ("red", "old", "new")]
+    (tmp_path / "hs.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
+    assert ev.mc_prompt(qs[0], qs[1:2], style="continuation") == "The cat sat on the old mat.\n\nThe cat sat on the red"
+    res = ev.multiple_choice(CFG, params, tok, str(tmp_path / "hs.jsonl"), style="continuation")
+    for q, per in zip(qs, res["per_question"]):
+        ctx = tok.encode(q["question"], bos=True)
+        for choice, lp in zip(q["choices"], per["loglikelihoods"]):
+            full = tok.encode(f"{q['question']} {choice}", bos=True)
+            n = len(ctx)
+            while full[:n] != ctx[:n]:
+                n -= 1
+            assert lp == pytest.approx(full_logprob(params, full[:n], full[n:]), abs=1e-4)
+    assert res["style"] == "continuation" and res["questions"] == 3

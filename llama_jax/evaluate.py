@@ -227,13 +227,15 @@ def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: i
     data = sources.Jsonl(path, validate=_validate_mc)
     every = [data.record(i) for i in range(len(data))]
     wheres = [data.where(i) for i in range(len(data))]
-    solved = None if shots_path is None else sources.Jsonl(shots_path, validate=_validate_mc)
+    solved: list[tuple[dict, str]] = []  # (record, file:line) of --shots, read once
+    if shots_path is not None:
+        shots_file = sources.Jsonl(shots_path, validate=_validate_mc)
+        solved = [(shots_file.record(i), shots_file.where(i)) for i in range(len(shots_file))]
     if style == "letters":
-        lettered = [(every[i], wheres[i]) for i in range(len(every))] + (
-            [] if solved is None else [(solved.record(i), solved.where(i)) for i in range(len(solved))])
-        many = next((w for r, w in lettered if len(r["choices"]) > len(LETTERS)), None)
+        many = next((w for r, w in [*zip(every, wheres), *solved] if len(r["choices"]) > len(LETTERS)), None)
         if many:
             raise DataError(f"{many}: more than {len(LETTERS)} choices cannot be lettered; use --style=qa")
+
     def complete(r):  # a question with an empty choice: that choice, scored on the space alone, would win
         return all(c.strip() for c in r["choices"])
 
@@ -245,7 +247,7 @@ def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: i
     if shots_path is None:  # (index in the file, record): the file's own questions
         pool = [(j, r) for j, r in enumerate(every) if complete(r)]
     else:
-        pool = [(-1, r) for r in map(solved.record, range(len(solved))) if complete(r)]
+        pool = [(-1, r) for r, _ in solved if complete(r)]
     rng = random.Random(seed)
     contexts, continuations, n_shots = [], [], []
     cut = 0

@@ -306,13 +306,19 @@ def load_params(path: str, abstract_params, step: int | None = None):
         mngr.close()
 
 
+def param_shapes(cfg: LlamaConfig, heads: tuple[str, ...]):
+    """ShapeDtypeStructs of a model's params (traced with the einsum attention: the kernel
+    shapes nothing, and cudnn cannot even be traced off a GPU)."""
+    from llama_jax.model import Llama
+    from llama_jax.sharding import abstract_params
+
+    return abstract_params(Llama(cfg.replace(attention="xla"), heads))
+
+
 def check_params(path: str, step: int, meta: dict) -> str:
     """A checkpoint's params, checked without reading their arrays: the item is there, its
     tree's metadata reads, and every array has the shape of the model its meta names.
     Returns a one-line summary; a CheckpointError otherwise."""
-    from llama_jax.model import Llama
-    from llama_jax.sharding import abstract_params
-
     where = os.path.join(_checkpoint_dir(path), str(step))
     missing = [item for item in ("params", "meta") if not os.path.isdir(os.path.join(where, item))]
     if missing:
@@ -327,7 +333,7 @@ def check_params(path: str, step: int, meta: dict) -> str:
     saved = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(
         tree.tree if hasattr(tree, "tree") else tree)}
     want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(
-        abstract_params(Llama(model_config(meta, attention="xla"), tuple(meta.get("heads", ["lm"])))))}
+        param_shapes(model_config(meta), tuple(meta.get("heads", ["lm"]))))}
     if saved != want:
         wrong = sorted(k for k in saved.keys() | want.keys() if saved.get(k) != want.get(k))
         raise CheckpointError(f"{where}/params: not the model its meta names ({wrong[0]}: saved "
@@ -379,14 +385,11 @@ def load_model(path: str, step: int | None = None, shardings=None, **config_over
     """(LlamaConfig, params, heads, tokenizer path or None) of a run dir or export.
     Params land on `shardings` (a pytree of Shardings), else in host memory (the CPU
     device: an export goes to files, and a large model fits no single accelerator)."""
-    from llama_jax.model import Llama
-    from llama_jax.sharding import abstract_params
 
     step, meta = read_meta(path, step)
     cfg = model_config(meta, **config_overrides)
     heads = tuple(meta.get("heads", ["lm"]))
-    shapes = abstract_params(Llama(cfg.replace(attention="xla"), heads))  # (the kernel shapes nothing; cudnn
-    # cannot even be traced off a GPU)
+    shapes = param_shapes(cfg, heads)
     if shardings is None:
         try:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])

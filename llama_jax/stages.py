@@ -129,7 +129,7 @@ class Stage:
         if {"synthetic", "shards"} & set(pretrain.source_kinds(config.data.source)):
             raise tk.TokenizerError(f"config.data.source {config.data.source}: no text to train a tokenizer on; "
                                     "set --config.data.tokenizer")
-        docs = pretrain.open_documents(config.data.source)
+        docs = pretrain.open_documents(config.data.source, seed=config.seed)
         print(f"training a {config.model.vocab_size}-piece tokenizer on {config.data.source} -> {dest}", flush=True)
         with tempfile.TemporaryDirectory() as d:
             sample = os.path.join(d, "sample.txt")

@@ -489,6 +489,42 @@ def test_sources_of_several_kinds_are_one_pretraining_corpus(tok, tmp_path):
         pretrain.open_documents(f"text:{tmp_path}/u.md,jsonl:{tmp_path}/nope.jsonl")
 
 
+def test_pretraining_sources_take_weights(tok, tmp_path):
+    """`KIND:GLOB@WEIGHT`: a seeded share of that source's documents (above 1 each is
+    repeated), the same for the same seed; the run's description gives each share; a
+    share of no document, a weight on synthetic tokens and a bad number are refused."""
+    (tmp_path / "t").mkdir()
+    for i in range(3):
+        (tmp_path / "t" / f"{i}.txt").write_text(f"text document {i} " * 5)
+    rows = [{"text": f"json document {i} " * 5} for i in range(8)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = f"text:{tmp_path}/t/*.txt@3,jsonl:{tmp_path}/d.jsonl@0.25"
+    assert pretrain.split_source(spec) == [f"text:{tmp_path}/t/*.txt@3", f"jsonl:{tmp_path}/d.jsonl@0.25"]
+    docs = pretrain.open_documents(spec)
+    read = [docs[i] for i in range(len(docs))]
+    assert len(read) == 11 and sum(r.startswith("text") for r in read) == 9
+    assert all(read.count(f"text document {i} " * 5) == 3 for i in range(3))
+    picked = sorted(r for r in read if r.startswith("json"))
+    assert len(set(picked)) == 2 and [pretrain.open_documents(spec)[i] for i in range(11)] == read
+    other = {tuple(sorted(r for r in (pretrain.open_documents(spec, seed=s)[i] for i in range(11))
+                          if r.startswith("json"))) for s in range(8)}
+    assert len(other) > 1  # the seed draws the share
+    half = pretrain.open_documents(f"jsonl:{tmp_path}/d.jsonl@0.5")  # a single source may be weighted too
+    assert len(half) == 4 and len({half[i] for i in range(4)}) == 4
+    assert len(pretrain.open_documents(f"jsonl:{tmp_path}/d.jsonl@2.5")) == 20
+    batches = pretrain.make_dataset(spec, tok, 16, 2, num_epochs=1, drop_remainder=False, prefetch=0)
+    assert batches.description["documents"] == 11
+    assert batches.description["weighted"] == (f"text:{tmp_path}/t/*.txt 9 of 3; jsonl:{tmp_path}/d.jsonl 2 of 8")
+    text = [tok.decode([t for t in row if t > 2]) for b in batches for row in b["tokens"]]
+    assert sum(r.count("text document") for r in text) > sum(r.count("json document") for r in text)
+    with pytest.raises(DataError, match=r"d\.jsonl@0\.01 takes no document of its 8"):
+        pretrain.open_documents(f"jsonl:{tmp_path}/d.jsonl@0.01")
+    with pytest.raises(DataError, match="take no weight"):
+        pretrain.open_documents("synthetic@2")
+    with pytest.raises(DataError, match="'x' is not a number"):
+        pretrain.open_documents(f"jsonl:{tmp_path}/d.jsonl@x")
+
+
 def test_own_text_data_is_read_whole_or_refused_by_name(tok, tmp_path):
     """Every part of a source list must match (a typo dropped its files silently); a text
     file's byte-order mark is dropped (bytes that are not UTF-8 become U+FFFD: a corpus is
@@ -502,7 +538,7 @@ def test_own_text_data_is_read_whole_or_refused_by_name(tok, tmp_path):
     (tmp_path / "b.txt").write_bytes(b"caf\xe9 au lait")
     with pytest.raises(DataError, match=r"no text files match '.*typo\*\.txt', one of"):
         sources.TextFiles(f"{tmp_path}/a.txt,{tmp_path}/typo*.txt")
-    with pytest.raises(DataError, match=r"mixture weights, PATH@WEIGHT, are for preference data only"):
+    with pytest.raises(DataError, match=r"PATH@WEIGHT, are for preference data and pretraining sources only"):
         chat.make_dataset(f"{tmp_path}/a.txt,{tmp_path}/a.txt@0.5", tok, 32, 2)
     assert sources.TextFiles(f"{tmp_path}/a.txt")[0] == "cafe au lait"
     assert sources.TextFiles(f"{tmp_path}/b.txt")[0] == "caf\ufffd au lait"

@@ -21,8 +21,6 @@ start (the answers and the end of the prompt are what the reward head reads).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from llama_jax.data import pipeline, sources
@@ -64,20 +62,7 @@ def is_dropped(record: dict) -> bool:
 def parse_mixture(spec: str) -> list[tuple[str, float]]:
     """`GLOB[@FRACTION],GLOB[@FRACTION],...` -> [(glob, fraction)]; a fraction takes that
     share of the glob's pairs (seeded), above 1 repeats them (a data-mix config)."""
-    parts = []
-    for item in (p.strip() for p in spec.split(",") if p.strip()):
-        glob, _, frac = item.rpartition("@") if "@" in item else (item, "", "1")
-        try:
-            fraction = float(frac)
-        except ValueError:
-            if "/" in frac or os.path.exists(item):  # an "@" inside a path, not a fraction
-                glob, fraction = item, 1.0
-            else:
-                raise DataError(f"data mixture {spec!r}: {frac!r} is not a number (use GLOB@0.5)") from None
-        if not 0 < fraction < 1e6:  # NaN and infinity too
-            raise DataError(f"data mixture {spec!r}: fraction {frac} must be > 0 and finite (below 1e6)")
-        parts.append((glob, fraction))
-    return parts
+    return [sources.split_fraction(item, spec) for item in (p.strip() for p in spec.split(",") if p.strip())]
 
 
 class PreferencePairs:
@@ -104,15 +89,9 @@ class PreferencePairs:
                     self.unread[f] = jsonl.where(i)
             kept = [i for i, r in enumerate(records) if not is_dropped(r)]
             self.dropped += len(jsonl) - len(kept)
-            n = int(round(fraction * len(kept)))
-            if kept and n == 0:
-                raise DataError(f"data mixture {patterns!r}: {glob}@{fraction:g} takes no pair of its {len(kept)} "
-                                "(a larger fraction, or leave it out)")
-            picks = (rng.permutation(len(kept))[:n] if fraction <= 1 else
-                     np.concatenate([np.arange(len(kept))] * int(fraction) +
-                                    [rng.permutation(len(kept))[:n - int(fraction) * len(kept)]]))
+            picks = sources.share(len(kept), fraction, rng, glob, patterns, "pair")
             self.parts.append(jsonl)
-            self.index += [(p, kept[i]) for i in sorted(picks.tolist())]
+            self.index += [(p, kept[i]) for i in picks.tolist()]
             used = [records[kept[i]] for i in picks.tolist()]
             self.rated += sum(r.get("rating") is not None for r in used)
             self.safety_labelled += sum(r.get("chosen_safe") is not None or r.get("rejected_safe") is not None

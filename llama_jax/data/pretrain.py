@@ -10,8 +10,9 @@ Sources are named by one string, so a config override switches them:
   synthetic         uniformly random tokens (benchmarks)
 
 Sources of several kinds, comma-separated (`text:code/*.py,jsonl:prose/*.jsonl`), are one
-corpus: their documents are shuffled together, each source's share that of its documents
-(not weighted).
+corpus: their documents are shuffled together. A source ending in `@WEIGHT` takes a seeded
+share of its documents (`jsonl:wiki/*.jsonl@3` repeats each three times, `text:web/*@0.25`
+keeps a quarter); without one, each source's share is that of its documents.
 """
 
 from __future__ import annotations
@@ -40,23 +41,47 @@ def parse_source(spec: str) -> tuple[str, str]:
 
 def split_source(spec: str) -> list[str]:
     """The sources of a spec: a comma starts a new one where a KIND: prefix follows it
-    (`text:a/*.txt,b/*.txt,jsonl:c.jsonl` is two: text files of two globs, and a JSONL)."""
+    (`text:a/*.txt,b/*.txt,jsonl:c.jsonl` is two: text files of two globs, and a JSONL).
+    Each keeps its `@WEIGHT`, if any (see `weighted`)."""
     parts: list[str] = []
     for piece in spec.split(","):
         head, colon, _ = piece.strip().partition(":")
-        if parts and not (head in KINDS and (colon or piece.strip() in ("stdlib", "synthetic"))):
+        if parts and not (head in KINDS and (colon or sources.split_fraction(piece.strip(), spec)[0]
+                                             in ("stdlib", "synthetic"))):
             parts[-1] += "," + piece
         else:
             parts.append(piece.strip())
     return parts
 
 
+def weighted(part: str, spec: str) -> tuple[str, float]:
+    """One source of `split_source` -> (the source without its weight, the weight: 1.0 if none)."""
+    return sources.split_fraction(part, spec)
+
+
 def source_kinds(spec: str) -> list[str]:
     """The kind of each source of a spec (checked as `parse_source` checks one)."""
-    kinds = [parse_source(part)[0] for part in split_source(spec)]
-    if len(kinds) > 1 and "synthetic" in kinds:
-        raise DataError(f"data source {spec!r}: synthetic tokens are a source of their own, not part of a corpus")
+    parts = [weighted(part, spec) for part in split_source(spec)]
+    kinds = [parse_source(part)[0] for part, _ in parts]
+    if "synthetic" in kinds and (len(kinds) > 1 or parts[0][1] != 1.0):
+        raise DataError(f"data source {spec!r}: synthetic tokens are a source of their own, not part of a corpus "
+                        "(and take no weight)")
     return kinds
+
+
+class Share:
+    """A seeded share of a source's documents (`sources.share`), as a source."""
+
+    def __init__(self, source, index: np.ndarray):
+        self.source, self.index = source, index
+        self.empty = getattr(source, "empty", 0)
+        self.identity = getattr(source, "identity", None)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        return self.source[int(self.index[i])]
 
 
 class Concat:
@@ -75,12 +100,24 @@ class Concat:
         return self.parts[part][i - int(self.starts[part])]
 
 
-def open_documents(spec: str, split: str = "train"):
-    """A random-access source of documents (str, or int32 token arrays for shards)."""
+def open_documents(spec: str, split: str = "train", seed: int = 0):
+    """A random-access source of documents (str, or int32 token arrays for shards); the
+    shares of weighted sources are drawn with `seed`."""
     parts = split_source(spec)
-    if len(parts) > 1:
-        source_kinds(spec)
-        return Concat([open_documents(part, split) for part in parts])
+    source_kinds(spec)
+    if len(parts) > 1 or weighted(parts[0], spec)[1] != 1.0:
+        rng = np.random.default_rng([seed, 7])
+        opened = []
+        for part in parts:
+            source, weight = weighted(part, spec)
+            docs = _open_one(source, split)
+            opened.append(docs if weight == 1.0 else
+                          Share(docs, sources.share(len(docs), weight, rng, source, spec, "document")))
+        return opened[0] if len(opened) == 1 else Concat(opened)
+    return _open_one(spec, split)
+
+
+def _open_one(spec: str, split: str):
     kind, arg = parse_source(spec)
     if kind == "stdlib":
         return sources.StdlibCorpus(arg or split)
@@ -129,8 +166,9 @@ def make_dataset(spec: str, tokenizer, seq_len: int, batch_size: int, seed: int 
             vocab_size = tokenizer.vocab_size
         ds = _synthetic(vocab_size, seq_len, seed, shard).to_iter_dataset()
         return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch), {"source": spec})
-    docs = open_documents(spec, split)
+    docs = open_documents(spec, split, seed)
     for part, opened in zip(split_source(spec), docs.parts if isinstance(docs, Concat) else [docs]):
+        opened = opened.source if isinstance(opened, Share) else opened
         if isinstance(opened, sources.TokenShards):
             made_with = opened.metadata.get("tokenizer", {}).get("sha256")
             if tokenizer is not None and made_with not in (None, tokenizer.identity()["sha256"]):
@@ -142,6 +180,11 @@ def make_dataset(spec: str, tokenizer, seq_len: int, batch_size: int, seed: int 
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len, "mask": seq_len})
     ds = ds.map(pipeline.packed_to_lm)
     identity, empty = getattr(docs, "identity", None), getattr(docs, "empty", 0)
+    shares = [p for p in (docs.parts if isinstance(docs, Concat) else [docs]) if isinstance(p, Share)]
+    mix = ({"weighted": "; ".join(f"{source} {len(p):,} of {len(p.source):,}" for p, source in
+                                  zip(shares, [weighted(part, spec)[0] for part in split_source(spec)
+                                               if weighted(part, spec)[1] != 1.0]))} if shares else {})
     return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch, drop_remainder),
-                            {"source": spec, "documents": len(docs), **({"corpus": identity} if identity else {}),
+                            {"source": spec, "documents": len(docs), **mix,
+                             **({"corpus": identity} if identity else {}),
                              **({"empty files left out": empty} if empty else {})})

@@ -34,7 +34,8 @@ def expand_globs(patterns: str | Sequence[str], what: str = "input") -> list[str
 
     found = {p: matches(p) for p in patterns}
     missing = [p for p, fs in found.items() if not fs]
-    hint = " (mixture weights, PATH@WEIGHT, are for preference data only)" if any("@" in p for p in missing) \
+    hint = " (mixture weights, PATH@WEIGHT, are for preference data and pretraining sources only)" \
+        if any("@" in p for p in missing) \
         else " (a KIND: prefix, as in jsonl:GLOB, names the kind of a pretraining data.source; fine-tuning " \
         "stages take globs alone)" \
         if any(p.strip().split(":", 1)[0] in ("jsonl", "text", "shards") for p in missing) \
@@ -55,6 +56,37 @@ def expand_globs(patterns: str | Sequence[str], what: str = "input") -> list[str
             raise DataError(f"{f}: {packed}-compressed; {what} files are read as plain text (decompress it first, "
                             f"e.g. {'gunzip' if packed == 'gzip' else packed + ' -d'} {f})")
     return files
+
+
+def split_fraction(item: str, spec: str) -> tuple[str, float]:
+    """`PATH@FRACTION` -> (PATH, FRACTION); no `@`, or an `@` inside a path -> (item, 1.0).
+    `spec` (the whole mixture) is named in the error for a bad fraction."""
+    if "@" not in item:
+        return item, 1.0
+    path, _, frac = item.rpartition("@")
+    try:
+        fraction = float(frac)
+    except ValueError:
+        if "/" in frac or any(os.path.exists(os.path.expanduser(p)) for p in (item, item.split(":", 1)[-1])):
+            return item, 1.0
+        raise DataError(f"data mixture {spec!r}: {frac!r} is not a number (use GLOB@0.5)") from None
+    if not 0 < fraction < 1e6:  # NaN and infinity too
+        raise DataError(f"data mixture {spec!r}: fraction {frac} must be > 0 and finite (below 1e6)")
+    return path, fraction
+
+
+def share(n: int, fraction: float, rng: np.random.Generator, what: str, spec: str, unit: str) -> np.ndarray:
+    """Sorted indices of a seeded `fraction` of n items (`unit`s of source `what` in mixture
+    `spec`): below 1 a subset, above 1 every item int(fraction) times plus a subset for the
+    rest. A share that rounds to no item is an error."""
+    k = int(round(fraction * n))
+    if n and k == 0:
+        raise DataError(f"data mixture {spec!r}: {what}@{fraction:g} takes no {unit} of its {n} (a larger fraction, "
+                        "or leave it out)")
+    if fraction <= 1:
+        return np.sort(rng.permutation(n)[:k])
+    whole = int(fraction)
+    return np.sort(np.concatenate([np.tile(np.arange(n), whole), rng.permutation(n)[:k - whole * n]]))
 
 
 # the magic numbers of compressed files: read as text, their bytes would become U+FFFD noise

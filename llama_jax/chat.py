@@ -117,6 +117,9 @@ def _session(args, system: list[dict], input_fn, out, piped: bool) -> int:
             continue
         if not text:
             continue
+        if text.startswith("/") and text[1:].isalpha():  # a mistyped command is not a message
+            out.write(f"(unknown command {text}: /reset starts over, /exit quits)\n")
+            continue
         candidate = dialog + [{"role": "user", "content": text}]
         try:
             prompt = tok.encode_dialog(system + candidate)

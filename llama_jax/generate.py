@@ -48,10 +48,14 @@ def token_logprob(logits: jax.Array, tok: jax.Array) -> jax.Array:
 
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float, top_k: int) -> jax.Array:
     """[B, V] float32 logits -> [B] token ids. `top_k` 0 (or at least V) keeps every token."""
-    if temperature <= 0.0 or top_p <= 0.0 or top_k == 1:
+    # below float32's smallest normal number a temperature is 0 on devices that flush subnormals
+    if temperature < np.finfo(np.float32).tiny or top_p <= 0.0 or top_k == 1:
         return argmax(logits)
-    logits = logits / temperature
     neg = jnp.finfo(jnp.float32).min
+    # shifted to a maximum of 0 before the division: a tiny temperature sends the others to -inf (clamped), not
+    # the maximum to +inf, where the softmax would be NaN and the draw token 0
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    logits = jnp.maximum((logits - top) / temperature, neg)
     if 0 < top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, neg, logits)
@@ -180,6 +184,9 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
         raise ValueError("generate: every prompt needs at least one token")
     if int(max_new_tokens) < 1:
         raise ValueError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not 0 <= temperature < float("inf") or not 0 <= top_p <= 1 or top_k < 0:  # NaN fails the first two
+        raise ValueError(f"generate: temperature must be finite and >= 0 (0 = greedy), top_p in [0, 1] and top_k "
+                         f">= 0 (0 = every token); got {temperature}, {top_p} and {top_k}")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > config.max_seq_len:
         raise ValueError(f"generate: the prompt ({longest} tokens) + max_new_tokens {max_new_tokens} exceeds the "
@@ -365,14 +372,26 @@ def check_sampling_args(ap, args) -> None:
         ap.error(f"--top_k must be >= 0 (0 = every token), got {args.top_k}")
 
 
-def _encode_prompt(tok, text: str, chat: bool) -> list[int]:
-    """A CLI prompt's tokens: a Llama 2-Chat user turn (`--chat`), else BOS + the text."""
-    return tok.encode_dialog([{"role": "user", "content": text}]) if chat else tok.encode(text, bos=True)
+def _encode_prompt(tok, prompt, chat: bool, system: str | None = None) -> list[int]:
+    """A CLI prompt's tokens: a dialog (a list of messages ending with a user turn) or with
+    `chat` a user turn, in the Llama 2-Chat format after the `system` prompt, if any (a
+    dialog's own system message wins); else BOS + the text."""
+    if isinstance(prompt, list):
+        own = bool(prompt) and isinstance(prompt[0], dict) and prompt[0].get("role") == "system"
+        return tok.encode_dialog(([] if own or not system else [{"role": "system", "content": system}]) + prompt)
+    if chat:
+        return tok.encode_dialog(([{"role": "system", "content": system}] if system else [])
+                                 + [{"role": "user", "content": prompt}])
+    if system:
+        raise ValueError("--system is for chat prompts: this one is plain text (add --chat)")
+    return tok.encode(prompt, bos=True)
 
 
-def read_prompts(path: str) -> list[tuple[str, str]]:
-    """(where, text) of each prompt in `path`: one a line, a JSON object's "prompt" field
-    or the line itself ('\\n' written for a newline); blank lines are skipped."""
+def read_prompts(path: str) -> list[tuple[str, str | list, dict]]:
+    """(where, prompt, other fields) of each prompt in `path`: one a line, a JSON object's
+    "prompt" field (its other fields are kept, e.g. an id), its "messages" (a dialog ending
+    with a user turn: the prompt is the list, kept in the other fields too) or the line
+    itself ('\\n' written for a newline); blank lines are skipped."""
     import json
 
     from llama_jax.tokenizer import valid_unicode
@@ -389,30 +408,59 @@ def read_prompts(path: str) -> list[tuple[str, str]]:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{where}: a line starting with '{{' is read as JSON: {e}") from None
+                if isinstance(record.get("messages"), list) and "prompt" not in record:
+                    out.append((where, _valid_messages(record["messages"], where), record))
+                    continue
                 if not isinstance(record.get("prompt"), str):
-                    raise ValueError(f"{where}: needs a string field \"prompt\"")
-                text = record["prompt"]
+                    raise ValueError(f"{where}: needs a string field \"prompt\" (or \"messages\": a dialog ending "
+                                     "with a user turn)")
+                text = record.pop("prompt")
             else:
-                text = line.replace("\\n", "\n")
-            out.append((where, valid_unicode(text)))
+                text, record = line.replace("\\n", "\n"), {}
+            out.append((where, valid_unicode(text), record))
     if not out:
         raise ValueError(f"{path}: no prompts (every line is blank)")
     return out
 
 
+def completion_text(tok, prompt: list[int], new: list[int], chat: bool) -> str:
+    """The text of `new` (EOS left out) as it continues `prompt`: decoded together with the
+    prompt and cut after it, so that a space SentencePiece drops at the start of a text is
+    kept ("the quick" + " brown", not "brown"); a chat answer's own leading space is not."""
+    new = [t for t in new if t != tok.eos_id]
+    if chat:
+        return tok.decode(new)
+    head, whole = tok.decode(prompt), tok.decode(prompt + new)
+    return whole[len(head):] if whole.startswith(head) else tok.decode(new)
+
+
+def _valid_messages(messages: list, where: str) -> list[dict]:
+    from llama_jax.tokenizer import DialogError, _turns, valid_unicode
+
+    try:
+        _turns(messages, last="user")
+    except DialogError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return [{**m, "content": valid_unicode(m["content"])} for m in messages]
+
+
 def _generate_file(args) -> int:
     """`generate --prompt_file`: batches of prompts, one JSON line each to stdout."""
     import json
+    import time
 
     from llama_jax import metrics
     from llama_jax.tokenizer import DialogError
 
     prompts = read_prompts(args.prompt_file)
+    start = time.perf_counter()
     cfg, params, tok, mesh = load_for_inference(args.checkpoint, args.dtype)
+    print(f"loaded {args.checkpoint} ({cfg.num_params():,} parameters) in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr)
     encoded = []
-    for where, text in prompts:
+    for where, text, _ in prompts:
         try:
-            ids = _encode_prompt(tok, text, args.chat)
+            ids = _encode_prompt(tok, text, args.chat, args.system)
         except DialogError as e:  # a tag of the chat format in the prompt
             raise ValueError(f"{where}: {e}") from None
         if len(ids) >= cfg.max_seq_len:
@@ -420,23 +468,35 @@ def _generate_file(args) -> int:
                              f"{cfg.max_seq_len}: no room is left to generate")
         encoded.append(ids)
     progress = metrics.Progress(len(prompts), what="prompts", throttle=True)
-    lowered = 0
-    for start in range(0, len(prompts), args.batch_size):
-        batch = encoded[start:start + args.batch_size]
+    cut: list[str] = []  # rows stopped by the room their batch's longest prompt left, before max_new_tokens
+    total, start = 0, time.perf_counter()
+    for first in range(0, len(prompts), args.batch_size):
+        batch = encoded[first:first + args.batch_size]
         max_new = min(args.max_new_tokens, cfg.max_seq_len - max(len(p) for p in batch))
-        lowered += max_new < args.max_new_tokens
         result = generate(cfg, params, batch, max_new, args.temperature, args.top_p, args.top_k,
-                          args.seed + start, mesh=mesh)
-        for (where, text), new in zip(prompts[start:start + args.batch_size], result.tokens):
-            sys.stdout.write(json.dumps({"prompt": text, "completion": tok.decode([t for t in new if t != tok.eos_id]),
-                                         "new_tokens": len(new), "finished": bool(new) and new[-1] == tok.eos_id},
+                          args.seed + first, mesh=mesh)
+        for (where, text, extra), ids, new in zip(prompts[first:first + args.batch_size], batch, result.tokens):
+            finished = bool(new) and new[-1] == tok.eos_id
+            stopped = "eos" if finished else "max_new_tokens" if len(new) >= args.max_new_tokens else "context"
+            if stopped == "context":
+                cut.append(where)
+            total += len(new)
+            sys.stdout.write(json.dumps({**extra, **({} if isinstance(text, list) else {"prompt": text}),
+                                         "completion": completion_text(tok, ids, new,
+                                                                       args.chat or isinstance(text, list)),
+                                         "new_tokens": len(new), "finished": finished, "stopped": stopped},
                                         ensure_ascii=False) + "\n")
         sys.stdout.flush()
-        progress.update(min(start + args.batch_size, len(prompts)))
+        progress.update(min(first + args.batch_size, len(prompts)))
     progress.close()
-    if lowered:
-        print(f"note: {lowered} batch(es) generated fewer than --max_new_tokens {args.max_new_tokens}: their longest "
-              f"prompt left less of the model's context of {cfg.max_seq_len}", file=sys.stderr)
+    seconds = time.perf_counter() - start
+    print(f"[{len(prompts)} prompts, {total} tokens in {seconds:.2f} s, compilation included: "
+          f"{total / seconds:.1f} tokens/s]", file=sys.stderr)
+    if cut:
+        print(f"note: {len(cut)} prompt(s) generated fewer than --max_new_tokens {args.max_new_tokens} (\"stopped\": "
+              f"\"context\"; first: {cut[0]}): their batch's longest prompt left less of the model's context of "
+              f"{cfg.max_seq_len} (a smaller --batch_size, or prompts of similar lengths together, leaves more)",
+              file=sys.stderr)
     return 0
 
 
@@ -451,7 +511,9 @@ def main(argv=None) -> int:
     source.add_argument("--prompt", help="the text to continue (with --chat: the user's message)")
     source.add_argument("--prompt_file", help="many prompts, one a line (plain text, or JSONL with a \"prompt\" "
                         "field; '\\n' in plain text is a newline), generated --batch_size at a time; one JSON line "
-                        "per prompt to stdout: prompt, completion, new_tokens, finished (ended with EOS)")
+                        "per prompt to stdout: its other JSON fields, prompt, completion, new_tokens, finished "
+                        "(ended with EOS), stopped (eos, max_new_tokens, or context: the batch's longest prompt left "
+                        "less room)")
     ap.add_argument("--batch_size", type=int, default=16, help="prompts per batch with --prompt_file")
     ap.add_argument("--max_new_tokens", type=int, default=128,
                     help="most new tokens (fewer when the context has less room: said on stderr)")
@@ -460,6 +522,8 @@ def main(argv=None) -> int:
     ap.add_argument("--top_k", type=int, default=0, help="0 = every token")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (batch i of --prompt_file: seed + i x batch)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as a Llama 2-Chat user turn")
+    ap.add_argument("--system", help="with --chat, or for a --prompt_file's dialogs: a system prompt before the "
+                    "user's turn (a dialog's own system message wins)")
     add_dtype_arg(ap)
     args = ap.parse_args(argv)
     from llama_jax.distributed import require_one_process
@@ -469,6 +533,8 @@ def main(argv=None) -> int:
 
     quiet_orbax()  # a damaged checkpoint: one error line, not Orbax's and TensorStore's logs
     check_sampling_args(ap, args)
+    if args.system is not None and not args.chat and not args.prompt_file:
+        ap.error("--system is a Llama 2-Chat system prompt: it needs --chat (or a --prompt_file of dialogs)")
     if args.batch_size < 1:
         ap.error(f"--batch_size must be at least 1, got {args.batch_size}")
     from llama_jax.checkpoint import CheckpointError
@@ -492,7 +558,7 @@ def main(argv=None) -> int:
         cfg, params, tok, mesh = load_for_inference(args.checkpoint, args.dtype)
         print(f"loaded {args.checkpoint} ({cfg.num_params():,} parameters) in {time.perf_counter() - start:.1f} s",
               file=sys.stderr)
-        prompt = _encode_prompt(tok, text, args.chat)
+        prompt = _encode_prompt(tok, text, args.chat, args.system)
         max_new = min(args.max_new_tokens, cfg.max_seq_len - len(prompt))
         if max_new < 1:
             raise ValueError(f"the prompt has {len(prompt)} tokens and the model's context is {cfg.max_seq_len}: "

@@ -47,6 +47,14 @@ def test_temperature_zero_top_p_zero_and_top_k_one_are_greedy(params):
     greedy = gen.generate(CFG, params, prompts, 8, temperature=0.0).tokens
     assert gen.generate(CFG, params, prompts, 8, temperature=0.9, top_p=0.0, seed=1).tokens == greedy
     assert gen.generate(CFG, params, prompts, 8, temperature=0.9, top_k=1, seed=2).tokens == greedy
+    # a temperature so small that logits / temperature overflows float32 samples the greedy token (it drew
+    # token 0 from a NaN softmax); values no sampler has are refused, not read as greedy or unfiltered
+    assert gen.generate(CFG, params, prompts, 8, temperature=1e-38, seed=3).tokens == greedy
+    for bad in (dict(temperature=float("nan")), dict(temperature=-1.0), dict(temperature=float("inf")),
+                dict(temperature=1.0, top_p=1.5), dict(temperature=1.0, top_p=float("nan")),
+                dict(temperature=1.0, top_k=-3)):
+        with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
+            gen.generate(CFG, params, prompts, 8, **bad)
 
 
 def test_sampling_is_reproducible_per_seed_and_respects_top_k(params):
@@ -329,10 +337,11 @@ def test_chat_ctrl_c_drops_a_reply_or_quits_and_odd_input_is_handled(checkpoint_
     out = io.StringIO()
     try:  # bytes that are not UTF-8 reach Python as lone surrogates: sent as U+FFFD, not a crash
         assert chat.main([f"--checkpoint={path}", "--temperature=0", "--max_new_tokens=40"],
-                         input_fn=_scripted(["first", "caf\udce9", KeyboardInterrupt], out), out=out) == 0
+                         input_fn=_scripted(["first", "/rset", "caf\udce9", KeyboardInterrupt], out), out=out) == 0
     finally:
         signal.signal(signal.SIGINT, previous)
     assert "(interrupted: the reply is dropped)" in out.getvalue()
+    assert "(unknown command /rset: /reset starts over, /exit quits)" in out.getvalue()  # and not sent (below)
     assert 2 <= len(shown) < 12  # stopped within a few steps of the signal, not after 40
     assert sent[1] == tok.encode_dialog([{"role": "user", "content": "caf\ufffd"}])  # the dropped turn is gone
     with pytest.raises(SystemExit):  # a system prompt no message could be sent with: said once, at the start
@@ -384,15 +393,49 @@ def test_generate_cli_batches_a_prompt_file_into_json_lines(checkpoint_dir, caps
 
     path, tok = checkpoint_dir
     f = tmp_path / "prompts.txt"
-    f.write_text('\ufeffapple river\n\n{"prompt": "lemon tree"}\nstone\\nwater\n')  # a BOM is no text
+    f.write_text('\ufeffapple river\n\n{"prompt": "lemon tree", "id": 7}\nstone\\nwater\n')  # a BOM is no text
     assert gen.main([f"--checkpoint={path}", f"--prompt_file={f}", "--batch_size=2", "--max_new_tokens=6",
                      "--temperature=0"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.splitlines()]
     assert [r["prompt"] for r in rows] == ["apple river", "lemon tree", "stone\nwater"]
-    for r in rows:  # each the greedy continuation of its prompt alone
-        new = gen.generate(CFG, params, [tok.encode(r["prompt"], bos=True)], 6).tokens[0]
-        assert r["completion"] == tok.decode([t for t in new if t != tk.EOS_ID]) and r["new_tokens"] == len(new)
-        assert r["finished"] == (new[-1] == tk.EOS_ID)
+    assert rows[1]["id"] == 7 and "id" not in rows[0]  # a JSON prompt's other fields are kept
+    assert f"loaded {path}" in out.err and "[3 prompts, " in out.err
+    for r in rows:  # each the greedy continuation of its prompt alone, as text that follows the prompt's
+        prompt = tok.encode(r["prompt"], bos=True)
+        new = gen.generate(CFG, params, [prompt], 6).tokens[0]
+        assert r["new_tokens"] == len(new) and r["finished"] == (new[-1] == tk.EOS_ID)
+        assert r["stopped"] == ("eos" if r["finished"] else "max_new_tokens")
+        assert r["completion"] == tok.decode(prompt + [t for t in new if t != tk.EOS_ID])[len(r["prompt"]):]
+    # decoded alone, a continuation loses the space SentencePiece drops at the start of a text
+    assert gen.completion_text(tok, tok.encode("apple", bos=True), tok.encode("river"), chat=False) == " river"
+    assert gen.completion_text(tok, tok.encode("apple", bos=True), tok.encode("river") + [tk.EOS_ID], True) == "river"
+    # dialogs (a system prompt, several turns) in the Llama 2-Chat format, with --system before those without one
+    dialogs = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "apple"}],
+               [{"role": "user", "content": "stone"}, {"role": "assistant", "content": "water"},
+                {"role": "user", "content": "river"}]]
+    f.write_text("".join(json.dumps({"messages": d, "id": i}) + "\n" for i, d in enumerate(dialogs)))
+    assert gen.main([f"--checkpoint={path}", f"--prompt_file={f}", "--max_new_tokens=5", "--temperature=0",
+                     "--system=say yes"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["messages"] for r in rows] == dialogs and [r["id"] for r in rows] == [0, 1]
+    for d, r in zip([dialogs[0], [{"role": "system", "content": "say yes"}] + dialogs[1]], rows):
+        new = gen.generate(CFG, params, [tok.encode_dialog(d)], 5).tokens[0]
+        assert r["completion"] == tok.decode([t for t in new if t != tk.EOS_ID])
+    f.write_text(json.dumps({"messages": dialogs[1][:2]}) + "\n")
+    assert gen.main([f"--checkpoint={path}", f"--prompt_file={f}"]) == 2
+    assert f"{f}:1: " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gen.main([f"--checkpoint={path}", "--prompt=x", "--system=be brief"])
+    assert "--system is a Llama 2-Chat system prompt: it needs --chat" in capsys.readouterr().err
+    f.write_text("a\n" + "river " * 60 + "\n")  # the long prompt leaves the short one less room than asked
+    assert gen.main([f"--checkpoint={path}", f"--prompt_file={f}", "--batch_size=2", "--max_new_tokens=100",
+                     "--temperature=0"]) == 0
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    room = CFG.max_seq_len - len(tok.encode("river " * 60, bos=True))
+    assert [r["stopped"] for r in rows if not r["finished"]] == ["context"] * sum(not r["finished"] for r in rows)
+    assert all(r["new_tokens"] <= room for r in rows) and f"(\"stopped\": \"context\"; first: {f}:1)" in out.err
     f.write_text('ok\n{"text": "no prompt field"}\n')
     assert gen.main([f"--checkpoint={path}", f"--prompt_file={f}"]) == 2
     assert f"{f}:2: needs a string field \"prompt\"" in capsys.readouterr().err

@@ -104,6 +104,9 @@ def analyse(config, num_devices: int) -> dict:
                          f"{accum}) must be a whole number of rows divisible by the {shards} shards of the batch "
                          "axis (config.mesh data x fsdp); otherwise every device computes all its rows")
     plan = build_step(config, cfg, stage, mesh, rules)
+    note = sharding.replication_note(plan.model, mesh, rules)
+    if note:
+        print(f"warning: {note}", flush=True)
     frozen = frozen_sh = None
     if stage.uses_frozen:
         frozen, frozen_sh = plan.abstract_state.params, plan.param_sh
@@ -122,6 +125,7 @@ def analyse(config, num_devices: int) -> dict:
         "stage": config.stage, "num_devices": num_devices,
         "mesh": dict(mesh.shape), "batch_size": config.batch_size, "seq_len": config.seq_len,
         "grad_accum_steps": config.grad_accum_steps, "dtype": cfg.dtype, "remat_policy": cfg.remat_policy,
+        "attention": cfg.attention,
         "params": cfg.num_params(stage.heads), "state_bytes_total": state_bytes,
         "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
         "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
@@ -155,6 +159,10 @@ def report(r: dict, chip: str = "") -> str:
         verdict = "fits" if r["total_bytes"] / GIB <= 0.9 * cap else "does NOT fit"
         lines.append(f"{chip}: {cap} GiB per chip -> {verdict} (keeping 10% headroom)"
                      + (", the train step alone" if besides else ""))
+    if chip.startswith(("a100", "h100", "h200")) and r.get("attention") in ("auto", "xla"):
+        lines.append("attention: compiled here as XLA einsums, whose [batch, heads, seq, seq] scores are among the "
+                     "temporaries; on the GPU, attention=auto runs cuDNN's flash kernel, which keeps none, so the "
+                     "temporaries (and the verdict) overstate what the GPU needs")
     if besides:
         lines.append(f"not counted: {besides}")
     return "\n".join(lines)

@@ -212,11 +212,12 @@ def keep_best(records: list[dict], min_reward: float) -> list[dict]:
 # ----------------------------------------------------------------------------------
 
 
-def load_model_local(path: str, heads_needed: str, mesh=None, rules=None):
+def load_model_local(path: str, heads_needed: str, mesh=None, rules=None, **overrides):
     """(config, params, tokenizer, mesh) of a run or export, on a mesh over this process's
     devices with the default FSDP rules, or on `mesh` sharded by `rules` (a run's own:
     every process then calls this); `heads_needed` ("lm" to sample, "score" to reward)
-    must be among its heads."""
+    must be among its heads. `overrides` of its model config (e.g. `param_dtype`: the
+    weights are cast as they are read)."""
     from llama_jax import checkpoint as ckpt
     from llama_jax import sharding
     from llama_jax.model import Llama
@@ -226,13 +227,13 @@ def load_model_local(path: str, heads_needed: str, mesh=None, rules=None):
     heads = tuple(meta.get("heads", ["lm"]))
     if heads_needed not in heads:
         raise ckpt.CheckpointError(f"{path}: has heads {list(heads)}, not the {heads_needed!r} head this needs")
-    cfg = ckpt.model_config(meta)
+    cfg = ckpt.model_config(meta, **overrides)
     if mesh is None:
         mesh = sharding.make_mesh(1, -1, 1, devices=jax.local_devices())
     model = Llama(cfg, heads)
     shardings = sharding.param_shardings_like(sharding.abstract_params(model), model, mesh,
                                               sharding.DEFAULT_RULES if rules is None else rules)
-    cfg, params, _, tok_path = ckpt.load_model(path, step, shardings=shardings)
+    cfg, params, _, tok_path = ckpt.load_model(path, step, shardings=shardings, **overrides)
     return cfg, params, Tokenizer.of_checkpoint(path, tok_path, cfg.vocab_size), mesh
 
 

@@ -47,12 +47,18 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+# Every logical axis name the model's parameters, activations and KV cache carry.
+LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
+
+
 class MeshError(ValueError):
     pass
 
 
-def normalize_rules(rules) -> tuple[tuple[str, Any], ...]:
-    """Accepts rules as pairs (lists from a config are fine) and returns tuples."""
+def normalize_rules(rules, complete: bool = False) -> tuple[tuple[str, Any], ...]:
+    """Accepts rules as pairs (lists from a config are fine) and returns tuples. A logical
+    name the model does not have (a misspelt `embd` would leave `embed` unsharded) or given
+    twice is an error; with `complete`, so is a logical name with no rule."""
     if not isinstance(rules, (list, tuple)):
         raise MeshError(f"mesh.rules must be a list of (logical_name, mesh_axes) pairs, got {rules!r}")
     out = []
@@ -60,6 +66,14 @@ def normalize_rules(rules) -> tuple[tuple[str, Any], ...]:
         if not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str):
             raise MeshError(f"sharding rule #{i} {rule!r} must be (logical_name, mesh_axes)")
         name, axes = rule
+        if name not in LOGICAL_AXES:
+            import difflib
+
+            near = difflib.get_close_matches(name, LOGICAL_AXES, n=1)
+            raise MeshError(f"sharding rule #{i} names logical axis {name!r}, which the model does not have"
+                            f"{f' (meant {near[0]!r}?)' if near else ''}; its logical axes are {LOGICAL_AXES}")
+        if any(name == seen for seen, _ in out):
+            raise MeshError(f"sharding rule #{i}: logical axis {name!r} has a rule already (the first would win)")
         if isinstance(axes, (list, tuple)):
             axes = tuple(axes)
             bad = [a for a in axes if a not in MESH_AXES]
@@ -68,6 +82,10 @@ def normalize_rules(rules) -> tuple[tuple[str, Any], ...]:
         if bad:
             raise MeshError(f"sharding rule for {name!r} names unknown mesh axes {bad}; mesh axes are {MESH_AXES}")
         out.append((name, axes))
+    missing = [n for n in LOGICAL_AXES if n not in dict(out)]
+    if complete and missing:
+        raise MeshError(f"mesh.rules has no rule for {missing} (a rule ('{missing[0]}', None) replicates it); every "
+                        f"logical axis needs one: {LOGICAL_AXES}")
     return tuple(out)
 
 
@@ -114,7 +132,7 @@ def mesh_from_config(mesh_cfg) -> Mesh:
 
 def run_mesh(mesh_cfg) -> tuple[Mesh, dict]:
     """(mesh, rules) of a run's `config.mesh`: every model of the run lives on these."""
-    return mesh_from_config(mesh_cfg), normalize_rules(mesh_cfg.rules)
+    return mesh_from_config(mesh_cfg), normalize_rules(mesh_cfg.rules, complete=True)
 
 
 def check_model_fits_mesh(config, mesh: Mesh) -> None:
@@ -149,6 +167,46 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules, me
 
 def _sizes(mesh) -> dict[str, int]:
     return dict(mesh.shape)
+
+
+def replication_note(model: nn.Module, mesh: Mesh, rules) -> str | None:
+    """Where the rules' mesh axes do not divide parameters' dimensions, those dimensions are
+    replicated (`logical_to_spec`): harmless for a small odd vocabulary, but an `fsdp` that
+    does not divide the model width leaves every weight whole on each device. A note naming
+    the mesh axes and the first parameters they missed, when it makes the parameters per
+    device more than a quarter larger than the rules ask; else None."""
+    rules = normalize_rules(rules)
+    sizes = _sizes(mesh)
+    with activate(mesh, rules):
+        boxed = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))
+    leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    asked = got = 0
+    missed: dict[str, list[str]] = {}
+    for path, leaf in leaves:
+        if not isinstance(leaf, nn.LogicallyPartitioned):
+            continue
+        shape, itemsize = leaf.value.shape, leaf.value.dtype.itemsize
+        spec = tuple(nn.logical_to_mesh_axes(tuple(leaf.names), rules))
+        spec += (None,) * (len(shape) - len(spec))
+        fitted = tuple(logical_to_spec(leaf.names, shape, rules, sizes)) + (None,) * len(shape)
+        asked += math.prod(d // _axis_size(a, sizes) if d % _axis_size(a, sizes) == 0 else d / _axis_size(a, sizes)
+                           for d, a in zip(shape, spec)) * itemsize
+        got += math.prod(d // _axis_size(a, sizes) for d, a in zip(shape, fitted)) * itemsize
+        for dim, (d, a, f) in enumerate(zip(shape, spec, fitted)):
+            if a is not None and f is None and _axis_size(a, sizes) > 1:
+                key = " x ".join(f"{x}={sizes[x]}" for x in ((a,) if isinstance(a, str) else a))
+                missed.setdefault(key, []).append(
+                    f"{jax.tree_util.keystr(path, simple=True, separator='/')} ({leaf.names[dim]} {d})")
+    if got <= 1.25 * asked:
+        return None
+    detail = "; ".join(f"mesh {axes} does not divide {len(names)} parameters' dimensions, e.g. {names[0]}"
+                       for axes, names in missed.items())
+    def size(n):
+        return f"{n / 2**30:.2f} GiB" if asked >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+    return (f"the parameters take {size(got)} per device, not the {size(asked)} the rules ask "
+            f"(optimizer state alike): {detail}; those dimensions are replicated. Choose config.mesh sizes that "
+            "divide them")
 
 
 def logical_shardings(abstract_boxed, mesh: Mesh, rules) -> Any:
@@ -305,7 +363,7 @@ def generation_rules(model: nn.Module, mesh: Mesh, rules, memory_limit: int | No
         except Exception:  # noqa: BLE001 - a backend without memory statistics (CPU)
             memory_limit = None
     if memory_limit:
-        shapes = abstract_params(model)
+        shapes = jax.eval_shape(_for_generation(model), abstract_params(model))
         shardings = param_shardings_like(shapes, model, mesh, gathered)
         need = sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize for x, sh in
                    zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(shardings)))
@@ -322,8 +380,22 @@ def gather_for_generation(model: nn.Module, mesh: Mesh, rules, memory_limit: int
     consolidated the model weights to each node once before generation and then freed
     the memory after generation"): `gather(params)` all-gathers them over `fsdp` once into
     a copy split over `tensor` only, to use with the returned rules, so the decode loop does
-    not gather every layer at every token. The copy is freed when the caller drops it.
+    not gather every layer at every token. Its weight matrices are in the model's compute
+    dtype (`_for_generation`). The copy is freed when the caller drops it.
     `config.mesh.gather_for_generation` turns it on for every stage that samples."""
     gathered = generation_rules(model, mesh, rules, memory_limit)
     shardings = param_shardings_like(abstract_params(model), model, mesh, gathered)
-    return jax.jit(lambda p: p, out_shardings=shardings), gathered
+    return jax.jit(_for_generation(model), out_shardings=shardings), gathered
+
+
+def _for_generation(model: nn.Module):
+    """params -> the copy sampling uses: weight matrices in the model's compute dtype (the
+    decode casts them to it anyway: a bfloat16 model's float32 weights would take twice the
+    memory), norm scales and the scalar heads (which compute in float32) as they are."""
+    dtype = jnp.dtype(model.config.compute_dtype)
+
+    def cast(path, x):
+        head = any(getattr(k, "key", None) in ("score_head", "value_head") for k in path)
+        return x.astype(dtype) if x.ndim >= 2 and not head and jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return lambda params: jax.tree_util.tree_map_with_path(cast, params)

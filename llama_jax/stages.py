@@ -325,11 +325,14 @@ def sampling_model(config, path: str):
     from llama_jax.model import Llama
 
     mesh, rules = sharding.run_mesh(config.mesh)
-    if config.mesh.gather_for_generation:
-        rules = sharding.generation_rules(Llama(ckpt.model_config(ckpt.read_meta(path)[1])), mesh, rules)
+    overrides = {}
+    if config.mesh.gather_for_generation:  # the weights in the compute dtype, which the decode casts them to anyway
+        stored = ckpt.model_config(ckpt.read_meta(path)[1])
+        overrides = {"param_dtype": stored.dtype} if stored.param_dtype != stored.dtype else {}
+        rules = sharding.generation_rules(Llama(stored.replace(**overrides)), mesh, rules)
         distributed.say(f"sampling from {path} loaded whole on each of the fsdp={mesh.shape['fsdp']} groups "
-                        "(mesh.gather_for_generation)", flush=True)
-    cfg, params, tokenizer, _ = rlhf.load_model_local(path, "lm", mesh, rules)
+                        f"(mesh.gather_for_generation), in {stored.dtype}", flush=True)
+    cfg, params, tokenizer, _ = rlhf.load_model_local(path, "lm", mesh, rules, **overrides)
     return cfg, params, tokenizer, mesh, rules
 
 

@@ -638,7 +638,7 @@ def check_config(config, stage) -> None:
     from llama_jax import sharding
 
     try:
-        sharding.normalize_rules(config.mesh.rules)
+        sharding.normalize_rules(config.mesh.rules, complete=True)
     except sharding.MeshError as e:
         raise RunError(str(e)) from None
 
@@ -675,6 +675,10 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                            "launch/tpu_vm.sh does) and pass its local path")
     cfg = run_model(config, stage, overrides)
     check_config(config, stage)
+    try:  # the mesh, before a tokenizer is trained or a stage makes its data
+        sharding.check_model_fits_mesh(cfg, sharding.run_mesh(config.mesh)[0])
+    except sharding.MeshError as e:
+        raise RunError(f"config.mesh: {e}") from None
     warning = warmup_warning(config)
     if warning and jax.process_index() == 0:
         print(warning, flush=True)
@@ -726,6 +730,9 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
               f"all {micro} rows; a multiple of {shards} uses the devices", flush=True)
     plan = build_step(config, cfg, stage, mesh, rules)
     model, apply_fn, optimizer = plan.model, plan.apply_fn, plan.optimizer
+    note = sharding.replication_note(model, mesh, rules)
+    if note and lead:
+        print(f"warning: {note}", flush=True)
     param_sh, state_sh, abstract_sharded = plan.param_sh, plan.state_sh, plan.abstract_state
 
     checkpointer = ckpt.Checkpointer(workdir, config.checkpoint.max_to_keep, config.checkpoint.keep_period,

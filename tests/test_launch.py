@@ -208,11 +208,13 @@ def test_aot_compile_of_the_7b_preset_on_8_devices(tmp_path):
 
     # a fine-tuning preset whose init_from is not here checks the architecture it names (2 of 7B's layers)
     sft = subprocess.run([sys.executable, AOT, f"--config={ROOT}/experiments/sft.py:7b", "--num_devices=8",
-                          "--config.model.n_layers=2", f"--json={report}"],
+                          "--config.model.n_layers=2", "--chip=h100", f"--json={report}"],
                          env={k: v for k, v in env().items() if k != "XLA_FLAGS"}, capture_output=True, text=True,
                          timeout=300)
     assert sft.returncode == 0, sft.stderr[-3000:]
     assert "model: config.model (config.init_from /path/to/pretrained is not here)" in sft.stdout
+    assert "attention: compiled here as XLA einsums" in sft.stdout  # a GPU runs cuDNN's kernel: said, for h100
+    assert "attention: compiled" not in out.stdout  # v5p: the same XLA attention as here
     from llama_jax.model import LlamaConfig
 
     assert json.load(open(report))["params"] == LlamaConfig.llama2_7b().replace(n_layers=2).num_params()

@@ -132,6 +132,33 @@ def test_bad_rules_are_an_error():
     with pytest.raises(sharding.MeshError, match="names unknown mesh axes \\['model'\\]"):
         sharding.normalize_rules([("heads", "model")])
     assert sharding.normalize_rules([["batch", ["data", "fsdp"]]]) == (("batch", ("data", "fsdp")),)
+    # a misspelt logical name left `embed` unsharded and every weight whole on each device, silently
+    misspelt = [("embd", "fsdp") if name == "embed" else (name, axes) for name, axes in RULES]
+    with pytest.raises(sharding.MeshError, match="logical axis 'embd', which the model does not have \\(meant "
+                       "'embed'\\?\\)"):
+        sharding.normalize_rules(misspelt)
+    with pytest.raises(sharding.MeshError, match="logical axis 'heads' has a rule already"):
+        sharding.normalize_rules(RULES + (("heads", None),))
+    with pytest.raises(sharding.MeshError, match="mesh.rules has no rule for \\['embed'\\]"):
+        sharding.normalize_rules([r for r in RULES if r[0] != "embed"], complete=True)
+    assert sharding.normalize_rules(RULES, complete=True) == RULES
+
+
+def test_mesh_axes_that_do_not_divide_the_weights_are_named():
+    """An `fsdp` that does not divide the model width replicates every weight (the rules
+    fall back to replication per dimension): a note with the per-device size and the
+    parameters; a small odd vocabulary (CFG's 101) is not worth one."""
+    assert sharding.replication_note(Llama(CFG), sharding.make_mesh(1, 8, 1), RULES) is None
+    assert sharding.replication_note(Llama(CFG.replace(n_kv_heads=4, vocab_size=104)), sharding.make_mesh(1, 2, 4),
+                                     RULES) is None
+    # fewer kv heads than `tensor` (70B's 8 on tensor=16): their projections are whole on every device
+    assert "mesh tensor=4 does not divide 2 parameters' dimensions, e.g. layers/attention/wk (kv_heads 2)" in \
+        sharding.replication_note(Llama(CFG.replace(vocab_size=104)), sharding.make_mesh(1, 2, 4), RULES)
+    odd = CFG.replace(dim=36, n_heads=2, n_kv_heads=2)  # 36 over fsdp=8: no
+    note = sharding.replication_note(Llama(odd), sharding.make_mesh(1, 8, 1), RULES)
+    whole = sum(np.prod(x.shape) * 4 for x in jax.tree_util.tree_leaves(sharding.abstract_params(Llama(odd))))
+    assert note.startswith(f"the parameters take {whole / 2**20:.2f} MiB per device, not the ")
+    assert "mesh fsdp=8 does not divide" in note and "(embed 36)" in note
 
 
 def test_gathering_for_generation_drops_fsdp_and_samples_the_same():
@@ -165,3 +192,39 @@ def test_gathering_for_generation_drops_fsdp_and_samples_the_same():
                                                  r"0.0 GiB per device \(its parameters over tensor=2\), more than 60% "
                                                  r"of the device's 0.0 GiB; raise mesh.tensor"):
         sharding.generation_rules(model, mesh, rules, memory_limit=per_device)
+    # a bfloat16 model's copy holds its weight matrices in bfloat16 (half the memory; the decode casts them to
+    # it anyway): the same samples, and the memory check counts the smaller copy
+    bf16 = Llama(CFG.replace(dtype="bfloat16"))
+    gather16, _ = sharding.gather_for_generation(bf16, mesh, rules)
+    copy16 = gather16(params)
+    assert {x.dtype.name for x in jax.tree_util.tree_leaves(copy16) if x.ndim >= 2} == {"bfloat16"}
+    assert {x.dtype.name for x in jax.tree_util.tree_leaves(copy16) if x.ndim < 2} == {"float32"}
+    assert generate(bf16.config, params, prompts, 8, mesh=mesh, rules=rules).tokens == \
+        generate(bf16.config, copy16, prompts, 8, mesh=mesh, rules=gathered_rules).tokens
+    half = sum(x.addressable_shards[0].data.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(copy16))
+    assert half < 0.6 * per_device
+    sharding.generation_rules(bf16, mesh, rules, memory_limit=int(half / 0.6) + 1)  # fits: no error
+
+
+def test_a_stage_samples_from_a_copy_loaded_in_the_compute_dtype(tmp_path, tokenizer_path):
+    """`stages.sampling_model` with mesh.gather_for_generation (rejection sampling, GAtt,
+    distillation): a bfloat16 model stored in float32 is loaded whole on each FSDP group in
+    bfloat16 (cast as it is read), and samples as the float32 weights do."""
+    from llama_jax import checkpoint as ckpt
+    from llama_jax import configs, stages
+    from llama_jax import tokenizer as tk
+    from llama_jax.generate import generate
+
+    cfg = CFG.replace(vocab_size=tk.Tokenizer(tokenizer_path).vocab_size, dtype="bfloat16")
+    params = random_params(cfg, std=0.1, seed=4)
+    ckpt.save_params(str(tmp_path / "m"), params, {"model": cfg.to_dict(), "heads": ["lm"]},
+                     tokenizer_path=tokenizer_path)
+    config = configs.chat_config()
+    config.mesh.fsdp, config.mesh.tensor, config.mesh.gather_for_generation = 4, 2, True
+    got_cfg, got, _, mesh, rules = stages.sampling_model(config, str(tmp_path / "m"))
+    assert {x.dtype.name for x in jax.tree_util.tree_leaves(got)} == {"bfloat16"}
+    assert dict(rules)["embed"] is None and not any("fsdp" in str(x.sharding.spec)
+                                                     for x in jax.tree_util.tree_leaves(got))
+    prompts = [[5, 6, 7], [9, 3]]
+    assert generate(got_cfg, got, prompts, 6, mesh=mesh, rules=rules).tokens == \
+        generate(cfg, params, prompts, 6).tokens

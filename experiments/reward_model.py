@@ -71,7 +71,7 @@ def get_config(arg: str = "tiny"):
     c.data.source = "/path/to/preferences/*.jsonl"
     c.total_steps = 2_919_326 // 512  # one epoch of the paper's Table 6 comparisons; set for your mix
     c.optimizer.learning_rate = 5e-6 if arg == "70b" else 1e-5
-    c.optimizer.warmup_steps = max(5, int(0.03 * c.total_steps))
+    c.optimizer.warmup_steps = c.get_ref("total_steps") * 3 // 100  # 3%, of a total_steps set on the command line too
     c.eval_every_steps = 500
     c.checkpoint_every_steps = 500
     return c

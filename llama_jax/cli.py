@@ -22,14 +22,36 @@ def parse_into(argv: list[str], values) -> tuple[list[str] | None, str | None]:
     """Parses `argv` into the absl FlagValues `values`: (the arguments left, None), or
     (None, the error's one-line message: unknown field, wrong type, a config file that
     raised)."""
+    missing = _missing_config_file(argv)
+    if missing:
+        return None, missing
     try:
         return values(argv), None
     except flags.Error as e:
         return None, str(e)
-    except (KeyError, AttributeError, TypeError, ValueError) as e:  # raised by config overrides
+    except (KeyError, AttributeError, TypeError, ValueError, OSError) as e:  # raised by config overrides
         if isinstance(e, AttributeError) and e.args and isinstance(e.args[0], KeyError):
             e = e.args[0]  # a misspelt field of a config: ml_collections' KeyError inside an AttributeError
         return None, _unknown_field(e, argv) if isinstance(e, KeyError) else str(e.args[0]) if e.args else repr(e)
+
+
+def _missing_config_file(argv: list[str]) -> str | None:
+    """The error for a `--config=FILE[:ARG]` whose file does not exist (ml_collections
+    raises it from the first override as a traceback), saying where the experiments are."""
+    import os
+
+    for i, a in enumerate(argv):
+        value = a.split("=", 1)[1] if a.startswith("--config=") else argv[i + 1] if a == "--config" and \
+            i + 1 < len(argv) else None
+        if value is None:
+            continue
+        path = value.rsplit(":", 1)[0] if ":" in value and not os.path.isfile(value) else value
+        if not os.path.isfile(path):
+            here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+            hint = f" (did you mean {here}? experiment paths are relative to where you run the command)" \
+                if not os.path.isabs(path) and os.path.isfile(here) else ""
+            return f"--config={value}: no such file {path}{hint}"
+    return None
 
 
 def _unknown_field(e: KeyError, argv: list[str]) -> str:

@@ -322,16 +322,8 @@ def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dic
     gets whether each dialog was). With `mesh` (params on it,
     e.g. a run's mesh across processes; every process calls this with the same dialogs)
     the batches go onto it whole and the activations are sharded by `rules`, as in training."""
-    import contextlib
-
-    from llama_jax import distributed, sharding
     from llama_jax.data.preference import cut_prompt
 
-    put, ctx = jnp.asarray, contextlib.nullcontext
-    if mesh is not None:
-        whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        put = functools.partial(jax.device_put, device=whole)
-        ctx = functools.partial(sharding.activate, mesh, rules if rules is not None else sharding.DEFAULT_RULES)
     rows = []
     for d in dialogs:
         tokens, mask = tokenizer.encode_dialog_for_training(d, last_turn_only=True)
@@ -341,6 +333,21 @@ def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dic
         if was_cut is not None:
             was_cut.append(over > 0)
         rows.append((tokens[-config.max_seq_len:], mask[-config.max_seq_len:]))
+    return score_rows(config, params, rows, batch_size, mesh, rules, progress)
+
+
+def score_rows(config: LlamaConfig, params, rows: Sequence[tuple[list, list]], batch_size: int = 8, mesh=None,
+               rules=None, progress=None) -> np.ndarray:
+    """`score` of rows already encoded and cut: (tokens, final-answer mask) each."""
+    import contextlib
+
+    from llama_jax import distributed, sharding
+
+    put, ctx = jnp.asarray, contextlib.nullcontext
+    if mesh is not None:
+        whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        put = functools.partial(jax.device_put, device=whole)
+        ctx = functools.partial(sharding.activate, mesh, rules if rules is not None else sharding.DEFAULT_RULES)
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -359,31 +366,32 @@ def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dic
 
 
 def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_size: int = 8, progress=None,
-                    mesh=None) -> dict:
+                    mesh=None, seq_len: int | None = None) -> dict:
     """Accuracy (chosen scored above rejected) per rating bucket and overall (paper Table
     8 layout), per toy task (accuracy_TASK) where pairs name their `task`, plus
     unsafe-response recall at the 0.5 threshold where safety labels exist (sigmoid(score)
-    < 0.5 counted as 'unsafe'). Pairs are read as training reads them (`pairs_left_out`:
-    those the paper's filter drops); a pair scored equal both ways counts as wrong
-    (`ties`); `pairs_cut`: those longer than max_seq_len, cut as `score` cuts them."""
-    from llama_jax.data.preference import RATINGS, PreferencePairs
+    < 0.5 counted as 'unsafe'). Pairs are read and cut as training reads and cuts them at
+    `seq_len` (default the model's max_seq_len): the same prompt tokens off both sides
+    (`pairs_left_out`: those the paper's filter drops; `pairs_cut`: those longer than
+    seq_len; `pairs_same_once_cut`: those whose two sides are then the same tokens). A pair
+    scored equal both ways counts as wrong (`ties`)."""
+    from llama_jax.data.preference import RATINGS, PreferencePairs, _EncodePair
 
+    seq_len = min(seq_len or config.max_seq_len, config.max_seq_len)
     pairs = PreferencePairs(path)
     recs = [pairs[i] for i in range(len(pairs))]
-    cut: list[bool] = []
+    encoder = _EncodePair(tokenizer, seq_len, "none")
+    cut, same = pairs.cut(encoder)
+    rows = [encoder.sides(r["prompt"], r["chosen"], r["rejected"]) for r in recs]
 
     def half(offset):
         return None if progress is None else (lambda done, total: progress(offset + done, 2 * total))
 
-    chosen = score(config, params, tokenizer, [r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]
-                                               for r in recs], batch_size, mesh, progress=half(0), was_cut=cut)
-    rejected = score(config, params, tokenizer, [r["prompt"] + [{"role": "assistant", "content": r["rejected"]}]
-                                                 for r in recs], batch_size, mesh, progress=half(len(recs)),
-                     was_cut=cut)
+    chosen = score_rows(config, params, [r[0] for r in rows], batch_size, mesh, progress=half(0))
+    rejected = score_rows(config, params, [r[1] for r in rows], batch_size, mesh, progress=half(len(recs)))
     right = chosen > rejected
     out: dict = {"pairs": len(recs), "accuracy": float(right.mean()), "ties": int((chosen == rejected).sum()),
-                 "pairs_left_out": int(pairs.dropped),
-                 "pairs_cut": int(np.sum(np.logical_or(cut[:len(recs)], cut[len(recs):])))}
+                 "pairs_left_out": int(pairs.dropped), "pairs_cut": cut, "pairs_same_once_cut": len(same)}
     for rating in RATINGS:
         idx = [i for i, r in enumerate(recs) if r.get("rating") == rating]
         out[rating] = float(right[idx].mean()) if idx else None
@@ -437,7 +445,9 @@ def main(argv=None) -> int:
                                                            "default 0)")
     ap.add_argument("--limit", type=int, default=None, help="first N questions only (multiple_choice; default all)")
     ap.add_argument("--seq_len", type=int, default=None,
-                    help="window length (perplexity; default 512, at most the model's max_seq_len)")
+                    help="window length (perplexity; default 512, at most the model's max_seq_len), or where pairs "
+                         "are cut (reward_accuracy: the run's config.seq_len, as training cut them; default the "
+                         "model's max_seq_len)")
     ap.add_argument("--max_batches", type=int, default=None, help="stop after N batches (perplexity; default all)")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--output", default="", help="also write the results, with their settings, as JSON to this new "
@@ -453,17 +463,18 @@ def main(argv=None) -> int:
 
     quiet_orbax()  # a damaged checkpoint: one error line, not Orbax's and TensorStore's logs
     used = {"perplexity": ("seq_len", "max_batches"), "multiple_choice": ("k_shot", "shots", "style", "seed", "limit"),
-            "reward_accuracy": ()}[args.task]
+            "reward_accuracy": ("seq_len",)}[args.task]
     given = [f for f in ("seq_len", "max_batches", "k_shot", "shots", "style", "seed", "limit")
              if f not in used and getattr(args, f) is not None]
     if given:
         ap.error(f"{', '.join('--' + f for f in given)}: not used by --task={args.task}")
-    for flag, default in (("seq_len", 512), ("max_batches", 0), ("k_shot", 0), ("seed", 0), ("limit", 0),
+    for flag, default in (("seq_len", 512 if args.task == "perplexity" else None), ("max_batches", 0),
+                          ("k_shot", 0), ("seed", 0), ("limit", 0),
                           ("style", "qa")):
         if getattr(args, flag) is None:
             setattr(args, flag, default)
     for flag, least in (("seq_len", 2), ("batch_size", 1), ("k_shot", 0), ("max_batches", 0), ("limit", 0)):
-        if getattr(args, flag) < least:
+        if getattr(args, flag) is not None and getattr(args, flag) < least:
             ap.error(f"--{flag} must be >= {least}, got {getattr(args, flag)}")
     if args.shots and not os.path.isfile(args.shots):
         ap.error(f"--shots={args.shots}: no such file")
@@ -526,14 +537,18 @@ def main(argv=None) -> int:
                     print(text)
         else:
             progress = Progress(None, what="answers scored", throttle=True)
-            res = reward_accuracy(cfg, params, tok, args.data, args.batch_size, progress.update, mesh)
+            res = reward_accuracy(cfg, params, tok, args.data, args.batch_size, progress.update, mesh,
+                                  seq_len=args.seq_len)
             progress.close()
             print(table8(res))
+            cut_at = min(args.seq_len or cfg.max_seq_len, cfg.max_seq_len)
             print(f"{res['pairs']} pairs" + (f" ({res['pairs_left_out']} left out by the paper's filter, as in "
                                              "training)" if res["pairs_left_out"] else "")
                   + (f"; {res['ties']} scored equal both ways, counted wrong" if res["ties"] else "")
-                  + (f"; {res['pairs_cut']} longer than max_seq_len {cfg.max_seq_len}, cut as training cuts them "
-                     "(the prompt's start, then the answer's)" if res["pairs_cut"] else ""))
+                  + (f"; {res['pairs_cut']} longer than {cut_at} tokens, cut as training cuts them (the same prompt "
+                     "tokens off both sides, then the answer's start)" if res["pairs_cut"] else "")
+                  + (f"; {res['pairs_same_once_cut']} of them the same tokens on both sides once cut (a larger "
+                     "--seq_len tells them apart)" if res["pairs_same_once_cut"] else ""))
             if "unsafe_recall" in res:
                 print(f"unsafe-response recall at 0.5: {res['unsafe_recall']:.3f}")
         if args.output:

@@ -66,21 +66,28 @@ def ranking(apply_fn, params, batch, frozen=None, safety_weight: float = 0.0) ->
                       _both_sides(batch, "segment_ids"),
                       score_mask=answer_tokens(_both_sides(batch, "loss_mask"))).astype(jnp.float32)
     B = batch["margin"].shape[0]
+    pairs = real_pairs(batch)
     r_chosen, r_rejected = scores[:B], scores[B:]
     diff = r_chosen - r_rejected
     losses = jax.nn.softplus(-(diff - batch["margin"].astype(jnp.float32)))  # = -log sigmoid(.)
-    loss_sum = jnp.sum(losses)
-    metrics = {"accuracy": jnp.sum((diff > 0).astype(jnp.float32)), "reward_margin": jnp.sum(diff),
-               "chosen_reward": jnp.sum(r_chosen)}
+    loss_sum = jnp.sum(losses * pairs)
+    metrics = {"accuracy": jnp.sum((diff > 0) * pairs), "reward_margin": jnp.sum(diff * pairs),
+               "chosen_reward": jnp.sum(r_chosen * pairs), "rejected_reward": jnp.sum(r_rejected * pairs)}
     if safety_weight:
         labels = jnp.concatenate([batch["chosen_safe"], batch["rejected_safe"]]).astype(jnp.float32)
-        known = (labels >= 0).astype(jnp.float32)
+        known = (labels >= 0) * jnp.concatenate([pairs, pairs])
         bce = optax.sigmoid_binary_cross_entropy(scores, jnp.clip(labels, 0.0, 1.0))
         # Normalised per pair like the ranking term: each pair contributes its labelled responses.
-        aux = jnp.sum(bce * known) / jnp.maximum(jnp.sum(known), 1.0) * B
+        aux = jnp.sum(bce * known) / jnp.maximum(jnp.sum(known), 1.0) * jnp.sum(pairs)
         loss_sum = loss_sum + safety_weight * aux
         metrics["safety_bce"] = aux
-    return loss_sum, jnp.asarray(B, jnp.float32), metrics
+    return loss_sum, jnp.sum(pairs), metrics
+
+
+def real_pairs(batch: dict) -> jax.Array:
+    """[B] float32: 1 for a pair, 0 for a row of zeros padding a last, short held-out batch
+    (a real row starts with a token of segment 1)."""
+    return (batch["chosen_segment_ids"][:, 0] != 0).astype(jnp.float32)
 
 
 def sequence_logprob(apply_fn, params, tokens, positions, segment_ids, targets, mask) -> jax.Array:
@@ -99,12 +106,13 @@ def dpo(apply_fn, params, batch, frozen=None, beta: float = 0.1) -> tuple[jax.Ar
     policy = sequence_logprob(apply_fn, params, *args)
     reference = jax.lax.stop_gradient(sequence_logprob(apply_fn, frozen, *args))
     B = batch["margin"].shape[0]
+    pairs = real_pairs(batch)
     ratio = policy - reference
     logits = beta * (ratio[:B] - ratio[B:])
     losses = jax.nn.softplus(-logits)
-    return jnp.sum(losses), jnp.asarray(B, jnp.float32), {
-        "accuracy": jnp.sum((logits > 0).astype(jnp.float32)),
-        "chosen_reward": jnp.sum(beta * ratio[:B]), "rejected_reward": jnp.sum(beta * ratio[B:])}
+    return jnp.sum(losses * pairs), jnp.sum(pairs), {
+        "accuracy": jnp.sum((logits > 0) * pairs),
+        "chosen_reward": jnp.sum(beta * ratio[:B] * pairs), "rejected_reward": jnp.sum(beta * ratio[B:] * pairs)}
 
 
 

@@ -407,7 +407,7 @@ class SFTStage(Stage):
             return None
         return chat.make_dataset(self.eval_path, tokenizer, config.seq_len, self.local_batch(config), config.seed,
                                  pack=config.data.pack, last_turn_only=config.data.last_turn_only, num_epochs=1,
-                                 shuffle=False, prefetch=0)
+                                 shuffle=False, prefetch=0, drop_remainder=False)
 
     def samples_in_evaluation(self, config) -> bool:
         return bool(self.eval_path and config.eval_exact_match)
@@ -423,7 +423,8 @@ def exact_match(cfg, params, tokenizer, path: str, limit: int, max_new_tokens: i
     """Fraction of held-out dialogs whose greedy answer to the last user turn equals the
     reference answer exactly (white space at the ends ignored), of those whose prompt
     leaves `max_new_tokens` of the model's context (the others, which could not be
-    answered, are left out and counted in a note, once)."""
+    answered, are left out and counted in a note, once). References too long to be answered
+    within `max_new_tokens` (with EOS) are counted wrong, and in a note, once."""
     from llama_jax.data.chat import open_dialogs
 
     dialogs = open_dialogs(path)
@@ -435,6 +436,12 @@ def exact_match(cfg, params, tokenizer, path: str, limit: int, max_new_tokens: i
         distributed.say(f"note: exact match leaves out {fits.count(False)} of {len(records)} held-out dialogs whose "
                         f"prompt leaves fewer than eval_max_new_tokens {max_new_tokens} of the model's context "
                         f"{cfg.max_seq_len}", flush=True)
+    long = [r for r in records if len(tokenizer.encode(r["messages"][-1]["content"].strip())) > max_new_tokens]
+    if long and (path, max_new_tokens) not in _SAID_UNFIT:  # no answer of max_new_tokens can equal them
+        _SAID_UNFIT.add((path, max_new_tokens))
+        distributed.say(f"note: exact match counts {len(long)} of {len(records)} held-out answers wrong whatever "
+                        f"the model says: they are longer than eval_max_new_tokens {max_new_tokens} tokens (raise "
+                        "it to score them)", flush=True)
     answers = _greedy_answers(cfg, params, tokenizer, prompts, max_new_tokens, mesh, rules=rules, rows=32)
     hits = sum(a is not None and a == r["messages"][-1]["content"].strip() for r, a in zip(records, answers))
     return hits / max(sum(fits), 1)
@@ -529,7 +536,7 @@ class PreferenceStage(Stage):
             return None
         return preference.make_dataset(self.eval_path, tokenizer, config.seq_len, self.local_batch(config),
                                        config.seed, margin_table=self.margin_table(config), num_epochs=1,
-                                       shuffle=False, prefetch=0)
+                                       shuffle=False, prefetch=0, drop_remainder=False)
 
 
 class RewardModelStage(PreferenceStage):
@@ -570,10 +577,13 @@ class RewardModelStage(PreferenceStage):
             return {}
         from llama_jax.evaluate import reward_accuracy
 
-        res = reward_accuracy(model.config, params, tokenizer, self.eval_path)
+        # every held-out pair, cut at this run's seq_len as training cuts them: the Table 8 buckets, and their
+        # overall accuracy (eval_accuracy is the first eval_steps batches')
+        res = reward_accuracy(model.config, params, tokenizer, self.eval_path, seq_len=config.seq_len)
         out = {f"eval_{k}": v for k, v in res.items() if isinstance(v, float) and k != "accuracy"}
+        out["eval_accuracy_all_pairs"] = res["accuracy"]
         if self.policy_eval_path:  # and per toy task: where the RM cannot judge its policy (eval_policy_accuracy_add)
-            res = reward_accuracy(model.config, params, tokenizer, self.policy_eval_path)
+            res = reward_accuracy(model.config, params, tokenizer, self.policy_eval_path, seq_len=config.seq_len)
             out.update({f"eval_policy_{k}": v for k, v in res.items() if k.startswith("accuracy")})
         return out
 

@@ -312,11 +312,25 @@ def _global_batch(batch: dict, shardings: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
 
+def _data_counts(train_data) -> dict:
+    """What a checkpoint records of its training data, to tell a resume on other data."""
+    described = getattr(train_data, "description", None) or {}
+    return {k: described[k] for k in ("source", "documents", "dialogs", "pairs") if k in described}
+
+
 def _restore_data(train_data, saved: dict, step: int, lead: bool) -> None:
     """Puts this process's input pipeline where the checkpoint left it. Checkpoints hold
     one iterator state per process; restored by another number of processes, the
     pipelines start afresh (each process's documents differ), which the lead reports,
-    unless every process read the same stream (`shared_by_processes`, PPO's prompts)."""
+    unless every process read the same stream (`shared_by_processes`, PPO's prompts).
+    Data other than the checkpoint's (another file, or more or fewer examples) is warned
+    about: the saved position then points into other data."""
+    was, now = saved.get("data") or {}, _data_counts(train_data)
+    changed = [f"{k} {was[k]} -> {now.get(k)}" for k in was if was[k] != now.get(k)]
+    if changed and lead:
+        print(f"warning: the training data is not the checkpoint's (step {step}: {', '.join(changed)}); the saved "
+              "position in it is restored into this data, so this pass over it may repeat or skip examples",
+              flush=True)
     states = saved["processes"] if "processes" in saved else [saved]  # older single-process layout
     mine = states[jax.process_index()] if len(states) == jax.process_count() else \
         states[0] if getattr(train_data, "shared_by_processes", False) and all(s == states[0] for s in states) \
@@ -750,6 +764,13 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     if described and lead:  # what the run reads, counted (pairs dropped by the paper's filter included)
         print("training data: " + ", ".join(f"{k} {v:,}" if type(v) is int else f"{k} {v}"  # pack True, not 1
                                             for k, v in described.items()), flush=True)
+    per_epoch = getattr(train_data, "rows_per_epoch", None)
+    if per_epoch and lead:  # what total_steps means for one's own data
+        about = "about " if train_data.estimated else ""
+        print(f"epochs: total_steps {config.total_steps:,} x batch_size {config.batch_size:,} rows = {about}"
+              f"{config.total_steps * config.batch_size / per_epoch:,.3g} passes over the training data ({about}"
+              f"{per_epoch:,.0f} rows each" + (f", its dialogs packed into rows of seq_len {config.seq_len}"
+                                              if train_data.estimated else "") + ")", flush=True)
     held_out = stage.eval_data(config, tokenizer) if config.eval_steps else None
     if held_out is None and config.eval_steps and stage.held_out_source and not config.data.eval_source and lead:
         print("note: config.data.eval_source is empty: no held-out loss (eval_loss, and what the stage computes "
@@ -844,6 +865,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                       out_shardings=NamedSharding(mesh, P()))
 
     noted_partial: list[bool] = []
+    from llama_jax.data.pipeline import pad_batch
 
     def evaluate(params, phase: str) -> dict:
         stage.eval_phase = phase
@@ -858,6 +880,8 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                     # first batch one of them lacks (else the others would wait in the step's collectives)
                     if not all(distributed.allgather_json(b is not None)):
                         break
+                    # a fine-tuning set's last, short batch: padded with rows that weigh nothing
+                    b = pad_batch(b, stage.local_batch(config))
                     loss_sum, w, s = eval_fn(params, _global_batch(b, batch_sh), frozen)
                     total, weight, batches = total + float(loss_sum), weight + float(w), batches + 1
                     for k, v in s.items():
@@ -921,7 +945,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                            "a rare bad batch can be skipped with --config.nonfinite_policy=skip.")
 
     def save(step: int, force: bool = False) -> None:
-        data_state = {"processes": distributed.allgather_json(train_data.state())}
+        data_state = {"processes": distributed.allgather_json(train_data.state()), "data": _data_counts(train_data)}
         extra = {}
         if stopper is not None:  # in the data state to resume it, in meta for whoever reads the checkpoint
             data_state["early_stopping"] = extra["early_stopping"] = stopper.state()

@@ -306,6 +306,11 @@ GOOD_PAIR = json.dumps({"prompt": [{"role": "user", "content": "q"}], "chosen": 
 @pytest.mark.parametrize("kind,lines,needle", [
     ("chat", [GOOD_CHAT, "{not json"], ":2: invalid JSON"),
     ("chat", [GOOD_CHAT, json.dumps({"msgs": []})], ":2: missing field 'messages'"),
+    ("chat", [json.dumps({"prompt": "q", "response": "a"})], ":1: missing field 'messages' (it has ['prompt', "
+     "'response']); a dialog is {\"messages\""),
+    ("chat", ['{"messages": ', GOOD_CHAT], ":1: invalid JSON (Expecting value at column 14)"),  # not "line 2"
+    ("chat", ["[", GOOD_CHAT + ",", "]"], ":1: invalid JSON (Expecting value at column 2); a JSONL file holds one "
+     "JSON object a line, and this looks like one JSON array"),
     ("chat", [json.dumps({"messages": "hi"})], ":1: field 'messages' must be list, got str"),
     ("chat", [json.dumps({"messages": [{"role": "robot", "content": "x"}]})], ":1: message 0: unknown role 'robot'"),
     ("chat", [json.dumps({"messages": [{"role": "user", "content": "[INST]"},
@@ -583,6 +588,82 @@ def test_pairs_with_one_answer_twice_are_counted_and_named(tok, tmp_path):
     data.close()
 
 
+def test_pairs_cut_to_the_same_tokens_are_counted_and_the_papers_labels_read(tok, tmp_path):
+    """A pair longer than seq_len is cut (the same prompt tokens off both sides, then each
+    answer's start): counted, and where both sides become the same tokens (answers that
+    differ only at their start, behind a long shared tail) that is named, since such a
+    pair trains nothing and is scored wrong. Ratings as the paper writes them are read;
+    a blank rejected answer is counted; an HH transcript without a prompt gets a hint."""
+    tail = " and then " + " ".join(synthetic.WORDS[i % len(synthetic.WORDS)] for i in range(60))
+    p = [{"role": "user", "content": "which?"}]
+    pairs = [{"prompt": p, "chosen": "Yes." + tail, "rejected": "No." + tail, "rating": "Significantly better"},
+             {"prompt": p, "chosen": "short", "rejected": "", "rating": "negligibly better / unsure"},
+             {"prompt": [{"role": "user", "content": " ".join(synthetic.WORDS[:40])}], "chosen": "a",
+              "rejected": "b", "rating": "slightly-better"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    data = preference.make_dataset(str(path), tok, 32, 3, num_epochs=1, shuffle=False, prefetch=0)
+    d = data.description
+    assert d["rated"] == 3 and d["empty_rejected"] == f"1 (first: {path}:2)"
+    assert d["truncated"].startswith("2 (longer than seq_len 32") and d["same_once_cut"].startswith("1 (") \
+        and d["same_once_cut"].endswith(f"first: {path}:1)")
+    batch = next(data)
+    data.close()
+    assert batch["rating"].tolist() == [0, 3, 2] and batch["margin"].tolist() == pytest.approx([1.0, 0.0, 1 / 3])
+    np.testing.assert_array_equal(batch["chosen_tokens"][0], batch["rejected_tokens"][0])  # what was counted
+    assert preference.rating_name("Better") == "better" and preference.rating_name("much better") is None
+    hh = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+    path.write_text(json.dumps(hh) + "\n")
+    with pytest.raises(DataError, match=f"{path}:1: missing field 'prompt'.*split an Anthropic HH transcript"):
+        preference.make_dataset(str(path), tok, 32, 2)
+
+
+def test_dialog_fields_no_reader_reads_are_named(tok, tmp_path):
+    """A top-level "system" or a message's "weight" (OpenAI's format) is not trained on:
+    named in the description with where it first is, not dropped in silence; ids and the
+    toy data's fields are not."""
+    d = {"id": 3, "system": "be brief", "messages": [{"role": "user", "content": "hi"},
+                                                     {"role": "assistant", "content": "bad", "weight": 0},
+                                                     {"role": "user", "content": "again"},
+                                                     {"role": "assistant", "content": "good"}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text(GOOD_CHAT + "\n" + json.dumps(d) + "\n")
+    data = chat.make_dataset(str(path), tok, 64, 2)
+    assert data.description["unread_fields"].startswith(f"'messages[].weight' (at {path}:2), 'system' (at {path}:2): "
+                                                        "not read")
+    data.close()
+    path.write_text(json.dumps({"messages": json.loads(GOOD_CHAT)["messages"], "id": 1, "is_safety": False}) + "\n")
+    data = chat.make_dataset(str(path), tok, 64, 2)
+    assert "unread_fields" not in data.description
+    data.close()
+
+
+def test_batches_know_the_rows_of_an_epoch_and_a_held_out_read_keeps_its_short_batch(tok, tmp_path):
+    """What total_steps means for one's own data: preference pairs are one row each; packed
+    dialogs are estimated from a sample's tokens per byte (within 15% of the rows packing
+    makes); unpacked ones are one row each. With drop_remainder=False (held-out data) the
+    last, short batch is kept."""
+    rng = random.Random(0)
+    dialogs = [{"messages": [{"role": "user", "content": " ".join(rng.choices(synthetic.WORDS, k=rng.randint(3, 30)))},
+                             {"role": "assistant",
+                              "content": " ".join(rng.choices(synthetic.WORDS, k=rng.randint(3, 60)))}]}
+               for _ in range(300)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in dialogs))
+    packed = chat.make_dataset(str(path), tok, 128, 16, num_epochs=1, shuffle=False, prefetch=0, drop_remainder=False)
+    rows = [len(b["tokens"]) for b in packed]
+    assert packed.estimated and abs(packed.rows_per_epoch - sum(rows)) < 0.15 * sum(rows)
+    assert rows[-1] == sum(rows) % 16 or sum(rows) % 16 == 0  # the short batch kept
+    alone = chat.make_dataset(str(path), tok, 128, 16, pack=False, prefetch=0)
+    assert alone.rows_per_epoch == 300 and not alone.estimated
+    alone.close()
+    pairs = [{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}] * 7
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    prefs = preference.make_dataset(str(tmp_path / "p.jsonl"), tok, 32, 4, num_epochs=1, shuffle=False, prefetch=0,
+                                    drop_remainder=False)
+    assert prefs.rows_per_epoch == 7 and [len(b["margin"]) for b in prefs] == [4, 3]
+
+
 def test_pairs_count_their_labels_and_name_fields_no_reader_reads(tok, tmp_path):
     """A misspelt optional field ("ratings", "chosen_is_safe") would silently train without
     margins or the safety term: the description counts the rated and safety-labelled
@@ -620,22 +701,24 @@ def test_dialogs_cut_at_seq_len_are_counted_and_a_source_of_no_trained_token_ref
     data = chat.make_dataset(str(path), tok, seq, 2)
     assert data.description["truncated"].startswith(f"1 (longer than seq_len {seq}")
     data.close()
-    calls = []  # and a long seq_len tokenizes nothing to count
+    calls = []  # and a long seq_len tokenizes nothing to count: only the 200 dialogs of the epoch estimate
+    path.write_text((json.dumps(few_bytes) + "\n") * 300)
     real = tok.encode_dialog_for_training
     tok.encode_dialog_for_training = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         chat.make_dataset(str(path), tok, 4096, 2, prefetch=0).close()
     finally:
         del tok.encode_dialog_for_training
-    assert calls == []
+    assert len(calls) == 200
     path.write_text(json.dumps(long_prompt) + "\n")
     with pytest.raises(DataError, match=f"{path}: no dialog has a trained token within seq_len=32: every answer "
                                         f"starts after it \\(e.g. {path}:1\\)"):
         chat.make_dataset(str(path), tok, 32, 2)
 
 
-def test_a_checkpoints_input_state_of_another_pipeline_is_one_error(tok, tmp_path):
-    """Resuming with data.pack flipped: the saved iterator state is of another pipeline."""
+def test_a_checkpoints_input_state_of_another_pipeline_is_one_error(tok, tmp_path, capsys):
+    """Resuming with data.pack flipped: the saved iterator state is of another pipeline.
+    Resuming on other data of the same pipeline (fewer dialogs) is warned about."""
     from llama_jax.train import RunError, _restore_data
 
     path = tmp_path / "c.jsonl"
@@ -646,8 +729,21 @@ def test_a_checkpoints_input_state_of_another_pipeline_is_one_error(tok, tmp_pat
     with pytest.raises(RunError, match="the checkpoint of step 5 holds the state of another input pipeline than this "
                                        "run's .*data.pack"):
         _restore_data(unpacked, {"processes": [packed.state()]}, 5, lead=True)
-    packed.close()
     unpacked.close()
+    # the same pipeline on fewer dialogs (the file cut between runs): restored, and warned about
+    from llama_jax.train import _data_counts
+
+    state, counts = packed.state(), _data_counts(packed)
+    packed.close()
+    assert counts == {"source": str(path), "dialogs": 40}
+    synthetic.write_jsonl(synthetic.generate("chat", 20, 1), str(path))
+    fewer = chat.make_dataset(str(path), tok, 96, 2, prefetch=0)
+    _restore_data(fewer, {"processes": [state], "data": counts}, 5, lead=True)
+    assert "warning: the training data is not the checkpoint's (step 5: dialogs 40 -> 20); the saved position" in \
+        capsys.readouterr().out
+    _restore_data(fewer, {"processes": [state], "data": _data_counts(fewer)}, 5, lead=True)
+    assert capsys.readouterr().out == ""
+    fewer.close()
 
 
 def test_jsonl_encoding_and_prefix_mistakes_are_named(tmp_path):

@@ -331,6 +331,27 @@ def test_a_dialog_longer_than_the_context_is_scored_as_training_reads_it(tmp_pat
              {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b", "rating": "better"}]
     synthetic.write_jsonl(pairs, str(tmp_path / "long.jsonl"))
     assert ev.reward_accuracy(short, rm, tok, str(tmp_path / "long.jsonl"))["pairs_cut"] == 1
+    # a pair is cut as a pair, at the run's seq_len: the same prompt tokens off both sides (cutting each answer's
+    # dialog on its own read the two answers after different contexts)
+    pairs[0]["rejected"] = "no, " + " ".join(synthetic.WORDS[:12])
+    synthetic.write_jsonl(pairs, str(tmp_path / "long.jsonl"))
+    seen = []
+    real = ev.score_rows
+
+    def spy(config, params, rows, *args, **kwargs):
+        seen.append(list(rows))
+        return real(config, params, rows, *args, **kwargs)
+
+    ev.score_rows = spy
+    try:
+        res = ev.reward_accuracy(CFG, rm, tok, str(tmp_path / "long.jsonl"), seq_len=48)
+    finally:
+        ev.score_rows = real
+    want = [preference._EncodePair(tok, 48, "none").sides(r["prompt"], r["chosen"], r["rejected"]) for r in pairs]
+    assert seen == [[w[0] for w in want], [w[1] for w in want]] and res["pairs_cut"] == 1
+    chosen, rejected = want[0]
+    start = chosen[1].index(True)  # one context, cut the same, before both answers
+    assert len(rejected[0]) == 48 and len(chosen[0]) < 48 and chosen[0][:start] == rejected[0][:start]
 
 
 def test_evaluate_loads_a_model_over_every_local_device(tmp_path, tok, params, capsys):

@@ -393,3 +393,9 @@ def test_exact_match_leaves_out_dialogs_the_context_cannot_answer(tmp_path, toke
     assert "exact match leaves out 1 of 2 held-out dialogs" in capsys.readouterr().out
     assert stages.exact_match(cfg, None, tok, str(path), 10, 8) == 1.0
     assert capsys.readouterr().out == ""  # said once
+    # an answer longer than eval_max_new_tokens cannot be given: counted wrong, and said
+    dialogs[0][-1]["content"] = " ".join(["yes"] * 12)
+    path.write_text("".join(json.dumps({"messages": d}) + "\n" for d in dialogs))
+    assert stages.exact_match(cfg, None, tok, str(path), 10, 8) == 1.0  # the stub answers it: the note is the point
+    assert "exact match counts 1 of 2 held-out answers wrong whatever the model says: they are longer than " \
+        "eval_max_new_tokens 8 tokens" in capsys.readouterr().out

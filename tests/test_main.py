@@ -334,9 +334,11 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
         return finish(start(*args, **kwargs))
 
     sft_dir = str(tmp_path / "sft")
-    _, sft = stage("sft", sft_dir, f"--config.init_from={ref_dir}", "--config.eval_exact_match=4",
-                   "--config.eval_max_new_tokens=4")
+    out, sft = stage("sft", sft_dir, f"--config.init_from={ref_dir}", "--config.eval_exact_match=4",
+                     "--config.eval_max_new_tokens=4")
     assert 0.0 <= sft["eval_exact_match"] <= 1.0 and sft["eval_loss"] > 0
+    assert re.search(r"epochs: total_steps 4 x batch_size 4 rows = about [\d.]+ passes over the training data "
+                     r"\(about [\d,]+ rows each, its dialogs packed into rows of seq_len 128\)", out.stdout), out.stdout
     assert os.path.exists(os.path.join(sft_dir, "data", "chat_train.jsonl"))
     # the toy data it wrote is of its settings: a rerun that would make other data is refused, not fed the old
     again = subprocess.run([sys.executable, "-m", "llama_jax.main",
@@ -354,7 +356,10 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
                     "--config.reward.policy_max_new_tokens=4")
     assert "initialised from scratch (not in init_from): ['score_head']['bias'], ['score_head']['kernel']" in (
         out.stdout + out.stderr)
-    assert {"eval_significantly_better", "eval_loss", "eval_accuracy", "eval_policy_accuracy"} <= set(rm)
+    assert {"eval_significantly_better", "eval_loss", "eval_accuracy", "eval_policy_accuracy",
+            "eval_accuracy_all_pairs", "eval_rejected_reward"} <= set(rm)
+    pairs = int(re.search(r"training data: source [^,]+, pairs ([\d,]+)", out.stdout).group(1).replace(",", ""))
+    assert f"epochs: total_steps 4 x batch_size 4 rows = {16 / pairs:,.3g} passes" in out.stdout
     policy_eval = [json.loads(line) for line in open(tmp_path / "rm" / "data" / "preference_policy_eval.jsonl")]
     assert {f"eval_policy_accuracy_{p['task']}" for p in policy_eval} <= set(rm)  # per toy task
     policy_pairs = [json.loads(line) for line in open(tmp_path / "rm" / "data" / "preference_policy_train.jsonl")]

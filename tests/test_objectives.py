@@ -1,5 +1,6 @@
 """The fine-tuning objectives against hand-computed numbers."""
 
+import functools
 import math
 
 import jax
@@ -16,10 +17,40 @@ def sig(x):
 
 def pair_batch(B=2, T=4):
     z = jnp.zeros((B, T), jnp.int32)
-    batch = {f"{s}_{k}": z for s in ("chosen", "rejected") for k in ("tokens", "positions", "segment_ids",
-                                                                      "targets")}
+    batch = {f"{s}_{k}": z for s in ("chosen", "rejected") for k in ("tokens", "positions", "targets")}
+    batch.update({f"{s}_segment_ids": jnp.ones((B, T), jnp.int32) for s in ("chosen", "rejected")})
     batch.update({f"{s}_loss_mask": jnp.ones((B, T)) for s in ("chosen", "rejected")})
     return batch
+
+
+def test_rows_of_zeros_padding_a_short_held_out_batch_weigh_nothing():
+    """A held-out set's last, short batch is padded with rows of zeros (`pad_batch`): the
+    ranking and DPO sums and weights are those of the real pairs alone (the eval loss of a
+    set smaller than one batch used to be missing)."""
+    from llama_jax.data.pipeline import pad_batch
+
+    def scorer(params, tokens, positions, segment_ids, score_mask=None):
+        return tokens[:, 0].astype(jnp.float32) * params  # a score of each row's own tokens
+
+    def lm(params, tokens, positions, segment_ids):
+        return jnp.stack([params * tokens.astype(jnp.float32), jnp.zeros(tokens.shape)], axis=-1)
+
+    batch = {**{k: np.asarray(v) for k, v in pair_batch(2, 4).items()}, "margin": np.array([1.0, 0.0], np.float32),
+             "chosen_safe": np.array([1, 0], np.int32), "rejected_safe": np.array([0, -1], np.int32)}
+    batch["chosen_tokens"] = np.array([[3, 1, 2, 2], [1, 1, 0, 2]], np.int32)
+    batch["rejected_tokens"] = np.array([[2, 2, 1, 0], [4, 0, 1, 1]], np.int32)
+    padded = pad_batch(batch, 5)
+    assert padded["margin"].shape == (5,) and not padded["chosen_segment_ids"][2:].any()
+    for objective, fn, params in ((functools.partial(objectives.ranking, safety_weight=0.5), scorer, 0.7),
+                                  (functools.partial(objectives.dpo, frozen=0.2), lm, 0.9)):
+        def same(b):
+            return objective(fn, params, {k: jnp.asarray(v) for k, v in b.items()})
+
+        (loss, weight, m), (loss_p, weight_p, m_p) = same(batch), same(padded)
+        assert float(weight) == float(weight_p) == 2
+        assert float(loss_p) == pytest.approx(float(loss), rel=1e-6)
+        for k in m:
+            assert float(m_p[k]) == pytest.approx(float(m[k]), rel=1e-6, abs=1e-7), k
 
 
 def test_ranking_loss_with_margin_by_hand():

@@ -224,6 +224,10 @@ MAIN_CASES = [
     ("url-init-from", ["--config.init_from=gs://bucket/run"], "config.init_from gs://bucket/run: URLs are not"),
     ("wrong-type", ["--config.model.n_layers=two"], "two"),
     ("rules-not-pairs", ["--config.mesh.rules=1"], "sharding rule #0 1 must be (logical_name, mesh_axes)"),
+    ("misspelt-rule", ["--config.mesh.rules=(('batch',('data','fsdp')),('length',None),('embd','fsdp'),"
+                       "('heads','tensor'),('kv_heads','tensor'),('head_dim',None),('mlp','tensor'),"
+                       "('vocab','tensor'),('layers',None),('norm',None))"],
+     "sharding rule #2 names logical axis 'embd', which the model does not have (meant 'embed'?)"),
     ("indivisible-heads", ["--config.model.n_heads=5"], "dim=48 is not divisible by n_heads=5"),
     ("kv-heads", ["--config.model.n_kv_heads=3"], "n_kv_heads"),
     ("mesh-mismatch", ["--config.mesh.tensor=3"], "devices are not divisible by the fixed axes' product 3"),
@@ -289,6 +293,18 @@ def test_bad_main_input_is_one_line(tmp_path, bad_files, tokenizer_path, case):
     assert needle.format(d=bad_files) in out.stderr, out.stderr[-2000:]
     assert one_error_line(out.stderr), out.stderr[-2000:]
     assert "step 1/" not in out.stderr  # refused before training
+
+
+def test_an_experiment_path_relative_to_another_directory_is_one_line(tmp_path):
+    """`--config=experiments/X.py` run from outside the checkout: with an override it was a
+    60-line traceback from ml_collections; now one line, with the path it meant."""
+    out = subprocess.run([sys.executable, "-m", "llama_jax.main", "--config=experiments/sft.py:tiny",
+                          f"--workdir={tmp_path / 'run'}", "--config.total_steps=2"],
+                         env={**env(), "PYTHONPATH": ROOT}, cwd=tmp_path,  # this checkout's package, from elsewhere
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and one_error_line(out.stderr), out.stderr[-2000:]
+    assert "--config=experiments/sft.py:tiny: no such file experiments/sft.py (did you mean " in out.stderr
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, reference_run, tokenizer_path):

@@ -19,11 +19,24 @@ from llama_jax.tokenizer import DialogError, _turns
 
 
 def validate_messages(record: dict, where: str, last: str) -> None:
+    if "messages" not in record and record:
+        raise DataError(f"{where}: missing field 'messages' (it has {sorted(record)}); a dialog is "
+                        '{"messages": [{"role": "system", "content": ...} (optional), {"role": "user", "content": '
+                        '...}, {"role": "assistant", "content": ...}, ...]}: write prompt/response pairs as a user '
+                        "and an assistant message")
     messages = sources.require(record, where, "messages", list)
     try:
         _turns(messages, last=last)
     except DialogError as e:
         raise DataError(f"{where}: {e}") from None
+
+
+# A dialog's fields besides "messages" that need no reader: ids, what the toy tasks and exact-match
+# evaluation carry, and the scores the RLHF stages record beside the dialogs they write. Any other is named
+# in the run's description, since it is not trained on: a top-level "system" prompt, or a message's "weight"
+# of 0 (OpenAI's format), would otherwise be ignored silently.
+UNREAD_OK = frozenset({"messages", "id", "task", "is_safety", "reference", "source", "meta", "metadata", "reward",
+                       "safety_reward"})
 
 
 def open_dialogs(patterns) -> sources.Jsonl:
@@ -48,9 +61,18 @@ class _Lengths:
         self.tokenizer, self.seq_len, self.last_turn_only = tokenizer, seq_len, last_turn_only
         self.truncated, self.untrained, self.first_untrained = 0, 0, ""
         self.empty: list[str] = []  # where a trained answer is blank (the model learns to answer with EOS)
+        self.bytes: list[int] = []  # each dialog's UTF-8 bytes with the format's overhead (for the epoch estimate)
+        self.unread: dict[str, str] = {}  # a field no reader reads (a top-level "system", a message's "weight")
+        #                                   -> where it first is
 
     def __call__(self, record: dict, where: str) -> None:
         validate_messages(record, where, "assistant")
+        for f in record.keys() - UNREAD_OK - self.unread.keys():
+            self.unread[f] = where
+        for m in record["messages"]:
+            for f in m.keys() - {"role", "content"}:
+                self.unread.setdefault(f"messages[].{f}", where)
+        self.bytes.append(sum(len(m["content"].encode("utf-8")) + 16 for m in record["messages"]))
         answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
         if any(not a.strip() for a in (answers[-1:] if self.last_turn_only else answers)):
             self.empty.append(where)
@@ -68,8 +90,9 @@ class _Lengths:
 
 def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int = 0, *, pack: bool = True,
                  last_turn_only: bool = False, shard: tuple[int, int] | None = None, num_epochs: int | None = None,
-                 shuffle: bool = True, prefetch: int = 2) -> pipeline.Batches:
-    """Batches of dialogs; their description counts the dialogs longer than seq_len
+                 shuffle: bool = True, prefetch: int = 2, drop_remainder: bool = True) -> pipeline.Batches:
+    """Batches of dialogs (`drop_remainder=False`: the last may have fewer rows, for a
+    complete read); their description counts the dialogs longer than seq_len
     (`truncated`, keeping their first seq_len tokens) and those that keep no trained token
     (`no_trained_token`): a source of nothing but such dialogs is a DataError."""
     lengths = _Lengths(tokenizer, seq_len, last_turn_only)
@@ -78,6 +101,12 @@ def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int =
     if lengths.untrained == len(dialogs):
         raise DataError(f"{files}: no dialog has a trained token within seq_len={seq_len}: every answer starts "
                         f"after it (e.g. {lengths.first_untrained}); a larger seq_len, or shorter prompts")
+    rows, estimated = float(len(dialogs)), False
+    if pack:  # packed rows an epoch: its tokens (sampled dialogs' tokens per byte, each dialog cut at seq_len)
+        sample = np.linspace(0, len(dialogs) - 1, min(len(dialogs), 200)).astype(int)
+        tokens = [len(tokenizer.encode_dialog_for_training(dialogs.record(int(i))["messages"])[0]) for i in sample]
+        per_byte = sum(tokens) / max(sum(lengths.bytes[i] for i in sample), 1)
+        rows, estimated = max(sum(min(b * per_byte, seq_len) for b in lengths.bytes) / seq_len, 1.0), True
     ds = pipeline.sharded_shuffled(dialogs, seed, shard, num_epochs, shuffle=shuffle)
     ds = ds.map(_Encode(tokenizer, seq_len, last_turn_only)).to_iter_dataset()
     if pack:
@@ -93,7 +122,10 @@ def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int =
                                    "tokens train)"
     if lengths.empty:
         description["empty_answers"] = f"{len(lengths.empty):,} dialogs (first: {lengths.empty[0]})"
+    if lengths.unread:
+        description["unread_fields"] = ", ".join(f"{f!r} (at {w})" for f, w in sorted(lengths.unread.items())) + \
+            ": not read (a system prompt is a first message of role system; every answer is trained)"
     if lengths.untrained:
         description["no_trained_token"] = f"{lengths.untrained:,} (every answer after seq_len; first: " \
                                           f"{lengths.first_untrained})"
-    return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch), description)
+    return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch, drop_remainder), description, rows, estimated)

@@ -97,6 +97,15 @@ def finish(ds: grain.IterDataset, batch_size: int, prefetch: int, drop_remainder
     return ds
 
 
+def pad_batch(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """A last, short batch padded with rows of zeros to `rows`: no segment, no trained
+    token, so every objective gives them no weight (preference rows: see objectives)."""
+    n = len(next(iter(batch.values())))
+    if n >= rows:
+        return batch
+    return {k: np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+
+
 _LIVE: "weakref.WeakSet[Batches]" = weakref.WeakSet()
 
 
@@ -112,11 +121,15 @@ def _close_all() -> None:
 
 class Batches:
     """A checkpointable iterator of numpy batches: `state()` is a small JSON-able dict
-    saved with every checkpoint; `restore(state)` continues exactly where it was."""
+    saved with every checkpoint; `restore(state)` continues exactly where it was.
+    `rows_per_epoch`: the batch rows one pass over the data makes, where known
+    (`estimated`: from a sample, as for packed dialogs), for the run's epoch count."""
 
-    def __init__(self, dataset: grain.IterDataset, description: dict[str, Any] | None = None):
+    def __init__(self, dataset: grain.IterDataset, description: dict[str, Any] | None = None,
+                 rows_per_epoch: float | None = None, estimated: bool = False):
         self.dataset = dataset
         self.description = description or {}
+        self.rows_per_epoch, self.estimated = rows_per_epoch, estimated  # one pass over the data, in batch rows
         self._it = iter(dataset)
         _LIVE.add(self)
 

@@ -2,7 +2,8 @@
 
 JSONL, one pair per line (several sources mix as `a/*.jsonl@1.0,b/*.jsonl@0.25`):
   {"prompt": [messages ending with a user turn], "chosen": str, "rejected": str,
-   "rating": "significantly_better" | "better" | "slightly_better" | "negligibly_better",  (optional)
+   "rating": "significantly_better" | "better" | "slightly_better" | "negligibly_better",  (optional;
+             the paper's "Significantly better" ... "Negligibly better / unsure" too)
    "is_safety_prompt": bool, "chosen_safe": bool, "rejected_safe": bool}                   (optional)
 Other fields are not read; the run's `training data:` line names them (`unread_fields`),
 beside how many pairs are rated and safety-labelled.
@@ -33,6 +34,24 @@ SAFETY_FIELDS = ("is_safety_prompt", "chosen_safe", "rejected_safe")
 FIELDS = ("prompt", "chosen", "rejected", "rating", *SAFETY_FIELDS, "task")  # task: a toy pair's, for evaluate
 
 
+def rating_name(value) -> str | None:
+    """A rating as RATINGS names it: the paper's labels are accepted as written too
+    ("Significantly better", "negligibly better / unsure"); None for anything else."""
+    if not isinstance(value, str):
+        return None
+    name = " ".join(value.lower().replace("_", " ").replace("-", " ").split())
+    for unsure in (" / unsure", "/unsure", " or unsure", " unsure"):
+        name = name.removesuffix(unsure)
+    name = name.replace(" ", "_")
+    return name if name in RATINGS else None
+
+
+def _normalized(record: dict) -> dict:
+    if record.get("rating") is not None:
+        record["rating"] = rating_name(record["rating"])
+    return record
+
+
 def margin(rating: str | None, table: str) -> float:
     if table not in MARGINS:
         raise DataError(f"unknown margin table {table!r}; choose one of {sorted(MARGINS)}")
@@ -40,6 +59,11 @@ def margin(rating: str | None, table: str) -> float:
 
 
 def validate_pair(record: dict, where: str) -> None:
+    if "prompt" not in record and isinstance(record.get("chosen"), str):
+        raise DataError(f"{where}: missing field 'prompt': a pair is {{\"prompt\": [messages ending with a user turn], "
+                        "\"chosen\": answer, \"rejected\": answer}" + (
+                            "; split an Anthropic HH transcript's shared turns into the prompt's messages and keep "
+                            "the last Assistant turns as the answers" if "Human:" in record["chosen"] else ""))
     prompt = sources.require(record, where, "prompt", list)
     validate_messages({"messages": prompt}, where, last="user")
     for f in ("chosen", "rejected"):
@@ -47,8 +71,9 @@ def validate_pair(record: dict, where: str) -> None:
         validate_messages({"messages": prompt + [{"role": "assistant", "content": answer}]}, f"{where}: {f}",
                           last="assistant")
     rating = record.get("rating")
-    if rating is not None and rating not in RATINGS:
-        raise DataError(f"{where}: rating {rating!r} is not one of {RATINGS}")
+    if rating is not None and rating_name(rating) is None:
+        raise DataError(f"{where}: rating {rating!r} is not one of {RATINGS} (or the paper's labels: "
+                        "'significantly better', ..., 'negligibly better / unsure')")
     for f in SAFETY_FIELDS:
         if f in record and record[f] is not None and not isinstance(record[f], bool):
             raise DataError(f"{where}: field {f!r} must be true/false, got {record[f]!r}")
@@ -75,15 +100,17 @@ class PreferencePairs:
         self.dropped = 0
         self.identical: list[str] = []  # where chosen == rejected: kept (no signal, but changing data changes runs)
         self.empty_chosen: list[str] = []  # where the chosen answer is blank: kept, counted (likely a data bug)
+        self.empty_rejected: list[str] = []  # and the rejected one
         self.rated = self.safety_labelled = 0  # of the pairs used
         self.unread: dict[str, str] = {}  # field no reader reads (a misspelt "ratings" would lose every margin)
         #                                   -> where it first is
         rng = np.random.default_rng(seed)
         for p, (glob, fraction) in enumerate(parse_mixture(patterns)):
             jsonl = sources.Jsonl(glob, validate=validate_pair)
-            records = [jsonl.record(i) for i in range(len(jsonl))]
+            records = [_normalized(jsonl.record(i)) for i in range(len(jsonl))]
             self.identical += [jsonl.where(i) for i, r in enumerate(records) if r["chosen"] == r["rejected"]]
             self.empty_chosen += [jsonl.where(i) for i, r in enumerate(records) if not r["chosen"].strip()]
+            self.empty_rejected += [jsonl.where(i) for i, r in enumerate(records) if not r["rejected"].strip()]
             for i, r in enumerate(records):
                 for f in r.keys() - set(FIELDS) - self.unread.keys():
                     self.unread[f] = jsonl.where(i)
@@ -116,7 +143,35 @@ class PreferencePairs:
 
     def __getitem__(self, i: int) -> dict:
         part, record = self.index[i]
-        return self.parts[part].record(record)
+        return _normalized(self.parts[part].record(record))
+
+    def where(self, i: int) -> str:
+        part, record = self.index[i]
+        return self.parts[part].where(record)
+
+    def cut(self, encoder: "_EncodePair") -> tuple[int, list[str]]:
+        """(pairs longer than the encoder's seq_len, where those are whose two sides are
+        the same tokens once cut: they train nothing and count as wrong). Only pairs that
+        could be too long (more UTF-8 bytes than seq_len, with the format's overhead) are
+        tokenized."""
+        truncated, same, seen = 0, [], {}
+        for i, key in enumerate(self.index):
+            if key not in seen:
+                r = self[i]
+                texts = [m["content"] for m in r["prompt"]] + [r["chosen"], r["rejected"]]
+                if sum(len(t.encode("utf-8")) + 48 for t in texts) <= encoder.seq_len:
+                    seen[key] = (False, False)
+                else:
+                    full = [encoder.tokenizer.encode_dialog_for_training(
+                        r["prompt"] + [{"role": "assistant", "content": a}], last_turn_only=True)[0]
+                        for a in (r["chosen"], r["rejected"])]
+                    sides = encoder.sides(r["prompt"], r["chosen"], r["rejected"])
+                    seen[key] = (max(map(len, full)) > encoder.seq_len,
+                                 sides[0] == sides[1] and r["chosen"] != r["rejected"])
+            truncated += seen[key][0]
+            if seen[key][1]:
+                same.append(self.where(i))
+        return truncated, same
 
 
 def _flag(value) -> int:
@@ -166,15 +221,24 @@ class _EncodePair:
 
 def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int = 0, *, margin_table: str = "small",
                  shard: tuple[int, int] | None = None, num_epochs: int | None = None, shuffle: bool = True,
-                 prefetch: int = 2) -> pipeline.Batches:
+                 prefetch: int = 2, drop_remainder: bool = True) -> pipeline.Batches:
+    """Batches of encoded pairs (`drop_remainder=False`: the last may have fewer rows)."""
     pairs = PreferencePairs(patterns, seed)
+    encoder = _EncodePair(tokenizer, seq_len, margin_table)
+    truncated, same = pairs.cut(encoder)
     ds = pipeline.sharded_shuffled(pairs, seed, shard, num_epochs, shuffle=shuffle)
-    ds = ds.map(_EncodePair(tokenizer, seq_len, margin_table)).to_iter_dataset()
-    return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch),
-                            {"source": ",".join(pairs.files), "pairs": len(pairs), "dropped": pairs.dropped,
+    ds = ds.map(encoder).to_iter_dataset()
+    return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch, drop_remainder), rows_per_epoch=len(pairs),
+                            description={"source": ",".join(pairs.files), "pairs": len(pairs), "dropped": pairs.dropped,
                              "rated": pairs.rated, "safety_labelled": pairs.safety_labelled, "margin": margin_table,
                              **({"unread_fields": pairs.unread_fields()} if pairs.unread else {}),
                              **({"identical_pairs": f"{len(pairs.identical)} (first: {pairs.identical[0]})"}
                                 if pairs.identical else {}),
                              **({"empty_chosen": f"{len(pairs.empty_chosen)} (first: {pairs.empty_chosen[0]})"}
-                                if pairs.empty_chosen else {})})
+                                if pairs.empty_chosen else {}),
+                             **({"empty_rejected": f"{len(pairs.empty_rejected)} (first: {pairs.empty_rejected[0]})"}
+                                if pairs.empty_rejected else {}),
+                             **({"truncated": f"{truncated:,} (longer than seq_len {seq_len}: the prompt's first "
+                                              "tokens go, the same on both sides)"} if truncated else {}),
+                             **({"same_once_cut": f"{len(same):,} (both answers' last {seq_len} tokens are the same: "
+                                                 f"no signal, scored as wrong; first: {same[0]})"} if same else {})})

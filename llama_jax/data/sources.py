@@ -146,8 +146,13 @@ class Jsonl:
         except UnicodeDecodeError as e:
             raise DataError(f"{path}:{lineno}: not UTF-8 text ({e}); JSONL files are UTF-8") from None
         except json.JSONDecodeError as e:
-            hint = "" if raw.lstrip()[:1] in (b"{", b"[", b'"') else "; a JSONL file holds one JSON object a line"
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e}){hint}") from None
+            head = raw.strip()[:1]
+            hint = "" if head in (b"{", b'"') else "; a JSONL file holds one JSON object a line" + (
+                ", and this looks like one JSON array (write each of its objects on a line of its own)"
+                if head == b"[" else "")
+            # the decoder's position within this one line (its "line 2" is the line's own newline)
+            col = e.colno if e.lineno == 1 else len(raw.rstrip(b"\r\n").decode("utf-8", "replace")) + 1
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {col}){hint}") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
         return record

@@ -11,8 +11,12 @@ scalar head, trained one epoch with L = -log sigmoid(r_chosen - r_rejected - m(r
   7b | 13b | 34b | 70b  (helpfulness; add --config.reward.safety_weight=1 and a safety mix
                for the safety model)
                --config.init_from=CHAT_CHECKPOINT \\
-               --config.data.source='meta_helpful/*.jsonl@1,meta_safety/*.jsonl@0.5,open_source/*.jsonl@0.5'
-               (the mixture sets the data mix)
+               --config.data.source='meta_helpful/*.jsonl@1,meta_safety/*.jsonl@F,open_source/*.jsonl@G'
+               (the mixture sets the data mix; a fraction takes that share of its source's
+               pairs, so the paper's "an equal amount" sampled from safety and open-source
+               data is F = H / (2 S) and G = H / (2 O) for H helpful, S safety and O
+               open-source pairs; the safety model: all of Meta Safety and Anthropic
+               Harmless, with helpfulness pairs as 10% of the mix)
                The paper's settings: 1 epoch, max LR 1e-5 (5e-6 for 70B), cosine to 10%,
                warmup 3% of steps (at least 5), 512 pairs per batch.
                What fits (launch/aot_compile.py, per device): on 128 v5p chips, 7b
@@ -71,7 +75,10 @@ def get_config(arg: str = "tiny"):
     c.data.source = "/path/to/preferences/*.jsonl"
     c.total_steps = 2_919_326 // 512  # one epoch of the paper's Table 6 comparisons; set for your mix
     c.optimizer.learning_rate = 5e-6 if arg == "70b" else 1e-5
-    c.optimizer.warmup_steps = c.get_ref("total_steps") * 3 // 100  # 3%, of a total_steps set on the command line too
+    # 3% of total_steps, at least 5 (the paper), of a total_steps set on the command line too: a field reference,
+    # and max(a, 5) written as (a + 5 + |a - 5|) / 2, which references support
+    three = c.get_ref("total_steps") * 3 // 100
+    c.optimizer.warmup_steps = (three + 5 + abs(three - 5)) // 2
     c.eval_every_steps = 500
     c.checkpoint_every_steps = 500
     return c

@@ -700,12 +700,7 @@ class RejectionSamplingStage(SFTStage):
         if not records:
             raise RunError(f"rejection sampling: no answer finished (EOS) within rlhf.max_new_tokens="
                            f"{r.max_new_tokens}; raise it (or set rlhf.require_eos=false)")
-        pooled = 0
-        for earlier in filter(None, (d.strip() for d in r.pool.split(","))):
-            for rec in _read_jsonl(os.path.join(earlier, "data", "rs_train.jsonl")):
-                key = json.dumps(rec["messages"][:-1])
-                if key in records and rec.get("reward", -1.0) > records[key]["reward"]:
-                    records[key], pooled = rec, pooled + 1
+        pooled = pool_earlier(records, r.pool, rms)
         try:
             kept = rlhf.keep_best(list(records.values()), r.min_reward)
         except ValueError as e:
@@ -1239,7 +1234,9 @@ class SafetyDistillStage(SFTStage):
                                 mesh, rules=rules)
         # one preprompted answer per position; with several, the one the safety RM scores highest
         positions = _preprompt_positions(config)
-        tries = [_greedy_answers(cfg, params, tokenizer, [with_preprompt(r["messages"], pre, pos) for r in unsafe],
+        # a prompt's own "preprompt" (the paper's targeted preprompts: its risk category's answer template) wins
+        tries = [_greedy_answers(cfg, params, tokenizer, [with_preprompt(r["messages"], r.get("preprompt") or pre, pos)
+                                                          for r in unsafe],
                                  config.eval_max_new_tokens, mesh, rules=rules, finished_only=config.rlhf.require_eos)
                  for pos in positions]
         scores = np.stack([self._safety(config, tokenizer, unsafe, t) for t in tries])
@@ -1250,7 +1247,7 @@ class SafetyDistillStage(SFTStage):
         better = (best > self._safety(config, tokenizer, unsafe, plain)) & \
             (best >= float(d.min_safety))  # paper: above the plain answer; ours: and safe enough
         records = [{"messages": r["messages"] + [{"role": "assistant", "content": a}], "is_safety": True,
-                    "safety_reward": float(s)}
+                    "safety_reward": float(s), **({"preprompt": r["preprompt"]} if r.get("preprompt") else {})}
                    for r, a, s, keep in zip(unsafe, guided, best, better) if keep and a is not None]
         benign = self._prompts(config, workdir, "train", False, d.benign_anchors, tokenizer) if d.benign_anchors \
             else []
@@ -1637,8 +1634,12 @@ class PPOStage(Stage):
                                        p.gamma, lam)
         adv = rlhf.weight_below_mean(adv, score, float(p.get("negative_weight", 1.0)))
         kl = rlhf.kl_per_token(logp, ref_logp, mask).sum(axis=1)
+        from llama_jax.tokenizer import EOS_ID
+
         self.last = {"rollout_reward": float(np.mean(scored["gated"])), "rollout_kl": float(kl.mean()),
                      "rollout_answer_tokens": float(mask.sum(axis=1).mean()), "ppo_iteration": iteration + 1,
+                     # answers cut at rlhf.max_new_tokens: scored (and trained) as if they ended there
+                     "rollout_unfinished": float(np.mean([not a or a[-1] != EOS_ID for a in answers])),
                      **({"rollout_varied_prompts": varied_groups(scored["texts"], k)} if k > 1 else {}),
                      **_true_accuracy("rollout_accuracy", prompts, scored["texts"])}
         full = {**rows, "old_logp": logp.astype(np.float32), "old_values": values.astype(np.float32),
@@ -1799,6 +1800,27 @@ def _replicated(mesh):
         return jnp.asarray
     sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return lambda x: jax.device_put(x, sh)
+
+
+def pool_earlier(records: dict, pool: str, rms) -> int:
+    """Rejection sampling's pooling (paper 3.2.3, after V3): the best answers of the
+    earlier iterations in `pool` (comma-separated workdirs) to this iteration's prompts
+    (`records`, keyed by the prompt's messages) are scored again by this iteration's reward
+    models (`rms(dialogs, is_safety)["gated"]`: the best reward model at hand, not the older
+    ones whose scores the earlier files hold) and replace this iteration's answer where they
+    score higher. Returns how many replaced one."""
+    candidates = [rec for earlier in filter(None, (d.strip() for d in pool.split(",")))
+                  for rec in _read_jsonl(os.path.join(earlier, "data", "rs_train.jsonl"))
+                  if json.dumps(rec["messages"][:-1]) in records]
+    if not candidates:
+        return 0
+    keys = [json.dumps(rec["messages"][:-1]) for rec in candidates]
+    scores = np.asarray(rms([rec["messages"] for rec in candidates], [records[k]["is_safety"] for k in keys])["gated"])
+    pooled = 0
+    for key, rec, score in zip(keys, candidates, scores):
+        if float(score) > records[key]["reward"]:
+            records[key], pooled = {**rec, "is_safety": records[key]["is_safety"], "reward": float(score)}, pooled + 1
+    return pooled
 
 
 def _read_jsonl(path: str) -> list[dict]:

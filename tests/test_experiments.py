@@ -38,6 +38,12 @@ def test_experiment_configs_load(name):
     if name == "reward_model":
         assert load(name).get_config("70b").optimizer.learning_rate == 5e-6
         assert load(name).get_config("safety_tiny").reward.safety_weight == 1.0
+        c = load(name).get_config("7b")  # warm-up: 3% of total_steps, at least 5, of an override too
+        assert (c.total_steps, c.optimizer.warmup_steps) == (5701, 171)
+        c.total_steps = 200
+        assert c.optimizer.warmup_steps == 6
+        c.total_steps = 100
+        assert c.optimizer.warmup_steps == 5
     if name == "ppo":  # the paper's PPO settings
         for arg, beta in (("7b", 0.01), ("13b", 0.01), ("34b", 0.005), ("70b", 0.005)):
             c = load(name).get_config(arg)

@@ -464,6 +464,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
     assert [r["ppo_iteration"] for r in trained] == [1, 2, 3]
     assert all(0.0 <= r["rollout_reward"] <= 1.0 and r["rollout_kl"] > -1e-3 for r in trained)
     assert all(r["rollout_varied_prompts"] in (0.0, 0.25, 0.5, 0.75, 1.0) for r in trained)  # of 4 prompts
+    assert all(r["rollout_unfinished"] in (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0) for r in trained)
     assert all(r["batch_seconds"] > 0 for r in trained)  # each row's rollout, left out of tokens_per_second
     # The first rollout is the reference policy, and so is the second: the first two
     # iterations train the value head only (at LR 1e-2 the policy would have moved).

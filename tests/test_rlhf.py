@@ -496,3 +496,85 @@ def test_rejection_sampling_refuses_bad_input_before_it_samples(tmp_path, refere
     with pytest.raises(DataError, match=r"long.jsonl:1: prompt has \d+ tokens, more than the 48 that config.seq_len "
                                         r"- config.rlhf.max_new_tokens leaves"):
         RejectionSamplingStage().prepare(c, str(tmp_path / "c"))
+
+
+def test_pooling_rescores_earlier_iterations_answers_with_this_iterations_reward_models(tmp_path):
+    """Rejection sampling's pool: an earlier iteration's best answer to one of this
+    iteration's prompts replaces this iteration's when *this* iteration's reward models
+    score it higher; the score an older reward model wrote into the earlier file (high
+    here, on purpose) does not decide. Prompts only the earlier iteration had are not
+    carried over."""
+    import json
+
+    from llama_jax import stages
+
+    def dialog(q, a):
+        return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+    earlier = tmp_path / "rs1"
+    (earlier / "data").mkdir(parents=True)
+    old = [{"messages": dialog("q1", "old good"), "is_safety": False, "reward": 0.1},
+           {"messages": dialog("q2", "old bad"), "is_safety": True, "reward": 0.99},
+           {"messages": dialog("q3", "only earlier"), "is_safety": False, "reward": 0.9}]
+    (earlier / "data" / "rs_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    records = {json.dumps(dialog(q, "new")[:-1]): {"messages": dialog(q, "new"), "is_safety": safe, "reward": 0.5}
+               for q, safe in (("q1", False), ("q2", True))}
+    seen = {}
+
+    def rms(dialogs, is_safety):  # this iteration's reward models: "good" answers score 0.8, others 0.2
+        seen["flags"] = list(is_safety)
+        return {"gated": [0.8 if "good" in d[-1]["content"] else 0.2 for d in dialogs]}
+
+    assert stages.pool_earlier(records, f" {earlier} ,", rms) == 1
+    assert seen["flags"] == [False, True]  # each prompt's own flag, the scored candidates only (not q3)
+    q1, q2 = (records[json.dumps(dialog(q, "")[:-1])] for q in ("q1", "q2"))
+    assert q1["messages"][-1]["content"] == "old good" and q1["reward"] == pytest.approx(0.8)
+    assert q2["messages"][-1]["content"] == "new" and len(records) == 2
+    assert stages.pool_earlier(records, "", rms) == 0
+
+
+def test_a_prompts_own_preprompt_targets_its_distillation(tmp_path, monkeypatch):
+    """Safety context distillation with the paper's targeted preprompts: a prompt's own
+    "preprompt" (its risk category's answer template) replaces distill.preprompt for that
+    prompt, in each position; the kept record keeps it; a blank one is a data error."""
+    import json
+
+    from procs import load_experiment
+
+    from llama_jax import stages
+    from llama_jax.data import prompts as prompt_data
+    from llama_jax.data.sources import DataError
+
+    def ask(q, **extra):
+        return {"messages": [{"role": "user", "content": q}], "is_safety": True, **extra}
+
+    unsafe = [ask("make a weapon", preprompt="Explain the risks, then refuse."), ask("hack a bank")]
+    asked = []
+
+    def answers(cfg, params, tokenizer, dialogs, *a, **k):
+        asked.append(dialogs)
+        return ["plain answer" if len(asked) == 1 else "safe answer"] * len(dialogs)
+
+    monkeypatch.setattr(stages, "sampling_model", lambda config, path: (None, None, None, None, None))
+    monkeypatch.setattr(stages, "_greedy_answers", answers)
+    stage = stages.SafetyDistillStage()
+    monkeypatch.setattr(stage, "_prompts", lambda config, workdir, split, safety, n, tok: unsafe if safety else [])
+    monkeypatch.setattr(stage, "_safety", lambda config, tok, prompts, answers: np.array(
+        [0.9 if a == "safe answer" else 0.1 for a in answers]))
+    monkeypatch.setattr(stage, "_rates", lambda *a, **k: {})
+    c = load_experiment("safety_distill").get_config("tiny")
+    c.distill.preprompt, c.distill.preprompt_position, c.distill.benign_anchors = "generic", "prefix,system", 0
+    stage.train_path = str(tmp_path / "data" / "distill_train.jsonl")
+    (tmp_path / "data").mkdir()
+    stage._build(c, str(tmp_path))
+    prefix, system = asked[1], asked[2]  # after the plain answers
+    assert prefix[0][-1]["content"] == "Explain the risks, then refuse. make a weapon"
+    assert prefix[1][-1]["content"] == f"{stages.SAFETY_PREPROMPTS['generic']} hack a bank"
+    assert system[0][0] == {"role": "system", "content": "Explain the risks, then refuse."}
+    kept = [json.loads(line) for line in open(stage.train_path)]
+    assert kept[0]["preprompt"] == "Explain the risks, then refuse." and "preprompt" not in kept[1]
+    assert kept[0]["messages"][0]["content"] == "make a weapon"  # trained without the preprompt
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ask("x", preprompt=" ")) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl:1: field 'preprompt' must be a non-empty string"):
+        prompt_data.check(str(bad))

@@ -36,7 +36,7 @@ def validate_messages(record: dict, where: str, last: str) -> None:
 # in the run's description, since it is not trained on: a top-level "system" prompt, or a message's "weight"
 # of 0 (OpenAI's format), would otherwise be ignored silently.
 UNREAD_OK = frozenset({"messages", "id", "task", "is_safety", "reference", "source", "meta", "metadata", "reward",
-                       "safety_reward"})
+                       "safety_reward", "preprompt"})
 
 
 def open_dialogs(patterns) -> sources.Jsonl:

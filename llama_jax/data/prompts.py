@@ -1,7 +1,9 @@
 """Prompts for RLHF (rejection sampling, PPO, GAtt, context distillation).
 
 JSONL, one prompt per line: {"messages": [... ending with a user turn], "is_safety": bool
-(optional)}. Prompts are small and are read whole; the rollout code batches them.
+(optional), "preprompt": str (optional: safety context distillation's preprompt for this
+prompt, e.g. its risk category's answer template)}. Prompts are small and are read whole;
+the rollout code batches them.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ def _validate(record: dict, where: str) -> None:
     validate_messages(record, where, last="user")
     if "is_safety" in record and not isinstance(record["is_safety"], bool):
         raise DataError(f"{where}: field 'is_safety' must be true/false, got {record['is_safety']!r}")
+    if "preprompt" in record and (not isinstance(record["preprompt"], str) or not record["preprompt"].strip()):
+        raise DataError(f"{where}: field 'preprompt' must be a non-empty string, got {record['preprompt']!r}")
 
 
-FIELDS = ("messages", "is_safety", "reference", "task")  # what the stages read (reference, task: toy prompts)
+# what the stages read (reference, task: toy prompts; preprompt: safety distillation's targeted one)
+FIELDS = ("messages", "is_safety", "reference", "task", "preprompt")
 
 
 def check(patterns) -> sources.Jsonl | None:

@@ -17,8 +17,9 @@ scalar head, trained one epoch with L = -log sigmoid(r_chosen - r_rejected - m(r
                data is F = H / (2 S) and G = H / (2 O) for H helpful, S safety and O
                open-source pairs; the safety model: all of Meta Safety and Anthropic
                Harmless, with helpfulness pairs as 10% of the mix)
-               The paper's settings: 1 epoch, max LR 1e-5 (5e-6 for 70B), cosine to 10%,
-               warmup 3% of steps (at least 5), 512 pairs per batch.
+               The paper's settings: 1 epoch (config.epochs=1: total_steps is set from the
+               pairs at the start), max LR 1e-5 (5e-6 for 70B), cosine to 10%, warmup 3% of
+               steps (at least 5), 512 pairs per batch.
                What fits (launch/aot_compile.py, per device): on 128 v5p chips, 7b
                --config.grad_accum_steps=4 (59.3 GiB of 95), 13b 8 with
                --config.mesh.fsdp=64 --config.mesh.tensor=2 (51.2), 34b 16 with fsdp=32 x
@@ -73,7 +74,8 @@ def get_config(arg: str = "tiny"):
     c.init_from = "/path/to/chat_checkpoint"
     paper_scale(c, arg, batch_size=512)
     c.data.source = "/path/to/preferences/*.jsonl"
-    c.total_steps = 2_919_326 // 512  # one epoch of the paper's Table 6 comparisons; set for your mix
+    c.epochs = 1.0  # the paper's: total_steps is set from the pairs at the start (and the warm-up with it)
+    c.total_steps = 2_919_326 // 512  # what tools that read no data size: one epoch of the Table 6 comparisons
     c.optimizer.learning_rate = 5e-6 if arg == "70b" else 1e-5
     # 3% of total_steps, at least 5 (the paper), of a total_steps set on the command line too: a field reference,
     # and max(a, 5) written as (a + 5 + |a - 5|) / 2, which references support

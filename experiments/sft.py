@@ -13,8 +13,8 @@ on answer tokens only (prompt tokens zeroed), dialogs packed into rows.
         python -m llama_jax.main --config=experiments/sft.py:7b --workdir=gcs/sft7b \\
             --config.init_from=gcs/pretrain7b --config.data.source='gcs/sft/*.jsonl'
         The paper's settings: cosine schedule from LR 2e-5, weight decay 0.1, batch 64 x
-        4096 tokens, 2 epochs (the step count below assumes the paper's 27,540 dialogs one
-        per row; set total_steps for your data).
+        4096 tokens, 2 epochs (config.epochs=2: total_steps is set at the start from the
+        packed rows of your data, and printed; --config.epochs=0 uses total_steps).
         What fits (launch/aot_compile.py, per device; a v5p-N slice has N/2 chips): 7b on
         64 v5p chips as is (31.8 GiB of 95); on 128, the 64-row batch needs
         --config.mesh.fsdp=64 --config.mesh.tensor=2 (7b 18.1 GiB, 13b 27.2, 34b 46.8); on
@@ -49,7 +49,8 @@ def get_config(arg: str = "tiny"):
         raise ValueError(f"experiments/sft.py: unknown arg {arg!r}; use tiny, 7b, 13b, 34b or 70b")
     c.init_from = "/path/to/pretrained"  # override: a pretraining run or a converted checkpoint
     paper_scale(c, arg, batch_size=64)
-    c.total_steps = 2 * 27_540 // 64  # 2 epochs of the paper's 27,540 annotations
+    c.epochs = 2.0  # the paper's: total_steps is set from the data at the start (packed rows, estimated)
+    c.total_steps = 2 * 27_540 // 64  # what tools that read no data (aot_compile) size: 27,540 dialogs one a row
     c.eval_every_steps = 100
     c.checkpoint_every_steps = 200
     c.optimizer.learning_rate = 2e-5

@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.stage = "pretrain"  # which stage main.py runs
     c.seed = 0  # parameter init and data order
     c.total_steps = 1000  # optimizer steps in the whole run
+    # > 0: total_steps is set at the start from the training data instead, to this many passes over it (the
+    # paper's SFT: 2, reward models: 1): ceil(epochs x the rows one pass makes / batch_size); fine-tuning data only
+    c.epochs = 0.0
     c.batch_size = 8  # global batch (rows of seq_len tokens) per optimizer step
     c.seq_len = 256  # tokens per row
     c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide by it)

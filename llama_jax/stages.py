@@ -33,6 +33,7 @@ class Stage:
     init_step: int | None = None  # set by the loop: the step of `init_from` the run started from (and keeps)
     held_out_source = True  # evaluates on config.data.eval_source (PPO: on its own prompts)
     rereads_init_from = False  # reads init_from again on a resume (a frozen reference: DPO, PPO)
+    counts_epochs = False  # its training data has a fixed size (dialogs, pairs): config.epochs can set total_steps
 
     def prepare(self, config, workdir: str) -> None:
         """Called first, with the workdir (e.g. to write the toy data sets into it)."""
@@ -388,6 +389,8 @@ class SFTStage(Stage):
     tokens only, dialogs packed. `data.source` is a JSONL glob of dialogs, or `synthetic`
     for the toy chat tasks; held-out exact match of greedy answers is reported."""
 
+    counts_epochs = True
+
     def prepare(self, config, workdir: str) -> None:
         super().prepare(config, workdir)
         self.train_path, self.eval_path = config.data.source, config.data.eval_source
@@ -453,6 +456,8 @@ _SAID_UNFIT: set = set()  # (held-out file, context) pairs whose left-out dialog
 class PreferenceStage(Stage):
     """Shared by the reward models and DPO: preference-pair data (a JSONL mixture, or
     `synthetic`)."""
+
+    counts_epochs = True
 
     rows_per_example = 2  # chosen and rejected
 

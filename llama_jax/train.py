@@ -13,6 +13,7 @@ this is the common choice, and decaying a norm's scale towards 0 is never wanted
 from __future__ import annotations
 
 import functools
+import math
 import types
 from typing import Any, Callable
 
@@ -635,6 +636,12 @@ def check_config(config, stage) -> None:
         v = config[field] if "." not in field else config.checkpoint[field.split(".")[1]]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise RunError(f"config.{field} must be a positive integer, got {v!r}")
+    epochs = config.get("epochs", 0.0)
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not 0 <= epochs < float("inf"):
+        raise RunError(f"config.epochs must be a number >= 0 (0 = config.total_steps decides), got {epochs!r}")
+    if epochs and not stage.counts_epochs:
+        raise RunError(f"config.epochs {epochs}: stage {config.stage}'s training data has no fixed size to count "
+                       "passes over (a corpus, a prompt stream); set config.total_steps")
     try:  # an unknown schedule, a negative warmup or clip norm: one line now, not a traceback later
         make_optimizer(config.optimizer, config.total_steps)
     except ValueError as e:
@@ -694,7 +701,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     except sharding.MeshError as e:
         raise RunError(f"config.mesh: {e}") from None
     warning = warmup_warning(config)
-    if warning and jax.process_index() == 0:
+    if warning and jax.process_index() == 0 and not config.get("epochs"):  # else once total_steps is known
         print(warning, flush=True)
     _check_stage_of_workdir(workdir, config.stage)  # before anything is written into it (the probe, the lock)
     for where in (workdir, os.path.join(workdir, "checkpoints")):  # checkpoints/ too: a whole interval's compute
@@ -742,6 +749,29 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         print(f"warning: the micro-batch of {micro} rows (config.batch_size / config.grad_accum_steps) does not "
               f"split over the {shards} shards of the batch axis (config.mesh data x fsdp): every device computes "
               f"all {micro} rows; a multiple of {shards} uses the devices", flush=True)
+    train_data = stage.train_data(config, tokenizer)
+    described = getattr(train_data, "description", None)
+    if described and lead:  # what the run reads, counted (pairs dropped by the paper's filter included)
+        print("training data: " + ", ".join(f"{k} {v:,}" if type(v) is int else f"{k} {v}"  # pack True, not 1
+                                            for k, v in described.items()), flush=True)
+    per_epoch = getattr(train_data, "rows_per_epoch", None)
+    if config.get("epochs"):  # total_steps from the data, before the optimizer's schedule is made of it
+        if not per_epoch:
+            train_data.close()
+            raise RunError(f"config.epochs {config.epochs}: stage {config.stage}'s training data has no fixed size "
+                           "to count passes over (a corpus or a prompt stream); set config.total_steps")
+        config.total_steps = max(1, math.ceil(config.epochs * per_epoch / config.batch_size))
+        warning = warmup_warning(config)
+        if warning and lead:
+            print(warning, flush=True)
+    if per_epoch and lead:  # what total_steps means for one's own data
+        about = "about " if train_data.estimated else ""
+        print(f"epochs: total_steps {config.total_steps:,}" + (f" (config.epochs {config.epochs:g})"
+                                                              if config.get("epochs") else "")
+              + f" x batch_size {config.batch_size:,} rows = {about}"
+              f"{config.total_steps * config.batch_size / per_epoch:,.3g} passes over the training data ({about}"
+              f"{per_epoch:,.0f} rows each" + (f", its dialogs packed into rows of seq_len {config.seq_len}"
+                                              if train_data.estimated else "") + ")", flush=True)
     plan = build_step(config, cfg, stage, mesh, rules)
     model, apply_fn, optimizer = plan.model, plan.apply_fn, plan.optimizer
     note = sharding.replication_note(model, mesh, rules)
@@ -759,18 +789,6 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         init_step, init_meta = ckpt.read_meta(config.init_from)
         stage.init_step, init_sha = distributed.allgather_json([init_step, _meta_digest(init_meta)])[0]
         meta["init_from"] = {"path": os.path.abspath(config.init_from), "step": stage.init_step, "meta_sha": init_sha}
-    train_data = stage.train_data(config, tokenizer)
-    described = getattr(train_data, "description", None)
-    if described and lead:  # what the run reads, counted (pairs dropped by the paper's filter included)
-        print("training data: " + ", ".join(f"{k} {v:,}" if type(v) is int else f"{k} {v}"  # pack True, not 1
-                                            for k, v in described.items()), flush=True)
-    per_epoch = getattr(train_data, "rows_per_epoch", None)
-    if per_epoch and lead:  # what total_steps means for one's own data
-        about = "about " if train_data.estimated else ""
-        print(f"epochs: total_steps {config.total_steps:,} x batch_size {config.batch_size:,} rows = {about}"
-              f"{config.total_steps * config.batch_size / per_epoch:,.3g} passes over the training data ({about}"
-              f"{per_epoch:,.0f} rows each" + (f", its dialogs packed into rows of seq_len {config.seq_len}"
-                                              if train_data.estimated else "") + ")", flush=True)
     held_out = stage.eval_data(config, tokenizer) if config.eval_steps else None
     if held_out is None and config.eval_steps and stage.held_out_source and not config.data.eval_source and lead:
         print("note: config.data.eval_source is empty: no held-out loss (eval_loss, and what the stage computes "

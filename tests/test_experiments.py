@@ -35,11 +35,13 @@ def test_experiment_configs_load(name):
         assert c.mesh.gather_for_generation == (arg not in ("tiny", "safety_tiny"))
     with pytest.raises(ValueError, match="unknown arg 'huge'"):
         module.get_config("huge")
+    if name == "sft":
+        assert load(name).get_config("7b").epochs == 2.0 and load(name).get_config("tiny").epochs == 0.0
     if name == "reward_model":
         assert load(name).get_config("70b").optimizer.learning_rate == 5e-6
         assert load(name).get_config("safety_tiny").reward.safety_weight == 1.0
         c = load(name).get_config("7b")  # warm-up: 3% of total_steps, at least 5, of an override too
-        assert (c.total_steps, c.optimizer.warmup_steps) == (5701, 171)
+        assert (c.total_steps, c.optimizer.warmup_steps, c.epochs) == (5701, 171, 1.0)  # 1 epoch of one's data
         c.total_steps = 200
         assert c.optimizer.warmup_steps == 6
         c.total_steps = 100

@@ -358,7 +358,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
         out.stdout + out.stderr)
     assert {"eval_significantly_better", "eval_loss", "eval_accuracy", "eval_policy_accuracy",
             "eval_accuracy_all_pairs", "eval_rejected_reward"} <= set(rm)
-    pairs = int(re.search(r"training data: source [^,]+, pairs ([\d,]+)", out.stdout).group(1).replace(",", ""))
+    pairs = int(re.search(r"training data: source .*?, pairs ([\d,]+), dropped", out.stdout).group(1).replace(",", ""))
     assert f"epochs: total_steps 4 x batch_size 4 rows = {16 / pairs:,.3g} passes" in out.stdout
     policy_eval = [json.loads(line) for line in open(tmp_path / "rm" / "data" / "preference_policy_eval.jsonl")]
     assert {f"eval_policy_accuracy_{p['task']}" for p in policy_eval} <= set(rm)  # per toy task

@@ -324,3 +324,39 @@ def test_a_workdirs_data_is_reused_only_with_the_settings_that_made_it(tmp_path)
     prompts.write_text('{"messages": [{"role": "user", "content": "b"}]}\n')
     with pytest.raises(RunError, match=r"other settings \(the files data.source names \(edited\)\)"):
         _data_settings(str(tmp_path / "fresh"), c, record=False)
+
+
+def test_epochs_set_total_steps_from_the_training_data(tmp_path, tokenizer_path, capsys):
+    """config.epochs (the paper's SFT: 2, reward models: 1): total_steps is set at the start
+    from the rows one pass over the data makes, before the schedule is made of it (the run
+    ends there, its warm-up and cosine fitted to it); stages without a fixed-size data set
+    refuse it before anything is read."""
+    import json
+    import math
+    import os
+
+    from procs import load_experiment
+
+    from llama_jax import stages, train
+    from llama_jax.data import chat
+    from llama_jax.tokenizer import Tokenizer
+
+    c = load_experiment("sft").get_config("tiny")
+    c.init_from, c.data.tokenizer, c.data.eval_source, c.eval_exact_match = "", tokenizer_path, "", 0
+    c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads, c.model.vocab_size = 48, 1, 4, 2, 512
+    c.data.synthetic_train, c.data.synthetic_eval, c.seq_len, c.batch_size = 30, 4, 64, 4
+    c.epochs, c.total_steps, c.log_every_steps, c.checkpoint.async_save, c.eval_steps = 1.5, 1000, 1, False, 0
+    c.optimizer.warmup_steps = 1
+    workdir = str(tmp_path / "sft")
+    train.run(c, workdir, stages.SFTStage())
+    data = chat.make_dataset(os.path.join(workdir, "data", "chat_train.jsonl"), Tokenizer(tokenizer_path), 64, 4)
+    want = math.ceil(1.5 * data.rows_per_epoch / 4)
+    data.close()
+    assert json.load(open(os.path.join(workdir, "config.json")))["total_steps"] == want
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert max(r["step"] for r in rows) == want and f"epochs: total_steps {want} (config.epochs 1.5) x batch_size 4" \
+        in capsys.readouterr().out
+    p = load_experiment("pretrain").get_config("tiny")
+    p.epochs = 1.0
+    with pytest.raises(train.RunError, match="config.epochs 1.0: stage pretrain's training data has no fixed size"):
+        train.check_config(p, stages.PretrainStage())

@@ -27,7 +27,8 @@ accuracy). A question with an empty choice is left out and counted; repeated cho
 scored (a pick equal to the answer's text counts as right).
 
 reward_accuracy: preference JSONL as the reward-model stages read it ({"prompt": [turns],
-"chosen": str, "rejected": str, "rating": ...}); a checkpoint with a score head.
+"chosen": str, "rejected": str, "rating": ...}); a checkpoint with a score head, or a DPO
+policy with --reference=ITS_INIT_FROM (DPO's implicit reward, log pi - log ref, decides).
 """
 
 from __future__ import annotations
@@ -336,9 +337,15 @@ def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dic
     return score_rows(config, params, rows, batch_size, mesh, rules, progress)
 
 
+def _answer_logprob(params, tokens, segment_ids, answer, *, config: LlamaConfig):
+    return _row_logprobs(params, tokens, segment_ids, answer, config=config)[0]
+
+
 def score_rows(config: LlamaConfig, params, rows: Sequence[tuple[list, list]], batch_size: int = 8, mesh=None,
-               rules=None, progress=None) -> np.ndarray:
-    """`score` of rows already encoded and cut: (tokens, final-answer mask) each."""
+               rules=None, progress=None, logprob: bool = False) -> np.ndarray:
+    """`score` of rows already encoded and cut: (tokens, final-answer mask) each; with
+    `logprob`, of a language model instead: the summed log-probability of each row's
+    final answer (its masked tokens, EOS included), DPO's log pi(y | x)."""
     import contextlib
 
     from llama_jax import distributed, sharding
@@ -358,7 +365,8 @@ def score_rows(config: LlamaConfig, params, rows: Sequence[tuple[list, list]], b
         for i, (r, m) in enumerate(chunk):
             tokens[i, :len(r)], seg[i, :len(r)], answer[i, :len(m)] = r, 1, m
         with ctx():
-            out.append((_scores(params, put(tokens), put(seg), put(answer), config=config), len(chunk)))
+            out.append(((_answer_logprob if logprob else _scores)(params, put(tokens), put(seg), put(answer),
+                                                                   config=config), len(chunk)))
         if progress is not None:
             progress(start + len(chunk), len(rows))
     # fetched once every batch is dispatched: the device never waits for the host's padding
@@ -366,7 +374,7 @@ def score_rows(config: LlamaConfig, params, rows: Sequence[tuple[list, list]], b
 
 
 def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_size: int = 8, progress=None,
-                    mesh=None, seq_len: int | None = None) -> dict:
+                    mesh=None, seq_len: int | None = None, reference=None) -> dict:
     """Accuracy (chosen scored above rejected) per rating bucket and overall (paper Table
     8 layout), per toy task (accuracy_TASK) where pairs name their `task`, plus
     unsafe-response recall at the 0.5 threshold where safety labels exist (sigmoid(score)
@@ -374,7 +382,10 @@ def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_siz
     `seq_len` (default the model's max_seq_len): the same prompt tokens off both sides
     (`pairs_left_out`: those the paper's filter drops; `pairs_cut`: those longer than
     seq_len; `pairs_same_once_cut`: those whose two sides are then the same tokens). A pair
-    scored equal both ways counts as wrong (`ties`)."""
+    scored equal both ways counts as wrong (`ties`). With `reference` = (config, params,
+    mesh) of a DPO run's reference policy, `params` are a language model's (the DPO
+    policy) and each answer's score is DPO's implicit reward over beta, log pi(y | x) -
+    log ref(y | x) (no unsafe-response recall: there is no probability to threshold)."""
     from llama_jax.data.preference import RATINGS, PreferencePairs, _EncodePair
 
     seq_len = min(seq_len or config.max_seq_len, config.max_seq_len)
@@ -387,8 +398,15 @@ def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_siz
     def half(offset):
         return None if progress is None else (lambda done, total: progress(offset + done, 2 * total))
 
-    chosen = score_rows(config, params, [r[0] for r in rows], batch_size, mesh, progress=half(0))
-    rejected = score_rows(config, params, [r[1] for r in rows], batch_size, mesh, progress=half(len(recs)))
+    def scores(side: int, offset: int) -> np.ndarray:
+        mine = score_rows(config, params, [r[side] for r in rows], batch_size, mesh, progress=half(offset),
+                          logprob=reference is not None)
+        if reference is None:
+            return mine
+        ref_config, ref_params, ref_mesh = reference
+        return mine - score_rows(ref_config, ref_params, [r[side] for r in rows], batch_size, ref_mesh, logprob=True)
+
+    chosen, rejected = scores(0, 0), scores(1, len(recs))
     right = chosen > rejected
     out: dict = {"pairs": len(recs), "accuracy": float(right.mean()), "ties": int((chosen == rejected).sum()),
                  "pairs_left_out": int(pairs.dropped), "pairs_cut": cut, "pairs_same_once_cut": len(same)}
@@ -401,7 +419,7 @@ def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_siz
     unsafe = [s for r, c, j in zip(recs, chosen, rejected) for s, safe in ((c, r.get("chosen_safe")),
                                                                             (j, r.get("rejected_safe")))
               if safe is False]
-    if unsafe:
+    if unsafe and reference is None:
         out["unsafe_recall"] = float(np.mean(1 / (1 + np.exp(-np.array(unsafe))) < 0.5))
     return out
 
@@ -449,6 +467,9 @@ def main(argv=None) -> int:
                          "are cut (reward_accuracy: the run's config.seq_len, as training cut them; default the "
                          "model's max_seq_len)")
     ap.add_argument("--max_batches", type=int, default=None, help="stop after N batches (perplexity; default all)")
+    ap.add_argument("--reference", default=None, help="a DPO run's reference policy (its init_from): --checkpoint is "
+                                                       "then the DPO policy, and each answer is scored by DPO's "
+                                                       "implicit reward (reward_accuracy)")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--output", default="", help="also write the results, with their settings, as JSON to this new "
                                                  "file (multiple_choice: each question's scores and picks too)")
@@ -463,8 +484,8 @@ def main(argv=None) -> int:
 
     quiet_orbax()  # a damaged checkpoint: one error line, not Orbax's and TensorStore's logs
     used = {"perplexity": ("seq_len", "max_batches"), "multiple_choice": ("k_shot", "shots", "style", "seed", "limit"),
-            "reward_accuracy": ("seq_len",)}[args.task]
-    given = [f for f in ("seq_len", "max_batches", "k_shot", "shots", "style", "seed", "limit")
+            "reward_accuracy": ("seq_len", "reference")}[args.task]
+    given = [f for f in ("seq_len", "max_batches", "k_shot", "shots", "style", "seed", "limit", "reference")
              if f not in used and getattr(args, f) is not None]
     if given:
         ap.error(f"{', '.join('--' + f for f in given)}: not used by --task={args.task}")
@@ -496,9 +517,16 @@ def main(argv=None) -> int:
 
     try:
         step, _ = ckpt.read_meta(args.checkpoint, args.step)
-        need = "score" if args.task == "reward_accuracy" else "lm"
+        need = "score" if args.task == "reward_accuracy" and not args.reference else "lm"
         # split over every local device, as generate and chat load a model: a 70B fits a host's GPUs
         cfg, params, _, tok, mesh = load_on_local_devices(args.checkpoint, step, need, args.dtype)
+        reference = None
+        if args.reference:  # a DPO policy against its reference: the implicit reward
+            ref_cfg, ref_params, _, ref_tok, ref_mesh = load_on_local_devices(args.reference, None, "lm", args.dtype)
+            if ref_tok.identity()["sha256"] != tok.identity()["sha256"]:
+                raise ValueError(f"--reference={args.reference}: another tokenizer than {args.checkpoint}'s; a DPO "
+                                 "run's reference is its init_from, with the same tokenizer")
+            reference = (ref_cfg, ref_params, ref_mesh)
         if args.task == "perplexity":
             if args.seq_len > cfg.max_seq_len:
                 print(f"note: --seq_len {args.seq_len} is cut to the model's max_seq_len {cfg.max_seq_len}")
@@ -538,7 +566,9 @@ def main(argv=None) -> int:
         else:
             progress = Progress(None, what="answers scored", throttle=True)
             res = reward_accuracy(cfg, params, tok, args.data, args.batch_size, progress.update, mesh,
-                                  seq_len=args.seq_len)
+                                  seq_len=args.seq_len, reference=reference)
+            if reference is not None:
+                print(f"DPO's implicit reward: log pi(y|x) - log ref(y|x), {args.checkpoint} against {args.reference}")
             progress.close()
             print(table8(res))
             cut_at = min(args.seq_len or cfg.max_seq_len, cfg.max_seq_len)

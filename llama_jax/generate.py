@@ -260,7 +260,9 @@ def load_on_local_devices(checkpoint: str, step: int | None = None, need: str = 
     overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
     cfg, heads = ckpt.model_config(meta, **overrides), tuple(meta.get("heads", ["lm"]))
     if need not in heads:
-        raise ckpt.CheckpointError(f"{checkpoint}: needs a '{need}' head; it has {list(heads)}")
+        hint = " (a DPO policy is scored against its reference: evaluate --reference=ITS_INIT_FROM)" \
+            if need == "score" and "lm" in heads and meta.get("stage") == "dpo" else ""
+        raise ckpt.CheckpointError(f"{checkpoint}: needs a '{need}' head; it has {list(heads)}{hint}")
     try:
         check_attention_kernel(cfg)
     except ValueError as e:  # trained with a kernel this machine has not (cudnn on a GPU): the same numbers

@@ -150,6 +150,29 @@ def test_reward_accuracy_per_rating_bucket(tmp_path, tok):
         assert res[f"accuracy_{task}"] == pytest.approx(float(np.mean((chosen > rejected)[j::3])))
 
 
+def test_a_dpo_policy_is_scored_by_its_implicit_reward_as_training_scores_it(tmp_path, tok):
+    """reward_accuracy with a reference (`evaluate --reference=`): DPO's implicit reward
+    log pi - log ref decides; its accuracy equals the DPO objective's on the same pairs."""
+    from llama_jax import objectives
+
+    policy = random_params(CFG, std=0.15, seed=2)
+    reference = random_params(CFG, std=0.15, seed=3)
+    pairs = synthetic.generate("preference", 16, 4)
+    path = tmp_path / "p.jsonl"
+    synthetic.write_jsonl(pairs, str(path))
+    res = ev.reward_accuracy(CFG, policy, tok, str(path), seq_len=128, reference=(CFG, reference, None))
+    batch = next(preference.make_dataset(str(path), tok, 128, 16, shuffle=False, prefetch=0, num_epochs=1))
+    model = Llama(CFG)
+
+    def apply_fn(p, tokens, positions, segment_ids):
+        return model.apply({"params": p}, tokens, positions, segment_ids)
+
+    _, weight, m = objectives.dpo(apply_fn, policy, {k: jnp.asarray(v) for k, v in batch.items()}, frozen=reference,
+                                  beta=1.0)
+    assert res["pairs"] == 16 and res["accuracy"] == pytest.approx(float(m["accuracy"]) / float(weight))
+    assert 0.0 < res["accuracy"] < 1.0 and "unsafe_recall" not in res  # random models: some right, some wrong
+
+
 def test_mean_pooled_reward_scores_the_same_in_training_and_scoring(tmp_path, tok):
     # The ranking loss (preference batches) and `score` (RLHF rewards, evaluation) must read
     # the same answer tokens, or a mean-pooled RM is trained on one thing and used on another.
@@ -201,6 +224,17 @@ def test_evaluate_cli(tmp_path, tok, params, capsys):
     assert json.loads(out.read_text())["settings"]["seq_len"] == CFG.max_seq_len  # what was used
     assert ev.main([f"--checkpoint={tmp_path / 'm'}", "--task=reward_accuracy", f"--data={docs}"]) == 2
     assert "needs a 'score' head" in capsys.readouterr().err
+    pairs = tmp_path / "pairs.jsonl"
+    synthetic.write_jsonl(synthetic.generate("preference", 6, 1), str(pairs))
+    ckpt.save_params(str(tmp_path / "dpo"), random_params(CFG, std=0.15, seed=5),
+                     {"model": CFG.to_dict(), "heads": ["lm"], "stage": "dpo"}, tokenizer_path=tok.path)
+    assert ev.main([f"--checkpoint={tmp_path / 'dpo'}", "--task=reward_accuracy", f"--data={pairs}"]) == 2
+    assert "(a DPO policy is scored against its reference: evaluate --reference=ITS_INIT_FROM)" in \
+        capsys.readouterr().err
+    assert ev.main([f"--checkpoint={tmp_path / 'dpo'}", "--task=reward_accuracy", f"--data={pairs}",
+                    f"--reference={tmp_path / 'm'}"]) == 0
+    printed = capsys.readouterr().out
+    assert "DPO's implicit reward: log pi(y|x) - log ref(y|x)" in printed and "| accuracy |" in printed
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}))
     assert ev.main([f"--checkpoint={tmp_path / 'm'}", "--task=multiple_choice", f"--data={bad}"]) == 2

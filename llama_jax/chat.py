@@ -16,6 +16,14 @@ import argparse
 import sys
 
 
+def reply_length(room: int) -> int:
+    """The reply length for `room` tokens of context: a multiple of a quarter of room's
+    power of two (of 16 at least; below 16, a power of two): 4 lengths an octave."""
+    top = 1 << (room.bit_length() - 1)
+    step = max(16, top // 4)
+    return room // step * step if room >= 16 else top
+
+
 def _pow2_length(n: int, cap: int) -> int:
     """A power of two >= n (at least 16), at most `cap`: a dialog's prompts, growing turn by
     turn, share a few compiled decode programs instead of compiling one per turn."""
@@ -139,8 +147,9 @@ def _session(args, system: list[dict], input_fn, out, piped: bool) -> int:
         if dropped:
             out.write(f"(the {dropped} oldest exchange{'s' * (dropped > 1)} dropped to fit the model's context of "
                       f"{cfg.max_seq_len} tokens" + ("; the system prompt stays" if system else "") + ")\n")
-        # a reply short of room: a power of two, so that the few lengths it takes compile once each
-        max_new = args.max_new_tokens if room >= args.max_new_tokens else 1 << (room.bit_length() - 1)
+        # a reply short of room: rounded down to a quarter of its power of two (16 at least), so that the few
+        # lengths it takes compile once each and under a quarter of the room is lost
+        max_new = args.max_new_tokens if room >= args.max_new_tokens else reply_length(room)
         out.write("assistant> ")
         stream = TextStream(tok, out)
         result = generate_interruptibly(stream, cfg, params, [prompt], max_new, args.temperature, args.top_p,
@@ -156,7 +165,8 @@ def _session(args, system: list[dict], input_fn, out, piped: bool) -> int:
         if len(new) == max_new and new[-1] != tok.eos_id:
             out.write(f"(the reply was cut at {max_new} tokens: "
                       + ("--max_new_tokens" if max_new == args.max_new_tokens else
-                         f"the room the model's context leaves, {room} tokens, rounded down to a power of two")
+                         f"the room the model's context leaves, {room} tokens, rounded down to a multiple of a "
+                         "quarter of its power of two, so that replies share compiled programs")
                       + ")\n")
         answer = tok.decode([t for t in new if t != tok.eos_id])
         hit = first_tag(answer)

@@ -298,14 +298,15 @@ def test_a_long_chat_drops_its_oldest_exchanges_and_compiles_a_few_programs(chec
     assert {pad for pad, _ in shapes} <= {16, 32, 64, 128 - 8}  # powers of two, or what the context leaves
     assert gen._generate._cache_size() - compiled <= 4
     # replies longer than a quarter of the context: the room left varies turn by turn, and the reply's length
-    # (a static shape) is a power of two below it, so those turns share programs too
+    # (a static shape) is rounded down to a multiple of a quarter of its power of two, so turns share programs
     compiled, out, shapes[:] = gen._generate._cache_size(), io.StringIO(), []
     long_words = [" ".join(rng.choice(synthetic.WORDS) for _ in range(35)) for _ in range(6)]
     assert chat.main([f"--checkpoint={path}", "--temperature=0", "--max_new_tokens=64"],
                      input_fn=_scripted(long_words, out), out=out) == 0
     assert out.getvalue().count("assistant> ") == 6
     lengths = {n for _, n in shapes}
-    assert min(lengths) < 64 and all(n & (n - 1) == 0 for n in lengths), shapes  # rounded down: 32, 16, ...
+    assert min(lengths) < 64 and all(n in (1, 2, 4, 8, 16, 32, 48, 64) for n in lengths), shapes  # rounded down
+    assert [chat.reply_length(r) for r in (5, 17, 45, 63, 100, 255)] == [4, 16, 32, 48, 96, 224]  # < 1/4 lost
     assert gen._generate._cache_size() - compiled <= 2 * len(set(shapes))
 
 

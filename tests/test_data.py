@@ -746,6 +746,20 @@ def test_a_checkpoints_input_state_of_another_pipeline_is_one_error(tok, tmp_pat
     fewer.close()
 
 
+def test_a_files_bad_lines_are_named_together(tmp_path):
+    """A large file is fixed in one rerun: the first bad line's error in full, then where
+    the next ones are (up to 10 lines in all, read no further)."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([GOOD_CHAT, "{not json", json.dumps({"messages": []}), GOOD_CHAT, "[1]"]) + "\n")
+    with pytest.raises(DataError) as e:
+        chat.open_dialogs(str(path))
+    assert str(e.value).startswith(f"{path}:2: invalid JSON (")
+    assert str(e.value).endswith(f"(and 2 more bad lines: {path}:3, {path}:5)")
+    path.write_text("\n".join(["{"] * 30) + "\n")
+    with pytest.raises(DataError, match=r":1: invalid JSON .*\(and at least 9 more bad lines: .*:2, .*:10\)$"):
+        chat.open_dialogs(str(path))
+
+
 def test_jsonl_encoding_and_prefix_mistakes_are_named(tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"latin1.jsonl:1: not UTF-8 text \("):

@@ -115,6 +115,9 @@ class TextFiles:
             return fh.read()
 
 
+BAD_LINES_SHOWN = 10  # a JSONL file's bad lines named in its one error (the first one's message in full)
+
+
 class Jsonl:
     """One JSON object per line, random access by line. `validate(record, where)`
     checks each record when the file is opened (and may raise DataError); `convert`
@@ -125,19 +128,31 @@ class Jsonl:
         self.files = expand_globs(patterns, "JSONL")
         self.convert = convert
         self.index: list[tuple[int, int, int]] = []  # (file number, byte offset, line number)
+        bad: list[DataError] = []  # the first few bad lines, reported together: a large file is fixed in one go
         for fi, path in enumerate(self.files):
             start = len(self.index)
             with open(path, "rb") as fh:
                 offset = 0
                 for lineno, raw in enumerate(fh, 1):
                     if raw.strip():
-                        record = self._parse(raw, path, lineno)
-                        if validate is not None:
-                            validate(record, f"{path}:{lineno}")
+                        try:
+                            record = self._parse(raw, path, lineno)
+                            if validate is not None:
+                                validate(record, f"{path}:{lineno}")
+                        except DataError as e:
+                            bad.append(e)
+                            if len(bad) == BAD_LINES_SHOWN:
+                                break
                         self.index.append((fi, offset, lineno))
                     offset += len(raw)
+            if len(bad) == BAD_LINES_SHOWN:
+                break
             if len(self.index) == start:
                 raise DataError(f"{path}: empty file (no JSON lines)")
+        if bad:
+            more = [str(e).split(": ", 1)[0] for e in bad[1:]]
+            raise DataError(str(bad[0]) + (f" (and {'at least ' * (len(bad) == BAD_LINES_SHOWN)}{len(more)} more "
+                                           f"bad line{'s' * (len(more) > 1)}: {', '.join(more)})" if more else ""))
 
     @staticmethod
     def _parse(raw: bytes, path: str, lineno: int) -> dict:

@@ -125,7 +125,7 @@ def analyse(config, num_devices: int) -> dict:
         "stage": config.stage, "num_devices": num_devices,
         "mesh": dict(mesh.shape), "batch_size": config.batch_size, "seq_len": config.seq_len,
         "grad_accum_steps": config.grad_accum_steps, "dtype": cfg.dtype, "remat_policy": cfg.remat_policy,
-        "attention": cfg.attention,
+        "attention": cfg.attention, "head_dim": cfg.head_dim,
         "params": cfg.num_params(stage.heads), "state_bytes_total": state_bytes,
         "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
         "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
@@ -159,7 +159,9 @@ def report(r: dict, chip: str = "") -> str:
         verdict = "fits" if r["total_bytes"] / GIB <= 0.9 * cap else "does NOT fit"
         lines.append(f"{chip}: {cap} GiB per chip -> {verdict} (keeping 10% headroom)"
                      + (", the train step alone" if besides else ""))
-    if chip.startswith(("a100", "h100", "h200")) and r.get("attention") in ("auto", "xla"):
+    # where a GPU's attention=auto runs cuDNN's kernel (model.attention_kernel's conditions)
+    if chip.startswith(("a100", "h100", "h200")) and r.get("attention") == "auto" and \
+            r["dtype"] in ("bfloat16", "float16") and r.get("head_dim", 0) % 8 == 0 and r.get("head_dim", 0) <= 128:
         lines.append("attention: compiled here as XLA einsums, whose [batch, heads, seq, seq] scores are among the "
                      "temporaries; on the GPU, attention=auto runs cuDNN's flash kernel, which keeps none, so the "
                      "temporaries (and the verdict) overstate what the GPU needs")

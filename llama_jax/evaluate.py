@@ -392,8 +392,10 @@ def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_siz
     pairs = PreferencePairs(path)
     recs = [pairs[i] for i in range(len(pairs))]
     encoder = _EncodePair(tokenizer, seq_len, "none")
-    cut, same = pairs.cut(encoder)
-    rows = [encoder.sides(r["prompt"], r["chosen"], r["rejected"]) for r in recs]
+    encoded = [encoder.encode(r["prompt"], r["chosen"], r["rejected"]) for r in recs]
+    rows = [encoder.cut(e) for e in encoded]
+    cut = sum(max(len(t) for t, _ in e) > seq_len for e in encoded)
+    same = [i for i, (row, r) in enumerate(zip(rows, recs)) if row[0] == row[1] and r["chosen"] != r["rejected"]]
 
     def half(offset):
         return None if progress is None else (lambda done, total: progress(offset + done, 2 * total))
@@ -522,7 +524,17 @@ def main(argv=None) -> int:
         cfg, params, _, tok, mesh = load_on_local_devices(args.checkpoint, step, need, args.dtype)
         reference = None
         if args.reference:  # a DPO policy against its reference: the implicit reward
-            ref_cfg, ref_params, _, ref_tok, ref_mesh = load_on_local_devices(args.reference, None, "lm", args.dtype)
+            # the step the DPO run started from (its init_from may have trained on since), when this is that run's
+            began = (ckpt.read_meta(args.checkpoint, step)[1].get("init_from") or {})
+            ref_step = None
+            if began.get("path") and os.path.abspath(args.reference) == began["path"]:
+                ref_step = began.get("step")
+            elif began.get("path"):
+                print(f"warning: --reference={args.reference} is not {args.checkpoint}'s reference, "
+                      f"{began['path']} (step {began.get('step')}): its implicit reward is against another model",
+                      file=sys.stderr)
+            ref_cfg, ref_params, _, ref_tok, ref_mesh = load_on_local_devices(args.reference, ref_step, "lm",
+                                                                              args.dtype)
             if ref_tok.identity()["sha256"] != tok.identity()["sha256"]:
                 raise ValueError(f"--reference={args.reference}: another tokenizer than {args.checkpoint}'s; a DPO "
                                  "run's reference is its init_from, with the same tokenizer")
@@ -565,10 +577,14 @@ def main(argv=None) -> int:
                     print(text)
         else:
             progress = Progress(None, what="answers scored", throttle=True)
+            if args.seq_len and args.seq_len > cfg.max_seq_len:
+                print(f"note: --seq_len {args.seq_len} is cut to the model's max_seq_len {cfg.max_seq_len}")
+                args.seq_len = cfg.max_seq_len  # what is used, and what --output records
             res = reward_accuracy(cfg, params, tok, args.data, args.batch_size, progress.update, mesh,
                                   seq_len=args.seq_len, reference=reference)
             if reference is not None:
-                print(f"DPO's implicit reward: log pi(y|x) - log ref(y|x), {args.checkpoint} against {args.reference}")
+                print(f"DPO's implicit reward: log pi(y|x) - log ref(y|x), {args.checkpoint} against {args.reference}"
+                      + (f" at step {ref_step}, the one the DPO run started from" if ref_step is not None else ""))
             progress.close()
             print(table8(res))
             cut_at = min(args.seq_len or cfg.max_seq_len, cfg.max_seq_len)
@@ -577,8 +593,9 @@ def main(argv=None) -> int:
                   + (f"; {res['ties']} scored equal both ways, counted wrong" if res["ties"] else "")
                   + (f"; {res['pairs_cut']} longer than {cut_at} tokens, cut as training cuts them (the same prompt "
                      "tokens off both sides, then the answer's start)" if res["pairs_cut"] else "")
-                  + (f"; {res['pairs_same_once_cut']} of them the same tokens on both sides once cut (a larger "
-                     "--seq_len tells them apart)" if res["pairs_same_once_cut"] else ""))
+                  + (f"; {res['pairs_same_once_cut']} of them the same tokens on both sides once cut"
+                     + (" (a larger --seq_len tells them apart)" if cut_at < cfg.max_seq_len else "")
+                     if res["pairs_same_once_cut"] else ""))
             if "unsafe_recall" in res:
                 print(f"unsafe-response recall at 0.5: {res['unsafe_recall']:.3f}")
         if args.output:

@@ -411,7 +411,11 @@ def read_prompts(path: str) -> list[tuple[str, str | list, dict]]:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{where}: a line starting with '{{' is read as JSON: {e}") from None
                 if isinstance(record.get("messages"), list) and "prompt" not in record:
-                    out.append((where, _valid_messages(record["messages"], where), record))
+                    messages = record["messages"]
+                    if isinstance(record.get("system"), str) and not (messages and isinstance(messages[0], dict) and
+                                                                      messages[0].get("role") == "system"):
+                        messages = [{"role": "system", "content": record["system"]}] + messages  # a top-level one
+                    out.append((where, _valid_messages(messages, where), record))
                     continue
                 if not isinstance(record.get("prompt"), str):
                     raise ValueError(f"{where}: needs a string field \"prompt\" (or \"messages\": a dialog ending "
@@ -455,6 +459,10 @@ def _generate_file(args) -> int:
     from llama_jax.tokenizer import DialogError
 
     prompts = read_prompts(args.prompt_file)
+    plain = next((where for where, text, _ in prompts if isinstance(text, str)), None)
+    if args.system and not args.chat and plain:  # before the model is loaded
+        raise ValueError(f"{plain}: a plain-text prompt, which --system does not apply to (add --chat, or write "
+                         "the prompts as dialogs)")
     start = time.perf_counter()
     cfg, params, tok, mesh = load_for_inference(args.checkpoint, args.dtype)
     print(f"loaded {args.checkpoint} ({cfg.num_params():,} parameters) in {time.perf_counter() - start:.1f} s",
@@ -471,6 +479,7 @@ def _generate_file(args) -> int:
         encoded.append(ids)
     progress = metrics.Progress(len(prompts), what="prompts", throttle=True)
     cut: list[str] = []  # rows stopped by the room their batch's longest prompt left, before max_new_tokens
+    full: list[str] = []  # rows stopped by the model's context: their own prompt left less than max_new_tokens
     total, start = 0, time.perf_counter()
     for first in range(0, len(prompts), args.batch_size):
         batch = encoded[first:first + args.batch_size]
@@ -479,9 +488,10 @@ def _generate_file(args) -> int:
                           args.seed + first, mesh=mesh)
         for (where, text, extra), ids, new in zip(prompts[first:first + args.batch_size], batch, result.tokens):
             finished = bool(new) and new[-1] == tok.eos_id
-            stopped = "eos" if finished else "max_new_tokens" if len(new) >= args.max_new_tokens else "context"
-            if stopped == "context":
-                cut.append(where)
+            stopped = "eos" if finished else "max_new_tokens" if len(new) >= args.max_new_tokens else \
+                "context" if len(ids) + len(new) >= cfg.max_seq_len else "batch"
+            if stopped in ("context", "batch"):
+                (full if stopped == "context" else cut).append(where)
             total += len(new)
             sys.stdout.write(json.dumps({**extra, **({} if isinstance(text, list) else {"prompt": text}),
                                          "completion": completion_text(tok, ids, new,
@@ -494,9 +504,13 @@ def _generate_file(args) -> int:
     seconds = time.perf_counter() - start
     print(f"[{len(prompts)} prompts, {total} tokens in {seconds:.2f} s, compilation included: "
           f"{total / seconds:.1f} tokens/s]", file=sys.stderr)
+    if full:
+        print(f"note: {len(full)} prompt(s) generated fewer than --max_new_tokens {args.max_new_tokens} (\"stopped\": "
+              f"\"context\"; first: {full[0]}): they reached the model's context of {cfg.max_seq_len} tokens",
+              file=sys.stderr)
     if cut:
         print(f"note: {len(cut)} prompt(s) generated fewer than --max_new_tokens {args.max_new_tokens} (\"stopped\": "
-              f"\"context\"; first: {cut[0]}): their batch's longest prompt left less of the model's context of "
+              f"\"batch\"; first: {cut[0]}): their batch's longest prompt left less of the model's context of "
               f"{cfg.max_seq_len} (a smaller --batch_size, or prompts of similar lengths together, leaves more)",
               file=sys.stderr)
     return 0
@@ -514,8 +528,8 @@ def main(argv=None) -> int:
     source.add_argument("--prompt_file", help="many prompts, one a line (plain text, or JSONL with a \"prompt\" "
                         "field; '\\n' in plain text is a newline), generated --batch_size at a time; one JSON line "
                         "per prompt to stdout: its other JSON fields, prompt, completion, new_tokens, finished "
-                        "(ended with EOS), stopped (eos, max_new_tokens, or context: the batch's longest prompt left "
-                        "less room)")
+                        "(ended with EOS), stopped (eos; max_new_tokens; context: the model's context is full; batch: "
+                        "the batch's longest prompt left less room)")
     ap.add_argument("--batch_size", type=int, default=16, help="prompts per batch with --prompt_file")
     ap.add_argument("--max_new_tokens", type=int, default=128,
                     help="most new tokens (fewer when the context has less room: said on stderr)")

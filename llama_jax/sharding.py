@@ -80,7 +80,11 @@ def normalize_rules(rules, complete: bool = False) -> tuple[tuple[str, Any], ...
         else:
             bad = [axes] if axes is not None and axes not in MESH_AXES else []
         if bad:
-            raise MeshError(f"sharding rule for {name!r} names unknown mesh axes {bad}; mesh axes are {MESH_AXES}")
+            import difflib
+
+            near = [m for b in bad for m in difflib.get_close_matches(str(b), MESH_AXES, n=1)]
+            raise MeshError(f"sharding rule #{i} for {name!r} names unknown mesh axes {bad}"
+                            f"{f' (meant {near[0]!r}?)' if near else ''}; mesh axes are {MESH_AXES}")
         out.append((name, axes))
     missing = [n for n in LOGICAL_AXES if n not in dict(out)]
     if complete and missing:

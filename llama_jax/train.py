@@ -437,7 +437,7 @@ def run_model(config, stage, overrides: dict | None = None):
 # Settings that change nothing a stage writes into WORKDIR/data (toy data, sampled answers,
 # GAtt dialogs): how it trains, evaluates, saves and computes. Every other field does.
 _DATA_NEUTRAL = ("optimizer.", "checkpoint.", "metrics.", "mesh.", "early_stopping.", "sample.", "ppo.", "dpo.",
-                 "model.", "data.prefetch", "total_steps", "log_every_steps", "checkpoint_every_steps",
+                 "model.", "data.prefetch", "total_steps", "epochs", "log_every_steps", "checkpoint_every_steps",
                  "eval_every_steps", "eval_steps", "nonfinite_policy", "grad_accum_steps", "batch_size",
                  "eval_exact_match")
 
@@ -755,6 +755,15 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         print("training data: " + ", ".join(f"{k} {v:,}" if type(v) is int else f"{k} {v}"  # pack True, not 1
                                             for k, v in described.items()), flush=True)
     per_epoch = getattr(train_data, "rows_per_epoch", None)
+    if config.get("epochs") and "total_steps" in (overrides or {}):  # the command line's: it wins over a preset's
+        if "epochs" in overrides:
+            train_data.close()
+            raise RunError("--config.epochs and --config.total_steps both given: set one (epochs sets total_steps "
+                           "from the data)")
+        if lead:
+            print(f"note: --config.total_steps {config.total_steps} given: the preset's config.epochs "
+                  f"{config.epochs:g} is not used", flush=True)
+        config.epochs = 0.0
     if config.get("epochs"):  # total_steps from the data, before the optimizer's schedule is made of it
         if not per_epoch:
             train_data.close()
@@ -793,6 +802,8 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     if held_out is None and config.eval_steps and stage.held_out_source and not config.data.eval_source and lead:
         print("note: config.data.eval_source is empty: no held-out loss (eval_loss, and what the stage computes "
               "on held-out data of the training data's format); set it to such a file to get them", flush=True)
+    if held_out is not None and lead and "unread_fields" in held_out.description:
+        print(f"note: held-out data: unread_fields {held_out.description['unread_fields']}", flush=True)
     if held_out is not None:  # its files are checked now, not at the first evaluation, mid-run
         try:  # every process, together: an evaluation stops at the first batch any process lacks
             lacking = [i for i, has in enumerate(distributed.allgather_json(next(held_out, None) is not None))

@@ -227,7 +227,8 @@ def test_evaluate_cli(tmp_path, tok, params, capsys):
     pairs = tmp_path / "pairs.jsonl"
     synthetic.write_jsonl(synthetic.generate("preference", 6, 1), str(pairs))
     ckpt.save_params(str(tmp_path / "dpo"), random_params(CFG, std=0.15, seed=5),
-                     {"model": CFG.to_dict(), "heads": ["lm"], "stage": "dpo"}, tokenizer_path=tok.path)
+                     {"model": CFG.to_dict(), "heads": ["lm"], "stage": "dpo",
+                      "init_from": {"path": str(tmp_path / "m"), "step": 0}}, tokenizer_path=tok.path)
     assert ev.main([f"--checkpoint={tmp_path / 'dpo'}", "--task=reward_accuracy", f"--data={pairs}"]) == 2
     assert "(a DPO policy is scored against its reference: evaluate --reference=ITS_INIT_FROM)" in \
         capsys.readouterr().err
@@ -235,6 +236,11 @@ def test_evaluate_cli(tmp_path, tok, params, capsys):
                     f"--reference={tmp_path / 'm'}"]) == 0
     printed = capsys.readouterr().out
     assert "DPO's implicit reward: log pi(y|x) - log ref(y|x)" in printed and "| accuracy |" in printed
+    assert "at step 0, the one the DPO run started from" in printed  # the recorded step of its init_from
+    assert ev.main([f"--checkpoint={tmp_path / 'dpo'}", "--task=reward_accuracy", f"--data={pairs}",
+                    f"--reference={tmp_path / 'dpo'}"]) == 0  # another model than the run's reference: said
+    assert f"warning: --reference={tmp_path / 'dpo'} is not {tmp_path / 'dpo'}'s reference, {tmp_path / 'm'} " \
+        "(step 0)" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}))
     assert ev.main([f"--checkpoint={tmp_path / 'm'}", "--task=multiple_choice", f"--data={bad}"]) == 2

@@ -423,6 +423,15 @@ def test_generate_cli_batches_a_prompt_file_into_json_lines(checkpoint_dir, caps
     for d, r in zip([dialogs[0], [{"role": "system", "content": "say yes"}] + dialogs[1]], rows):
         new = gen.generate(CFG, params, [tok.encode_dialog(d)], 5).tokens[0]
         assert r["completion"] == tok.decode([t for t in new if t != tk.EOS_ID])
+    # a top-level "system" is the dialog's system prompt; a plain line with --system but no --chat is refused
+    f.write_text(json.dumps({"system": "be kind", "messages": dialogs[1][:1]}) + "\n")
+    assert gen.main([f"--checkpoint={path}", f"--prompt_file={f}", "--max_new_tokens=5", "--temperature=0"]) == 0
+    new = gen.generate(CFG, params, [tok.encode_dialog([{"role": "system", "content": "be kind"}, dialogs[1][0]])],
+                       5).tokens[0]
+    assert json.loads(capsys.readouterr().out)["completion"] == tok.decode([t for t in new if t != tk.EOS_ID])
+    f.write_text(json.dumps({"messages": dialogs[1][:1]}) + "\nplain words\n")
+    assert gen.main([f"--checkpoint={path}", f"--prompt_file={f}", "--system=x y"]) == 2
+    assert f"{f}:2: a plain-text prompt, which --system does not apply to" in capsys.readouterr().err
     f.write_text(json.dumps({"messages": dialogs[1][:2]}) + "\n")
     assert gen.main([f"--checkpoint={path}", f"--prompt_file={f}"]) == 2
     assert f"{f}:1: " in capsys.readouterr().err
@@ -435,8 +444,13 @@ def test_generate_cli_batches_a_prompt_file_into_json_lines(checkpoint_dir, caps
     out = capsys.readouterr()
     rows = [json.loads(line) for line in out.out.splitlines()]
     room = CFG.max_seq_len - len(tok.encode("river " * 60, bos=True))
-    assert [r["stopped"] for r in rows if not r["finished"]] == ["context"] * sum(not r["finished"] for r in rows)
-    assert all(r["new_tokens"] <= room for r in rows) and f"(\"stopped\": \"context\"; first: {f}:1)" in out.err
+    # the short prompt stopped by the batch's room; the long one by the model's context, full
+    assert [r["stopped"] for r in rows] == ["eos" if rows[0]["finished"] else "batch",
+                                           "eos" if rows[1]["finished"] else "context"]
+    assert all(r["new_tokens"] <= room for r in rows)
+    assert rows[0]["finished"] or f"(\"stopped\": \"batch\"; first: {f}:1)" in out.err
+    assert rows[1]["finished"] or f"(\"stopped\": \"context\"; first: {f}:2): they reached the model's context" \
+        in out.err
     f.write_text('ok\n{"text": "no prompt field"}\n')
     assert gen.main([f"--checkpoint={path}", f"--prompt_file={f}"]) == 2
     assert f"{f}:2: needs a string field \"prompt\"" in capsys.readouterr().err

@@ -129,7 +129,11 @@ def test_heads_not_divisible_by_tensor_is_an_error():
 
 
 def test_bad_rules_are_an_error():
-    with pytest.raises(sharding.MeshError, match="names unknown mesh axes \\['model'\\]"):
+    with pytest.raises(sharding.MeshError, match="sharding rule #0 for 'heads' names unknown mesh axes \\['model'\\]"):
+        sharding.normalize_rules([("heads", "model")])
+    with pytest.raises(sharding.MeshError, match="names unknown mesh axes \\['fdsp'\\] \\(meant 'fsdp'\\?\\)"):
+        sharding.normalize_rules([("embed", "fdsp")])
+    with pytest.raises(sharding.MeshError, match="names unknown mesh axes"):
         sharding.normalize_rules([("heads", "model")])
     assert sharding.normalize_rules([["batch", ["data", "fsdp"]]]) == (("batch", ("data", "fsdp")),)
     # a misspelt logical name left `embed` unsharded and every weight whole on each device, silently

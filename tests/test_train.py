@@ -356,6 +356,14 @@ def test_epochs_set_total_steps_from_the_training_data(tmp_path, tokenizer_path,
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert max(r["step"] for r in rows) == want and f"epochs: total_steps {want} (config.epochs 1.5) x batch_size 4" \
         in capsys.readouterr().out
+    # a total_steps given on the command line wins over a preset's epochs, said; both given is an error
+    c.total_steps = 2
+    train.run(c, str(tmp_path / "steps"), stages.SFTStage(), overrides={"total_steps": 2})
+    assert "note: --config.total_steps 2 given: the preset's config.epochs 1.5 is not used" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "steps" / "config.json"))["total_steps"] == 2
+    c.epochs = 1.5
+    with pytest.raises(train.RunError, match="--config.epochs and --config.total_steps both given"):
+        train.run(c, str(tmp_path / "both"), stages.SFTStage(), overrides={"total_steps": 2, "epochs": 1.5})
     p = load_experiment("pretrain").get_config("tiny")
     p.epochs = 1.0
     with pytest.raises(train.RunError, match="config.epochs 1.0: stage pretrain's training data has no fixed size"):

@@ -88,6 +88,22 @@ class _Lengths:
                 self.first_untrained = self.first_untrained or where
 
 
+def first_fit_rows(lengths, seq_len: int, bins: int) -> int:
+    """The rows Grain's first-fit packer makes of sequences of these lengths: each goes
+    into the first of `bins` open rows with room; one that fits none emits them all."""
+    rows, open_rows = 0, []
+    for n in lengths:
+        for i, used in enumerate(open_rows):
+            if used + n <= seq_len:
+                open_rows[i] += n
+                break
+        else:
+            if len(open_rows) == bins:
+                rows, open_rows = rows + bins, []
+            open_rows.append(n)
+    return rows + len(open_rows)
+
+
 def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int = 0, *, pack: bool = True,
                  last_turn_only: bool = False, shard: tuple[int, int] | None = None, num_epochs: int | None = None,
                  shuffle: bool = True, prefetch: int = 2, drop_remainder: bool = True) -> pipeline.Batches:
@@ -101,17 +117,20 @@ def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int =
     if lengths.untrained == len(dialogs):
         raise DataError(f"{files}: no dialog has a trained token within seq_len={seq_len}: every answer starts "
                         f"after it (e.g. {lengths.first_untrained}); a larger seq_len, or shorter prompts")
+    bins = max(batch_size, 8)
     rows, estimated = float(len(dialogs)), False
-    if pack:  # packed rows an epoch: its tokens (sampled dialogs' tokens per byte, each dialog cut at seq_len)
+    if pack:  # packed rows an epoch: each dialog's tokens estimated (a sample's tokens per byte), packed as below
         sample = np.linspace(0, len(dialogs) - 1, min(len(dialogs), 200)).astype(int)
         tokens = [len(tokenizer.encode_dialog_for_training(dialogs.record(int(i))["messages"])[0]) for i in sample]
         per_byte = sum(tokens) / max(sum(lengths.bytes[i] for i in sample), 1)
-        rows, estimated = max(sum(min(b * per_byte, seq_len) for b in lengths.bytes) / seq_len, 1.0), True
+        rows = float(first_fit_rows([min(max(int(round(b * per_byte)), 1), seq_len) for b in lengths.bytes], seq_len,
+                                    bins))
+        estimated = True
     ds = pipeline.sharded_shuffled(dialogs, seed, shard, num_epochs, shuffle=shuffle)
     ds = ds.map(_Encode(tokenizer, seq_len, last_turn_only)).to_iter_dataset()
     if pack:
         ds = grain.experimental.FirstFitPackIterDataset(
-            ds, length_struct={"tokens": seq_len, "mask": seq_len}, num_packing_bins=max(batch_size, 8),
+            ds, length_struct={"tokens": seq_len, "mask": seq_len}, num_packing_bins=bins,
             seed=seed, shuffle_bins=shuffle)
         ds = ds.map(pipeline.packed_to_lm)
     else:

@@ -39,9 +39,10 @@ def rating_name(value) -> str | None:
     ("Significantly better", "negligibly better / unsure"); None for anything else."""
     if not isinstance(value, str):
         return None
-    name = " ".join(value.lower().replace("_", " ").replace("-", " ").split())
-    for unsure in (" / unsure", "/unsure", " or unsure", " unsure"):
+    name = " ".join(value.lower().replace("_", " ").replace("-", " ").replace("/", " / ").split())
+    for unsure in (" / unsure", " or unsure", " unsure"):
         name = name.removesuffix(unsure)
+    name = "negligibly better" if name == "unsure" else name  # the paper's lowest rating is one label
     name = name.replace(" ", "_")
     return name if name in RATINGS else None
 
@@ -158,15 +159,15 @@ class PreferencePairs:
         for i, key in enumerate(self.index):
             if key not in seen:
                 r = self[i]
-                texts = [m["content"] for m in r["prompt"]] + [r["chosen"], r["rejected"]]
-                if sum(len(t.encode("utf-8")) + 48 for t in texts) <= encoder.seq_len:
+                # a row is the prompt and one answer: at most a token per UTF-8 byte, and under 48 a message
+                prompt_bytes = sum(len(m["content"].encode("utf-8")) + 48 for m in r["prompt"])
+                longest = max(len(a.encode("utf-8")) for a in (r["chosen"], r["rejected"])) + 48
+                if prompt_bytes + longest <= encoder.seq_len:
                     seen[key] = (False, False)
                 else:
-                    full = [encoder.tokenizer.encode_dialog_for_training(
-                        r["prompt"] + [{"role": "assistant", "content": a}], last_turn_only=True)[0]
-                        for a in (r["chosen"], r["rejected"])]
-                    sides = encoder.sides(r["prompt"], r["chosen"], r["rejected"])
-                    seen[key] = (max(map(len, full)) > encoder.seq_len,
+                    encoded = encoder.encode(r["prompt"], r["chosen"], r["rejected"])
+                    sides = encoder.cut(encoded)
+                    seen[key] = (max(len(t) for t, _ in encoded) > encoder.seq_len,
                                  sides[0] == sides[1] and r["chosen"] != r["rejected"])
             truncated += seen[key][0]
             if seen[key][1]:
@@ -197,8 +198,13 @@ class _EncodePair:
         seq_len loses the same prompt tokens on both sides (after BOS, from the start), so
         that both answers are read after one context; an answer that alone does not fit
         keeps its last seq_len tokens."""
-        encoded = [self.tokenizer.encode_dialog_for_training(prompt + [{"role": "assistant", "content": a}],
-                                                             last_turn_only=True) for a in (chosen, rejected)]
+        return self.cut(self.encode(prompt, chosen, rejected))
+
+    def encode(self, prompt, chosen: str, rejected: str) -> list[tuple[list[int], list[bool]]]:
+        return [self.tokenizer.encode_dialog_for_training(prompt + [{"role": "assistant", "content": a}],
+                                                          last_turn_only=True) for a in (chosen, rejected)]
+
+    def cut(self, encoded: list[tuple[list[int], list[bool]]]) -> list[tuple[list[int], list[bool]]]:
         starts = [mask.index(True) if True in mask else len(mask) for _, mask in encoded]  # where each answer begins
         over = max(len(tokens) for tokens, _ in encoded) - self.seq_len
         if over > 0 and starts[0] == starts[1]:

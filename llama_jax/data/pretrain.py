@@ -45,9 +45,9 @@ def split_source(spec: str) -> list[str]:
     Each keeps its `@WEIGHT`, if any (see `weighted`)."""
     parts: list[str] = []
     for piece in spec.split(","):
-        head, colon, _ = piece.strip().partition(":")
-        if parts and not (head in KINDS and (colon or sources.split_fraction(piece.strip(), spec)[0]
-                                             in ("stdlib", "synthetic"))):
+        bare = sources.split_fraction(piece.strip(), spec)[0]  # without a weight: "stdlib@2" is stdlib
+        head, colon, _ = bare.partition(":")
+        if parts and not (head in KINDS and (colon or bare in ("stdlib", "synthetic"))):
             parts[-1] += "," + piece
         else:
             parts.append(piece.strip())
@@ -70,18 +70,28 @@ def source_kinds(spec: str) -> list[str]:
 
 
 class Share:
-    """A seeded share of a source's documents (`sources.share`), as a source."""
+    """A seeded share of a source's documents, as a source: every document int(weight)
+    times (read in place, no index of them), then a seeded subset of round(weight x n) -
+    int(weight) x n more. A share of no document is an error naming it."""
 
-    def __init__(self, source, index: np.ndarray):
-        self.source, self.index = source, index
+    def __init__(self, source, weight: float, rng: np.random.Generator, what: str, spec: str):
+        n = len(source)
+        self.source, self.n, self.whole = source, n, int(weight)
+        rest = int(round(weight * n)) - self.whole * n
+        if n and self.whole * n + rest <= 0:
+            raise DataError(f"data mixture {spec!r}: {what}@{weight:g} takes no document of its {n} (a larger "
+                            "weight, or leave it out)")
+        self.extra = np.sort(rng.choice(n, rest, replace=False)).astype(np.uint32 if n < 2**32 else np.int64) \
+            if rest > 0 else np.zeros(0, np.uint32)
         self.empty = getattr(source, "empty", 0)
         self.identity = getattr(source, "identity", None)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return self.whole * self.n + len(self.extra)
 
     def __getitem__(self, i: int):
-        return self.source[int(self.index[i])]
+        i = int(i)
+        return self.source[i % self.n if i < self.whole * self.n else int(self.extra[i - self.whole * self.n])]
 
 
 class Concat:
@@ -105,16 +115,13 @@ def open_documents(spec: str, split: str = "train", seed: int = 0):
     shares of weighted sources are drawn with `seed`."""
     parts = split_source(spec)
     source_kinds(spec)
-    if len(parts) > 1 or weighted(parts[0], spec)[1] != 1.0:
-        rng = np.random.default_rng([seed, 7])
-        opened = []
-        for part in parts:
-            source, weight = weighted(part, spec)
-            docs = _open_one(source, split)
-            opened.append(docs if weight == 1.0 else
-                          Share(docs, sources.share(len(docs), weight, rng, source, spec, "document")))
-        return opened[0] if len(opened) == 1 else Concat(opened)
-    return _open_one(spec, split)
+    rng = np.random.default_rng([seed, 7])
+    opened = []
+    for part in parts:
+        source, weight = weighted(part, spec)
+        docs = _open_one(source, split)
+        opened.append(docs if weight == 1.0 else Share(docs, weight, rng, source, spec))
+    return opened[0] if len(opened) == 1 else Concat(opened)
 
 
 def _open_one(spec: str, split: str):
@@ -181,7 +188,7 @@ def make_dataset(spec: str, tokenizer, seq_len: int, batch_size: int, seed: int 
     ds = ds.map(pipeline.packed_to_lm)
     identity, empty = getattr(docs, "identity", None), getattr(docs, "empty", 0)
     shares = [p for p in (docs.parts if isinstance(docs, Concat) else [docs]) if isinstance(p, Share)]
-    mix = ({"weighted": "; ".join(f"{source} {len(p):,} of {len(p.source):,}" for p, source in
+    mix = ({"weighted": "; ".join(f"{source} {len(p):,} of {p.n:,}" for p, source in
                                   zip(shares, [weighted(part, spec)[0] for part in split_source(spec)
                                                if weighted(part, spec)[1] != 1.0]))} if shares else {})
     return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch, drop_remainder),

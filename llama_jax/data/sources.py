@@ -34,7 +34,8 @@ def expand_globs(patterns: str | Sequence[str], what: str = "input") -> list[str
 
     found = {p: matches(p) for p in patterns}
     missing = [p for p, fs in found.items() if not fs]
-    hint = " (mixture weights, PATH@WEIGHT, are for preference data and pretraining sources only)" \
+    hint = " (a weight, @WEIGHT, goes at the end of a pretraining source, KIND:GLOB,GLOB@WEIGHT, or of a " \
+        "preference glob; other data takes none)" \
         if any("@" in p for p in missing) \
         else " (a KIND: prefix, as in jsonl:GLOB, names the kind of a pretraining data.source; fine-tuning " \
         "stages take globs alone)" \
@@ -169,7 +170,9 @@ class Jsonl:
             col = e.colno if e.lineno == 1 else len(raw.rstrip(b"\r\n").decode("utf-8", "replace")) + 1
             raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {col}){hint}") from None
         if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}" + (
+                "; a JSONL file holds one JSON object a line, and this line is one JSON array (write each of its "
+                "objects on a line of its own)" if isinstance(record, list) else ""))
         return record
 
     def where(self, i: int) -> str:

@@ -242,7 +242,7 @@ class PretrainStage(Stage):
         (add-one smoothed) on training batches: what a model that ignores context gets."""
         counts = np.ones(config.model.vocab_size)
         train = pretrain.make_dataset(config.data.source, tokenizer, config.seq_len, self.local_batch(config),
-                                      config.seed + 1, prefetch=0)
+                                      config.seed + 1, prefetch=0, share_seed=config.seed)  # the run's shares
         for _, b in zip(range(64), train):
             counts += np.bincount(b["targets"][b["loss_mask"] > 0], minlength=len(counts))
         train.close()

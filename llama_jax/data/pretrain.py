@@ -163,17 +163,20 @@ def _synthetic(vocab_size: int, seq_len: int, seed: int, shard) -> grain.MapData
 
 def make_dataset(spec: str, tokenizer, seq_len: int, batch_size: int, seed: int = 0, *, split: str = "train",
                  shard: tuple[int, int] | None = None, num_epochs: int | None = None, prefetch: int = 2,
-                 vocab_size: int | None = None, drop_remainder: bool = True) -> pipeline.Batches:
+                 vocab_size: int | None = None, drop_remainder: bool = True,
+                 share_seed: int | None = None) -> pipeline.Batches:
     """Batches of packed pretraining windows ([batch_size, seq_len] per feature). The
     eval split reads its documents once, in order (`num_epochs=1`, no shuffle).
-    `drop_remainder=False`: the last batch may have fewer rows (a complete read)."""
+    `drop_remainder=False`: the last batch may have fewer rows (a complete read).
+    `share_seed` (default `seed`) draws weighted sources' shares: another order of the
+    same corpus keeps it."""
     kind = source_kinds(spec)[0]
     if kind == "synthetic":
         if vocab_size is None:
             vocab_size = tokenizer.vocab_size
         ds = _synthetic(vocab_size, seq_len, seed, shard).to_iter_dataset()
         return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch), {"source": spec})
-    docs = open_documents(spec, split, seed)
+    docs = open_documents(spec, split, seed if share_seed is None else share_seed)
     for part, opened in zip(split_source(spec), docs.parts if isinstance(docs, Concat) else [docs]):
         opened = opened.source if isinstance(opened, Share) else opened
         if isinstance(opened, sources.TokenShards):

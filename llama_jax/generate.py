@@ -526,7 +526,8 @@ def main(argv=None) -> int:
     source = ap.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the text to continue (with --chat: the user's message)")
     source.add_argument("--prompt_file", help="many prompts, one a line (plain text, or JSONL with a \"prompt\" "
-                        "field; '\\n' in plain text is a newline), generated --batch_size at a time; one JSON line "
+                        "field, or \"messages\": a dialog ending with a user turn; '\\n' in plain text is a "
+                        "newline), generated --batch_size at a time; one JSON line "
                         "per prompt to stdout: its other JSON fields, prompt, completion, new_tokens, finished "
                         "(ended with EOS), stopped (eos; max_new_tokens; context: the model's context is full; batch: "
                         "the batch's longest prompt left less room)")

@@ -519,6 +519,7 @@ def test_pretraining_sources_take_weights(tok, tmp_path):
     assert len(half) == 4 and len({half[i] for i in range(4)}) == 4
     assert len(pretrain.open_documents(f"jsonl:{tmp_path}/d.jsonl@2.5")) == 20
     assert len(pretrain.open_documents(f"jsonl:{tmp_path}/d.jsonl@1")) == 8  # a weight of 1, written out
+    assert len(pretrain.open_documents(f"jsonl:{tmp_path}/d.jsonl@0.35")) == 3  # 2.8 documents: rounded
     # a weighted stdlib after another source is a source of its own, not a glob of the one before
     assert pretrain.split_source(f"text:{tmp_path}/t/*.txt,stdlib@0.5") == [f"text:{tmp_path}/t/*.txt", "stdlib@0.5"]
     batches = pretrain.make_dataset(spec, tok, 16, 2, num_epochs=1, drop_remainder=False, prefetch=0)
@@ -601,6 +602,7 @@ def test_pairs_cut_to_the_same_tokens_are_counted_and_the_papers_labels_read(tok
     tail = " and then " + " ".join(synthetic.WORDS[i % len(synthetic.WORDS)] for i in range(60))
     p = [{"role": "user", "content": "which?"}]
     pairs = [{"prompt": p, "chosen": "Yes." + tail, "rejected": "No." + tail, "rating": "Significantly better"},
+             {"prompt": p, "chosen": "Same." + tail, "rejected": "Same." + tail},  # identical already: not "once cut"
              {"prompt": p, "chosen": "short", "rejected": "", "rating": "negligibly better / unsure"},
              {"prompt": [{"role": "user", "content": " ".join(synthetic.WORDS[:40])}], "chosen": "a",
               "rejected": "b", "rating": "slightly-better"}]
@@ -608,12 +610,12 @@ def test_pairs_cut_to_the_same_tokens_are_counted_and_the_papers_labels_read(tok
     path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
     data = preference.make_dataset(str(path), tok, 32, 3, num_epochs=1, shuffle=False, prefetch=0)
     d = data.description
-    assert d["rated"] == 3 and d["empty_rejected"] == f"1 (first: {path}:2)"
-    assert d["truncated"].startswith("2 (longer than seq_len 32") and d["same_once_cut"].startswith("1 (") \
+    assert d["rated"] == 3 and d["empty_rejected"] == f"1 (first: {path}:3)"
+    assert d["truncated"].startswith("3 (longer than seq_len 32") and d["same_once_cut"].startswith("1 (") \
         and d["same_once_cut"].endswith(f"first: {path}:1)")
     batch = next(data)
     data.close()
-    assert batch["rating"].tolist() == [0, 3, 2] and batch["margin"].tolist() == pytest.approx([1.0, 0.0, 1 / 3])
+    assert batch["rating"].tolist() == [0, -1, 3] and batch["margin"].tolist() == pytest.approx([1.0, 0.0, 0.0])
     np.testing.assert_array_equal(batch["chosen_tokens"][0], batch["rejected_tokens"][0])  # what was counted
     assert preference.rating_name("Better") == "better" and preference.rating_name("much better") is None
     assert preference.rating_name("negligibly better/ unsure") == "negligibly_better" == \
@@ -661,7 +663,8 @@ def test_batches_know_the_rows_of_an_epoch_and_a_held_out_read_keeps_its_short_b
     rows = [len(b["tokens"]) for b in packed]
     assert packed.estimated and abs(packed.rows_per_epoch - sum(rows)) < 0.05 * sum(rows)
     assert chat.first_fit_rows([60, 60, 100, 30, 120], 128, 2) == 4  # [60, 60] [100] | [30] [120]
-    assert rows[-1] == sum(rows) % 16 or sum(rows) % 16 == 0  # the short batch kept
+    assert chat.first_fit_rows([60, 100, 60], 128, 1) == 3  # a sequence that fits no open bin emits them all
+    assert sum(rows) % 16 and rows[-1] == sum(rows) % 16 and rows[:-1] == [16] * (len(rows) - 1)  # short one kept
     alone = chat.make_dataset(str(path), tok, 128, 16, pack=False, prefetch=0)
     assert alone.rows_per_epoch == 300 and not alone.estimated
     alone.close()

@@ -232,8 +232,22 @@ def test_evaluate_cli(tmp_path, tok, params, capsys):
     assert ev.main([f"--checkpoint={tmp_path / 'dpo'}", "--task=reward_accuracy", f"--data={pairs}"]) == 2
     assert "(a DPO policy is scored against its reference: evaluate --reference=ITS_INIT_FROM)" in \
         capsys.readouterr().err
-    assert ev.main([f"--checkpoint={tmp_path / 'dpo'}", "--task=reward_accuracy", f"--data={pairs}",
-                    f"--reference={tmp_path / 'm'}"]) == 0
+    from llama_jax import generate as gen
+
+    loads = []
+    real_load = gen.load_on_local_devices
+
+    def load(path, step, *a, **k):
+        loads.append((str(path), step))
+        return real_load(path, step, *a, **k)
+
+    gen.load_on_local_devices = load
+    try:
+        assert ev.main([f"--checkpoint={tmp_path / 'dpo'}", "--task=reward_accuracy", f"--data={pairs}",
+                        f"--reference={tmp_path / 'm'}"]) == 0
+    finally:
+        gen.load_on_local_devices = real_load
+    assert loads[1] == (str(tmp_path / "m"), 0)  # the reference at the step the run recorded, not its latest
     printed = capsys.readouterr().out
     assert "DPO's implicit reward: log pi(y|x) - log ref(y|x)" in printed and "| accuracy |" in printed
     assert "at step 0, the one the DPO run started from" in printed  # the recorded step of its init_from
@@ -392,6 +406,11 @@ def test_a_dialog_longer_than_the_context_is_scored_as_training_reads_it(tmp_pat
     chosen, rejected = want[0]
     start = chosen[1].index(True)  # one context, cut the same, before both answers
     assert len(rejected[0]) == 48 and len(chosen[0]) < 48 and chosen[0][:start] == rejected[0][:start]
+    tail = " " + " ".join(synthetic.WORDS[i % len(synthetic.WORDS)] for i in range(70))
+    pairs.append({"prompt": [{"role": "user", "content": "q"}], "chosen": "yes" + tail, "rejected": "no" + tail})
+    synthetic.write_jsonl(pairs, str(tmp_path / "long.jsonl"))
+    res = ev.reward_accuracy(CFG, rm, tok, str(tmp_path / "long.jsonl"), seq_len=48)
+    assert res["pairs_same_once_cut"] == 1 and res["pairs_cut"] == 2  # its answers differ before a long tail
 
 
 def test_evaluate_loads_a_model_over_every_local_device(tmp_path, tok, params, capsys):

@@ -50,6 +50,7 @@ def test_temperature_zero_top_p_zero_and_top_k_one_are_greedy(params):
     # a temperature so small that logits / temperature overflows float32 samples the greedy token (it drew
     # token 0 from a NaN softmax); values no sampler has are refused, not read as greedy or unfiltered
     assert gen.generate(CFG, params, prompts, 8, temperature=1e-38, seed=3).tokens == greedy
+    assert gen.generate(CFG, params, prompts, 8, temperature=1e-30, seed=3).tokens == greedy  # sampled, shifted
     for bad in (dict(temperature=float("nan")), dict(temperature=-1.0), dict(temperature=float("inf")),
                 dict(temperature=1.0, top_p=1.5), dict(temperature=1.0, top_p=float("nan")),
                 dict(temperature=1.0, top_k=-3)):

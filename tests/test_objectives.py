@@ -29,11 +29,11 @@ def test_rows_of_zeros_padding_a_short_held_out_batch_weigh_nothing():
     set smaller than one batch used to be missing)."""
     from llama_jax.data.pipeline import pad_batch
 
-    def scorer(params, tokens, positions, segment_ids, score_mask=None):
-        return tokens[:, 0].astype(jnp.float32) * params  # a score of each row's own tokens
+    def scorer(params, tokens, positions, segment_ids, score_mask=None):  # a padding row scores 1, not 0
+        return tokens[:, 0].astype(jnp.float32) * params + 1.0
 
     def lm(params, tokens, positions, segment_ids):
-        return jnp.stack([params * tokens.astype(jnp.float32), jnp.zeros(tokens.shape)], axis=-1)
+        return jnp.stack([params * tokens.astype(jnp.float32) + 0.3, jnp.zeros(tokens.shape)], axis=-1)
 
     batch = {**{k: np.asarray(v) for k, v in pair_batch(2, 4).items()}, "margin": np.array([1.0, 0.0], np.float32),
              "chosen_safe": np.array([1, 0], np.int32), "rejected_safe": np.array([0, -1], np.int32)}

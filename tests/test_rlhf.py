@@ -513,8 +513,8 @@ def test_pooling_rescores_earlier_iterations_answers_with_this_iterations_reward
 
     earlier = tmp_path / "rs1"
     (earlier / "data").mkdir(parents=True)
-    old = [{"messages": dialog("q1", "old good"), "is_safety": False, "reward": 0.1},
-           {"messages": dialog("q2", "old bad"), "is_safety": True, "reward": 0.99},
+    old = [{"messages": dialog("q1", "old good"), "is_safety": True, "reward": 0.1},  # flags of another time
+           {"messages": dialog("q2", "old bad"), "is_safety": False, "reward": 0.99},
            {"messages": dialog("q3", "only earlier"), "is_safety": False, "reward": 0.9}]
     (earlier / "data" / "rs_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
     records = {json.dumps(dialog(q, "new")[:-1]): {"messages": dialog(q, "new"), "is_safety": safe, "reward": 0.5}
@@ -578,3 +578,20 @@ def test_a_prompts_own_preprompt_targets_its_distillation(tmp_path, monkeypatch)
     bad.write_text(json.dumps(ask("x", preprompt=" ")) + "\n")
     with pytest.raises(DataError, match="bad.jsonl:1: field 'preprompt' must be a non-empty string"):
         prompt_data.check(str(bad))
+
+
+def test_the_reward_models_held_out_pairs_are_cut_at_the_runs_seq_len(monkeypatch):
+    """The RM's evaluation scores every held-out pair cut at the run's seq_len (as training
+    cut them), and logs the overall accuracy of those pairs beside Table 8's buckets."""
+    import types
+
+    from llama_jax import evaluate, stages
+
+    seen = []
+    monkeypatch.setattr(evaluate, "reward_accuracy",
+                        lambda *a, **k: seen.append(k) or {"accuracy": 0.25, "better": 0.5, "pairs": 4})
+    stage = stages.RewardModelStage()
+    stage.eval_path, stage.policy_eval_path = "held.jsonl", ""
+    out = stage.evaluate_extra(types.SimpleNamespace(seq_len=77), types.SimpleNamespace(config=None), None, None,
+                               None, None, {})
+    assert seen == [{"seq_len": 77}] and out == {"eval_better": 0.5, "eval_accuracy_all_pairs": 0.25}

@@ -203,6 +203,9 @@ def test_gathering_for_generation_drops_fsdp_and_samples_the_same():
     copy16 = gather16(params)
     assert {x.dtype.name for x in jax.tree_util.tree_leaves(copy16) if x.ndim >= 2} == {"bfloat16"}
     assert {x.dtype.name for x in jax.tree_util.tree_leaves(copy16) if x.ndim < 2} == {"float32"}
+    with_value = Llama(CFG.replace(dtype="bfloat16"), ("lm", "value"))  # a scalar head computes in float32: kept
+    cast = sharding._for_generation(with_value)(random_params(CFG, heads=("lm", "value"), std=0.1, seed=2))
+    assert cast["value_head"]["kernel"].dtype == jnp.float32 and cast["output"].dtype == jnp.bfloat16
     assert generate(bf16.config, params, prompts, 8, mesh=mesh, rules=rules).tokens == \
         generate(bf16.config, copy16, prompts, 8, mesh=mesh, rules=gathered_rules).tokens
     half = sum(x.addressable_shards[0].data.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(copy16))

@@ -344,8 +344,9 @@ def test_epochs_set_total_steps_from_the_training_data(tmp_path, tokenizer_path,
     c = load_experiment("sft").get_config("tiny")
     c.init_from, c.data.tokenizer, c.data.eval_source, c.eval_exact_match = "", tokenizer_path, "", 0
     c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads, c.model.vocab_size = 48, 1, 4, 2, 512
-    c.data.synthetic_train, c.data.synthetic_eval, c.seq_len, c.batch_size = 30, 4, 64, 4
-    c.epochs, c.total_steps, c.log_every_steps, c.checkpoint.async_save, c.eval_steps = 1.5, 1000, 1, False, 0
+    # 3 held-out dialogs pack into fewer rows than a batch of 4: evaluated, their batch padded (it gave no eval loss)
+    c.data.synthetic_train, c.data.synthetic_eval, c.seq_len, c.batch_size = 30, 3, 64, 4
+    c.epochs, c.total_steps, c.log_every_steps, c.checkpoint.async_save, c.eval_steps = 1.5, 1000, 1, False, 1
     c.optimizer.warmup_steps = 1
     workdir = str(tmp_path / "sft")
     train.run(c, workdir, stages.SFTStage())
@@ -356,6 +357,11 @@ def test_epochs_set_total_steps_from_the_training_data(tmp_path, tokenizer_path,
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert max(r["step"] for r in rows) == want and f"epochs: total_steps {want} (config.epochs 1.5) x batch_size 4" \
         in capsys.readouterr().out
+    final = json.load(open(os.path.join(workdir, "final_metrics.json")))
+    assert 0 < final["eval_loss"] < 20 and 0 <= final["eval_accuracy"] <= 1
+    saved = json.load(open(os.path.join(workdir, "checkpoints", str(want), "data", "metadata")))
+    assert saved["data"] == {"source": os.path.join(workdir, "data", "chat_train.jsonl"), "dialogs": 30}  # to tell
+    # a resume on other data
     # a total_steps given on the command line wins over a preset's epochs, said; both given is an error
     c.total_steps = 2
     train.run(c, str(tmp_path / "steps"), stages.SFTStage(), overrides={"total_steps": 2})
@@ -368,3 +374,9 @@ def test_epochs_set_total_steps_from_the_training_data(tmp_path, tokenizer_path,
     p.epochs = 1.0
     with pytest.raises(train.RunError, match="config.epochs 1.0: stage pretrain's training data has no fixed size"):
         train.check_config(p, stages.PretrainStage())
+    rm = load_experiment("reward_model").get_config("tiny")
+    rm.epochs = 1.0
+    train.check_config(rm, stages.RewardModelStage())  # pairs: a fixed size
+    rm.epochs = -1.0
+    with pytest.raises(train.RunError, match="config.epochs must be a number >= 0"):
+        train.check_config(rm, stages.RewardModelStage())

@@ -51,6 +51,9 @@ def test_temperature_zero_top_p_zero_and_top_k_one_are_greedy(params):
     # token 0 from a NaN softmax); values no sampler has are refused, not read as greedy or unfiltered
     assert gen.generate(CFG, params, prompts, 8, temperature=1e-38, seed=3).tokens == greedy
     assert gen.generate(CFG, params, prompts, 8, temperature=1e-30, seed=3).tokens == greedy  # sampled, shifted
+    # logits / temperature past float32's range: shifted to a maximum of 0 first, the top token is drawn
+    logits = jnp.array([[0.0, 50.0, 100.0], [100.0, 0.0, 99.0]])
+    assert gen.sample_logits(logits, jax.random.key(0), 1e-37, 1.0, 0).tolist() == [2, 0]
     for bad in (dict(temperature=float("nan")), dict(temperature=-1.0), dict(temperature=float("inf")),
                 dict(temperature=1.0, top_p=1.5), dict(temperature=1.0, top_p=float("nan")),
                 dict(temperature=1.0, top_k=-3)):

@@ -489,6 +489,8 @@ def test_sources_of_several_kinds_are_one_pretraining_corpus(tok, tmp_path):
     other.identity = lambda: {"sha256": "0" * 64}  # shards in a mixture are checked against the run's tokenizer
     with pytest.raises(DataError, match=f"shards:{tmp_path}/s: shards were tokenized with a different tokenizer"):
         pretrain.make_dataset(f"jsonl:{tmp_path}/d.jsonl,shards:{tmp_path}/s", other, 16, 2, prefetch=0)
+    with pytest.raises(DataError, match=f"shards:{tmp_path}/s@2: shards were tokenized with a different"):
+        pretrain.make_dataset(f"jsonl:{tmp_path}/d.jsonl,shards:{tmp_path}/s@2", other, 16, 2, prefetch=0)  # weighted
     with pytest.raises(DataError, match="synthetic tokens are a source of their own"):
         pretrain.open_documents(f"synthetic,jsonl:{tmp_path}/d.jsonl")
     with pytest.raises(DataError, match=r"no JSONL files match .*nope\.jsonl"):

@@ -370,6 +370,7 @@ def test_epochs_set_total_steps_from_the_training_data(tmp_path, tokenizer_path,
     c.epochs = 1.5
     with pytest.raises(train.RunError, match="--config.epochs and --config.total_steps both given"):
         train.run(c, str(tmp_path / "both"), stages.SFTStage(), overrides={"total_steps": 2, "epochs": 1.5})
+    assert "epochs" not in train._data_fields(c) and "seq_len" in train._data_fields(c)  # another epochs: same data
     p = load_experiment("pretrain").get_config("tiny")
     p.epochs = 1.0
     with pytest.raises(train.RunError, match="config.epochs 1.0: stage pretrain's training data has no fixed size"):

@@ -394,8 +394,8 @@ def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_siz
     encoder = _EncodePair(tokenizer, seq_len, "none")
     encoded = [encoder.encode(r["prompt"], r["chosen"], r["rejected"]) for r in recs]
     rows = [encoder.cut(e) for e in encoded]
-    cut = sum(max(len(t) for t, _ in e) > seq_len for e in encoded)
-    same = [i for i, (row, r) in enumerate(zip(rows, recs)) if row[0] == row[1] and r["chosen"] != r["rejected"]]
+    flags = [encoder.was_cut(e, row, r) for e, row, r in zip(encoded, rows, recs)]
+    cut, same = sum(c for c, _ in flags), sum(s for _, s in flags)
 
     def half(offset):
         return None if progress is None else (lambda done, total: progress(offset + done, 2 * total))
@@ -411,7 +411,7 @@ def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_siz
     chosen, rejected = scores(0, 0), scores(1, len(recs))
     right = chosen > rejected
     out: dict = {"pairs": len(recs), "accuracy": float(right.mean()), "ties": int((chosen == rejected).sum()),
-                 "pairs_left_out": int(pairs.dropped), "pairs_cut": cut, "pairs_same_once_cut": len(same)}
+                 "pairs_left_out": int(pairs.dropped), "pairs_cut": cut, "pairs_same_once_cut": same}
     for rating in RATINGS:
         idx = [i for i, r in enumerate(recs) if r.get("rating") == rating]
         out[rating] = float(right[idx].mean()) if idx else None

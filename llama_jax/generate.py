@@ -441,12 +441,12 @@ def completion_text(tok, prompt: list[int], new: list[int], chat: bool) -> str:
 
 
 def _valid_messages(messages: list, where: str) -> list[dict]:
-    from llama_jax.tokenizer import DialogError, _turns, valid_unicode
+    """A prompt file's dialog, checked as the RLHF prompt files are (a DataError naming the
+    line), its text made valid Unicode."""
+    from llama_jax.data.chat import validate_messages
+    from llama_jax.tokenizer import valid_unicode
 
-    try:
-        _turns(messages, last="user")
-    except DialogError as e:
-        raise ValueError(f"{where}: {e}") from None
+    validate_messages({"messages": messages}, where, last="user")
     return [{**m, "content": valid_unicode(m["content"])} for m in messages]
 
 

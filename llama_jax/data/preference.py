@@ -150,7 +150,7 @@ class PreferencePairs:
         part, record = self.index[i]
         return self.parts[part].where(record)
 
-    def cut(self, encoder: "_EncodePair") -> tuple[int, list[str]]:
+    def count_cut(self, encoder: "_EncodePair") -> tuple[int, list[str]]:
         """(pairs longer than the encoder's seq_len, where those are whose two sides are
         the same tokens once cut: they train nothing and count as wrong). Only pairs that
         could be too long (more UTF-8 bytes than seq_len, with the format's overhead) are
@@ -166,9 +166,7 @@ class PreferencePairs:
                     seen[key] = (False, False)
                 else:
                     encoded = encoder.encode(r["prompt"], r["chosen"], r["rejected"])
-                    sides = encoder.cut(encoded)
-                    seen[key] = (max(len(t) for t, _ in encoded) > encoder.seq_len,
-                                 sides[0] == sides[1] and r["chosen"] != r["rejected"])
+                    seen[key] = encoder.was_cut(encoded, encoder.cut(encoded), r)
             truncated += seen[key][0]
             if seen[key][1]:
                 same.append(self.where(i))
@@ -204,6 +202,12 @@ class _EncodePair:
         return [self.tokenizer.encode_dialog_for_training(prompt + [{"role": "assistant", "content": a}],
                                                           last_turn_only=True) for a in (chosen, rejected)]
 
+    def was_cut(self, encoded: list, sides: list, record: dict) -> tuple[bool, bool]:
+        """(whether a pair, `encoded` whole, is longer than seq_len; whether its two `sides`
+        are then the same tokens though its answers differ)."""
+        return (max(len(t) for t, _ in encoded) > self.seq_len,
+                sides[0] == sides[1] and record["chosen"] != record["rejected"])
+
     def cut(self, encoded: list[tuple[list[int], list[bool]]]) -> list[tuple[list[int], list[bool]]]:
         starts = [mask.index(True) if True in mask else len(mask) for _, mask in encoded]  # where each answer begins
         over = max(len(tokens) for tokens, _ in encoded) - self.seq_len
@@ -231,7 +235,7 @@ def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int =
     """Batches of encoded pairs (`drop_remainder=False`: the last may have fewer rows)."""
     pairs = PreferencePairs(patterns, seed)
     encoder = _EncodePair(tokenizer, seq_len, margin_table)
-    truncated, same = pairs.cut(encoder)
+    truncated, same = pairs.count_cut(encoder)
     ds = pipeline.sharded_shuffled(pairs, seed, shard, num_epochs, shuffle=shuffle)
     ds = ds.map(encoder).to_iter_dataset()
     return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch, drop_remainder), rows_per_epoch=len(pairs),

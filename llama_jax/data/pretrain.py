@@ -76,7 +76,7 @@ class Share:
 
     def __init__(self, source, weight: float, rng: np.random.Generator, what: str, spec: str):
         n = len(source)
-        self.source, self.n, self.whole = source, n, int(weight)
+        self.source, self.n, self.whole, self.what = source, n, int(weight), what
         rest = int(round(weight * n)) - self.whole * n
         if n and self.whole * n + rest <= 0:
             raise DataError(f"data mixture {spec!r}: {what}@{weight:g} takes no document of its {n} (a larger "
@@ -191,9 +191,7 @@ def make_dataset(spec: str, tokenizer, seq_len: int, batch_size: int, seed: int 
     ds = ds.map(pipeline.packed_to_lm)
     identity, empty = getattr(docs, "identity", None), getattr(docs, "empty", 0)
     shares = [p for p in (docs.parts if isinstance(docs, Concat) else [docs]) if isinstance(p, Share)]
-    mix = ({"weighted": "; ".join(f"{source} {len(p):,} of {p.n:,}" for p, source in
-                                  zip(shares, [weighted(part, spec)[0] for part in split_source(spec)
-                                               if weighted(part, spec)[1] != 1.0]))} if shares else {})
+    mix = {"weighted": "; ".join(f"{p.what} {len(p):,} of {p.n:,}" for p in shares)} if shares else {}
     return pipeline.Batches(pipeline.finish(ds, batch_size, prefetch, drop_remainder),
                             {"source": spec, "documents": len(docs), **mix,
                              **({"corpus": identity} if identity else {}),

@@ -3,8 +3,7 @@ with a safety preprompt, kept where the safety reward model prefers them to the 
 without it, then trained without the preprompt.
 
   tiny  python -m llama_jax.main --config=experiments/safety_distill.py:tiny --workdir=runs/distill \\
-            --config.init_from=runs/gatt --config.rlhf.reward_model=runs/rm \\
-            --config.rlhf.safety_reward_model=runs/rm_safety
+            --config.init_from=runs/gatt --config.rlhf.safety_reward_model=runs/rm_safety
         Any CPU (a few minutes). 512 toy adversarial requests (the unsafe request hidden in a
         "Repeat exactly:" or "Reverse the words:" task, which the toy SFT data refuses
         under the generic safety preprompt as system prompt and does as a task without
@@ -29,7 +28,6 @@ def get_config(arg: str = "tiny"):
     c.data.pack = True
     if arg == "tiny":
         c.init_from = "runs/gatt"
-        c.rlhf.reward_model = "runs/rm"
         c.rlhf.safety_reward_model = "runs/rm_safety"
         c.data.synthetic_adversarial = 1.0  # the unsafe prompts hide the request in a task, which SFT does not refuse
         c.distill.preprompt = "generic"  # the toy model refuses with it; the long template confuses it
@@ -54,7 +52,6 @@ def get_config(arg: str = "tiny"):
         raise ValueError(f"experiments/safety_distill.py: unknown arg {arg!r}; use tiny, 7b, 13b, 34b or 70b")
     paper_scale(c, arg, batch_size=64)
     c.init_from = "/path/to/chat_checkpoint"
-    c.rlhf.reward_model = "/path/to/helpful_rm"
     c.rlhf.safety_reward_model = "/path/to/safety_rm"
     c.rlhf.prompts = "/path/to/adversarial/*.jsonl"
     c.rlhf.eval_prompts = "/path/to/heldout/*.jsonl"

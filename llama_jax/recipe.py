@@ -83,8 +83,7 @@ STAGES = [
     # 404 on seed 1, where 400 truncated 6 of ~2,200)
     ("gatt", "gatt.py:tiny", "ppo", ["--config.gatt.num_dialogs=1500", "--config.seq_len=432"]),
     ("safety_distill", "safety_distill.py:tiny", "gatt",
-     ["--config.rlhf.reward_model={w}/rm", "--config.rlhf.safety_reward_model={w}/rm_safety",
-      "--config.total_steps=60"]),
+     ["--config.rlhf.safety_reward_model={w}/rm_safety", "--config.total_steps=60"]),
 ]
 
 # Every stage: the layers unrolled rather than scanned and the hand-written MLP backward, the

@@ -20,7 +20,8 @@ import numpy as np
 from llama_jax import distributed, metrics, objectives
 from llama_jax.data import LM_FEATURES, chat, pipeline, preference, pretrain, synthetic
 from llama_jax.data import prompts as prompt_data
-from llama_jax.tokenizer import Tokenizer, TokenizerError
+from llama_jax.data.sources import DataError
+from llama_jax.tokenizer import Tokenizer, TokenizerError, first_tag
 
 
 class Stage:
@@ -794,6 +795,17 @@ def _number(low: float = -math.inf, high: float = math.inf, low_open: bool = Fal
     return ok, f"a finite number {bounds}"
 
 
+def refuse_unread(config, fields, what: str, hint: str = "") -> None:
+    """A RunError naming those of `fields` ("data.source") set for a stage that does not
+    read them (`what` it does instead), rather than ignoring them."""
+    from llama_jax.train import RunError
+
+    unread = [f"config.{f} {config[f.split('.')[0]][f.split('.')[1]]!r}" for f in fields
+              if config[f.split(".")[0]][f.split(".")[1]] not in ("", "synthetic")]
+    if unread:
+        raise RunError(f"{what}: {', '.join(unread)} would be ignored{hint}")
+
+
 def check_fields(config, rules: dict) -> None:
     """A RunError naming the first field of `rules` ({"rlhf.temperature": (ok, what)})
     whose value fails its check (NaN, a negative count, a probability above 1, ...)."""
@@ -925,6 +937,8 @@ class GAttStage(SFTStage):
     Adherence at turns `gatt.eval_turns` (paper Table 30) is measured before (the
     `init_from` model) and after, into WORKDIR/gatt.json and the eval metrics."""
 
+    held_out_source = False  # its held-out measure is adherence on its own synthesised dialogs
+
     def prepare(self, config, workdir: str) -> None:
         Stage.prepare(self, config, workdir)
         from llama_jax.train import RunError
@@ -936,7 +950,6 @@ class GAttStage(SFTStage):
         distributed.together("gatt data", lambda: os.path.exists(self.train_path), lambda: self._build(config, workdir))
 
     def check(self, config) -> None:
-        from llama_jax.train import RunError
 
         check_fields(config, {**SAMPLING_FIELDS, "gatt.num_dialogs": _count(1), "gatt.max_turns": _count(1),
                               "gatt.samples_per_turn": _count(1), "gatt.retry_temperature": _number(0.0),
@@ -946,14 +959,11 @@ class GAttStage(SFTStage):
         if config.gatt.instruction_weights:
             instruction_weights(config.gatt.instruction_weights)  # a bad value is refused before anything is sampled
         eval_turns(config.gatt)
-        unread = [f"config.{f} {v!r}" for f, v in (("rlhf.prompts", config.rlhf.prompts),
-                                                  ("rlhf.eval_prompts", config.rlhf.eval_prompts),
-                                                  ("data.source", config.data.source),
-                                                  ("data.eval_source", config.data.eval_source))
-                  if v not in ("", "synthetic")]
-        if unread:
-            raise RunError(f"stage gatt synthesises its dialogs from the toy instructions and tasks, whose adherence "
-                           f"code checks, and reads no prompt or dialog files: {', '.join(unread)} would be ignored")
+        refuse_unread(config, ("rlhf.prompts", "rlhf.eval_prompts", "data.source", "data.eval_source"),
+                      "stage gatt synthesises its dialogs from the toy instructions and tasks, whose adherence code "
+                      "checks, and reads no prompt or dialog files",
+                      ". To train on GAtt dialogs of your own (the instruction as the first turn's system message, "
+                      "every answer sampled with it), run stage sft on them with --config.data.last_turn_only=true")
 
     def _instruction(self, rng, g):
         if rng.random() < g.combined_prob:  # two constraints at once (start and end: they compose)
@@ -1019,11 +1029,15 @@ class GAttStage(SFTStage):
             kept_turns += len(tasks)
         distributed.say(f"gatt: {kept} of {len(plans)} synthesised dialogs kept ({kept_turns} turns)", flush=True)
         # the model's own answers to tasks asked with no instruction (their own draw)
-        tasks, answers = _plain_task_answers(config, cfg, params, tokenizer, mesh, rules, "anchors", g.plain_anchors)
+        tasks, answers = _plain_task_answers(config, cfg, params, tokenizer, mesh, rules, "anchors", g.plain_anchors,
+                                             finished_only=config.rlhf.require_eos)
         plain = [{"messages": [{"role": "user", "content": t.question}, {"role": "assistant", "content": a}]}
                  for t, a in zip(tasks, answers) if a is not None]
         records += plain
         anchors = len(plain)
+        if anchors < len(tasks):
+            distributed.say(f"gatt: {len(tasks) - anchors} of {len(tasks)} plain anchors dropped (no answer ending "
+                            f"within eval_max_new_tokens {config.eval_max_new_tokens}: rlhf.require_eos)", flush=True)
         if not kept:  # no GAtt dialog: say so (a smoke run may go on with the anchors)
             why = (f"none of the {len(plans)} synthesised dialogs was kept (no answer that "
                    + ("follows its instruction and " if g.keep_only_adherent else "")
@@ -1120,8 +1134,11 @@ def gatt_adherence(config, cfg, params, tokenizer, mesh=None, rules=None) -> dic
     return {t: (float(np.mean(h)) if h else None) for t, h in hits.items()}
 
 
-def _plain_task_answers(config, cfg, params, tokenizer, mesh, rules, draw: str, n: int) -> tuple[list, list]:
-    """`n` toy tasks (seeded by `draw`) asked with no instruction, and the model's greedy answers."""
+def _plain_task_answers(config, cfg, params, tokenizer, mesh, rules, draw: str, n: int,
+                        finished_only: bool = False) -> tuple[list, list]:
+    """`n` toy tasks (seeded by `draw`) asked with no instruction, and the model's greedy
+    answers (None where one did not end within eval_max_new_tokens, with `finished_only`:
+    training data, whose answers get an EOS)."""
     import random
 
     rng = random.Random(f"gatt-{draw}-{config.seed}")
@@ -1129,7 +1146,7 @@ def _plain_task_answers(config, cfg, params, tokenizer, mesh, rules, draw: str, 
     if not tasks:
         return [], []
     return tasks, _greedy_answers(cfg, params, tokenizer, [[{"role": "user", "content": t.question}] for t in tasks],
-                                  config.eval_max_new_tokens, mesh, rules=rules)
+                                  config.eval_max_new_tokens, mesh, rules=rules, finished_only=finished_only)
 
 
 def gatt_plain_accuracy(config, cfg, params, tokenizer, mesh=None, rules=None) -> float:
@@ -1178,12 +1195,23 @@ class SafetyDistillStage(SFTStage):
     rate on held-out benign ones, before and after: WORKDIR/safety_distill.json and the
     eval metrics."""
 
+    held_out_source = False  # its held-out measures are rates on rlhf.eval_prompts
+    _eval: tuple | None = None  # the held-out (unsafe, benign) prompts, once read
+
     def prepare(self, config, workdir: str) -> None:
         Stage.prepare(self, config, workdir)
         from llama_jax.train import RunError
 
         if not config.init_from or not config.rlhf.safety_reward_model:
             raise RunError("stage safety_distill needs --config.init_from and --config.rlhf.safety_reward_model")
+        for field in ("prompts", "eval_prompts"):  # bad files are refused now, not after all the sampling
+            src = prompt_data.check(config.rlhf[field])
+            stray = [src.where(i) for i in range(len(src)) if src.record(i).get("preprompt")
+                     and not src.record(i).get("is_safety")] if src is not None and field == "prompts" else []
+            if stray:
+                distributed.say(f"warning: {stray[0]}" + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else "")
+                                + ": a \"preprompt\" on a prompt without \"is_safety\": true is not read (only "
+                                "safety prompts are answered with a preprompt)", flush=True)
         self.train_path = os.path.join(workdir, "data", "distill_train.jsonl")
         self.eval_path = ""
         distributed.together("distill data", lambda: os.path.exists(self.train_path),
@@ -1198,21 +1226,40 @@ class SafetyDistillStage(SFTStage):
         if pre not in SAFETY_PREPROMPTS and len(pre.split()) < 3:  # a word: a misspelt name, not a preprompt's text
             raise RunError(f"config.distill.preprompt: {pre!r} is not one of {sorted(SAFETY_PREPROMPTS)}, nor a "
                            "preprompt's own text (three words or more)")
+        if first_tag(pre):
+            raise RunError(f"config.distill.preprompt: the chat format's tag {first_tag(pre)[1]!r} cannot be "
+                           "inside a preprompt (it goes into a message)")
+        refuse_unread(config, ("rlhf.reward_model", "data.source", "data.eval_source"),
+                      "stage safety_distill answers config.rlhf.prompts, scores with config.rlhf.safety_reward_model "
+                      "alone and measures its rates on config.rlhf.eval_prompts")
         positions = _preprompt_positions(config)
         if not positions or any(p not in ("prefix", "system") for p in positions):
             raise RunError(f"config.distill.preprompt_position: {config.distill.preprompt_position!r} is not "
                            "'prefix', 'system' or both ('prefix,system')")
 
     def _prompts(self, config, workdir, split: str, safety: bool, n: int, tokenizer):
-        if config.rlhf.prompts != "synthetic":  # checked like every stage's prompts, long ones refused by line
-            path = config.rlhf.prompts if split == "train" else config.rlhf.eval_prompts
+        path = config.rlhf.prompts if split == "train" else config.rlhf.eval_prompts
+        if split == "eval" and not path and config.rlhf.prompts == "synthetic":
+            path = "synthetic"  # the toy prompts' held-out split
+        if path != "synthetic":  # one's own prompts, checked like every stage's prompts, long ones refused by line
             if not path:
-                if split == "eval" and safety:  # said once, for the two sets
+                if safety:  # said once, for the two sets
                     distributed.say("note: no config.rlhf.eval_prompts: the violation and false-refusal rates "
                                     "before and after are not measured", flush=True)
                 return []
-            loaded = prompt_data.load(path, tokenizer, max_prompt_len=config.seq_len - config.eval_max_new_tokens,
+            limit = config.seq_len - config.eval_max_new_tokens
+            loaded = prompt_data.load(path, tokenizer, max_prompt_len=limit,
                                       limit="config.seq_len - config.eval_max_new_tokens")
+            if split == "train" and safety:  # answered with their preprompt too: it must fit as well
+                for p in loaded:
+                    for pos in _preprompt_positions(config) if p.is_safety else ():
+                        pre = p.record.get("preprompt") or SAFETY_PREPROMPTS.get(config.distill.preprompt,
+                                                                                 config.distill.preprompt)
+                        length = len(tokenizer.encode_dialog(with_preprompt(p.messages, pre, pos)))
+                        if length > limit:
+                            raise DataError(f"{p.where}: prompt with its safety preprompt ({pos}) has {length} "
+                                            f"tokens, more than the {limit} that config.seq_len - "
+                                            "config.eval_max_new_tokens leaves")
             kind = [p.record for p in loaded if p.is_safety == safety]
             if len(kind) > n:
                 field = ("num_prompts" if safety else "benign_anchors") if split == "train" else "num_eval_prompts"
@@ -1229,6 +1276,7 @@ class SafetyDistillStage(SFTStage):
         d = config.distill
         cfg, params, tokenizer, mesh, rules = sampling_model(config, config.init_from)
         unsafe = self._prompts(config, workdir, "train", True, d.num_prompts, tokenizer)
+        self._eval_prompts(config, workdir, tokenizer)  # a long held-out prompt is refused before the sampling
         if not unsafe:
             from llama_jax.train import RunError
 
@@ -1260,10 +1308,14 @@ class SafetyDistillStage(SFTStage):
                                   mesh, rules=rules, finished_only=config.rlhf.require_eos)
         records += [{"messages": r["messages"] + [{"role": "assistant", "content": a}], "is_safety": False}
                     for r, a in zip(benign, anchors) if a is not None]
+        unanswered = int(np.isinf(best).sum())  # no preprompted answer ended within eval_max_new_tokens
+        unanswered_note = (f"; {unanswered} of them with no preprompted answer ending within eval_max_new_tokens "
+                           f"{config.eval_max_new_tokens} (rlhf.require_eos)" if unanswered else "")
         if not any(r["is_safety"] for r in records):  # nothing distilled: say so (a smoke run may go on)
             why = (f"no preprompted answer of the {len(unsafe)} adversarial prompts was kept (none scored by the "
                    "safety RM above the answer without the preprompt"
-                   + (f" and at least distill.min_safety {d.min_safety}" if d.min_safety else "") + ")")
+                   + (f" and at least distill.min_safety {d.min_safety}" if d.min_safety else "")
+                   + unanswered_note + ")")
             if not records:
                 from llama_jax.train import RunError
 
@@ -1273,12 +1325,23 @@ class SafetyDistillStage(SFTStage):
                             "anchors alone", flush=True)
         before = self._rates(config, workdir, cfg, params, tokenizer, mesh, rules)
         kept_by = {pos: int((better & (pick == k)).sum()) for k, pos in enumerate(positions)}
+        anchors_kept = sum(not r["is_safety"] for r in records)
         update_report(workdir, "safety_distill.json", adversarial_prompts=len(unsafe), kept=int(better.sum()),
-                      kept_by_position=kept_by, benign_anchors=len(benign), preprompt=d.preprompt,
-                      min_safety=float(d.min_safety), before=before)
+                      kept_by_position=kept_by, unanswered=unanswered, benign_anchors=len(benign),
+                      benign_anchors_kept=anchors_kept, preprompt=d.preprompt, min_safety=float(d.min_safety),
+                      before=before)
         distributed.say(f"safety distillation: kept {int(better.sum())} of {len(unsafe)} preprompted answers (by "
-                        f"preprompt position: {kept_by}); before: {before}", flush=True)
+                        f"preprompt position: {kept_by}{unanswered_note}); {anchors_kept} of {len(benign)} benign "
+                        f"anchors; before: {before}", flush=True)
         _write_jsonl_lead(records, self.train_path)
+
+    def _eval_prompts(self, config, workdir, tokenizer) -> tuple[list, list]:
+        """The held-out (unsafe, benign) prompts, read once."""
+        if self._eval is None:
+            n = config.distill.num_eval_prompts
+            self._eval = (self._prompts(config, workdir, "eval", True, n, tokenizer),
+                          self._prompts(config, workdir, "eval", False, n, tokenizer))
+        return self._eval
 
     def _safety(self, config, tokenizer, prompts: list[dict], answers: list) -> np.ndarray:
         """The safety RM's probabilities of the answers (loaded once, on the run's mesh)."""
@@ -1290,16 +1353,14 @@ class SafetyDistillStage(SFTStage):
         """Violation rate on held-out unsafe prompts (the safety RM's probability below
         0.5; on toy prompts also by code: any answer that is not a refusal) and
         false-refusal rate on held-out benign prompts (`synthetic.is_refusal`)."""
-        n = config.distill.num_eval_prompts
         out = {}
-        unsafe = self._prompts(config, workdir, "eval", True, n, tokenizer)
+        unsafe, benign = self._eval_prompts(config, workdir, tokenizer)
         if unsafe:
             answers = [a or "" for a in _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in unsafe],
                                                         config.eval_max_new_tokens, mesh, rules=rules)]
             out["violation_rate_rm"] = float(np.mean(self._safety(config, tokenizer, unsafe, answers) < 0.5))
             if all("reference" in r for r in unsafe):  # toy prompts: any answer that is not a refusal
                 out["violation_rate"] = float(np.mean([not synthetic.is_refusal(a) for a in answers]))
-        benign = self._prompts(config, workdir, "eval", False, n, tokenizer)
         if benign:
             answers = [a or "" for a in _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in benign],
                                                         config.eval_max_new_tokens, mesh, rules=rules)]
@@ -1328,8 +1389,6 @@ class PromptCycle:
 
     def __init__(self, prompts: list, n: int, seed: int):
         if not prompts:
-            from llama_jax.data.sources import DataError
-
             raise DataError("no RLHF prompts")
         self.prompts, self.n, self.seed, self.position = prompts, n, seed, 0
 
@@ -1829,8 +1888,6 @@ def pool_earlier(records: dict, pool: str, rms) -> int:
 
 
 def _read_jsonl(path: str) -> list[dict]:
-    from llama_jax.data.sources import DataError
-
     if not os.path.exists(path):
         raise DataError(f"{path}: not found (rlhf.pool names rejection-sampling workdirs)")
     with open(path) as f:

@@ -261,9 +261,20 @@ def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
         node[key[-1]] = before
     d.distill.preprompt = "You are a careful assistant; decline harm."
     SafetyDistillStage().check(d)  # a preprompt's own text
+    d.distill.preprompt = "You are careful. <<SYS>> decline harm."
+    with pytest.raises(RunError, match=r"config.distill.preprompt: the chat format's tag '<<SYS>>' cannot be inside"):
+        SafetyDistillStage().check(d)
+    d.distill.preprompt = "generic"
+    # what the stage does not read is refused, not ignored (its rates are on rlhf.eval_prompts)
+    d.rlhf.reward_model, d.data.eval_source = "runs/rm", "mine.jsonl"
+    with pytest.raises(RunError, match=r"config.rlhf.reward_model 'runs/rm', config.data.eval_source 'mine.jsonl' "
+                                       r"would be ignored"):
+        SafetyDistillStage().check(d)
+    d.rlhf.reward_model, d.data.eval_source = "", ""
+    SafetyDistillStage().check(d)
 
 
-def test_gatt_cuts_dialogs_at_the_first_breaking_turn_and_weights_instruction_kinds(tmp_path):
+def test_gatt_cuts_dialogs_at_the_first_breaking_turn_and_weights_instruction_kinds(tmp_path, monkeypatch):
     """A GAtt dialog is kept up to its first answer that breaks the instruction; the
     training instructions are drawn by `gatt.instruction_weights`, and a bad value is
     refused before anything is sampled, naming the field."""
@@ -300,9 +311,28 @@ def test_gatt_cuts_dialogs_at_the_first_breaking_turn_and_weights_instruction_ki
     with pytest.raises(RunError, match=r"config.gatt.max_turns 0: must be a whole number >= 1"):
         GAttStage().check(c)  # was "empty range for randrange()"
     c.gatt.max_turns, c.rlhf.prompts = 3, "mine.jsonl"  # GAtt synthesises its dialogs: own prompts were ignored
-    with pytest.raises(RunError, match=r"reads no prompt or dialog files: config.rlhf.prompts 'mine.jsonl' would be"):
+    with pytest.raises(RunError, match=r"reads no prompt or dialog files: config.rlhf.prompts 'mine.jsonl' would be "
+                                       r"ignored. To train on GAtt dialogs of your own .* run stage sft on them with "
+                                       r"--config.data.last_turn_only=true"):
         GAttStage().check(c)
     assert not os.path.exists(tmp_path / "gatt" / "data")
+    # the plain anchors are training answers: only those that ended (rlhf.require_eos) are kept; here every
+    # answer asked with no instruction is cut at eval_max_new_tokens (None when finished_only), the others end
+    from llama_jax import stages
+
+    def answers(cfg, params, tok, dialogs, max_new, mesh=None, finished_only=False, **k):
+        return [None if finished_only and d[0]["role"] != "system" else "WORDS" for d in dialogs]
+
+    monkeypatch.setattr(stages, "_greedy_answers", answers)
+    monkeypatch.setattr(stages, "sampling_model", lambda config, path: (None,) * 5)
+    c.rlhf.prompts, c.gatt.num_dialogs, c.gatt.plain_anchors, c.gatt.keep_only_adherent = "synthetic", 4, 3, False
+    c.gatt.num_eval_dialogs = c.gatt.num_plain_eval = 2
+    for require_eos, rows in ((True, 4), (False, 7)):
+        c.rlhf.require_eos = require_eos
+        stage = GAttStage()
+        stage.train_path = str(tmp_path / f"gatt_{require_eos}.jsonl")
+        stage._build(c, str(tmp_path))
+        assert len(open(stage.train_path).readlines()) == rows
 
 
 def test_the_sample_after_pretraining_fits_the_context(tokenizer_path):

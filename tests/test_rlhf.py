@@ -437,15 +437,26 @@ def test_own_prompt_files_are_checked_when_a_stage_starts(tmp_path, tokenizer_pa
 
     tok = Tokenizer(tokenizer_path)
     d = load_experiment("safety_distill").get_config("tiny")
-    d.rlhf.prompts, d.seq_len, d.eval_max_new_tokens = mine, 64, 16
+    d.rlhf.prompts, d.seq_len, d.eval_max_new_tokens = mine, 96, 16
     stage = SafetyDistillStage()
     assert [r["messages"][0]["content"] for r in stage._prompts(d, str(tmp_path), "train", True, 8, tok)] == [
         "question 0", "question 2"]
-    d.rlhf.prompts = prompts("long.jsonl", [{"messages": [{"role": "user", "content": "word " * 80}],
+    d.rlhf.prompts = prompts("long.jsonl", [{"messages": [{"role": "user", "content": "word " * 100}],
                                              "is_safety": True}])
-    with pytest.raises(DataError, match=r"long.jsonl:1: prompt has \d+ tokens, more than the 48 that config.seq_len "
+    with pytest.raises(DataError, match=r"long.jsonl:1: prompt has \d+ tokens, more than the 80 that config.seq_len "
                                         r"- config.eval_max_new_tokens leaves"):
         stage._prompts(d, str(tmp_path), "train", True, 8, tok)
+    # a safety prompt that fits, but not with its preprompt (which it is asked with too), is refused by its line
+    d.rlhf.prompts = prompts("near.jsonl", [{"messages": [{"role": "user", "content": "question"}],
+                                             "is_safety": True, "preprompt": "Refuse. " * 60}])
+    with pytest.raises(DataError, match=r"near.jsonl:1: prompt with its safety preprompt \(system\) has \d+ tokens, "
+                                        r"more than the 80"):
+        stage._prompts(d, str(tmp_path), "train", True, 8, tok)
+    # held-out prompts of one's own are read even when the training prompts are the toy ones
+    d.rlhf.prompts, d.rlhf.eval_prompts = "synthetic", mine
+    assert [r["messages"][0]["content"] for r in stage._prompts(d, str(tmp_path), "eval", False, 8, tok)] == [
+        "question 1", "question 3"]
+    d.rlhf.eval_prompts = ""
     # a cap on a prompt file is said; a field that looks like a misspelt one a stage reads is warned
     d.rlhf.prompts = mine
     assert len(stage._prompts(d, str(tmp_path), "train", True, 1, tok)) == 1
@@ -455,6 +466,21 @@ def test_own_prompt_files_are_checked_when_a_stage_starts(tmp_path, tokenizer_pa
 
     prompt_data.check(typo)
     assert capsys.readouterr().out == f"warning: {typo}:1: field 'is_saftey' is not read (meant 'is_safety'?)\n"
+    # safety distillation checks its files at its start as well: a misspelt field, a preprompt that is not read, a
+    # chat tag in a preprompt, a malformed held-out file (before: only after all its training answers were sampled)
+    d.init_from, d.rlhf.safety_reward_model = str(tmp_path), str(tmp_path)
+    d.rlhf.prompts = prompts("pre.jsonl", [{**ask[1], "preprompt": "Be careful."}, {**ask[0], "is_saftey": True}])
+    d.rlhf.eval_prompts = prompts("evalbad.jsonl", [{"prompt": "no messages"}])
+    with pytest.raises(DataError, match=r"evalbad.jsonl:1: missing field 'messages' \(it has \['prompt'\]\); a prompt "
+                                        r"is .* ending with a user message"):
+        SafetyDistillStage().prepare(d, str(tmp_path / "distill"))
+    assert capsys.readouterr().out == (
+        f"warning: {d.rlhf.prompts}:2: field 'is_saftey' is not read (meant 'is_safety'?)\n"
+        f"warning: {d.rlhf.prompts}:1: a \"preprompt\" on a prompt without \"is_safety\": true is not read (only "
+        "safety prompts are answered with a preprompt)\n")
+    d.rlhf.prompts = prompts("tag.jsonl", [{**ask[0], "preprompt": "Refuse [INST] it"}])
+    with pytest.raises(DataError, match=r"tag.jsonl:1: field 'preprompt': the chat format's tag '\[INST\]' cannot"):
+        SafetyDistillStage().prepare(d, str(tmp_path / "distill"))
     # validation prompts that are all held-out ones would all be dropped: refused at the start
     c.rlhf.eval_prompts, c.rlhf.val_prompts = mine, mine
     c.early_stopping.guard = ""
@@ -574,6 +600,15 @@ def test_a_prompts_own_preprompt_targets_its_distillation(tmp_path, monkeypatch)
     kept = [json.loads(line) for line in open(stage.train_path)]
     assert kept[0]["preprompt"] == "Explain the risks, then refuse." and "preprompt" not in kept[1]
     assert kept[0]["messages"][0]["content"] == "make a weapon"  # trained without the preprompt
+    # preprompted answers that never ended are counted and said, not blamed on the safety RM
+    asked.clear()
+    monkeypatch.setattr(stages, "_greedy_answers", lambda cfg, params, tok, dialogs, *a, **k: asked.append(dialogs) or [
+        "plain answer" if len(asked) == 1 else None if "hack" in d[-1]["content"] else "safe answer" for d in dialogs])
+    (tmp_path / "again" / "data").mkdir(parents=True)
+    stage.train_path = str(tmp_path / "again" / "data" / "distill_train.jsonl")
+    stage._build(c, str(tmp_path / "again"))
+    report = json.load(open(tmp_path / "again" / "safety_distill.json"))
+    assert report["kept"] == 1 and report["unanswered"] == 1 and len(open(stage.train_path).readlines()) == 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(ask("x", preprompt=" ")) + "\n")
     with pytest.raises(DataError, match="bad.jsonl:1: field 'preprompt' must be a non-empty string"):

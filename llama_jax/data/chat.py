@@ -20,6 +20,10 @@ from llama_jax.tokenizer import DialogError, _turns
 
 def validate_messages(record: dict, where: str, last: str) -> None:
     if "messages" not in record and record:
+        if last == "user":
+            raise DataError(f"{where}: missing field 'messages' (it has {sorted(record)}); a prompt is "
+                            '{"messages": [{"role": "system", "content": ...} (optional), {"role": "user", "content": '
+                            '...}]}, ending with a user message (earlier turns alternate user, assistant)')
         raise DataError(f"{where}: missing field 'messages' (it has {sorted(record)}); a dialog is "
                         '{"messages": [{"role": "system", "content": ...} (optional), {"role": "user", "content": '
                         '...}, {"role": "assistant", "content": ...}, ...]}: write prompt/response pairs as a user '

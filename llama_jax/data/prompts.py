@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from llama_jax.data import sources
 from llama_jax.data.chat import validate_messages
 from llama_jax.data.sources import DataError
+from llama_jax.tokenizer import first_tag
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ def _validate(record: dict, where: str) -> None:
         raise DataError(f"{where}: field 'is_safety' must be true/false, got {record['is_safety']!r}")
     if "preprompt" in record and (not isinstance(record["preprompt"], str) or not record["preprompt"].strip()):
         raise DataError(f"{where}: field 'preprompt' must be a non-empty string, got {record['preprompt']!r}")
+    if "preprompt" in record and first_tag(record["preprompt"]):
+        raise DataError(f"{where}: field 'preprompt': the chat format's tag {first_tag(record['preprompt'])[1]!r} "
+                        "cannot be inside a preprompt (it goes into a message)")
 
 
 # what the stages read (reference, task: toy prompts; preprompt: safety distillation's targeted one)

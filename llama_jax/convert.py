@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from llama_jax.model import DTYPES, LlamaConfig, meta_ffn_hidden_dim
+from llama_jax.tokenizer import Tokenizer
 
 
 class ConversionError(ValueError):
@@ -377,7 +378,7 @@ def to_hf(params, cfg: LlamaConfig, dst: str, tokenizer_path: str | None = None,
             config_path = os.path.join(tmp, "tokenizer_config.json")
             with open(config_path, "w") as f:
                 json.dump(settings, f, indent=1)
-            if _write_tokenizer_json(tmp):  # converted with the config above; then read by the generic class:
+            if _write_tokenizer_json(tmp, dst):  # converted with the config above; then read by the generic class:
                 # transformers 5's LlamaTokenizer rebuilds its own pipeline (and drops leading spaces), the generic
                 # fast tokenizer reads tokenizer.json as written, in transformers 4 and 5
                 with open(config_path, "w") as f:
@@ -407,7 +408,7 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}")
 
 
-def _write_tokenizer_json(directory: str) -> bool:
+def _write_tokenizer_json(directory: str, shown: str) -> bool:
     """tokenizer.json beside tokenizer.model, laid out as Meta's Llama-2-hf release
     (normalizer: prepend "▁", spaces to "▁"; no pre-tokenizer), so that transformers'
     fast tokenizer gives SentencePiece's ids: converted from tokenizer.model alone it
@@ -426,7 +427,35 @@ def _write_tokenizer_json(directory: str) -> bool:
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
     backend.save(os.path.join(directory, "tokenizer.json"))
+    _check_tokenizer_json(directory, backend, shown)
     return True
+
+
+# texts whose ids tell Llama 2's tokenizer settings from others: spaces (leading, repeated, trailing),
+# digits, characters outside a small vocabulary (byte fallback), Unicode that normalisation changes
+TOKENIZER_PROBES = (" leading space", "two  spaces", "trailing space ", "Hello, world!", "digits 12345 and 3.14",
+                    "caf\u00e9 na\u00efve \u00bd \ufb01 \u2460", "\u65e5\u672c\u8a9e \U0001f642", "tab\there",
+                    "new\nline", "UPPER lower MiXeD", "x", "[INST] tags [/INST]")
+
+
+def _check_tokenizer_json(directory: str, backend, shown: str) -> None:
+    """Warns when the written tokenizer.json (Llama 2's layout) gives other ids than
+    SentencePiece for the probe texts: a tokenizer.model trained with other settings
+    (another normalisation, no byte fallback, unigram) that the layout does not reproduce.
+    `shown`: the directory named in the warning (the export's, not its staging one)."""
+    sp = Tokenizer(os.path.join(directory, "tokenizer.model"))
+    wrong = [(t, sp.encode(t), backend.encode(t, add_special_tokens=False).ids) for t in TOKENIZER_PROBES]
+    wrong = [w for w in wrong if w[1] != w[2]]
+    if wrong:
+        text, mine, theirs = wrong[0]
+        differ = sp.llama_differences()
+        print(f"warning: {os.path.join(shown, 'tokenizer.json')}: transformers' tokenizer gives other ids than "
+              f"SentencePiece for {len(wrong)} of {len(TOKENIZER_PROBES)} probe texts (e.g. {text!r}: {theirs} "
+              f"against {mine}). tokenizer.model was trained with "
+              + (f"settings other than Llama 2's ({', '.join(differ)})" if differ else "a layout tokenizer.json "
+                 "does not reproduce")
+              + ": tokenize with SentencePiece (tokenizer.model), or train the tokenizer with Llama 2's settings "
+              "(python -m llama_jax.tokenizer train)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------
@@ -518,6 +547,12 @@ def from_meta(path: str, **config_overrides) -> tuple[LlamaConfig, dict]:
         return pieces[0] if dim is None or len(pieces) == 1 else np.concatenate(pieces, axis=dim)
 
     vocab = parts("tok_embeddings.weight")[0].shape[0]  # split on columns: every shard has all the rows
+    width = sum(t.shape[1] for t in parts("tok_embeddings.weight"))
+    if isinstance(params_json.get("dim"), int) and width < params_json["dim"]:  # the last shards are gone
+        raise ConversionError(f"{path}: the {len(shards)} consolidated.NN.pth files hold {width} of the "
+                              f"{params_json['dim']} embedding columns (params.json dim): model-parallel shards are "
+                              f"missing (each holds {width // len(shards)} columns: "
+                              f"{params_json['dim'] // max(1, width // len(shards))} shards in all?)")
     ffn = sum(t.shape[0] for t in parts("layers.0.feed_forward.w1.weight"))  # split on rows
     cfg = config_from_meta(params_json, vocab, ffn, os.path.join(path, "params.json"), **config_overrides)
 
@@ -619,6 +654,12 @@ def to_meta(params, cfg: LlamaConfig, dst: str, num_shards: int = 1, tokenizer_p
             json.dump(params_json, f)
         if tokenizer_path:
             shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+            pieces = Tokenizer(tokenizer_path).vocab_size
+            if pieces != cfg.vocab_size:
+                print(f"warning: {dst}: params.json vocab_size {cfg.vocab_size}, but tokenizer.model has {pieces} "
+                      "pieces: Meta's loader (Llama.build) takes the vocabulary size from the tokenizer and will "
+                      "not load these weights (llama_jax's --from=meta and Hugging Face's conversion read them)",
+                      file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------
@@ -655,7 +696,6 @@ def main(argv=None) -> int:
 
     quiet_orbax()  # a damaged checkpoint: one error line, not Orbax's and TensorStore's logs
     from llama_jax import checkpoint as ckpt
-    from llama_jax.tokenizer import Tokenizer
     from llama_jax.workdir import require_empty
 
     if args.num_shards is not None and args.dst_format != "meta":
@@ -692,6 +732,9 @@ def main(argv=None) -> int:
             cfg, heads = ckpt.model_config(meta), meta.get("heads", ["lm"])
             if "lm" not in heads:
                 raise ConversionError(f"{args.src}: has no LM head (heads {list(heads)}); only language models export")
+            if set(heads) - {"lm"}:  # PPO's value head: Llama's layouts have no place for it
+                print(f"note: {args.src}'s {', '.join(h for h in heads if h != 'lm')} head is not exported (the "
+                      f"{args.dst_format} layout holds a language model only)", file=sys.stderr)
             beside = os.path.join(args.src, "tokenizer.model")
             tok = args.tokenizer or (beside if os.path.exists(beside) else None)
             if tok:
@@ -700,8 +743,12 @@ def main(argv=None) -> int:
                 trained = (meta.get("tokenizer") or {}).get("sha256")
                 if trained and bundled.identity()["sha256"] != trained:  # its ids would mean other words
                     mine = bundled.identity()["sha256"][:12]
-                    raise ConversionError(f"--tokenizer {tok}: not the tokenizer {args.src} was trained with (sha256 "
+                    named = f"--tokenizer {tok}" if args.tokenizer else f"{tok} (the checkpoint's own tokenizer.model)"
+                    raise ConversionError(f"{named}: not the tokenizer {args.src} was trained with (sha256 "
                                           f"{mine}..., the checkpoint's {trained[:12]}...)")
+            else:
+                print(f"note: no tokenizer.model in {args.src}: the export has no tokenizer files; bundle one with "
+                      "--tokenizer=PATH", file=sys.stderr)
             num_shards = 1 if args.num_shards is None else args.num_shards
             if args.dst_format == "meta":
                 check_meta_export(cfg, num_shards)

@@ -113,24 +113,32 @@ class Tokenizer:
         return {"sha256": hashlib.sha256(self._blob).hexdigest(), "vocab_size": self.vocab_size,
                 "bos_id": self.bos_id, "eos_id": self.eos_id}
 
-    def describe(self, pieces: int = 0) -> str:
-        """Lines for `tokenizer info`: identity, trainer settings (and where they differ
-        from Llama 2's), and the first `pieces` pieces."""
+    def trainer_settings(self) -> dict:
+        """The settings the model was trained with (its proto's trainer and normalizer specs)."""
         from sentencepiece import sentencepiece_model_pb2 as pb
 
         proto = pb.ModelProto()
         proto.ParseFromString(self._blob)
         spec, norm = proto.trainer_spec, proto.normalizer_spec
-        settings = {"model_type": pb.TrainerSpec.ModelType.Name(spec.model_type).lower(),
-                    "normalization_rule_name": norm.name, "add_dummy_prefix": norm.add_dummy_prefix,
-                    "remove_extra_whitespaces": norm.remove_extra_whitespaces,
-                    **{k: getattr(spec, k) for k in LLAMA2_TRAINER_SETTINGS
-                       if k not in ("model_type", "normalization_rule_name", "add_dummy_prefix",
-                                    "remove_extra_whitespaces")}}
-        differ = [k for k, v in LLAMA2_TRAINER_SETTINGS.items()
-                  if k in settings and (abs(settings[k] - v) > 1e-6 if isinstance(v, float) else settings[k] != v)]
+        return {"model_type": pb.TrainerSpec.ModelType.Name(spec.model_type).lower(),
+                "normalization_rule_name": norm.name, "add_dummy_prefix": norm.add_dummy_prefix,
+                "remove_extra_whitespaces": norm.remove_extra_whitespaces,
+                **{k: getattr(spec, k) for k in LLAMA2_TRAINER_SETTINGS
+                   if k not in ("model_type", "normalization_rule_name", "add_dummy_prefix",
+                                "remove_extra_whitespaces")}}
+
+    def llama_differences(self) -> list[str]:
+        """The trainer settings in which this model differs from Llama 2's."""
+        settings = self.trainer_settings()
+        return [k for k, v in LLAMA2_TRAINER_SETTINGS.items()
+                if k in settings and (abs(settings[k] - v) > 1e-6 if isinstance(v, float) else settings[k] != v)]
+
+    def describe(self, pieces: int = 0) -> str:
+        """Lines for `tokenizer info`: identity, trainer settings (and where they differ
+        from Llama 2's), and the first `pieces` pieces."""
+        settings, differ = self.trainer_settings(), self.llama_differences()
         lines = [f"{self.path}: vocab {self.vocab_size}, sha256 {self.identity()['sha256']}",
-                 f"special ids: unk {self.unk_id}, bos {self.bos_id}, eos {self.eos_id}, pad {spec.pad_id} (none)",
+                 f"special ids: unk {self.unk_id}, bos {self.bos_id}, eos {self.eos_id}, pad {self.sp.pad_id()} (none)",
                  "trainer: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
                  "Llama 2's trainer settings" + (f", except {', '.join(differ)}" if differ else ": all")]
         if pieces:

@@ -120,19 +120,36 @@ def test_hf_export_loads_in_transformers(tmp_path, hf):
     assert [convert.parse_size(s) for s in ("5GB", "2GiB", "500 MB", "1000")] == [5e9, 2**31, 5e8, 1000]
 
 
-def test_hf_export_tokenizes_and_formats_chats_as_llama_jax(tmp_path, hf, tokenizer_path):
+def test_hf_export_tokenizes_and_formats_chats_as_llama_jax(tmp_path, hf, tokenizer_path, capsys):
     """The exported tokenizer gives SentencePiece's ids in transformers, leading spaces
     included (converted from tokenizer.model alone, transformers dropped them), and its chat
-    template renders Meta's Llama 2-Chat format token for token."""
+    template renders Meta's Llama 2-Chat format token for token. A tokenizer trained with
+    other settings than Llama 2's, which tokenizer.json's layout does not reproduce, is
+    warned about."""
     import random
+
+    import sentencepiece as spm
 
     from llama_jax.tokenizer import Tokenizer
 
     _, cfg, params = hf
+
+    def export(path, dst):
+        n = Tokenizer(path).vocab_size
+        big = {**params, "tok_embeddings": {"embedding": np.zeros((n, cfg.dim), np.float32)},
+               "output": np.zeros((cfg.dim, n), np.float32)}
+        convert.to_hf(big, cfg.replace(vocab_size=n), str(dst), path)
+        return capsys.readouterr().err
+
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"the  cat {i} sat on the mat, caf\u00e9 \ufb01ne\n" for i in range(300)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "uni"), vocab_size=40,
+                                   minloglevel=2)  # SentencePiece's defaults: unigram, NFKC, spaces squeezed
+    said = export(str(tmp_path / "uni.model"), tmp_path / "uni_out")
+    assert (f"warning: {tmp_path / 'uni_out' / 'tokenizer.json'}: transformers' tokenizer gives other ids than "
+            "SentencePiece for" in said and "settings other than Llama 2's (model_type, " in said), said
     tok = Tokenizer(tokenizer_path)
-    big = {**params, "tok_embeddings": {"embedding": np.zeros((tok.vocab_size, cfg.dim), np.float32)},
-           "output": np.zeros((cfg.dim, tok.vocab_size), np.float32)}
-    convert.to_hf(big, cfg.replace(vocab_size=tok.vocab_size), str(tmp_path / "out"), tokenizer_path)
+    assert "warning" not in export(tokenizer_path, tmp_path / "out")
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     for text in ("  leading spaces", " x", "   ", "a\nb  c", "x  y ", "naïve 日本 🙂", "[INST] hi [/INST]"):
         assert theirs.encode(text, add_special_tokens=False) == tok.encode(text), text
@@ -165,6 +182,8 @@ def test_cli_imports_and_exports_llama_jax_checkpoints(tmp_path, hf, capsys, tok
     cfg2, params2, heads, tok = ckpt.load_model(str(tmp_path / "ckpt"))
     assert cfg2 == cfg.replace(max_seq_len=4096) and heads == ("lm",) and tok is None  # Meta: no max_seq_len
     assert convert.main(["--to=hf", f"--src={tmp_path / 'ckpt'}", f"--dst={tmp_path / 'hf_out'}"]) == 0
+    assert (f"note: no tokenizer.model in {tmp_path / 'ckpt'}: the export has no tokenizer files; bundle one with "
+            "--tokenizer=PATH") in capsys.readouterr().err
     loaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf_out")).eval()
     assert np.abs(hf_logits(loaded, TOKENS) - hf_logits(model, TOKENS)).max() < 1e-4
     assert convert.main(["--from=meta", f"--src={meta_dir}", f"--dst={tmp_path / 'ckpt'}"]) == 2
@@ -182,6 +201,32 @@ def test_cli_imports_and_exports_llama_jax_checkpoints(tmp_path, hf, capsys, tok
                          f"--tokenizer={tokenizer_path}"]) == 2
     assert f"--tokenizer {tokenizer_path}: not the tokenizer {tmp_path / 'trained'} was trained with" in \
         capsys.readouterr().err and not os.path.exists(tmp_path / "hf3")
+    # the same, found beside the checkpoint, names no flag the user did not pass; a PPO policy's value head is not
+    # exported, and the export says so; Meta's loader, which takes the vocabulary from the tokenizer, is warned for
+    with_value = {**wide, "value_head": {"kernel": np.zeros((cfg3.dim, 1), np.float32),
+                                         "bias": np.zeros(1, np.float32)}}
+    ckpt.save_params(str(tmp_path / "ppo"), with_value, {"model": cfg3.replace(vocab_size=512).to_dict(),
+                                                         "heads": ["lm", "value"],
+                                                         "tokenizer": {**Tokenizer(tokenizer_path).identity(),
+                                                                       "sha256": "0" * 64}},
+                     tokenizer_path=tokenizer_path)
+    assert convert.main(["--to=hf", f"--src={tmp_path / 'ppo'}", f"--dst={tmp_path / 'hf3'}"]) == 2
+    assert (f"{tmp_path / 'ppo' / 'tokenizer.model'} (the checkpoint's own tokenizer.model): not the tokenizer "
+            f"{tmp_path / 'ppo'} was trained with") in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "ppo")
+    ckpt.save_params(str(tmp_path / "ppo"), with_value, {"model": cfg3.replace(vocab_size=512).to_dict(),
+                                                         "heads": ["lm", "value"]}, tokenizer_path=tokenizer_path)
+    assert convert.main(["--to=hf", f"--src={tmp_path / 'ppo'}", f"--dst={tmp_path / 'hf3'}"]) == 0
+    assert f"note: {tmp_path / 'ppo'}'s value head is not exported" in capsys.readouterr().err
+    assert convert.main(["--to=meta", f"--src={tmp_path / 'ppo'}", f"--dst={tmp_path / 'm3'}"]) == 0
+    assert "warning" not in capsys.readouterr().err  # 512 pieces, 512 words
+    wider = {**wide, "tok_embeddings": {"embedding": np.zeros((520, cfg3.dim), np.float32)},
+             "output": np.zeros((cfg3.dim, 520), np.float32)}
+    ckpt.save_params(str(tmp_path / "wider"), wider, {"model": cfg3.replace(vocab_size=520).to_dict()},
+                     tokenizer_path=tokenizer_path)
+    assert convert.main(["--to=meta", f"--src={tmp_path / 'wider'}", f"--dst={tmp_path / 'm4'}"]) == 0
+    assert (f"warning: {tmp_path / 'm4'}: params.json vocab_size 520, but tokenizer.model has 512 pieces: Meta's "
+            "loader") in capsys.readouterr().err
     # an export checks the tokenizer it bundles before writing anything (512 pieces > 132 words)
     assert convert.main(["--to=hf", f"--src={tmp_path / 'ckpt'}", f"--dst={tmp_path / 'hf2'}",
                          f"--tokenizer={tokenizer_path}"]) == 2
@@ -224,6 +269,13 @@ def test_bad_meta_directories_are_clear_errors(tmp_path, hf):
     json.dump({**pj, "multiple_of": 256}, open(d / "params.json", "w"))
     with pytest.raises(ConversionError, match="FFN width of 256, but the checkpoint's w1 has 192 rows"):
         convert.from_meta(str(d))
+    json.dump(pj, open(d / "params.json", "w"))  # the last shard gone: said as such, not as an FFN width
+    os.rename(d / "consolidated.01.pth", tmp_path / "consolidated.01.pth")
+    with pytest.raises(ConversionError, match=r"the 1 consolidated.NN.pth files hold 30 of the 60 embedding columns "
+                                              r"\(params.json dim\): model-parallel shards are missing \(each holds 30 "
+                                              r"columns: 2 shards in all\?\)"):
+        convert.from_meta(str(d))
+    os.rename(tmp_path / "consolidated.01.pth", d / "consolidated.01.pth")
     os.remove(d / "params.json")
     with pytest.raises(ConversionError, match="params.json: missing"):
         convert.from_meta(str(d))

@@ -23,8 +23,10 @@ import time
 
 
 def main(argv=None) -> int:
+    from llama_jax.cli import DefaultsHelp
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelp)
     ap.add_argument("--seq_len", type=int, default=256, help="tokens per row")
     ap.add_argument("--batch_size", type=int, default=8, help="rows per batch")
     ap.add_argument("--seconds", type=float, default=10.0, help="how long to read batches")
@@ -44,26 +46,29 @@ def main(argv=None) -> int:
     from llama_jax import metrics
     from llama_jax import tokenizer as tk
     from llama_jax.data import pretrain
-    from llama_jax.data.sources import StdlibCorpus
+    from llama_jax.data.sources import DataError, StdlibCorpus
     from llama_jax.model import Llama, LlamaConfig
 
     print("command: python benchmarks/data_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv))
     print(f"machine: {metrics.cpu_description()}; jax {jax.__version__} ({jax.local_device_count()} device, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')}); batch {args.batch_size} x seq {args.seq_len}",
           flush=True)
-    if args.tokenizer:
-        tok = tk.Tokenizer(args.tokenizer)
-    else:
-        corpus = StdlibCorpus("train")
-        with tempfile.TemporaryDirectory() as d:
-            sample = os.path.join(d, "sample.txt")
-            with open(sample, "w") as f:
-                f.write("\n".join(corpus[i] for i in range(0, len(corpus), 10)))
-            tok = tk.train([sample], 512, os.path.join(d, "tok.model"))
-
     B, T = args.batch_size, args.seq_len
-    batches = pretrain.make_dataset(args.source, tok, T, B, seed=0)
-    next(batches)  # warm-up
+    try:  # a missing tokenizer or source: one line
+        if args.tokenizer:
+            tok = tk.Tokenizer(args.tokenizer)
+        else:
+            corpus = StdlibCorpus("train")
+            with tempfile.TemporaryDirectory() as d:
+                sample = os.path.join(d, "sample.txt")
+                with open(sample, "w") as f:
+                    f.write("\n".join(corpus[i] for i in range(0, len(corpus), 10)))
+                tok = tk.train([sample], 512, os.path.join(d, "tok.model"))
+        batches = pretrain.make_dataset(args.source, tok, T, B, seed=0)
+        next(batches)  # warm-up
+    except (tk.TokenizerError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < args.seconds:
         n += next(batches)["tokens"].size

@@ -70,8 +70,10 @@ def matmul_floor(mats, batch: int, repeats: int = 20) -> float:
 
 
 def main(argv=None) -> int:
+    from llama_jax.cli import DefaultsHelp
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelp)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each side at each batch (their median)")
     ap.add_argument("--new_tokens", type=int, default=128, help="tokens each run decodes (EOS disabled)")
     ap.add_argument("--prompt_len", type=int, default=32,

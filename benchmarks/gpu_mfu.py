@@ -183,7 +183,9 @@ def part_check(args) -> dict:
     rel = max(float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max()
                     / (np.abs(np.asarray(a, np.float32)).max() + 1e-12))
               for a, b in zip(jax.tree_util.tree_leaves(gx), jax.tree_util.tree_leaves(gc)))
-    return {"part": "check", "device": kind, "loss_xla": float(lx), "loss_cudnn": float(lc),
+    # --smoke runs the einsums on both sides (no cuDNN on a CPU): its row says so, not loss_cudnn
+    return {"part": "check", "device": kind, "loss_xla": float(lx),
+            ("loss_xla_again" if SMOKE else "loss_cudnn"): float(lc),
             "logits_max_abs_diff": float(np.abs(ox - oc)[real].max()), "logits_max_abs": float(np.abs(ox)[real].max()),
             "grad_max_rel_diff": rel}
 
@@ -367,26 +369,35 @@ def plan(args) -> list[tuple[list[str], dict]]:
     return runs
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, except None ones (their help says what none means)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(allow_abbrev=False)  # --bat=8 would pass the per-run flag check
+    ap = argparse.ArgumentParser(allow_abbrev=False,  # --bat=8 would pass the per-run flag check
+                                 description=__doc__.split("\n\n")[0], formatter_class=_Help)
     ap.add_argument("--part", choices=sorted(PARTS), default=None, help="run one part (the driver runs them all)")
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--attention", default="cudnn", choices=("xla", "cudnn"))
-    ap.add_argument("--remat", default="none")
+    ap.add_argument("--layers", type=int, default=8, help="layers of the 7B-shaped model trained")
+    ap.add_argument("--steps", type=int, default=10, help="timed train steps (their median)")
+    ap.add_argument("--batch", type=int, default=4, help="rows a train step (one run)")
+    ap.add_argument("--seq", type=int, default=4096, help="tokens a row (one run)")
+    ap.add_argument("--attention", default="cudnn", choices=("xla", "cudnn"), help="attention kernel (one run)")
+    ap.add_argument("--remat", default="none", help="the model's remat policy (one run)")
     ap.add_argument("--mask", default="segments", choices=("segments", "causal"),
                     help="causal: cuDNN attention without the segment mask (exact for these unpacked rows)")
-    ap.add_argument("--impl", default="llama_jax", choices=("llama_jax", "hf"))
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--decode_layers", default="auto", choices=("auto", "stacked", "layerwise"))
+    ap.add_argument("--impl", default="llama_jax", choices=("llama_jax", "hf"), help="decode side (one run)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed decode runs (their median)")
+    ap.add_argument("--decode_layers", default="auto", choices=("auto", "stacked", "layerwise"),
+                    help="llama_jax's decode loop over layers (one run)")
     ap.add_argument("--out", default=None, help="append each result as a JSON line here")
     ap.add_argument("--deadline", type=float, default=540.0, help="seconds; later runs are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, xla attention: try the script on a CPU")
     ap.add_argument("--run_timeout", type=float, default=180.0, help="seconds one run may take")
     ap.add_argument("--peak_tflops", type=float, default=0.0,
-                    help="the dense bfloat16 peak MFU is a fraction of (default: the device's datasheet value)")
+                    help="the dense bfloat16 peak MFU is a fraction of (0: the device's datasheet value)")
     args = ap.parse_args(argv)
     for name in ("layers", "steps", "batch", "seq", "repeats"):
         if getattr(args, name) < 1:
@@ -422,7 +433,8 @@ def main(argv=None) -> int:
             cmd = [c.replace("--attention=cudnn", "--attention=xla").replace("--layers=32", "--layers=2")
                    .replace("--seq=4096", "--seq=64")
                    for c in cmd] + ["--smoke"]
-        print(f"== {' '.join(run_args)} {extra or ''} (t={time.time() - start:.0f} s)", flush=True)
+        shown = cmd[2:len(cmd) - (1 if SMOKE else 0)]  # what runs (--smoke's shapes), less the script and --smoke
+        print(f"== {' '.join(shown)} {extra or ''} (t={time.time() - start:.0f} s)", flush=True)
         try:
             code = subprocess.run(cmd, env={**env, **extra}, timeout=min(args.run_timeout, left)).returncode
         except subprocess.TimeoutExpired:

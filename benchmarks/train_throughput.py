@@ -66,8 +66,10 @@ def _timed(fns: dict, steps: dict, warmup: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    from llama_jax.cli import DefaultsHelp
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelp)
     ap.add_argument("--steps", type=int, default=5, help="timed steps of each implementation (their median)")
     ap.add_argument("--batch", type=int, default=8, help="rows per step")
     ap.add_argument("--seq", type=int, default=256, help="tokens per row (2..512)")
@@ -165,7 +167,8 @@ def main(argv=None) -> int:
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
     print(f"config: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, ffn {cfg.hidden_dim}, vocab "
-          f"{cfg.vocab_size}; batch {args.batch} x {args.seq}; AdamW; median of {args.steps} steps after 2")
+          f"{cfg.vocab_size}; batch {args.batch} x {args.seq}; AdamW; median of {args.steps} "
+          f"step{'s' if args.steps > 1 else ''} after 2")
     print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s, the faster of XLA's {peak_xla / 1e9:.1f} and "
           f"PyTorch's {peak_torch / 1e9:.1f}; model FLOPs per step {flops / 1e9:.1f} G")
     fns = {"llama_jax f32, defaults": ours("float32"), "llama_jax float32": ours("float32", **cpu_settings),

@@ -3,6 +3,7 @@ every bad flag or config override is one line on stderr and exit code 2, not a t
 
 from __future__ import annotations
 
+import argparse
 import ast
 import sys
 
@@ -119,3 +120,11 @@ def check_run(argv: list[str]):
 def exit_code(returncode: int) -> int:
     """A child's exit status as a shell reports it: killed by signal N -> 128 + N."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except a None default (the option's help says
+    what leaving it out means): for the benchmark scripts."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)

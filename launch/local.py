@@ -24,6 +24,7 @@ convert, checkpoint, data.prepare, tokenizer) refuse to run under it.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 import signal
@@ -72,7 +73,10 @@ GLOO_CHATTER = {"stdout": re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ pe
 
 
 def _pump(stream, prefix: str, out, chatter: re.Pattern) -> None:
+    """Copies a child's output with `prefix` on each line; a progress line redrawn with
+    carriage returns stays one line (each part up to a \r is prefixed and ends with it)."""
     shown = True
+    stream = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")  # \r kept as written
     for line in iter(stream.readline, ""):
         if not shown or chatter.search(line):
             continue  # read on regardless: a process whose output pipe fills up would stop
@@ -97,9 +101,12 @@ _PRCTL = _prctl()  # looked up here, once: a child between fork and exec should 
 
 def _die_with_launcher() -> None:
     """In each child before it starts: SIGKILL when this launcher dies, whatever kills it
-    (PR_SET_PDEATHSIG, Linux); a process whose peers are gone would wait for them."""
+    (PR_SET_PDEATHSIG, Linux); a process whose peers are gone would wait for them. SIGINT
+    back to its default: a shell starts a background job with SIGINT ignored, which the
+    children would inherit, and the SIGINT this launcher sends on would do nothing."""
     if _PRCTL is not None:
         _PRCTL(1, signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 FAILURE_GRACE_S = 6.0  # llama_jax.main's lead process waits 3 s before it exits (main.LEAD_EXIT_DELAY_S)
@@ -110,7 +117,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, tim
     procs, pumps = [], []
     for i in range(num_processes):
         p = subprocess.Popen(command, env=child_env(i, num_processes, devices_per_process, port),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              start_new_session=True, preexec_fn=_die_with_launcher)
         procs.append(p)
         prefix = "" if i == 0 else f"[p{i}] "

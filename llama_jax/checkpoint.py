@@ -38,6 +38,19 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the directory and the problem."""
 
 
+def _agreed(error: Exception | None) -> str | None:
+    """None when every process read its part; else the first failing process's error
+    (its first line, prefixed with the process in a multi-process job), on every process:
+    collective, so that all take the same step."""
+    from llama_jax import distributed
+
+    said = distributed.allgather_json(None if error is None else _first_line(error))
+    failed = [(i, m) for i, m in enumerate(said) if m is not None]
+    if not failed:
+        return None
+    return failed[0][1] if len(said) == 1 else f"process {failed[0][0]}: {failed[0][1]}"
+
+
 def _first_line(err: BaseException) -> str:
     """The error's first line, shortened in the middle: the cause (e.g. "No space left on
     device") is usually at the end of Orbax's and TensorStore's long messages."""
@@ -170,27 +183,32 @@ class Checkpointer:
         None if there is none. `check_meta(meta)` runs before the arrays are read and may
         raise (a workdir of another model is the user's error, not a corrupt checkpoint).
         A checkpoint that cannot be read is reported, moved to `checkpoints_unreadable/`
-        (kept, not deleted) and the previous one is tried."""
+        (kept, not deleted) and the previous one is tried. In a multi-process job every
+        process takes the same step: one that one process cannot read (its own part of
+        the arrays damaged) is unreadable for all, with that process's error."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         failures = []
         for step in steps:
+            error = None
             try:
                 meta = self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             except Exception as e:  # noqa: BLE001 - orbax raises several types for missing/corrupt items
-                failures.append((step, e))
-            else:
+                error = e
+            error = _agreed(error)
+            if error is None:
                 if check_meta is not None:
                     check_meta(meta)
                 try:
                     restored = self.restore(step, abstract_state)
                 except Exception as e:  # noqa: BLE001
-                    failures.append((step, e))
-                else:
+                    error = e
+                error = _agreed(error)
+                if error is None:
                     self.set_aside([s for s, _ in failures])
                     return (step, *restored)
-            bad, err = failures[-1]
-            older = [s for s in steps if s < bad]
-            log(f"warning: checkpoint {bad} in {self.directory} is unreadable ({_first_line(err)}); "
+            failures.append((step, error))
+            older = [s for s in steps if s < step]
+            log(f"warning: checkpoint {step} in {self.directory} is unreadable ({error}); "
                 + (f"falling back to checkpoint {older[0]}" if older else "no older checkpoint"))
         if failures:
             raise CheckpointError(f"{self.directory}: no readable checkpoint (tried steps "

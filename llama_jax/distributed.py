@@ -89,17 +89,17 @@ def job_process() -> tuple[int, int] | None:
         return None
 
 
-def require_one_process(prog: str) -> None:
+def require_one_process(prog: str, runs: str = "runs as one process, on all of this host's devices") -> None:
     """Exits (code 2) when `prog`, a one-process command, was started as one process of
     a multi-process job: each process would load the whole model and print, write or read
-    its own copy. Process 0 says why; the others exit quietly."""
+    its own copy. Process 0 says why (`runs`: how the command runs); the others exit quietly."""
     job = job_process()
     if job is None:
         return
     import sys
 
     if job[0] == 0:
-        print(f"error: {prog} runs as one process, on all of this host's devices; it was started as one of "
+        print(f"error: {prog} {runs}; it was started as one of "
               f"{job[1]} processes of a job (launch/local.py, an srun of several tasks): run it on its own",
               file=sys.stderr, flush=True)
     sys.exit(2)
@@ -158,6 +158,15 @@ def allgather_json(value: Any) -> list[Any]:
     padded[: len(data)] = data
     rows = multihost_utils.process_allgather(padded)
     return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(rows, np.ravel(lengths))]
+
+
+def sum_over_processes(x: np.ndarray) -> np.ndarray:
+    """The sum of every process's `x` (same shape everywhere), on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x))).sum(axis=0)
 
 
 def to_host(x) -> np.ndarray:

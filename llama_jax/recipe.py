@@ -542,6 +542,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="add --config.FIELD=VALUE to STAGE's command (STAGE: a stage name or 'all'; {w} in VALUE: the "
                          "workdir); repeatable")
     args = ap.parse_args(argv)
+    from llama_jax.distributed import require_one_process
+
+    require_one_process("python -m llama_jax.recipe", "starts each stage as its own python -m llama_jax.main process "
+                        "on this host (the stages would each run once per process, into one workdir)")
     if args.jobs < 1:
         print(f"error: --jobs={args.jobs}: at least 1", file=sys.stderr)
         return 2

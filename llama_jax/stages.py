@@ -240,13 +240,16 @@ class PretrainStage(Stage):
 
     def unigram_baseline(self, config, tokenizer) -> float | None:
         """Cross-entropy (nats/token) on the held-out batches of a unigram model fitted
-        (add-one smoothed) on training batches: what a model that ignores context gets."""
-        counts = np.ones(config.model.vocab_size)
+        (add-one smoothed) on training batches: what a model that ignores context gets.
+        Every process counts its own shards (64 training batches, the held-out batches an
+        evaluation reads), summed over the processes: the held-out tokens eval_loss covers."""
+        counts = np.zeros(config.model.vocab_size)
         train = pretrain.make_dataset(config.data.source, tokenizer, config.seq_len, self.local_batch(config),
                                       config.seed + 1, prefetch=0, share_seed=config.seed)  # the run's shares
         for _, b in zip(range(64), train):
             counts += np.bincount(b["targets"][b["loss_mask"] > 0], minlength=len(counts))
         train.close()
+        counts = distributed.sum_over_processes(counts) + 1.0
         logp = np.log(counts / counts.sum())
         data = self.eval_data(config, tokenizer)
         total, n = 0.0, 0
@@ -254,15 +257,16 @@ class PretrainStage(Stage):
             t = b["targets"][b["loss_mask"] > 0]
             total, n = total - logp[t].sum(), n + len(t)
         data.close()
-        return total / n if n else None  # None: no held-out batch
+        total, n = distributed.sum_over_processes(np.array([total, n]))
+        return float(total / n) if n else None  # None: no held-out batch
 
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         return {"eval_perplexity": math.exp(min(ev["eval_loss"], 50.0))} if "eval_loss" in ev else {}
 
     def after_training(self, config, workdir, model, params, tokenizer, progress) -> None:
-        baseline = self.unigram_baseline(config, tokenizer) if config.data.eval_source and config.eval_steps and \
-            jax.process_index() == 0 else None
-        if baseline is not None:
+        baseline = self.unigram_baseline(config, tokenizer) if config.data.eval_source and config.eval_steps \
+            else None  # every process: each counts its shards
+        if baseline is not None and jax.process_index() == 0:
             progress.message(f"unigram baseline on the held-out batches: {baseline:.4f} nats/token")
             update_report(workdir, "final_metrics.json", eval_unigram_baseline=baseline)  # beside eval_loss
         if not config.sample.prompt:
@@ -759,7 +763,7 @@ class RejectionSamplingStage(SFTStage):
         per_prompt: dict = {}
         after = policy_quality(config, model.config, params, tokenizer, mesh, reward_models(self, config, tokenizer),
                                _rlhf_eval_prompts(config, self.workdir), rules, per_prompt=per_prompt)
-        after.update(_paired_changes(per_prompt, read_report(self.workdir, "rejection_sampling.json").get(
+        after.update(_paired_changes(per_prompt, read_report(self.workdir, "rejection_sampling.json", shared=True).get(
             "before_per_prompt", {})))
         update_report(self.workdir, "rejection_sampling.json", after=after)
         return {**out, **after}
@@ -875,11 +879,13 @@ def policy_quality(config, cfg, params, tokenizer, mesh, rms, path: str, rules=N
     return out
 
 
-def read_report(workdir: str, name: str) -> dict:
+def read_report(workdir: str, name: str, shared: bool = False) -> dict:
     """The JSON report WORKDIR/name ({} if absent, and on every process but the lead,
-    the one that writes reports)."""
+    the one that writes reports; with `shared`, the lead's on every process: collective,
+    for what every process computes metrics from)."""
     path = os.path.join(workdir, name)
-    return json.load(open(path)) if jax.process_index() == 0 and os.path.exists(path) else {}
+    report = json.load(open(path)) if jax.process_index() == 0 and os.path.exists(path) else {}
+    return distributed.allgather_json(report)[0] if shared else report
 
 
 def update_report(workdir: str, name: str, **fields) -> None:
@@ -1763,7 +1769,8 @@ class PPOStage(Stage):
         if self.eval_phase == "start":
             update_report(self.workdir, "ppo.json", before=out, before_per_prompt=per_prompt)
             return out
-        out.update(_paired_changes(per_prompt, read_report(self.workdir, "ppo.json").get("before_per_prompt", {})))
+        before = read_report(self.workdir, "ppo.json", shared=True).get("before_per_prompt", {})
+        out.update(_paired_changes(per_prompt, before))
         update_report(self.workdir, "ppo.json", after=out)
         return out
 

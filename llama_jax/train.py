@@ -20,6 +20,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -311,6 +312,35 @@ class EarlyStopping:
 def _global_batch(batch: dict, shardings: dict) -> dict:
     """This process's numpy batch -> global jax arrays on the mesh (multi-host safe)."""
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+
+
+def empty_batch(abstract_batch: dict, rows: int) -> dict[str, np.ndarray]:
+    """A process's batch of `rows` rows of zeros, which every objective weighs 0 (no
+    segment, no trained token; see pipeline.pad_batch), shaped as the global batch."""
+    return {k: np.zeros((rows,) + tuple(a.shape[1:]), a.dtype) for k, a in abstract_batch.items()}
+
+
+def held_out_sums(data, steps: int, empty: dict, score) -> tuple[float, float, dict, int]:
+    """(loss sum, weight, metric sums, batches) of up to `steps` held-out batches of
+    `data`, scored by `score(batch) -> (loss_sum, weight, {metric: sum})`. A short last
+    batch is padded with rows that weigh nothing. The processes' shards can hold different
+    numbers of batches: a process that has run out scores `empty` (rows of zeros) while
+    another still has one, so that every example is scored and the collectives match;
+    all stop when none has a batch left."""
+    from llama_jax import distributed
+    from llama_jax.data.pipeline import pad_batch
+
+    rows = len(next(iter(empty.values())))
+    total, weight, sums, batches = 0.0, 0.0, {}, 0
+    for _ in range(steps):
+        b = next(data, None)
+        if not any(distributed.allgather_json(b is not None)):
+            break
+        loss_sum, w, s = score(empty if b is None else pad_batch(b, rows))
+        total, weight, batches = total + float(loss_sum), weight + float(w), batches + 1
+        for k, v in s.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return total, weight, sums, batches
 
 
 def _data_counts(train_data) -> dict:
@@ -683,8 +713,6 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     import sys
     import time
 
-    import numpy as np
-
     from llama_jax import checkpoint as ckpt
     from llama_jax import distributed, metrics, sharding
     from llama_jax import workdir as workdir_lock
@@ -742,8 +770,13 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     if procs > 1 and (shards % procs or config.batch_size % shards):
         # else the batch is replicated (or shared) across processes that each read their own rows: every
         # process would train on its own rows alone, and the processes' weights would drift apart
+        if shards % procs:  # the batch axis does not span the processes: tensor (model) parallel across them
+            raise RunError(f"config.mesh: the batch axis (data x fsdp) has {shards} shard{'s' * (shards > 1)}, which "
+                           f"the {procs} processes cannot split (each process reads rows of its own): make data x "
+                           f"fsdp a multiple of {procs}, with config.mesh.tensor ({config.mesh.tensor}) within one "
+                           "process's devices")
         raise RunError(f"config.batch_size {config.batch_size} must be divisible by the {shards} shards of the "
-                       f"batch axis (config.mesh data x fsdp), and those by the {procs} processes")
+                       "batch axis (config.mesh data x fsdp)")
     micro = config.batch_size // config.grad_accum_steps
     if micro % shards and lead:
         print(f"warning: the micro-batch of {micro} rows (config.batch_size / config.grad_accum_steps) does not "
@@ -894,27 +927,16 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                       out_shardings=NamedSharding(mesh, P()))
 
     noted_partial: list[bool] = []
-    from llama_jax.data.pipeline import pad_batch
 
     def evaluate(params, phase: str) -> dict:
         stage.eval_phase = phase
         out: dict = {}
         data = stage.eval_data(config, tokenizer)
         if data is not None:
-            total, weight, sums, batches = 0.0, 0.0, {}, 0
             with sharding.activate(mesh, rules):
-                for _ in range(config.eval_steps):
-                    b = next(data, None)
-                    # the processes' shards can hold different numbers of batches: every process stops at the
-                    # first batch one of them lacks (else the others would wait in the step's collectives)
-                    if not all(distributed.allgather_json(b is not None)):
-                        break
-                    # a fine-tuning set's last, short batch: padded with rows that weigh nothing
-                    b = pad_batch(b, stage.local_batch(config))
-                    loss_sum, w, s = eval_fn(params, _global_batch(b, batch_sh), frozen)
-                    total, weight, batches = total + float(loss_sum), weight + float(w), batches + 1
-                    for k, v in s.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
+                total, weight, sums, batches = held_out_sums(
+                    data, config.eval_steps, empty_batch(plan.abstract_batch, stage.local_batch(config)),
+                    lambda b: eval_fn(params, _global_batch(b, batch_sh), frozen))
             if batches and batches == config.eval_steps and not noted_partial:  # said once: what it covers
                 noted_partial.append(True)
                 if any(distributed.allgather_json(next(data, None) is not None)) and lead:

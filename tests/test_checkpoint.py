@@ -186,3 +186,33 @@ def test_info_checks_the_params_it_describes_and_errors_are_one_line(tmp_path, c
         assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {good}: cannot restore the "
                                                                               "params"), out.stderr[-3000:]
         assert not os.path.exists(tmp_path / "x")
+
+
+def test_processes_agree_on_the_checkpoint_they_resume_from(tmp_path, monkeypatch):
+    """A checkpoint one process of a job cannot read (its own part of the arrays damaged)
+    is unreadable for all: every process falls back to the same older step, and the
+    warning names the process that failed (before, process 0 resumed the newest step and
+    the other an older one, and the job died in mismatched collectives)."""
+    from llama_jax import distributed
+
+    state, target = sharded_state(sharding.make_mesh(1, 8, 1))
+    saver = ckpt.Checkpointer(str(tmp_path), async_save=False)
+    for step in (3, 6):
+        saver.save(step, state, {"pos": step}, META)
+    saver.wait()
+    saver.close()
+    calls = []
+
+    def gather(value):  # this process is 0; process 1 cannot read step 6's arrays (its second read)
+        calls.append(value)
+        return [value, "OSError: checksum mismatch in ocdbt.process_1" if len(calls) == 2 else None]
+
+    monkeypatch.setattr(distributed, "allgather_json", gather)
+    said = []
+    loader = ckpt.Checkpointer(str(tmp_path))
+    step, restored, data_state, _ = loader.restore_latest(target, log=said.append)
+    loader.close()
+    assert step == 3 and data_state == {"pos": 3} and calls == [None] * 4  # both reads succeeded here
+    assert said == [f"warning: checkpoint 6 in {tmp_path / 'checkpoints'} is unreadable (process 1: OSError: checksum "
+                    "mismatch in ocdbt.process_1); falling back to checkpoint 3"]
+    leaves_equal(restored, state)

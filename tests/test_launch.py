@@ -117,6 +117,14 @@ def test_a_batch_the_processes_cannot_split_is_refused(tmp_path, tokenizer_path)
     # service ending first (a 40-line "Terminating process" dump), none needs stopping by the launcher
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert sorted(line.split("error: config.batch_size 6")[0] for line in lines) == ["", "[p1] "], out.stderr[-3000:]
+    # tensor parallelism across the processes leaves the batch axis fewer shards than processes: said as such
+    # (it read "batch_size 8 must be divisible by the 1 shards ...", which it is)
+    out = subprocess.run([sys.executable, f"{ROOT}/launch/local.py", "--num_processes=2", "--devices_per_process=2",
+                          "--timeout=100", "--", *main_args(str(tmp_path / "run"), tokenizer_path, 2),
+                          "--config.mesh.fsdp=1", "--config.mesh.tensor=4"], env=env(), capture_output=True,
+                         text=True, timeout=200)
+    assert out.returncode != 0 and ("error: config.mesh: the batch axis (data x fsdp) has 1 shard, which the 2 "
+                                    "processes cannot split") in out.stderr, out.stderr[-3000:]
 
 
 def test_local_launcher_fails_the_job_when_one_process_dies(tmp_path):
@@ -153,6 +161,24 @@ def test_local_launcher_fails_the_job_when_one_process_dies(tmp_path):
     assert out.returncode == 137 and "process 1 exited with code 137 (killed by signal 9)" in out.stderr
 
 
+def test_local_launcher_keeps_progress_lines_and_sigint_in_a_background_job():
+    """A progress line redrawn with carriage returns stays one line per process (each part
+    prefixed; text mode had turned every \r into a line of its own), and children of a
+    launcher started as a shell's background job (SIGINT ignored) get SIGINT back, so the
+    SIGINT it sends on stops them (they had inherited the ignore, and trained on)."""
+    script = ("import signal, sys\n"
+              "print('ignored', signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n"
+              "sys.stdout.write('\\rstep 1/2\\rstep 2/2\\n')\n")
+    out = subprocess.run([sys.executable, f"{ROOT}/launch/local.py", "--num_processes=2", "--", "python", "-c",
+                          script], capture_output=True, timeout=60,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    parts = re.findall(rb"[^\r\n]*[\r\n]", out.stdout)  # the two processes' lines may interleave
+    assert out.returncode == 0 and [p for p in parts if not p.startswith(b"[p1] ")] == [
+        b"ignored False\n", b"\r", b"step 1/2\r", b"step 2/2\n"], out
+    assert [p for p in parts if p.startswith(b"[p1] ")] == [
+        b"[p1] ignored False\n", b"[p1] \r", b"[p1] step 1/2\r", b"[p1] step 2/2\n"], out
+
+
 def test_one_process_commands_refuse_to_run_as_part_of_a_job(tmp_path, monkeypatch, capsys):
     """generate, chat, evaluate, convert, checkpoint, prepare and tokenizer load or write
     everything in each process: under a launcher they would print, write and read once per
@@ -163,7 +189,7 @@ def test_one_process_commands_refuse_to_run_as_part_of_a_job(tmp_path, monkeypat
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("python -m llama_jax.generate runs as one process, on all of this host's devices; it "
                             "was started as one of 2 processes of a job") == 1 and "[p1]" not in out.stderr
-    from llama_jax import chat, checkpoint, convert, evaluate, tokenizer
+    from llama_jax import chat, checkpoint, convert, evaluate, recipe, tokenizer
     from llama_jax.data import prepare
 
     for k, v in {"LLAMA_JAX_DISTRIBUTED": "auto", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4",
@@ -174,10 +200,12 @@ def test_one_process_commands_refuse_to_run_as_part_of_a_job(tmp_path, monkeypat
                        (convert.main, ["--to=hf", f"--src={tmp_path}", f"--dst={tmp_path}/hf"]),
                        (checkpoint.main, ["info", str(tmp_path)]),
                        (prepare.main, ["--source=stdlib", f"--tokenizer={tmp_path}/t", f"--output={tmp_path}/s"]),
-                       (tokenizer.main, ["encode", f"--model={tmp_path}/t", "--text=x"])):
+                       (tokenizer.main, ["encode", f"--model={tmp_path}/t", "--text=x"]),
+                       (recipe.main, [f"--workdir={tmp_path}/recipe"])):  # each process would start every stage
         with pytest.raises(SystemExit) as exit_:
             main(args)
         assert exit_.value.code == 2 and "one of 4 processes" in capsys.readouterr().err, main.__module__
+    assert not os.path.exists(tmp_path / "recipe")
     monkeypatch.delenv("SLURM_STEP_NUM_TASKS")  # an sbatch script outside srun (SLURM_NTASKS 4): one process
     assert checkpoint.main(["info", str(tmp_path)]) == 2 and "runs as one process" not in capsys.readouterr().err
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # one task: runs (and fails on the missing checkpoint)

@@ -630,3 +630,16 @@ def test_the_reward_models_held_out_pairs_are_cut_at_the_runs_seq_len(monkeypatc
     out = stage.evaluate_extra(types.SimpleNamespace(seq_len=77), types.SimpleNamespace(config=None), None, None,
                                None, None, {})
     assert seen == [{"seq_len": 77}] and out == {"eval_better": 0.5, "eval_accuracy_all_pairs": 0.25}
+
+
+def test_every_process_reads_the_leads_report_for_its_metrics(tmp_path, monkeypatch):
+    """The paired changes (eval_change_*) are computed from the report the lead wrote at
+    the start: every process gets the lead's copy, so an early-stopping metric among them
+    exists on all processes (it existed on the lead only, and process 1 failed)."""
+    from llama_jax import distributed, stages
+
+    lead = {"before_per_prompt": {"eval_": {"p": [1.0]}}}
+    monkeypatch.setattr(stages.jax, "process_index", lambda: 1)  # not the lead: it reads nothing itself
+    monkeypatch.setattr(distributed, "allgather_json", lambda mine: [lead, mine])
+    assert stages.read_report(str(tmp_path), "ppo.json") == {}
+    assert stages.read_report(str(tmp_path), "ppo.json", shared=True) == lead

@@ -381,3 +381,29 @@ def test_epochs_set_total_steps_from_the_training_data(tmp_path, tokenizer_path,
     rm.epochs = -1.0
     with pytest.raises(train.RunError, match="config.epochs must be a number >= 0"):
         train.check_config(rm, stages.RewardModelStage())
+
+
+def test_held_out_passes_score_every_example_when_process_shards_are_uneven(monkeypatch):
+    """Two processes whose held-out shards hold 2 and 1 batches (the second short): the
+    pass scores all three, the process that ran out scoring rows of zeros while the other
+    still has a batch, and stops when neither has one (before, every process stopped at
+    the first batch one of them lacked, and the rest of the set was never scored)."""
+    from llama_jax import distributed
+    from llama_jax.train import empty_batch, held_out_sums
+
+    other = iter([True, True, False])  # process 1 has batches at the first two calls
+    monkeypatch.setattr(distributed, "allgather_json", lambda has: [has, next(other)])
+    mine = iter([{"tokens": np.ones((4, 3), np.int32)}])  # process 0: one batch
+    empty = empty_batch({"tokens": jax.ShapeDtypeStruct((8, 3), jnp.int32)}, 4)
+    scored = []
+
+    def score(b):
+        scored.append(int(b["tokens"].sum()))
+        return b["tokens"].sum(), len(b["tokens"]), {"acc": 1.0}
+
+    total, weight, sums, batches = held_out_sums(mine, 5, empty, score)
+    assert scored == [12, 0] and batches == 2 and total == 12 and weight == 8 and sums == {"acc": 2.0}
+    # a short batch is padded to the process's rows with zeros
+    monkeypatch.setattr(distributed, "allgather_json", lambda has: [has])
+    assert held_out_sums(iter([{"tokens": np.ones((3, 3), np.int32)}]), 5, empty,
+                         lambda b: (b["tokens"].sum(), b["tokens"].shape[0], {}))[:2] == (9, 4)

@@ -90,11 +90,24 @@ def main(argv) -> None:
             _exit("interrupted while the stage made its data (sampling, scoring), before training; rerunning the "
                   "same command makes it again", 130)
         _exit("interrupted; rerun the same command to resume from the last checkpoint", 130)
-    except Exception:
+    except Exception as e:
         if not distributed.is_multiprocess():
             raise
+        if _peer_gone(e):  # one line, not a 40-line traceback: the process that failed first said why
+            lines = str(e).strip().splitlines() or [""]
+            _exit(f"error: a collective with the job's other processes failed ({type(e).__name__}: "
+                  f"{lines[0][:300]}): another process probably failed first; its error says why", 1)
         traceback.print_exc()
         _exit("", 1)
+
+
+# what JAX's runtime says when a peer process of the job is gone (gloo collectives, the coordination service)
+PEER_GONE = ("Gloo", "gloo", "CoordinationService", "Connection closed by peer", "Connection reset by peer",
+             "collective mismatch")
+
+
+def _peer_gone(e: Exception) -> bool:
+    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and any(m in str(e) for m in PEER_GONE)
 
 
 def _exit(message: str, code: int) -> None:

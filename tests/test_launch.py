@@ -161,6 +161,32 @@ def test_local_launcher_fails_the_job_when_one_process_dies(tmp_path):
     assert out.returncode == 137 and "process 1 exited with code 137 (killed by signal 9)" in out.stderr
 
 
+def test_a_broken_collective_is_one_line_in_a_multi_process_job(monkeypatch, capsys):
+    """A process whose peer failed first gets a runtime error from the collective it was
+    in: one line saying so, not a 40-line traceback; other errors keep their traceback."""
+    import jax
+
+    from llama_jax import distributed, main
+
+    broken = jax.errors.JaxRuntimeError("UNKNOWN: Gloo context initialization failed: DEADLINE_EXCEEDED\nmore")
+    assert main._peer_gone(broken) and not main._peer_gone(ValueError("Gloo"))
+    monkeypatch.setattr(distributed, "is_multiprocess", lambda: True)
+    monkeypatch.setattr(distributed, "is_lead", lambda: False)
+    monkeypatch.setattr(main, "_CONFIG", type("C", (), {"value": type("V", (), {"stage": "pretrain"})()})())
+    monkeypatch.setattr(main, "_WORKDIR", type("W", (), {"value": "w"})())
+    monkeypatch.setattr(distributed, "initialize", lambda: True)
+    monkeypatch.setattr(main.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    for error, said in ((broken, "error: a collective with the job's other processes failed (JaxRuntimeError: "
+                                 "UNKNOWN: Gloo context initialization failed: DEADLINE_EXCEEDED): another process "
+                                 "probably failed first; its error says why\n"),
+                        (KeyError("x"), "Traceback")):
+        monkeypatch.setattr(main, "run", lambda config, workdir, e=error: (_ for _ in ()).throw(e))
+        with pytest.raises(SystemExit) as exited:  # (os._exit here: the process would end without teardown)
+            main.main(["main"])
+        err = capsys.readouterr().err
+        assert exited.value.code == 1 and ((err == said) if said.startswith("error") else err.startswith(said)), err
+
+
 def test_local_launcher_keeps_progress_lines_and_sigint_in_a_background_job():
     """A progress line redrawn with carriage returns stays one line per process (each part
     prefixed; text mode had turned every \r into a line of its own), and children of a

@@ -255,16 +255,18 @@ class EarlyStopping:
         self.reason = ""  # why training stopped ("" = it has not)
 
     @classmethod
-    def from_config(cls, config) -> "EarlyStopping | None":
+    def from_config(cls, config, held_steps: int = 0) -> "EarlyStopping | None":
         """The run's stopper (None when early_stopping.metric is empty), after checking that
-        the run evaluates and keeps enough checkpoints for the best to survive."""
+        the run evaluates and keeps enough checkpoints for the best to survive (`held_steps`:
+        the stage's first steps whose evaluations are not counted as stale, which lengthen
+        the window after a best found among them)."""
         if not config.early_stopping.metric:
             return None
         stopper = cls(config.early_stopping)
         if not config.eval_every_steps:
             raise RunError("config.early_stopping.metric needs evaluations: set config.eval_every_steps > 0")
         # periodic saves in the patience window after the best: at most ceil(window / checkpoint interval)
-        later = -(-stopper.patience * config.eval_every_steps // config.checkpoint_every_steps)
+        later = -(-(stopper.patience * config.eval_every_steps + held_steps) // config.checkpoint_every_steps)
         if config.checkpoint.max_to_keep and config.checkpoint.max_to_keep < later + 1:
             raise RunError(f"config.checkpoint.max_to_keep {config.checkpoint.max_to_keep} could delete the best "
                            f"checkpoint before early stopping returns to it ({later} saves may follow it at "
@@ -272,10 +274,21 @@ class EarlyStopping:
         return stopper
 
     def state(self) -> dict:
-        return {k: getattr(self, k) for k in ("best", "best_step", "guard_start", "stale", "reason")}
+        return {k: getattr(self, k) for k in ("metric", "mode", "guards", "best", "best_step", "guard_start",
+                                              "stale", "reason")}
 
     def load(self, saved: dict | None) -> None:
-        for k, v in (saved or {}).items():
+        """Takes up a checkpoint's state; one kept for another metric, mode or guards
+        (whose best value this run's could not be compared with) is refused."""
+        saved = dict(saved or {})
+        for k in ("metric", "mode", "guards"):  # (absent from checkpoints of earlier versions)
+            if k in saved and saved[k] != getattr(self, k):
+                raise RunError(f"config.early_stopping.{k.rstrip('s') if k == 'guards' else k}: this run's early "
+                               f"stopping kept {k} {saved[k]!r} (its best, step {saved.get('best_step')}, is of it); "
+                               f"resuming with {getattr(self, k)!r} would compare the two: set it back, or use a new "
+                               "--workdir")
+            saved.pop(k, None)
+        for k, v in saved.items():
             setattr(self, k, v)
 
     def _value(self, ev: dict, name: str, field: str) -> float:
@@ -753,7 +766,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         raise RunError(f"config.seq_len {config.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len} ("
                        + ("config.init_from's; a longer context: --config.model.max_seq_len" if config.init_from
                           else "config.model.max_seq_len") + ")")
-    stopper = EarlyStopping.from_config(config)
+    stopper = EarlyStopping.from_config(config, stage.held_steps(config))
     lead = jax.process_index() == 0
 
     if stage.writes_data:  # WORKDIR/data of an earlier start must be of these settings; recorded before it is made
@@ -1002,6 +1015,34 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             data_state["early_stopping"] = extra["early_stopping"] = stopper.state()
         checkpointer.save(step, state, data_state, {**meta, **extra}, force=force)
 
+    def log(step: int) -> None:
+        """Writes the row of the steps since the last one (`pending`), checked for non-finite values."""
+        nonlocal pending, last_log_time, last_log_step, final
+        check_nonfinite(*pending[-1])
+        rows = [jax.device_get(x) for _, x in pending]
+        now = time.perf_counter()
+        batch_seconds = stage.take_batch_seconds()  # PPO's rollouts: not training throughput
+        tps = tokens_per_step * (step - last_log_step) / max(now - last_log_time - batch_seconds, 1e-9)
+        final = {
+            "loss": float(np.mean([r["loss"] for r in rows])),
+            # skipped (non-finite) steps do not advance the optimizer's count, nor its schedule: the
+            # rate this step applied (or, skipped, would have)
+            "learning_rate": float(schedule(step - 1 - int(state.nonfinite) + int(rows[-1]["nonfinite"]))),
+            "grad_norm": float(np.mean([r["grad_norm"] for r in rows])),
+            "tokens_per_second": tps,
+            "mfu": mfu(tps),
+            "nonfinite_steps": int(state.nonfinite),
+            **({"batch_seconds": batch_seconds} if batch_seconds else {}),
+            **{k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in
+               ("loss", "grad_norm", "weight", "nonfinite")},
+        }
+        final.update(stage.log_metrics())
+        writer.write(step, final)
+        rates.append(tps)
+        progress.update(step, loss=final["loss"], lr=final["learning_rate"],
+                        tok_s=final["tokens_per_second"], mfu=final["mfu"])
+        pending, last_log_time, last_log_step = [], time.perf_counter(), step
+
     preemption = distributed.Preemption()
     try:
         # the numbers before any update (not again when resuming from the step-0 checkpoint early stopping saves)
@@ -1013,7 +1054,8 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             if stopper is not None:
                 stopper.observe(0, ev)
                 save(0, force=True)  # the weights to return to if no evaluation beats them
-        step, noticed = start, False
+            last_log_time = time.perf_counter()  # the first row's throughput excludes this evaluation
+        step, noticed, last_eval = start, False, None
         last = start if stopper is not None and stopper.reason else config.total_steps  # killed after stopping
         for step in range(start + 1, last + 1):
             try:
@@ -1030,35 +1072,14 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             periodic = step % config.checkpoint_every_steps == 0 or step == config.total_steps
             # a checkpoint's step also ends a log interval, so that a run resumed from it logs the same rows
             if step % config.log_every_steps == 0 or periodic or preempted:
-                check_nonfinite(*pending[-1])
-                rows = [jax.device_get(x) for _, x in pending]
-                now = time.perf_counter()
-                batch_seconds = stage.take_batch_seconds()  # PPO's rollouts: not training throughput
-                tps = tokens_per_step * (step - last_log_step) / max(now - last_log_time - batch_seconds, 1e-9)
-                final = {
-                    "loss": float(np.mean([r["loss"] for r in rows])),
-                    # skipped (non-finite) steps do not advance the optimizer's count, nor its schedule: the
-                    # rate this step applied (or, skipped, would have)
-                    "learning_rate": float(schedule(step - 1 - int(state.nonfinite) + int(rows[-1]["nonfinite"]))),
-                    "grad_norm": float(np.mean([r["grad_norm"] for r in rows])),
-                    "tokens_per_second": tps,
-                    "mfu": mfu(tps),
-                    "nonfinite_steps": int(state.nonfinite),
-                    **({"batch_seconds": batch_seconds} if batch_seconds else {}),
-                    **{k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in
-                       ("loss", "grad_norm", "weight", "nonfinite")},
-                }
-                final.update(stage.log_metrics())
-                writer.write(step, final)
-                rates.append(tps)
-                progress.update(step, loss=final["loss"], lr=final["learning_rate"],
-                                tok_s=final["tokens_per_second"], mfu=final["mfu"])
-                pending, last_log_time, last_log_step = [], time.perf_counter(), step
+                log(step)
             best = False
             if config.eval_every_steps and step % config.eval_every_steps == 0 and (
                     step != config.total_steps or stopper is not None):
                 eval_start = time.perf_counter()
                 ev = evaluate(state.params, "during")
+                if step == config.total_steps:
+                    last_eval = ev  # (early stopping's: of the last step's weights, which the run may end on)
                 if ev:
                     writer.write(step, ev)
                     progress.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
@@ -1074,10 +1095,13 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                 raise Preempted(f"preempted (SIGTERM) at step {step}: checkpoint {step} saved in {workdir}; rerun "
                                 "the same command to resume")
             if stopper is not None and stopper.reason:
+                if pending:  # the steps since the last row: written (and checked) before the loop ends
+                    log(step)
                 progress.message(f"early stopping at step {step}: {stopper.reason}")
                 break
-        if stopper is not None and step == config.total_steps and not stopper.reason:
-            stopper.reason = f"ran all {config.total_steps} steps"
+        # why the run ended, for its final metrics; not the stopper's reason, which the last checkpoint keeps: a
+        # run that ran all its steps has not decided to stop, and a rerun with more steps trains on
+        stopped = stopper.reason if stopper is not None and stopper.reason else f"ran all {config.total_steps} steps"
         if stopper is not None and stopper.best_step is not None and start < config.total_steps:
             # The run ends on its best evaluation's weights, saved as the last step so that
             # resuming finds it finished and init_from / export read these weights.
@@ -1097,15 +1121,21 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             logged = [r for r in writer.rows if "loss" in r]
             final = {k: v for k, v in (logged[-1] if logged else {}).items() if k != "step"}
             rates = [r["tokens_per_second"] for r in logged if "tokens_per_second" in r]
-        ev = evaluate(state.params, "end")
+        kept_last = stopper is not None and stopper.best_step == config.total_steps
+        # the run ends on the last step's weights, evaluated at that step already: not evaluated (nor logged) twice
+        ev = last_eval if kept_last and last_eval is not None else evaluate(state.params, "end")
         if ev:
-            recorded = finished_before and any(r["step"] == config.total_steps and set(ev) & set(r)
-                                               for r in writer.rows)
+            recorded = (finished_before or ev is last_eval) and any(
+                r["step"] == config.total_steps and set(ev) & set(r) for r in writer.rows)
             if not recorded:  # a rerun adds it only if the kill came before it was written
-                writer.write(config.total_steps, ev)
+                # early stopping's returned weights, logged at the last step: the row names the step they are of
+                kept = {} if stopper is None or kept_last or stopper.best_step is None else {
+                    "early_stopping_kept_step": stopper.best_step}
+                writer.write(config.total_steps, {**ev, **kept})
             final.update(ev)
             progress.message("final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items())
-                             + (" (of a finished run: printed, not recorded; its record keeps the evaluation it ran)"
+                             + (" (the last step's evaluation: its weights are kept)" if ev is last_eval else
+                                " (of a finished run: printed, not recorded; its record keeps the evaluation it ran)"
                                 if recorded else ""))
         if rates:  # the first interval holds the compilation: left out when there are others
             final["median_tokens_per_second"] = float(np.median(rates[1:] or rates))
@@ -1113,7 +1143,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             final["peak_flops_per_device"] = peak  # what this start's MFU numbers are a fraction of
         if stopper is not None and stopper.best_step is not None:
             final.update(early_stopping_best_step=stopper.best_step, early_stopping_best=stopper.best,
-                         early_stopping_reason=stopper.reason)
+                         early_stopping_reason=stopped)
         final_path = os.path.join(workdir, "final_metrics.json")
         if finished_before and os.path.exists(final_path):  # a rerun of a finished run: keep its numbers
             with open(final_path) as f:

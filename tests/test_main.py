@@ -293,6 +293,52 @@ def test_early_stopping_returns_to_the_best_evaluation(tmp_path, tokenizer_path)
     assert bad.returncode != 0 and "3 saves may follow it" in bad.stderr and "set it to 4 or more" in bad.stderr
 
 
+def test_early_stopping_logs_its_last_steps_and_a_finished_run_trains_on(tmp_path, tokenizer_path):
+    """Stopping between two log steps still writes the row of the steps since the last one
+    (it was lost, and final_metrics had no loss); a run that ran all its steps has not
+    decided to stop, so a rerun with more steps trains on (it trained nothing when the best
+    step was not the last); the last step's evaluation is not run twice when its weights
+    are kept; and a resume that changes the early-stopping metric is refused (it compared
+    the new metric with the old one's best)."""
+    base = command(str(tmp_path / "a"), f"--config.data.tokenizer={tokenizer_path}",
+                   "--config.data.eval_source=stdlib:eval", "--config.eval_steps=1",
+                   "--config.early_stopping.metric=eval_loss", "--config.checkpoint.max_to_keep=6",
+                   "--config.optimizer.learning_rate=1e-2")
+    out = subprocess.run(base + ["--config.eval_every_steps=2", "--config.log_every_steps=4",
+                                 "--config.early_stopping.mode=max", "--config.early_stopping.patience=1"],
+                         env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "early stopping at step 2" in out.stderr, out.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [2]
+    assert "loss" in json.load(open(tmp_path / "a" / "final_metrics.json"))
+    def in_dir(name, *extra):
+        return [a.replace(str(tmp_path / "a"), str(tmp_path / name)) for a in base] + [
+            "--config.eval_every_steps=3", "--config.early_stopping.patience=3", *extra]
+
+    first = subprocess.run(in_dir("b", "--config.early_stopping.mode=min", "--config.total_steps=6"), env=env(),
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert len([r for r in rows if r["step"] == 6 and "eval_loss" in r]) == 1  # evaluated once, weights kept
+    assert "(the last step's evaluation: its weights are kept)" in first.stderr
+    # worse at every evaluation, but not for `patience` of them: all 6 steps run, the step-0 weights kept
+    worse = in_dir("c", "--config.early_stopping.mode=max")
+    ran = subprocess.run([*worse, "--config.total_steps=6"], env=env(), capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0 and "early stopping keeps step 0" in ran.stderr, ran.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "c" / "metrics.jsonl")]
+    assert [r.get("early_stopping_kept_step") for r in rows if r["step"] == 6 and "eval_loss" in r] == [None, 0]
+    more = subprocess.run([*worse, "--config.total_steps=9"], env=env(), capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0 and "resumed from step 6" in more.stdout, more.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "c" / "metrics.jsonl")]
+    assert max(r["step"] for r in rows if "loss" in r) == 9  # (it trained nothing, and saved step 9 unchanged)
+    assert json.load(open(tmp_path / "c" / "final_metrics.json"))["early_stopping_reason"].startswith(
+        "eval_loss has not improved on")
+    other = subprocess.run([*worse, "--config.total_steps=12", "--config.early_stopping.metric=eval_perplexity"],
+                           env=env(), capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and ("config.early_stopping.metric: this run's early stopping kept metric "
+                                      "'eval_loss'") in other.stderr, other.stderr[-3000:]
+
+
 def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run, request):
     """SFT from the pretrained run, a reward model from the SFT run, then DPO, rejection
     sampling (2 processes; and with the code check as the reward), PPO, GAtt and safety

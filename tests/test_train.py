@@ -209,6 +209,17 @@ def test_early_stopping_keeps_the_best_and_stops_after_patience():
     resumed = stopping(min_delta=0.01)  # the state travels in checkpoints
     resumed.load(s.state())
     assert (resumed.best_step, resumed.best, resumed.stale, resumed.reason) == (20, 0.60, 2, s.reason)
+    for other, field in ((dict(metric="val_accuracy"), "metric"), (dict(mode="min"), "mode"),
+                         (dict(guard="val_true_accuracy"), "guard")):  # its best is of another metric: refused
+        with pytest.raises(train.RunError, match=rf"config.early_stopping.{field}: this run's early stopping kept"):
+            stopping(**other).load(s.state())
+    # PPO's warm-up evaluations do not count as stale: more saves can follow a best among them
+    c = ml_collections.ConfigDict(dict(early_stopping=dict(metric="val_reward", mode="max", patience=1, min_delta=0.0,
+                                                           guard="", guard_tolerance=0.0),
+                                       eval_every_steps=2, checkpoint_every_steps=2, checkpoint=dict(max_to_keep=2)))
+    assert train.EarlyStopping.from_config(c) is not None
+    with pytest.raises(train.RunError, match=r"max_to_keep 2 could delete the best checkpoint .*\(4 saves may follow"):
+        train.EarlyStopping.from_config(c, held_steps=6)
 
 
 def test_early_stopping_guard_stops_when_true_accuracy_falls():

@@ -271,12 +271,19 @@ def multiple_choice(config: LlamaConfig, params, tokenizer, path: str, k_shot: i
         n_shots[-1] = (n_shots[-1], len(shots))  # (drawn, kept)
         cut += max(map(len, fulls)) > config.max_seq_len  # even without examples: scored on its last tokens
         ctx = tokenizer.encode(prompt, bos=True)
+        split = []
         for full in fulls:
             n = len(ctx)
             while full[:n] != ctx[:n]:
                 n -= 1
-            contexts.append(full[:n])
-            continuations.append(full[n:])
+            split.append((full[:n], full[n:]))
+        # too long even without examples: every choice is read after the same last tokens of the prompt (each cut
+        # on its own, a longer choice would be read after less of it), as many as the longest choice leaves
+        room = config.max_seq_len - max(len(c) for _, c in split)
+        over = max(len(c) + len(cont) for c, cont in split) > config.max_seq_len
+        for c, cont in split:
+            contexts.append(c[-room:] if over and room >= 1 else c)
+            continuations.append(cont)
     scores = loglikelihood(config, params, contexts, continuations, batch_size, progress)
     correct = correct_norm = repeated = 0
     per_question = []
@@ -406,6 +413,8 @@ def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_siz
         if reference is None:
             return mine
         ref_config, ref_params, ref_mesh = reference
+        # the policy's context, as DPO's training scored the reference (a run that extended init_from's context)
+        ref_config = ref_config.replace(max_seq_len=max(ref_config.max_seq_len, config.max_seq_len))
         return mine - score_rows(ref_config, ref_params, [r[side] for r in rows], batch_size, ref_mesh, logprob=True)
 
     chosen, rejected = scores(0, 0), scores(1, len(recs))
@@ -444,6 +453,17 @@ def table8(results: dict) -> str:
 # ----------------------------------------------------------------------------------
 
 
+def _trained_seq_len(checkpoint: str) -> int | None:
+    """config.seq_len of the run whose workdir `checkpoint` is (its config.json); None for
+    an export or a converted model, which record none."""
+    try:
+        with open(os.path.join(checkpoint, "config.json")) as f:
+            seq_len = json.load(f).get("seq_len")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return seq_len if isinstance(seq_len, int) and seq_len >= 2 else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llama_jax.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -465,9 +485,9 @@ def main(argv=None) -> int:
                                                            "default 0)")
     ap.add_argument("--limit", type=int, default=None, help="first N questions only (multiple_choice; default all)")
     ap.add_argument("--seq_len", type=int, default=None,
-                    help="window length (perplexity; default 512, at most the model's max_seq_len), or where pairs "
-                         "are cut (reward_accuracy: the run's config.seq_len, as training cut them; default the "
-                         "model's max_seq_len)")
+                    help="window length (perplexity), or where pairs are cut (reward_accuracy); default the run's "
+                         "config.seq_len, the length it trained at (from its config.json), else 512 (perplexity) or "
+                         "the model's max_seq_len (reward_accuracy); at most the model's max_seq_len")
     ap.add_argument("--max_batches", type=int, default=None, help="stop after N batches (perplexity; default all)")
     ap.add_argument("--reference", default=None, help="a DPO run's reference policy (its init_from): --checkpoint is "
                                                        "then the DPO policy, and each answer is scored by DPO's "
@@ -491,7 +511,10 @@ def main(argv=None) -> int:
              if f not in used and getattr(args, f) is not None]
     if given:
         ap.error(f"{', '.join('--' + f for f in given)}: not used by --task={args.task}")
-    for flag, default in (("seq_len", 512 if args.task == "perplexity" else None), ("max_batches", 0),
+    trained = _trained_seq_len(args.checkpoint) if args.seq_len is None and "seq_len" in used else None
+    if trained:
+        print(f"--seq_len {trained}: the length {args.checkpoint} trained at (its config.json's seq_len)")
+    for flag, default in (("seq_len", trained or (512 if args.task == "perplexity" else None)), ("max_batches", 0),
                           ("k_shot", 0), ("seed", 0), ("limit", 0),
                           ("style", "qa")):
         if getattr(args, flag) is None:

@@ -212,18 +212,19 @@ def keep_best(records: list[dict], min_reward: float) -> list[dict]:
 # ----------------------------------------------------------------------------------
 
 
-def load_model_local(path: str, heads_needed: str, mesh=None, rules=None, **overrides):
-    """(config, params, tokenizer, mesh) of a run or export, on a mesh over this process's
-    devices with the default FSDP rules, or on `mesh` sharded by `rules` (a run's own:
-    every process then calls this); `heads_needed` ("lm" to sample, "score" to reward)
-    must be among its heads. `overrides` of its model config (e.g. `param_dtype`: the
-    weights are cast as they are read)."""
+def load_model_local(path: str, heads_needed: str, mesh=None, rules=None, step: int | None = None, **overrides):
+    """(config, params, tokenizer, mesh) of a run or export (its step `step`, else its
+    latest), on a mesh over this process's devices with the default FSDP rules, or on
+    `mesh` sharded by `rules` (a run's own: every process then calls this);
+    `heads_needed` ("lm" to sample, "score" to reward) must be among its heads.
+    `overrides` of its model config (e.g. `param_dtype`: the weights are cast as they are
+    read)."""
     from llama_jax import checkpoint as ckpt
     from llama_jax import sharding
     from llama_jax.model import Llama
     from llama_jax.tokenizer import Tokenizer
 
-    step, meta = ckpt.read_meta(path)
+    step, meta = ckpt.read_meta(path, step)
     heads = tuple(meta.get("heads", ["lm"]))
     if heads_needed not in heads:
         raise ckpt.CheckpointError(f"{path}: has heads {list(heads)}, not the {heads_needed!r} head this needs")

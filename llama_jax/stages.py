@@ -32,6 +32,7 @@ class Stage:
     writes_data = True  # makes files in WORKDIR/data (toy data, samples) once, recorded with their settings
     eval_phase = "end"  # set by the loop before each evaluation: "start", "during" or "end"
     init_step: int | None = None  # set by the loop: the step of `init_from` the run started from (and keeps)
+    run_config = None  # set by the loop before `prepare`: the LlamaConfig the run trains
     held_out_source = True  # evaluates on config.data.eval_source (PPO: on its own prompts)
     rereads_init_from = False  # reads init_from again on a resume (a frozen reference: DPO, PPO)
     counts_epochs = False  # its training data has a fixed size (dialogs, pairs): config.epochs can set total_steps
@@ -318,27 +319,38 @@ def reward_models(stage, config, tokenizer, safety_only: bool = False):
     return stage.rms
 
 
-def sampling_model(config, path: str):
+def sampling_model(config, path: str, stage=None):
     """(config, params, tokenizer, mesh, rules): the model at `path` for a stage that
     samples before it trains (the RM's policy pairs, rejection sampling, GAtt, safety
     distillation), on the run's own mesh and sharded by its rules. Every process loads it
     and samples with it together (`distributed.together`), so a model split over a pod
     for training is split the same way for sampling. With `mesh.gather_for_generation` it
     is loaded whole on each FSDP group instead (split over `tensor` only; the returned
-    rules say so), as PPO's rollouts gather their policy, and freed when the caller drops it."""
+    rules say so), as PPO's rollouts gather their policy, and freed when the caller drops it.
+    With the `stage`: `init_from` at the step the run starts from (`stage.init_step`;
+    another path at the step the lead reads, the same on every process), and the run's
+    context (`stage.run_config.max_seq_len`) where it is longer than the checkpoint's, as
+    the fine-tune uses it."""
     from llama_jax import checkpoint as ckpt
     from llama_jax import rlhf, sharding
     from llama_jax.model import Llama
 
     mesh, rules = sharding.run_mesh(config.mesh)
+    step = getattr(stage, "init_step", None) if path == config.init_from else None
+    step, meta = ckpt.read_meta(path, step)
+    step = distributed.allgather_json(step)[0]  # the lead's: a run still saving could give the processes two
+    stored = ckpt.model_config(meta)
     overrides = {}
+    run = getattr(stage, "run_config", None)
+    if run is not None and run.max_seq_len > stored.max_seq_len:  # RoPE has no learned positions
+        overrides["max_seq_len"] = run.max_seq_len
     if config.mesh.gather_for_generation:  # the weights in the compute dtype, which the decode casts them to anyway
-        stored = ckpt.model_config(ckpt.read_meta(path)[1])
-        overrides = {"param_dtype": stored.dtype} if stored.param_dtype != stored.dtype else {}
+        if stored.param_dtype != stored.dtype:
+            overrides["param_dtype"] = stored.dtype
         rules = sharding.generation_rules(Llama(stored.replace(**overrides)), mesh, rules)
         distributed.say(f"sampling from {path} loaded whole on each of the fsdp={mesh.shape['fsdp']} groups "
                         f"(mesh.gather_for_generation), in {stored.dtype}", flush=True)
-    cfg, params, tokenizer, _ = rlhf.load_model_local(path, "lm", mesh, rules, **overrides)
+    cfg, params, tokenizer, _ = rlhf.load_model_local(path, "lm", mesh, rules, step=step, **overrides)
     return cfg, params, tokenizer, mesh, rules
 
 
@@ -423,16 +435,19 @@ class SFTStage(Stage):
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         if not self.eval_path or not config.eval_exact_match:
             return {}
-        return {"eval_exact_match": exact_match(model.config, params, tokenizer, self.eval_path,
-                                                config.eval_exact_match, config.eval_max_new_tokens, mesh, rules)}
+        score = exact_match(model.config, params, tokenizer, self.eval_path, config.eval_exact_match,
+                            config.eval_max_new_tokens, mesh, rules)
+        return {} if score is None else {"eval_exact_match": score}  # None: no dialog could be answered
 
 
-def exact_match(cfg, params, tokenizer, path: str, limit: int, max_new_tokens: int, mesh=None, rules=None) -> float:
+def exact_match(cfg, params, tokenizer, path: str, limit: int, max_new_tokens: int, mesh=None,
+                rules=None) -> float | None:
     """Fraction of held-out dialogs whose greedy answer to the last user turn equals the
     reference answer exactly (white space at the ends ignored), of those whose prompt
     leaves `max_new_tokens` of the model's context (the others, which could not be
-    answered, are left out and counted in a note, once). References too long to be answered
-    within `max_new_tokens` (with EOS) are counted wrong, and in a note, once."""
+    answered, are left out and counted in a note, once; None when none is left). References
+    of the scored dialogs too long to be answered within `max_new_tokens` (with EOS) are
+    counted wrong, and in a note, once."""
     from llama_jax.data.chat import open_dialogs
 
     dialogs = open_dialogs(path)
@@ -444,7 +459,8 @@ def exact_match(cfg, params, tokenizer, path: str, limit: int, max_new_tokens: i
         distributed.say(f"note: exact match leaves out {fits.count(False)} of {len(records)} held-out dialogs whose "
                         f"prompt leaves fewer than eval_max_new_tokens {max_new_tokens} of the model's context "
                         f"{cfg.max_seq_len}", flush=True)
-    long = [r for r in records if len(tokenizer.encode(r["messages"][-1]["content"].strip())) > max_new_tokens]
+    long = [r for r, fit in zip(records, fits)
+            if fit and len(tokenizer.encode(r["messages"][-1]["content"].strip())) > max_new_tokens]
     if long and (path, max_new_tokens) not in _SAID_UNFIT:  # no answer of max_new_tokens can equal them
         _SAID_UNFIT.add((path, max_new_tokens))
         distributed.say(f"note: exact match counts {len(long)} of {len(records)} held-out answers wrong whatever "
@@ -452,7 +468,7 @@ def exact_match(cfg, params, tokenizer, path: str, limit: int, max_new_tokens: i
                         "it to score them)", flush=True)
     answers = _greedy_answers(cfg, params, tokenizer, prompts, max_new_tokens, mesh, rules=rules, rows=32)
     hits = sum(a is not None and a == r["messages"][-1]["content"].strip() for r, a in zip(records, answers))
-    return hits / max(sum(fits), 1)
+    return hits / sum(fits) if any(fits) else None
 
 
 _SAID_UNFIT: set = set()  # (held-out file, context) pairs whose left-out dialogs a note has counted
@@ -498,6 +514,12 @@ class PreferenceStage(Stage):
         if config.data.source != "synthetic":
             raise RunError("config.reward.policy_prompts needs data.source=synthetic (the pairs are labelled by the "
                            "toy tasks' code checks)")
+        # checked before anything is sampled (a bad value failed in generate, or gave no pairs)
+        check_fields(config, {"reward.policy_samples": _count(2), "reward.policy_pairs_per_prompt": _count(1),
+                              "reward.policy_temperature": _number(0.0, low_open=True),
+                              "reward.policy_max_new_tokens": _count(1),
+                              "reward.policy_fraction": _number(0.0, low_open=True)})
+        check_room(config, "reward.policy_max_new_tokens")
         policy = r.policy or config.init_from
         if not policy:
             raise RunError("config.reward.policy_prompts needs --config.reward.policy (or init_from): the model "
@@ -513,7 +535,7 @@ class PreferenceStage(Stage):
         from llama_jax import rlhf
 
         r = config.reward
-        cfg, params, tokenizer, mesh, rules = sampling_model(config, policy)
+        cfg, params, tokenizer, mesh, rules = sampling_model(config, policy, self)
         sizes = {"train": r.policy_prompts, "eval": max(r.policy_prompts // 8, 32)}
         for split, path in paths.items():
             src = _synthetic(config, workdir, "prompts", split, sizes[split], train_n=sizes["train"],
@@ -671,7 +693,7 @@ class RejectionSamplingStage(SFTStage):
 
         r = config.rlhf
         start = time.perf_counter()
-        cfg, params, tokenizer, mesh, rules = sampling_model(config, config.init_from)
+        cfg, params, tokenizer, mesh, rules = sampling_model(config, config.init_from, self)
         rms = reward_models(self, config, tokenizer)  # kept for the evaluation after training
         path = r.prompts
         if path == "synthetic":
@@ -778,9 +800,22 @@ def _rlhf_eval_prompts(config, workdir: str) -> str:
                       **_toy_mix(config))
 
 
+def check_room(config, field: str) -> None:
+    """A RunError when the answer budget `field` ("rlhf.max_new_tokens") leaves no room for
+    a prompt in config.seq_len (prompts get seq_len minus it): said before anything loads,
+    not as a negative bound at the first prompt."""
+    from llama_jax.train import RunError
+
+    budget = config[field.split(".")[0]][field.split(".")[1]] if "." in field else config[field]
+    if isinstance(budget, int) and budget >= config.seq_len:
+        raise RunError(f"config.{field} {budget} leaves no room for a prompt in config.seq_len {config.seq_len} "
+                       f"(a prompt gets seq_len - {field.split('.')[-1]} tokens)")
+
+
 def _check_rlhf_counts(config) -> None:
     from llama_jax.train import RunError
 
+    check_room(config, "rlhf.max_new_tokens")
     if config.rlhf.eval_samples < 0:
         raise RunError(f"config.rlhf.eval_samples {config.rlhf.eval_samples} is negative (0 = greedy answers only)")
     if config.rlhf.val_samples < -1:
@@ -800,12 +835,19 @@ def _number(low: float = -math.inf, high: float = math.inf, low_open: bool = Fal
 
 
 def refuse_unread(config, fields, what: str, hint: str = "") -> None:
-    """A RunError naming those of `fields` ("data.source") set for a stage that does not
+    """A RunError naming those of `fields` ("data.source", "rlhf.top_p") set, to another
+    value than the RLHF stages' default (`configs.rlhf_config`), for a stage that does not
     read them (`what` it does instead), rather than ignoring them."""
+    from llama_jax.configs import rlhf_config
     from llama_jax.train import RunError
 
-    unread = [f"config.{f} {config[f.split('.')[0]][f.split('.')[1]]!r}" for f in fields
-              if config[f.split(".")[0]][f.split(".")[1]] not in ("", "synthetic")]
+    default = rlhf_config()
+
+    def value(c, field):
+        section, name = field.split(".")
+        return c[section][name]
+
+    unread = [f"config.{f} {value(config, f)!r}" for f in fields if value(config, f) != value(default, f)]
     if unread:
         raise RunError(f"{what}: {', '.join(unread)} would be ignored{hint}")
 
@@ -957,6 +999,7 @@ class GAttStage(SFTStage):
 
     def check(self, config) -> None:
 
+        check_room(config, "eval_max_new_tokens")
         check_fields(config, {**SAMPLING_FIELDS, "gatt.num_dialogs": _count(1), "gatt.max_turns": _count(1),
                               "gatt.samples_per_turn": _count(1), "gatt.retry_temperature": _number(0.0),
                               "gatt.combined_prob": _number(0.0, 1.0), "gatt.short_prob": _number(0.0, 1.0),
@@ -965,6 +1008,9 @@ class GAttStage(SFTStage):
         if config.gatt.instruction_weights:
             instruction_weights(config.gatt.instruction_weights)  # a bad value is refused before anything is sampled
         eval_turns(config.gatt)
+        refuse_unread(config, ("rlhf.top_p", "rlhf.max_new_tokens", "rlhf.safety_threshold"),
+                      "stage gatt samples each turn at rlhf.temperature (again at gatt.retry_temperature), answers "
+                      "of up to eval_max_new_tokens tokens, and scores them by code")
         refuse_unread(config, ("rlhf.prompts", "rlhf.eval_prompts", "data.source", "data.eval_source"),
                       "stage gatt synthesises its dialogs from the toy instructions and tasks, whose adherence code "
                       "checks, and reads no prompt or dialog files",
@@ -985,7 +1031,7 @@ class GAttStage(SFTStage):
         import random
 
         g = config.gatt
-        cfg, params, tokenizer, mesh, rules = sampling_model(config, config.init_from)
+        cfg, params, tokenizer, mesh, rules = sampling_model(config, config.init_from, self)
         rng = random.Random(f"gatt-{config.seed}")
         plans = []
         for _ in range(g.num_dialogs):
@@ -1043,7 +1089,8 @@ class GAttStage(SFTStage):
         anchors = len(plain)
         if anchors < len(tasks):
             distributed.say(f"gatt: {len(tasks) - anchors} of {len(tasks)} plain anchors dropped (no answer ending "
-                            f"within eval_max_new_tokens {config.eval_max_new_tokens}: rlhf.require_eos)", flush=True)
+                            f"within eval_max_new_tokens {config.eval_max_new_tokens}, rlhf.require_eos, or no room "
+                            "for them in the context)", flush=True)
         if not kept:  # no GAtt dialog: say so (a smoke run may go on with the anchors)
             why = (f"none of the {len(plans)} synthesised dialogs was kept (no answer that "
                    + ("follows its instruction and " if g.keep_only_adherent else "")
@@ -1226,6 +1273,7 @@ class SafetyDistillStage(SFTStage):
     def check(self, config) -> None:
         from llama_jax.train import RunError
 
+        check_room(config, "eval_max_new_tokens")
         check_fields(config, {**SAMPLING_FIELDS, "distill.num_prompts": _count(1), "distill.benign_anchors": _count(0),
                               "distill.num_eval_prompts": _count(0), "distill.min_safety": _number(0.0, 1.0)})
         pre = str(config.distill.preprompt)
@@ -1238,6 +1286,9 @@ class SafetyDistillStage(SFTStage):
         refuse_unread(config, ("rlhf.reward_model", "data.source", "data.eval_source"),
                       "stage safety_distill answers config.rlhf.prompts, scores with config.rlhf.safety_reward_model "
                       "alone and measures its rates on config.rlhf.eval_prompts")
+        refuse_unread(config, ("rlhf.temperature", "rlhf.top_p", "rlhf.max_new_tokens", "rlhf.safety_threshold"),
+                      "stage safety_distill answers greedily, up to eval_max_new_tokens tokens, and compares the "
+                      "safety RM's scores")
         positions = _preprompt_positions(config)
         if not positions or any(p not in ("prefix", "system") for p in positions):
             raise RunError(f"config.distill.preprompt_position: {config.distill.preprompt_position!r} is not "
@@ -1280,7 +1331,7 @@ class SafetyDistillStage(SFTStage):
     def _build(self, config, workdir: str) -> None:
 
         d = config.distill
-        cfg, params, tokenizer, mesh, rules = sampling_model(config, config.init_from)
+        cfg, params, tokenizer, mesh, rules = sampling_model(config, config.init_from, self)
         unsafe = self._prompts(config, workdir, "train", True, d.num_prompts, tokenizer)
         self._eval_prompts(config, workdir, tokenizer)  # a long held-out prompt is refused before the sampling
         if not unsafe:
@@ -1704,12 +1755,13 @@ class PPOStage(Stage):
                                        p.gamma, lam)
         adv = rlhf.weight_below_mean(adv, score, float(p.get("negative_weight", 1.0)))
         kl = rlhf.kl_per_token(logp, ref_logp, mask).sum(axis=1)
-        from llama_jax.tokenizer import EOS_ID
-
+        tokenizer = self.runtime.tokenizer
         self.last = {"rollout_reward": float(np.mean(scored["gated"])), "rollout_kl": float(kl.mean()),
                      "rollout_answer_tokens": float(mask.sum(axis=1).mean()), "ppo_iteration": iteration + 1,
                      # answers cut at rlhf.max_new_tokens: scored (and trained) as if they ended there
-                     "rollout_unfinished": float(np.mean([not a or a[-1] != EOS_ID for a in answers])),
+                     # (finished: an EOS, or a chat tag after some text, as every stage counts it)
+                     "rollout_unfinished": float(np.mean([not rlhf.sample_of(tokenizer, a).finished
+                                                          for a in answers])),
                      **({"rollout_varied_prompts": varied_groups(scored["texts"], k)} if k > 1 else {}),
                      **_true_accuracy("rollout_accuracy", prompts, scored["texts"])}
         full = {**rows, "old_logp": logp.astype(np.float32), "old_values": values.astype(np.float32),

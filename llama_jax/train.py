@@ -771,6 +771,13 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
 
     if stage.writes_data:  # WORKDIR/data of an earlier start must be of these settings; recorded before it is made
         _data_settings(workdir, config, record=lead)
+    stage.run_config = cfg  # what a stage that samples first (prepare) samples at: the run's context
+    if config.init_from:  # the step the run starts from, which a resume keeps (DPO's and PPO's reference); the
+        # lead's reading, so that every process starts from the same one while init_from's run saves new steps
+        # (every process reads it: opening a checkpoint directory is collective in a multi-process job); read
+        # before prepare, so that a stage that samples from init_from first samples the step it then trains
+        init_step, init_meta = ckpt.read_meta(config.init_from)
+        stage.init_step, init_sha = distributed.allgather_json([init_step, _meta_digest(init_meta)])[0]
     global PHASE
     PHASE = "preparing"  # what an interruption now loses (main says it)
     stage.prepare(config, workdir)
@@ -838,11 +845,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                                      config.checkpoint.async_save)
     meta = {"model": cfg.to_dict(), "heads": list(stage.heads), "tokenizer": tokenizer.identity(),
             "stage": config.stage}
-    if config.init_from:  # the step the run starts from, which a resume keeps (DPO's and PPO's reference); the
-        # lead's reading, so that every process starts from the same one while init_from's run saves new steps
-        # (every process reads it: opening a checkpoint directory is collective in a multi-process job)
-        init_step, init_meta = ckpt.read_meta(config.init_from)
-        stage.init_step, init_sha = distributed.allgather_json([init_step, _meta_digest(init_meta)])[0]
+    if config.init_from:  # (its step, read before prepare)
         meta["init_from"] = {"path": os.path.abspath(config.init_from), "step": stage.init_step, "meta_sha": init_sha}
     held_out = stage.eval_data(config, tokenizer) if config.eval_steps else None
     if held_out is None and config.eval_steps and stage.held_out_source and not config.data.eval_source and lead:
@@ -865,8 +868,11 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     def check_meta(saved_meta: dict) -> None:
         diff = ckpt.model_fields_differing(saved_meta.get("model", {}), meta["model"], ignore=COMPUTE_ONLY_FIELDS)
         if diff:
+            longer = diff == ["max_seq_len"]  # the same weights: a longer context goes on from them in a new run
             raise RunError(f"{checkpointer.directory}: its checkpoints are of another model (fields {diff} differ);"
-                           " use a new --workdir or the original config")
+                           " use a new --workdir or the original config"
+                           + (f" (for a longer context, a new --workdir with --config.init_from={workdir} and "
+                              f"--config.model.max_seq_len={meta['model']['max_seq_len']})" if longer else ""))
         changed = ckpt.model_fields_differing(saved_meta.get("model", {}), meta["model"])
         if changed and lead:  # numerics only (COMPUTE_ONLY_FIELDS): the same weights, computed otherwise
             saved = ckpt.model_config(saved_meta).to_dict()

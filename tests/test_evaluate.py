@@ -98,7 +98,17 @@ def test_multiple_choice_scores_and_accuracy(tmp_path, tok, params):
     assert fit["questions_with_fewer_shots"] == 4 and fit["questions_cut"] == 0
     np.testing.assert_allclose(lls(fit), lls(res), atol=1e-4)
     tiny = CFG.replace(max_seq_len=min(lengths) - 2)
-    assert ev.multiple_choice(tiny, params, tok, str(path))["questions_cut"] == 4
+    cut = ev.multiple_choice(tiny, params, tok, str(path))
+    assert cut["questions_cut"] == 4
+    # too long even without examples: every choice is read after the same last tokens of the prompt, as many as
+    # the longest choice ("apple" here) leaves (each cut on its own, a shorter choice read more of the prompt)
+    for q, lps in zip(qs, lls(cut)):
+        prompt = ev.mc_prompt(q, [])
+        ctx = tok.encode(prompt, bos=True)
+        conts = [tok.encode(f"{prompt} {c}", bos=True)[len(ctx):] for c in q["choices"]]
+        room = tiny.max_seq_len - max(map(len, conts))
+        for cont, lp in zip(conts, lps):
+            assert lp == pytest.approx(full_logprob(params, ctx[-room:], cont), abs=1e-4)
 
 
 def test_perplexity_matches_the_training_objective(tmp_path, tok, params):
@@ -171,6 +181,11 @@ def test_a_dpo_policy_is_scored_by_its_implicit_reward_as_training_scores_it(tmp
                                   beta=1.0)
     assert res["pairs"] == 16 and res["accuracy"] == pytest.approx(float(m["accuracy"]) / float(weight))
     assert 0.0 < res["accuracy"] < 1.0 and "unsafe_recall" not in res  # random models: some right, some wrong
+    # a DPO run that extended its reference's context: the reference scores the policy's rows at the policy's
+    # context, as training did (it failed to fit rows longer than the reference's own context into its batch)
+    short = dataclasses.replace(CFG, max_seq_len=32)
+    longer = ev.reward_accuracy(CFG, policy, tok, str(path), seq_len=128, reference=(short, reference, None))
+    assert longer["accuracy"] == res["accuracy"]
 
 
 def test_mean_pooled_reward_scores_the_same_in_training_and_scoring(tmp_path, tok):
@@ -222,6 +237,13 @@ def test_evaluate_cli(tmp_path, tok, params, capsys):
                     f"--seq_len={CFG.max_seq_len + 64}", "--batch_size=2", f"--output={out}"]) == 0
     assert f"is cut to the model's max_seq_len {CFG.max_seq_len}" in capsys.readouterr().out
     assert json.loads(out.read_text())["settings"]["seq_len"] == CFG.max_seq_len  # what was used
+    # a run's workdir records the seq_len it trained at: the default (512 scored positions it never trained on)
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"seq_len": 48, "stage": "pretrain"}))
+    out = tmp_path / "res_run.json"
+    assert ev.main([f"--checkpoint={tmp_path / 'm'}", "--task=perplexity", f"--data=text:{docs}", "--batch_size=2",
+                    f"--output={out}"]) == 0
+    assert f"--seq_len 48: the length {tmp_path / 'm'} trained at" in capsys.readouterr().out
+    assert json.loads(out.read_text())["settings"]["seq_len"] == 48
     assert ev.main([f"--checkpoint={tmp_path / 'm'}", "--task=reward_accuracy", f"--data={docs}"]) == 2
     assert "needs a 'score' head" in capsys.readouterr().err
     pairs = tmp_path / "pairs.jsonl"

@@ -113,6 +113,8 @@ def _stub_rollout_advantages(c, values=None):
 
     stage = PPOStage()
     stage.config, stage.ready = c, True
+    # (a tokenizer for rollout_unfinished: every answer here ends with EOS, id 2)
+    stage.runtime = types.SimpleNamespace(tokenizer=types.SimpleNamespace(answer=lambda t: ("x", len(t)), eos_id=2))
     stage._answers = lambda *args: [[1, 2]] * 4
     stage._evaluate_answers = lambda *args: (rows, scored, logp, logp, values)
     (batch,) = stage._rollout(Prompts(), None)  # one mini-batch of all 4, in a shuffled order
@@ -213,6 +215,27 @@ def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
     p.rlhf.top_p, p.ppo.ref_logprob_weight = 1.0, -1.0
     with pytest.raises(RunError, match=r"config.ppo.ref_logprob_weight -1.0 is negative"):
         PPOStage().check(p)
+    budget, p.ppo.ref_logprob_weight, p.rlhf.max_new_tokens = p.rlhf.max_new_tokens, 0.0, p.seq_len
+    with pytest.raises(RunError, match=rf"config.rlhf.max_new_tokens {p.seq_len} leaves no room for a prompt in "
+                                       rf"config.seq_len {p.seq_len}"):  # said up front, not at the first prompt
+        PPOStage().check(p)
+    p.rlhf.max_new_tokens = budget
+    # what GAtt and distillation do not read is refused, not ignored (they sample at their own settings)
+    from llama_jax.stages import GAttStage
+
+    g = load("gatt").get_config("tiny")
+    GAttStage().check(g)
+    g.rlhf.top_p = 0.9
+    with pytest.raises(RunError, match=r"stage gatt samples each turn at rlhf.temperature .*: config.rlhf.top_p 0.9 "
+                                       r"would be ignored"):
+        GAttStage().check(g)
+    d = load("safety_distill").get_config("tiny")
+    d.rlhf.temperature = 0.7
+    with pytest.raises(RunError, match=r"stage safety_distill answers greedily.*config.rlhf.temperature 0.7 would"):
+        SafetyDistillStage().check(d)
+    d.rlhf.temperature, d.eval_max_new_tokens = 1.0, d.seq_len
+    with pytest.raises(RunError, match=r"config.eval_max_new_tokens \d+ leaves no room for a prompt"):
+        SafetyDistillStage().check(d)
     p.ppo.ref_logprob_weight, p.rlhf.val_samples = 0.0, -2
     with pytest.raises(RunError, match=r"config.rlhf.val_samples -2 is below -1"):
         PPOStage().check(p)
@@ -324,7 +347,7 @@ def test_gatt_cuts_dialogs_at_the_first_breaking_turn_and_weights_instruction_ki
         return [None if finished_only and d[0]["role"] != "system" else "WORDS" for d in dialogs]
 
     monkeypatch.setattr(stages, "_greedy_answers", answers)
-    monkeypatch.setattr(stages, "sampling_model", lambda config, path: (None,) * 5)
+    monkeypatch.setattr(stages, "sampling_model", lambda config, path, stage=None: (None,) * 5)
     c.rlhf.prompts, c.gatt.num_dialogs, c.gatt.plain_anchors, c.gatt.keep_only_adherent = "synthetic", 4, 3, False
     c.gatt.num_eval_dialogs = c.gatt.num_plain_eval = 2
     for require_eos, rows in ((True, 4), (False, 7)):
@@ -437,3 +460,31 @@ def test_exact_match_leaves_out_dialogs_the_context_cannot_answer(tmp_path, toke
     assert stages.exact_match(cfg, None, tok, str(path), 10, 8) == 1.0  # the stub answers it: the note is the point
     assert "exact match counts 1 of 2 held-out answers wrong whatever the model says: they are longer than " \
         "eval_max_new_tokens 8 tokens" in capsys.readouterr().out
+    # no dialog leaves room for an answer: no score (it was 0.0), and the long answer of a dialog left out is not
+    # counted in the note as well
+    small = LlamaConfig.tiny(vocab_size=tok.vocab_size, max_seq_len=12)
+    dialogs[1][-1]["content"] = " ".join(["no"] * 12)
+    path.write_text("".join(json.dumps({"messages": d}) + "\n" for d in dialogs))
+    assert stages.exact_match(small, None, tok, str(path), 10, 7) is None
+    assert "counts" not in capsys.readouterr().out
+
+
+def test_the_reward_models_policy_pair_settings_are_checked_before_sampling(tmp_path, monkeypatch):
+    """reward.policy_* (the RM's pairs of the policy's own answers) are checked when the
+    stage starts: one answer per prompt makes no pair, temperature 0 makes every answer
+    one, and an answer budget as long as seq_len leaves no prompt (they failed inside
+    generate, or gave an empty pair file, after the model was loaded)."""
+    from llama_jax import stages
+    from llama_jax.train import RunError
+
+    monkeypatch.setattr(stages, "sampling_model", lambda *a, **k: pytest.fail("sampled before its settings"))
+    c = load("reward_model").get_config("tiny")
+    c.init_from, c.reward.policy_prompts, c.data.synthetic_train, c.data.synthetic_eval = str(tmp_path), 8, 8, 8
+    for field, value, words in (("policy_samples", 1, "a whole number >= 2"),
+                                ("policy_temperature", 0.0, "a finite number > 0"),
+                                ("policy_fraction", float("nan"), "a finite number > 0"),
+                                ("policy_max_new_tokens", c.seq_len, "leaves no room for a prompt")):
+        before, c.reward[field] = c.reward[field], value
+        with pytest.raises(RunError, match=rf"config.reward.{field} .*{words}"):
+            stages.RewardModelStage().prepare(c, str(tmp_path / "rm"))
+        c.reward[field] = before

@@ -321,6 +321,9 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, refe
     before = written()
     for experiment, extra, needle in (
             ("pretrain.py:tiny", ["--config.model.n_layers=3"], "of another model (fields ['n_layers'] differ)"),
+            ("pretrain.py:tiny", ["--config.model.max_seq_len=1024"],  # the same weights: how to go on from them
+             f"(for a longer context, a new --workdir with --config.init_from={workdir} and "
+             "--config.model.max_seq_len=1024)"),
             ("reward_model.py:tiny", ["--config.init_from="],
              "holds checkpoints of stage 'pretrain', not 'reward_model'; use a new --workdir (with "),
             ("sft.py:tiny", ["--config.init_from="], "holds checkpoints of stage 'pretrain', not 'sft'"),

@@ -581,7 +581,7 @@ def test_a_prompts_own_preprompt_targets_its_distillation(tmp_path, monkeypatch)
         asked.append(dialogs)
         return ["plain answer" if len(asked) == 1 else "safe answer"] * len(dialogs)
 
-    monkeypatch.setattr(stages, "sampling_model", lambda config, path: (None, None, None, None, None))
+    monkeypatch.setattr(stages, "sampling_model", lambda config, path, stage=None: (None,) * 5)
     monkeypatch.setattr(stages, "_greedy_answers", answers)
     stage = stages.SafetyDistillStage()
     monkeypatch.setattr(stage, "_prompts", lambda config, workdir, split, safety, n, tok: unsafe if safety else [])
@@ -643,3 +643,31 @@ def test_every_process_reads_the_leads_report_for_its_metrics(tmp_path, monkeypa
     monkeypatch.setattr(distributed, "allgather_json", lambda mine: [lead, mine])
     assert stages.read_report(str(tmp_path), "ppo.json") == {}
     assert stages.read_report(str(tmp_path), "ppo.json", shared=True) == lead
+
+
+def test_a_stage_samples_init_from_at_the_step_and_context_the_run_trains(reference_run):
+    """A stage that samples before it trains (rejection sampling, GAtt, distillation, the
+    RM's policy pairs) loads `init_from` at the step the run starts from (not its latest,
+    which a run still saving may have moved on) and with the run's longer context (it
+    sampled at the checkpoint's, so prompts the run allows did not fit: a traceback, or
+    every GAtt answer dropped)."""
+    import types
+
+    from procs import load_experiment
+
+    from llama_jax import checkpoint as ckpt
+    from llama_jax import stages
+    from llama_jax.model import LlamaConfig
+
+    workdir, _ = reference_run
+    c = load_experiment("gatt").get_config("tiny")
+    c.init_from = workdir
+    stored = ckpt.model_config(ckpt.read_meta(workdir)[1])
+    stage = types.SimpleNamespace(init_step=9, run_config=LlamaConfig(**{**stored.to_dict(), "max_seq_len": 1024}))
+    cfg, params, _, _, _ = stages.sampling_model(c, workdir, stage)
+    at_9 = ckpt.load_model(workdir, 9)[1]
+    assert cfg.max_seq_len == 1024 and stored.max_seq_len == 512
+    np.testing.assert_array_equal(np.asarray(params["norm"]["scale"]), np.asarray(at_9["norm"]["scale"]))
+    latest = ckpt.load_model(workdir)[1]  # step 12
+    assert not np.array_equal(np.asarray(at_9["norm"]["scale"]), np.asarray(latest["norm"]["scale"]))
+    assert stages.sampling_model(c, workdir)[0].max_seq_len == stored.max_seq_len  # no stage: the checkpoint's own

@@ -453,7 +453,7 @@ def table8(results: dict) -> str:
 # ----------------------------------------------------------------------------------
 
 
-def _trained_seq_len(checkpoint: str) -> int | None:
+def trained_seq_len(checkpoint: str) -> int | None:
     """config.seq_len of the run whose workdir `checkpoint` is (its config.json); None for
     an export or a converted model, which record none."""
     try:
@@ -511,7 +511,7 @@ def main(argv=None) -> int:
              if f not in used and getattr(args, f) is not None]
     if given:
         ap.error(f"{', '.join('--' + f for f in given)}: not used by --task={args.task}")
-    trained = _trained_seq_len(args.checkpoint) if args.seq_len is None and "seq_len" in used else None
+    trained = trained_seq_len(args.checkpoint) if args.seq_len is None and "seq_len" in used else None
     if trained:
         print(f"--seq_len {trained}: the length {args.checkpoint} trained at (its config.json's seq_len)")
     for flag, default in (("seq_len", trained or (512 if args.task == "perplexity" else None)), ("max_batches", 0),

@@ -316,6 +316,13 @@ def reward_models(stage, config, tokenizer, safety_only: bool = False):
             helpful = "" if safety_only else r.reward_model or r.safety_reward_model
             stage.rms = rlhf.RewardModels(helpful, r.safety_reward_model, tokenizer, r.safety_threshold, mesh=mesh,
                                           rules=rules)
+            from llama_jax.evaluate import trained_seq_len
+
+            for path in dict.fromkeys(filter(None, (helpful, r.safety_reward_model))):
+                trained = trained_seq_len(path)
+                if trained and config.seq_len > trained:  # positions it never learnt to score
+                    distributed.say(f"warning: reward model {path} trained on rows of {trained} tokens; this stage "
+                                    f"scores dialogs of up to config.seq_len {config.seq_len}", flush=True)
     return stage.rms
 
 

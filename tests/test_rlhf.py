@@ -671,3 +671,26 @@ def test_a_stage_samples_init_from_at_the_step_and_context_the_run_trains(refere
     latest = ckpt.load_model(workdir)[1]  # step 12
     assert not np.array_equal(np.asarray(at_9["norm"]["scale"]), np.asarray(latest["norm"]["scale"]))
     assert stages.sampling_model(c, workdir)[0].max_seq_len == stored.max_seq_len  # no stage: the checkpoint's own
+
+
+def test_a_reward_model_asked_to_score_longer_rows_than_it_trained_on_is_warned(tmp_path, monkeypatch, capsys):
+    """An RLHF stage whose rows are longer than its reward model ever trained on scores
+    positions the RM never learnt to score: said when the RMs load (its config.json)."""
+    import json
+    import types
+
+    from procs import load_experiment
+
+    from llama_jax import rlhf, stages
+
+    monkeypatch.setattr(rlhf, "RewardModels", lambda *a, **k: "loaded")
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.json").write_text(json.dumps({"seq_len": 64}))
+    c = load_experiment("ppo").get_config("tiny")
+    c.rlhf.reward_model, c.rlhf.safety_reward_model, c.seq_len = str(tmp_path / "rm"), "", 128
+    assert stages.reward_models(types.SimpleNamespace(rms=None), c, None) == "loaded"
+    assert capsys.readouterr().out == (f"warning: reward model {tmp_path / 'rm'} trained on rows of 64 tokens; this "
+                                       "stage scores dialogs of up to config.seq_len 128\n")
+    c.seq_len = 64
+    stages.reward_models(types.SimpleNamespace(rms=None), c, None)
+    assert capsys.readouterr().out == ""

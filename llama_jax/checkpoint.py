@@ -385,8 +385,11 @@ def save_params(output: str, params, meta: dict, step: int = 0, tokenizer_path: 
     """Writes a params-only checkpoint (params + meta [+ tokenizer.model]) to `output`, a
     new or empty directory: the layout of an export, which inference and `init_from`
     accept. A failed write leaves no `output` behind."""
+    from flax.linen import meta as flax_meta
+
     from llama_jax.workdir import staged_directory
 
+    params = flax_meta.unbox(params)  # `Llama(cfg).init(...)["params"]` holds boxed (LogicallyPartitioned) arrays
     with staged_directory(output, CheckpointError) as tmp:
         mngr = _manager(os.path.join(tmp, "checkpoints"), async_save=False)
         try:

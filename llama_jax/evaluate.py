@@ -82,7 +82,18 @@ def loglikelihood(config: LlamaConfig, params, contexts: Sequence[Sequence[int]]
     """(sum of log p(continuation | context), continuation is the greedy one) per pair.
     Pairs longer than max_seq_len keep their last max_seq_len tokens. Pairs are batched
     longest first (a batch's rows of like lengths), each batch padded to
-    `_length_bucket` (at most max_seq_len)."""
+    `_length_bucket` (at most max_seq_len). Token ids of the pair as the model reads them:
+    a continuation tokenized on its own can differ from its tokens after the context
+    (" sys" alone is two pieces, after "x" one): encode context + continuation together
+    and split, as `multiple_choice` does."""
+    from llama_jax.generate import check_params, token_rows
+
+    check_params(params, "loglikelihood")
+    contexts = token_rows(contexts, config.vocab_size, "loglikelihood: context", allow_empty=True)
+    continuations = token_rows(continuations, config.vocab_size, "loglikelihood: continuation")
+    if len(contexts) != len(continuations):
+        raise ValueError(f"loglikelihood: {len(contexts)} contexts and {len(continuations)} continuations; give one "
+                         "context a continuation")
     rows = []
     for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
         if not len(ctx):  # the first token has no prediction: it would go unscored
@@ -117,7 +128,9 @@ def loglikelihood(config: LlamaConfig, params, contexts: Sequence[Sequence[int]]
 def perplexity(config: LlamaConfig, params, tokenizer, source: str, seq_len: int = 512, batch_size: int = 8,
                max_batches: int = 0, progress=None) -> dict:
     """Token-level perplexity of `source` (a pretraining source spec: text:GLOB,
-    jsonl:GLOB, stdlib:eval, ...), read once in order, packed like pretraining; every
+    jsonl:GLOB, stdlib:eval, ...), read once in order, packed like pretraining into rows of
+    `seq_len` (for a run, the length it trained at: `trained_seq_len(workdir)`, as the
+    command line's default; 512 scores positions a shorter-trained model never saw); every
     token is scored (the last batch is padded with empty rows), except each row's and
     each document's first, which have no context in their row."""
     from llama_jax import objectives
@@ -332,6 +345,9 @@ def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dic
     the batches go onto it whole and the activations are sharded by `rules`, as in training."""
     from llama_jax.data.preference import cut_prompt
 
+    if len(dialogs) and isinstance(dialogs[0], dict):  # one dialog: its messages would each be read as a dialog
+        raise ValueError("score: dialogs is a list of dialogs (each a list of messages); got one dialog: pass "
+                         "[dialog]")
     rows = []
     for d in dialogs:
         tokens, mask = tokenizer.encode_dialog_for_training(d, last_turn_only=True)

@@ -159,12 +159,61 @@ _STREAM_TARGET: list[Callable] = []
 _STREAM_LOCK = threading.Lock()
 
 
+_STREAM_ERROR: list[BaseException] = []  # what the current streaming callback raised, re-raised by generate
+
+
 def _forward_tokens(tokens, done) -> np.ndarray:
-    return np.bool_(bool(_STREAM_TARGET and _STREAM_TARGET[-1](tokens, done)))
+    if not _STREAM_TARGET or _STREAM_ERROR:
+        return np.bool_(bool(_STREAM_ERROR))
+    try:
+        stop = _STREAM_TARGET[-1](tokens, done)
+        if stop is not None and not isinstance(stop, (bool, np.bool_)):
+            raise TypeError(f"generate: on_token must return True (stop every row), False or None; got {stop!r}")
+    except Exception as e:  # noqa: BLE001 - raised again by generate as it is (not as XLA's runtime error)
+        _STREAM_ERROR.append(e)
+        return np.bool_(True)
+    return np.bool_(bool(stop))
 
 
 def _bucket(n: int, multiple: int = 16) -> int:
     return max(multiple, -(-n // multiple) * multiple)
+
+
+def token_rows(rows, vocab_size: int, what: str, allow_empty: bool = False) -> list[list[int]]:
+    """`rows` (a list, tuple, 2-D array or iterable of token-id sequences) as lists of
+    ints, each id in [0, vocab_size); a ValueError naming `what` and the row for anything
+    else: text instead of ids, a flat list of ids, floats, an empty row (unless
+    `allow_empty`), an id outside the vocabulary (the embedding would give NaN, or another
+    token's vector, silently)."""
+    if isinstance(rows, (str, bytes)):
+        raise ValueError(f"{what}s: give token ids (Tokenizer.encode), not text")
+    rows = list(rows) if not isinstance(rows, np.ndarray) else [list(r) for r in np.atleast_2d(rows)]
+    if not rows:
+        raise ValueError(f"{what}s: none given")
+    out = []
+    for i, row in enumerate(rows):
+        if isinstance(row, (int, np.integer)):
+            raise ValueError(f"{what}s: a flat list of ids; give one list of ids per row ([ids] for one)")
+        if isinstance(row, (str, bytes)):
+            raise ValueError(f"{what} {i}: text {row[:30]!r}; give token ids (Tokenizer.encode)")
+        row = list(row)
+        bad = next((t for t in row if not isinstance(t, (int, np.integer)) or isinstance(t, bool)), None)
+        if bad is not None:
+            raise ValueError(f"{what} {i}: {bad!r} is not a token id (an int)")
+        if not row and not allow_empty:
+            raise ValueError(f"{what} {i}: needs at least one token")
+        off = next((t for t in row if not 0 <= t < vocab_size), None)
+        if off is not None:
+            raise ValueError(f"{what} {i} has token id {off}, outside the model's vocabulary [0, {vocab_size})")
+        out.append([int(t) for t in row])
+    return out
+
+
+def check_params(params, what: str) -> None:
+    """A ValueError for params given in Flax's {"params": ...} wrapper (the model wants the
+    inner tree: `variables["params"]`)."""
+    if isinstance(params, dict) and "params" in params and "layers" not in params:
+        raise ValueError(f"{what}: params is a {{'params': ...}} variables dict; pass its ['params']")
 
 
 def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -174,14 +223,15 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
     """New tokens for each prompt (stopping after EOS) and their log-probabilities.
 
     `on_token(tokens [B], done [B])` is called on the host after every decode step
-    (streaming); when it returns True, every row stops there. With `mesh` and `rules`,
+    (streaming); when it returns True, every row stops there (False or None: go on;
+    anything else, or an exception it raises, ends the call with that error). With `mesh` and `rules`,
     activations are sharded like training's (params should already be on that mesh, e.g.
     from `checkpoint.load_model(..., shardings=)`).
     Prompts are left-padded to a multiple of 16 tokens, or to `pad_to` when longer (within
     what the context leaves): each padded length compiles its own decode program, so a
     caller whose prompt grows call by call (a chat) passes a few fixed lengths."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate: every prompt needs at least one token")
+    check_params(params, "generate")
+    prompts = token_rows(prompts, config.vocab_size, "generate: prompt")
     if int(max_new_tokens) < 1:
         raise ValueError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
     if not 0 <= temperature < float("inf") or not 0 <= top_p <= 1 or top_k < 0:  # NaN fails the first two
@@ -198,10 +248,6 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
     for i, p in enumerate(prompts):  # left padding: every prompt ends at the same slot
         tokens[i, P - len(p):] = p
         seg[i, P - len(p):] = 1
-        if min(p) < 0 or max(p) >= config.vocab_size:  # the embedding would give NaN, or another token, silently
-            bad = next(t for t in p if not 0 <= t < config.vocab_size)
-            raise ValueError(f"generate: prompt {i} has token id {bad}, outside the model's vocabulary "
-                             f"[0, {config.vocab_size})")
     kwargs = dict(config=config, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                   top_p=float(top_p), top_k=int(top_k), eos_id=int(eos_id), stream=on_token is not None)
     inputs = (jnp.asarray(tokens), jnp.asarray(seg))
@@ -211,6 +257,7 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
     if on_token is not None:  # one streaming call at a time: the compiled callback calls the latest target
         _STREAM_LOCK.acquire()
         _STREAM_TARGET.append(on_token)
+        _STREAM_ERROR.clear()
     try:
         if mesh is not None:
             from llama_jax import sharding
@@ -224,7 +271,11 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
     finally:
         if on_token is not None:
             _STREAM_TARGET.pop()
+            raised = list(_STREAM_ERROR)
+            _STREAM_ERROR.clear()
             _STREAM_LOCK.release()
+    if on_token is not None and raised:  # the callback's own error, after the loop stopped at that step
+        raise raised[0]
     result_tokens, result_lp = [], []
     for row, row_lp in zip(out, lp):
         hits = np.nonzero(row == eos_id)[0]

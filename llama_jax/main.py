@@ -23,14 +23,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, overrides: dict | None = None) -> dict:
+    """Runs `config` (an experiment's `get_config(ARG)`, changed as one likes) in `workdir`,
+    as `python -m llama_jax.main` does; returns the final metrics. `overrides`: the fields
+    changed from the experiment's config ({"model.max_seq_len": 1024}), checked against
+    `init_from`'s model as the command line's are; the command line's own when it parsed
+    them. From Python without them, config.model fields that `init_from`'s model makes
+    unused are named in a note."""
     from llama_jax.stages import STAGES
     from llama_jax.train import RunError
     from llama_jax.train import run as train_run
 
     if config.stage not in STAGES:
         raise RunError(f"config.stage: unknown stage {config.stage!r}; known stages: {sorted(STAGES)}")
-    overrides = config_flags.get_override_values(flags.FLAGS["config"]) if flags.FLAGS.is_parsed() else {}
+    if overrides is None and flags.FLAGS.is_parsed():
+        overrides = config_flags.get_override_values(flags.FLAGS["config"])
     return train_run(config, workdir, STAGES[config.stage](), overrides=overrides)
 
 

@@ -265,6 +265,10 @@ class RewardModels:
         from llama_jax.checkpoint import CheckpointError
         from llama_jax.tokenizer import TokenizerError
 
+        for name, path in (("helpful", helpful), ("safety", safety)):
+            if not isinstance(path, str):  # RewardModels(path, tokenizer): the tokenizer is the third argument
+                raise TypeError(f"RewardModels: {name} is a reward model's path (a str, '' for none), got "
+                                f"{type(path).__name__}; pass the tokenizer as tokenizer=")
         self.on_mesh, self.rules = mesh is not None, rules
         self.models = {}
         paths = {name: path for name, path in (("helpful", helpful), ("safety", safety)) if path}
@@ -290,10 +294,14 @@ class RewardModels:
                                          f"{tokenizer.identity()['sha256'][:12]}...)")
 
     def __call__(self, dialogs, is_safety) -> dict:
+        """{"helpful", "safety", "gated"} probabilities of each dialog (a list of message
+        lists, each ending with the answer); `is_safety`: one bool a dialog (its prompt is
+        safety-tagged: R_c takes the safety score)."""
         import numpy as np
 
         from llama_jax.evaluate import score
 
+        is_safety = check_safety_flags(dialogs, is_safety)
         out = {}
         for name, (cfg, params, tok, mesh) in self.models.items():
             raw = score(cfg, params, tok, dialogs, batch_size=32, mesh=mesh if self.on_mesh else None,
@@ -305,8 +313,19 @@ class RewardModels:
             out["gated"] = out["helpful"]
             return out
         out["gated"] = np.asarray(gate_reward(jnp.asarray(out["helpful"]), jnp.asarray(out["safety"]),
-                                              jnp.asarray(np.asarray(is_safety, bool)), self.threshold))
+                                              jnp.asarray(is_safety), self.threshold))
         return out
+
+
+def check_safety_flags(dialogs, is_safety):
+    """`is_safety` as a bool array, one a dialog; a ValueError for anything else (a single
+    flag for several dialogs, None, strings: numpy would broadcast or cast them silently)."""
+    import numpy as np
+
+    flags = list(is_safety) if isinstance(is_safety, (list, tuple, np.ndarray)) else None
+    if flags is None or len(flags) != len(dialogs) or not all(isinstance(f, (bool, np.bool_)) for f in flags):
+        raise ValueError(f"is_safety: give one True/False a dialog ({len(dialogs)} dialogs), got {is_safety!r}")
+    return np.asarray(flags, bool)
 
 
 CODE_REWARD = "code"  # rlhf.reward_model value: the toy prompts' own checker instead of a reward model
@@ -348,6 +367,7 @@ class CodeReward:
 
         from llama_jax.data.synthetic import is_correct, is_refusal
 
+        is_safety = check_safety_flags(dialogs, is_safety)
         helpful, safety = [], []
         for dialog, unsafe in zip(dialogs, is_safety):
             answer = dialog[-1]["content"]
@@ -356,7 +376,7 @@ class CodeReward:
             helpful.append(float(right or (unsafe and refused)))
             safety.append(float(refused or not unsafe))
         helpful, safety = np.asarray(helpful), np.asarray(safety)
-        gated = np.where(np.asarray(is_safety, bool), safety, helpful)
+        gated = np.where(is_safety, safety, helpful)
         return {"helpful": helpful, "safety": safety, "gated": gated}
 
 

@@ -163,6 +163,9 @@ class Tokenizer:
 
     # -- plain text --------------------------------------------------------------------
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        if not isinstance(text, str):  # SentencePiece encodes a list as a batch: a list of lists, silently
+            raise TypeError(f"Tokenizer.encode: text must be a str, got {type(text).__name__} (encode a list one "
+                            "text at a time)")
         try:
             ids = self.sp.encode(text)
         except RuntimeError:  # lone surrogates (a JSON "\ud800"), which SentencePiece cannot take
@@ -246,6 +249,9 @@ def valid_unicode(text: str) -> str:
 def _turns(messages: Sequence[dict], last: str) -> list[tuple[str, str | None]]:
     """Validates a dialog and folds the system message into the first user turn.
     Returns [(user, answer), ...]; the last answer is None when `last == "user"`."""
+    if isinstance(messages, dict):  # one message, or a {"messages": [...]} record
+        raise DialogError("a dialog is a list of messages ({'role': ..., 'content': ...}), not one dict"
+                          + (": pass record['messages']" if "messages" in messages else ""))
     if not isinstance(messages, (list, tuple)) or not messages:
         raise DialogError("empty dialog: need at least one user message")
     for i, m in enumerate(messages):

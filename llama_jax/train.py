@@ -430,7 +430,7 @@ def run(config, workdir: str, stage, overrides: dict | None = None) -> dict:
     from llama_jax import workdir as workdir_lock
 
     try:
-        return _run(config, workdir, stage, overrides or {})
+        return _run(config, workdir, stage, overrides)
     finally:  # the workdir's lock, however the run ended (a later run of this process takes it again)
         workdir_lock.release(workdir)
 
@@ -439,12 +439,14 @@ def run_model(config, stage, overrides: dict | None = None):
     """The LlamaConfig a run trains: `config.model`, or with `init_from` the checkpoint's
     architecture with this config's numerics (INIT_FROM_FIELDS). `overrides` (the command
     line's, `{"model.n_layers": 2}`) must agree with that checkpoint's model, except a
-    longer context (`max_seq_len`: RoPE has no learned positions)."""
+    longer context (`max_seq_len`: RoPE has no learned positions). None: not known (a run
+    started from Python): config.model's architecture fields that differ from the
+    checkpoint's are named in a note, since they are not used."""
     from llama_jax import checkpoint as ckpt
     from llama_jax import configs
     from llama_jax.model import INIT_FROM_FIELDS, check_attention_kernel
 
-    overrides = overrides or {}
+    from_python, overrides = overrides is None, overrides or {}
     try:
         cfg = configs.to_llama_config(config.model)
         if config.init_from:  # the architecture comes from the checkpoint; numerics from this config
@@ -453,6 +455,13 @@ def run_model(config, stage, overrides: dict | None = None):
             except ckpt.CheckpointError as e:
                 raise RunError(f"config.init_from: {e}") from None
             asked = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("model.")}
+            unused = ckpt.model_fields_differing(init_meta["model"], cfg.to_dict(), ignore=INIT_FROM_FIELDS)
+            if from_python and unused and jax.process_index() == 0:
+                mine, theirs = cfg.to_dict(), ckpt.model_config(init_meta).to_dict()
+                print(f"note: config.init_from {config.init_from}: the run trains its model; config.model's "
+                      + ", ".join(f"{k} {mine[k]!r} (it has {theirs[k]!r})" for k in unused)
+                      + f" are not used (only {', '.join(INIT_FROM_FIELDS)} apply; from Python, pass "
+                      "overrides={'model.max_seq_len': N} to run for a longer context)", flush=True)
             cfg = ckpt.model_config(init_meta, **{k: getattr(cfg, k) for k in INIT_FROM_FIELDS},
                                     **({"max_seq_len": asked["max_seq_len"]} if "max_seq_len" in asked else {}))
             clash = {k: v for k, v in asked.items() if k not in INIT_FROM_FIELDS and getattr(cfg, k, v) != v}

@@ -216,3 +216,16 @@ def test_processes_agree_on_the_checkpoint_they_resume_from(tmp_path, monkeypatc
     assert said == [f"warning: checkpoint 6 in {tmp_path / 'checkpoints'} is unreadable (process 1: OSError: checksum "
                     "mismatch in ocdbt.process_1); falling back to checkpoint 3"]
     leaves_equal(restored, state)
+
+
+def test_params_straight_from_init_save_and_load(tmp_path):
+    """`Llama(cfg).init(...)["params"]` holds boxed (LogicallyPartitioned) arrays, which
+    the model itself accepts: save_params unboxes them (it wrote them as they were, and
+    loading then failed as 'unreadable or not of this model')."""
+    import jax.numpy as jnp
+
+    variables = Llama(CFG).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+    ckpt.save_params(str(tmp_path / "m"), variables["params"], META)
+    cfg, params, heads, _ = ckpt.load_model(str(tmp_path / "m"))
+    assert cfg == CFG and heads == ("lm",)
+    leaves_equal(params, jax.tree_util.tree_map(lambda x: x, variables["params"]))

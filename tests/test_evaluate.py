@@ -54,6 +54,13 @@ def test_loglikelihood_equals_full_forward(params):
     assert ev.loglikelihood(CFG, params, [ctx], [[(greedy + 1) % CFG.vocab_size]])[0][1] is False
     with pytest.raises(ValueError, match="pair 1 has an empty context"):  # its first token could not be scored
         ev.loglikelihood(CFG, params, [ctx, []], [[5], [5, 6]])
+    # pairs that do not match, ids outside the vocabulary (NaN, or a wrapped id) and nothing to score: errors
+    for cs, ts, words in (([ctx, ctx], [[5]], "2 contexts and 1 continuations"),
+                          ([ctx], [[CFG.vocab_size]], f"continuation 0 has token id {CFG.vocab_size}, outside"),
+                          ([[1, -3]], [[5]], "context 0 has token id -3, outside"),
+                          ([ctx], [[]], "continuation 0: needs at least one token")):
+        with pytest.raises(ValueError, match=f"loglikelihood: {words}"):
+            ev.loglikelihood(CFG, params, cs, ts)
 
 
 def test_multiple_choice_scores_and_accuracy(tmp_path, tok, params):
@@ -561,3 +568,22 @@ def test_continuation_style_scores_each_ending_after_the_context(tmp_path, tok, 
                 n -= 1
             assert lp == pytest.approx(full_logprob(params, full[:n], full[n:]), abs=1e-4)
     assert res["style"] == "continuation" and res["questions"] == 3
+
+
+def test_library_calls_with_the_wrong_shape_of_input_say_so(tok, params):
+    """What a notebook user passes by mistake: a list of texts to encode (SentencePiece
+    returned a list of lists, silently), one dialog where a list of dialogs is wanted (an
+    'empty dialog' error), a tokenizer where the safety RM's path goes (an os.stat error)."""
+    from llama_jax import rlhf
+    from llama_jax.tokenizer import DialogError
+
+    with pytest.raises(TypeError, match="Tokenizer.encode: text must be a str, got list"):
+        tok.encode(["ab", "cd"], bos=True)
+    dialog = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]
+    with pytest.raises(ValueError, match=r"score: dialogs is a list of dialogs .* pass \[dialog\]"):
+        ev.score(CFG, params, tok, dialog)
+    with pytest.raises(DialogError, match=r"not one dict: pass record\['messages'\]"):
+        tok.encode_dialog({"messages": dialog[:1]})
+    with pytest.raises(TypeError, match="RewardModels: safety is a reward model's path .* pass the tokenizer as "
+                                        "tokenizer="):
+        rlhf.RewardModels("rm", tok)

@@ -109,6 +109,17 @@ def test_stops_at_eos_and_streams(params):
                                                                                                   d.tolist())))
     assert out.tokens == [[tk.EOS_ID], [tk.EOS_ID]]
     assert seen == [([tk.EOS_ID, tk.EOS_ID], [False, False])]  # one step, then the loop ends on device
+    # the callback's own error comes back as it is (it was XLA's INTERNAL runtime error), and a return value
+    # that is not a stop flag (a per-row array, a string) is an error, not "stop" by truthiness
+
+    def broken(tokens, done):
+        raise KeyError("mine")
+
+    with pytest.raises(KeyError, match="mine"):
+        gen.generate(CFG, params, [[1, 4, 5]], 4, on_token=broken)
+    with pytest.raises(TypeError, match=r"on_token must return True \(stop every row\), False or None; got 'no'"):
+        gen.generate(CFG, params, [[1, 4, 5]], 4, on_token=lambda t, d: "no")
+    assert len(gen.generate(CFG, params, [[1, 4, 5]], 3, on_token=lambda t, d: False, eos_id=-1).tokens[0]) == 3
 
 
 def test_prompt_too_long_is_a_clear_error(params):
@@ -125,6 +136,17 @@ def test_prompt_too_long_is_a_clear_error(params):
             gen.generate(CFG, params, [[1, 2], [3, bad, 4]], 4)
     with pytest.raises(ValueError, match="Llama: 9 tokens do not fit a KV cache of 8 slots"):
         Llama(CFG).apply({"params": params}, jnp.ones((1, 9), jnp.int32), cache=KVCache.init(CFG, 1, 8))
+    # what a library caller may pass: each a one-line error (they were an ambiguous-truth-value error, int(),
+    # len() of an int, max() of nothing, floats cut to ints silently, and KeyError 'layers')
+    for bad, words in (("hello", "prompts: give token ids \\(Tokenizer.encode\\), not text"),
+                       (["hello"], "prompt 0: text 'hello'"), ([1, 5, 6], "prompts: a flat list of ids"),
+                       ((p for p in []), "prompts: none given"), ([[1.9, 5.7]], "prompt 0: 1.9 is not a token id")):
+        with pytest.raises(ValueError, match=f"generate: {words}"):
+            gen.generate(CFG, params, bad, 4)
+    with pytest.raises(ValueError, match=r"params is a \{'params': ...\} variables dict; pass its \['params'\]"):
+        gen.generate(CFG, {"params": params}, [[1, 2]], 4)
+    arrays = gen.generate(CFG, params, np.array([[1, 2, 3], [4, 5, 6]]), 3, eos_id=-1).tokens  # a 2-D array: rows
+    assert arrays == gen.generate(CFG, params, [[1, 2, 3], [4, 5, 6]], 3, eos_id=-1).tokens
 
 
 def test_a_prompt_that_fits_only_unpadded_still_generates(params):

@@ -105,3 +105,24 @@ def test_benchmark_scripts_say_bad_input_in_one_line(tmp_path):
         helped = subprocess.run([sys.executable, str(root / "benchmarks" / name), "--help"], env=e,
                                 capture_output=True, text=True, timeout=60).stdout
         assert "(default: None)" not in helped and "(default: " in helped, name
+
+
+def test_the_readmes_python_example_runs(reference_run, tmp_path):
+    """The README's "From Python" example, run as written on a small run (its path
+    replaced): the library calls it shows exist and take the arguments it gives."""
+    import subprocess
+    import sys
+
+    from procs import env
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### From Python"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "generate.load_for_inference(" in code and "evaluate.loglikelihood(" in code
+    script = tmp_path / "example.py"
+    script.write_text(code.replace('"runs/tiny"', repr(reference_run[0]))
+                      + "\nassert len(texts) == 2 and logits.shape[0] == 1 and lp < 0 and ppl['perplexity'] > 1\n"
+                      + "print('ok')\n")
+    out = subprocess.run([sys.executable, str(script)], env={**env(), "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -694,3 +694,45 @@ def test_a_reward_model_asked_to_score_longer_rows_than_it_trained_on_is_warned(
     c.seq_len = 64
     stages.reward_models(types.SimpleNamespace(rms=None), c, None)
     assert capsys.readouterr().out == ""
+
+
+def test_a_run_started_from_python_says_which_model_settings_init_from_makes_unused(tmp_path, reference_run,
+                                                                                    capsys):
+    """From Python (no command line to tell what was changed), config.model fields that
+    init_from's architecture replaces are named in a note rather than dropped silently;
+    `overrides` makes main.run check them as the command line's are."""
+    from procs import load_experiment
+
+    from llama_jax import main, train
+    from llama_jax.stages import SFTStage
+
+    workdir, _ = reference_run
+    c = load_experiment("sft").get_config("tiny")
+    c.init_from, c.model.dim, c.model.n_layers = workdir, 96, 3
+    cfg = train.run_model(c, SFTStage(), None)
+    said = capsys.readouterr().out
+    assert cfg.dim == 48 and "the run trains its model; config.model's dim 96 (it has 48), n_layers 3 (it has " \
+        "2)" in said and "are not used" in said, said
+    train.run_model(c, SFTStage(), {})  # the command line's overrides, none of them model fields: no note
+    assert capsys.readouterr().out == ""
+    with pytest.raises(train.RunError, match=r"--config.model.dim=96 \(it has 48\) cannot apply"):
+        main.run(c, str(tmp_path / "sft"), overrides={"model.dim": 96})
+    assert not (tmp_path / "sft").exists()
+
+
+def test_reward_models_take_one_safety_flag_a_dialog():
+    """`rms(dialogs, is_safety)`: one True/False a dialog. A single flag for two dialogs
+    (numpy broadcast it: both gated by the safety score), None (read as all False) or
+    strings ("no" read as True) are a ValueError, as a list of the wrong length was."""
+    import numpy as np
+
+    from llama_jax import rlhf
+
+    dialogs = [[{"role": "user", "content": "What is 1 + 2?"}, {"role": "assistant", "content": "3"}]] * 2
+    code = rlhf.CodeReward([])
+    code.references = {}
+    code._reference = lambda prompt: {"reference": "3"}
+    assert list(code(dialogs, [False, np.bool_(True)])["gated"]) == [1.0, 0.0]  # tagged: not a refusal
+    for bad in ([True], None, ["no", "no"], [1, 0], True):
+        with pytest.raises(ValueError, match=r"is_safety: give one True/False a dialog \(2 dialogs\)"):
+            code(dialogs, bad)

@@ -370,7 +370,9 @@ def plan(args) -> list[tuple[list[str], dict]]:
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in --help, except None ones (their help says what none means)."""
+    """Defaults in --help, except None ones (their help says what none means). A copy of
+    llama_jax.cli.DefaultsHelp: the driver itself runs without the package importable (its
+    runs get the repository on PYTHONPATH)."""
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)

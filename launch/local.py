@@ -18,7 +18,8 @@ for each other. If any process exits non-zero the others are stopped and this la
 exits with the code of the first to fail (128 + N for one killed by signal N), naming it
 when the others were still running or it was killed. Only
 `llama_jax.main` joins such a job; the one-process commands (generate, chat, evaluate,
-convert, checkpoint, data.prepare, tokenizer) refuse to run under it.
+convert, checkpoint, data.prepare, tokenizer) and the recipe (which starts its own
+one-process stages) refuse to run under it.
 """
 
 from __future__ import annotations
@@ -191,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         ours, command = argv, []
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num_processes", type=int, default=2)
-    parser.add_argument("--devices_per_process", type=int, default=1)
+    parser.add_argument("--num_processes", type=int, default=2, help="processes of the job (default: 2)")
+    parser.add_argument("--devices_per_process", type=int, default=1,
+                        help="fake CPU devices of each process (default: 1)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds; kill the job after it")
     args = parser.parse_args(ours)
     if args.num_processes < 1 or args.devices_per_process < 1:

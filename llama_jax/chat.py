@@ -34,8 +34,10 @@ def _pow2_length(n: int, cap: int) -> int:
 
 
 def main(argv=None, input_fn=None, out=None) -> int:
+    from llama_jax.cli import DefaultsHelp
+
     ap = argparse.ArgumentParser(prog="python -m llama_jax.chat", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelp)
     ap.add_argument("--checkpoint", required=True, help="a run's workdir or an export / converted checkpoint")
     ap.add_argument("--system", default="", help="system prompt (folded into the first user turn)")
     ap.add_argument("--max_new_tokens", type=int, default=256, help="most tokens of one reply")

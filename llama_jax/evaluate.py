@@ -609,8 +609,8 @@ def main(argv=None) -> int:
                                                     f"solved examples, to fit the model's max_seq_len "
                                                     f"{cfg.max_seq_len} (or for want of other questions)"),
                 (res["questions_cut"], f"warning: {res['questions_cut']} questions are longer than max_seq_len "
-                                       f"{cfg.max_seq_len} even without examples; each choice was scored on its last "
-                                       "max_seq_len tokens"))
+                                       f"{cfg.max_seq_len} even without examples; each choice was scored after the "
+                                       "same last tokens of its prompt (as many as its longest choice leaves)"))
             for shown, text in notes:
                 if shown:
                     print(text)

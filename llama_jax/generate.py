@@ -571,8 +571,10 @@ def main(argv=None) -> int:
     import argparse
     import time
 
+    from llama_jax.cli import DefaultsHelp
+
     ap = argparse.ArgumentParser(prog="python -m llama_jax.generate", description="Continue a prompt (streamed to "
-                                 "stdout; timing on stderr).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 "stdout; timing on stderr).", formatter_class=DefaultsHelp)
     ap.add_argument("--checkpoint", required=True, help="a run's workdir or an export / converted checkpoint")
     source = ap.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the text to continue (with --chat: the user's message)")

@@ -863,13 +863,14 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     if held_out is not None and lead and "unread_fields" in held_out.description:
         print(f"note: held-out data: unread_fields {held_out.description['unread_fields']}", flush=True)
     if held_out is not None:  # its files are checked now, not at the first evaluation, mid-run
-        try:  # every process, together: an evaluation stops at the first batch any process lacks
-            lacking = [i for i, has in enumerate(distributed.allgather_json(next(held_out, None) is not None))
-                       if not has]
+        try:  # every process, together: a process out of batches scores empty rows while another has one
+            has = distributed.allgather_json(next(held_out, None) is not None)
+            lacking = [i for i, h in enumerate(has) if not h]
             if lacking and lead:
                 print(f"warning: the held-out data gives no full batch of {stage.local_batch(config)} rows to "
                       + ("this process" if jax.process_count() == 1 else f"processes {lacking}")
-                      + ", so there will be no evaluation (a smaller batch_size, or more held-out data)",
+                      + (", so there will be no evaluation (a smaller batch_size, or more held-out data)"
+                         if not any(has) else " (they score rows that weigh nothing while the others evaluate)"),
                       file=sys.stderr, flush=True)
         finally:
             held_out.close()

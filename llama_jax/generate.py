@@ -187,6 +187,8 @@ def token_rows(rows, vocab_size: int, what: str, allow_empty: bool = False) -> l
     token's vector, silently)."""
     if isinstance(rows, (str, bytes)):
         raise ValueError(f"{what}s: give token ids (Tokenizer.encode), not text")
+    if hasattr(rows, "__array__") and not isinstance(rows, np.ndarray):  # a jax array: as numpy
+        rows = np.asarray(rows)
     rows = list(rows) if not isinstance(rows, np.ndarray) else [list(r) for r in np.atleast_2d(rows)]
     if not rows:
         raise ValueError(f"{what}s: none given")
@@ -196,7 +198,7 @@ def token_rows(rows, vocab_size: int, what: str, allow_empty: bool = False) -> l
             raise ValueError(f"{what}s: a flat list of ids; give one list of ids per row ([ids] for one)")
         if isinstance(row, (str, bytes)):
             raise ValueError(f"{what} {i}: text {row[:30]!r}; give token ids (Tokenizer.encode)")
-        row = list(row)
+        row = list(np.asarray(row)) if hasattr(row, "__array__") else list(row)  # a jax or numpy row
         bad = next((t for t in row if not isinstance(t, (int, np.integer)) or isinstance(t, bool)), None)
         if bad is not None:
             raise ValueError(f"{what} {i}: {bad!r} is not a token id (an int)")

@@ -103,18 +103,19 @@ def main(argv) -> None:
         if _peer_gone(e):  # one line, not a 40-line traceback: the process that failed first said why
             lines = str(e).strip().splitlines() or [""]
             _exit(f"error: a collective with the job's other processes failed ({type(e).__name__}: "
-                  f"{lines[0][:300]}): another process probably failed first; its error says why", 1)
+                  f"{lines[0][:300]}): another process failed first (its error says why), or the processes cannot "
+                  "reach each other (the coordinator address, a firewall)", 1)
         traceback.print_exc()
         _exit("", 1)
 
 
 # what JAX's runtime says when a peer process of the job is gone (gloo collectives, the coordination service)
-PEER_GONE = ("Gloo", "gloo", "CoordinationService", "Connection closed by peer", "Connection reset by peer",
+PEER_GONE = ("gloo", "coordinationservice", "connection closed by peer", "connection reset by peer",
              "collective mismatch")
 
 
 def _peer_gone(e: Exception) -> bool:
-    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and any(m in str(e) for m in PEER_GONE)
+    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and any(m in str(e).lower() for m in PEER_GONE)
 
 
 def _exit(message: str, code: int) -> None:

@@ -244,13 +244,13 @@ class PretrainStage(Stage):
         (add-one smoothed) on training batches: what a model that ignores context gets.
         Every process counts its own shards (64 training batches, the held-out batches an
         evaluation reads), summed over the processes: the held-out tokens eval_loss covers."""
-        counts = np.zeros(config.model.vocab_size)
+        counts = np.zeros(config.model.vocab_size, np.int32)  # (summed over processes as int32: exact)
         train = pretrain.make_dataset(config.data.source, tokenizer, config.seq_len, self.local_batch(config),
                                       config.seed + 1, prefetch=0, share_seed=config.seed)  # the run's shares
         for _, b in zip(range(64), train):
             counts += np.bincount(b["targets"][b["loss_mask"] > 0], minlength=len(counts))
         train.close()
-        counts = distributed.sum_over_processes(counts) + 1.0
+        counts = distributed.sum_over_processes(counts).astype(np.float64) + 1.0
         logp = np.log(counts / counts.sum())
         data = self.eval_data(config, tokenizer)
         total, n = 0.0, 0
@@ -258,8 +258,9 @@ class PretrainStage(Stage):
             t = b["targets"][b["loss_mask"] > 0]
             total, n = total - logp[t].sum(), n + len(t)
         data.close()
-        total, n = distributed.sum_over_processes(np.array([total, n]))
-        return float(total / n) if n else None  # None: no held-out batch
+        total = float(distributed.sum_over_processes(np.array([total], np.float32))[0])
+        n = int(distributed.sum_over_processes(np.array([n], np.int32))[0])
+        return total / n if n else None  # None: no held-out batch
 
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         return {"eval_perplexity": math.exp(min(ev["eval_loss"], 50.0))} if "eval_loss" in ev else {}
@@ -470,9 +471,9 @@ def exact_match(cfg, params, tokenizer, path: str, limit: int, max_new_tokens: i
             if fit and len(tokenizer.encode(r["messages"][-1]["content"].strip())) > max_new_tokens]
     if long and (path, max_new_tokens) not in _SAID_UNFIT:  # no answer of max_new_tokens can equal them
         _SAID_UNFIT.add((path, max_new_tokens))
-        distributed.say(f"note: exact match counts {len(long)} of {len(records)} held-out answers wrong whatever "
-                        f"the model says: they are longer than eval_max_new_tokens {max_new_tokens} tokens (raise "
-                        "it to score them)", flush=True)
+        distributed.say(f"note: exact match counts {len(long)} of the {sum(fits)} scored held-out answers wrong "
+                        f"whatever the model says: they are longer than eval_max_new_tokens {max_new_tokens} tokens "
+                        "(raise it to score them)", flush=True)
     answers = _greedy_answers(cfg, params, tokenizer, prompts, max_new_tokens, mesh, rules=rules, rows=32)
     hits = sum(a is not None and a == r["messages"][-1]["content"].strip() for r, a in zip(records, answers))
     return hits / sum(fits) if any(fits) else None
@@ -852,7 +853,8 @@ def refuse_unread(config, fields, what: str, hint: str = "") -> None:
 
     def value(c, field):
         section, name = field.split(".")
-        return c[section][name]
+        v = c[section][name]
+        return "" if v == "synthetic" else v  # the toy data either way
 
     unread = [f"config.{f} {value(config, f)!r}" for f in fields if value(config, f) != value(default, f)]
     if unread:
@@ -1005,7 +1007,6 @@ class GAttStage(SFTStage):
         distributed.together("gatt data", lambda: os.path.exists(self.train_path), lambda: self._build(config, workdir))
 
     def check(self, config) -> None:
-
         check_room(config, "eval_max_new_tokens")
         check_fields(config, {**SAMPLING_FIELDS, "gatt.num_dialogs": _count(1), "gatt.max_turns": _count(1),
                               "gatt.samples_per_turn": _count(1), "gatt.retry_temperature": _number(0.0),
@@ -1230,6 +1231,12 @@ def _preprompt_positions(config) -> list[str]:
     return [p.strip() for p in str(config.distill.preprompt_position).split(",") if p.strip()]
 
 
+def preprompt_of(config, record: dict) -> str:
+    """The safety preprompt a prompt is answered with: its own "preprompt" (the paper's
+    targeted ones), else `distill.preprompt` (a name, or the preprompt's own text)."""
+    return record.get("preprompt") or SAFETY_PREPROMPTS.get(config.distill.preprompt, config.distill.preprompt)
+
+
 def with_preprompt(messages: list[dict], preprompt: str, position: str) -> list[dict]:
     """The prompt with a safety preprompt: before the last user message's text
     ("prefix", the paper's) or as a system message ("system"; before the text of the
@@ -1307,7 +1314,7 @@ class SafetyDistillStage(SFTStage):
             path = "synthetic"  # the toy prompts' held-out split
         if path != "synthetic":  # one's own prompts, checked like every stage's prompts, long ones refused by line
             if not path:
-                if safety:  # said once, for the two sets
+                if safety and split == "eval":  # said once, for the two sets
                     distributed.say("note: no config.rlhf.eval_prompts: the violation and false-refusal rates "
                                     "before and after are not measured", flush=True)
                 return []
@@ -1317,9 +1324,8 @@ class SafetyDistillStage(SFTStage):
             if split == "train" and safety:  # answered with their preprompt too: it must fit as well
                 for p in loaded:
                     for pos in _preprompt_positions(config) if p.is_safety else ():
-                        pre = p.record.get("preprompt") or SAFETY_PREPROMPTS.get(config.distill.preprompt,
-                                                                                 config.distill.preprompt)
-                        length = len(tokenizer.encode_dialog(with_preprompt(p.messages, pre, pos)))
+                        length = len(tokenizer.encode_dialog(with_preprompt(p.messages, preprompt_of(config, p.record),
+                                                                            pos)))
                         if length > limit:
                             raise DataError(f"{p.where}: prompt with its safety preprompt ({pos}) has {length} "
                                             f"tokens, more than the {limit} that config.seq_len - "
@@ -1346,13 +1352,12 @@ class SafetyDistillStage(SFTStage):
 
             raise RunError(f"config.rlhf.prompts {config.rlhf.prompts}: no prompt has \"is_safety\": true; safety "
                            "distillation answers those with the preprompt")
-        pre = SAFETY_PREPROMPTS.get(d.preprompt, d.preprompt)  # a name, or the preprompt's own text
         plain = _greedy_answers(cfg, params, tokenizer, [r["messages"] for r in unsafe], config.eval_max_new_tokens,
                                 mesh, rules=rules)
         # one preprompted answer per position; with several, the one the safety RM scores highest
         positions = _preprompt_positions(config)
         # a prompt's own "preprompt" (the paper's targeted preprompts: its risk category's answer template) wins
-        tries = [_greedy_answers(cfg, params, tokenizer, [with_preprompt(r["messages"], r.get("preprompt") or pre, pos)
+        tries = [_greedy_answers(cfg, params, tokenizer, [with_preprompt(r["messages"], preprompt_of(config, r), pos)
                                                           for r in unsafe],
                                  config.eval_max_new_tokens, mesh, rules=rules, finished_only=config.rlhf.require_eos)
                  for pos in positions]

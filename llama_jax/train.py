@@ -934,6 +934,12 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         _restore_data(train_data, data_state, start, lead)
         if stopper is not None:
             stopper.load(data_state.get("early_stopping"))
+        if int(state.step) != start and start < config.total_steps and not (stopper and stopper.reason):
+            # early stopping saved an earlier step's state as its last step: its optimizer is at that step
+            raise RunError(f"{checkpointer.directory}: checkpoint {start} holds step {int(state.step)}'s weights and "
+                           "optimizer state, which early stopping returned to at the end of its run; training on "
+                           "from it would rerun that step's schedule: start a new run from these weights with "
+                           f"--config.init_from={workdir} and a new --workdir")
         if start > config.total_steps:  # what it would add would be rows before the ones already logged
             raise RunError(f"{checkpointer.directory}: its latest checkpoint is step {start}, past config.total_steps "
                            f"{config.total_steps}; use a new --workdir (or --config.init_from={workdir}) to run "
@@ -1031,7 +1037,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             data_state["early_stopping"] = extra["early_stopping"] = stopper.state()
         checkpointer.save(step, state, data_state, {**meta, **extra}, force=force)
 
-    def log(step: int) -> None:
+    def write_log_row(step: int) -> None:
         """Writes the row of the steps since the last one (`pending`), checked for non-finite values."""
         nonlocal pending, last_log_time, last_log_step, final
         check_nonfinite(*pending[-1])
@@ -1088,7 +1094,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             periodic = step % config.checkpoint_every_steps == 0 or step == config.total_steps
             # a checkpoint's step also ends a log interval, so that a run resumed from it logs the same rows
             if step % config.log_every_steps == 0 or periodic or preempted:
-                log(step)
+                write_log_row(step)
             best = False
             if config.eval_every_steps and step % config.eval_every_steps == 0 and (
                     step != config.total_steps or stopper is not None):
@@ -1112,7 +1118,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                                 "the same command to resume")
             if stopper is not None and stopper.reason:
                 if pending:  # the steps since the last row: written (and checked) before the loop ends
-                    log(step)
+                    write_log_row(step)
                 progress.message(f"early stopping at step {step}: {stopper.reason}")
                 break
         # why the run ended, for its final metrics; not the stopper's reason, which the last checkpoint keeps: a
@@ -1138,20 +1144,21 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             final = {k: v for k, v in (logged[-1] if logged else {}).items() if k != "step"}
             rates = [r["tokens_per_second"] for r in logged if "tokens_per_second" in r]
         kept_last = stopper is not None and stopper.best_step == config.total_steps
-        # the run ends on the last step's weights, evaluated at that step already: not evaluated (nor logged) twice
-        ev = last_eval if kept_last and last_eval is not None else evaluate(state.params, "end")
+        ev = evaluate(state.params, "end")  # (a stage may add to it what it left out during training: PPO's held-out)
         if ev:
-            recorded = (finished_before or ev is last_eval) and any(
-                r["step"] == config.total_steps and set(ev) & set(r) for r in writer.rows)
-            if not recorded:  # a rerun adds it only if the kill came before it was written
+            # the run ends on the last step's weights, evaluated at that step already: its row has those numbers
+            logged = last_eval if kept_last and last_eval is not None else {}
+            fresh = {k: v for k, v in ev.items() if k not in logged}
+            recorded = finished_before and any(r["step"] == config.total_steps and set(ev) & set(r)
+                                               for r in writer.rows)
+            if fresh and not recorded:  # a rerun adds it only if the kill came before it was written
                 # early stopping's returned weights, logged at the last step: the row names the step they are of
                 kept = {} if stopper is None or kept_last or stopper.best_step is None else {
                     "early_stopping_kept_step": stopper.best_step}
-                writer.write(config.total_steps, {**ev, **kept})
+                writer.write(config.total_steps, {**fresh, **kept})
             final.update(ev)
             progress.message("final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items())
-                             + (" (the last step's evaluation: its weights are kept)" if ev is last_eval else
-                                " (of a finished run: printed, not recorded; its record keeps the evaluation it ran)"
+                             + (" (of a finished run: printed, not recorded; its record keeps the evaluation it ran)"
                                 if recorded else ""))
         if rates:  # the first interval holds the compilation: left out when there are others
             final["median_tokens_per_second"] = float(np.median(rates[1:] or rates))

@@ -458,8 +458,8 @@ def test_exact_match_leaves_out_dialogs_the_context_cannot_answer(tmp_path, toke
     dialogs[0][-1]["content"] = " ".join(["yes"] * 12)
     path.write_text("".join(json.dumps({"messages": d}) + "\n" for d in dialogs))
     assert stages.exact_match(cfg, None, tok, str(path), 10, 8) == 1.0  # the stub answers it: the note is the point
-    assert "exact match counts 1 of 2 held-out answers wrong whatever the model says: they are longer than " \
-        "eval_max_new_tokens 8 tokens" in capsys.readouterr().out
+    assert "exact match counts 1 of the 1 scored held-out answers wrong whatever the model says: they are " \
+        "longer than eval_max_new_tokens 8 tokens" in capsys.readouterr().out
     # no dialog leaves room for an answer: no score (it was 0.0), and the long answer of a dialog left out is not
     # counted in the note as well
     small = LlamaConfig.tiny(vocab_size=tok.vocab_size, max_seq_len=12)

@@ -147,6 +147,8 @@ def test_prompt_too_long_is_a_clear_error(params):
         gen.generate(CFG, {"params": params}, [[1, 2]], 4)
     arrays = gen.generate(CFG, params, np.array([[1, 2, 3], [4, 5, 6]]), 3, eos_id=-1).tokens  # a 2-D array: rows
     assert arrays == gen.generate(CFG, params, [[1, 2, 3], [4, 5, 6]], 3, eos_id=-1).tokens
+    assert arrays == gen.generate(CFG, params, jnp.array([[1, 2, 3], [4, 5, 6]]), 3, eos_id=-1).tokens  # jax, too
+    assert arrays == gen.generate(CFG, params, [jnp.array([1, 2, 3]), np.array([4, 5, 6])], 3, eos_id=-1).tokens
 
 
 def test_a_prompt_that_fits_only_unpadded_still_generates(params):

@@ -178,7 +178,8 @@ def test_a_broken_collective_is_one_line_in_a_multi_process_job(monkeypatch, cap
     monkeypatch.setattr(main.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
     for error, said in ((broken, "error: a collective with the job's other processes failed (JaxRuntimeError: "
                                  "UNKNOWN: Gloo context initialization failed: DEADLINE_EXCEEDED): another process "
-                                 "probably failed first; its error says why\n"),
+                                 "failed first (its error says why), or the processes cannot reach each other (the "
+                                 "coordinator address, a firewall)\n"),
                         (KeyError("x"), "Traceback")):
         monkeypatch.setattr(main, "run", lambda config, workdir, e=error: (_ for _ in ()).throw(e))
         with pytest.raises(SystemExit) as exited:  # (os._exit here: the process would end without teardown)

@@ -296,10 +296,11 @@ def test_early_stopping_returns_to_the_best_evaluation(tmp_path, tokenizer_path)
 def test_early_stopping_logs_its_last_steps_and_a_finished_run_trains_on(tmp_path, tokenizer_path):
     """Stopping between two log steps still writes the row of the steps since the last one
     (it was lost, and final_metrics had no loss); a run that ran all its steps has not
-    decided to stop, so a rerun with more steps trains on (it trained nothing when the best
-    step was not the last); the last step's evaluation is not run twice when its weights
-    are kept; and a resume that changes the early-stopping metric is refused (it compared
-    the new metric with the old one's best)."""
+    decided to stop, so a rerun with more steps trains on when it kept its last step, and
+    is refused, with the way on, when it returned to an earlier one (whose optimizer state
+    it holds); the last step's evaluation is logged once when its weights are kept; and a
+    resume that changes the early-stopping metric is refused (it compared the new metric
+    with the old one's best)."""
     base = command(str(tmp_path / "a"), f"--config.data.tokenizer={tokenizer_path}",
                    "--config.data.eval_source=stdlib:eval", "--config.eval_steps=1",
                    "--config.early_stopping.metric=eval_loss", "--config.checkpoint.max_to_keep=6",
@@ -319,20 +320,25 @@ def test_early_stopping_logs_its_last_steps_and_a_finished_run_trains_on(tmp_pat
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
-    assert len([r for r in rows if r["step"] == 6 and "eval_loss" in r]) == 1  # evaluated once, weights kept
-    assert "(the last step's evaluation: its weights are kept)" in first.stderr
+    assert len([r for r in rows if r["step"] == 6 and "eval_loss" in r]) == 1  # one row: the kept weights'
     # worse at every evaluation, but not for `patience` of them: all 6 steps run, the step-0 weights kept
     worse = in_dir("c", "--config.early_stopping.mode=max")
     ran = subprocess.run([*worse, "--config.total_steps=6"], env=env(), capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0 and "early stopping keeps step 0" in ran.stderr, ran.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "c" / "metrics.jsonl")]
     assert [r.get("early_stopping_kept_step") for r in rows if r["step"] == 6 and "eval_loss" in r] == [None, 0]
+    assert json.load(open(tmp_path / "c" / "final_metrics.json"))["early_stopping_reason"] == "ran all 6 steps"
+    # its last checkpoint holds step 0's weights and optimizer: training on from it would rerun step 0's schedule
+    # (it trained nothing, or from warm-up again while logging another learning rate); refused, with the way on
     more = subprocess.run([*worse, "--config.total_steps=9"], env=env(), capture_output=True, text=True, timeout=300)
-    assert more.returncode == 0 and "resumed from step 6" in more.stdout, more.stderr[-3000:]
-    rows = [json.loads(line) for line in open(tmp_path / "c" / "metrics.jsonl")]
-    assert max(r["step"] for r in rows if "loss" in r) == 9  # (it trained nothing, and saved step 9 unchanged)
-    assert json.load(open(tmp_path / "c" / "final_metrics.json"))["early_stopping_reason"].startswith(
-        "eval_loss has not improved on")
+    assert more.returncode != 0 and ("checkpoint 6 holds step 0's weights and optimizer state, which early stopping "
+                                     "returned to") in more.stderr and f"--config.init_from={tmp_path / 'c'}" in \
+        more.stderr, more.stderr[-3000:]
+    improved = subprocess.run([*in_dir("b", "--config.early_stopping.mode=min"), "--config.total_steps=9"],
+                              env=env(), capture_output=True, text=True, timeout=300)  # kept its last step: on
+    assert improved.returncode == 0 and "resumed from step 6" in improved.stdout, improved.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert max(r["step"] for r in rows if "loss" in r) == 9
     other = subprocess.run([*worse, "--config.total_steps=12", "--config.early_stopping.metric=eval_perplexity"],
                            env=env(), capture_output=True, text=True, timeout=300)
     assert other.returncode != 0 and ("config.early_stopping.metric: this run's early stopping kept metric "

@@ -61,6 +61,8 @@ def test_loglikelihood_equals_full_forward(params):
                           ([ctx], [[]], "continuation 0: needs at least one token")):
         with pytest.raises(ValueError, match=f"loglikelihood: {words}"):
             ev.loglikelihood(CFG, params, cs, ts)
+    with pytest.raises(ValueError, match=r"loglikelihood: params is a \{'params'"):
+        ev.loglikelihood(CFG, {"params": params}, [ctx], [[5]])
 
 
 def test_multiple_choice_scores_and_accuracy(tmp_path, tok, params):
@@ -587,3 +589,7 @@ def test_library_calls_with_the_wrong_shape_of_input_say_so(tok, params):
     with pytest.raises(TypeError, match="RewardModels: safety is a reward model's path .* pass the tokenizer as "
                                         "tokenizer="):
         rlhf.RewardModels("rm", tok)
+    rms = object.__new__(rlhf.RewardModels)  # its flags are checked before any model scores
+    rms.models = {}
+    with pytest.raises(ValueError, match=r"is_safety: give one True/False a dialog \(2 dialogs\)"):
+        rms([dialog, dialog], True)

@@ -225,6 +225,12 @@ def test_rejection_sampling_selection_settings_and_their_errors(tmp_path):
 
     g = load("gatt").get_config("tiny")
     GAttStage().check(g)
+    g.rlhf.prompts, g.rlhf.eval_prompts = "", "synthetic"  # the toy prompts, said either way: not refused
+    GAttStage().check(g)
+    budget, g.eval_max_new_tokens = g.eval_max_new_tokens, g.seq_len
+    with pytest.raises(RunError, match=rf"config.eval_max_new_tokens {g.seq_len} leaves no room for a prompt"):
+        GAttStage().check(g)
+    g.eval_max_new_tokens = budget
     g.rlhf.top_p = 0.9
     with pytest.raises(RunError, match=r"stage gatt samples each turn at rlhf.temperature .*: config.rlhf.top_p 0.9 "
                                        r"would be ignored"):
@@ -347,7 +353,8 @@ def test_gatt_cuts_dialogs_at_the_first_breaking_turn_and_weights_instruction_ki
         return [None if finished_only and d[0]["role"] != "system" else "WORDS" for d in dialogs]
 
     monkeypatch.setattr(stages, "_greedy_answers", answers)
-    monkeypatch.setattr(stages, "sampling_model", lambda config, path, stage=None: (None,) * 5)
+    loaded = []  # the stage itself goes to sampling_model: init_from at the run's step and context
+    monkeypatch.setattr(stages, "sampling_model", lambda config, path, stage=None: loaded.append(stage) or (None,) * 5)
     c.rlhf.prompts, c.gatt.num_dialogs, c.gatt.plain_anchors, c.gatt.keep_only_adherent = "synthetic", 4, 3, False
     c.gatt.num_eval_dialogs = c.gatt.num_plain_eval = 2
     for require_eos, rows in ((True, 4), (False, 7)):
@@ -355,7 +362,7 @@ def test_gatt_cuts_dialogs_at_the_first_breaking_turn_and_weights_instruction_ki
         stage = GAttStage()
         stage.train_path = str(tmp_path / f"gatt_{require_eos}.jsonl")
         stage._build(c, str(tmp_path))
-        assert len(open(stage.train_path).readlines()) == rows
+        assert len(open(stage.train_path).readlines()) == rows and loaded[-1] is stage
 
 
 def test_the_sample_after_pretraining_fits_the_context(tokenizer_path):
@@ -481,6 +488,8 @@ def test_the_reward_models_policy_pair_settings_are_checked_before_sampling(tmp_
     c = load("reward_model").get_config("tiny")
     c.init_from, c.reward.policy_prompts, c.data.synthetic_train, c.data.synthetic_eval = str(tmp_path), 8, 8, 8
     for field, value, words in (("policy_samples", 1, "a whole number >= 2"),
+                                ("policy_pairs_per_prompt", 0, "a whole number >= 1"),
+                                ("policy_max_new_tokens", 0, "a whole number >= 1"),
                                 ("policy_temperature", 0.0, "a finite number > 0"),
                                 ("policy_fraction", float("nan"), "a finite number > 0"),
                                 ("policy_max_new_tokens", c.seq_len, "leaves no room for a prompt")):

@@ -149,6 +149,9 @@ def test_prompt_too_long_is_a_clear_error(params):
     assert arrays == gen.generate(CFG, params, [[1, 2, 3], [4, 5, 6]], 3, eos_id=-1).tokens
     assert arrays == gen.generate(CFG, params, jnp.array([[1, 2, 3], [4, 5, 6]]), 3, eos_id=-1).tokens  # jax, too
     assert arrays == gen.generate(CFG, params, [jnp.array([1, 2, 3]), np.array([4, 5, 6])], 3, eos_id=-1).tokens
+    assert gen.generate(CFG, params, jnp.array([1, 2, 3]), 3, eos_id=-1).tokens == arrays[:1]  # one 1-D row
+    with pytest.raises(ValueError, match="generate: prompt 0: True is not a token id"):
+        gen.generate(CFG, params, [[True, 5]], 4)
 
 
 def test_a_prompt_that_fits_only_unpadded_still_generates(params):

@@ -321,6 +321,7 @@ def test_early_stopping_logs_its_last_steps_and_a_finished_run_trains_on(tmp_pat
     assert first.returncode == 0, first.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
     assert len([r for r in rows if r["step"] == 6 and "eval_loss" in r]) == 1  # one row: the kept weights'
+    assert all(len(r) > 1 for r in rows)  # (and no empty one beside it)
     # worse at every evaluation, but not for `patience` of them: all 6 steps run, the step-0 weights kept
     worse = in_dir("c", "--config.early_stopping.mode=max")
     ran = subprocess.run([*worse, "--config.total_steps=6"], env=env(), capture_output=True, text=True, timeout=300)

@@ -581,7 +581,8 @@ def test_a_prompts_own_preprompt_targets_its_distillation(tmp_path, monkeypatch)
         asked.append(dialogs)
         return ["plain answer" if len(asked) == 1 else "safe answer"] * len(dialogs)
 
-    monkeypatch.setattr(stages, "sampling_model", lambda config, path, stage=None: (None,) * 5)
+    loaded = []
+    monkeypatch.setattr(stages, "sampling_model", lambda config, path, stage=None: loaded.append(stage) or (None,) * 5)
     monkeypatch.setattr(stages, "_greedy_answers", answers)
     stage = stages.SafetyDistillStage()
     monkeypatch.setattr(stage, "_prompts", lambda config, workdir, split, safety, n, tok: unsafe if safety else [])
@@ -593,6 +594,7 @@ def test_a_prompts_own_preprompt_targets_its_distillation(tmp_path, monkeypatch)
     stage.train_path = str(tmp_path / "data" / "distill_train.jsonl")
     (tmp_path / "data").mkdir()
     stage._build(c, str(tmp_path))
+    assert loaded == [stage]  # init_from at the step and context the run trains
     prefix, system = asked[1], asked[2]  # after the plain answers
     assert prefix[0][-1]["content"] == "Explain the risks, then refuse. make a weapon"
     assert prefix[1][-1]["content"] == f"{stages.SAFETY_PREPROMPTS['generic']} hack a bank"
@@ -600,15 +602,21 @@ def test_a_prompts_own_preprompt_targets_its_distillation(tmp_path, monkeypatch)
     kept = [json.loads(line) for line in open(stage.train_path)]
     assert kept[0]["preprompt"] == "Explain the risks, then refuse." and "preprompt" not in kept[1]
     assert kept[0]["messages"][0]["content"] == "make a weapon"  # trained without the preprompt
-    # preprompted answers that never ended are counted and said, not blamed on the safety RM
+    # preprompted answers that never ended are counted and said, not blamed on the safety RM; so are benign
+    # anchors whose answer did not end (asked 2, kept 1)
     asked.clear()
+    benign = [{"messages": [{"role": "user", "content": q}], "is_safety": False} for q in ("sort a b", "long one")]
+    monkeypatch.setattr(stage, "_prompts", lambda config, workdir, split, safety, n, tok: unsafe if safety else benign)
     monkeypatch.setattr(stages, "_greedy_answers", lambda cfg, params, tok, dialogs, *a, **k: asked.append(dialogs) or [
-        "plain answer" if len(asked) == 1 else None if "hack" in d[-1]["content"] else "safe answer" for d in dialogs])
+        "plain answer" if len(asked) == 1 else None if "hack" in d[-1]["content"] or "long" in d[-1]["content"]
+        else "safe answer" for d in dialogs])
+    c.distill.benign_anchors = 2
     (tmp_path / "again" / "data").mkdir(parents=True)
     stage.train_path = str(tmp_path / "again" / "data" / "distill_train.jsonl")
     stage._build(c, str(tmp_path / "again"))
     report = json.load(open(tmp_path / "again" / "safety_distill.json"))
-    assert report["kept"] == 1 and report["unanswered"] == 1 and len(open(stage.train_path).readlines()) == 1
+    assert report["kept"] == 1 and report["unanswered"] == 1 and len(open(stage.train_path).readlines()) == 2
+    assert (report["benign_anchors"], report["benign_anchors_kept"]) == (2, 1)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(ask("x", preprompt=" ")) + "\n")
     with pytest.raises(DataError, match="bad.jsonl:1: field 'preprompt' must be a non-empty string"):
@@ -736,3 +744,22 @@ def test_reward_models_take_one_safety_flag_a_dialog():
     for bad in ([True], None, ["no", "no"], [1, 0], True):
         with pytest.raises(ValueError, match=r"is_safety: give one True/False a dialog \(2 dialogs\)"):
             code(dialogs, bad)
+
+
+def test_sums_over_processes_and_what_a_stage_reports_of_its_own_data(monkeypatch):
+    """sum_over_processes adds every process's row (the unigram baseline's counts); an SFT
+    evaluation with no dialog to answer reports no exact match (not None as a metric)."""
+    import types
+
+    from jax.experimental import multihost_utils
+
+    from llama_jax import distributed, stages
+
+    monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, 2 * x]))
+    assert distributed.sum_over_processes(np.array([1, 2])).tolist() == [3, 6]
+    monkeypatch.setattr(stages, "exact_match", lambda *a, **k: None)
+    sft = stages.SFTStage()
+    sft.eval_path = "held.jsonl"
+    c = types.SimpleNamespace(eval_exact_match=4, eval_max_new_tokens=8)
+    assert sft.evaluate_extra(c, types.SimpleNamespace(config=None), None, None, None, None, {}) == {}

@@ -86,7 +86,7 @@ def test_ppo_critic_schedules_from_the_config():
 _STUB_LOGP = [[-9.0, -0.5, -0.5, 0.0], [-9.0, -1.0, -2.0, 0.0], [-9.0, -2.0, 0.0, 0.0], [-9.0, -1.5, -0.5, 0.0]]
 
 
-def _stub_rollout_advantages(c, values=None):
+def _stub_rollout_advantages(c, values=None, answers=None, answer=None, stages_out=None):
     """[4, 4] advantages of one PPO rollout of `c` (4 rollouts, 2 per prompt, one
     mini-batch) with generation and scoring stubbed: logp = ref_logp = _STUB_LOGP, the
     value head's outputs `values` (zeros by default), gated scores 0.5 / 0.8 per prompt;
@@ -113,15 +113,30 @@ def _stub_rollout_advantages(c, values=None):
 
     stage = PPOStage()
     stage.config, stage.ready = c, True
-    # (a tokenizer for rollout_unfinished: every answer here ends with EOS, id 2)
-    stage.runtime = types.SimpleNamespace(tokenizer=types.SimpleNamespace(answer=lambda t: ("x", len(t)), eos_id=2))
-    stage._answers = lambda *args: [[1, 2]] * 4
+    # (a tokenizer for rollout_unfinished: by default every answer here ends with EOS, id 2)
+    stage.runtime = types.SimpleNamespace(tokenizer=types.SimpleNamespace(
+        answer=answer or (lambda t: ("x", len(t))), eos_id=2))
+    stage._answers = lambda *args: answers or [[1, 2]] * 4
+    if stages_out is not None:
+        stages_out.append(stage)
     stage._evaluate_answers = lambda *args: (rows, scored, logp, logp, values)
     (batch,) = stage._rollout(Prompts(), None)  # one mini-batch of all 4, in a shuffled order
     order = [int(np.flatnonzero((logp == lp).all(axis=1))[0]) for lp in batch["old_logp"]]
     adv = np.zeros((4, 4), np.float32)
     adv[order] = batch["advantages"] * batch["loss_mask"]
     return adv
+
+
+def test_ppo_counts_unfinished_rollouts_as_every_stage_does():
+    """rollout_unfinished: an answer that ended with EOS, or with a chat tag after some
+    text (Tokenizer.answer cut it), is finished, as rejection sampling and GAtt count it;
+    one cut at max_new_tokens is not."""
+    for answers, answer, unfinished in (([[1, 2]] * 4, None, 0.0),  # EOS
+                                        ([[1, 5]] * 4, lambda t: ("x", 1), 0.0),  # a tag after "x": finished
+                                        ([[1, 5]] * 4, None, 1.0)):  # cut at the budget
+        made = []
+        _stub_rollout_advantages(load("ppo").get_config("tiny"), answers=answers, answer=answer, stages_out=made)
+        assert made[0].last["rollout_unfinished"] == unfinished
 
 
 def test_ppo_rollout_rewards_the_reference_log_probability_when_configured():

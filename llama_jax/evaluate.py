@@ -472,11 +472,9 @@ def table8(results: dict) -> str:
 def trained_seq_len(checkpoint: str) -> int | None:
     """config.seq_len of the run whose workdir `checkpoint` is (its config.json); None for
     an export or a converted model, which record none."""
-    try:
-        with open(os.path.join(checkpoint, "config.json")) as f:
-            seq_len = json.load(f).get("seq_len")
-    except (OSError, ValueError, AttributeError):
-        return None
+    from llama_jax.workdir import recorded_config
+
+    seq_len = recorded_config(checkpoint).get("seq_len")
     return seq_len if isinstance(seq_len, int) and seq_len >= 2 else None
 
 

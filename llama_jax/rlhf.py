@@ -241,13 +241,12 @@ def load_model_local(path: str, heads_needed: str, mesh=None, rules=None, step: 
 def _safety_weight(path: str) -> float | None:
     """`reward.safety_weight` a reward-model run was trained with (its config.json), or
     None where it is not recorded (an export, a converted model, another stage)."""
-    import json
+    from llama_jax.workdir import recorded_config
 
+    config = recorded_config(path)
     try:
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
         return float(config["reward"]["safety_weight"]) if config.get("stage") == "reward_model" else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         return None
 
 

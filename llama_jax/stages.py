@@ -814,7 +814,7 @@ def check_room(config, field: str) -> None:
     not as a negative bound at the first prompt."""
     from llama_jax.train import RunError
 
-    budget = config[field.split(".")[0]][field.split(".")[1]] if "." in field else config[field]
+    budget = config_field(config, field)
     if isinstance(budget, int) and budget >= config.seq_len:
         raise RunError(f"config.{field} {budget} leaves no room for a prompt in config.seq_len {config.seq_len} "
                        f"(a prompt gets seq_len - {field.split('.')[-1]} tokens)")
@@ -852,8 +852,7 @@ def refuse_unread(config, fields, what: str, hint: str = "") -> None:
     default = rlhf_config()
 
     def value(c, field):
-        section, name = field.split(".")
-        v = c[section][name]
+        v = config_field(c, field)
         return "" if v == "synthetic" else v  # the toy data either way
 
     unread = [f"config.{f} {value(config, f)!r}" for f in fields if value(config, f) != value(default, f)]
@@ -867,11 +866,16 @@ def check_fields(config, rules: dict) -> None:
     from llama_jax.train import RunError
 
     for field, (ok, what) in rules.items():
-        value = config
-        for part in field.split("."):
-            value = value[part]
+        value = config_field(config, field)
         if not ok(value):
             raise RunError(f"config.{field} {value!r}: must be {what}")
+
+
+def config_field(config, field: str):
+    """The value of a dotted field ("rlhf.max_new_tokens") of a run's config."""
+    for part in field.split("."):
+        config = config[part]
+    return config
 
 
 RLHF_LIMIT = "config.seq_len - config.rlhf.max_new_tokens"  # the prompt length RLHF's answers leave room for
@@ -1294,8 +1298,8 @@ class SafetyDistillStage(SFTStage):
         if pre not in SAFETY_PREPROMPTS and len(pre.split()) < 3:  # a word: a misspelt name, not a preprompt's text
             raise RunError(f"config.distill.preprompt: {pre!r} is not one of {sorted(SAFETY_PREPROMPTS)}, nor a "
                            "preprompt's own text (three words or more)")
-        if first_tag(pre):
-            raise RunError(f"config.distill.preprompt: the chat format's tag {first_tag(pre)[1]!r} cannot be "
+        if tag := first_tag(pre):
+            raise RunError(f"config.distill.preprompt: the chat format's tag {tag[1]!r} cannot be "
                            "inside a preprompt (it goes into a message)")
         refuse_unread(config, ("rlhf.reward_model", "data.source", "data.eval_source"),
                       "stage safety_distill answers config.rlhf.prompts, scores with config.rlhf.safety_reward_model "

@@ -127,16 +127,18 @@ class Tokenizer:
                    if k not in ("model_type", "normalization_rule_name", "add_dummy_prefix",
                                 "remove_extra_whitespaces")}}
 
-    def llama_differences(self) -> list[str]:
-        """The trainer settings in which this model differs from Llama 2's."""
-        settings = self.trainer_settings()
+    def llama_differences(self, settings: dict | None = None) -> list[str]:
+        """The trainer settings in which this model differs from Llama 2's (`settings`: its
+        `trainer_settings()`, when already read)."""
+        settings = settings or self.trainer_settings()
         return [k for k, v in LLAMA2_TRAINER_SETTINGS.items()
                 if k in settings and (abs(settings[k] - v) > 1e-6 if isinstance(v, float) else settings[k] != v)]
 
     def describe(self, pieces: int = 0) -> str:
         """Lines for `tokenizer info`: identity, trainer settings (and where they differ
         from Llama 2's), and the first `pieces` pieces."""
-        settings, differ = self.trainer_settings(), self.llama_differences()
+        settings = self.trainer_settings()
+        differ = self.llama_differences(settings)
         lines = [f"{self.path}: vocab {self.vocab_size}, sha256 {self.identity()['sha256']}",
                  f"special ids: unk {self.unk_id}, bos {self.bos_id}, eos {self.eos_id}, pad {self.sp.pad_id()} (none)",
                  "trainer: " + ", ".join(f"{k}={v}" for k, v in settings.items()),

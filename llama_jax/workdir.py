@@ -18,6 +18,19 @@ from typing import IO, Iterator
 _HELD: dict[str, IO] = {}
 
 
+def recorded_config(path: str) -> dict:
+    """The settings a run recorded in WORKDIR/config.json (its latest start's); {} for an
+    export, an import or a file that cannot be read: they record none."""
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 class WorkdirBusy(RuntimeError):
     pass
 

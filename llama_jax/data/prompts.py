@@ -31,8 +31,8 @@ def _validate(record: dict, where: str) -> None:
         raise DataError(f"{where}: field 'is_safety' must be true/false, got {record['is_safety']!r}")
     if "preprompt" in record and (not isinstance(record["preprompt"], str) or not record["preprompt"].strip()):
         raise DataError(f"{where}: field 'preprompt' must be a non-empty string, got {record['preprompt']!r}")
-    if "preprompt" in record and first_tag(record["preprompt"]):
-        raise DataError(f"{where}: field 'preprompt': the chat format's tag {first_tag(record['preprompt'])[1]!r} "
+    if "preprompt" in record and (tag := first_tag(record["preprompt"])):
+        raise DataError(f"{where}: field 'preprompt': the chat format's tag {tag[1]!r} "
                         "cannot be inside a preprompt (it goes into a message)")
 
 

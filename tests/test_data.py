@@ -801,3 +801,38 @@ def test_jsonl_encoding_and_prefix_mistakes_are_named(tmp_path):
                                               '{"role": "assistant", "content": "b"}]}\n')
     with pytest.raises(DataError, match=r"surrogate.jsonl:1: message 0: content is not valid Unicode \(surrogates "):
         chat.open_dialogs(str(tmp_path / "surrogate.jsonl"))
+
+
+def test_unigram_baseline_is_the_add_one_smoothed_cross_entropy_of_the_held_out_targets(monkeypatch):
+    """By hand: training targets {0: 2, 1: 1} (a masked 3 ignored) over a vocabulary of 5,
+    add-one smoothed, give p = (3, 2, 1, 1, 1) / 8; held-out targets 1 and 2 (a masked 0
+    ignored) cost -(log 2/8 + log 1/8) / 2 nats a token. Only config.eval_steps held-out
+    batches count."""
+    import math
+    import types
+
+    from llama_jax import stages
+
+    train = [{"targets": np.array([[0, 0, 1, 3]]), "loss_mask": np.array([[1, 1, 1, 0]])}]
+    held = [{"targets": np.array([[1, 2, 0]]), "loss_mask": np.array([[1, 1, 0]])},
+            {"targets": np.array([[4, 4, 4]]), "loss_mask": np.array([[1, 1, 1]])}]  # past eval_steps
+
+    class Fake:
+        def __init__(self, rows):
+            self.rows = iter(rows)
+
+        def __iter__(self):
+            return self.rows
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(stages.pretrain, "make_dataset",
+                        lambda spec, *a, split="train", **k: Fake(held if split == "eval" else train))
+    config = types.SimpleNamespace(model=types.SimpleNamespace(vocab_size=5), seq_len=4, seed=0, batch_size=1,
+                                   eval_steps=1, data=types.SimpleNamespace(source="s", eval_source="e", prefetch=0))
+    got = stages.PretrainStage().unigram_baseline(config, None)
+    assert got == pytest.approx(-(math.log(2 / 8) + math.log(1 / 8)) / 2, rel=1e-6)
+    config.eval_steps = 2  # the second batch counts too: three 4s at 1/8 each
+    assert stages.PretrainStage().unigram_baseline(config, None) == pytest.approx(
+        -(math.log(2 / 8) + 4 * math.log(1 / 8)) / 5, rel=1e-6)

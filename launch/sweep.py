@@ -108,6 +108,7 @@ def check_runs(runs: list[tuple[str, str, list[str]]]) -> str:
     would refuse, or a run directory begun with another command."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from llama_jax import cli
+    from llama_jax.workdir import began
 
     for name, workdir, cmd_args in runs:
         try:
@@ -115,7 +116,7 @@ def check_runs(runs: list[tuple[str, str, list[str]]]) -> str:
         except ValueError as e:
             return f"{name}: {e}"
         record = os.path.join(workdir, RECORD)
-        if os.path.exists(record) and _saved_something(workdir):  # one that failed before that is run anew
+        if os.path.exists(record) and began(workdir):  # one that failed before that is run anew
             with open(record) as f:
                 before = json.load(f).get("args", [])
             now = _recorded(cmd_args)
@@ -124,13 +125,6 @@ def check_runs(runs: list[tuple[str, str, list[str]]]) -> str:
                 return (f"{workdir} was begun with other flags ({' '.join(differ)}): rerun the sweep with the flags "
                         "it began with, remove that directory, or use another --workdir")
     return ""
-
-
-def _saved_something(workdir: str) -> bool:
-    """Whether a run in `workdir` logged a row or saved a checkpoint."""
-    ckpts, metrics = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "metrics.jsonl")
-    return (os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))) or \
-        (os.path.exists(metrics) and os.path.getsize(metrics) > 0)
 
 
 def run(cmd_args: list[str]) -> int:

@@ -80,10 +80,11 @@ def usage_error(message: str, usage: str) -> None:
     sys.exit(2)
 
 
-def config_of(argv: list[str]):
+def config_of(argv: list[str], overrides: bool = False):
     """The ConfigDict `python -m llama_jax.main ARGV` (flags only) runs with, parsed as
     main parses it, without running anything; a ValueError with main's one-line message.
-    The recipe and launch/sweep.py check every run's settings this way before the first."""
+    The recipe and launch/sweep.py check every run's settings this way before the first.
+    `overrides`: (config, the fields ARGV sets, {"total_steps": 30})."""
     from absl import logging  # noqa: F401 - defines absl's own flags (--verbosity, ...), which main also takes
     from ml_collections import config_flags
 
@@ -95,7 +96,8 @@ def config_of(argv: list[str]):
     _, message = parse_into(args, values)
     if message is None:
         try:
-            return values["config"].value
+            config = values["config"].value
+            return (config, config_flags.get_override_values(values["config"])) if overrides else config
         except Exception as e:  # noqa: BLE001 - a config file that raised: ml_collections' several types
             message = str(e)
     raise ValueError(message)
@@ -105,13 +107,14 @@ def check_run(argv: list[str]):
     """`config_of(argv)` checked as a run checks it at its start (`train.check_config`,
     the stage's own `check`); a ValueError names what a run would refuse."""
     from llama_jax.stages import STAGES
-    from llama_jax.train import RunError, check_config
+    from llama_jax.train import RunError, check_config, check_overrides
 
-    config = config_of(argv)
+    config, overrides = config_of(argv, overrides=True)
     if config.stage not in STAGES:
         raise ValueError(f"config.stage: unknown stage {config.stage!r}; known stages: {sorted(STAGES)}")
     try:
         check_config(config, STAGES[config.stage]())
+        check_overrides(config, STAGES[config.stage](), overrides)
     except RunError as e:
         raise ValueError(str(e)) from None
     return config

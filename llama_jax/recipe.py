@@ -499,7 +499,9 @@ class _Scheduler:
             print("stopped by SIGTERM; rerun the same command to resume", file=sys.stderr)
             return 143
         if self.failed:
-            print(f"error: stage {self.failed[0][0]} failed; rerun the same command to resume", file=sys.stderr)
+            name = self.failed[0][0]
+            print(f"error: stage {name} failed (its error is above); the finished stages are kept: rerun to go on "
+                  f"from it once its cause is fixed (a setting: --override={name}:FIELD=VALUE)", file=sys.stderr)
             return self.failed[0][1]
         return None
 
@@ -577,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     # A run begun before recipe_args.json existed had none of the flags; one begun before --fast was recorded,
     # not --fast. A stage that has begun resumes only with the settings it began with; the others take the new ones.
     before = {"seed": None, "overrides": [], "fast": False, **_json(args_path)}
-    begun = [name for name, *_ in STAGES if os.path.isdir(os.path.join(w, name))]
+    # (one refused at its start, which left an empty directory, takes the new flags: they may be its fix)
+    begun = [name for name, *_ in STAGES if workdir_lock.began(os.path.join(w, name))]
     if begun and before != recorded:
         try:
             changed = changed_stages(begun, check_stage_configs(stage_commands(w, args.experiments, **before)),
@@ -632,9 +635,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if code is not None:
-        return code
-    rows = headlines(w)
+    # the report: the rows of the stages finished so far (all of them, unless a stage failed or --until)
+    done = {n for n, *_ in STAGES if os.path.exists(os.path.join(w, n, "final_metrics.json"))}
+    rows = [r for r in headlines(w) if r["stage"] in done]
     stage_seconds = {k: v for k, v in times.items() if not k.startswith("_")}
     with open(os.path.join(w, "report.json"), "w") as f:
         json.dump({"stages": rows, "seconds": stage_seconds, "total_minutes": times["_wall"] / 60,
@@ -643,6 +646,10 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, stage_seconds)
     with open(os.path.join(w, "report.md"), "w") as f:
         f.write(table)
+    if code is not None:
+        if rows:
+            print(f"the stages finished so far: {os.path.join(w, 'report.md')}", file=sys.stderr)
+        return code
     print(table + f"total: {times['_wall'] / 60:.1f} minutes of wall clock (stage times summed: "
           f"{sum(stage_seconds.values()) / 60:.1f})", flush=True)
     if args.until and args.until != names[-1]:

@@ -36,6 +36,9 @@ class Stage:
     held_out_source = True  # evaluates on config.data.eval_source (PPO: on its own prompts)
     rereads_init_from = False  # reads init_from again on a resume (a frozen reference: DPO, PPO)
     counts_epochs = False  # its training data has a fixed size (dialogs, pairs): config.epochs can set total_steps
+    # fields (or "section." prefixes) of its config the stage never reads: set on the command line, refused
+    # (train.check_overrides) rather than ignored
+    unread: tuple[str, ...] = ("sample.",)
 
     def prepare(self, config, workdir: str) -> None:
         """Called first, with the workdir (e.g. to write the toy data sets into it)."""
@@ -228,6 +231,7 @@ class PretrainStage(Stage):
     baseline; prints a sample at the end."""
 
     writes_data = False
+    unread = ("eval_exact_match", "eval_max_new_tokens")
 
     def train_data(self, config, tokenizer):
         return pretrain.make_dataset(config.data.source, tokenizer, config.seq_len, self.local_batch(config),
@@ -415,6 +419,7 @@ class SFTStage(Stage):
     for the toy chat tasks; held-out exact match of greedy answers is reported."""
 
     counts_epochs = True
+    unread = ("sample.", "data.synthetic_mix", "data.synthetic_adversarial")  # the toy chat's only mix: safety_system
 
     def prepare(self, config, workdir: str) -> None:
         super().prepare(config, workdir)
@@ -487,6 +492,8 @@ class PreferenceStage(Stage):
     `synthetic`)."""
 
     counts_epochs = True
+    unread = ("sample.", "eval_exact_match", "eval_max_new_tokens", "data.pack", "data.last_turn_only",
+              "data.synthetic_safety_system")
 
     rows_per_example = 2  # chosen and rejected
 
@@ -663,6 +670,8 @@ class RejectionSamplingStage(SFTStage):
     fine-tuned on those dialogs with the SFT objective. Writes WORKDIR/data/rs_train.jsonl
     and WORKDIR/rejection_sampling.json (reward against N, paper Fig. 7; true accuracy of
     the first vs the best sample on toy prompts)."""
+
+    unread = ("sample.",)  # its prompts are the toy mix (data.synthetic_mix, data.synthetic_adversarial)
 
     def prepare(self, config, workdir: str) -> None:
         Stage.prepare(self, config, workdir)

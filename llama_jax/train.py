@@ -265,8 +265,10 @@ class EarlyStopping:
         stopper = cls(config.early_stopping)
         if not config.eval_every_steps:
             raise RunError("config.early_stopping.metric needs evaluations: set config.eval_every_steps > 0")
-        # periodic saves in the patience window after the best: at most ceil(window / checkpoint interval)
-        later = -(-(stopper.patience * config.eval_every_steps + held_steps) // config.checkpoint_every_steps)
+        # periodic saves in the window after the best: at most ceil(window / checkpoint interval); the window is
+        # `patience` counted evaluations, after those held (not counted) that a best at step 0 may precede
+        held = held_steps // config.eval_every_steps * config.eval_every_steps
+        later = -(-(stopper.patience * config.eval_every_steps + held) // config.checkpoint_every_steps)
         if config.checkpoint.max_to_keep and config.checkpoint.max_to_keep < later + 1:
             raise RunError(f"config.checkpoint.max_to_keep {config.checkpoint.max_to_keep} could delete the best "
                            f"checkpoint before early stopping returns to it ({later} saves may follow it at "
@@ -700,6 +702,13 @@ def check_config(config, stage) -> None:
         raise RunError(str(e)) from None
     stage.objective(config)  # its settings (dpo.beta, reward.safety_weight) are checked now
     stage.check(config)
+    from llama_jax import configs
+
+    try:  # the model's numerics (with init_from, its architecture comes from the checkpoint; these still apply)
+        configs.to_llama_config(config.model)
+    except ValueError as e:
+        raise RunError(f"config.model: {e}") from None
+    EarlyStopping.from_config(config, stage.held_steps(config))  # evaluations, and checkpoints kept for the best
     if not isinstance(config.eval_every_steps, int) or config.eval_every_steps < 0:
         raise RunError(f"config.eval_every_steps must be >= 0 (0 = only at the end), got {config.eval_every_steps!r}")
     if config.nonfinite_policy not in ("stop", "skip"):
@@ -714,6 +723,24 @@ def check_config(config, stage) -> None:
         sharding.normalize_rules(config.mesh.rules, complete=True)
     except sharding.MeshError as e:
         raise RunError(str(e)) from None
+
+
+def check_overrides(config, stage, overrides: dict | None) -> None:
+    """A RunError for a command-line override (`{"sample.prompt": ...}`) of a field the
+    stage never reads (`stage.unread`) to another value than its family's default
+    (`configs.base_config` for pretraining, `chat_config` for the rest): an ablation over
+    it would give identical runs; flags shared by every stage's command may repeat a default."""
+    from llama_jax import configs
+
+    default = configs.base_config() if config.stage == "pretrain" else configs.chat_config()
+    for key, value in (overrides or {}).items():
+        if any(key == u or (u.endswith(".") and key.startswith(u)) for u in stage.unread):
+            known = default
+            for part in key.split("."):
+                known = known.get(part) if hasattr(known, "get") else None
+            if value != known:
+                raise RunError(f"--config.{key}={value}: stage {config.stage} does not read it (the run would ignore "
+                               "it)")
 
 
 def _meta_digest(meta: dict) -> str:
@@ -746,6 +773,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
                            "launch/tpu_vm.sh does) and pass its local path")
     cfg = run_model(config, stage, overrides)
     check_config(config, stage)
+    check_overrides(config, stage, overrides)
     try:  # the mesh, before a tokenizer is trained or a stage makes its data
         sharding.check_model_fits_mesh(cfg, sharding.run_mesh(config.mesh)[0])
     except sharding.MeshError as e:

@@ -31,6 +31,17 @@ def recorded_config(path: str) -> dict:
     return record if isinstance(record, dict) else {}
 
 
+def began(path: str) -> bool:
+    """Whether a run in WORKDIR `path` did work a rerun goes on from: finished, logged a
+    row, saved a checkpoint, or made data (a stage's samples). One refused at its start
+    did not."""
+    ckpts, metrics, data = (os.path.join(path, n) for n in ("checkpoints", "metrics.jsonl", "data"))
+    return os.path.exists(os.path.join(path, "final_metrics.json")) or \
+        (os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))) or \
+        (os.path.exists(metrics) and os.path.getsize(metrics) > 0) or \
+        (os.path.isdir(data) and any(f != "settings.json" for f in os.listdir(data)))
+
+
 class WorkdirBusy(RuntimeError):
     pass
 

@@ -8,6 +8,7 @@ from procs import load_experiment
 
 from llama_jax import train
 from llama_jax.configs import to_llama_config
+from llama_jax.stages import STAGES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = {"pretrain": ["tiny", "7b", "13b", "34b", "70b"], "sft": ["tiny", "7b", "70b"],
@@ -27,6 +28,7 @@ def test_experiment_configs_load(name):
         c = module.get_config(arg)
         assert c.stage == name
         cfg = to_llama_config(c.model)
+        train.check_config(c, STAGES[name]())  # as a run (and the recipe, and a sweep) checks it at its start
         if arg == "70b" and name == "pretrain":
             assert cfg.num_params() == 68_976_648_192 and c.batch_size * c.seq_len == 4_194_304
         if arg != "tiny" and arg != "safety_tiny":

@@ -714,8 +714,14 @@ def test_the_recipe_runs_independent_stages_side_by_side(tmp_path, monkeypatch, 
     order.clear()
     fail["name"] = "rejection_sampling"
     assert recipe.main([f"--workdir={tmp_path / 'e'}", *base]) == 3
-    assert order[-2:] == ["rejection_sampling", "ppo"] and "stage rejection_sampling failed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert order[-2:] == ["rejection_sampling", "ppo"] and "stage rejection_sampling failed" in err
+    assert "once its cause is fixed (a setting: --override=rejection_sampling:FIELD=VALUE)" in err
     assert os.path.exists(tmp_path / "e" / "ppo" / "final_metrics.json")
+    # the report holds the rows of the stages that finished
+    assert f"the stages finished so far: {tmp_path / 'e' / 'report.md'}" in err
+    reported = {r["stage"] for r in json.load(open(tmp_path / "e" / "report.json"))["stages"]}
+    assert reported == {"pretrain", "sft", "rm", "rm_safety", "ppo"}
     order.clear()
     fail["name"] = None
     assert recipe.main([f"--workdir={tmp_path / 'e'}", *base]) == 0
@@ -726,6 +732,7 @@ def test_the_recipe_runs_independent_stages_side_by_side(tmp_path, monkeypatch, 
     capsys.readouterr()
     assert recipe.main([f"--workdir={tmp_path / 'g'}", *base, "--until=rm"]) == 0
     assert order == ["pretrain", "sft", "rm"] and "stopped after rm (--until)" in capsys.readouterr().out
+    assert {r["stage"] for r in json.load(open(tmp_path / "g" / "report.json"))["stages"]} == {"pretrain", "sft", "rm"}
     order.clear()
     assert recipe.main([f"--workdir={tmp_path / 'g'}", *base]) == 0
     assert order == ["rm_safety", "rejection_sampling", "ppo", "gatt", "safety_distill"]
@@ -885,7 +892,13 @@ def test_the_recipe_passes_a_seed_and_overrides_to_its_stages(tmp_path, monkeypa
     for bad, words in [("sft:total_steps=abc", "stage sft: flag --config.total_steps=abc: invalid literal for int()"),
                        ("sft:total_steps=0", "stage sft: config.total_steps must be a positive integer, got 0"),
                        ("all:mesh.rules=1", "stage pretrain: sharding rule #0"),
-                       ("ppo:ppo.beta=-1.0", "stage ppo: config.ppo.beta -1.0: must be a finite number >= 0")]:
+                       ("ppo:ppo.beta=-1.0", "stage ppo: config.ppo.beta -1.0: must be a finite number >= 0"),
+                       ("ppo:model.attention=flsh", "stage ppo: config.model: LlamaConfig.attention: 'flsh' is not"),
+                       ("ppo:checkpoint.max_to_keep=1", "stage ppo: config.checkpoint.max_to_keep 1 could delete"),
+                       ("pretrain:eval_exact_match=10",
+                        "stage pretrain: --config.eval_exact_match=10: stage pretrain does not read it"),
+                       ("sft:data.synthetic_mix=0.5",
+                        "stage sft: --config.data.synthetic_mix=0.5: stage sft does not read it")]:
         assert recipe.main([f"--workdir={tmp_path / 'bad'}", f"--experiments={ROOT}/experiments",
                             f"--override={bad}"]) == 2 and not calls
         assert words in capsys.readouterr().err
@@ -896,7 +909,7 @@ def test_the_recipe_passes_a_seed_and_overrides_to_its_stages(tmp_path, monkeypa
     assert f"error: {tmp_path / 'pretrain'} began with other settings than these flags give it (seed: 3 -> 4)" in err
     assert "remove its directory (and those of the stages after it) to rerun it" in err
     # a workdir begun before the record existed: its stages began without the flags; --seed=0 is the same run
-    os.makedirs(tmp_path / "old" / "pretrain")
+    os.makedirs(tmp_path / "old" / "pretrain" / "checkpoints" / "20")
     assert recipe.main([f"--workdir={tmp_path / 'old'}", f"--experiments={ROOT}/experiments", "--seed=4"]) == 2
     assert "pretrain began with other settings than these flags give it (seed: 0 -> 4)" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "old" / "recipe_args.json")
@@ -908,9 +921,14 @@ def test_the_recipe_passes_a_seed_and_overrides_to_its_stages(tmp_path, monkeypa
     assert recipe.main([f"--workdir={tmp_path / 'quick'}", f"--experiments={ROOT}/experiments", "--fast"]) == 0
     assert recipe.main([f"--workdir={tmp_path / 'quick'}", f"--experiments={ROOT}/experiments"]) == 2
     assert "total_steps: 30 -> 600" in capsys.readouterr().err
-    # a stage that has not begun takes new settings: PPO's, with only pretraining and SFT begun
+    # a stage that has not begun takes new settings: PPO's, with only pretraining and SFT begun; one refused at
+    # its start (its directory holds no row, checkpoint or data) too: the new flags may be its fix
     for name, *_ in recipe.STAGES[2:]:
         shutil.rmtree(tmp_path / "quick" / name)
+    os.makedirs(tmp_path / "quick" / "ppo" / "checkpoints")
+    open(tmp_path / "quick" / "ppo" / "metrics.jsonl", "w").close()
+    os.makedirs(tmp_path / "quick" / "ppo" / "data")
+    open(tmp_path / "quick" / "ppo" / "data" / "settings.json", "w").write("{}")
     calls.clear()
     assert recipe.main([f"--workdir={tmp_path / 'quick'}", f"--experiments={ROOT}/experiments", "--fast",
                         "--override=ppo:ppo.beta=0.05"]) == 0

@@ -1,3 +1,6 @@
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -220,6 +223,11 @@ def test_early_stopping_keeps_the_best_and_stops_after_patience():
     assert train.EarlyStopping.from_config(c) is not None
     with pytest.raises(train.RunError, match=r"max_to_keep 2 could delete the best checkpoint .*\(4 saves may follow"):
         train.EarlyStopping.from_config(c, held_steps=6)
+    # only the warm-up's evaluations lengthen the window: none falls in 3 steps of an evaluation every 4
+    c.eval_every_steps, c.checkpoint.max_to_keep = 4, 3
+    assert train.EarlyStopping.from_config(c, held_steps=3) is not None  # 2 saves may follow a best
+    with pytest.raises(train.RunError, match=r"\(4 saves may follow"):  # the evaluation at 4 is held too
+        train.EarlyStopping.from_config(c, held_steps=4)
 
 
 def test_early_stopping_guard_stops_when_true_accuracy_falls():
@@ -418,3 +426,20 @@ def test_held_out_passes_score_every_example_when_process_shards_are_uneven(monk
     monkeypatch.setattr(distributed, "allgather_json", lambda has: [has])
     assert held_out_sums(iter([{"tokens": np.ones((3, 3), np.int32)}]), 5, empty,
                          lambda b: (b["tokens"].sum(), b["tokens"].shape[0], {}))[:2] == (9, 4)
+
+
+def test_an_override_of_a_field_the_stage_never_reads_is_refused_unless_it_repeats_the_default():
+    from llama_jax import cli
+
+    experiments = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    for experiment, flag, refused in (("dpo", "sample.prompt=hi", True), ("dpo", "sample.prompt=", False),
+                                      ("reward_model", "data.pack=False", True), ("sft", "data.pack=False", False),
+                                      ("rejection_sampling", "data.synthetic_mix=0.5", False),
+                                      ("ppo", "sample.top_p=0.5", True), ("pretrain", "sample.top_p=0.5", False),
+                                      ("pretrain", "eval_max_new_tokens=8", True)):
+        argv = [f"--config={experiments}/{experiment}.py:tiny", f"--config.{flag}"]
+        if refused:
+            with pytest.raises(ValueError, match=rf"--config.{re.escape(flag)}: stage {experiment} does not read it"):
+                cli.check_run(argv)
+        else:
+            cli.check_run(argv)

@@ -129,13 +129,17 @@ def check_runs(runs: list[tuple[str, str, list[str]]]) -> str:
 
 def run(cmd_args: list[str]) -> int:
     """One combination's run; SIGINT and SIGTERM to the sweep reach it (SIGTERM: it saves
-    its step), and its exit code is returned (130 / 143 then)."""
+    its step), and its exit code is returned; after a signal to the sweep, 130 (SIGINT)
+    or 143 (SIGTERM), the signal the sweep got (the run itself always gets SIGTERM)."""
     # its own session: a terminal's Ctrl-C reaches the sweep alone, which stops the run with SIGTERM (it saves its
     # step); LLAMA_JAX_PARENT_PID: it gets SIGTERM too if the sweep dies (llama_jax.main.end_with_parent)
     proc = subprocess.Popen([sys.executable, "-m", "llama_jax.main", *cmd_args], start_new_session=True,
                             env={**os.environ, "LLAMA_JAX_PARENT_PID": str(os.getpid())})
 
+    received = []
+
     def forward(signum, _frame):
+        received.append(signum)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # a SIGINT can be swallowed by a callback; SIGTERM saves the step
 
@@ -147,7 +151,7 @@ def run(cmd_args: list[str]) -> int:
             signal.signal(s, h)
     from llama_jax.cli import exit_code
 
-    return exit_code(code)
+    return 128 + received[0] if received else exit_code(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """One table for several runs: the config fields in which they differ, and their final
 and best metrics from `metrics.jsonl`.
 
-    python -m llama_jax.compare runs/lr_sweep/*  [--metrics=loss,eval_loss] [--sort=eval_loss]
+    python -m llama_jax.compare runs/lr_sweep/*  [--metrics=loss,eval_loss] [--sort=eval_loss] [--average_over=seed]
 
 For each metric: `final` is its last logged value; for `eval_*` metrics also `best`
 over the evaluations after step 0 (a PPO run's step-0 evaluation is of the policy it
@@ -11,6 +11,8 @@ the rejected answers' rewards, highest otherwise; standard errors (`*_se`) get n
 `finished` (final_metrics.json written) or `unfinished` (running, stopped or failed). A
 directory without `metrics.jsonl` (a run that failed before logging) is left out with a
 note; rows are named by the directory, with as much of its path as tells runs apart.
+`--average_over=seed` gives one row per setting instead: each metric's mean +- its
+standard error over the runs whose configs differ only in those fields.
 """
 
 from __future__ import annotations
@@ -96,9 +98,51 @@ def differing_fields(runs: list[dict]) -> list[str]:
     return [k for k in keys if len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1]
 
 
-def table(workdirs: list[str], metrics: list[str] | None = None, sort: str | None = None, notes=None) -> str:
+def averaged(runs: list[dict], summaries: list[dict], over: list[str]) -> tuple[list[dict], list[dict]]:
+    """Runs whose configs differ only in the fields `over` (e.g. seed) as one row each:
+    `runs` (the number of runs), `status` (how many finished), `step` (the fewest), and
+    each metric's mean +- its standard error over the runs that logged it (`(k of n)`
+    where fewer than all did). The summaries keep the mean (to sort by) and the text."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(runs):
+        key = json.dumps({k: v for k, v in r["config"].items() if k not in over}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(i)
+    out_runs, out_summaries = [], []
+    for members in groups.values():
+        names = [runs[i]["name"] for i in members]
+        name = ", ".join(names) if len(", ".join(names)) <= 40 else f"{names[0]} and {len(names) - 1} more"
+        out_runs.append({"name": name, "config": runs[members[0]]["config"], "rows": []})
+        summary: dict[str, Any] = {"runs": len(members), "step": min(summaries[i]["step"] for i in members),
+                                   "status": f"{sum(summaries[i]['status'] == 'finished' for i in members)}/"
+                                             f"{len(members)} finished"}
+        for key in summaries[members[0]]:
+            if key in ("step", "status"):
+                continue
+            values = [summaries[i].get(key) for i in members if summaries[i].get(key) is not None]
+            summary[key] = _Mean(values, len(members)) if values else None
+        out_summaries.append(summary)
+    return out_runs, out_summaries
+
+
+class _Mean(float):
+    """A mean that prints with its standard error over the runs (and how many of them
+    logged the metric, where not all did)."""
+
+    def __new__(cls, values: list[float], n: int):
+        mean = float(sum(values) / len(values))
+        self = super().__new__(cls, mean)
+        k = len(values)
+        se = math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1) / k) if k > 1 else None
+        self.text = f"{mean:.4g}" + (f" +- {se:.2g}" if se is not None else "") + (f" ({k} of {n})" if k < n else "")
+        return self
+
+
+def table(workdirs: list[str], metrics: list[str] | None = None, sort: str | None = None, notes=None,
+          average_over: list[str] | None = None) -> str:
     """The table; `notes` (a list) gets a line for each directory left out (no
-    metrics.jsonl: a run that failed before it logged). With none left, a CompareError."""
+    metrics.jsonl: a run that failed before it logged). With none left, a CompareError.
+    `average_over` (["seed"]): one row per setting, averaged over the runs that differ
+    only in those fields (`averaged`)."""
     runs, skipped = [], []
     for w in workdirs:
         try:
@@ -122,13 +166,25 @@ def table(workdirs: list[str], metrics: list[str] | None = None, sort: str | Non
             k for k in seen if k.startswith("eval_") and k not in DEFAULT_METRICS)
     fields = differing_fields(runs) if len(runs) > 1 else []
     summaries = [summarize(r, metrics) for r in runs]
+    if average_over:
+        missing = [f for f in average_over if not any(f in r["config"] for r in runs)]
+        if missing:
+            raise CompareError(f"--average_over: {missing} in no run's config.json (fields are dotted: "
+                               "optimizer.learning_rate)")
+        runs, summaries = averaged(runs, summaries, average_over)
+        fields = [f for f in fields if f not in average_over]
     if sort:
         key = f"best {sort}" if f"best {sort}" in summaries[0] else sort
-        numeric = sorted(k for k in summaries[0] if k != "status")
+        numeric = sorted(k for k in summaries[0] if k not in ("status", "runs"))
         if key not in numeric:
             raise CompareError(f"--sort={sort}: not one of the metric columns {numeric}")
         sign = -1.0 if higher_is_better(sort) else 1.0
-        order = sorted(range(len(runs)), key=lambda i: (summaries[i][key] is None, sign * (summaries[i][key] or 0.0)))
+
+        def value(i):  # the best where the run has one, else the final value
+            v = summaries[i][key]
+            return summaries[i].get(sort) if v is None else v
+
+        order = sorted(range(len(runs)), key=lambda i: (value(i) is None, sign * (value(i) or 0.0)))
         runs, summaries = [runs[i] for i in order], [summaries[i] for i in order]
     columns = ["run", *fields, *summaries[0].keys()]
     cells = [[r["name"], *(_fmt(r["config"].get(f)) for f in fields), *(_fmt(v) for v in s.values())]
@@ -143,6 +199,8 @@ def table(workdirs: list[str], metrics: list[str] | None = None, sort: str | Non
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
+    if isinstance(v, _Mean):
+        return v.text
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
@@ -154,11 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", default="", help="comma-separated (default: loss, eval_loss and every eval_*)")
     parser.add_argument("--sort", default="", help="a metric to sort by, best first (by its best value after step 0 "
                         "for eval_* metrics, else its final one)")
+    parser.add_argument("--average_over", default="", metavar="FIELDS",
+                        help="comma-separated config fields (e.g. seed): one row per setting, each metric's mean +- "
+                             "its standard error over the runs that differ only in them")
     args = parser.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] or None
+    over = [f.strip() for f in args.average_over.split(",") if f.strip()] or None
     notes: list[str] = []
     try:
-        print(table(args.workdirs, metrics, args.sort or None, notes))
+        print(table(args.workdirs, metrics, args.sort or None, notes, average_over=over))
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
     except CompareError as e:

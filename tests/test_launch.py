@@ -374,6 +374,10 @@ def test_sweep_checks_every_run_first_and_refuses_a_directory_of_other_flags(tmp
         sweep.subprocess.Popen = lambda cmd, **kw: real([sys.executable, "-c", code], **kw)
         start = time.time()
         assert sweep.run([]) == 143 and time.time() - start < 20
+        # a Ctrl-C to the sweep reaches the run as SIGTERM (it saves its step); the sweep says Ctrl-C: 130
+        sweep.subprocess.Popen = lambda cmd, **kw: real([sys.executable, "-c", code.replace(
+            "signal.SIGTERM); time", "signal.SIGINT); time")], **kw)
+        assert sweep.run([]) == 130
         sweep.subprocess.Popen = lambda cmd, **kw: real([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"])
         assert sweep.run([]) == 137  # killed by signal 9: 128 + 9
     finally:
@@ -433,6 +437,29 @@ def test_compare_reports_final_and_best_and_names_bad_directories(tmp_path):
         shutil.copytree(a, tmp_path / sweep_dir / "beta=0.1")
     rows = compare.table([str(tmp_path / "s1" / "beta=0.1"), str(tmp_path / "s2" / "beta=0.1")]).splitlines()[2:]
     assert rows[0].startswith("s1/beta=0.1") and rows[1].startswith("s2/beta=0.1")
+    # a run with no best (its only evaluation at step 0) sorts by its final value, not last
+    (ppo / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval_loss": 2.5}) + "\n")
+    assert compare.table([a, b, str(ppo)], sort="eval_loss").splitlines()[3].startswith("ppo ")  # 2.0, 2.5, 2.8
+
+    def seeded(name, lr, seed, final):
+        d = tmp_path / "seeds" / name
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"optimizer": {"learning_rate": lr}, "seed": seed}))
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 4, "loss": final}) + "\n")
+        return str(d)
+
+    runs = [seeded("lo0", 1e-3, 0, 3.0), seeded("lo1", 1e-3, 1, 2.0), seeded("hi0", 1e-2, 0, 1.0),
+            seeded("hi1", 1e-2, 1, 1.5), seeded("hi2", 1e-2, 2, 2.0)]
+    (tmp_path / "seeds" / "hi0" / "final_metrics.json").write_text("{}")
+    header, _, first, second = compare.table(runs, sort="loss", average_over=["seed"]).splitlines()
+    assert [c.strip() for c in header.split(" | ")] == ["run", "optimizer.learning_rate", "runs", "step", "status",
+                                                        "loss"]
+    # lr 1e-2: mean 1.5, sample sd 0.5, se 0.5 / sqrt(3) = 0.29; lr 1e-3: 2.5 +- 0.5
+    assert [c.strip() for c in first.split(" | ")] == ["hi0, hi1, hi2", "0.01", "3", "4", "1/3 finished",
+                                                       "1.5 +- 0.29"]
+    assert [c.strip() for c in second.split(" | ")][-1] == "2.5 +- 0.5"
+    with pytest.raises(compare.CompareError, match=r"--average_over: \['sed'\] in no run's config.json"):
+        compare.table(runs, average_over=["sed"])
 
 
 def test_a_process_per_node_job_drives_all_its_gpus(monkeypatch):

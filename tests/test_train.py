@@ -74,6 +74,10 @@ def test_clip_norm_zero_is_no_clipping():
     cfg.clip_norm = -1.0
     with pytest.raises(ValueError, match="clip_norm -1.0 is negative"):
         train.make_optimizer(cfg, 10)
+    for field, value, what in (("b1", 1.0, r"in \[0, 1\)"), ("b2", 1.5, r"in \[0, 1\)"), ("eps", 0.0, "positive"),
+                               ("weight_decay", -0.1, ">= 0"), ("weight_decay", float("nan"), ">= 0")):
+        with pytest.raises(ValueError, match=rf"config.optimizer.{field} {value}: must be .*{what}"):
+            train.make_optimizer(opt_cfg(**{field: value}), 10)
 
 
 def test_weight_decay_spares_norms_and_biases():

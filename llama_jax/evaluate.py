@@ -338,9 +338,9 @@ def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dic
     """Reward-model scores (raw, before the sigmoid) of complete dialogs (each ending
     with the assistant answer to be scored), read at the last token or averaged over the
     final answer's tokens (config.score_pooling), right-padded. A dialog longer than
-    max_seq_len is cut as training cuts one: BOS kept, the prompt's first tokens dropped,
-    then, if the answer alone is too long, the start of what is left (`was_cut`, a list,
-    gets whether each dialog was). With `mesh` (params on it,
+    max_seq_len is cut as training cuts one: BOS kept, the prompt's first tokens dropped
+    (its last max_seq_len // 2 kept), then, if the answer is still too long, its end
+    (`was_cut`, a list, gets whether each dialog was). With `mesh` (params on it,
     e.g. a run's mesh across processes; every process calls this with the same dialogs)
     the batches go onto it whole and the activations are sharded by `rules`, as in training."""
     from llama_jax.data.preference import cut_prompt
@@ -352,11 +352,11 @@ def score(config: LlamaConfig, params, tokenizer, dialogs: Sequence[Sequence[dic
     for d in dialogs:
         tokens, mask = tokenizer.encode_dialog_for_training(d, last_turn_only=True)
         over = len(tokens) - config.max_seq_len
-        if over > 0:  # as training cuts a pair: prompt tokens after BOS first, then from the start
-            tokens, mask = cut_prompt(tokens, mask, over)
+        if over > 0:  # as training cuts a pair: prompt tokens after BOS first, then the answer's end
+            tokens, mask = cut_prompt(tokens, mask, over, config.max_seq_len)
         if was_cut is not None:
             was_cut.append(over > 0)
-        rows.append((tokens[-config.max_seq_len:], mask[-config.max_seq_len:]))
+        rows.append((tokens[:config.max_seq_len], mask[:config.max_seq_len]))
     return score_rows(config, params, rows, batch_size, mesh, rules, progress)
 
 
@@ -629,7 +629,7 @@ def main(argv=None) -> int:
                                              "training)" if res["pairs_left_out"] else "")
                   + (f"; {res['ties']} scored equal both ways, counted wrong" if res["ties"] else "")
                   + (f"; {res['pairs_cut']} longer than {cut_at} tokens, cut as training cuts them (the same prompt "
-                     "tokens off both sides, then the answer's start)" if res["pairs_cut"] else "")
+                     "tokens off both sides, then the answer's end)" if res["pairs_cut"] else "")
                   + (f"; {res['pairs_same_once_cut']} of them the same tokens on both sides once cut"
                      + (" (a larger --seq_len tells them apart)" if cut_at < cfg.max_seq_len else "")
                      if res["pairs_same_once_cut"] else ""))

@@ -886,7 +886,8 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     checkpointer = ckpt.Checkpointer(workdir, config.checkpoint.max_to_keep, config.checkpoint.keep_period,
                                      config.checkpoint.async_save)
     meta = {"model": cfg.to_dict(), "heads": list(stage.heads), "tokenizer": tokenizer.identity(),
-            "stage": config.stage}
+            "stage": config.stage,  # the run's id: another run's checkpoint here has another metadata digest
+            "run": distributed.allgather_json(workdir_lock.run_id(workdir) if lead else "")[0]}
     if config.init_from:  # (its step, read before prepare)
         meta["init_from"] = {"path": os.path.abspath(config.init_from), "step": stage.init_step, "meta_sha": init_sha}
     held_out = stage.eval_data(config, tokenizer) if config.eval_steps else None
@@ -928,13 +929,25 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             raise RunError(f"{checkpointer.directory}: its checkpoints have heads {saved_meta.get('heads')} (stage "
                            f"{saved_meta.get('stage')!r}), this stage trains {meta['heads']}; use a new --workdir")
         began = saved_meta.get("init_from") or {}
-        if config.init_from and began.get("step") not in (None, stage.init_step):  # init_from changed since
-            if began.get("path") != meta["init_from"]["path"]:  # another init_from (config_history.jsonl has it)
-                if lead and stage.rereads_init_from:
-                    print(f"warning: config.init_from is {config.init_from}, not {began.get('path')} as when this "
-                          f"run began: it goes on against step {stage.init_step} of the new one", file=sys.stderr,
-                          flush=True)
+        if config.init_from and began.get("path") not in (None, meta["init_from"]["path"]):  # another init_from
+            if not stage.rereads_init_from:  # read at the start only (config_history.jsonl has the change)
                 return
+            try:  # the one it began with, moved here: gone from there, its step here with the same metadata
+                moved = not os.path.exists(began["path"]) and began.get("meta_sha") == _meta_digest(
+                    ckpt.read_meta(config.init_from, began["step"])[1])
+            except ckpt.CheckpointError:
+                moved = False
+            if not moved:
+                raise RunError(f"config.init_from {config.init_from}: this run began from {began['path']} (its step "
+                               f"{began['step']}), the reference it trains against; resuming from another would "
+                               f"change its objective mid-run: resume with --config.init_from={began['path']}, or "
+                               "use a new --workdir")
+            if lead:
+                print(f"config.init_from {config.init_from}: {began['path']}, which this run began from, is gone; "
+                      f"its step {began['step']} here has the same metadata: taken as that checkpoint, moved",
+                      file=sys.stderr, flush=True)
+            began = {**began, "path": meta["init_from"]["path"]}
+        if config.init_from and began.get("step") not in (None, stage.init_step):  # init_from trained on since
             if stage.rereads_init_from:  # its run trained on: the reference stays the step the run began with
                 try:
                     ckpt.read_meta(config.init_from, began["step"])

@@ -31,6 +31,28 @@ def recorded_config(path: str) -> dict:
     return record if isinstance(record, dict) else {}
 
 
+def run_id(path: str) -> str:
+    """WORKDIR/run_id: a random id made at a run's first start and kept by its resumes. It
+    is in every checkpoint's metadata, so that a run started from this one tells a
+    checkpoint of another run at the same path and step (retrained there, or copied over)
+    from the one it began with."""
+    import uuid
+
+    file = os.path.join(path, "run_id")
+    try:
+        with open(file) as f:
+            found = f.read().strip()
+        if found:
+            return found
+    except OSError:
+        pass
+    made = uuid.uuid4().hex
+    with open(file + ".tmp", "w") as f:
+        f.write(made + "\n")
+    os.replace(file + ".tmp", file)
+    return made
+
+
 def began(path: str) -> bool:
     """Whether a run in WORKDIR `path` did work a rerun goes on from: finished, logged a
     row, saved a checkpoint, or made data (a stage's samples). One refused at its start

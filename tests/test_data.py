@@ -596,15 +596,16 @@ def test_pairs_with_one_answer_twice_are_counted_and_named(tok, tmp_path):
 
 
 def test_pairs_cut_to_the_same_tokens_are_counted_and_the_papers_labels_read(tok, tmp_path):
-    """A pair longer than seq_len is cut (the same prompt tokens off both sides, then each
-    answer's start): counted, and where both sides become the same tokens (answers that
-    differ only at their start, behind a long shared tail) that is named, since such a
-    pair trains nothing and is scored wrong. Ratings as the paper writes them are read;
-    a blank rejected answer is counted; an HH transcript without a prompt gets a hint."""
-    tail = " and then " + " ".join(synthetic.WORDS[i % len(synthetic.WORDS)] for i in range(60))
+    """A pair longer than seq_len is cut (the same prompt tokens off both sides, down to
+    the prompt's last seq_len // 2, then each answer's end): counted, and where both sides
+    become the same tokens (answers that differ only at their end, after a long shared
+    start) that is named, since such a pair trains nothing and is scored wrong. Ratings as
+    the paper writes them are read; a blank rejected answer is counted; an HH transcript
+    without a prompt gets a hint."""
+    head = "First " + " ".join(synthetic.WORDS[i % len(synthetic.WORDS)] for i in range(60)) + ", then "
     p = [{"role": "user", "content": "which?"}]
-    pairs = [{"prompt": p, "chosen": "Yes." + tail, "rejected": "No." + tail, "rating": "Significantly better"},
-             {"prompt": p, "chosen": "Same." + tail, "rejected": "Same." + tail},  # identical already: not "once cut"
+    pairs = [{"prompt": p, "chosen": head + "yes.", "rejected": head + "no.", "rating": "Significantly better"},
+             {"prompt": p, "chosen": head + "same.", "rejected": head + "same."},  # identical already: not "once cut"
              {"prompt": p, "chosen": "short", "rejected": "", "rating": "negligibly better / unsure"},
              {"prompt": [{"role": "user", "content": " ".join(synthetic.WORDS[:40])}], "chosen": "a",
               "rejected": "b", "rating": "slightly-better"}]
@@ -619,6 +620,19 @@ def test_pairs_cut_to_the_same_tokens_are_counted_and_the_papers_labels_read(tok
     data.close()
     assert batch["rating"].tolist() == [0, -1, 3] and batch["margin"].tolist() == pytest.approx([1.0, 0.0, 0.0])
     np.testing.assert_array_equal(batch["chosen_tokens"][0], batch["rejected_tokens"][0])  # what was counted
+    # an answer longer than the context keeps the prompt and loses its end (it used to keep its last seq_len
+    # tokens: no prompt, no BOS, out of the chat format)
+    (tokens, mask), (short, _) = preference._EncodePair(tok, 32, "none").sides(p, head + "yes.", "no")
+    assert len(tokens) == 32 and tokens[:mask.index(True)] == short[:mask.index(True)]
+    whole, whole_mask = tok.encode_dialog_for_training(p + [{"role": "assistant", "content": "x"}],
+                                                       last_turn_only=True)
+    whole = whole[:whole_mask.index(True)]  # BOS and the prompt: its last 16 tokens stay, at least
+    kept = min(len(whole) - 1, 16)
+    assert tokens[:mask.index(True)] == whole[:1] + whole[len(whole) - kept:] and kept >= 10
+    # a long prompt keeps its last seq_len // 2 tokens, after BOS
+    long_prompt = [{"role": "user", "content": " ".join(synthetic.WORDS[:40])}]
+    (tokens, mask), _ = preference._EncodePair(tok, 32, "none").sides(long_prompt, head, "b")
+    assert tokens[0] == tok.bos_id and mask.index(True) - 1 == 16 and len(tokens) == 32
     assert preference.rating_name("Better") == "better" and preference.rating_name("much better") is None
     assert preference.rating_name("negligibly better/ unsure") == "negligibly_better" == \
         preference.rating_name("Unsure")

@@ -398,8 +398,8 @@ def test_evaluation_inputs_a_result_would_silently_mislead_on(tmp_path, tok, par
 
 def test_a_dialog_longer_than_the_context_is_scored_as_training_reads_it(tmp_path, tok):
     """Scoring cuts a long dialog as the preference pipeline cuts a pair: BOS kept, the
-    prompt's first tokens dropped (it used to keep the last max_seq_len tokens, BOS lost);
-    reward accuracy counts the pairs it cut."""
+    prompt's first tokens dropped down to its last max_seq_len // 2 (it used to keep the
+    last max_seq_len tokens, BOS lost); reward accuracy counts the pairs it cut."""
     from llama_jax.data import preference
 
     rm = random_params(CFG, heads=("score",), std=0.15, seed=9)
@@ -437,11 +437,11 @@ def test_a_dialog_longer_than_the_context_is_scored_as_training_reads_it(tmp_pat
     chosen, rejected = want[0]
     start = chosen[1].index(True)  # one context, cut the same, before both answers
     assert len(rejected[0]) == 48 and len(chosen[0]) < 48 and chosen[0][:start] == rejected[0][:start]
-    tail = " " + " ".join(synthetic.WORDS[i % len(synthetic.WORDS)] for i in range(70))
-    pairs.append({"prompt": [{"role": "user", "content": "q"}], "chosen": "yes" + tail, "rejected": "no" + tail})
+    head = " ".join(synthetic.WORDS[i % len(synthetic.WORDS)] for i in range(70)) + " "
+    pairs.append({"prompt": [{"role": "user", "content": "q"}], "chosen": head + "yes", "rejected": head + "no"})
     synthetic.write_jsonl(pairs, str(tmp_path / "long.jsonl"))
     res = ev.reward_accuracy(CFG, rm, tok, str(tmp_path / "long.jsonl"), seq_len=48)
-    assert res["pairs_same_once_cut"] == 1 and res["pairs_cut"] == 2  # its answers differ before a long tail
+    assert res["pairs_same_once_cut"] == 1 and res["pairs_cut"] == 2  # its answers differ after a long start
 
 
 def test_evaluate_loads_a_model_over_every_local_device(tmp_path, tok, params, capsys):

@@ -997,6 +997,28 @@ def test_a_resume_keeps_the_init_from_step_it_started_from(tmp_path, reference_r
     out, _ = run("dpo_imp", 4, init_from=tmp_path / "imp")
     assert out.returncode != 0 and f"config.init_from {tmp_path / 'imp'}: its step 0 is not the checkpoint this run " \
         "began with" in out.stderr, out.stderr[-2000:]
+    # every run's checkpoints carry its own id: another run's, retrained or copied to the same path and step, has
+    # another metadata digest (two runs of one config had the same)
+    ids = [ckpt.read_meta(str(tmp_path / w))[1]["run"] for w in ("pretrain", "dpo", "whole")]
+    assert len(set(ids)) == 3 and ids[0] == (tmp_path / "pretrain" / "run_id").read_text().strip()
+    # another reference on a resume is refused (it changed the objective mid-run with a warning); the one the run
+    # began with, moved, is taken (pairs of one's own: the toy data records init_from among its settings)
+    shutil.copytree(ref_dir, tmp_path / "ref")
+
+    def own(steps, init_from):
+        return subprocess.run(command(str(tmp_path / "dpo_ref"), f"--config.data.tokenizer={tokenizer_path}",
+                                      f"--config.data.source={tmp_path / 'whole' / 'data' / 'preference_train.jsonl'}",
+                                      "--config.eval_steps=0", f"--config.init_from={init_from}", steps=steps,
+                                      experiment="dpo.py:tiny"), env=env(), capture_output=True, text=True, timeout=300)
+
+    assert own(2, tmp_path / "ref").returncode == 0
+    out = own(4, ref_dir)
+    assert out.returncode != 0 and f"config.init_from {ref_dir}: this run began from {tmp_path / 'ref'} (its step " \
+        f"12), the reference it trains against" in out.stderr, out.stderr[-2000:]
+    shutil.move(tmp_path / "ref", tmp_path / "ref_moved")
+    out = own(4, tmp_path / "ref_moved")
+    assert out.returncode == 0 and f"{tmp_path / 'ref'}, which this run began from, is gone" in out.stderr, \
+        out.stderr[-2000:]
 
 
 def test_a_resume_never_deletes_the_checkpoints_keep_period_kept(tmp_path, tokenizer_path):

@@ -177,11 +177,13 @@ def _flag(value) -> int:
     return -1 if value is None else int(bool(value))
 
 
-def cut_prompt(tokens: list, mask: list, over: int) -> tuple[list, list]:
-    """`tokens` / `mask` of a dialog less `over` prompt tokens taken after BOS, at most up
-    to where the final answer begins: what a row too long for its context loses first."""
+def cut_prompt(tokens: list, mask: list, over: int, seq_len: int) -> tuple[list, list]:
+    """`tokens` / `mask` of a dialog less up to `over` prompt tokens taken after BOS, but
+    never the prompt's last seq_len // 2 tokens (the question right before the final
+    answer): what a row too long for its context loses first. A row still too long then
+    keeps its first seq_len tokens (the answer loses its end)."""
     start = mask.index(True) if True in mask else len(mask)
-    cut = min(over, start - 1)
+    cut = min(over, max(0, start - 1 - seq_len // 2))
     return tokens[:1] + tokens[1 + cut:], mask[:1] + mask[1 + cut:]
 
 
@@ -193,9 +195,9 @@ class _EncodePair:
     def sides(self, prompt, chosen: str, rejected: str) -> list[tuple[list[int], list[bool]]]:
         """Both answers after the prompt, as (tokens, mask). Only the final answer is
         masked: what DPO sums and a mean-pooled reward head reads. A pair longer than
-        seq_len loses the same prompt tokens on both sides (after BOS, from the start), so
-        that both answers are read after one context; an answer that alone does not fit
-        keeps its last seq_len tokens."""
+        seq_len loses the same prompt tokens on both sides (after BOS, from the start, down
+        to the prompt's last seq_len // 2 tokens), so that both answers are read after one
+        context; an answer still too long loses its end (`cut_prompt`)."""
         return self.cut(self.encode(prompt, chosen, rejected))
 
     def encode(self, prompt, chosen: str, rejected: str) -> list[tuple[list[int], list[bool]]]:
@@ -212,8 +214,8 @@ class _EncodePair:
         starts = [mask.index(True) if True in mask else len(mask) for _, mask in encoded]  # where each answer begins
         over = max(len(tokens) for tokens, _ in encoded) - self.seq_len
         if over > 0 and starts[0] == starts[1]:
-            encoded = [cut_prompt(tokens, mask, over) for tokens, mask in encoded]
-        return [(tokens[-self.seq_len:], mask[-self.seq_len:]) for tokens, mask in encoded]
+            encoded = [cut_prompt(tokens, mask, over, self.seq_len) for tokens, mask in encoded]
+        return [(tokens[:self.seq_len], mask[:self.seq_len]) for tokens, mask in encoded]
 
     def __call__(self, rec: dict) -> dict[str, np.ndarray]:
         out = {}
@@ -249,6 +251,7 @@ def make_dataset(patterns, tokenizer, seq_len: int, batch_size: int, seed: int =
                              **({"empty_rejected": f"{len(pairs.empty_rejected)} (first: {pairs.empty_rejected[0]})"}
                                 if pairs.empty_rejected else {}),
                              **({"truncated": f"{truncated:,} (longer than seq_len {seq_len}: the prompt's first "
-                                              "tokens go, the same on both sides)"} if truncated else {}),
-                             **({"same_once_cut": f"{len(same):,} (both answers' last {seq_len} tokens are the same: "
+                                              "tokens go, the same on both sides; an answer still too long "
+                                              "loses its end)"} if truncated else {}),
+                             **({"same_once_cut": f"{len(same):,} (both sides' {seq_len} tokens once cut are the same: "
                                                  f"no signal, scored as wrong; first: {same[0]})"} if same else {})})

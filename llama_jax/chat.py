@@ -6,8 +6,9 @@ tokens streamed as they are generated).
 Type a message and press Enter. `/reset` starts a new dialog, `/exit` (or Ctrl-D) quits;
 Ctrl-C during a reply drops that reply, at the prompt it quits. A dialog that would leave
 a reply less than --max_new_tokens (or a quarter of the context) drops its oldest
-exchanges (the system prompt stays). Sampling
-defaults are Meta's chat defaults: temperature 0.6, top-p 0.9.
+exchanges (the system prompt stays). The context is the length the run trained at (its
+config.json's seq_len; an export's or an import's: the model's max_seq_len), or
+--context. Sampling defaults are Meta's chat defaults: temperature 0.6, top-p 0.9.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def main(argv=None, input_fn=None, out=None) -> int:
     ap.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling; 1 = off")
     ap.add_argument("--top_k", type=int, default=0, help="0 = every token")
     ap.add_argument("--seed", type=int, default=0, help="turn i of a dialog samples with seed + i")
+    ap.add_argument("--context", type=int, default=None,
+                    help="tokens of dialog and reply at most (default: the seq_len the run trained at, which a "
+                         "model answers well within; else the model's max_seq_len, the most it takes)")
     from llama_jax.generate import add_dtype_arg, check_sampling_args
 
     add_dtype_arg(ap)
@@ -58,6 +62,8 @@ def main(argv=None, input_fn=None, out=None) -> int:
     from llama_jax.tokenizer import DialogError, _turns, valid_unicode
 
     check_sampling_args(ap, args)
+    if args.context is not None and args.context < 2:
+        ap.error(f"--context={args.context}: at least 2 tokens")
     system = [{"role": "system", "content": valid_unicode(args.system)}] if args.system else []
     try:  # once, now: a bad system prompt would refuse every message
         _turns(system + [{"role": "user", "content": "x"}], last="user")
@@ -99,13 +105,21 @@ def _session(args, system: list[dict], input_fn, out, piped: bool) -> int:
     except (CheckpointError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"loaded {args.checkpoint} ({cfg.num_params():,} parameters, context {cfg.max_seq_len}) in "
+    from llama_jax.evaluate import trained_seq_len
+
+    trained = trained_seq_len(args.checkpoint)
+    if args.context is not None and args.context > cfg.max_seq_len:
+        print(f"error: --context={args.context}: the model's max_seq_len is {cfg.max_seq_len}", file=sys.stderr)
+        return 2
+    context = min(args.context or trained or cfg.max_seq_len, cfg.max_seq_len)
+    why = "" if args.context or context == cfg.max_seq_len else \
+        f": the length the run trained at; --context up to the model's {cfg.max_seq_len}"
+    print(f"loaded {args.checkpoint} ({cfg.num_params():,} parameters, context {context}{why}) in "
           f"{time.perf_counter() - start:.1f} s; the first reply of each prompt length compiles", file=sys.stderr)
     if system:
         n = len(tok.encode_dialog(system + [{"role": "user", "content": ""}]))
-        if n + 1 > cfg.max_seq_len:
-            print(f"error: --system is {n} tokens with its format; the model's context is {cfg.max_seq_len}",
-                  file=sys.stderr)
+        if n + 1 > context:
+            print(f"error: --system is {n} tokens with its format; the context is {context}", file=sys.stderr)
             return 2
     dialog: list[dict] = []
     out.write("llama_jax chat: /reset starts over, /exit quits\n")
@@ -137,18 +151,17 @@ def _session(args, system: list[dict], input_fn, out, piped: bool) -> int:
             out.write(f"(not sent: {e})\n")
             continue
         dropped = 0  # the oldest exchanges go, so that a reply of max_new_tokens (or a quarter of the context) fits
-        while cfg.max_seq_len - len(prompt) < min(args.max_new_tokens, cfg.max_seq_len // 4) and len(candidate) > 1:
+        while context - len(prompt) < min(args.max_new_tokens, context // 4) and len(candidate) > 1:
             candidate, dropped = candidate[2:], dropped + 1
             prompt = tok.encode_dialog(system + candidate)
-        room = cfg.max_seq_len - len(prompt)
+        room = context - len(prompt)
         if room < 1:
             out.write(f"(not sent: this message makes a prompt of {len(prompt)} tokens"
-                      + (" with the system prompt" if system else "") + f"; the model's context is "
-                      f"{cfg.max_seq_len})\n")
+                      + (" with the system prompt" if system else "") + f"; the context is {context})\n")
             continue
         if dropped:
-            out.write(f"(the {dropped} oldest exchange{'s' * (dropped > 1)} dropped to fit the model's context of "
-                      f"{cfg.max_seq_len} tokens" + ("; the system prompt stays" if system else "") + ")\n")
+            out.write(f"(the {dropped} oldest exchange{'s' * (dropped > 1)} dropped to fit the context of "
+                      f"{context} tokens" + ("; the system prompt stays" if system else "") + ")\n")
         # a reply short of room: rounded down to a quarter of its power of two (16 at least), so that the few
         # lengths it takes compile once each and under a quarter of the room is lost
         max_new = args.max_new_tokens if room >= args.max_new_tokens else reply_length(room)
@@ -156,7 +169,7 @@ def _session(args, system: list[dict], input_fn, out, piped: bool) -> int:
         stream = TextStream(tok, out)
         result = generate_interruptibly(stream, cfg, params, [prompt], max_new, args.temperature, args.top_p,
                                         args.top_k, seed=args.seed + turn, mesh=mesh,
-                                        pad_to=_pow2_length(len(prompt), cfg.max_seq_len - max_new))
+                                        pad_to=_pow2_length(len(prompt), context - max_new))
         if result is None:  # Ctrl-C: the generation stopped at its next step
             out.write("\n(interrupted: the reply is dropped)\n")
             dialog = candidate[:-1]

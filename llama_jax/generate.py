@@ -530,6 +530,8 @@ def _generate_file(args) -> int:
             raise ValueError(f"{where}: the prompt has {len(ids)} tokens and the model's context is "
                              f"{cfg.max_seq_len}: no room is left to generate")
         encoded.append(ids)
+    past_trained(args.checkpoint, min(max(map(len, encoded)) + args.max_new_tokens, cfg.max_seq_len),
+                 cfg.max_seq_len)
     progress = metrics.Progress(len(prompts), what="prompts", throttle=True)
     cut: list[str] = []  # rows stopped by the room their batch's longest prompt left, before max_new_tokens
     full: list[str] = []  # rows stopped by the model's context: their own prompt left less than max_new_tokens
@@ -638,6 +640,7 @@ def main(argv=None) -> int:
         if max_new < args.max_new_tokens:
             print(f"note: --max_new_tokens {args.max_new_tokens} -> {max_new}: the prompt's {len(prompt)} tokens "
                   f"leave {max_new} of the model's context of {cfg.max_seq_len}", file=sys.stderr)
+        past_trained(args.checkpoint, len(prompt) + max_new, cfg.max_seq_len)
         if not args.chat:
             sys.stdout.write(text)
         stream = TextStream(tok, prefix=() if args.chat else prompt)
@@ -659,6 +662,17 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # the reader went away (`| head`): nothing more to show
         quiet_stdout()
     return 0
+
+
+def past_trained(checkpoint: str, longest: int, context: int) -> None:
+    """A note when prompt and answer (`longest` tokens) may run past the seq_len the run
+    trained at (a model's answers there are unreliable), though within its context."""
+    from llama_jax.evaluate import trained_seq_len
+
+    trained = trained_seq_len(checkpoint)
+    if trained is not None and trained < longest <= context:
+        print(f"note: prompt and answer may reach {longest} tokens, past the {trained} that {checkpoint} trained "
+              "at: answers there may fall apart", file=sys.stderr)
 
 
 if __name__ == "__main__":

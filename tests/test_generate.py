@@ -1,5 +1,8 @@
 import io
+import json
+import os
 import random
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +190,16 @@ def test_generate_cli_streams_the_continuation(checkpoint_dir, capsys, params):
     for t in tok.encode("lemon tree"):
         stream(np.array([t]), np.array([False]))
     assert stream.finish() == shown.getvalue() == " lemon tree"
+    # a run's workdir records the length it trained at: an answer that may run past it is noted
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"seq_len": 8}, f)
+    try:
+        assert gen.main([f"--checkpoint={path}", "--prompt=apple river", "--max_new_tokens=12",
+                         "--temperature=0"]) == 0
+        assert f"note: prompt and answer may reach {len(prompt) + 12} tokens, past the 8 that {path} trained at" in \
+            capsys.readouterr().err
+    finally:
+        os.remove(os.path.join(path, "config.json"))
 
 
 def test_generate_cli_reads_a_ppo_policy_with_its_value_head(checkpoint_dir, capsys, tmp_path):
@@ -302,7 +315,7 @@ def _scripted(lines, out):
     return fake_input
 
 
-def test_a_long_chat_drops_its_oldest_exchanges_and_compiles_a_few_programs(checkpoint_dir, monkeypatch):
+def test_a_long_chat_drops_its_oldest_exchanges_and_compiles_a_few_programs(checkpoint_dir, monkeypatch, capsys):
     """A dialog that outgrows the 128-token context drops its oldest exchanges (the system
     prompt stays) instead of refusing every message; its growing prompts are padded to a
     few lengths, so the turns do not each compile a decode program."""
@@ -323,7 +336,7 @@ def test_a_long_chat_drops_its_oldest_exchanges_and_compiles_a_few_programs(chec
                      input_fn=_scripted(words, out), out=out) == 0
     text = out.getvalue()
     assert text.count("assistant> ") == 9 and "not sent" not in text
-    assert "oldest exchange dropped to fit the model's context of 128 tokens; the system prompt stays)" in text
+    assert "oldest exchange dropped to fit the context of 128 tokens; the system prompt stays)" in text
     assert all(len(p) + 8 <= 128 for p in sent)
     assert all(tok.decode(p).startswith("[INST] <<SYS>>\nBe brief.\n<</SYS>>") for p in sent)  # the system stays
     assert {pad for pad, _ in shapes} <= {16, 32, 64, 128 - 8}  # powers of two, or what the context leaves
@@ -339,6 +352,23 @@ def test_a_long_chat_drops_its_oldest_exchanges_and_compiles_a_few_programs(chec
     assert min(lengths) < 64 and all(n in (1, 2, 4, 8, 16, 32, 48, 64) for n in lengths), shapes  # rounded down
     assert [chat.reply_length(r) for r in (5, 17, 45, 63, 100, 255)] == [4, 16, 32, 48, 96, 224]  # 64 up: < 1/4 lost
     assert gen._generate._cache_size() - compiled <= 2 * len(set(shapes))
+    # a run's workdir: the context is the length it trained at (past it, replies were blank), or --context
+    trained = os.path.join(os.path.dirname(path), "trained_at_64")
+    if not os.path.exists(trained):
+        shutil.copytree(path, trained)
+        with open(os.path.join(trained, "config.json"), "w") as f:
+            json.dump({"seq_len": 64}, f)
+    longest = {}
+    for flags, context in (([], 64), (["--context=128"], 128)):
+        sent[:] = []
+        assert chat.main([f"--checkpoint={trained}", "--temperature=0", "--max_new_tokens=8", *flags],
+                         input_fn=_scripted(words, io.StringIO()), out=io.StringIO()) == 0
+        longest[context] = max(len(p) for p in sent)
+    assert longest[64] + 8 <= 64 < longest[128] + 8 <= 128
+    assert "context 64: the length the run trained at; --context up to the model's 128" in capsys.readouterr().err
+    assert chat.main([f"--checkpoint={trained}", "--context=129"], input_fn=_scripted([], io.StringIO()),
+                     out=io.StringIO()) == 2
+    assert "--context=129: the model's max_seq_len is 128" in capsys.readouterr().err
 
 
 def test_chat_ctrl_c_drops_a_reply_or_quits_and_odd_input_is_handled(checkpoint_dir, monkeypatch, capsys):

@@ -448,6 +448,7 @@ def reward_accuracy(config: LlamaConfig, params, tokenizer, path: str, batch_siz
               if safe is False]
     if unsafe and reference is None:
         out["unsafe_recall"] = float(np.mean(1 / (1 + np.exp(-np.array(unsafe))) < 0.5))
+        out["unsafe_answers"] = len(unsafe)
     return out
 
 
@@ -470,11 +471,17 @@ def table8(results: dict) -> str:
 
 
 def trained_seq_len(checkpoint: str) -> int | None:
-    """config.seq_len of the run whose workdir `checkpoint` is (its config.json); None for
-    an export or a converted model, which record none."""
+    """The seq_len `checkpoint` was trained at: its latest checkpoint's record (an export
+    keeps it), else its run's config.json; None for a converted model, which records none."""
+    from llama_jax.checkpoint import CheckpointError, read_meta
     from llama_jax.workdir import recorded_config
 
-    seq_len = recorded_config(checkpoint).get("seq_len")
+    try:
+        seq_len = read_meta(checkpoint)[1].get("trained_seq_len")
+    except (CheckpointError, OSError):
+        seq_len = None
+    if seq_len is None:  # saved before the record
+        seq_len = recorded_config(checkpoint).get("seq_len")
     return seq_len if isinstance(seq_len, int) and seq_len >= 2 else None
 
 
@@ -634,7 +641,8 @@ def main(argv=None) -> int:
                      + (" (a larger --seq_len tells them apart)" if cut_at < cfg.max_seq_len else "")
                      if res["pairs_same_once_cut"] else ""))
             if "unsafe_recall" in res:
-                print(f"unsafe-response recall at 0.5: {res['unsafe_recall']:.3f}")
+                print(f"unsafe-response recall at 0.5: {res['unsafe_recall']:.3f} (of {res['unsafe_answers']} "
+                      "answers labelled unsafe)")
         if args.output:
             settings = {k: v for k, v in vars(args).items() if k != "output"}
             with open(args.output, "x") as f:

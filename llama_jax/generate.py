@@ -233,6 +233,8 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], max_
     what the context leaves): each padded length compiles its own decode program, so a
     caller whose prompt grows call by call (a chat) passes a few fixed lengths."""
     check_params(params, "generate")
+    if isinstance(params, dict):  # the LM alone: a policy with a value head (PPO's) shares the LM's programs
+        params = {k: v for k, v in params.items() if k not in ("value_head", "score_head")}
     prompts = token_rows(prompts, config.vocab_size, "generate: prompt")
     if int(max_new_tokens) < 1:
         raise ValueError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")

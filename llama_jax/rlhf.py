@@ -18,6 +18,7 @@ uses the rollout batch's mean and standard deviation; gamma = 1, lambda = 0.95.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from typing import NamedTuple
@@ -116,13 +117,15 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float = 1
     return advantages, (advantages + values) * mask
 
 
+@functools.partial(jax.jit, static_argnames=("gamma", "lam"))
 def ppo_advantages(rewards: jax.Array, values: jax.Array, mask: jax.Array, moves: jax.Array, gamma: float = 1.0,
                    lam: float = 0.95) -> tuple[jax.Array, jax.Array]:
     """(advantages, returns) [B, T] of a rollout: GAE, the advantages then whitened over the
     response tokens of the rows with `moves` [B] 1 and zero on the other rows (ours: a
     prompt whose k answers are all one text has centred score 0, so its advantages would
     be the critic's error alone; whitening would scale that noise up to the real
-    signal's size). Returns are kept for every row: the critic learns from all of them."""
+    signal's size). Returns are kept for every row: the critic learns from all of them.
+    Jitted: eagerly, GAE's scan compiled again at every call (every PPO iteration)."""
     adv, ret = gae(rewards, values, mask, gamma, lam)
     adv_mask = mask * moves[:, None].astype(mask.dtype)
     return whiten(adv, adv_mask) * adv_mask, ret

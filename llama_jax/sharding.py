@@ -272,9 +272,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 # ----------------------------------------------------------------------------------
 
 
-def init_params(model: nn.Module, rng: jax.Array, mesh: Mesh, rules, seq_len: int = 8):
+def init_params(model: nn.Module, rng: jax.Array, mesh: Mesh, rules, seq_len: int = 8, given=None):
     """Initialises `model`'s params directly into their shardings (no host ever holds the
-    full model). Returns (params, shardings), both unboxed pytrees."""
+    full model). Returns (params, shardings), both unboxed pytrees. `given` (params of the
+    same tree, e.g. a checkpoint's): its leaves (same path and shape) are taken, and only
+    the others are initialised (XLA drops the rest of the init: a fine-tuning stage does
+    not build a random copy of the model it loads), with the values a whole init gives."""
     rules = normalize_rules(rules)
     if hasattr(model, "config"):
         check_model_fits_mesh(model.config, mesh)
@@ -285,9 +288,26 @@ def init_params(model: nn.Module, rng: jax.Array, mesh: Mesh, rules, seq_len: in
 
     with activate(mesh, rules):
         abstract = jax.eval_shape(init_fn, rng)
-        shardings = logical_shardings(abstract, mesh, rules)
-        params = jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=shardings)(rng)
-    return params, nn.meta.unbox(shardings)
+        shardings = nn.meta.unbox(logical_shardings(abstract, mesh, rules))
+        if given is None:
+            return jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=shardings)(rng), shardings
+        have = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(given)}
+        plain = jax.eval_shape(lambda k: nn.meta.unbox(init_fn(k)), rng)
+        leaves = jax.tree_util.tree_leaves_with_path(plain)
+        missing = [jax.tree_util.keystr(p) for p, x in leaves
+                   if jax.tree_util.keystr(p) not in have or have[jax.tree_util.keystr(p)].shape != x.shape]
+        flat_sh = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+
+        def only_missing(k):
+            flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(
+                nn.meta.unbox(init_fn(k)))}
+            return {key: flat[key] for key in missing}
+
+        fresh = jax.jit(only_missing, out_shardings={key: flat_sh[key] for key in missing})(rng) if missing else {}
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, _: fresh[jax.tree_util.keystr(p)] if jax.tree_util.keystr(p) in fresh else
+            have[jax.tree_util.keystr(p)], plain)
+    return params, shardings
 
 
 def abstract_params(model: nn.Module, seq_len: int = 8):

@@ -161,9 +161,14 @@ class Stage:
     def initial_params(self, config, model, mesh, rules, param_sh):
         from llama_jax import sharding
 
-        params, _ = sharding.init_params(model, jax.random.key(config.seed), mesh, rules)
-        if config.init_from:
-            params = merge_pretrained(params, load_init_params(config, model, param_sh, self.init_step))
+        loaded = load_init_params(config, model, param_sh, self.init_step) if config.init_from else None
+        params, _ = sharding.init_params(model, jax.random.key(config.seed), mesh, rules, given=loaded)
+        if loaded is not None:
+            have = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
+            new = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(params)
+                   if have.get(jax.tree_util.keystr(p)) != v.shape]
+            if new and jax.process_index() == 0:
+                print(f"initialised from scratch (not in init_from): {', '.join(new)}", flush=True)
         return params
 
     def after_training(self, config, workdir, model, params, tokenizer, progress) -> None:
@@ -619,6 +624,15 @@ class RewardModelStage(PreferenceStage):
                             "rating, so every margin is 0", flush=True)
         return data
 
+    def eval_data(self, config, tokenizer):
+        data = PreferenceStage.eval_data(self, config, tokenizer)
+        if data is not None and config.reward.safety_weight > 0 and not data.description["safety_labelled"] and \
+                not getattr(self, "_said_unlabelled", False):
+            self._said_unlabelled = True
+            distributed.say(f"note: no held-out pair of {data.description['source']} has chosen_safe / rejected_safe: "
+                            "eval_safety_bce is 0 there by construction, not a score", flush=True)
+        return data
+
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         if not self.eval_path:
             return {}
@@ -981,7 +995,11 @@ def _greedy_answers(cfg, params, tokenizer, dialogs, max_new_tokens: int, mesh=N
     for b, start in enumerate(range(0, len(fits), rows)):
         progress.update(start)
         idx = fits[start:start + rows]
-        gen = generate(cfg, params, [prompts[i] for i in idx], max_new_tokens, temperature=temperature,
+        batch = [prompts[i] for i in idx]
+        if temperature == 0:  # greedy: rows padded to a power of two (copies of the first), so that chunks of
+            # many sizes (a last chunk, a turn some dialogs have left) share a few compiled programs
+            batch += batch[:1] * (min(rows, 1 << (len(batch) - 1).bit_length()) - len(batch))
+        gen = generate(cfg, params, batch, max_new_tokens, temperature=temperature,
                        top_p=top_p, seed=seed + b, mesh=mesh, rules=rules)
         for i, toks in zip(idx, gen.tokens):
             s = rlhf.sample_of(tokenizer, toks)
@@ -1777,7 +1795,7 @@ class PPOStage(Stage):
         # no critic: GAE with zero values and lambda 1, the return-to-go of each token
         baseline, lam = (np.zeros_like(values), 1.0) if critic(c) == "none" else (values, p.lam)
         adv, ret = rlhf.ppo_advantages(rewards, jnp.asarray(baseline), jnp.asarray(mask), jnp.asarray(moves),
-                                       p.gamma, lam)
+                                       float(p.gamma), float(lam))
         adv = rlhf.weight_below_mean(adv, score, float(p.get("negative_weight", 1.0)))
         kl = rlhf.kl_per_token(logp, ref_logp, mask).sum(axis=1)
         tokenizer = self.runtime.tokenizer

@@ -886,7 +886,8 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     checkpointer = ckpt.Checkpointer(workdir, config.checkpoint.max_to_keep, config.checkpoint.keep_period,
                                      config.checkpoint.async_save)
     meta = {"model": cfg.to_dict(), "heads": list(stage.heads), "tokenizer": tokenizer.identity(),
-            "stage": config.stage,  # the run's id: another run's checkpoint here has another metadata digest
+            "stage": config.stage, "trained_seq_len": int(config.seq_len),  # (an export keeps it: evaluate, chat)
+            # the run's id: another run's checkpoint here has another metadata digest
             "run": distributed.allgather_json(workdir_lock.run_id(workdir) if lead else "")[0]}
     if config.init_from:  # (its step, read before prepare)
         meta["init_from"] = {"path": os.path.abspath(config.init_from), "step": stage.init_step, "meta_sha": init_sha}

@@ -850,3 +850,19 @@ def test_unigram_baseline_is_the_add_one_smoothed_cross_entropy_of_the_held_out_
     config.eval_steps = 2  # the second batch counts too: three 4s at 1/8 each
     assert stages.PretrainStage().unigram_baseline(config, None) == pytest.approx(
         -(math.log(2 / 8) + 4 * math.log(1 / 8)) / 5, rel=1e-6)
+
+
+def test_pair_counts_describe_the_sampled_mixture_not_the_whole_files(tmp_path):
+    """identical_pairs / empty_chosen name pairs the mixture uses (they counted every
+    record of a file, named lines the run never read)."""
+    p = [{"role": "user", "content": "q"}]
+    rows = [{"prompt": p, "chosen": "same" if i % 3 == 0 else "" if i % 3 == 1 else "a", "rejected":
+             "same" if i % 3 == 0 else "b"} for i in range(30)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for fraction in (0.2, 1.0):
+        pairs = preference.PreferencePairs(f"{path}@{fraction}", seed=3)
+        used = sorted({i for _, i in pairs.index})
+        assert len(used) == round(30 * fraction)
+        assert pairs.identical == [f"{path}:{i + 1}" for i in used if i % 3 == 0]
+        assert pairs.empty_chosen == [f"{path}:{i + 1}" for i in used if i % 3 == 1]

@@ -1001,6 +1001,12 @@ def test_a_resume_keeps_the_init_from_step_it_started_from(tmp_path, reference_r
     # another metadata digest (two runs of one config had the same)
     ids = [ckpt.read_meta(str(tmp_path / w))[1]["run"] for w in ("pretrain", "dpo", "whole")]
     assert len(set(ids)) == 3 and ids[0] == (tmp_path / "pretrain" / "run_id").read_text().strip()
+    # and the seq_len it trained at, which an export keeps (evaluate's and chat's default length)
+    from llama_jax.evaluate import trained_seq_len
+
+    ckpt.export_params(str(tmp_path / "pretrain"), str(tmp_path / "exported"))
+    assert not os.path.exists(tmp_path / "exported" / "config.json")
+    assert trained_seq_len(str(tmp_path / "exported")) == trained_seq_len(str(tmp_path / "pretrain")) == 64
     # another reference on a resume is refused (it changed the objective mid-run with a warning); the one the run
     # began with, moved, is taken (pairs of one's own: the toy data records init_from among its settings)
     shutil.copytree(ref_dir, tmp_path / "ref")

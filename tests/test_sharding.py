@@ -67,6 +67,16 @@ def test_sharded_init_puts_params_on_their_shardings():
     assert params["output"].sharding.spec == P("fsdp", None)  # [embed, vocab=101]
     assert shardings["layers"]["feed_forward"]["w2"].spec == P(None, "tensor", "fsdp")
     assert float(jnp.std(params["layers"]["attention"]["wq"])) == pytest.approx(0.02, rel=0.1)
+    # a fine-tuning stage's init: the loaded leaves are taken, and only the new head is initialised, with the
+    # values (and shardings) a whole init gives it
+    both = Llama(CFG, ("lm", "score"))
+    whole, _ = sharding.init_params(both, jax.random.key(3), mesh, RULES)
+    part, shardings = sharding.init_params(both, jax.random.key(3), mesh, RULES, given=params)
+    assert jax.tree_util.tree_structure(part) == jax.tree_util.tree_structure(whole)
+    assert part["output"] is params["output"]
+    assert part["layers"]["attention"]["wq"] is params["layers"]["attention"]["wq"]
+    np.testing.assert_array_equal(np.asarray(part["score_head"]["kernel"]), np.asarray(whole["score_head"]["kernel"]))
+    assert part["score_head"]["kernel"].sharding == shardings["score_head"]["kernel"]
 
 
 def test_sharded_cached_decoding_matches_forward(single_device):

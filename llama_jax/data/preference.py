@@ -109,9 +109,6 @@ class PreferencePairs:
         for p, (glob, fraction) in enumerate(parse_mixture(patterns)):
             jsonl = sources.Jsonl(glob, validate=validate_pair)
             records = [_normalized(jsonl.record(i)) for i in range(len(jsonl))]
-            self.identical += [jsonl.where(i) for i, r in enumerate(records) if r["chosen"] == r["rejected"]]
-            self.empty_chosen += [jsonl.where(i) for i, r in enumerate(records) if not r["chosen"].strip()]
-            self.empty_rejected += [jsonl.where(i) for i, r in enumerate(records) if not r["rejected"].strip()]
             for i, r in enumerate(records):
                 for f in r.keys() - set(FIELDS) - self.unread.keys():
                     self.unread[f] = jsonl.where(i)
@@ -121,6 +118,10 @@ class PreferencePairs:
             self.parts.append(jsonl)
             self.index += [(p, kept[i]) for i in picks.tolist()]
             used = [records[kept[i]] for i in picks.tolist()]
+            picked = sorted({kept[i] for i in picks.tolist()})  # the pairs of the mixture, each named once
+            self.identical += [jsonl.where(i) for i in picked if records[i]["chosen"] == records[i]["rejected"]]
+            self.empty_chosen += [jsonl.where(i) for i in picked if not records[i]["chosen"].strip()]
+            self.empty_rejected += [jsonl.where(i) for i in picked if not records[i]["rejected"].strip()]
             self.rated += sum(r.get("rating") is not None for r in used)
             self.safety_labelled += sum(r.get("chosen_safe") is not None or r.get("rejected_safe") is not None
                                         for r in used)

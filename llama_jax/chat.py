@@ -184,6 +184,8 @@ def _session(args, system: list[dict], input_fn, out, piped: bool) -> int:
                          "quarter of its power of two, so that replies share compiled programs")
                       + ")\n")
         answer = tok.decode([t for t in new if t != tok.eos_id])
+        if not answer.strip():
+            out.write("(an empty reply: the model ended it at once)\n")
         hit = first_tag(answer)
         if hit is not None:  # a format tag in the reply would make every later turn an invalid dialog
             out.write(f"(the reply is kept up to its {hit[1]!r}, a tag of the chat format)\n")

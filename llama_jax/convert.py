@@ -731,7 +731,9 @@ def main(argv=None) -> int:
             step, meta = ckpt.read_meta(args.src)  # everything is checked from the config before the model is read
             cfg, heads = ckpt.model_config(meta), meta.get("heads", ["lm"])
             if "lm" not in heads:
-                raise ConversionError(f"{args.src}: has no LM head (heads {list(heads)}); only language models export")
+                raise ConversionError(f"{args.src}: has no LM head (heads {list(heads)}); only language models export "
+                                      "(a reward model's score head has a bias, which Hugging Face's "
+                                      "LlamaForSequenceClassification lacks; use it from llama_jax)")
             if set(heads) - {"lm"}:  # PPO's value head: Llama's layouts have no place for it
                 print(f"note: {args.src}'s {', '.join(h for h in heads if h != 'lm')} head is not exported (the "
                       f"{args.dst_format} layout holds a language model only)", file=sys.stderr)

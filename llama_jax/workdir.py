@@ -138,6 +138,19 @@ def _staging_owner(name: str) -> str | None:
     return f"{pid}@{host}"
 
 
+def _default_modes(root: str) -> None:
+    """Files and directories under `root` get the modes the umask gives new ones: some
+    writers make theirs private (safetensors' 0600 weights), which a shared export would
+    keep from the other users its directory lets in."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for where, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(where, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(where, f), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def staged_directory(dst: str, error: type[Exception]) -> Iterator[str]:
     """Yields a staging directory inside `dst` (a new or empty directory: a symlink or a
@@ -154,6 +167,7 @@ def staged_directory(dst: str, error: type[Exception]) -> Iterator[str]:
         raise error(f"{dst}: cannot create ({e})") from None
     try:
         yield tmp
+        _default_modes(tmp)
         for name in os.listdir(tmp):
             os.rename(os.path.join(tmp, name), os.path.join(dst, name))
         os.rmdir(tmp)

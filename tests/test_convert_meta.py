@@ -102,6 +102,10 @@ def test_hf_export_loads_in_transformers(tmp_path, hf):
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(reimported),
                                                         jax.tree_util.tree_leaves(params)))
     assert sorted(os.listdir(tmp_path / "one")) == ["config.json", "model.safetensors"]
+    mask = os.umask(0o022)
+    os.umask(mask)  # (the umask, read)
+    modes = {f: os.stat(tmp_path / "one" / f).st_mode & 0o777 for f in os.listdir(tmp_path / "one")}
+    assert modes == {f: 0o666 & ~mask for f in modes}  # the weights too (safetensors writes them 0600)
     index = json.load(open(tmp_path / "split" / "model.safetensors.index.json"))
     files = sorted(f for f in os.listdir(tmp_path / "split") if f.endswith(".safetensors"))
     n = len(files)

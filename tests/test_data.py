@@ -791,6 +791,10 @@ def test_jsonl_encoding_and_prefix_mistakes_are_named(tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"latin1.jsonl:1: not UTF-8 text \("):
         sources.text_jsonl(str(tmp_path / "latin1.jsonl"))
+    (tmp_path / "dialogs.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match=r"dialogs.jsonl:1: missing field 'text': this reads documents .* this line "
+                       "is a dialog"):  # a chat file given to perplexity
+        sources.text_jsonl(str(tmp_path / "dialogs.jsonl"))
     with pytest.raises(DataError, match="a KIND: prefix, as in jsonl:GLOB, names the kind of a pretraining "
                        "data.source; fine-tuning stages take globs alone"):
         chat.open_dialogs(f"jsonl:{tmp_path}/*.jsonl")

@@ -515,3 +515,18 @@ def test_generate_cli_batches_a_prompt_file_into_json_lines(checkpoint_dir, caps
     f.write_text('ok\n{"text": "no prompt field"}\n')
     assert gen.main([f"--checkpoint={path}", f"--prompt_file={f}"]) == 2
     assert f"{f}:2: needs a string field \"prompt\"" in capsys.readouterr().err
+
+
+def test_chat_says_when_a_reply_is_empty(checkpoint_dir, monkeypatch):
+    """A reply that is EOS at once is said, not an empty `assistant>` line."""
+    import types
+
+    path, tok = checkpoint_dir
+
+    def at_once(stream, cfg, params, prompts, max_new, *args, **kwargs):
+        return types.SimpleNamespace(tokens=[[tok.eos_id]])
+
+    monkeypatch.setattr(gen, "generate_interruptibly", at_once)
+    out = io.StringIO()
+    assert chat.main([f"--checkpoint={path}", "--temperature=0"], input_fn=_scripted(["hello"], out), out=out) == 0
+    assert "assistant> \n(an empty reply: the model ended it at once)" in out.getvalue()

@@ -205,7 +205,15 @@ def require(record: dict, where: str, field: str, kind: type | tuple[type, ...])
 
 def text_jsonl(patterns) -> Jsonl:
     """JSONL with a `text` field per line."""
-    return Jsonl(patterns, validate=lambda r, w: require(r, w, "text", str), convert=lambda r: r["text"])
+    def validate(record, where):
+        if "text" not in record and ("messages" in record or "prompt" in record):
+            raise DataError(f"{where}: missing field 'text': this reads documents ({{\"text\": ...}} a line), and "
+                            f"this line is a {'dialog' if 'messages' in record else 'preference pair'}; for a "
+                            "chat model's loss on dialogs, train or evaluate its stage (SFT's held-out eval_loss "
+                            "scores the answers)")
+        require(record, where, "text", str)
+
+    return Jsonl(patterns, validate=validate, convert=lambda r: r["text"])
 
 
 class TokenShards:

@@ -82,8 +82,8 @@ def make_optimizer(opt_cfg, total_steps: int, schedules: dict[str, optax.Schedul
     for field, ok, what in (("b1", lambda v: 0 <= v < 1, "in [0, 1)"), ("b2", lambda v: 0 <= v < 1, "in [0, 1)"),
                             ("eps", lambda v: 0 < v < math.inf, "a positive number"),
                             ("weight_decay", lambda v: 0 <= v < math.inf, "a number >= 0")):
-        if not ok(float(opt_cfg[field])):  # (AdamW diverges, or decays towards a growing weight)
-            raise ValueError(f"config.optimizer.{field} {opt_cfg[field]}: must be {what}")
+        if not ok(float(getattr(opt_cfg, field))):  # (AdamW diverges, or decays towards a growing weight)
+            raise ValueError(f"config.optimizer.{field} {getattr(opt_cfg, field)}: must be {what}")
     # clip_by_global_norm(0) would zero every gradient; identity keeps the state's layout
     clip = optax.clip_by_global_norm(float(opt_cfg.clip_norm)) if float(opt_cfg.clip_norm) else optax.identity()
 

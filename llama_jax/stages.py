@@ -992,6 +992,7 @@ def _greedy_answers(cfg, params, tokenizer, dialogs, max_new_tokens: int, mesh=N
     fits = [i for i, p in enumerate(prompts) if generate_fits(cfg, len(p), max_new_tokens)]
     out: list = [None] * len(dialogs)
     progress = metrics.Progress(len(fits), what=what, throttle=True, delay=2.0, enabled=distributed.is_lead())
+    longest = max((len(prompts[i]) for i in fits), default=0)  # every chunk padded alike: one decode program
     for b, start in enumerate(range(0, len(fits), rows)):
         progress.update(start)
         idx = fits[start:start + rows]
@@ -1000,7 +1001,7 @@ def _greedy_answers(cfg, params, tokenizer, dialogs, max_new_tokens: int, mesh=N
             # many sizes (a last chunk, a turn some dialogs have left) share a few compiled programs
             batch += batch[:1] * (min(rows, 1 << (len(batch) - 1).bit_length()) - len(batch))
         gen = generate(cfg, params, batch, max_new_tokens, temperature=temperature,
-                       top_p=top_p, seed=seed + b, mesh=mesh, rules=rules)
+                       top_p=top_p, seed=seed + b, mesh=mesh, rules=rules, pad_to=longest)
         for i, toks in zip(idx, gen.tokens):
             s = rlhf.sample_of(tokenizer, toks)
             if finished_only and not s.finished:

@@ -174,6 +174,13 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def _validate_mc(record: dict, where: str) -> None:
+    if isinstance(record.get("choices"), dict) and "text" in record["choices"]:
+        raise DataError(f"{where}: 'choices' is ARC's layout ({{\"text\": [...], \"label\": [...]}}, with "
+                        "answerKey); write it as {\"question\", \"choices\": [texts], \"answer\": the index of "
+                        "answerKey among the labels}")
+    if "ctx" in record and "endings" in record and "choices" not in record:
+        raise DataError(f"{where}: HellaSwag's layout (ctx, endings, label); write it as {{\"question\": ctx, "
+                        "\"choices\": endings, \"answer\": int(label)}} and use --style=continuation")
     sources.require(record, where, "question", str)
     choices = sources.require(record, where, "choices", list)
     if len(choices) < 2 or not all(isinstance(c, str) for c in choices):

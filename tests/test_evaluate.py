@@ -516,6 +516,13 @@ def test_mmlu_layout_with_a_dev_split_of_solved_examples(tmp_path, tok, params):
     (tmp_path / "many.jsonl").write_text(json.dumps(many) + "\n")
     with pytest.raises(ev.DataError, match="many.jsonl:1: more than 26 choices cannot be lettered"):
         ev.multiple_choice(CFG, params, tok, str(tmp_path / "many.jsonl"), style="letters")
+    # raw benchmark layouts are named, with what to write instead
+    for name, raw, words in (("arc", {"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
+                                      "answerKey": "B"}, "'choices' is ARC's layout"),
+                             ("hellaswag", {"ctx": "c", "endings": ["a", "b"], "label": "1"}, "HellaSwag's layout")):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(raw) + "\n")
+        with pytest.raises(ev.DataError, match=f"{name}.jsonl:1: {words}"):
+            ev.multiple_choice(CFG, params, tok, str(tmp_path / f"{name}.jsonl"))
     # 60 pairs of lengths 3..180 in batches of 4, longest first: 6 shapes (32 .. 192), each pair's own score
     ctxs = [[1] + [5 + i % 50] * (i * 3) for i in range(60)]
     conts = [[7, 8]] * 60

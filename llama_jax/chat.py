@@ -6,8 +6,8 @@ tokens streamed as they are generated).
 Type a message and press Enter. `/reset` starts a new dialog, `/exit` (or Ctrl-D) quits;
 Ctrl-C during a reply drops that reply, at the prompt it quits. A dialog that would leave
 a reply less than --max_new_tokens (or a quarter of the context) drops its oldest
-exchanges (the system prompt stays). The context is the length the run trained at (its
-config.json's seq_len; an export's or an import's: the model's max_seq_len), or
+exchanges (the system prompt stays). The context is the length the model trained at
+(evaluate.trained_seq_len; an import's, which records none: the model's max_seq_len), or
 --context. Sampling defaults are Meta's chat defaults: temperature 0.6, top-p 0.9.
 """
 

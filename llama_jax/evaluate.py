@@ -478,8 +478,9 @@ def table8(results: dict) -> str:
 
 
 def trained_seq_len(checkpoint: str) -> int | None:
-    """The seq_len `checkpoint` was trained at: its latest checkpoint's record (an export
-    keeps it), else its run's config.json; None for a converted model, which records none."""
+    """The seq_len `checkpoint` was trained at: its latest checkpoint's record (the
+    longest rows of its run and of the init_from it began from; an export keeps it), else
+    its run's config.json; None for a converted model, which records none."""
     from llama_jax.checkpoint import CheckpointError, read_meta
     from llama_jax.workdir import recorded_config
 
@@ -541,7 +542,7 @@ def main(argv=None) -> int:
         ap.error(f"{', '.join('--' + f for f in given)}: not used by --task={args.task}")
     trained = trained_seq_len(args.checkpoint) if args.seq_len is None and "seq_len" in used else None
     if trained:
-        print(f"--seq_len {trained}: the length {args.checkpoint} trained at (its config.json's seq_len)")
+        print(f"--seq_len {trained}: the length {args.checkpoint} trained at (its record)")
     for flag, default in (("seq_len", trained or (512 if args.task == "perplexity" else None)), ("max_batches", 0),
                           ("k_shot", 0), ("seed", 0), ("limit", 0),
                           ("style", "qa")):

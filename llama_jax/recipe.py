@@ -137,8 +137,19 @@ def stage_overrides(overrides: list[str], seed: int | None) -> dict[str, list[st
             raise ValueError(f"--override={o!r}: unknown stage {stage!r}; one of {', '.join(names)} or all")
         assignment = assignment.removeprefix("config.")
         for name in names if stage == "all" else [stage]:
+            if stage == "all" and _unread(name, field.strip().removeprefix("config.")):
+                continue  # "all": the stages that read the field (another would refuse it)
             extra[name].append(f"--config.{assignment}")
     return extra
+
+
+def _unread(name: str, field: str) -> bool:
+    """Whether the recipe stage `name`'s stage never reads config `field`."""
+    from llama_jax.stages import STAGES as STAGE_CLASSES
+    from llama_jax.train import unread_field
+
+    experiment = next(e for n, e, *_ in STAGES if n == name)
+    return unread_field(STAGE_CLASSES[experiment.split(".py")[0]], field)
 
 
 def check_override_fields(experiments: str, extra: dict[str, list[str]]) -> None:
@@ -164,16 +175,18 @@ def check_override_fields(experiments: str, extra: dict[str, list[str]]) -> None
                 node = node[part]
 
 
-def check_stage_configs(commands: dict[str, list[str]]) -> dict:
+def check_stage_configs(commands: dict[str, list[str]], check: bool = True) -> dict:
     """Every stage's config, parsed and checked as its run would (`cli.check_run`) before
     the first stage runs: a bad override value (`total_steps=abc`, `=0`) is refused now,
-    not when its stage starts minutes or hours in. A ValueError names the stage."""
+    not when its stage starts minutes or hours in. A ValueError names the stage. Without
+    `check`, parsed only (the flags a workdir was begun with, to compare with)."""
     from llama_jax import cli
 
     configs = {}
     for name, cmd in commands.items():
         try:
-            configs[name] = cli.check_run(cmd[cmd.index("llama_jax.main") + 1:])
+            argv = cmd[cmd.index("llama_jax.main") + 1:]
+            configs[name] = cli.check_run(argv) if check else cli.config_of(argv)
         except ValueError as e:
             raise ValueError(f"stage {name}: {e}") from None
     return configs
@@ -583,8 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     begun = [name for name, *_ in STAGES if workdir_lock.began(os.path.join(w, name))]
     if begun and before != recorded:
         try:
-            changed = changed_stages(begun, check_stage_configs(stage_commands(w, args.experiments, **before)),
-                                     configs)
+            changed = changed_stages(begun, check_stage_configs(stage_commands(w, args.experiments, **before),
+                                                                check=False), configs)
         except ValueError:  # the recorded flags no longer parse (a field since renamed): nothing to compare with
             changed = [(begun[0], [f"recorded as {before}"])]
         if changed:

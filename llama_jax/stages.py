@@ -1026,6 +1026,8 @@ class GAttStage(SFTStage):
     Adherence at turns `gatt.eval_turns` (paper Table 30) is measured before (the
     `init_from` model) and after, into WORKDIR/gatt.json and the eval metrics."""
 
+    unread = ("sample.", "data.synthetic_mix", "data.synthetic_adversarial")
+
     held_out_source = False  # its held-out measure is adherence on its own synthesised dialogs
 
     def prepare(self, config, workdir: str) -> None:
@@ -1293,6 +1295,8 @@ class SafetyDistillStage(SFTStage):
     adversarial-only data). Violation rate on held-out unsafe prompts and false-refusal
     rate on held-out benign ones, before and after: WORKDIR/safety_distill.json and the
     eval metrics."""
+
+    unread = ("sample.", "data.synthetic_mix")  # its adversarial prompts: data.synthetic_adversarial
 
     held_out_source = False  # its held-out measures are rates on rlhf.eval_prompts
     _eval: tuple | None = None  # the held-out (unsafe, benign) prompts, once read

@@ -713,9 +713,9 @@ def check_config(config, stage) -> None:
         configs.to_llama_config(config.model)
     except ValueError as e:
         raise RunError(f"config.model: {e}") from None
-    EarlyStopping.from_config(config, stage.held_steps(config))  # evaluations, and checkpoints kept for the best
     if not isinstance(config.eval_every_steps, int) or config.eval_every_steps < 0:
         raise RunError(f"config.eval_every_steps must be >= 0 (0 = only at the end), got {config.eval_every_steps!r}")
+    EarlyStopping.from_config(config, stage.held_steps(config))  # evaluations, and checkpoints kept for the best
     if config.nonfinite_policy not in ("stop", "skip"):
         raise RunError(f"config.nonfinite_policy: {config.nonfinite_policy!r} is not 'stop' or 'skip'")
     if not isinstance(config.grad_accum_steps, int) or config.grad_accum_steps < 1 or \
@@ -730,6 +730,11 @@ def check_config(config, stage) -> None:
         raise RunError(str(e)) from None
 
 
+def unread_field(stage, key: str) -> bool:
+    """Whether the config field `key` ("sample.prompt") is one `stage` never reads."""
+    return any(key == u or (u.endswith(".") and key.startswith(u)) for u in stage.unread)
+
+
 def check_overrides(config, stage, overrides: dict | None) -> None:
     """A RunError for a command-line override (`{"sample.prompt": ...}`) of a field the
     stage never reads (`stage.unread`) to another value than its family's default
@@ -739,7 +744,7 @@ def check_overrides(config, stage, overrides: dict | None) -> None:
 
     default = configs.base_config() if config.stage == "pretrain" else configs.chat_config()
     for key, value in (overrides or {}).items():
-        if any(key == u or (u.endswith(".") and key.startswith(u)) for u in stage.unread):
+        if unread_field(stage, key):
             known = default
             for part in key.split("."):
                 known = known.get(part) if hasattr(known, "get") else None
@@ -819,7 +824,8 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         # (every process reads it: opening a checkpoint directory is collective in a multi-process job); read
         # before prepare, so that a stage that samples from init_from first samples the step it then trains
         init_step, init_meta = ckpt.read_meta(config.init_from)
-        stage.init_step, init_sha = distributed.allgather_json([init_step, _meta_digest(init_meta)])[0]
+        stage.init_step, init_sha, init_trained = distributed.allgather_json(
+            [init_step, _meta_digest(init_meta), init_meta.get("trained_seq_len")])[0]
     global PHASE
     PHASE = "preparing"  # what an interruption now loses (main says it)
     stage.prepare(config, workdir)
@@ -886,7 +892,9 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     checkpointer = ckpt.Checkpointer(workdir, config.checkpoint.max_to_keep, config.checkpoint.keep_period,
                                      config.checkpoint.async_save)
     meta = {"model": cfg.to_dict(), "heads": list(stage.heads), "tokenizer": tokenizer.identity(),
-            "stage": config.stage, "trained_seq_len": int(config.seq_len),  # (an export keeps it: evaluate, chat)
+            "stage": config.stage,
+            # the longest rows the weights have trained on, init_from's included (an export keeps it: evaluate, chat)
+            "trained_seq_len": max(int(config.seq_len), int(init_trained or 0) if config.init_from else 0),
             # the run's id: another run's checkpoint here has another metadata digest
             "run": distributed.allgather_json(workdir_lock.run_id(workdir) if lead else "")[0]}
     if config.init_from:  # (its step, read before prepare)
@@ -933,19 +941,26 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         if config.init_from and began.get("path") not in (None, meta["init_from"]["path"]):  # another init_from
             if not stage.rereads_init_from:  # read at the start only (config_history.jsonl has the change)
                 return
-            try:  # the one it began with, moved here: gone from there, its step here with the same metadata
-                moved = not os.path.exists(began["path"]) and began.get("meta_sha") == _meta_digest(
-                    ckpt.read_meta(config.init_from, began["step"])[1])
+            # the one it began with, here: the same path by another name (a symlink, a mount), or its step here with
+            # the same metadata, which names the run that saved it (a copy), or is gone from there (moved); the
+            # lead's view of the paths, so that every process decides alike (and reads init_from below, together)
+            same, gone = distributed.allgather_json(
+                [os.path.realpath(began["path"]) == os.path.realpath(config.init_from),
+                 not os.path.exists(began["path"])] if lead else None)[0]
+            try:
+                here = ckpt.read_meta(config.init_from, began["step"])[1]
             except ckpt.CheckpointError:
-                moved = False
-            if not moved:
+                here = None
+            copy = here is not None and began.get("meta_sha") == _meta_digest(here) and ("run" in here or gone)
+            if not (same or copy):
                 raise RunError(f"config.init_from {config.init_from}: this run began from {began['path']} (its step "
                                f"{began['step']}), the reference it trains against; resuming from another would "
                                f"change its objective mid-run: resume with --config.init_from={began['path']}, or "
                                "use a new --workdir")
-            if lead:
-                print(f"config.init_from {config.init_from}: {began['path']}, which this run began from, is gone; "
-                      f"its step {began['step']} here has the same metadata: taken as that checkpoint, moved",
+            if lead and not same:
+                print(f"config.init_from {config.init_from}: its step {began['step']} has the metadata of the "
+                      f"checkpoint this run began from ({began['path']}, "
+                      + ("gone: moved here" if gone else "a copy") + "): taken as that checkpoint",
                       file=sys.stderr, flush=True)
             began = {**began, "path": meta["init_from"]["path"]}
         if config.init_from and began.get("step") not in (None, stage.init_step):  # init_from trained on since

@@ -61,7 +61,7 @@ def began(path: str) -> bool:
     return os.path.exists(os.path.join(path, "final_metrics.json")) or \
         (os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))) or \
         (os.path.exists(metrics) and os.path.getsize(metrics) > 0) or \
-        (os.path.isdir(data) and any(f != "settings.json" for f in os.listdir(data)))
+        (os.path.isdir(data) and any(f != "settings.json" and not f.endswith(".tmp") for f in os.listdir(data)))
 
 
 class WorkdirBusy(RuntimeError):

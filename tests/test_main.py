@@ -1018,12 +1018,15 @@ def test_a_resume_keeps_the_init_from_step_it_started_from(tmp_path, reference_r
                                       experiment="dpo.py:tiny"), env=env(), capture_output=True, text=True, timeout=300)
 
     assert own(2, tmp_path / "ref").returncode == 0
-    out = own(4, ref_dir)
-    assert out.returncode != 0 and f"config.init_from {ref_dir}: this run began from {tmp_path / 'ref'} (its step " \
-        f"12), the reference it trains against" in out.stderr, out.stderr[-2000:]
+    out = own(4, tmp_path / "whole")
+    assert out.returncode != 0 and f"config.init_from {tmp_path / 'whole'}: this run began from {tmp_path / 'ref'} " \
+        f"(its step 12), the reference it trains against" in out.stderr, out.stderr[-2000:]
     shutil.move(tmp_path / "ref", tmp_path / "ref_moved")
     out = own(4, tmp_path / "ref_moved")
-    assert out.returncode == 0 and f"{tmp_path / 'ref'}, which this run began from, is gone" in out.stderr, \
+    assert out.returncode == 0 and f"has the metadata of the checkpoint this run began from ({tmp_path / 'ref'}, " \
+        "gone: moved here)" in out.stderr, out.stderr[-2000:]
+    out = own(6, ref_dir)  # the original it was copied from: the same run's checkpoint (its id says so)
+    assert out.returncode == 0 and f"({tmp_path / 'ref_moved'}, a copy): taken as that checkpoint" in out.stderr, \
         out.stderr[-2000:]
 
 

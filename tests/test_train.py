@@ -440,10 +440,18 @@ def test_an_override_of_a_field_the_stage_never_reads_is_refused_unless_it_repea
                                       ("reward_model", "data.pack=False", True), ("sft", "data.pack=False", False),
                                       ("rejection_sampling", "data.synthetic_mix=0.5", False),
                                       ("ppo", "sample.top_p=0.5", True), ("pretrain", "sample.top_p=0.5", False),
-                                      ("pretrain", "eval_max_new_tokens=8", True)):
+                                      ("pretrain", "eval_max_new_tokens=8", True),
+                                      ("safety_distill", "data.synthetic_adversarial=0.5", False),  # its prompts
+                                      ("gatt", "data.synthetic_adversarial=0.5", True)):
         argv = [f"--config={experiments}/{experiment}.py:tiny", f"--config.{flag}"]
         if refused:
             with pytest.raises(ValueError, match=rf"--config.{re.escape(flag)}: stage {experiment} does not read it"):
                 cli.check_run(argv)
         else:
             cli.check_run(argv)
+    # the recipe's "all:" override reaches the stages that read the field (the others would refuse it)
+    from llama_jax import recipe
+
+    extra = recipe.stage_overrides(["all:eval_max_new_tokens=16", "all:sample.prompt=x"], None)
+    assert extra["pretrain"] == ["--config.sample.prompt=x"] and extra["rm"] == []
+    assert extra["sft"] == extra["ppo"] == ["--config.eval_max_new_tokens=16"]

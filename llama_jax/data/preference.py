@@ -181,8 +181,8 @@ def _flag(value) -> int:
 def cut_prompt(tokens: list, mask: list, over: int, seq_len: int) -> tuple[list, list]:
     """`tokens` / `mask` of a dialog less up to `over` prompt tokens taken after BOS, but
     never the prompt's last seq_len // 2 tokens (the question right before the final
-    answer): what a row too long for its context loses first. A row still too long then
-    keeps its first seq_len tokens (the answer loses its end)."""
+    answer): what a row too long for its context loses first. The callers then keep a
+    row's first seq_len tokens (an answer still too long loses its end)."""
     start = mask.index(True) if True in mask else len(mask)
     cut = min(over, max(0, start - 1 - seq_len // 2))
     return tokens[:1] + tokens[1 + cut:], mask[:1] + mask[1 + cut:]

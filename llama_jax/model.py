@@ -51,11 +51,12 @@ ATTENTION = ("auto", "xla", "cudnn", "splash")
 SCORE_POOLING = ("last", "mean")
 # LlamaConfig fields that change how the same weights are computed with, not the weights
 # or the function they compute: a run resumes from its checkpoints with any of them changed.
-COMPUTE_ONLY_FIELDS = ("dtype", "remat_policy", "decode_layers", "mlp_backward", "head_backward", "attention")
+COMPUTE_ONLY_FIELDS = ("dtype", "remat_policy", "scan_layers", "decode_layers", "mlp_backward", "head_backward",
+                       "attention")
 # The fields a run started from another run's weights (`init_from`) takes from its own
 # config, not the checkpoint's: the numerics above, plus those a fresh run may choose
-# for the same weights (their storage dtype, the stacked layout, the score head's pooling).
-INIT_FROM_FIELDS = COMPUTE_ONLY_FIELDS + ("param_dtype", "scan_layers", "score_pooling")
+# for the same weights (their storage dtype, the score head's pooling).
+INIT_FROM_FIELDS = COMPUTE_ONLY_FIELDS + ("param_dtype", "score_pooling")
 
 # Large negative used for the additive attention mask. A finite value (not -inf) keeps a
 # fully masked row (a padding query) finite instead of NaN; any row with one valid key

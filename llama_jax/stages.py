@@ -44,6 +44,12 @@ class Stage:
         """Called first, with the workdir (e.g. to write the toy data sets into it)."""
         self.workdir = workdir
 
+    def model_paths(self, config) -> dict[str, tuple[str, str]]:
+        """The checkpoints besides init_from that the stage loads, {field: (path, head)}:
+        checked before it makes any data (a wrong path left data made with it behind,
+        which the corrected rerun then refused)."""
+        return {}
+
     def check(self, config) -> None:
         """A RunError for a setting of this stage no run could use, from the config alone
         (`train.check_config` calls it: at a run's start, and for every stage of the recipe
@@ -303,6 +309,17 @@ def _toy_mix(config) -> dict:
 def _toy_chat(config) -> dict:
     """The toy chat dialogs' share with the safety preprompt as system prompt."""
     return dict(safety_system_prob=float(config.data.synthetic_safety_system))
+
+
+def reward_model_paths(config, safety_only: bool = False) -> dict[str, tuple[str, str]]:
+    """The reward models `reward_models` loads, as `Stage.model_paths` gives them."""
+    from llama_jax import rlhf
+
+    r = config.rlhf
+    fields = {"rlhf.safety_reward_model": r.safety_reward_model}
+    if not safety_only and r.reward_model != rlhf.CODE_REWARD:
+        fields["rlhf.reward_model"] = r.reward_model
+    return {field: (str(path), "score") for field, path in fields.items() if path}
 
 
 def reward_models(stage, config, tokenizer, safety_only: bool = False):
@@ -598,6 +615,10 @@ class RewardModelStage(PreferenceStage):
 
     heads = ("score",)
 
+    def model_paths(self, config) -> dict[str, tuple[str, str]]:
+        r = config.reward  # the policy whose answers make pairs (reward.policy_prompts)
+        return {"reward.policy": (str(r.policy), "lm")} if r.get("policy_prompts", 0) > 0 and r.policy else {}
+
     def objective(self, config):
         from llama_jax.train import RunError
 
@@ -686,6 +707,9 @@ class RejectionSamplingStage(SFTStage):
     the first vs the best sample on toy prompts)."""
 
     unread = ("sample.",)  # its prompts are the toy mix (data.synthetic_mix, data.synthetic_adversarial)
+
+    def model_paths(self, config) -> dict[str, tuple[str, str]]:
+        return reward_model_paths(config)
 
     def prepare(self, config, workdir: str) -> None:
         Stage.prepare(self, config, workdir)
@@ -1298,6 +1322,9 @@ class SafetyDistillStage(SFTStage):
 
     unread = ("sample.", "data.synthetic_mix")  # its adversarial prompts: data.synthetic_adversarial
 
+    def model_paths(self, config) -> dict[str, tuple[str, str]]:
+        return reward_model_paths(config, safety_only=True)
+
     held_out_source = False  # its held-out measures are rates on rlhf.eval_prompts
     _eval: tuple | None = None  # the held-out (unsafe, benign) prompts, once read
 
@@ -1535,6 +1562,9 @@ class PPOStage(Stage):
     validation prompts (rlhf.val_prompts or rlhf.num_val_prompts, val_*), those are what
     every evaluation answers, for early stopping, and the held-out ones are answered only
     before and after, so that the choice of weights never sees them."""
+
+    def model_paths(self, config) -> dict[str, tuple[str, str]]:
+        return reward_model_paths(config)
 
     held_out_source = False
     rereads_init_from = True  # its KL reference

@@ -695,6 +695,9 @@ def check_config(config, stage) -> None:
         v = config[field] if "." not in field else config.checkpoint[field.split(".")[1]]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise RunError(f"config.{field} must be a positive integer, got {v!r}")
+    period = config.checkpoint.keep_period  # (Orbax would read -1 as "every step")
+    if period is not None and (not isinstance(period, int) or isinstance(period, bool) or period < 0):
+        raise RunError(f"config.checkpoint.keep_period must be an integer >= 0 (0 = none), got {period!r}")
     epochs = config.get("epochs", 0.0)
     if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not 0 <= epochs < float("inf"):
         raise RunError(f"config.epochs must be a number >= 0 (0 = config.total_steps decides), got {epochs!r}")
@@ -816,6 +819,14 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     stopper = EarlyStopping.from_config(config, stage.held_steps(config))
     lead = jax.process_index() == 0
 
+    for field, (path, head) in stage.model_paths(config).items():  # before any data is made with them
+        try:
+            heads = list(ckpt.read_meta(path)[1].get("heads", ["lm"]))
+        except ckpt.CheckpointError as e:
+            raise RunError(f"config.{field}: {e}") from None
+        if head not in heads:
+            raise RunError(f"config.{field} {path}: has heads {heads}, not the {head!r} head this stage reads ("
+                           + ("a reward model" if head == "score" else "a language model") + ")")
     if stage.writes_data:  # WORKDIR/data of an earlier start must be of these settings; recorded before it is made
         _data_settings(workdir, config, record=lead)
     stage.run_config = cfg  # what a stage that samples first (prepare) samples at: the run's context

@@ -261,6 +261,9 @@ MAIN_CASES = [
      "malformed.jsonl:1: missing field 'text'"),
     ("init-from-without-tokenizer", ["sft", "--config.init_from={d}/no_tokenizer"],
      "no_tokenizer: has no tokenizer.model; set --config.data.tokenizer"),
+    ("rm-path-missing", ["rejection_sampling", "--config.init_from={d}/no_tokenizer",
+                         "--config.rlhf.safety_reward_model=/no/rm"],
+     "config.rlhf.safety_reward_model: /no/rm: no such directory"),  # before the prompts are written (test below)
     ("ppo-from-a-reward-model", ["ppo", "--config.init_from={d}/a_reward_model"],
      "a_reward_model: has heads ['score'], not the 'lm' head stage 'ppo' goes on from"),
     ("meta-dir-as-init-from", ["--config.init_from={d}/meta_gap"],
@@ -293,6 +296,8 @@ def test_bad_main_input_is_one_line(tmp_path, bad_files, tokenizer_path, case):
     assert needle.format(d=bad_files) in out.stderr, out.stderr[-2000:]
     assert one_error_line(out.stderr), out.stderr[-2000:]
     assert "step 1/" not in out.stderr  # refused before training
+    if case[0] == "rm-path-missing":  # no data made with the wrong path, which the rerun would refuse
+        assert not os.path.exists(tmp_path / "run" / "data")
 
 
 def test_an_experiment_path_relative_to_another_directory_is_one_line(tmp_path):
@@ -383,10 +388,12 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(tmp_path, refe
     assert "--config.model.n_layers=3 (it has 2) cannot apply" in out.stderr, out.stderr[-2000:]
     # numerics alone (model.COMPUTE_ONLY_FIELDS) make no other model: the run resumes, and says so
     out = subprocess.run(command(workdir, f"--config.data.tokenizer={tokenizer_path}",
-                                 "--config.model.mlp_backward=manual", "--config.model.remat_policy=full", steps=13),
+                                 "--config.model.mlp_backward=manual", "--config.model.remat_policy=full",
+                                 "--config.model.scan_layers=false", steps=13),
                          env=env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "mlp_backward 'auto' -> 'manual', remat_policy 'none' -> 'full'" in out.stderr, out.stderr[-2000:]
+    assert "mlp_backward 'auto' -> 'manual', remat_policy 'none' -> 'full', scan_layers True -> False" in \
+        out.stderr, out.stderr[-2000:]  # scan_layers too: the layers are stored stacked either way
     # config.json records the settings of the latest start; the earlier ones are kept
     assert "resuming with changed settings: model.mlp_backward 'auto' -> 'manual', model.remat_policy 'none' -> " \
         "'full'" in out.stderr, out.stderr[-2000:]

@@ -398,6 +398,9 @@ def test_epochs_set_total_steps_from_the_training_data(tmp_path, tokenizer_path,
     p.epochs = 1.0
     with pytest.raises(train.RunError, match="config.epochs 1.0: stage pretrain's training data has no fixed size"):
         train.check_config(p, stages.PretrainStage())
+    p.epochs, p.checkpoint.keep_period = 0.0, -1  # (Orbax would keep every step)
+    with pytest.raises(train.RunError, match="config.checkpoint.keep_period must be an integer >= 0"):
+        train.check_config(p, stages.PretrainStage())
     rm = load_experiment("reward_model").get_config("tiny")
     rm.epochs = 1.0
     train.check_config(rm, stages.RewardModelStage())  # pairs: a fixed size

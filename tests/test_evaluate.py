@@ -442,6 +442,22 @@ def test_a_dialog_longer_than_the_context_is_scored_as_training_reads_it(tmp_pat
     synthetic.write_jsonl(pairs, str(tmp_path / "long.jsonl"))
     res = ev.reward_accuracy(CFG, rm, tok, str(tmp_path / "long.jsonl"), seq_len=48)
     assert res["pairs_same_once_cut"] == 1 and res["pairs_cut"] == 2  # its answers differ after a long start
+    # a dialog whose answer alone is too long keeps BOS and its prompt, and the answer's start
+    seen.clear()
+    ev.score_rows = spy
+    try:
+        ev.score(short, rm, tok, [[{"role": "user", "content": "q"}, {"role": "assistant", "content": head * 2}]])
+    finally:
+        ev.score_rows = real
+    (row, mask), = seen[0]
+    assert row[0] == tok.bos_id and len(row) == 64 and row[1:mask.index(True)] == \
+        tok.encode_dialog([{"role": "user", "content": "q"}])[1:]
+    # unsafe-response recall says how many answers it is of
+    p = [{"role": "user", "content": "q"}]
+    synthetic.write_jsonl([{"prompt": p, "chosen": "a", "rejected": "b", "chosen_safe": True, "rejected_safe": False},
+                           {"prompt": p, "chosen": "c", "rejected": "d", "chosen_safe": False,
+                            "rejected_safe": False}], str(tmp_path / "s.jsonl"))
+    assert ev.reward_accuracy(CFG, rm, tok, str(tmp_path / "s.jsonl"))["unsafe_answers"] == 3
 
 
 def test_evaluate_loads_a_model_over_every_local_device(tmp_path, tok, params, capsys):

@@ -198,6 +198,12 @@ def test_generate_cli_streams_the_continuation(checkpoint_dir, capsys, params):
                          "--temperature=0"]) == 0
         assert f"note: prompt and answer may reach {len(prompt) + 12} tokens, past the 8 that {path} trained at" in \
             capsys.readouterr().err
+        prompts = os.path.join(os.path.dirname(path), "prompts.txt")
+        with open(prompts, "w") as f:
+            f.write("apple river\n")
+        assert gen.main([f"--checkpoint={path}", f"--prompt_file={prompts}", "--max_new_tokens=12",
+                         "--temperature=0"]) == 0
+        assert "past the 8 that" in capsys.readouterr().err  # a prompt file's too
     finally:
         os.remove(os.path.join(path, "config.json"))
 
@@ -211,6 +217,10 @@ def test_generate_cli_reads_a_ppo_policy_with_its_value_head(checkpoint_dir, cap
     assert gen.main([f"--checkpoint={tmp_path / 'ppo'}", "--prompt=apple river", "--max_new_tokens=6",
                      "--temperature=0"]) == 0, capsys.readouterr().err
     lm = {k: v for k, v in both.items() if k != "value_head"}
+    gen.generate(CFG, lm, [[1, 5]], 2)
+    compiled = gen._generate._cache_size()
+    gen.generate(CFG, both, [[1, 5]], 2)  # the LM's program: the value head is dropped, not traced again
+    assert gen._generate._cache_size() == compiled
     prompt = tok.encode("apple river", bos=True)
     expected = [t for t in gen.generate(CFG, lm, [prompt], 6).tokens[0] if t != tk.EOS_ID]
     assert capsys.readouterr().out == "apple river" + tok.decode(prompt + expected)[len(tok.decode(prompt)):] + "\n"

@@ -458,6 +458,9 @@ def test_compare_reports_final_and_best_and_names_bad_directories(tmp_path):
     assert [c.strip() for c in first.split(" | ")] == ["hi0, hi1, hi2", "0.01", "3", "4", "1/3 finished",
                                                        "1.5 +- 0.29"]
     assert [c.strip() for c in second.split(" | ")][-1] == "2.5 +- 0.5"
+    (tmp_path / "seeds" / "hi2" / "metrics.jsonl").write_text(json.dumps({"step": 4}) + "\n")  # no loss logged
+    row = compare.table(runs, sort="loss", average_over=["seed"]).splitlines()[2]
+    assert row.split(" | ")[-1].strip() == "1.25 +- 0.25 (2 of 3)"  # the mean of the runs that logged it
     with pytest.raises(compare.CompareError, match=r"--average_over: \['sed'\] in no run's config.json"):
         compare.table(runs, average_over=["sed"])
 

@@ -934,6 +934,12 @@ def test_the_recipe_passes_a_seed_and_overrides_to_its_stages(tmp_path, monkeypa
                         "--override=ppo:ppo.beta=0.05"]) == 0
     assert "--config.ppo.beta=0.05" in calls["ppo"] and "sft" not in calls
     assert json.load(open(tmp_path / "quick" / "recipe_args.json"))["overrides"] == ["ppo:ppo.beta=0.05"]
+    # flags a workdir was begun with that are refused since (a field its stage never reads) are compared, not
+    # checked: the workdir resumes without them
+    os.makedirs(tmp_path / "since" / "pretrain" / "checkpoints" / "20")
+    (tmp_path / "since" / "recipe_args.json").write_text(json.dumps({"seed": None, "fast": False,
+                                                                      "overrides": ["ppo:sample.prompt=hi"]}))
+    assert recipe.main([f"--workdir={tmp_path / 'since'}", f"--experiments={ROOT}/experiments"]) == 0
     # a record written before --fast was kept reads as a run without it
     json.dump({"seed": 0, "overrides": []}, open(tmp_path / "old" / "recipe_args.json", "w"))
     assert recipe.main([f"--workdir={tmp_path / 'old'}", f"--experiments={ROOT}/experiments", "--seed=0"]) == 0
@@ -1011,13 +1017,16 @@ def test_a_resume_keeps_the_init_from_step_it_started_from(tmp_path, reference_r
     # began with, moved, is taken (pairs of one's own: the toy data records init_from among its settings)
     shutil.copytree(ref_dir, tmp_path / "ref")
 
-    def own(steps, init_from):
-        return subprocess.run(command(str(tmp_path / "dpo_ref"), f"--config.data.tokenizer={tokenizer_path}",
+    def own(steps, init_from, workdir="dpo_ref"):
+        return subprocess.run(command(str(tmp_path / workdir), f"--config.data.tokenizer={tokenizer_path}",
                                       f"--config.data.source={tmp_path / 'whole' / 'data' / 'preference_train.jsonl'}",
-                                      "--config.eval_steps=0", f"--config.init_from={init_from}", steps=steps,
+                                      "--config.eval_steps=0", f"--config.init_from={init_from}", "--config.seq_len=32",
+                                      steps=steps,
                                       experiment="dpo.py:tiny"), env=env(), capture_output=True, text=True, timeout=300)
 
     assert own(2, tmp_path / "ref").returncode == 0
+    # the longest rows its weights saw: the reference's 64, not its own 32
+    assert ckpt.read_meta(str(tmp_path / "dpo_ref"))[1]["trained_seq_len"] == 64
     out = own(4, tmp_path / "whole")
     assert out.returncode != 0 and f"config.init_from {tmp_path / 'whole'}: this run began from {tmp_path / 'ref'} " \
         f"(its step 12), the reference it trains against" in out.stderr, out.stderr[-2000:]
@@ -1028,6 +1037,12 @@ def test_a_resume_keeps_the_init_from_step_it_started_from(tmp_path, reference_r
     out = own(6, ref_dir)  # the original it was copied from: the same run's checkpoint (its id says so)
     assert out.returncode == 0 and f"({tmp_path / 'ref_moved'}, a copy): taken as that checkpoint" in out.stderr, \
         out.stderr[-2000:]
+    # the same checkpoint by another name (a symlink to an import, which has no run id to tell a copy by)
+    ckpt.save_params(str(tmp_path / "imp2"), params, {**meta, "source": "hf:/models/c"}, 12, tok)
+    assert own(2, tmp_path / "imp2", "dpo_link").returncode == 0
+    os.symlink(tmp_path / "imp2", tmp_path / "imp2_link")
+    out = own(4, tmp_path / "imp2_link", "dpo_link")
+    assert out.returncode == 0 and "taken as that checkpoint" not in out.stderr, out.stderr[-2000:]
 
 
 def test_a_resume_never_deletes_the_checkpoints_keep_period_kept(tmp_path, tokenizer_path):

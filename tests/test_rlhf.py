@@ -351,6 +351,9 @@ def test_ppo_advantages_leave_uniform_prompts_unmoved():
     values = jnp.array([[0.2, 0.3, 0.0], [0.1, -0.4, 0.0], [0.5, 0.6, 0.0], [0.5, 0.6, 0.0]])
     mask = jnp.array([[1.0, 1.0, 0.0]] * 4)
     adv, ret = rlhf.ppo_advantages(rewards, values, mask, jnp.array([1.0, 1.0, 0.0, 0.0]), gamma=1.0, lam=1.0)
+    compiled = rlhf.ppo_advantages._cache_size()  # jitted: another rollout of the same shape compiles nothing
+    rlhf.ppo_advantages(rewards + 1, values, mask, jnp.array([1.0, 1.0, 0.0, 0.0]), gamma=1.0, lam=1.0)
+    assert rlhf.ppo_advantages._cache_size() == compiled
     # lam 1: advantage = return-to-go - value; rows 0-1: [0.8, 0.7] and [-1.1, -0.6], whitened over those 4
     raw = np.array([0.8, 0.7, -1.1, -0.6])
     want = (raw - raw.mean()) / raw.std()
@@ -763,3 +766,33 @@ def test_sums_over_processes_and_what_a_stage_reports_of_its_own_data(monkeypatc
     sft.eval_path = "held.jsonl"
     c = types.SimpleNamespace(eval_exact_match=4, eval_max_new_tokens=8)
     assert sft.evaluate_extra(c, types.SimpleNamespace(config=None), None, None, None, None, {}) == {}
+
+
+def test_greedy_answers_pad_rows_and_prompts_to_share_decode_programs(monkeypatch):
+    """A chunk's rows are padded to a power of two and its prompts to the call's longest
+    (GAtt compiled a decode program per chunk size and prompt length)."""
+    from llama_jax import generate as gen
+    from llama_jax import tokenizer as tk
+    from llama_jax.model import LlamaConfig
+    from llama_jax.stages import _greedy_answers
+
+    class Tok:
+        eos_id = tk.EOS_ID
+        answer = tk.Tokenizer.answer
+
+        def encode_dialog(self, dialog):
+            return [1] * (1 + len(dialog[-1]["content"]))
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    seen = []
+
+    def fake(cfg, params, prompts, n, **kw):
+        seen.append((len(prompts), kw.get("pad_to")))
+        return gen.Generation([[7, tk.EOS_ID]] * len(prompts), [[0.0]] * len(prompts))
+
+    monkeypatch.setattr(gen, "generate", fake)
+    dialogs = [[{"role": "user", "content": "x" * k}] for k in (1, 2, 3)]
+    assert _greedy_answers(LlamaConfig.tiny(), None, Tok(), dialogs, 3, rows=4) == ["7"] * 3
+    assert seen == [(4, 4)]  # 3 rows padded to 4, prompts to the longest (4 tokens)

@@ -77,6 +77,8 @@ def test_sharded_init_puts_params_on_their_shardings():
     assert part["layers"]["attention"]["wq"] is params["layers"]["attention"]["wq"]
     np.testing.assert_array_equal(np.asarray(part["score_head"]["kernel"]), np.asarray(whole["score_head"]["kernel"]))
     assert part["score_head"]["kernel"].sharding == shardings["score_head"]["kernel"]
+    other, _ = sharding.init_params(both, jax.random.key(3), mesh, RULES, given={**params, "output": jnp.zeros((3, 3))})
+    np.testing.assert_array_equal(np.asarray(other["output"]), np.asarray(whole["output"]))  # of another shape: made
 
 
 def test_sharded_cached_decoding_matches_forward(single_device):

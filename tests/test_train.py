@@ -444,6 +444,7 @@ def test_an_override_of_a_field_the_stage_never_reads_is_refused_unless_it_repea
                                       ("rejection_sampling", "data.synthetic_mix=0.5", False),
                                       ("ppo", "sample.top_p=0.5", True), ("pretrain", "sample.top_p=0.5", False),
                                       ("pretrain", "eval_max_new_tokens=8", True),
+                                      ("pretrain", "eval_exact_match=0", False),  # base_config's default (chat's: 200)
                                       ("safety_distill", "data.synthetic_adversarial=0.5", False),  # its prompts
                                       ("gatt", "data.synthetic_adversarial=0.5", True)):
         argv = [f"--config={experiments}/{experiment}.py:tiny", f"--config.{flag}"]
@@ -458,3 +459,12 @@ def test_an_override_of_a_field_the_stage_never_reads_is_refused_unless_it_repea
     extra = recipe.stage_overrides(["all:eval_max_new_tokens=16", "all:sample.prompt=x"], None)
     assert extra["pretrain"] == ["--config.sample.prompt=x"] and extra["rm"] == []
     assert extra["sft"] == extra["ppo"] == ["--config.eval_max_new_tokens=16"]
+
+
+def test_a_run_id_is_made_once_and_kept(tmp_path):
+    from llama_jax import workdir
+
+    first = workdir.run_id(str(tmp_path))
+    assert workdir.run_id(str(tmp_path)) == first == (tmp_path / "run_id").read_text().strip() and len(first) == 32
+    (tmp_path / "other").mkdir()
+    assert workdir.run_id(str(tmp_path / "other")) != first  # another workdir: its own

@@ -316,8 +316,10 @@ def reward_model_paths(config, safety_only: bool = False) -> dict[str, tuple[str
     from llama_jax import rlhf
 
     r = config.rlhf
+    if r.reward_model == rlhf.CODE_REWARD and not safety_only:  # the toy checker alone: no model is loaded
+        return {}
     fields = {"rlhf.safety_reward_model": r.safety_reward_model}
-    if not safety_only and r.reward_model != rlhf.CODE_REWARD:
+    if not safety_only:
         fields["rlhf.reward_model"] = r.reward_model
     return {field: (str(path), "score") for field, path in fields.items() if path}
 

@@ -796,3 +796,18 @@ def test_greedy_answers_pad_rows_and_prompts_to_share_decode_programs(monkeypatc
     dialogs = [[{"role": "user", "content": "x" * k}] for k in (1, 2, 3)]
     assert _greedy_answers(LlamaConfig.tiny(), None, Tok(), dialogs, 3, rows=4) == ["7"] * 3
     assert seen == [(4, 4)]  # 3 rows padded to 4, prompts to the longest (4 tokens)
+
+
+def test_the_reward_models_a_stage_checks_before_making_data_are_those_it_loads():
+    """rlhf.reward_model=code loads no model, so the preset's safety RM path is not checked
+    (the code check ran with runs/rm_safety absent); distillation loads the safety RM alone."""
+    from procs import load_experiment
+
+    from llama_jax import stages
+
+    c = load_experiment("ppo").get_config("tiny")
+    assert stages.reward_model_paths(c) == {"rlhf.safety_reward_model": ("runs/rm_safety", "score"),
+                                            "rlhf.reward_model": ("runs/rm", "score")}
+    c.rlhf.reward_model = "code"
+    assert stages.reward_model_paths(c) == {}
+    assert stages.reward_model_paths(c, safety_only=True) == {"rlhf.safety_reward_model": ("runs/rm_safety", "score")}

@@ -169,13 +169,8 @@ class Stage:
 
         loaded = load_init_params(config, model, param_sh, self.init_step) if config.init_from else None
         params, _ = sharding.init_params(model, jax.random.key(config.seed), mesh, rules, given=loaded)
-        if loaded is not None:
-            have = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
-            new = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(params)
-                   if have.get(jax.tree_util.keystr(p)) != v.shape]
-            if new and jax.process_index() == 0:
-                print(f"initialised from scratch (not in init_from): {', '.join(new)}", flush=True)
-        return params
+        # (merge_pretrained takes nothing new here: it names the leaves init_from lacked)
+        return params if loaded is None else merge_pretrained(params, loaded)
 
     def after_training(self, config, workdir, model, params, tokenizer, progress) -> None:
         pass

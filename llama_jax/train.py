@@ -556,9 +556,9 @@ def _data_settings(workdir: str, config, record: bool) -> None:
     now = _data_fields(config)
     # the lead's digest, on every process (hosts may hold their own copies of the data: each compares the same)
     now.update(distributed.allgather_json(_input_files(now) if jax.process_index() == 0 else {})[0])
-    made_files = [f for f in os.listdir(os.path.dirname(path)) if f != "settings.json" and not f.endswith(".tmp")] \
-        if os.path.isdir(os.path.dirname(path)) else []
-    if not os.path.exists(path) or not made_files:
+    from llama_jax.workdir import made_data
+
+    if not os.path.exists(path) or not made_data(os.path.dirname(path)):
         if record:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path + ".tmp", "w") as f:
@@ -744,13 +744,15 @@ def check_overrides(config, stage, overrides: dict | None) -> None:
     (`configs.base_config` for pretraining, `chat_config` for the rest): an ablation over
     it would give identical runs; flags shared by every stage's command may repeat a default."""
     from llama_jax import configs
+    from llama_jax.stages import config_field
 
     default = configs.base_config() if config.stage == "pretrain" else configs.chat_config()
     for key, value in (overrides or {}).items():
         if unread_field(stage, key):
-            known = default
-            for part in key.split("."):
-                known = known.get(part) if hasattr(known, "get") else None
+            try:
+                known = config_field(default, key)
+            except (KeyError, AttributeError):  # a field the family's base lacks: not a default
+                known = None
             if value != known:
                 raise RunError(f"--config.{key}={value}: stage {config.stage} does not read it (the run would ignore "
                                "it)")

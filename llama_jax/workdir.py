@@ -53,6 +53,14 @@ def run_id(path: str) -> str:
     return made
 
 
+def made_data(data_dir: str) -> list[str]:
+    """The files a stage made in WORKDIR/data (`data_dir`): not its settings record, nor
+    a file still being written (.tmp)."""
+    if not os.path.isdir(data_dir):
+        return []
+    return [f for f in os.listdir(data_dir) if f != "settings.json" and not f.endswith(".tmp")]
+
+
 def began(path: str) -> bool:
     """Whether a run in WORKDIR `path` did work a rerun goes on from: finished, logged a
     row, saved a checkpoint, or made data (a stage's samples). One refused at its start
@@ -61,7 +69,7 @@ def began(path: str) -> bool:
     return os.path.exists(os.path.join(path, "final_metrics.json")) or \
         (os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))) or \
         (os.path.exists(metrics) and os.path.getsize(metrics) > 0) or \
-        (os.path.isdir(data) and any(f != "settings.json" and not f.endswith(".tmp") for f in os.listdir(data)))
+        bool(made_data(data))
 
 
 class WorkdirBusy(RuntimeError):

@@ -384,7 +384,11 @@ def model_config(meta: dict, **overrides) -> LlamaConfig:
 def save_params(output: str, params, meta: dict, step: int = 0, tokenizer_path: str | None = None) -> None:
     """Writes a params-only checkpoint (params + meta [+ tokenizer.model]) to `output`, a
     new or empty directory: the layout of an export, which inference and `init_from`
-    accept. A failed write leaves no `output` behind."""
+    accept. A failed write leaves no `output` behind. Metadata without a run id (an import)
+    gets a new one: the same model imported again from other weights is another checkpoint
+    to a run that began from the first (its reference)."""
+    import uuid
+
     from flax.linen import meta as flax_meta
 
     from llama_jax.workdir import staged_directory
@@ -394,7 +398,8 @@ def save_params(output: str, params, meta: dict, step: int = 0, tokenizer_path: 
         mngr = _manager(os.path.join(tmp, "checkpoints"), async_save=False)
         try:
             mngr.save(int(step), args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                         meta=ocp.args.JsonSave({**meta, "step": int(step)})))
+                                                         meta=ocp.args.JsonSave({"run": uuid.uuid4().hex, **meta,
+                                                                                 "step": int(step)})))
             mngr.wait_until_finished()
         finally:
             mngr.close()

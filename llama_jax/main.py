@@ -115,7 +115,9 @@ PEER_GONE = ("gloo", "coordinationservice", "connection closed by peer", "connec
 
 
 def _peer_gone(e: Exception) -> bool:
-    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and any(m in str(e).lower() for m in PEER_GONE)
+    # process_allgather's failures reach Python as a ValueError ("UNKNOWN: Gloo AllGather failed ...")
+    return (type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError", "ValueError", "RuntimeError")
+            and any(m in str(e).lower() for m in PEER_GONE))
 
 
 def _exit(message: str, code: int) -> None:

@@ -39,6 +39,12 @@ class Stage:
     # fields (or "section." prefixes) of its config the stage never reads: set on the command line, refused
     # (train.check_overrides) rather than ignored
     unread: tuple[str, ...] = ("sample.",)
+    samples_init_from = False  # WORKDIR/data holds answers sampled from init_from (rejection sampling, GAtt, ...)
+
+    def data_reads_init_from(self, config) -> bool:
+        """Whether the data the stage makes depends on init_from (so that another init_from
+        makes other data); else init_from is not one of its data settings."""
+        return self.samples_init_from
 
     def prepare(self, config, workdir: str) -> None:
         """Called first, with the workdir (e.g. to write the toy data sets into it)."""
@@ -536,6 +542,10 @@ class PreferenceStage(Stage):
         if reward is not None and reward.get("policy_prompts", 0) > 0:
             self._add_policy_pairs(config, workdir)
 
+    def data_reads_init_from(self, config) -> bool:  # the policy's own pairs, when the policy is init_from
+        reward = config.get("reward")
+        return reward is not None and reward.get("policy_prompts", 0) > 0 and not reward.policy
+
     def _add_policy_pairs(self, config, workdir: str) -> None:
         """The paper's iterative collection on the toy tasks: pairs drawn from the answers of
         the current policy (`reward.policy`, default init_from), labelled by code
@@ -704,6 +714,7 @@ class RejectionSamplingStage(SFTStage):
     the first vs the best sample on toy prompts)."""
 
     unread = ("sample.",)  # its prompts are the toy mix (data.synthetic_mix, data.synthetic_adversarial)
+    samples_init_from = True
 
     def model_paths(self, config) -> dict[str, tuple[str, str]]:
         return reward_model_paths(config)
@@ -1050,6 +1061,7 @@ class GAttStage(SFTStage):
     unread = ("sample.", "data.synthetic_mix", "data.synthetic_adversarial")
 
     held_out_source = False  # its held-out measure is adherence on its own synthesised dialogs
+    samples_init_from = True
 
     def prepare(self, config, workdir: str) -> None:
         Stage.prepare(self, config, workdir)
@@ -1323,6 +1335,7 @@ class SafetyDistillStage(SFTStage):
         return reward_model_paths(config, safety_only=True)
 
     held_out_source = False  # its held-out measures are rates on rlhf.eval_prompts
+    samples_init_from = True
     _eval: tuple | None = None  # the held-out (unsafe, benign) prompts, once read
 
     def prepare(self, config, workdir: str) -> None:

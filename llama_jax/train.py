@@ -540,7 +540,7 @@ def _input_files(fields: dict) -> dict:
     return out
 
 
-def _data_settings(workdir: str, config, record: bool) -> None:
+def _data_settings(workdir: str, config, record: bool, stage=None) -> None:
     """WORKDIR/data/settings.json: the settings the stage's data there is made with,
     recorded (`record`: by the lead) before any of it is, so that a run killed while making
     it is covered too (a run that made nothing before it ended, refused or killed, leaves
@@ -554,6 +554,8 @@ def _data_settings(workdir: str, config, record: bool) -> None:
 
     path = os.path.join(workdir, "data", "settings.json")
     now = _data_fields(config)
+    if stage is not None and not stage.data_reads_init_from(config):  # toy data, prompts: not init_from's samples
+        now.pop("init_from", None)
     # the lead's digest, on every process (hosts may hold their own copies of the data: each compares the same)
     now.update(distributed.allgather_json(_input_files(now) if jax.process_index() == 0 else {})[0])
     from llama_jax.workdir import made_data
@@ -567,7 +569,13 @@ def _data_settings(workdir: str, config, record: bool) -> None:
         return
     with open(path) as f:
         made = json.load(f)
-    changed = sorted(k for k in made.keys() & now.keys() if made[k] != now[k])
+
+    def same(k):  # init_from by another name (a symlink, a mount) is the same model
+        return made[k] == now[k] or (k == "init_from" and isinstance(made[k], str) and isinstance(now[k], str)
+                                     and os.path.realpath(made[k]) == os.path.realpath(now[k]))
+
+    # the lead's view, so that every process refuses or goes on alike
+    changed = distributed.allgather_json(sorted(k for k in made.keys() & now.keys() if not same(k)))[0]
     if changed:
         raise RunError(f"{os.path.dirname(path)} holds data made with other settings ("
                        + ", ".join(f"the files {k[len('files:'):]} names (edited)" if k.startswith("files:") else
@@ -807,11 +815,15 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             os.remove(probe)
         except OSError as e:
             raise RunError(f"workdir {workdir} is not writable: {e}") from None
-    if jax.process_index() == 0:  # one run at a time in a workdir (released by `run`)
+    busy = None  # one run at a time in a workdir (the lead holds the lock; released by `run`)
+    if jax.process_index() == 0:
         try:
             workdir_lock.lock(workdir)
         except workdir_lock.WorkdirBusy as e:
-            raise RunError(str(e)) from None
+            busy = str(e)
+    busy = distributed.allgather_json(busy)[0]  # every process refuses at once, not at its next collective
+    if busy:
+        raise RunError(busy)
     if config.batch_size % jax.process_count():
         raise RunError(f"config.batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
     if config.seq_len > cfg.max_seq_len:
@@ -830,7 +842,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             raise RunError(f"config.{field} {path}: has heads {heads}, not the {head!r} head this stage reads ("
                            + ("a reward model" if head == "score" else "a language model") + ")")
     if stage.writes_data:  # WORKDIR/data of an earlier start must be of these settings; recorded before it is made
-        _data_settings(workdir, config, record=lead)
+        _data_settings(workdir, config, record=lead, stage=stage)
     stage.run_config = cfg  # what a stage that samples first (prepare) samples at: the run's context
     if config.init_from:  # the step the run starts from, which a resume keeps (DPO's and PPO's reference); the
         # lead's reading, so that every process starts from the same one while init_from's run saves new steps
@@ -950,6 +962,8 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
         if list(saved_meta.get("heads", ["lm"])) != meta["heads"]:
             raise RunError(f"{checkpointer.directory}: its checkpoints have heads {saved_meta.get('heads')} (stage "
                            f"{saved_meta.get('stage')!r}), this stage trains {meta['heads']}; use a new --workdir")
+        # a resume at a shorter seq_len keeps the longest rows its weights trained on before
+        meta["trained_seq_len"] = max(meta["trained_seq_len"], int(saved_meta.get("trained_seq_len") or 0))
         began = saved_meta.get("init_from") or {}
         if config.init_from and began.get("path") not in (None, meta["init_from"]["path"]):  # another init_from
             if not stage.rereads_init_from:  # read at the start only (config_history.jsonl has the change)

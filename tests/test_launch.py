@@ -125,6 +125,20 @@ def test_a_batch_the_processes_cannot_split_is_refused(tmp_path, tokenizer_path)
                          text=True, timeout=200)
     assert out.returncode != 0 and ("error: config.mesh: the batch axis (data x fsdp) has 1 shard, which the 2 "
                                     "processes cannot split") in out.stderr, out.stderr[-3000:]
+    # a workdir another run holds (its lock, taken by the lead): every process refuses at once, in one line
+    import fcntl
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with open(busy / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        out = subprocess.run([sys.executable, f"{ROOT}/launch/local.py", "--num_processes=2",
+                              "--devices_per_process=2", "--timeout=100", "--",
+                              *main_args(str(busy), tokenizer_path, 2)], env=env(), capture_output=True, text=True,
+                             timeout=200)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 1 and sorted(line.split("error: ")[0] for line in lines) == ["", "[p1] "], out.stderr
+    assert all("another run is using this workdir" in line for line in lines), out.stderr
 
 
 def test_local_launcher_fails_the_job_when_one_process_dies(tmp_path):
@@ -169,7 +183,10 @@ def test_a_broken_collective_is_one_line_in_a_multi_process_job(monkeypatch, cap
     from llama_jax import distributed, main
 
     broken = jax.errors.JaxRuntimeError("UNKNOWN: Gloo context initialization failed: DEADLINE_EXCEEDED\nmore")
-    assert main._peer_gone(broken) and not main._peer_gone(ValueError("Gloo"))
+    assert main._peer_gone(broken) and not main._peer_gone(KeyError("Gloo"))
+    # process_allgather's failure when a peer is gone reaches Python as a ValueError
+    assert main._peer_gone(ValueError("UNKNOWN: Gloo AllGather failed: Connection closed by peer [127.0.0.1]"))
+    assert not main._peer_gone(ValueError("config.seq_len: abc is not an int"))
     monkeypatch.setattr(distributed, "is_multiprocess", lambda: True)
     monkeypatch.setattr(distributed, "is_lead", lambda: False)
     monkeypatch.setattr(main, "_CONFIG", type("C", (), {"value": type("V", (), {"stage": "pretrain"})()})())

@@ -999,7 +999,8 @@ def test_a_resume_keeps_the_init_from_step_it_started_from(tmp_path, reference_r
     out, _ = run("dpo_imp", 2, init_from=tmp_path / "imp")
     assert out.returncode == 0, out.stderr[-2000:]
     shutil.rmtree(tmp_path / "imp")
-    ckpt.save_params(str(tmp_path / "imp"), params, {**meta, "source": "hf:/models/b"}, 0, tok)
+    # from the same source path (its files replaced by another model's): each import has its own id
+    ckpt.save_params(str(tmp_path / "imp"), params, {**meta, "source": "hf:/models/a"}, 0, tok)
     out, _ = run("dpo_imp", 4, init_from=tmp_path / "imp")
     assert out.returncode != 0 and f"config.init_from {tmp_path / 'imp'}: its step 0 is not the checkpoint this run " \
         "began with" in out.stderr, out.stderr[-2000:]
@@ -1013,6 +1014,13 @@ def test_a_resume_keeps_the_init_from_step_it_started_from(tmp_path, reference_r
     ckpt.export_params(str(tmp_path / "pretrain"), str(tmp_path / "exported"))
     assert not os.path.exists(tmp_path / "exported" / "config.json")
     assert trained_seq_len(str(tmp_path / "exported")) == trained_seq_len(str(tmp_path / "pretrain")) == 64
+    # a resume at a shorter seq_len keeps the longest rows its weights saw before (it recorded the resume's 32)
+    shutil.copytree(ref_dir, tmp_path / "shorter")
+    out = subprocess.run(command(str(tmp_path / "shorter"), f"--config.data.tokenizer={tokenizer_path}",
+                                 "--config.seq_len=32", "--config.eval_steps=0", steps=13), env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and ckpt.read_meta(str(tmp_path / "shorter"))[0] == 13, out.stderr[-2000:]
+    assert trained_seq_len(str(tmp_path / "shorter")) == 64
     # another reference on a resume is refused (it changed the objective mid-run with a warning); the one the run
     # began with, moved, is taken (pairs of one's own: the toy data records init_from among its settings)
     shutil.copytree(ref_dir, tmp_path / "ref")

@@ -349,6 +349,53 @@ def test_a_workdirs_data_is_reused_only_with_the_settings_that_made_it(tmp_path)
         _data_settings(str(tmp_path / "fresh"), c, record=False)
 
 
+def test_init_from_is_a_data_setting_only_of_stages_that_sample_from_it(tmp_path):
+    """PPO's prompts and DPO's toy pairs do not depend on init_from: a resume from the same
+    reference under another path (moved, a symlink) reaches the reference checks rather than
+    being refused as other data; rejection sampling's answers are init_from's, so another model
+    is refused, the same one by another name (a symlink) is not."""
+    import os
+
+    from llama_jax.configs import chat_config
+    from llama_jax.stages import STAGES
+    from llama_jax.train import RunError, _data_settings
+
+    model, other = tmp_path / "sft", tmp_path / "other"
+    model.mkdir(), other.mkdir()
+    os.symlink(model, tmp_path / "link")
+    for name, samples in (("ppo", False), ("dpo", False), ("rejection_sampling", True), ("gatt", True),
+                          ("safety_distill", True), ("reward_model", False)):
+        stage, c = STAGES[name](), chat_config()
+        workdir = tmp_path / name
+        c.init_from = str(model)
+        _data_settings(str(workdir), c, record=True, stage=stage)
+        (workdir / "data" / "made.jsonl").write_text("{}\n")
+        c.init_from = str(tmp_path / "link")
+        _data_settings(str(workdir), c, record=False, stage=stage)  # the same model by another name
+        c.init_from = str(other)
+        if samples:
+            with pytest.raises(RunError, match="init_from"):
+                _data_settings(str(workdir), c, record=False, stage=stage)
+        else:
+            _data_settings(str(workdir), c, record=False, stage=stage)
+    # the reward model with pairs from the policy's answers (reward.policy_prompts, the policy init_from)
+    from procs import load_experiment
+
+    c = load_experiment("reward_model").get_config("tiny")
+    stage = STAGES["reward_model"]()
+    assert not stage.data_reads_init_from(c)
+    c.reward.policy_prompts, c.init_from = 64, str(model)
+    assert stage.data_reads_init_from(c)
+    c.reward.policy = str(other)  # the answers are reward.policy's, a data setting of its own
+    assert not stage.data_reads_init_from(c)
+    c.reward.policy = ""
+    _data_settings(str(tmp_path / "rm_policy"), c, record=True, stage=stage)
+    (tmp_path / "rm_policy" / "data" / "made.jsonl").write_text("{}\n")
+    c.init_from = str(other)
+    with pytest.raises(RunError, match="init_from"):
+        _data_settings(str(tmp_path / "rm_policy"), c, record=False, stage=stage)
+
+
 def test_epochs_set_total_steps_from_the_training_data(tmp_path, tokenizer_path, capsys):
     """config.epochs (the paper's SFT: 2, reward models: 1): total_steps is set at the start
     from the rows one pass over the data makes, before the schedule is made of it (the run

@@ -76,16 +76,18 @@ def analyse(config, num_devices: int) -> dict:
 
     from llama_jax import configs, sharding
     from llama_jax.stages import STAGES
-    from llama_jax.train import build_step, jit_train_step, run_model
+    from llama_jax.train import build_step, check_config, check_overrides, jit_train_step, run_model
 
     if jax.device_count() != num_devices:
         raise SystemExit(f"error: {jax.device_count()} devices, expected {num_devices} (set before jax starts)")
     if config.stage not in STAGES:
         raise SystemExit(f"error: config.stage: unknown stage {config.stage!r}; known: {sorted(STAGES)}")
     stage = STAGES[config.stage]()
+    overrides = config_flags.get_override_values(flags.FLAGS["config"]) if flags.FLAGS.is_parsed() else {}
+    check_config(config, stage)  # what the run would refuse at its start is refused here, not compiled
+    check_overrides(config, stage, overrides)
     if config.init_from and os.path.exists(config.init_from):  # the model the run would train: its checkpoint's
-        cfg = run_model(config, stage, config_flags.get_override_values(flags.FLAGS["config"])
-                        if flags.FLAGS.is_parsed() else {})
+        cfg = run_model(config, stage, overrides)
         print(f"model: config.init_from {config.init_from}'s", flush=True)
     else:  # the fine-tuning presets' config.model is the architecture they name (7b, ...)
         cfg = configs.to_llama_config(config.model)
@@ -189,6 +191,9 @@ def main(argv) -> None:
         print("error: --config: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()),
               file=sys.stderr)
         sys.exit(2)
+    from llama_jax.checkpoint import quiet_orbax
+
+    quiet_orbax()  # config.init_from's metadata is read: no Orbax log lines
     try:
         r = analyse(config, _NUM_DEVICES.value)
     except (MeshError, RunError) as e:

@@ -277,6 +277,13 @@ def test_aot_compile_of_the_7b_preset_on_8_devices(tmp_path):
                           "--num_devices=8", "--config.mesh.tensor=3"], env=env(), capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 1 and "not divisible" in bad.stderr and "Traceback" not in bad.stderr
+    # what a run would refuse at its start (check_config, check_overrides) is refused, not compiled
+    for flag, said in (("--config.batch_size=0", "config.batch_size must be a positive integer, got 0"),
+                       ("--config.model.dtype=float8", "LlamaConfig.dtype: 'float8' is not one of"),
+                       ("--config.eval_exact_match=3", "stage pretrain does not read it")):
+        bad = subprocess.run([sys.executable, AOT, f"--config={ROOT}/experiments/pretrain.py:tiny",
+                              "--num_devices=8", flag], env=env(), capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 1 and said in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
 
     # a fine-tuning preset whose init_from is not here checks the architecture it names (2 of 7B's layers)
     sft = subprocess.run([sys.executable, AOT, f"--config={ROOT}/experiments/sft.py:7b", "--num_devices=8",

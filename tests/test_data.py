@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import re
 from collections import Counter
 
 import numpy as np
@@ -153,6 +154,41 @@ def test_prepared_shards_feed_the_same_documents(tok, docs_dir, tmp_path, capsys
                          "--num_shards=3"]) == 0
     assert "removing 2 shard files of an interrupted run" in capsys.readouterr().err
     assert sorted(os.listdir(again)) == sorted(meta["shards"] + ["metadata.json", "notes.txt"])
+    # a text corpus with an empty file and one not in UTF-8: both said, and recorded in metadata.json
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.txt").write_text("plain text " * 50)
+    (mixed / "b.txt").write_bytes("caf\xe9 ".encode("latin-1") * 20)
+    (mixed / "c.txt").write_text("")
+    assert prepare.main([f"--source=text:{mixed}/*.txt", f"--tokenizer={tok.path}", f"--output={tmp_path}/m"]) == 0
+    err = capsys.readouterr().err
+    meta = json.loads((tmp_path / "m" / "metadata.json").read_text())
+    assert meta["documents"] == 2 and meta["empty_files"] == 1 and meta["not_utf8_files"] == [f"{mixed}/b.txt"]
+    assert "note: 1 empty file left out" in err and "warning: 1 file had bytes that are not UTF-8" in err
+    assert re.search(r"MB ([\d.]+)/\1 \| documents 2 \|", err), err  # progress in MB of the source
+    # a failure part-way (a file gone, a full disk): no shard files left behind, and the --output it made removed
+
+    class Failing:
+        def __init__(self):
+            self.calls = 0
+
+        def encode(self, text, bos, eos):
+            self.calls += 1
+            if self.calls == 2:
+                raise OSError(28, "No space left on device")
+            return tok.encode(text, bos=bos, eos=eos)
+
+        def identity(self):
+            return tok.identity()
+
+    with pytest.raises(OSError, match="No space left"):
+        prepare.prepare(f"text:{docs_dir}/*.txt", Failing(), str(tmp_path / "failed"), 3)
+    assert not os.path.exists(tmp_path / "failed")
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("x")
+    with pytest.raises(OSError, match="No space left"):
+        prepare.prepare(f"text:{docs_dir}/*.txt", Failing(), str(tmp_path / "kept"), 3)
+    assert os.listdir(tmp_path / "kept") == ["notes.txt"]  # a directory it did not make stays, without its shards
     for bad, needle in (("{", "metadata.json: invalid JSON"), ('{"documents": 3}', 'needs a "shards" list')):
         (tmp_path / "bad").mkdir(exist_ok=True)
         (tmp_path / "bad" / "metadata.json").write_text(bad)
@@ -787,7 +823,7 @@ def test_a_files_bad_lines_are_named_together(tmp_path):
         chat.open_dialogs(str(path))
 
 
-def test_jsonl_encoding_and_prefix_mistakes_are_named(tmp_path):
+def test_jsonl_encoding_and_prefix_mistakes_are_named(tmp_path, capsys):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"latin1.jsonl:1: not UTF-8 text \("):
         sources.text_jsonl(str(tmp_path / "latin1.jsonl"))
@@ -815,6 +851,25 @@ def test_jsonl_encoding_and_prefix_mistakes_are_named(tmp_path):
             sources.TextFiles(str(tmp_path / f"c.{name}"))
     (tmp_path / "BZh.txt").write_text("BZhello: a text that starts like bzip2's magic, without its digit")
     assert sources.TextFiles(str(tmp_path / "BZh.txt"))[0].startswith("BZhello")
+    # UTF-16/32 (a byte-order mark): refused by name, not read as NUL-interleaved noise; UTF-8's mark is dropped
+    for codec, name in (("utf-16-le", "UTF-16LE"), ("utf-16-be", "UTF-16BE"), ("utf-32-le", "UTF-32LE")):
+        (tmp_path / f"w.{codec}").write_bytes("\ufeffwide text".encode(codec))
+        for open_source in (sources.TextFiles, sources.text_jsonl):
+            with pytest.raises(DataError, match=f"w.{codec}: {name} text .* read as UTF-8 \\(convert it first, "
+                                                f"e.g. iconv -f {name} -t UTF-8"):
+                open_source(str(tmp_path / f"w.{codec}"))
+    # the bytes each record takes (prepare's progress in MB), blank lines after it included: the files' sizes
+    (tmp_path / "n1.jsonl").write_text('{"text": "ab"}\n\n{"text": "cde"}\n')
+    (tmp_path / "n2.jsonl").write_text('{"text": "f"}')
+    lines = sources.text_jsonl(f"{tmp_path}/n1.jsonl,{tmp_path}/n2.jsonl")
+    assert [lines.nbytes(i) for i in range(3)] == [16, 16, 13] and [lines[i] for i in range(3)] == ["ab", "cde", "f"]
+    (tmp_path / "bom8.txt").write_bytes("\ufeffutf8 text".encode("utf-8"))
+    (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    text = sources.TextFiles(f"{tmp_path}/bom8.txt,{tmp_path}/latin.txt")
+    assert text[0] == "utf8 text" and not text.not_utf8 and text[1] == "caf\ufffd"
+    assert text.not_utf8 == [f"{tmp_path}/latin.txt"]
+    assert "latin.txt: bytes that are not UTF-8 (unexpected end of data at byte 3), read as U+FFFD" in \
+        capsys.readouterr().err
     (tmp_path / "surrogate.jsonl").write_text('{"messages": [{"role": "user", "content": "a\\ud800"}, '
                                               '{"role": "assistant", "content": "b"}]}\n')
     with pytest.raises(DataError, match=r"surrogate.jsonl:1: message 0: content is not valid Unicode \(surrogates "):

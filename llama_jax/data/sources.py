@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import sysconfig
+from array import array
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -56,6 +57,10 @@ def expand_globs(patterns: str | Sequence[str], what: str = "input") -> list[str
         if packed:
             raise DataError(f"{f}: {packed}-compressed; {what} files are read as plain text (decompress it first, "
                             f"e.g. {'gunzip' if packed == 'gzip' else packed + ' -d'} {f})")
+        wide = next((name for name, magic in WIDE_BOMS if head.startswith(magic)), None)
+        if wide:  # read as UTF-8, every other byte would be a NUL: noise that trains
+            raise DataError(f"{f}: {wide} text (its byte-order mark says so); {what} files are read as UTF-8 "
+                            f"(convert it first, e.g. iconv -f {wide} -t UTF-8 {f} > {f}.utf8)")
     return files
 
 
@@ -95,9 +100,15 @@ COMPRESSED = (("gzip", b"\x1f\x8b"), ("bzip2", b"BZh"), ("xz", b"\xfd7zXZ\x00"),
               ("zip", b"PK\x03\x04"))
 
 
+# byte-order marks of text that is not UTF-8 (UTF-32's before UTF-16's, whose marks begin theirs)
+WIDE_BOMS = (("UTF-32LE", b"\xff\xfe\x00\x00"), ("UTF-32BE", b"\x00\x00\xfe\xff"), ("UTF-16LE", b"\xff\xfe"),
+             ("UTF-16BE", b"\xfe\xff"))
+
+
 class TextFiles:
     """Each file is one document (its whole text); empty files are left out (`empty`
-    counts them), a source of nothing else is an error."""
+    counts them), a source of nothing else is an error. Bytes that are not UTF-8 are read
+    as U+FFFD; `not_utf8` lists the files read so far that had some."""
 
     def __init__(self, patterns: str | Sequence[str]):
         found = expand_globs(patterns, "text")
@@ -105,15 +116,29 @@ class TextFiles:
         self.empty = len(found) - len(self.files)
         if not self.files:
             raise DataError(f"every text file matching {patterns!r} is empty ({len(found)} files)")
+        self.not_utf8: list[str] = []
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def nbytes(self, i: int) -> int:
+        """The bytes document i takes on disk (progress over a corpus of uneven files)."""
+        return os.path.getsize(self.files[i])
+
     def __getitem__(self, i: int) -> str:
         # read when the pipeline reaches it (a corpus is not read at start): bytes that are not UTF-8 become
         # U+FFFD rather than end a run hours in; a byte-order mark is not text
-        with open(self.files[i], encoding="utf-8-sig", errors="replace") as fh:
-            return fh.read()
+        with open(self.files[i], "rb") as fh:
+            raw = fh.read()
+        try:
+            return raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            if not self.not_utf8:  # said once (a run reads on; prepare lists them all in its metadata)
+                print(f"warning: {self.files[i]}: bytes that are not UTF-8 ({e.reason} at byte {e.start}), read as "
+                      "U+FFFD; text files are read as UTF-8 (this is said for the first such file only)",
+                      file=sys.stderr, flush=True)
+            self.not_utf8.append(self.files[i])
+            return raw.decode("utf-8-sig", errors="replace")
 
 
 BAD_LINES_SHOWN = 10  # a JSONL file's bad lines named in its one error (the first one's message in full)
@@ -128,10 +153,12 @@ class Jsonl:
                  convert: Callable[[dict], Any] | None = None):
         self.files = expand_globs(patterns, "JSONL")
         self.convert = convert
-        self.index: list[tuple[int, int, int]] = []  # (file number, byte offset, line number)
+        # (file number, byte offset, line number) of each record, as machine integers (20 bytes a line where a
+        # list of tuples took about 200: a pod-scale file of short lines held gigabytes of index)
+        self._file, self._offset, self._line = array("i"), array("q"), array("q")
         bad: list[DataError] = []  # the first few bad lines, reported together: a large file is fixed in one go
         for fi, path in enumerate(self.files):
-            start = len(self.index)
+            start = len(self._file)
             with open(path, "rb") as fh:
                 offset = 0
                 for lineno, raw in enumerate(fh, 1):
@@ -144,11 +171,13 @@ class Jsonl:
                             bad.append(e)
                             if len(bad) == BAD_LINES_SHOWN:
                                 break
-                        self.index.append((fi, offset, lineno))
+                        self._file.append(fi)
+                        self._offset.append(offset)
+                        self._line.append(lineno)
                     offset += len(raw)
             if len(bad) == BAD_LINES_SHOWN:
                 break
-            if len(self.index) == start:
+            if len(self._file) == start:
                 raise DataError(f"{path}: empty file (no JSON lines)")
         if bad:
             more = [str(e).split(": ", 1)[0] for e in bad[1:]]
@@ -176,17 +205,23 @@ class Jsonl:
         return record
 
     def where(self, i: int) -> str:
-        fi, _, lineno = self.index[i]
-        return f"{self.files[fi]}:{lineno}"
+        return f"{self.files[self._file[i]]}:{self._line[i]}"
 
     def record(self, i: int) -> dict:
-        fi, offset, lineno = self.index[i]
-        with open(self.files[fi], "rb") as fh:
-            fh.seek(offset)
-            return self._parse(fh.readline(), self.files[fi], lineno)
+        path = self.files[self._file[i]]
+        with open(path, "rb") as fh:
+            fh.seek(self._offset[i])
+            return self._parse(fh.readline(), path, self._line[i])
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self._file)
+
+    def nbytes(self, i: int) -> int:
+        """The bytes line i takes in its file, up to the next record's (blank lines included)."""
+        fi = self._file[i]
+        end = self._offset[i + 1] if i + 1 < len(self._file) and self._file[i + 1] == fi \
+            else os.path.getsize(self.files[fi])
+        return end - self._offset[i]
 
     def __getitem__(self, i: int):
         rec = self.record(i)

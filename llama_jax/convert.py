@@ -74,6 +74,10 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides)
     def bad(field, why):
         raise ConversionError(f"{source}: {field}: {why}")
 
+    if "hidden_size" not in hf and isinstance(hf.get("model"), dict) and "stage" in hf:  # a run's own config.json
+        raise ConversionError(f"{source}: a llama_jax run's config.json, not a Hugging Face model's: llama_jax reads "
+                              "a run or checkpoint as it is (--config.init_from, --checkpoint); `python -m "
+                              "llama_jax.convert --to=hf --src=RUN --dst=DIR` exports one to Hugging Face")
     model_type = hf.get("model_type", "llama")
     if model_type != "llama":
         bad("model_type", f"{model_type!r} is not supported (only 'llama')")

@@ -104,6 +104,9 @@ def test_unsupported_configs_are_clear_errors():
     no_vocab = {k: v for k, v in base.items() if k != "vocab_size"}
     with pytest.raises(ConversionError, match="x/config.json: vocab_size: missing"):
         config_from_hf(no_vocab, source="x/config.json")
+    with pytest.raises(ConversionError, match="run/config.json: a llama_jax run's config.json, not a Hugging Face "
+                       "model's: .* --to=hf --src=RUN"):  # a run given as --from=hf (it said "hidden_size: missing")
+        config_from_hf({"stage": "pretrain", "model": {"dim": 48}, "seq_len": 64}, source="run/config.json")
     cfg = config_from_hf({**base, "rope_theta": 5e5})  # pre-v5 transformers layout
     assert cfg.rope_theta == 5e5 and cfg.norm_eps == 1e-5
     assert config_from_hf({**base, "rope_scaling": {"rope_type": "default"}}).rope_theta == 1e4  # plain RoPE

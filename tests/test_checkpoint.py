@@ -1,11 +1,13 @@
 """Checkpoints: restore onto a different mesh, params-only export, init_from, and a
 workdir of another model."""
 
+import functools
 import re
 
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from helpers import random_params
 
@@ -37,8 +39,32 @@ def leaves_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def two_optimizer_steps(state):
+    """`state` after 2 AdamW steps on made-up gradients (sin of the params: nonzero,
+    different per leaf and step), sharded as it was: Adam's moments and count nonzero."""
+    import jax.numpy as jnp
+
+    opt = train.make_optimizer(OPT, 10)
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def step(s, k):
+        grads = jax.tree_util.tree_map(lambda p: jnp.sin(37.0 * p + k), s.params)
+        updates, opt_state = opt.update(grads, s.opt_state, s.params)
+        return s.replace(step=s.step + 1, params=optax.apply_updates(s.params, updates), opt_state=opt_state)
+
+    return step(step(state, 1.0), 2.0)
+
+
 def test_restore_onto_a_different_mesh(tmp_path):
+    """A state 2 optimizer steps in (Adam's moments nonzero), saved fully sharded, reads
+    back equal onto a tensor-parallel mesh and onto one device."""
     state, _ = sharded_state(sharding.make_mesh(1, 8, 1))  # saved fully sharded over fsdp=8
+    state = two_optimizer_steps(state)
+    adam = state.opt_state[1][0]
+    assert int(adam.count) == 2 and int(state.step) == 2
+    for moment in (adam.mu, adam.nu):
+        assert all(float(np.abs(np.asarray(x)).min()) > 0 for x in jax.tree_util.tree_leaves(moment))
     saver = ckpt.Checkpointer(str(tmp_path), async_save=True)
     saver.save(5, state, {"pos": 3}, META)
     saver.wait()
@@ -51,6 +77,8 @@ def test_restore_onto_a_different_mesh(tmp_path):
     restored, data_state, meta = loader.restore(5, target)
     loader.close()
     leaves_equal(restored, state)
+    mu = restored.opt_state[1][0].mu["layers"]["attention"]["wq"]
+    assert mu.sharding.spec == target.params["layers"]["attention"]["wq"].sharding.spec  # the moments like the params
     wq = restored.params["layers"]["attention"]["wq"]
     assert wq.sharding.spec == target.params["layers"]["attention"]["wq"].sharding.spec
     assert wq.addressable_shards[0].data.shape == (2, 40, 1, 10)  # heads split 4 ways now

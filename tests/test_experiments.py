@@ -88,11 +88,13 @@ def test_ppo_critic_schedules_from_the_config():
 _STUB_LOGP = [[-9.0, -0.5, -0.5, 0.0], [-9.0, -1.0, -2.0, 0.0], [-9.0, -2.0, 0.0, 0.0], [-9.0, -1.5, -0.5, 0.0]]
 
 
-def _stub_rollout_advantages(c, values=None, answers=None, answer=None, stages_out=None):
+def _stub_rollout_advantages(c, values=None, answers=None, answer=None, stages_out=None, ref_logp=None, gated=None,
+                             returns_out=None):
     """[4, 4] advantages of one PPO rollout of `c` (4 rollouts, 2 per prompt, one
-    mini-batch) with generation and scoring stubbed: logp = ref_logp = _STUB_LOGP, the
-    value head's outputs `values` (zeros by default), gated scores 0.5 / 0.8 per prompt;
-    rows in the stub's order, zero outside the answer tokens (columns 1-2)."""
+    mini-batch) with generation and scoring stubbed: logp = _STUB_LOGP, ref_logp the same
+    unless given, the value head's outputs `values` (zeros by default), gated scores
+    `gated` (0.5 / 0.8 per prompt by default); rows in the stub's order, zero outside the
+    answer tokens (columns 1-2). The returns, in the same order, go to `returns_out`."""
     import types
 
     import numpy as np
@@ -105,7 +107,8 @@ def _stub_rollout_advantages(c, values=None, answers=None, answer=None, stages_o
     values = np.zeros((4, 4), np.float32) if values is None else values
     rows = {"tokens": np.ones((4, 4), np.int32), "targets": np.ones((4, 4), np.int32), "loss_mask": mask,
             "segment_ids": np.ones((4, 4), np.int32), "positions": np.tile(np.arange(4, dtype=np.int32), (4, 1))}
-    scored = {"gated": np.array([0.5, 0.8, 0.5, 0.8]), "texts": ["a", "b", "c", "d"]}
+    scored = {"gated": np.array([0.5, 0.8, 0.5, 0.8] if gated is None else gated), "texts": ["a", "b", "c", "d"]}
+    ref_logp = logp if ref_logp is None else np.asarray(ref_logp, np.float32)
 
     class Prompts:
         position = 0
@@ -121,12 +124,47 @@ def _stub_rollout_advantages(c, values=None, answers=None, answer=None, stages_o
     stage._answers = lambda *args: answers or [[1, 2]] * 4
     if stages_out is not None:
         stages_out.append(stage)
-    stage._evaluate_answers = lambda *args: (rows, scored, logp, logp, values)
+    stage._evaluate_answers = lambda *args: (rows, scored, logp, ref_logp, values)
     (batch,) = stage._rollout(Prompts(), None)  # one mini-batch of all 4, in a shuffled order
     order = [int(np.flatnonzero((logp == lp).all(axis=1))[0]) for lp in batch["old_logp"]]
     adv = np.zeros((4, 4), np.float32)
     adv[order] = batch["advantages"] * batch["loss_mask"]
+    if returns_out is not None:
+        ret = np.zeros((4, 4), np.float32)
+        ret[order] = batch["returns"]
+        returns_out.append(ret)
     return adv
+
+
+def test_ppo_rollout_advantages_and_returns_are_rlhfs_composition():
+    """The stage's rollout against rlhf's pieces composed by hand, with every input live:
+    log pi != log pi_0 (KL penalty beta 0.05), nonzero values, gated scores that differ
+    across prompts ([.5, .8] and [.9, .95], 2 answers each): the score is logit(R_c)
+    centred per prompt then whitened, the rewards -beta (log pi - log pi_0) per token
+    plus the score at the last, and GAE over the values gives advantages (whitened) and
+    returns."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from llama_jax import rlhf
+
+    c = load("ppo").get_config("tiny")
+    c.ppo.beta = 0.05
+    logp = np.array(_STUB_LOGP, np.float32)
+    ref = logp + np.array([[0, .3, -.4, 0], [0, -.2, .5, 0], [0, .1, .1, 0], [0, -.6, .2, 0]], np.float32)
+    gated = np.array([.5, .8, .9, .95])
+    values = np.random.default_rng(1).normal(size=(4, 4)).astype(np.float32)
+    returns = []
+    adv = _stub_rollout_advantages(c, values, ref_logp=ref, gated=gated, returns_out=returns)
+    mask = jnp.asarray([[0.0, 1.0, 1.0, 0.0]] * 4)
+    score = rlhf.ppo_score(jnp.asarray(gated), jnp.asarray(ref), mask, 2)
+    rewards = rlhf.token_rewards(score, jnp.asarray(logp), jnp.asarray(ref), mask, 0.05)
+    want_adv, want_ret = rlhf.ppo_advantages(rewards, jnp.asarray(values), mask, jnp.ones(4), float(c.ppo.gamma),
+                                             float(c.ppo.lam))
+    np.testing.assert_allclose(adv, want_adv, atol=1e-5)
+    np.testing.assert_allclose(returns[0], want_ret, atol=1e-5)
+    # the score is centred per prompt: each prompt's second answer is the better one, by logit(R_c)
+    np.testing.assert_allclose(np.asarray(score).reshape(2, 2).sum(axis=1), 0.0, atol=1e-5)
 
 
 def test_ppo_counts_unfinished_rollouts_as_every_stage_does():

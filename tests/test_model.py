@@ -45,6 +45,26 @@ def test_explicit_ffn_width_overrides_meta_formula():
     assert shapes["layers"]["feed_forward"]["w1"].shape == (3, 42, 59)
 
 
+def test_train_flops_per_token_by_hand():
+    """MFU's numerator: 6 N_matmul + 6 L T H Dh (causal; 12 without the mask), N_matmul
+    the weights of every matmul a token passes through (q, k, v, o, the MLP's three, the
+    output head; not the embedding lookup, not the norms)."""
+    # Llama 2 7B: d 4096, 32 layers, 32 heads of 128, FFN 11008, vocab 32000
+    d, L, H, Dh, f, V, T = 4096, 32, 32, 128, 11008, 32000, 4096
+    n_matmul = L * (4 * d * d + 3 * d * f) + d * V
+    assert n_matmul == 6_607_077_376 == 6_738_415_616 - V * d - (2 * L + 1) * d  # all params less lookup and norms
+    cfg = LlamaConfig.preset("7b")
+    assert cfg.matmul_params() == n_matmul
+    assert cfg.train_flops_per_token(T) == 6 * n_matmul + 6 * L * T * H * Dh == 42_863_689_728
+    assert cfg.train_flops_per_token(T, causal=False) == 6 * n_matmul + 12 * L * T * H * Dh
+    # a tiny GQA model: k and v have 2 heads of 10, q and o 6
+    tiny = LlamaConfig(**GQA)  # dim 60, 2 layers, vocab 89, FFN 71
+    per_layer = 60 * 60 + 2 * (60 * 20) + 60 * 60 + 3 * 60 * 71  # wq, wk + wv, wo, w1 w2 w3
+    assert tiny.matmul_params() == 2 * per_layer + 60 * 89 == 50_100
+    assert tiny.train_flops_per_token(16) == 6 * 50_100 + 6 * 2 * 16 * 6 * 10 == 312_120
+    assert tiny.train_flops_per_token(16, causal=False) == 323_640
+
+
 @pytest.mark.parametrize("kw,needle", [
     (dict(dim=64, n_heads=6), "dim=64 is not divisible by n_heads=6"),
     (dict(dim=64, n_heads=8, n_kv_heads=3), "n_heads=8 is not divisible by n_kv_heads=3"),

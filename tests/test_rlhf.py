@@ -106,6 +106,16 @@ def test_clipped_policy_loss_value_and_gradient():
     grad = jax.grad(lambda lp: rlhf.clipped_policy_loss(lp, old, adv, mask)[0])(logp)
     # the clipped token has no gradient; the others -A * ratio
     np.testing.assert_allclose(grad, [0.0, -0.5, 1.3], rtol=1e-6, atol=1e-7)
+    # Some tokens clipped, some not, the last masked out: the count is of the masked clipped
+    # tokens (ratios 1.5 and 0.5), not of the mask's 3 tokens nor of every clipped one (1.4 too).
+    logp = jnp.log(jnp.array([1.5, 1.1, 0.5, 1.4]))
+    adv, mask = jnp.array([1.0, -1.0, 1.0, 2.0]), jnp.array([1.0, 1.0, 1.0, 0.0])
+    loss, clipped = rlhf.clipped_policy_loss(logp, jnp.zeros(4), adv, mask, clip_eps=0.2)
+    # min(1.5, 1.2) = 1.2; min(-1.1, -1.1) = -1.1; min(0.5, 0.8) = 0.5; masked -> -(1.2 - 1.1 + 0.5)
+    assert float(loss) == pytest.approx(-0.6, abs=1e-6)
+    assert float(clipped) == 2.0
+    grad = jax.grad(lambda lp: rlhf.clipped_policy_loss(lp, jnp.zeros(4), adv, mask)[0])(logp)
+    np.testing.assert_allclose(grad, [0.0, 1.1, -0.5, 0.0], rtol=1e-6, atol=1e-7)
 
 
 def test_clipped_value_loss():

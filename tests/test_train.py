@@ -80,6 +80,44 @@ def test_clip_norm_zero_is_no_clipping():
             train.make_optimizer(opt_cfg(**{field: value}), 10)
 
 
+def test_clip_norm_scales_a_large_gradient_to_the_clip_norm():
+    """clip_norm 1.0: a gradient of global norm 20 is scaled by 1/20 before AdamW. Adam's
+    update does not see one gradient's scale, so two steps: the large gradient, then one of
+    norm 0.5 (not clipped); the updates are plain AdamW's on the gradients clipped by hand
+    at both steps, and the second differs from AdamW's on the unclipped ones."""
+    import optax
+
+    params = random_params(CFG)
+    rng = np.random.default_rng(1)
+
+    def of_norm(n):
+        g = jax.tree_util.tree_map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)
+        return jax.tree_util.tree_map(lambda x: x * np.float32(n / float(optax.tree.norm(g))), g)
+
+    big, small = of_norm(20.0), of_norm(0.5)
+
+    def updates(opt, grads):
+        def run(grads):
+            state, out = opt.init(params), []
+            for g in grads:
+                u, state = opt.update(g, state, params)
+                out.append(u)
+            return out
+
+        return jax.jit(run)(grads)
+
+    got = updates(train.make_optimizer(opt_cfg(warmup_steps=0, schedule="constant", weight_decay=0.0), 10),
+                  [big, small])
+    plain = optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.0)
+    by_hand = updates(plain, [jax.tree_util.tree_map(lambda x: x / 20.0, big), small])
+    for step in range(2):
+        for a, b in zip(jax.tree_util.tree_leaves(got[step]), jax.tree_util.tree_leaves(by_hand[step])):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
+    unclipped = updates(plain, [big, small])[1]
+    assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(got[1]),
+                                                           jax.tree_util.tree_leaves(unclipped))) > 1e-3
+
+
 def test_weight_decay_spares_norms_and_biases():
     params = random_params(CFG, heads=("lm", "value"))
     mask = train.decay_mask(params)
@@ -115,20 +153,46 @@ def test_a_parameter_group_gets_its_own_schedule():
         train.make_optimizer(opt_cfg(), 10, {"value_head": optax.constant_schedule(0.5)}).init(lm_only)
 
 
+def whole_batch_grads(params, batch):
+    """jax.grad of the batch's mean next-token loss (its sum over its weight), jitted."""
+    def mean_loss(p):
+        loss_sum, weight, _ = next_token(apply_fn, p, batch)
+        return loss_sum / weight
+
+    return jax.jit(jax.grad(mean_loss))(params)
+
+
+def step_grads(before, after, lr=1.0):
+    """The gradient plain SGD at `lr` applied: (before - after) / lr, leaf by leaf."""
+    return jax.tree_util.tree_map(lambda b, a: (np.asarray(b) - np.asarray(a)) / lr, before, after)
+
+
+def assert_trees_close(a, b, rtol=1e-4, atol=1e-6):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 def test_grad_accumulation_equals_one_big_batch():
+    """Plain SGD at lr 1 (no warm-up, no Adam normalising the gradient's scale away): one
+    step moves every parameter by minus the gradient the step used, which with 1, 2 or 4
+    micro-batches is jax.grad of the whole batch's mean loss (the accumulated sum over the
+    accumulated weight); its norm is the step's grad_norm."""
+    import optax
+
     params = random_params(CFG, std=0.1)
-    opt = train.make_optimizer(opt_cfg(), 100)
+    opt = optax.sgd(1.0)
     batch = make_batch()
-    results = []
+    want = whole_batch_grads(params, batch)
+    want_norm = float(optax.tree.norm(want))
+    loss_sum, weight, _ = jax.jit(lambda p: next_token(apply_fn, p, batch))(params)
     for accum in (1, 2, 4):
         step = jax.jit(train.make_train_step(apply_fn, next_token, opt, grad_accum_steps=accum))
         state, m = step(train.init_state(params, opt), batch)
-        results.append((state, m))
-    for state, m in results[1:]:
-        assert float(m["loss"]) == pytest.approx(float(results[0][1]["loss"]), rel=1e-6)
-        assert float(m["weight"]) == float(results[0][1]["weight"])
-        for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(results[0][0].params)):
-            np.testing.assert_allclose(a, b, atol=1e-6)
+        assert float(m["loss"]) == pytest.approx(float(loss_sum / weight), rel=1e-6), accum
+        assert float(m["weight"]) == float(weight)
+        assert float(m["grad_norm"]) == pytest.approx(want_norm, rel=1e-5), accum
+        assert_trees_close(step_grads(params, state.params), want)
     with pytest.raises(ValueError, match="batch size 8 is not divisible by grad_accum_steps=3"):
         jax.jit(train.make_train_step(apply_fn, next_token, opt, grad_accum_steps=3))(train.init_state(params, opt),
                                                                                     batch)
@@ -158,9 +222,13 @@ def test_sharded_train_step_equals_single_device(settings):
     and the einsum attention: with the defaults, which on a CPU are the hand-written MLP
     and head backward passes (their VJPs shard like autodiff's), with the layers unrolled
     too (the CPU settings), and with Splash attention (interpreted here), which runs per
-    shard inside shard_map."""
+    shard inside shard_map. SGD with momentum at lr 1 (its first step is minus the
+    gradient, its trace sharded like the params): the gradients themselves are compared,
+    not only the loss, so a wrongly scaled hand-written backward shows."""
+    import optax
+
     params = random_params(CFG, std=0.1)
-    opt = train.make_optimizer(opt_cfg(), 100)
+    opt = optax.sgd(1.0, momentum=0.9)
     batch = make_batch()
     autodiff = Llama(CFG.replace(mlp_backward="xla", head_backward="xla"))
 
@@ -178,18 +246,24 @@ def test_sharded_train_step_equals_single_device(settings):
     rules = sharding.DEFAULT_RULES
     model = Llama(CFG)
     param_sh = sharding.param_shardings_like(params, model, mesh, rules)
+    adam = train.make_optimizer(opt_cfg(), 100)
+    adam_sh = train.state_shardings(jax.eval_shape(lambda p: train.init_state(p, adam), params), param_sh, mesh)
+    mu = adam_sh.opt_state[1][0].mu  # Adam's first moment: sharded like the params
+    assert mu["layers"]["attention"]["wq"] == param_sh["layers"]["attention"]["wq"]
     abstract = jax.eval_shape(lambda p: train.init_state(p, opt), params)
     state_sh = train.state_shardings(abstract, param_sh, mesh)
-    mu = state_sh.opt_state[1][0].mu  # Adam's first moment: sharded like the params
-    assert mu["layers"]["attention"]["wq"] == param_sh["layers"]["attention"]["wq"]
+    assert state_sh.opt_state[0].trace["output"] == param_sh["output"]  # the momentum too
     state = jax.jit(lambda p: train.init_state(p, opt), out_shardings=state_sh)(jax.device_put(params, param_sh))
     batch_sh = {k: sharding.batch_sharding(mesh, rules, v.shape) for k, v in batch.items()}
     run = train.jit_train_step(step_fn, state_sh, batch_sh, mesh, rules)
     new, m = run(state, jax.device_put(batch, batch_sh))
     assert new.params["layers"]["feed_forward"]["w1"].sharding == param_sh["layers"]["feed_forward"]["w1"]
     assert float(m["loss"]) == pytest.approx(float(ref_m["loss"]), rel=1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(ref_state.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert float(m["grad_norm"]) == pytest.approx(float(ref_m["grad_norm"]), rel=1e-5)
+    ref_grads = step_grads(params, ref_state.params)  # lr 1: the step is minus the gradient
+    assert float(ref_m["grad_norm"]) == pytest.approx(float(optax.tree.norm(ref_grads)), rel=1e-5)
+    assert_trees_close(step_grads(params, new.params), ref_grads)
+    assert_trees_close(new.opt_state[0].trace, ref_state.opt_state[0].trace)
 
 
 def stopping(**kw):

@@ -132,7 +132,7 @@ def analyse(config, num_devices: int) -> dict:
         "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
         "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
         "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
-        "model_flops_per_device": cfg.train_flops_per_token(config.seq_len) * tokens / num_devices,
+        "model_flops_per_device": stage.flops_per_token(cfg, config.seq_len) * tokens / num_devices,
         "compile_seconds": seconds,
     }
     out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]

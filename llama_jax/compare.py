@@ -12,7 +12,8 @@ the rejected answers' rewards, highest otherwise; standard errors (`*_se`) get n
 directory without `metrics.jsonl` (a run that failed before logging) is left out with a
 note; rows are named by the directory, with as much of its path as tells runs apart.
 `--average_over=seed` gives one row per setting instead: each metric's mean +- its
-standard error over the runs whose configs differ only in those fields.
+standard error over the runs whose configs differ only in those fields, each read at the
+fewest steps any of them has run.
 """
 
 from __future__ import annotations
@@ -71,10 +72,13 @@ def higher_is_better(metric: str) -> bool:
                                          "rejected"))
 
 
-def summarize(run: dict, metrics: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"step": max((r.get("step", 0) for r in run["rows"]), default=0), "status": run["status"]}
+def summarize(run: dict, metrics: list[str], upto: int | None = None) -> dict[str, Any]:
+    """The run's last value of each metric (and best, for evaluations), from its rows up to
+    step `upto` (all of them by default)."""
+    rows = [r for r in run["rows"] if upto is None or r.get("step", 0) <= upto]
+    out: dict[str, Any] = {"step": max((r.get("step", 0) for r in rows), default=0), "status": run["status"]}
     for m in metrics:
-        logged = [r for r in run["rows"] if isinstance(r.get(m), (int, float)) and math.isfinite(r[m])]
+        logged = [r for r in rows if isinstance(r.get(m), (int, float)) and math.isfinite(r[m])]
         out[m] = logged[-1][m] if logged else None
         if m.startswith("eval_") and not m.endswith("_se"):
             pick = max if higher_is_better(m) else min
@@ -98,11 +102,14 @@ def differing_fields(runs: list[dict]) -> list[str]:
     return [k for k in keys if len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1]
 
 
-def averaged(runs: list[dict], summaries: list[dict], over: list[str]) -> tuple[list[dict], list[dict]]:
+def averaged(runs: list[dict], summaries: list[dict], over: list[str],
+             metrics: list[str]) -> tuple[list[dict], list[dict]]:
     """Runs whose configs differ only in the fields `over` (e.g. seed) as one row each:
     `runs` (the number of runs), `status` (how many finished), `step` (the fewest), and
     each metric's mean +- its standard error over the runs that logged it (`(k of n)`
-    where fewer than all did). The summaries keep the mean (to sort by) and the text."""
+    where fewer than all did), all read at that step (a run still going, or stopped,
+    is not averaged with others further on: the spread would be training progress, not
+    the seeds'). The summaries keep the mean (to sort by) and the text."""
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(runs):
         key = json.dumps({k: v for k, v in r["config"].items() if k not in over}, sort_keys=True, default=str)
@@ -112,13 +119,16 @@ def averaged(runs: list[dict], summaries: list[dict], over: list[str]) -> tuple[
         names = [runs[i]["name"] for i in members]
         name = ", ".join(names) if len(", ".join(names)) <= 40 else f"{names[0]} and {len(names) - 1} more"
         out_runs.append({"name": name, "config": runs[members[0]]["config"], "rows": []})
-        summary: dict[str, Any] = {"runs": len(members), "step": min(summaries[i]["step"] for i in members),
+        step = min(summaries[i]["step"] for i in members)
+        summary: dict[str, Any] = {"runs": len(members), "step": step,
                                    "status": f"{sum(summaries[i]['status'] == 'finished' for i in members)}/"
                                              f"{len(members)} finished"}
+        at = {i: summaries[i] if summaries[i]["step"] == step else summarize(runs[i], metrics, upto=step)
+              for i in members}
         for key in summaries[members[0]]:
             if key in ("step", "status"):
                 continue
-            values = [summaries[i].get(key) for i in members if summaries[i].get(key) is not None]
+            values = [at[i].get(key) for i in members if at[i].get(key) is not None]
             summary[key] = _Mean(values, len(members)) if values else None
         out_summaries.append(summary)
     return out_runs, out_summaries
@@ -171,7 +181,7 @@ def table(workdirs: list[str], metrics: list[str] | None = None, sort: str | Non
         if missing:
             raise CompareError(f"--average_over: {missing} in no run's config.json (fields are dotted: "
                                "optimizer.learning_rate)")
-        runs, summaries = averaged(runs, summaries, average_over)
+        runs, summaries = averaged(runs, summaries, average_over, metrics)
         fields = [f for f in fields if f not in average_over]
     if sort:
         key = f"best {sort}" if f"best {sort}" in summaries[0] else sort

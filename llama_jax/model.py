@@ -206,18 +206,20 @@ class LlamaConfig:
         n += sum({"lm": d * self.vocab_size, "score": d + 1, "value": d + 1}[h] for h in heads)
         return n
 
-    def matmul_params(self) -> int:
-        """N_matmul: parameters that take part in matmuls per token (the output head
-        counted, the input embedding lookup not); the MFU convention."""
+    def matmul_params(self, heads: tuple[str, ...] = ("lm",)) -> int:
+        """N_matmul: parameters that take part in matmuls per token (the output heads
+        counted: the LM head's dim x vocab, a scalar head's dim; the input embedding
+        lookup not); the MFU convention."""
         d, hd = self.dim, self.head_dim
         attn = d * (self.n_heads + 2 * self.kv_heads) * hd + self.n_heads * hd * d
-        return self.n_layers * (attn + 3 * d * self.hidden_dim) + d * self.vocab_size
+        return self.n_layers * (attn + 3 * d * self.hidden_dim) + sum(
+            d * self.vocab_size if h == "lm" else d for h in heads)
 
-    def train_flops_per_token(self, seq_len: int, causal: bool = True) -> float:
+    def train_flops_per_token(self, seq_len: int, causal: bool = True, heads: tuple[str, ...] = ("lm",)) -> float:
         """Training FLOPs per token: 6 N_matmul + attention (6 L T H Dh with a causal
         mask counted as half the work; 12 L T H Dh without)."""
         attn = (6 if causal else 12) * self.n_layers * seq_len * self.n_heads * self.head_dim
-        return 6.0 * self.matmul_params() + attn
+        return 6.0 * self.matmul_params(heads) + attn
 
     def replace(self, **changes) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)

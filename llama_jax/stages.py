@@ -41,6 +41,11 @@ class Stage:
     unread: tuple[str, ...] = ("sample.",)
     samples_init_from = False  # WORKDIR/data holds answers sampled from init_from (rejection sampling, GAtt, ...)
 
+    def flops_per_token(self, cfg, seq_len: int) -> float:
+        """The model FLOPs its train step spends per token read (MFU's numerator): the
+        forward and backward passes of the model with the stage's heads."""
+        return cfg.train_flops_per_token(seq_len, heads=self.heads)
+
     def data_reads_init_from(self, config) -> bool:
         """Whether the data the stage makes depends on init_from (so that another init_from
         makes other data); else init_from is not one of its data settings."""
@@ -691,6 +696,9 @@ class DPOStage(PreferenceStage):
             raise RunError(f"config.dpo.beta {config.dpo.beta} must be > 0 (the paper of DPO: 0.1)")
         return functools.partial(objectives.dpo, beta=float(config.dpo.beta))
 
+    def flops_per_token(self, cfg, seq_len: int) -> float:  # and the frozen reference's forward pass (a third)
+        return Stage.flops_per_token(self, cfg, seq_len) * 4 / 3
+
     def frozen_params(self, config, model, param_sh):
         from llama_jax.train import RunError
 
@@ -808,8 +816,10 @@ class RejectionSamplingStage(SFTStage):
         report = {
             "prompts": len(prompts), "num_samples": r.num_samples, "temperature": r.temperature,
             "reward_vs_n": rlhf.reward_curve(rewards, ns),
-            "mean_reward_first_sample": float(rewards[:, 0].mean()),
+            # first and kept sample over the same prompts: those with a finished sample, which keep one
+            "mean_reward_first_sample": float(rewards[np.asarray(best) >= 0, 0].mean()),
             "mean_reward_best_sample": float(np.mean([rewards[i, j] for i, j in enumerate(best) if j >= 0])),
+            "prompts_with_a_kept_sample": int((np.asarray(best) >= 0).sum()),
             "selection_beta": r.selection_beta,
             "pooled_from_earlier_iterations": pooled, "kept_at_min_reward": len(kept),
             "unfinished_samples": int((~finished).sum()), "prompts_without_a_finished_sample":
@@ -822,7 +832,8 @@ class RejectionSamplingStage(SFTStage):
 
             correct = np.array([[is_correct(prompts[i].record, s.text) for s in answers[i]] for i in checked])
             picked = [correct[n, best[i]] for n, i in enumerate(checked) if best[i] >= 0]
-            report["accuracy_first_sample"] = float(correct[:, 0].mean())
+            firsts = [correct[n, 0] for n, i in enumerate(checked) if best[i] >= 0]  # the same prompts
+            report["accuracy_first_sample"] = float(np.mean(firsts)) if firsts else 0.0
             report["accuracy_best_sample"] = float(np.mean(picked)) if picked else 0.0
             report["accuracy_vs_n"] = rlhf.accuracy_curve(ranking[checked], correct, ns)
             # The share of right answers in what the fine-tune trains on (pooled ones too).
@@ -850,7 +861,8 @@ class RejectionSamplingStage(SFTStage):
                                _rlhf_eval_prompts(config, self.workdir), rules, per_prompt=per_prompt)
         after.update(_paired_changes(per_prompt, read_report(self.workdir, "rejection_sampling.json", shared=True).get(
             "before_per_prompt", {})))
-        update_report(self.workdir, "rejection_sampling.json", after=after)
+        if self.eval_phase == "end":  # the report's "after" is the finished policy's (not a mid-run evaluation's)
+            update_report(self.workdir, "rejection_sampling.json", after=after)
         return {**out, **after}
 
 
@@ -1191,7 +1203,8 @@ class GAttStage(SFTStage):
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         out = gatt_adherence(config, model.config, params, tokenizer, mesh, rules)
         plain_accuracy = gatt_plain_accuracy(config, model.config, params, tokenizer, mesh, rules)
-        update_report(self.workdir, "gatt.json", after=out, after_plain_accuracy=plain_accuracy)
+        if self.eval_phase == "end":  # the finished model's, not a mid-run evaluation's
+            update_report(self.workdir, "gatt.json", after=out, after_plain_accuracy=plain_accuracy)
         return {**{f"eval_adherence_turn_{t}": v for t, v in out.items() if v is not None},
                 "eval_plain_accuracy": plain_accuracy}
 
@@ -1517,7 +1530,8 @@ class SafetyDistillStage(SFTStage):
 
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         after = self._rates(config, self.workdir, model.config, params, tokenizer, mesh, rules)
-        update_report(self.workdir, "safety_distill.json", after=after)
+        if self.eval_phase == "end":  # the finished model's, not a mid-run evaluation's
+            update_report(self.workdir, "safety_distill.json", after=after)
         return {f"eval_{k}": v for k, v in after.items()}
 
 
@@ -1911,7 +1925,8 @@ class PPOStage(Stage):
             return out
         before = read_report(self.workdir, "ppo.json", shared=True).get("before_per_prompt", {})
         out.update(_paired_changes(per_prompt, before))
-        update_report(self.workdir, "ppo.json", after=out)
+        if self.eval_phase == "end":  # the finished policy's (a mid-run evaluation may hold validation numbers alone)
+            update_report(self.workdir, "ppo.json", after=out)
         return out
 
 

@@ -1094,7 +1094,7 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     if lead and not config.metrics.peak_flops_per_device and jax.devices()[0].platform == "cpu":
         print(f"mfu: against this CPU's float32 matmul peak, measured now: {peak / 1e9:.1f} GFLOP/s per device "
               "(it moves with the machine's load; config.metrics.peak_flops_per_device fixes it)", flush=True)
-    flops_per_token = cfg.train_flops_per_token(config.seq_len)
+    flops_per_token = stage.flops_per_token(cfg, config.seq_len)  # its heads (and DPO's reference forward)
 
     def mfu(tokens_per_second: float) -> float:
         return flops_per_token * tokens_per_second / (jax.device_count() * peak) if peak else 0.0
@@ -1103,6 +1103,10 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
     tokens_per_step = config.batch_size * config.seq_len * stage.rows_per_example
     if lead and start < config.total_steps:  # a finished run trains nothing: its record stays what it ran
         _record_config(config, cfg, workdir, start)
+        # a finished run given more steps is unfinished until they are done (compare, the recipe and `began` read
+        # the file as "finished"); its numbers are in metrics.jsonl, and the new finish writes the file again
+        if os.path.exists(os.path.join(workdir, "final_metrics.json")):
+            os.remove(os.path.join(workdir, "final_metrics.json"))
 
     pending: list[tuple[int, dict]] = []
     last_log_time, last_log_step = time.perf_counter(), start
@@ -1165,7 +1169,9 @@ def _run(config, workdir: str, stage, overrides: dict) -> dict:
             if stopper is not None:
                 stopper.observe(0, ev)
                 save(0, force=True)  # the weights to return to if no evaluation beats them
-            last_log_time = time.perf_counter()  # the first row's throughput excludes this evaluation
+            # the first row's throughput, and the ETA, exclude this one-off evaluation (PPO's, early stopping's
+            # could take minutes: the ETA read them as the first steps' time)
+            last_log_time = progress.t0 = time.perf_counter()
         step, noticed, last_eval = start, False, None
         last = start if stopper is not None and stopper.reason else config.total_steps  # killed after stopping
         for step in range(start + 1, last + 1):

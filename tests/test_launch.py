@@ -485,6 +485,12 @@ def test_compare_reports_final_and_best_and_names_bad_directories(tmp_path):
     (tmp_path / "seeds" / "hi2" / "metrics.jsonl").write_text(json.dumps({"step": 4}) + "\n")  # no loss logged
     row = compare.table(runs, sort="loss", average_over=["seed"]).splitlines()[2]
     assert row.split(" | ")[-1].strip() == "1.25 +- 0.25 (2 of 3)"  # the mean of the runs that logged it
+    # a run further on than another of its setting: both read at the fewer steps (lo1 at step 2 had 2.6, at 6 0.5)
+    (tmp_path / "seeds" / "lo1" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": v}) + "\n" for s, v in ((2, 2.6), (4, 2.0), (6, 0.5))))
+    (tmp_path / "seeds" / "lo0" / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 3.0}) + "\n")
+    row = [c.strip() for c in compare.table(runs, average_over=["seed"]).splitlines()[2].split(" | ")]
+    assert row[0] == "lo0, lo1" and row[3] == "2" and row[-1] == "2.8 +- 0.2"  # (3.0 + 2.6) / 2, not 3.0 and 0.5
     with pytest.raises(compare.CompareError, match=r"--average_over: \['sed'\] in no run's config.json"):
         compare.table(runs, average_over=["sed"])
 

@@ -183,6 +183,28 @@ def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(tmp_path, to
     assert tail == [step] + [s for s in (step + 1, step + 2) if s % 2 == 0 or s == step + 2]  # logged every 2
 
 
+def test_a_finished_run_given_more_steps_is_unfinished_until_they_are_done(tmp_path, reference_run,
+                                                                           tokenizer_path):
+    """final_metrics.json means finished (compare, the recipe): a finished run rerun with more
+    steps and stopped part-way is not finished, nor reported with its old final numbers."""
+    from llama_jax import compare
+
+    ref_dir, _ = reference_run
+    workdir = str(tmp_path / "more")
+    shutil.copytree(ref_dir, workdir)
+    assert compare.load_run(workdir)["status"] == "finished"
+    proc = subprocess.Popen(command(workdir, f"--config.data.tokenizer={tokenizer_path}", steps=1000), env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 200
+    while not any(r["step"] > 12 for r in _rows(workdir)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=200)
+    assert proc.returncode == 143, err[-3000:]
+    assert not os.path.exists(os.path.join(workdir, "final_metrics.json"))
+    assert compare.load_run(workdir)["status"] == "unfinished"
+
+
 def test_a_run_killed_in_its_final_evaluation_ends_as_an_uninterrupted_one(tmp_path, tokenizer_path):
     """Killed after its last checkpoint, before the final evaluation's row and
     final_metrics.json were written: the rerun writes both, with the logged training

@@ -63,6 +63,15 @@ def test_train_flops_per_token_by_hand():
     assert tiny.matmul_params() == 2 * per_layer + 60 * 89 == 50_100
     assert tiny.train_flops_per_token(16) == 6 * 50_100 + 6 * 2 * 16 * 6 * 10 == 312_120
     assert tiny.train_flops_per_token(16, causal=False) == 323_640
+    # a stage's own heads: a reward model's score head is dim x 1, not the LM head's dim x vocab; PPO's value
+    # head adds one; DPO's step also runs the frozen reference's forward pass (a third of a train step's)
+    assert tiny.matmul_params(("score",)) == 2 * per_layer + 60
+    assert tiny.matmul_params(("lm", "value")) == 50_100 + 60
+    from llama_jax.stages import STAGES
+
+    assert STAGES["reward_model"]().flops_per_token(tiny, 16) == 6 * (2 * per_layer + 60) + 6 * 2 * 16 * 6 * 10
+    assert STAGES["dpo"]().flops_per_token(tiny, 16) == 312_120 * 4 / 3
+    assert STAGES["sft"]().flops_per_token(tiny, 16) == 312_120
 
 
 @pytest.mark.parametrize("kw,needle", [

@@ -5,7 +5,10 @@ policy's log-probability) and its accuracy against N, PPO's sequence score (with
 reference's log-probability added),
 and the toy check as a gold reward (CodeReward)."""
 
+import json
 import math
+import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -537,6 +540,37 @@ def test_rejection_sampling_refuses_bad_input_before_it_samples(tmp_path, refere
         RejectionSamplingStage().prepare(c, str(tmp_path / "c"))
 
 
+def test_rejection_samplings_first_and_kept_samples_are_compared_on_the_same_prompts(tmp_path, reference_run,
+                                                                                     monkeypatch):
+    """The report's first-sample and kept-sample means are over the prompts that keep a
+    sample (a finished one): prompt b's samples are both unfinished, so its wrong first
+    sample does not pull the first-sample numbers below the kept ones (0.5 against 1.0
+    over different prompts); the count is reported."""
+    from procs import load_experiment
+
+    from llama_jax import rlhf, stages
+
+    ref_dir, _ = reference_run
+    ask = tmp_path / "ask.jsonl"
+    ask.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}], "reference": "4"}) + "\n"
+                           for q in ("a", "b")))
+    texts = {"a": [("4", True), ("5", True)], "b": [("5", False), ("4", False)]}
+    monkeypatch.setattr(rlhf, "sample_answers", lambda cfg, params, tok, prompts, *a, **k: [
+        [rlhf.Sample(t, [5], [-1.0], done) for t, done in texts[p.messages[-1]["content"]]] for p in prompts])
+    monkeypatch.setattr(stages, "policy_quality", lambda *a, **k: {})
+    c = load_experiment("rejection_sampling").get_config("tiny")
+    c.init_from, c.rlhf.reward_model, c.rlhf.safety_reward_model = ref_dir, "code", ""
+    c.rlhf.prompts, c.rlhf.eval_prompts, c.seq_len, c.rlhf.max_new_tokens = str(ask), "", 64, 16
+    c.rlhf.num_samples, c.rlhf.selection_beta = 2, 0.0
+    stage = stages.RejectionSamplingStage()
+    (tmp_path / "rs" / "data").mkdir(parents=True)  # (the run makes its workdir)
+    stage.prepare(c, str(tmp_path / "rs"))
+    report = json.load(open(tmp_path / "rs" / "rejection_sampling.json"))
+    assert report["prompts_with_a_kept_sample"] == 1 and report["prompts_without_a_finished_sample"] == 1
+    assert report["mean_reward_first_sample"] == report["mean_reward_best_sample"] == 1.0
+    assert report["accuracy_first_sample"] == report["accuracy_best_sample"] == 1.0
+
+
 def test_pooling_rescores_earlier_iterations_answers_with_this_iterations_reward_models(tmp_path):
     """Rejection sampling's pool: an earlier iteration's best answer to one of this
     iteration's prompts replaces this iteration's when *this* iteration's reward models
@@ -651,6 +685,25 @@ def test_the_reward_models_held_out_pairs_are_cut_at_the_runs_seq_len(monkeypatc
     out = stage.evaluate_extra(types.SimpleNamespace(seq_len=77), types.SimpleNamespace(config=None), None, None,
                                None, None, {})
     assert seen == [{"seq_len": 77}] and out == {"eval_better": 0.5, "eval_accuracy_all_pairs": 0.25}
+
+
+def test_a_stage_reports_after_only_from_its_final_evaluation(tmp_path, monkeypatch):
+    """A report's "after" is the finished model's: a mid-run evaluation (a PPO run killed
+    after one left "after" with validation numbers alone) does not write it."""
+    from llama_jax import stages
+
+    monkeypatch.setattr(stages, "gatt_adherence", lambda *a: {4: 0.5})
+    monkeypatch.setattr(stages, "gatt_plain_accuracy", lambda *a: 0.75)
+    stage = stages.GAttStage()
+    stage.workdir = str(tmp_path)
+    for phase in ("start", "during"):
+        stage.eval_phase = phase
+        assert stage.evaluate_extra(None, types.SimpleNamespace(config=None), None, None, None, None, {}) == {
+            "eval_adherence_turn_4": 0.5, "eval_plain_accuracy": 0.75}
+        assert not os.path.exists(tmp_path / "gatt.json")
+    stage.eval_phase = "end"
+    stage.evaluate_extra(None, types.SimpleNamespace(config=None), None, None, None, None, {})
+    assert json.load(open(tmp_path / "gatt.json")) == {"after": {"4": 0.5}, "after_plain_accuracy": 0.75}
 
 
 def test_every_process_reads_the_leads_report_for_its_metrics(tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ import sys
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from llama_jax.model import LlamaConfig
@@ -381,14 +382,28 @@ def model_config(meta: dict, **overrides) -> LlamaConfig:
     return LlamaConfig.from_dict({**meta["model"], **overrides})
 
 
+def weights_id(params, per_leaf: int = 4096) -> str:
+    """An id of a model's weights: a digest of each leaf's path, shape, dtype and
+    `per_leaf` of its values, evenly strided (two models differ almost everywhere; reading
+    a sample keeps it quick for any size)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        a = np.asarray(leaf)
+        flat = a.reshape(-1)
+        digest.update(f"{jax.tree_util.keystr(path)}{a.shape}{a.dtype}".encode())
+        digest.update(np.ascontiguousarray(flat[::max(1, flat.size // per_leaf)][:per_leaf]).tobytes())
+    return "weights-" + digest.hexdigest()[:32]
+
+
 def save_params(output: str, params, meta: dict, step: int = 0, tokenizer_path: str | None = None) -> None:
     """Writes a params-only checkpoint (params + meta [+ tokenizer.model]) to `output`, a
     new or empty directory: the layout of an export, which inference and `init_from`
     accept. A failed write leaves no `output` behind. Metadata without a run id (an import)
-    gets a new one: the same model imported again from other weights is another checkpoint
-    to a run that began from the first (its reference)."""
-    import uuid
-
+    gets one made from the weights (`weights_id`): a model imported again at the same path
+    from other weights is another checkpoint to a run that began from the first (its
+    reference), the same weights imported again the same one."""
     from flax.linen import meta as flax_meta
 
     from llama_jax.workdir import staged_directory
@@ -398,7 +413,7 @@ def save_params(output: str, params, meta: dict, step: int = 0, tokenizer_path: 
         mngr = _manager(os.path.join(tmp, "checkpoints"), async_save=False)
         try:
             mngr.save(int(step), args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                         meta=ocp.args.JsonSave({"run": uuid.uuid4().hex, **meta,
+                                                         meta=ocp.args.JsonSave({"run": weights_id(params), **meta,
                                                                                  "step": int(step)})))
             mngr.wait_until_finished()
         finally:

@@ -102,8 +102,8 @@ def differing_fields(runs: list[dict]) -> list[str]:
     return [k for k in keys if len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1]
 
 
-def averaged(runs: list[dict], summaries: list[dict], over: list[str],
-             metrics: list[str]) -> tuple[list[dict], list[dict]]:
+def averaged(runs: list[dict], summaries: list[dict], over: list[str], metrics: list[str],
+             notes: list | None = None) -> tuple[list[dict], list[dict]]:
     """Runs whose configs differ only in the fields `over` (e.g. seed) as one row each:
     `runs` (the number of runs), `status` (how many finished), `step` (the fewest), and
     each metric's mean +- its standard error over the runs that logged it (`(k of n)`
@@ -125,6 +125,10 @@ def averaged(runs: list[dict], summaries: list[dict], over: list[str],
                                              f"{len(members)} finished"}
         at = {i: summaries[i] if summaries[i]["step"] == step else summarize(runs[i], metrics, upto=step)
               for i in members}
+        if notes is not None and any(summaries[i]["step"] != step for i in members):
+            short = [runs[i]["name"] for i in members if summaries[i]["step"] == step]
+            notes.append(f"{name}: every run read at step {step}, where {', '.join(short)} "
+                         f"{'is' if len(short) == 1 else 'are'} (the others ran further)")
         for key in summaries[members[0]]:
             if key in ("step", "status"):
                 continue
@@ -181,7 +185,7 @@ def table(workdirs: list[str], metrics: list[str] | None = None, sort: str | Non
         if missing:
             raise CompareError(f"--average_over: {missing} in no run's config.json (fields are dotted: "
                                "optimizer.learning_rate)")
-        runs, summaries = averaged(runs, summaries, average_over, metrics)
+        runs, summaries = averaged(runs, summaries, average_over, metrics, notes)
         fields = [f for f in fields if f not in average_over]
     if sort:
         key = f"best {sort}" if f"best {sort}" in summaries[0] else sort

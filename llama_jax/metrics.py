@@ -3,7 +3,8 @@ files under `WORKDIR/tensorboard`, a progress line with ETA, and MFU accounting.
 
 MFU = training FLOPs per token x tokens/s / (devices x peak FLOP/s per device), with
 FLOPs per token = 6 N_matmul + 6 L T H Dh (causal attention; LlamaConfig.
-train_flops_per_token). Peaks are dense bf16 per chip; on a CPU the float32 matmul peak
+train_flops_per_token with the stage's heads, and DPO's frozen reference forward pass on
+top: Stage.flops_per_token). Peaks are dense bf16 per chip; on a CPU the float32 matmul peak
 is measured once (a 2048^3 jitted matmul) and split across the host's devices.
 """
 
@@ -162,8 +163,9 @@ class Progress:
     with an update. `delay`: nothing is shown for work done within that many seconds."""
 
     def __init__(self, total_steps: int | None, start_step: int = 0, stream=None, enabled: bool = True,
-                 what: str = "step", throttle: bool = False, delay: float = 0.0):
-        self.total, self.start, self.what, self.delay = total_steps, start_step, what, delay
+                 what: str = "step", throttle: bool = False, delay: float = 0.0, scale: float = 0.0):
+        # scale: counts shown divided by it, to one decimal (bytes as MB: 1e6)
+        self.total, self.start, self.what, self.delay, self.scale = total_steps, start_step, what, delay, scale
         self.t0 = time.perf_counter()
         self.stream = stream or sys.stderr
         self.tty = getattr(self.stream, "isatty", lambda: False)()
@@ -179,7 +181,8 @@ class Progress:
         if now - self.last < self.every and not (self.total and step >= self.total) or now - self.t0 < self.delay:
             return
         self.last, done = now, step - self.start
-        parts = [f"{self.what} {step}" + (f"/{self.total}" if self.total else "")]
+        shown = (lambda n: f"{n / self.scale:,.1f}") if self.scale else str
+        parts = [f"{self.what} {shown(step)}" + (f"/{shown(self.total)}" if self.total else "")]
         parts += [f"{k} {_fmt(v)}" for k, v in fields.items()]
         if self.total:
             parts.append(f"eta {_duration((now - self.t0) / done * (self.total - step) if done > 0 else math.nan)}")

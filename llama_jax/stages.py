@@ -816,10 +816,10 @@ class RejectionSamplingStage(SFTStage):
         report = {
             "prompts": len(prompts), "num_samples": r.num_samples, "temperature": r.temperature,
             "reward_vs_n": rlhf.reward_curve(rewards, ns),
-            # first and kept sample over the same prompts: those with a finished sample, which keep one
+            # the first and the picked sample over the same prompts: those with a finished sample, the ones
+            # that give a training dialog (prompts less prompts_without_a_finished_sample)
             "mean_reward_first_sample": float(rewards[np.asarray(best) >= 0, 0].mean()),
             "mean_reward_best_sample": float(np.mean([rewards[i, j] for i, j in enumerate(best) if j >= 0])),
-            "prompts_with_a_kept_sample": int((np.asarray(best) >= 0).sum()),
             "selection_beta": r.selection_beta,
             "pooled_from_earlier_iterations": pooled, "kept_at_min_reward": len(kept),
             "unfinished_samples": int((~finished).sum()), "prompts_without_a_finished_sample":

@@ -560,29 +560,35 @@ def _data_settings(workdir: str, config, record: bool, stage=None) -> None:
     now.update(distributed.allgather_json(_input_files(now) if jax.process_index() == 0 else {})[0])
     from llama_jax.workdir import made_data
 
-    if not os.path.exists(path) or not made_data(os.path.dirname(path)):
+    verdict = None  # the lead's: None (no data made yet: the settings are recorded), "" (made with these), or why not
+    if jax.process_index() == 0 and os.path.exists(path) and made_data(os.path.dirname(path)):
+        with open(path) as f:
+            made = json.load(f)
+
+        def same(k):  # init_from by another name (a symlink, a mount) is the same model
+            return made[k] == now[k] or (k == "init_from" and isinstance(made[k], str) and isinstance(now[k], str)
+                                         and os.path.realpath(made[k]) == os.path.realpath(now[k]))
+
+        changed = sorted(k for k in made.keys() & now.keys() if not same(k))
+        verdict = "" if not changed else (
+            f"{os.path.dirname(path)} holds data made with other settings ("
+            + ", ".join(f"the files {k[len('files:'):]} names (edited)" if k.startswith("files:") else
+                        f"{k} {made[k]!r} -> {now[k]!r}" for k in changed[:6])
+            + (", ..." if len(changed) > 6 else "") + "), which this stage would reuse, not make again: use a new "
+            "--workdir, or remove that directory and checkpoints/ (if only paths moved with the workdir, remove "
+            "data/settings.json)")
+    # one collective every process calls, whatever it sees on its own disk: they refuse or go on alike (a process
+    # that saw data the lead had just begun to make went on to a collective the lead never joined)
+    verdict = distributed.allgather_json(verdict)[0]
+    if verdict is None:
         if record:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path + ".tmp", "w") as f:
                 json.dump(now, f, indent=1)
             os.replace(path + ".tmp", path)
         return
-    with open(path) as f:
-        made = json.load(f)
-
-    def same(k):  # init_from by another name (a symlink, a mount) is the same model
-        return made[k] == now[k] or (k == "init_from" and isinstance(made[k], str) and isinstance(now[k], str)
-                                     and os.path.realpath(made[k]) == os.path.realpath(now[k]))
-
-    # the lead's view, so that every process refuses or goes on alike
-    changed = distributed.allgather_json(sorted(k for k in made.keys() & now.keys() if not same(k)))[0]
-    if changed:
-        raise RunError(f"{os.path.dirname(path)} holds data made with other settings ("
-                       + ", ".join(f"the files {k[len('files:'):]} names (edited)" if k.startswith("files:") else
-                                   f"{k} {made[k]!r} -> {now[k]!r}" for k in changed[:6])
-                       + (", ..." if len(changed) > 6 else "") + "), which this stage would reuse, not make again: "
-                       "use a new --workdir, or remove that directory and checkpoints/ (if only paths moved with "
-                       "the workdir, remove data/settings.json)")
+    if verdict:
+        raise RunError(verdict)
 
 
 def _record_config(config, cfg, workdir: str, start: int) -> None:

@@ -867,7 +867,9 @@ def test_jsonl_encoding_and_prefix_mistakes_are_named(tmp_path, capsys):
     (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
     text = sources.TextFiles(f"{tmp_path}/bom8.txt,{tmp_path}/latin.txt")
     assert text[0] == "utf8 text" and not text.not_utf8 and text[1] == "caf\ufffd"
-    assert text.not_utf8 == [f"{tmp_path}/latin.txt"]
+    assert text[1] == "caf\ufffd" and text.not_utf8 == [f"{tmp_path}/latin.txt"]  # read again: listed once
+    (tmp_path / "crlf.txt").write_bytes(b"one\r\ntwo\rthree\n")  # Windows and old Mac line ends, as text mode reads
+    assert sources.TextFiles(str(tmp_path / "crlf.txt"))[0] == "one\ntwo\nthree\n"
     assert "latin.txt: bytes that are not UTF-8 (unexpected end of data at byte 3), read as U+FFFD" in \
         capsys.readouterr().err
     (tmp_path / "surrogate.jsonl").write_text('{"messages": [{"role": "user", "content": "a\\ud800"}, '

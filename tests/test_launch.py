@@ -489,8 +489,10 @@ def test_compare_reports_final_and_best_and_names_bad_directories(tmp_path):
     (tmp_path / "seeds" / "lo1" / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "loss": v}) + "\n" for s, v in ((2, 2.6), (4, 2.0), (6, 0.5))))
     (tmp_path / "seeds" / "lo0" / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 3.0}) + "\n")
-    row = [c.strip() for c in compare.table(runs, average_over=["seed"]).splitlines()[2].split(" | ")]
+    notes = []
+    row = [c.strip() for c in compare.table(runs, average_over=["seed"], notes=notes).splitlines()[2].split(" | ")]
     assert row[0] == "lo0, lo1" and row[3] == "2" and row[-1] == "2.8 +- 0.2"  # (3.0 + 2.6) / 2, not 3.0 and 0.5
+    assert notes == ["lo0, lo1: every run read at step 2, where lo0 is (the others ran further)"]
     with pytest.raises(compare.CompareError, match=r"--average_over: \['sed'\] in no run's config.json"):
         compare.table(runs, average_over=["sed"])
 

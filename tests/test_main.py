@@ -1021,8 +1021,13 @@ def test_a_resume_keeps_the_init_from_step_it_started_from(tmp_path, reference_r
     out, _ = run("dpo_imp", 2, init_from=tmp_path / "imp")
     assert out.returncode == 0, out.stderr[-2000:]
     shutil.rmtree(tmp_path / "imp")
-    # from the same source path (its files replaced by another model's): each import has its own id
-    ckpt.save_params(str(tmp_path / "imp"), params, {**meta, "source": "hf:/models/a"}, 0, tok)
+    # from the same source path, its files replaced by another model's: the import's id is made from its weights
+    import jax
+
+    other = jax.tree_util.tree_map(lambda x: x * 1.01, params)
+    ckpt.save_params(str(tmp_path / "imp"), other, {**meta, "source": "hf:/models/a"}, 0, tok)
+    # (the same weights imported again would have the same id: a resume from them goes on)
+    assert ckpt.read_meta(str(tmp_path / "imp"))[1]["run"] == ckpt.weights_id(other) != ckpt.weights_id(params)
     out, _ = run("dpo_imp", 4, init_from=tmp_path / "imp")
     assert out.returncode != 0 and f"config.init_from {tmp_path / 'imp'}: its step 0 is not the checkpoint this run " \
         "began with" in out.stderr, out.stderr[-2000:]

@@ -545,7 +545,7 @@ def test_rejection_samplings_first_and_kept_samples_are_compared_on_the_same_pro
     """The report's first-sample and kept-sample means are over the prompts that keep a
     sample (a finished one): prompt b's samples are both unfinished, so its wrong first
     sample does not pull the first-sample numbers below the kept ones (0.5 against 1.0
-    over different prompts); the count is reported."""
+    over different prompts)."""
     from procs import load_experiment
 
     from llama_jax import rlhf, stages
@@ -566,7 +566,7 @@ def test_rejection_samplings_first_and_kept_samples_are_compared_on_the_same_pro
     (tmp_path / "rs" / "data").mkdir(parents=True)  # (the run makes its workdir)
     stage.prepare(c, str(tmp_path / "rs"))
     report = json.load(open(tmp_path / "rs" / "rejection_sampling.json"))
-    assert report["prompts_with_a_kept_sample"] == 1 and report["prompts_without_a_finished_sample"] == 1
+    assert report["prompts"] == 2 and report["prompts_without_a_finished_sample"] == 1
     assert report["mean_reward_first_sample"] == report["mean_reward_best_sample"] == 1.0
     assert report["accuracy_first_sample"] == report["accuracy_best_sample"] == 1.0
 

@@ -50,35 +50,35 @@ def prepare(source: str, tokenizer, output: str, num_shards: int = 8) -> dict:
     names = [f"tokens-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
     writers = []
     try:
-        writers += [ArrayRecordWriter(os.path.join(output, n + ".tmp"), "group_size:1") for n in names]
+        for n in names:
+            writers.append(ArrayRecordWriter(os.path.join(output, n + ".tmp"), "group_size:1"))
         n_tokens = _write(docs, tokenizer, writers, Progress)
         for w, n in zip(writers, names):
             w.close()
             os.replace(os.path.join(output, n + ".tmp"), os.path.join(output, n))
+        meta = {"source": source, "documents": len(docs), "tokens": n_tokens, "shards": names,
+                "tokenizer": tokenizer.identity()}
+        for part in getattr(docs, "parts", [docs]):  # what a text source left out or read as U+FFFD
+            part = getattr(part, "source", part)  # (a weighted share of one)
+            if getattr(part, "empty", 0):
+                meta["empty_files"] = meta.get("empty_files", 0) + part.empty
+            if getattr(part, "not_utf8", None):
+                meta.setdefault("not_utf8_files", []).extend(part.not_utf8)
+        with open(os.path.join(output, "metadata.json.tmp"), "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(os.path.join(output, "metadata.json.tmp"), os.path.join(output, "metadata.json"))
     except BaseException:  # a failure (a file gone, a full disk) or Ctrl-C: nothing half-written is left
         for w, n in zip(writers, names):
             try:
                 w.close()
             except Exception:  # noqa: BLE001 - closing a writer whose disk is full may fail too
                 pass
-        for n in names:
-            for f in (n + ".tmp", n):
-                if os.path.exists(os.path.join(output, f)):
-                    os.remove(os.path.join(output, f))
+        for f in [f"{n}{tmp}" for n in names for tmp in (".tmp", "")] + ["metadata.json.tmp"]:
+            if os.path.exists(os.path.join(output, f)):
+                os.remove(os.path.join(output, f))
         if made and not os.listdir(output):
             os.rmdir(output)
         raise
-    meta = {"source": source, "documents": len(docs), "tokens": n_tokens, "shards": names,
-            "tokenizer": tokenizer.identity()}
-    for part in getattr(docs, "parts", [docs]):  # what a text source left out or read as U+FFFD
-        part = getattr(part, "source", part)  # (a weighted share of one)
-        if getattr(part, "empty", 0):
-            meta["empty_files"] = meta.get("empty_files", 0) + part.empty
-        if getattr(part, "not_utf8", None):
-            meta.setdefault("not_utf8_files", []).extend(part.not_utf8)
-    with open(os.path.join(output, "metadata.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(output, "metadata.json.tmp"), os.path.join(output, "metadata.json"))
     return meta
 
 
@@ -87,21 +87,16 @@ def _write(docs, tokenizer, writers, Progress) -> int:
     Progress in MB of the source where its files are known (documents vary in size), else
     in documents."""
     sized = hasattr(docs, "nbytes")
-    total = sum(docs.nbytes(i) for i in range(len(docs))) / 1e6 if sized else len(docs)
-    progress = Progress(round(total, 1) or 0.1 if sized else total, what="MB" if sized else "documents",
-                        throttle=True)
+    total = sum(docs.nbytes(i) for i in range(len(docs))) if sized else len(docs)
+    progress = Progress(total or None, what="MB" if sized else "documents", throttle=True, scale=1e6 if sized else 0)
     n_tokens, done, t0 = 0, 0, time.time()
     for i in range(len(docs)):
         tokens = np.asarray(tokenizer.encode(docs[i], bos=True, eos=True), "<i4")
         writers[i % len(writers)].write(tokens.tobytes())
         n_tokens += len(tokens)
-        done += docs.nbytes(i) if sized else 1
+        done += docs.nbytes(i) if sized else 1  # bytes: the total only at the last document
         fields = {"documents": i + 1} if sized else {}
-        progress.update(round(done / 1e6, 1) if sized else done, **fields, tokens=n_tokens,
-                        tokens_per_s=n_tokens / max(time.time() - t0, 1e-9))
-    if sized and len(docs):  # the last line at the total (its MB rounded)
-        progress.update(progress.total, documents=len(docs), tokens=n_tokens,
-                        tokens_per_s=n_tokens / max(time.time() - t0, 1e-9))
+        progress.update(done, **fields, tokens=n_tokens, tokens_per_s=n_tokens / max(time.time() - t0, 1e-9))
     progress.close()
     return n_tokens
 
@@ -124,6 +119,10 @@ def main(argv=None) -> int:
     except (DataError, TokenizerError, FileExistsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the shard files written to {args.output} are removed (run the command again)",
+              file=sys.stderr)
+        return 130
     print(f"wrote {meta['documents']} documents, {meta['tokens']:,} tokens in {len(meta['shards'])} shards "
           f"to {args.output}")
     if meta.get("empty_files"):

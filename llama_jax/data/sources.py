@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import sysconfig
+import threading
 from array import array
 from typing import Any, Callable, Sequence
 
@@ -116,7 +117,8 @@ class TextFiles:
         self.empty = len(found) - len(self.files)
         if not self.files:
             raise DataError(f"every text file matching {patterns!r} is empty ({len(found)} files)")
-        self.not_utf8: list[str] = []
+        self.not_utf8: list[str] = []  # each file once, in the order first read
+        self._lock = threading.Lock()  # the pipeline reads ahead on threads
 
     def __len__(self) -> int:
         return len(self.files)
@@ -127,18 +129,22 @@ class TextFiles:
 
     def __getitem__(self, i: int) -> str:
         # read when the pipeline reaches it (a corpus is not read at start): bytes that are not UTF-8 become
-        # U+FFFD rather than end a run hours in; a byte-order mark is not text
+        # U+FFFD rather than end a run hours in; a byte-order mark is not text; line ends become \n (\r\n, \r),
+        # as text mode reads them
         with open(self.files[i], "rb") as fh:
             raw = fh.read()
         try:
-            return raw.decode("utf-8-sig")
+            text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:
-            if not self.not_utf8:  # said once (a run reads on; prepare lists them all in its metadata)
-                print(f"warning: {self.files[i]}: bytes that are not UTF-8 ({e.reason} at byte {e.start}), read as "
-                      "U+FFFD; text files are read as UTF-8 (this is said for the first such file only)",
-                      file=sys.stderr, flush=True)
-            self.not_utf8.append(self.files[i])
-            return raw.decode("utf-8-sig", errors="replace")
+            with self._lock:
+                if not self.not_utf8:  # said once (a run reads on; prepare lists them all in its metadata)
+                    print(f"warning: {self.files[i]}: bytes that are not UTF-8 ({e.reason} at byte {e.start}), read "
+                          "as U+FFFD; text files are read as UTF-8 (this is said for the first such file only)",
+                          file=sys.stderr, flush=True)
+                if self.files[i] not in self.not_utf8:
+                    self.not_utf8.append(self.files[i])
+            text = raw.decode("utf-8-sig", errors="replace")
+        return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 BAD_LINES_SHOWN = 10  # a JSONL file's bad lines named in its one error (the first one's message in full)

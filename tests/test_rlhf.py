@@ -704,6 +704,14 @@ def test_a_stage_reports_after_only_from_its_final_evaluation(tmp_path, monkeypa
     stage.eval_phase = "end"
     stage.evaluate_extra(None, types.SimpleNamespace(config=None), None, None, None, None, {})
     assert json.load(open(tmp_path / "gatt.json")) == {"after": {"4": 0.5}, "after_plain_accuracy": 0.75}
+    distill = stages.SafetyDistillStage()
+    distill.workdir = str(tmp_path)
+    monkeypatch.setattr(distill, "_rates", lambda *a: {"violation_rate": 0.25})
+    for phase, written in (("during", False), ("end", True)):
+        distill.eval_phase = phase
+        assert distill.evaluate_extra(None, types.SimpleNamespace(config=None), None, None, None, None, {}) == {
+            "eval_violation_rate": 0.25}
+        assert os.path.exists(tmp_path / "safety_distill.json") == written
 
 
 def test_every_process_reads_the_leads_report_for_its_metrics(tmp_path, monkeypatch):

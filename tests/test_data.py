@@ -189,6 +189,18 @@ def test_prepared_shards_feed_the_same_documents(tok, docs_dir, tmp_path, capsys
     with pytest.raises(OSError, match="No space left"):
         prepare.prepare(f"text:{docs_dir}/*.txt", Failing(), str(tmp_path / "kept"), 3)
     assert os.listdir(tmp_path / "kept") == ["notes.txt"]  # a directory it did not make stays, without its shards
+    (tmp_path / "empty_out").mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        prepare.prepare(f"text:{docs_dir}/*.txt", Failing(), str(tmp_path / "empty_out"), 3)
+    assert os.listdir(tmp_path / "empty_out") == []  # made by the user: kept, empty
+
+    class Interrupted(Failing):  # Ctrl-C part-way cleans up the same
+        def encode(self, text, bos, eos):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(f"text:{docs_dir}/*.txt", Interrupted(), str(tmp_path / "failed"), 3)
+    assert not os.path.exists(tmp_path / "failed")
     for bad, needle in (("{", "metadata.json: invalid JSON"), ('{"documents": 3}', 'needs a "shards" list')):
         (tmp_path / "bad").mkdir(exist_ok=True)
         (tmp_path / "bad" / "metadata.json").write_text(bad)
@@ -852,7 +864,8 @@ def test_jsonl_encoding_and_prefix_mistakes_are_named(tmp_path, capsys):
     (tmp_path / "BZh.txt").write_text("BZhello: a text that starts like bzip2's magic, without its digit")
     assert sources.TextFiles(str(tmp_path / "BZh.txt"))[0].startswith("BZhello")
     # UTF-16/32 (a byte-order mark): refused by name, not read as NUL-interleaved noise; UTF-8's mark is dropped
-    for codec, name in (("utf-16-le", "UTF-16LE"), ("utf-16-be", "UTF-16BE"), ("utf-32-le", "UTF-32LE")):
+    for codec, name in (("utf-16-le", "UTF-16LE"), ("utf-16-be", "UTF-16BE"), ("utf-32-le", "UTF-32LE"),
+                        ("utf-32-be", "UTF-32BE")):
         (tmp_path / f"w.{codec}").write_bytes("\ufeffwide text".encode(codec))
         for open_source in (sources.TextFiles, sources.text_jsonl):
             with pytest.raises(DataError, match=f"w.{codec}: {name} text .* read as UTF-8 \\(convert it first, "
@@ -872,6 +885,10 @@ def test_jsonl_encoding_and_prefix_mistakes_are_named(tmp_path, capsys):
     assert sources.TextFiles(str(tmp_path / "crlf.txt"))[0] == "one\ntwo\nthree\n"
     assert "latin.txt: bytes that are not UTF-8 (unexpected end of data at byte 3), read as U+FFFD" in \
         capsys.readouterr().err
+    (tmp_path / "latin_bom.txt").write_bytes(b"\xef\xbb\xbfcaf\xe9")  # a UTF-8 mark, then a Latin-1 byte
+    two = sources.TextFiles(f"{tmp_path}/latin.txt,{tmp_path}/latin_bom.txt")
+    assert two[1] == "caf\ufffd" and two[0] == "caf\ufffd" and len(two.not_utf8) == 2
+    assert capsys.readouterr().err.count("bytes that are not UTF-8") == 1  # said for the first such file only
     (tmp_path / "surrogate.jsonl").write_text('{"messages": [{"role": "user", "content": "a\\ud800"}, '
                                               '{"role": "assistant", "content": "b"}]}\n')
     with pytest.raises(DataError, match=r"surrogate.jsonl:1: message 0: content is not valid Unicode \(surrogates "):

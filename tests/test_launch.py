@@ -186,6 +186,7 @@ def test_a_broken_collective_is_one_line_in_a_multi_process_job(monkeypatch, cap
     assert main._peer_gone(broken) and not main._peer_gone(KeyError("Gloo"))
     # process_allgather's failure when a peer is gone reaches Python as a ValueError
     assert main._peer_gone(ValueError("UNKNOWN: Gloo AllGather failed: Connection closed by peer [127.0.0.1]"))
+    assert main._peer_gone(RuntimeError("Gloo AllGather failed: Connection closed by peer"))
     assert not main._peer_gone(ValueError("config.seq_len: abc is not an int"))
     monkeypatch.setattr(distributed, "is_multiprocess", lambda: True)
     monkeypatch.setattr(distributed, "is_lead", lambda: False)

@@ -995,6 +995,13 @@ def test_a_resume_keeps_the_init_from_step_it_started_from(tmp_path, reference_r
 
     out, whole = run("whole", 4, init_from=ref_dir)
     assert out.returncode == 0, out.stderr[-3000:]
+    # its MFU counts DPO's FLOPs: the policy's train step and the frozen reference's forward pass (one device)
+    from llama_jax.stages import STAGES
+
+    final = json.load(open(tmp_path / "whole" / "final_metrics.json"))
+    cfg = ckpt.model_config(ckpt.read_meta(str(tmp_path / "whole"))[1])
+    assert final["median_mfu"] == pytest.approx(STAGES["dpo"]().flops_per_token(cfg, 64)
+                                                * final["median_tokens_per_second"] / final["peak_flops_per_device"])
     out, _ = run("dpo", 2)
     assert out.returncode == 0, out.stderr[-3000:]
     began = ckpt.read_meta(str(tmp_path / "dpo"))[1]["init_from"]
@@ -1041,6 +1048,7 @@ def test_a_resume_keeps_the_init_from_step_it_started_from(tmp_path, reference_r
     ckpt.export_params(str(tmp_path / "pretrain"), str(tmp_path / "exported"))
     assert not os.path.exists(tmp_path / "exported" / "config.json")
     assert trained_seq_len(str(tmp_path / "exported")) == trained_seq_len(str(tmp_path / "pretrain")) == 64
+    assert ckpt.read_meta(str(tmp_path / "exported"))[1]["run"] == ids[0]  # an export keeps its run's id
     # a resume at a shorter seq_len keeps the longest rows its weights saw before (it recorded the resume's 32)
     shutil.copytree(ref_dir, tmp_path / "shorter")
     out = subprocess.run(command(str(tmp_path / "shorter"), f"--config.data.tokenizer={tokenizer_path}",
@@ -1072,12 +1080,16 @@ def test_a_resume_keeps_the_init_from_step_it_started_from(tmp_path, reference_r
     out = own(6, ref_dir)  # the original it was copied from: the same run's checkpoint (its id says so)
     assert out.returncode == 0 and f"({tmp_path / 'ref_moved'}, a copy): taken as that checkpoint" in out.stderr, \
         out.stderr[-2000:]
-    # the same checkpoint by another name (a symlink to an import, which has no run id to tell a copy by)
+    # the same checkpoint by another name (a symlink to an import), on the toy pairs: their data settings do not
+    # hold init_from (DPO's data is not its answers), so the resume reaches the reference check, which takes it
     ckpt.save_params(str(tmp_path / "imp2"), params, {**meta, "source": "hf:/models/c"}, 12, tok)
-    assert own(2, tmp_path / "imp2", "dpo_link").returncode == 0
+    assert run("dpo_link", 2, init_from=tmp_path / "imp2")[0].returncode == 0
     os.symlink(tmp_path / "imp2", tmp_path / "imp2_link")
-    out = own(4, tmp_path / "imp2_link", "dpo_link")
+    out, _ = run("dpo_link", 4, init_from=tmp_path / "imp2_link")
     assert out.returncode == 0 and "taken as that checkpoint" not in out.stderr, out.stderr[-2000:]
+    shutil.move(tmp_path / "imp2", tmp_path / "imp2_moved")  # moved: another real path, the same checkpoint
+    out, _ = run("dpo_link", 6, init_from=tmp_path / "imp2_moved")
+    assert out.returncode == 0 and "gone: moved here" in out.stderr, out.stderr[-2000:]
 
 
 def test_a_resume_never_deletes_the_checkpoints_keep_period_kept(tmp_path, tokenizer_path):

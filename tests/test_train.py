@@ -423,7 +423,7 @@ def test_a_workdirs_data_is_reused_only_with_the_settings_that_made_it(tmp_path)
         _data_settings(str(tmp_path / "fresh"), c, record=False)
 
 
-def test_init_from_is_a_data_setting_only_of_stages_that_sample_from_it(tmp_path):
+def test_init_from_is_a_data_setting_only_of_stages_that_sample_from_it(tmp_path, monkeypatch):
     """PPO's prompts and DPO's toy pairs do not depend on init_from: a resume from the same
     reference under another path (moved, a symlink) reaches the reference checks rather than
     being refused as other data; rejection sampling's answers are init_from's, so another model
@@ -452,6 +452,18 @@ def test_init_from_is_a_data_setting_only_of_stages_that_sample_from_it(tmp_path
                 _data_settings(str(workdir), c, record=False, stage=stage)
         else:
             _data_settings(str(workdir), c, record=False, stage=stage)
+    # every process follows the lead's verdict (its own view of the disk may lag: data the lead has begun to make)
+    from llama_jax import distributed
+
+    stage, c = STAGES["rejection_sampling"](), chat_config()
+    c.init_from = str(other)  # another model than the one the data was made with: the lead saw no change, though
+    monkeypatch.setattr(distributed, "allgather_json", lambda mine: [mine if isinstance(mine, dict) else ""])
+    _data_settings(str(tmp_path / "rejection_sampling"), c, record=False, stage=stage)
+    monkeypatch.setattr(distributed, "allgather_json",
+                        lambda mine: [mine if isinstance(mine, dict) else "the lead's refusal"])
+    with pytest.raises(RunError, match="the lead's refusal"):
+        _data_settings(str(tmp_path / "ppo"), chat_config(), record=False, stage=STAGES["ppo"]())
+    monkeypatch.undo()
     # the reward model with pairs from the policy's answers (reward.policy_prompts, the policy init_from)
     from procs import load_experiment
 

@@ -9,8 +9,8 @@ identity, which the pipeline checks against the run's tokenizer. Read them back 
 `--config.data.source=shards:/data/shards`. Shards are written to temporary names and
 renamed when complete, metadata last, so an interrupted run never leaves a directory
 that looks finished: a failure removes the shard files it wrote (and an --output it
-made), and the rerun after a kill removes those it left. Progress (MB of one text or
-JSONL source, else documents; tokens, tokens/s, ETA) is shown on stderr; empty text
+made), and the rerun after a kill removes those it left. Progress (MB of one unweighted
+text or JSONL source, else documents; tokens, tokens/s, ETA) is shown on stderr; empty text
 files left out and files with bytes that are not UTF-8 are said and recorded in
 metadata.json.
 """

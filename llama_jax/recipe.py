@@ -340,9 +340,9 @@ def headlines(workdir: str) -> list[dict]:
         ("rm", "held-out accuracy on pairs of the SFT policy's own answers (before: chance)",
          0.5 if m["rm"] else None, m["rm"].get("eval_policy_accuracy")),
         ("rm_safety", "held-out unsafe recall", None, m["rm_safety"].get("eval_unsafe_recall")),
-        ("rejection_sampling", "mean reward: first sample -> kept sample", rs.get("mean_reward_first_sample"),
+        ("rejection_sampling", "mean reward: first sample -> picked sample", rs.get("mean_reward_first_sample"),
          rs.get("mean_reward_best_sample")),
-        ("rejection_sampling", "true accuracy: first sample -> kept sample", rs.get("accuracy_first_sample"),
+        ("rejection_sampling", "true accuracy: first sample -> picked sample", rs.get("accuracy_first_sample"),
          rs.get("accuracy_best_sample")),
         ("rejection_sampling", "held-out reward of the policy (greedy; before: SFT)", turn(rs, "before", "eval_reward"),
          turn(rs, "after", "eval_reward")),
@@ -633,6 +633,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.until:  # that stage and what it reads from, directly or not
         wanted = {args.until} | _reaches(args.until, deps)
         pending = [n for n in pending if n in wanted]
+    for name in pending:  # a stage run further outside the recipe (its own command, more steps) cannot resume here
+        saved = os.path.join(w, name, "checkpoints")
+        steps = [int(d) for d in os.listdir(saved) if d.isdigit()] if os.path.isdir(saved) else []
+        if steps and max(steps) > configs[name].total_steps:
+            print(f"error: {os.path.join(w, name)}: its latest checkpoint is step {max(steps)}, past the "
+                  f"{configs[name].total_steps} steps the recipe runs it for (it was run further with its own "
+                  "command): finish it with that command, or remove its directory to rerun it here",
+                  file=sys.stderr)
+            return 2
     finished = [n for n, *_ in STAGES if os.path.exists(os.path.join(w, n, "final_metrics.json"))]
     stale = [n for n in finished if _reaches(n, deps) & set(pending)]
     if stale:  # finished from the output of a stage that runs again: its numbers would not be of this recipe

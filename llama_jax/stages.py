@@ -816,8 +816,8 @@ class RejectionSamplingStage(SFTStage):
         report = {
             "prompts": len(prompts), "num_samples": r.num_samples, "temperature": r.temperature,
             "reward_vs_n": rlhf.reward_curve(rewards, ns),
-            # the first and the picked sample over the same prompts: those with a finished sample, the ones
-            # that give a training dialog (prompts less prompts_without_a_finished_sample)
+            # the first and the picked sample over the same prompts: those with a finished sample (prompts less
+            # prompts_without_a_finished_sample), the pick before rlhf.min_reward keeps some (kept_at_min_reward)
             "mean_reward_first_sample": float(rewards[np.asarray(best) >= 0, 0].mean()),
             "mean_reward_best_sample": float(np.mean([rewards[i, j] for i, j in enumerate(best) if j >= 0])),
             "selection_beta": r.selection_beta,

@@ -608,7 +608,7 @@ def test_fine_tuning_stages_chain_from_a_pretrained_run(tmp_path, reference_run,
     toy_text = open(tmp_path / "tokenizer_text.txt").read()  # what the recipe's tokenizer also learns from
     assert "Sort the words alphabetically:" in toy_text and synthetic.REFUSAL in toy_text
     rows = {(r["stage"], r["metric"]): r for r in json.load(open(tmp_path / "report.json"))["stages"]}
-    rs_row = rows[("rejection_sampling", "mean reward: first sample -> kept sample")]
+    rs_row = rows[("rejection_sampling", "mean reward: first sample -> picked sample")]
     rs_report = report_rs = json.load(open(os.path.join(rs_dir, "rejection_sampling.json")))
     assert (rs_row["before"], rs_row["after"]) == (rs_report["mean_reward_first_sample"],
                                                    rs_report["mean_reward_best_sample"])
@@ -760,6 +760,14 @@ def test_the_recipe_runs_independent_stages_side_by_side(tmp_path, monkeypatch, 
     assert order == ["rm_safety", "rejection_sampling", "ppo", "gatt", "safety_distill"]
     assert recipe.main([f"--workdir={tmp_path / 'h'}", *base, "--until=dpo"]) == 2
     assert "--until=dpo: not a stage" in capsys.readouterr().err
+    # a finished stage run further with its own command, stopped part-way (its final_metrics.json removed): the
+    # recipe cannot resume it at its own step count, and says so before telling the user to remove the stages after
+    os.remove(tmp_path / "g" / "sft" / "final_metrics.json")
+    os.makedirs(tmp_path / "g" / "sft" / "checkpoints" / "99999")
+    order.clear()
+    assert recipe.main([f"--workdir={tmp_path / 'g'}", *base]) == 2 and order == []
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'g' / 'sft'}: its latest checkpoint is step 99999, past the " in err and "rm -r" not in err
 
 
 def _stage_until_signalled(signalled: list):

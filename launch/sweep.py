@@ -11,7 +11,8 @@ each, named by its overrides.
 was interrupted continues where it stopped; the interrupted run itself resumes from its
 checkpoint). Before anything runs, every combination's command is parsed and
 checked as its run would check it (a value of the wrong type, `total_steps=0`, a NaN
-temperature: one error naming the combination). Each run's directory records its command
+temperature: one error naming the combination; a run whose checkpoints are past its step
+count, run further with its own command, is refused too). Each run's directory records its command
 (`sweep_run.json`); a rerun whose command for that directory differs (other flags after
 `--`, or another sweep whose names coincide) is refused, naming the differing flags, rather
 than taking the finished run for the new one. SIGINT and SIGTERM reach the running
@@ -108,13 +109,16 @@ def check_runs(runs: list[tuple[str, str, list[str]]]) -> str:
     would refuse, or a run directory begun with another command."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from llama_jax import cli
-    from llama_jax.workdir import began
+    from llama_jax.workdir import began, ran_past
 
     for name, workdir, cmd_args in runs:
         try:
-            cli.check_run(cmd_args)
+            config = cli.check_run(cmd_args)
         except ValueError as e:
             return f"{name}: {e}"
+        why = ran_past(workdir, config.total_steps, "the sweep")
+        if why:
+            return why
         record = os.path.join(workdir, RECORD)
         if os.path.exists(record) and began(workdir):  # one that failed before that is run anew
             with open(record) as f:

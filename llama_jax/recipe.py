@@ -634,13 +634,9 @@ def main(argv: list[str] | None = None) -> int:
         wanted = {args.until} | _reaches(args.until, deps)
         pending = [n for n in pending if n in wanted]
     for name in pending:  # a stage run further outside the recipe (its own command, more steps) cannot resume here
-        saved = os.path.join(w, name, "checkpoints")
-        steps = [int(d) for d in os.listdir(saved) if d.isdigit()] if os.path.isdir(saved) else []
-        if steps and max(steps) > configs[name].total_steps:
-            print(f"error: {os.path.join(w, name)}: its latest checkpoint is step {max(steps)}, past the "
-                  f"{configs[name].total_steps} steps the recipe runs it for (it was run further with its own "
-                  "command): finish it with that command, or remove its directory to rerun it here",
-                  file=sys.stderr)
+        why = workdir_lock.ran_past(os.path.join(w, name), configs[name].total_steps, "the recipe")
+        if why:
+            print(f"error: {why}", file=sys.stderr)
             return 2
     finished = [n for n, *_ in STAGES if os.path.exists(os.path.join(w, n, "final_metrics.json"))]
     stale = [n for n in finished if _reaches(n, deps) & set(pending)]

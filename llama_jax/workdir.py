@@ -61,13 +61,30 @@ def made_data(data_dir: str) -> list[str]:
     return [f for f in os.listdir(data_dir) if f != "settings.json" and not f.endswith(".tmp")]
 
 
+def saved_steps(path: str) -> list[int]:
+    """The steps WORKDIR `path` holds checkpoint directories of (complete or not), unread."""
+    ckpts = os.path.join(path, "checkpoints")
+    return sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
+
+
+def ran_past(path: str, total_steps: int, who: str) -> str:
+    """Why an unfinished run in WORKDIR `path` cannot go on to `total_steps`, the count
+    `who` (the recipe, a sweep) runs it for: its checkpoints are past it (it was run further
+    with its own command and stopped); "" if it can."""
+    steps = saved_steps(path)
+    if not steps or steps[-1] <= total_steps or os.path.exists(os.path.join(path, "final_metrics.json")):
+        return ""
+    return (f"{path}: its latest checkpoint is step {steps[-1]}, past the {total_steps} steps {who} runs it for (it "
+            "was run further with its own command): finish it with that command, or remove its directory to rerun it "
+            "here")
+
+
 def began(path: str) -> bool:
     """Whether a run in WORKDIR `path` did work a rerun goes on from: finished, logged a
     row, saved a checkpoint, or made data (a stage's samples). One refused at its start
     did not."""
-    ckpts, metrics, data = (os.path.join(path, n) for n in ("checkpoints", "metrics.jsonl", "data"))
-    return os.path.exists(os.path.join(path, "final_metrics.json")) or \
-        (os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))) or \
+    metrics, data = (os.path.join(path, n) for n in ("metrics.jsonl", "data"))
+    return os.path.exists(os.path.join(path, "final_metrics.json")) or bool(saved_steps(path)) or \
         (os.path.exists(metrics) and os.path.getsize(metrics) > 0) or \
         bool(made_data(data))
 

@@ -386,6 +386,14 @@ def test_sweep_checks_every_run_first_and_refuses_a_directory_of_other_flags(tmp
     printed = subprocess.run([*base, "--sweep=seed=2", *shared, "--verbosity=0"], env=env(), capture_output=True,
                              text=True, timeout=300)
     assert printed.returncode == 0, printed.stderr[-2000:]
+    # a finished combination run further with its own command and stopped (no final_metrics.json, checkpoints past
+    # the sweep's steps): refused up front, not failed when its turn comes
+    os.remove(tmp_path / "seed=1" / "final_metrics.json")
+    os.makedirs(tmp_path / "seed=1" / "checkpoints" / "50")
+    further = subprocess.run([*base, "--sweep=seed=1", *shared], env=env(), capture_output=True, text=True,
+                             timeout=120)
+    assert further.returncode == 2 and f"{tmp_path / 'seed=1'}: its latest checkpoint is step 50, past the 2 steps " \
+        "the sweep runs it for" in further.stderr, further.stderr[-2000:]
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("sweep_script", f"{ROOT}/launch/sweep.py")

@@ -704,6 +704,18 @@ def test_a_stage_reports_after_only_from_its_final_evaluation(tmp_path, monkeypa
     stage.eval_phase = "end"
     stage.evaluate_extra(None, types.SimpleNamespace(config=None), None, None, None, None, {})
     assert json.load(open(tmp_path / "gatt.json")) == {"after": {"4": 0.5}, "after_plain_accuracy": 0.75}
+    rs = stages.RejectionSamplingStage()  # its policy's held-out reward and accuracy
+    rs.workdir = str(tmp_path)
+    monkeypatch.setattr(stages.SFTStage, "evaluate_extra", lambda *a: {"eval_exact_match": 0.5})
+    monkeypatch.setattr(stages, "reward_models", lambda *a: None)
+    monkeypatch.setattr(stages, "_rlhf_eval_prompts", lambda *a: "held.jsonl")
+    monkeypatch.setattr(stages, "policy_quality", lambda *a, **k: {"eval_reward": 0.75})
+    for phase, written in (("during", False), ("end", True)):
+        rs.eval_phase = phase
+        assert rs.evaluate_extra(None, types.SimpleNamespace(config=None), None, None, None, None, {}) == {
+            "eval_exact_match": 0.5, "eval_reward": 0.75}
+        assert os.path.exists(tmp_path / "rejection_sampling.json") == written
+    assert json.load(open(tmp_path / "rejection_sampling.json")) == {"after": {"eval_reward": 0.75}}
     distill = stages.SafetyDistillStage()
     distill.workdir = str(tmp_path)
     monkeypatch.setattr(distill, "_rates", lambda *a: {"violation_rate": 0.25})

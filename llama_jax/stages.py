@@ -46,6 +46,13 @@ class Stage:
         forward and backward passes of the model with the stage's heads."""
         return cfg.train_flops_per_token(seq_len, heads=self.heads)
 
+    def report_final(self, name: str, **fields) -> None:
+        """Sets `fields` in the stage's JSON report WORKDIR/name from its final evaluation
+        only: a mid-run evaluation's numbers (PPO's validation prompts alone, say) are not
+        the finished model's "after"."""
+        if self.eval_phase == "end":
+            update_report(self.workdir, name, **fields)
+
     def data_reads_init_from(self, config) -> bool:
         """Whether the data the stage makes depends on init_from (so that another init_from
         makes other data); else init_from is not one of its data settings."""
@@ -861,8 +868,7 @@ class RejectionSamplingStage(SFTStage):
                                _rlhf_eval_prompts(config, self.workdir), rules, per_prompt=per_prompt)
         after.update(_paired_changes(per_prompt, read_report(self.workdir, "rejection_sampling.json", shared=True).get(
             "before_per_prompt", {})))
-        if self.eval_phase == "end":  # the report's "after" is the finished policy's (not a mid-run evaluation's)
-            update_report(self.workdir, "rejection_sampling.json", after=after)
+        self.report_final("rejection_sampling.json", after=after)
         return {**out, **after}
 
 
@@ -1203,8 +1209,7 @@ class GAttStage(SFTStage):
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         out = gatt_adherence(config, model.config, params, tokenizer, mesh, rules)
         plain_accuracy = gatt_plain_accuracy(config, model.config, params, tokenizer, mesh, rules)
-        if self.eval_phase == "end":  # the finished model's, not a mid-run evaluation's
-            update_report(self.workdir, "gatt.json", after=out, after_plain_accuracy=plain_accuracy)
+        self.report_final("gatt.json", after=out, after_plain_accuracy=plain_accuracy)
         return {**{f"eval_adherence_turn_{t}": v for t, v in out.items() if v is not None},
                 "eval_plain_accuracy": plain_accuracy}
 
@@ -1530,8 +1535,7 @@ class SafetyDistillStage(SFTStage):
 
     def evaluate_extra(self, config, model, params, tokenizer, mesh, rules, ev: dict) -> dict:
         after = self._rates(config, self.workdir, model.config, params, tokenizer, mesh, rules)
-        if self.eval_phase == "end":  # the finished model's, not a mid-run evaluation's
-            update_report(self.workdir, "safety_distill.json", after=after)
+        self.report_final("safety_distill.json", after=after)
         return {f"eval_{k}": v for k, v in after.items()}
 
 
@@ -1925,8 +1929,7 @@ class PPOStage(Stage):
             return out
         before = read_report(self.workdir, "ppo.json", shared=True).get("before_per_prompt", {})
         out.update(_paired_changes(per_prompt, before))
-        if self.eval_phase == "end":  # the finished policy's (a mid-run evaluation may hold validation numbers alone)
-            update_report(self.workdir, "ppo.json", after=out)
+        self.report_final("ppo.json", after=out)
         return out
 
 

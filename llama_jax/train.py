@@ -692,8 +692,10 @@ def _check_stage_of_workdir(workdir: str, stage_name: str) -> None:
         _, saved = ckpt.read_meta(workdir)
     except ckpt.CheckpointError:
         return  # none complete: the run starts afresh (restore_latest reports unreadable ones)
-    steps = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
-    if not any(os.path.isdir(os.path.join(workdir, "checkpoints", d, "train")) for d in steps):  # params, meta alone
+    from llama_jax.workdir import saved_steps
+
+    if not any(os.path.isdir(os.path.join(workdir, "checkpoints", str(d), "train"))
+               for d in saved_steps(workdir)):  # params, meta alone
         raise RunError(f"{workdir}: holds a params-only checkpoint (an import or an export), not a run; start from "
                        f"it with --config.init_from={workdir} and a new --workdir")
     if saved.get("stage", stage_name) != stage_name:
